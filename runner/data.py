@@ -1,0 +1,177 @@
+"""Datasets as uint8 arrays with train / calibration / test splits, and their device-resident tensors.
+
+Three kinds (DESIGN §3): `synthetic` (embedded, no download), `cifar10` (torchvision's folder) and `npz`
+(your arrays). The calibration split is held out of train (seeded) and never trained on. Everything after
+loading works on tensors: normalisation and augmentation run on the device, no per-sample PIL transforms.
+"""
+
+from __future__ import annotations
+
+import logging
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from runner import synthetic
+from runner.config import DataConfig
+from runner.errors import InputError
+
+log = logging.getLogger(__name__)
+
+IMAGE_SHAPE = (32, 32, 3)
+CIFAR10_CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
+
+
+@dataclass(frozen=True)
+class Images:
+    images: np.ndarray  # uint8 [N, 32, 32, 3], HWC RGB
+    labels: np.ndarray  # int64 [N]
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def take(self, index: np.ndarray | slice) -> "Images":
+        return Images(self.images[index], self.labels[index])
+
+
+@dataclass(frozen=True)
+class Dataset:
+    name: str
+    train: Images
+    calibration: Images
+    test: Images
+    classes: tuple[str, ...]
+
+    def stats(self) -> tuple[tuple[float, ...], tuple[float, ...]]:
+        """Per-channel mean and std of the training images, in [0, 1] units (the normalisation)."""
+        x = self.train.images.reshape(-1, 3).astype(np.float64) / 255
+        return tuple(x.mean(0).round(4).tolist()), tuple(x.std(0).round(4).tolist())
+
+
+def _synthetic(cfg: DataConfig, seed: int) -> tuple[Images, Images, tuple[str, ...]]:
+    train = Images(*synthetic.generate(cfg.synthetic_train, seed=1000 + seed))
+    test = Images(*synthetic.generate(cfg.synthetic_test, seed=2000 + seed))
+    return train, test, synthetic.CLASSES
+
+
+def _cifar10(cfg: DataConfig, seed: int) -> tuple[Images, Images, tuple[str, ...]]:
+    import torchvision  # imported here: only this loader needs it
+
+    try:
+        sets = [torchvision.datasets.CIFAR10(cfg.root, train=t, download=cfg.download) for t in (True, False)]
+    except (RuntimeError, OSError) as e:
+        reason = "not there and download: false" if not cfg.download else f"download failed ({type(e).__name__})"
+        raise InputError("data.root", cfg.root, f"no CIFAR-10 copy ({reason})",
+                         "a folder holding torchvision's cifar-10-batches-py, or network access with download: true",
+                         "download it once on a connected machine, or use dataset: npz with your arrays "
+                         "(data.train / data.test), or dataset: synthetic") from None
+    train, test = (Images(np.asarray(s.data, np.uint8), np.asarray(s.targets, np.int64)) for s in sets)
+    return train, test, CIFAR10_CLASSES
+
+
+def _npz(cfg: DataConfig, seed: int) -> tuple[Images, Images, tuple[str, ...]]:
+    train, classes = read_npz(cfg.train, "data.train")
+    test, test_classes = read_npz(cfg.test, "data.test")
+    if classes and test_classes and classes != test_classes:
+        raise InputError("data.test", cfg.test, "its classes differ from the train file's",
+                         "the same class names in the same order", "write both files with one class list")
+    return train, test, classes or test_classes
+
+
+LOADERS: dict[str, Callable[[DataConfig, int], tuple[Images, Images, tuple[str, ...]]]] = {
+    "synthetic": _synthetic,
+    "cifar10": _cifar10,
+    "npz": _npz,
+}
+
+
+def read_npz(path: str, field: str) -> tuple[Images, tuple[str, ...]]:
+    """Arrays `images` uint8 [N,32,32,3], `labels` int [N] and optional `classes` str, checked, no pickle."""
+    def bad(problem: str, value: object, allowed: str, fix: str) -> InputError:
+        return InputError(field, value, problem, allowed, fix)
+
+    if not Path(path).is_file():
+        raise bad("no such file", path, "an existing .npz file", "check the path")
+    try:
+        with np.load(path, allow_pickle=False) as npz:
+            arrays = {k: npz[k] for k in npz.files}
+    except ValueError as e:
+        if "allow_pickle" in str(e):
+            raise bad("holds object arrays (pickled Python objects), which are never loaded", path,
+                      "numeric arrays and a str classes array", "save plain arrays with numpy.savez") from None
+        raise bad(f"not a readable .npz file ({e})", path, "a file written by numpy.savez", "rewrite it") from None
+    except (OSError, zipfile.BadZipFile, EOFError) as e:
+        raise bad(f"not a readable .npz file ({type(e).__name__})", path, "a file written by numpy.savez",
+                  "rewrite it with numpy.savez") from None
+    for key in ("images", "labels"):
+        if key not in arrays:
+            raise bad(f"no '{key}' array", sorted(arrays), "arrays named images, labels (and optionally classes)",
+                      "save them under those names")
+    images, labels = arrays["images"], arrays["labels"]
+    if images.dtype != np.uint8 or images.ndim != 4 or images.shape[1:] != IMAGE_SHAPE:
+        raise bad("images has the wrong dtype or shape", f"{images.dtype} {list(images.shape)}",
+                  "uint8 [N, 32, 32, 3] (HWC, RGB, 0-255)", "convert with images.astype(np.uint8) in HWC order")
+    if labels.ndim != 1 or not np.issubdtype(labels.dtype, np.integer):
+        raise bad("labels has the wrong dtype or shape", f"{labels.dtype} {list(labels.shape)}",
+                  "integers [N]", "save labels as an int64 vector")
+    if len(labels) != len(images):
+        raise bad("images and labels differ in length", f"{len(images)} images, {len(labels)} labels",
+                  "one label per image", "save matching arrays")
+    if len(labels) and labels.min() < 0:
+        raise bad("negative label", int(labels.min()), "labels 0 .. num_classes - 1", "fix the labels")
+    classes = tuple(str(c) for c in arrays["classes"].tolist()) if "classes" in arrays else ()
+    return Images(images, labels.astype(np.int64)), classes
+
+
+def load_data(cfg: DataConfig, num_classes: int, seed: int) -> Dataset:
+    """Load a dataset, check it against the model's class count, hold out the calibration split."""
+    train, test, classes = LOADERS[cfg.dataset](cfg, seed)
+    if classes and len(classes) != num_classes:
+        raise InputError("model.num_classes", num_classes, f"the data has {len(classes)} classes",
+                         f"{len(classes)}", f"set model.num_classes: {len(classes)}")
+    for name, part in (("train", train), ("test", test)):
+        if len(part) and part.labels.max() >= num_classes:
+            raise InputError(f"data.{name}", int(part.labels.max()), "label out of range",
+                             f"labels 0 .. {num_classes - 1} (model.num_classes = {num_classes})",
+                             "fix the labels or model.num_classes")
+    if cfg.calibration_size >= len(train):
+        raise InputError("data.calibration_size", cfg.calibration_size, "not smaller than the train split",
+                         f"1 .. {len(train) - 1}", "hold out fewer images")
+    if cfg.eval_size is not None and cfg.eval_size > len(test):
+        raise InputError("data.eval_size", cfg.eval_size, "larger than the test split",
+                         f"1 .. {len(test)}, or null for all", f"set data.eval_size: {len(test)} or null")
+    order = np.random.default_rng(seed).permutation(len(train))
+    held = np.sort(order[: cfg.calibration_size])
+    kept = np.sort(order[cfg.calibration_size:])[: cfg.train_size]
+    names = classes or tuple(f"class{i}" for i in range(num_classes))
+    return Dataset(cfg.dataset, train.take(kept), train.take(held), test.take(slice(cfg.eval_size)), names)
+
+
+def to_device(images: np.ndarray, mean: tuple[float, ...], std: tuple[float, ...], device: torch.device,
+              dtype: torch.dtype = torch.float32, channels_last: bool = False) -> Tensor:
+    """uint8 HWC images -> normalised NCHW tensor on `device` (converted there, not on the host)."""
+    x = torch.from_numpy(np.ascontiguousarray(images)).to(device).permute(0, 3, 1, 2).float().div_(255)
+    m = torch.tensor(mean, device=device).view(1, 3, 1, 1)
+    s = torch.tensor(std, device=device).view(1, 3, 1, 1)
+    x = ((x - m) / s).to(dtype)
+    return x.contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+
+
+def augment(x: Tensor, generator: torch.Generator, pad: int = 4) -> Tensor:
+    """Random 32x32 crop of the zero-padded batch and random horizontal flip, all on the tensor's device."""
+    n, _, h, w = x.shape
+    padded = torch.nn.functional.pad(x, (pad, pad, pad, pad))
+    dy, dx = (torch.randint(0, 2 * pad + 1, (n,), generator=generator, device=generator.device).to(x.device)
+              for _ in range(2))
+    rows = (dy[:, None] + torch.arange(h, device=x.device))[:, None, :, None]
+    cols = (dx[:, None] + torch.arange(w, device=x.device))[:, None, None, :]
+    batch = torch.arange(n, device=x.device)[:, None, None, None]
+    chans = torch.arange(x.shape[1], device=x.device)[None, :, None, None]
+    crops = padded[batch, chans, rows, cols]
+    flip = torch.rand(n, generator=generator, device=generator.device).to(x.device) < 0.5
+    return torch.where(flip[:, None, None, None], crops.flip(3), crops)

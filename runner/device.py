@@ -1,0 +1,58 @@
+"""Where computation runs, and the precision and memory layout used there (DESIGN §8)."""
+
+from __future__ import annotations
+
+from contextlib import nullcontext
+from typing import ContextManager
+
+import torch
+
+
+def pick_device(prefer: str = "auto") -> torch.device:
+    """CUDA when there is a GPU (and it is wanted), otherwise the CPU."""
+    if prefer == "cpu" or not torch.cuda.is_available():
+        return torch.device("cpu")
+    return torch.device("cuda")
+
+
+def fast_math(device: torch.device) -> ContextManager:
+    """bf16 autocast on GPU; full precision on CPU (CPU bf16 is slower than fp32 on most CPUs)."""
+    if device.type == "cuda":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return nullcontext()
+
+
+def uses_channels_last(device: torch.device) -> bool:
+    """channels_last: cuDNN tensor cores want it, and oneDNN on CPU runs this network about 4x faster with it
+    (measured: width-0.25 forward, 280 vs 1,090 images/s on 2 cores)."""
+    return device.type in ("cuda", "cpu")
+
+
+def free_memory_bytes(device: torch.device) -> int:
+    """Memory available to a new allocation on the device."""
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return int(free)
+    import psutil  # installed with ray
+
+    return int(psutil.virtual_memory().available)
+
+
+def tune_allocator() -> bool:
+    """Keep freed activation buffers in the process instead of returning them to the OS (glibc only).
+
+    By default glibc hands every large block back with munmap, so each new activation tensor is page-faulted
+    in again: on the 2-core CI machine that made training 1.7x and evaluation 1.3x slower. Call it once per
+    process, in entry points and Ray workers. Returns whether the setting took.
+    """
+    import ctypes
+    import sys
+
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:
+        return False
+    m_trim_threshold, m_mmap_threshold = -1, -3
+    return bool(libc.mallopt(m_mmap_threshold, 1 << 30) and libc.mallopt(m_trim_threshold, 2**31 - 1))

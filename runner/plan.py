@@ -1,0 +1,122 @@
+"""The grid resolved against the network: which layers, which K per layer, which criteria; all checked
+before any work starts (DESIGN §3)."""
+
+from __future__ import annotations
+
+import fnmatch
+import math
+from dataclasses import dataclass
+
+import torch
+
+from model.layers import ConvInfo, list_convs
+from model.resnet import build
+from runner.config import MAX_POINTS, Grid, KSpec
+from runner.criteria import CRITERIA
+from runner.errors import InputError
+from runner.prune import channels_of
+
+
+@dataclass(frozen=True)
+class Trial:
+    """One Tune trial: a (layer, criterion) and its K values, ascending."""
+
+    layer: str
+    criterion: str
+    target: str
+    ks: tuple[int, ...]
+    channels: int
+
+    @property
+    def key(self) -> str:
+        return f"{self.layer}/{self.criterion}"
+
+
+@dataclass(frozen=True)
+class Plan:
+    convs: tuple[ConvInfo, ...]  # every conv of the network
+    layers: tuple[ConvInfo, ...]  # the ones swept, in forward order
+    criteria: tuple[str, ...]
+    target: str
+    trials: tuple[Trial, ...]
+
+    @property
+    def points(self) -> int:
+        return sum(len(t.ks) for t in self.trials)
+
+    @property
+    def table(self) -> dict[str, ConvInfo]:
+        return {c.name: c for c in self.convs}
+
+    def describe(self) -> list[str]:
+        """Human-readable lines: the layers with channel counts and K values, criteria, totals."""
+        lines = [f"target: {self.target}   criteria: {', '.join(self.criteria)}", "layers:"]
+        width = max(len(c.name) for c in self.layers)
+        ks = {t.layer: t.ks for t in self.trials}
+        for c in self.layers:
+            shown = ", ".join(map(str, ks[c.name])) if len(ks[c.name]) <= 12 else \
+                f"{', '.join(map(str, ks[c.name][:5]))}, ..., {ks[c.name][-1]} ({len(ks[c.name])} values)"
+            lines.append(f"  {c.name:<{width}}  {c.in_channels:>4} -> {c.out_channels:<4} K: {shown}")
+        lines.append(f"trials: {len(self.trials)} points: {self.points}")
+        return lines
+
+
+def select_layers(convs: list[ConvInfo], wanted: str | list[str], include_shortcuts: bool) -> list[ConvInfo]:
+    """Layers named by `all`, exact names or glob patterns, in forward order."""
+    pool = [c for c in convs if include_shortcuts or not c.shortcut]
+    if wanted == "all":
+        return pool
+    names = [c.name for c in convs]
+    chosen: set[str] = set()
+    for i, pattern in enumerate(wanted):
+        if pattern in names:
+            chosen.add(pattern)
+            continue
+        hits = [c.name for c in pool if fnmatch.fnmatchcase(c.name, pattern)]
+        if not hits:
+            raise InputError(f"sweep.layers[{i}]", pattern, "no such layer", ", ".join(names),
+                             "use one of those names or a glob pattern such as \"layer*.conv2\"")
+        chosen.update(hits)
+    return [c for c in convs if c.name in chosen]
+
+
+def ks_for(spec: KSpec, channels: int) -> tuple[int, ...]:
+    """K values for a layer with `channels` prunable channels; fractions round to the nearest K >= 1."""
+    if spec.values is not None:
+        return tuple(sorted(spec.values))
+    if spec.range is not None:
+        return tuple(range(*spec.range))
+    return tuple(sorted({max(1, min(channels, math.floor(f * channels + 0.5))) for f in spec.fractions}))
+
+
+def make_plan(grid: Grid) -> Plan:
+    """Resolve and check the sweep section against the network; raises InputError on the first problem."""
+    sweep = grid.sweep
+    with torch.device("meta"):  # shapes only: no memory, no time
+        model = build(grid.model.arch, grid.model.width, grid.model.num_classes)
+    convs = list_convs(model)
+    for i, name in enumerate(sweep.criteria):
+        if name not in CRITERIA:
+            raise InputError(f"sweep.criteria[{i}]", name, "unknown criterion", ", ".join(CRITERIA),
+                             "use one of those names")
+    layers = select_layers(convs, sweep.layers, sweep.include_shortcuts)
+    trials = []
+    for conv in layers:
+        channels = channels_of(conv, sweep.target)
+        ks = ks_for(sweep.k, channels)
+        if ks[-1] > channels:
+            raise InputError("sweep.k", sweep.k.form(), f"K = {ks[-1]} is above the {channels} "
+                             f"{'output' if sweep.target == 'output' else 'input'} channels of {conv.name}",
+                             f"K from 1 to {channels} for that layer",
+                             "use k: {fractions: [...]} to scale K per layer, or leave that layer out")
+        for name in sweep.criteria:
+            problem = CRITERIA[name].problem(conv, sweep.target)
+            if problem:
+                raise InputError("sweep.criteria", name, problem, "criteria that apply to every swept layer",
+                                 "change sweep.target, or sweep that criterion on other layers in its own grid")
+            trials.append(Trial(conv.name, name, sweep.target, ks, channels))
+    points = sum(len(t.ks) for t in trials)
+    if points > MAX_POINTS:
+        raise InputError("sweep", f"{points:,} points", "the grid is too large", f"at most {MAX_POINTS:,} points",
+                         "use fewer layers, K values or criteria")
+    return Plan(tuple(convs), tuple(layers), tuple(sweep.criteria), sweep.target, tuple(trials))
