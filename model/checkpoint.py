@@ -80,8 +80,9 @@ def read(path: str | Path) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
         raise _bad(path, f"not a prune-sweep checkpoint ({what})", retrain) from None
     except (RuntimeError, EOFError, OSError, ValueError, zipfile.BadZipFile) as e:
         raise _bad(path, f"truncated or corrupt ({type(e).__name__})", retrain) from None
-    if not isinstance(blob, dict) or blob.get("format") != FORMAT or not isinstance(blob.get("state_dict"), dict):
-        raise _bad(path, "not a prune-sweep checkpoint (no format tag or state_dict)", retrain)
+    if not isinstance(blob, dict) or blob.get("format") != FORMAT or not isinstance(blob.get("state_dict"), dict) \
+            or not isinstance(blob.get("meta"), dict):
+        raise _bad(path, "not a prune-sweep checkpoint (no format tag, metadata or state_dict)", retrain)
     return blob["meta"], blob["state_dict"]
 
 

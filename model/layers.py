@@ -61,8 +61,7 @@ def list_convs(model: ResNet18) -> list[ConvInfo]:
 
 def _shapes(model: ResNet18, names: list[str]) -> dict[str, tuple[tuple[int, int], tuple[int, int]]]:
     """Input and output spatial sizes of the named convs, from one shape-only forward on the meta device."""
-    device = next(model.parameters()).device
-    probe = model if device.type == "meta" else _meta_copy(model)
+    probe = _meta_copy(model)  # never the caller's model: the probe runs in eval mode
     x = torch.zeros(1, 3, IMAGE_SIZE, IMAGE_SIZE, device="meta")
     with capture(probe, names, "input") as ins, capture(probe, names, "output") as outs:
         probe.eval()(x)

@@ -314,6 +314,7 @@ def _one_line(e: ValidationError, raw: Any, source: str) -> InputError:
     value = err.get("input")
     if err["type"] == "missing":
         return InputError(_location(loc), None, "missing", "a value", f"add {_location(loc)}", source)
-    fix = f"change {_location(loc)} in the grid file (or --set {_location(loc)}=...)"
+    key = _location(loc).split("[")[0]
+    fix = f"change {_location(loc)} in the grid file (or --set {key}=...)"
     problem = "wrong type" if err["type"].endswith("_type") else "not allowed"
     return InputError(_location(loc), value, problem, allowed, fix, source)

@@ -97,6 +97,9 @@ def read_npz(path: str, field: str) -> tuple[Images, tuple[str, ...]]:
 
     if not Path(path).is_file():
         raise bad("no such file", path, "an existing .npz file", "check the path")
+    if not zipfile.is_zipfile(path):  # np.load would also take .npy files and (refused) raw pickles
+        raise bad("not a readable .npz file (not a whole zip archive)", path, "a file written by numpy.savez",
+                  "save the arrays with numpy.savez(path, images=..., labels=...)")
     try:
         with np.load(path, allow_pickle=False) as npz:
             arrays = {k: npz[k] for k in npz.files}

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from contextlib import nullcontext
 from typing import ContextManager
 
@@ -33,9 +34,19 @@ def free_memory_bytes(device: torch.device) -> int:
     if device.type == "cuda":
         free, _ = torch.cuda.mem_get_info(device)
         return int(free)
-    import psutil  # installed with ray
+    return host_available_bytes()
 
-    return int(psutil.virtual_memory().available)
+
+def host_available_bytes() -> int:
+    """MemAvailable from /proc/meminfo (Linux); elsewhere, free physical pages."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
 
 
 def tune_allocator() -> bool:

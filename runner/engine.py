@@ -87,13 +87,10 @@ def _nbytes(cache: tuple[Tensor, ...]) -> int:
     return total
 
 
-def _chunks(split: Split, evalset: EvalSet, cache_bytes: int) -> list[range]:
+def _chunks(per_batch: int, batches: int, cache_bytes: int) -> list[range]:
     """Batch index ranges whose caches fit in `cache_bytes` (one range when the whole set fits)."""
-    n = len(evalset.inputs)
-    with torch.inference_mode(), fast_math(evalset.inputs[0].device):
-        per_batch = _nbytes(split.prefix(evalset.inputs[0]))
     per = max(1, cache_bytes // max(1, per_batch))
-    return [range(i, min(n, i + per)) for i in range(0, n, per)]
+    return [range(i, min(batches, i + per)) for i in range(0, batches, per)]
 
 
 def sweep_layer(model: ResNet18, conv: ConvInfo, target: str, ranking: Ranking, ks: Sequence[int],
@@ -105,7 +102,10 @@ def sweep_layer(model: ResNet18, conv: ConvInfo, target: str, ranking: Ranking, 
     device = evalset.inputs[0].device
     split = Split(model, conv, target)
     channels = channels_of(conv, target)
-    chunks = _chunks(split, evalset, cache_bytes if cache_bytes is not None else default_cache_bytes(device))
+    with torch.inference_mode(), fast_math(device):
+        first = split.prefix(evalset.inputs[0])  # its size decides the chunking; it is kept as batch 0's cache
+    budget = cache_bytes if cache_bytes is not None else default_cache_bytes(device)
+    chunks = _chunks(_nbytes(first), len(evalset.inputs), budget)
     if len(chunks) > 1:
         log.info("%s: cache does not fit; evaluating in %d chunks", conv.name, len(chunks))
     masks = {k: keep_mask(channels, ranking.order[:k], device) for k in ks}
@@ -118,7 +118,8 @@ def sweep_layer(model: ResNet18, conv: ConvInfo, target: str, ranking: Ranking, 
     seconds = dict.fromkeys(ks, 0.0)
     for chunk in chunks:
         with torch.inference_mode(), fast_math(device):
-            cache = [split.prefix(evalset.inputs[i]) for i in chunk]
+            cache = [first if i == 0 else split.prefix(evalset.inputs[i]) for i in chunk]
+        first = None  # only chunk 0 holds it
         labels = [evalset.labels[i] for i in chunk]
         for k in ks:
             started = time.perf_counter()

@@ -22,6 +22,14 @@ class Evaluation:
     maps: dict[str, np.ndarray] = field(default_factory=dict)  # mean over images of each accumulated map
 
 
+def batch_sum(x: Tensor) -> Tensor:
+    """Sum over the batch dimension. A channels_last tensor is summed as the NHWC array it is: torch's
+    dim-0 reduction over that layout is about 20x slower (measured on CPU: 36 vs 1.8 ms for 500x16x32x32)."""
+    if x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last):
+        return x.permute(0, 2, 3, 1).sum(0).permute(2, 0, 1).contiguous()
+    return x.sum(0)
+
+
 class Tally:
     """Running sums of one evaluation, kept on the device (no host sync until `result`)."""
 
@@ -39,7 +47,7 @@ class Tally:
         self.hits = self.hits + torch.bincount(labels[hit], minlength=self.num_classes)
         self.seen = self.seen + torch.bincount(labels, minlength=self.num_classes)
         for name, value in (maps or {}).items():
-            total = value.float().sum(0)
+            total = batch_sum(value.float())
             self.maps[name] = self.maps[name] + total if name in self.maps else total
 
     def result(self) -> Evaluation:

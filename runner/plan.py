@@ -69,10 +69,17 @@ def select_layers(convs: list[ConvInfo], wanted: str | list[str], include_shortc
     names = [c.name for c in convs]
     chosen: set[str] = set()
     for i, pattern in enumerate(wanted):
+        if wanted.index(pattern) != i:
+            raise InputError(f"sweep.layers[{i}]", pattern, "listed twice", "each layer or pattern once",
+                             "remove the duplicate")
         if pattern in names:
             chosen.add(pattern)
             continue
         hits = [c.name for c in pool if fnmatch.fnmatchcase(c.name, pattern)]
+        if not hits and any(fnmatch.fnmatchcase(c.name, pattern) for c in convs):
+            raise InputError(f"sweep.layers[{i}]", pattern, "matches only shortcut convs",
+                             "shortcut convs by exact name, or by pattern with include_shortcuts: true",
+                             "set sweep.include_shortcuts: true")
         if not hits:
             raise InputError(f"sweep.layers[{i}]", pattern, "no such layer", ", ".join(names),
                              "use one of those names or a glob pattern such as \"layer*.conv2\"")

@@ -1,0 +1,157 @@
+"""The driver side of the trials: a Tune callback that turns every reported point into a results.csv row, a
+W&B step with feature-map images, and (for a few K per trial) feature-map figures on disk.
+
+It runs in the driver process, so a multi-node sweep's results and offline W&B runs all land in one place.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from ray import tune
+
+from runner import figures
+from runner.results import ResultsTable
+from runner.tracking import Tracker, make_tracker
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Context:
+    """Plain, picklable settings (Tune pickles its callbacks with the experiment)."""
+
+    folder: str
+    sweep: str
+    baseline: float
+    checkpoint_sha256: str
+    eval_images: int
+    wandb_mode: str
+    wandb_project: str
+    wandb_entity: str | None
+    wandb_config: dict[str, Any]
+    feature_maps: bool
+    figure_ks: dict[str, tuple[int, ...]]  # trial key -> K values whose feature maps are saved to disk
+    total_points: int
+
+
+def feature_map_images(maps: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """The two images of a point: the pruned layer's output channels, and the final stage (top 64)."""
+    out = {}
+    if "layer" in maps:
+        out["pruned_layer"] = figures.grid_image(maps["layer"])
+    if "final" in maps:
+        out["final_stage"] = figures.grid_image(maps["final"], final=True)
+    return out
+
+
+class Collector(tune.Callback):
+    """Tune restores callbacks from its own pickle on --resume, so the driver finds the live one through
+    `Collector.current` (set in `setup`, which runs in the driver)."""
+
+    current: "Collector | None" = None
+
+    def __init__(self, context: Context) -> None:
+        self.context = context
+        self._live: dict[str, Any] = {}
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {"context": self.context, "_live": {}}  # open files and W&B runs never travel
+
+    def setup(self, **info: Any) -> None:
+        c = self.context
+        folder = Path(c.folder)
+        self._live = {
+            "table": ResultsTable(folder / "results.csv"),
+            "tracker": make_tracker(c.wandb_mode, c.wandb_project, c.wandb_entity, c.sweep, folder,
+                                    c.wandb_config, c.feature_maps),
+            "failed": [], "started": time.time(), "last_note": 0.0,
+        }
+        self._live["new"] = 0
+        (folder / "feature_maps").mkdir(parents=True, exist_ok=True)
+        Collector.current = self
+
+    @property
+    def table(self) -> ResultsTable:
+        return self._live["table"]
+
+    @property
+    def tracker(self) -> Tracker:
+        return self._live["tracker"]
+
+    @property
+    def failed(self) -> list[str]:
+        return self._live["failed"]
+
+    def _row(self, result: dict[str, Any]) -> dict[str, Any]:
+        c = self.context
+        row = {k: result[k] for k in ("layer", "criterion", "target", "k", "fraction", "channels", "accuracy",
+                                      "loss", "params_removed", "macs_removed", "seconds", "node", "device",
+                                      "per_class_accuracy")}
+        row["baseline_accuracy"] = c.baseline
+        row["accuracy_drop"] = c.baseline - result["accuracy"]
+        row["eval_images"] = c.eval_images
+        row["checkpoint_sha256"] = c.checkpoint_sha256
+        return row
+
+    def on_trial_result(self, iteration: int, trials: list, trial: Any, result: dict, **info: Any) -> None:
+        if "k" not in result:
+            return
+        maps = result.pop("maps", None) or {}  # in place: keeps the arrays out of Tune's experiment state
+        row = self._row(result)
+        if not self.table.add(row):
+            return  # already recorded (a retried or resumed trial repeating a point)
+        self._live["new"] += 1
+        key = f"{row['layer']}/{row['criterion']}"
+        config = {"layer": row["layer"], "criterion": row["criterion"], "target": row["target"],
+                  "checkpoint_sha256": self.context.checkpoint_sha256, "baseline_accuracy": self.context.baseline}
+        self.tracker.log_point(key, config, row, feature_map_images(maps) if self.context.feature_maps else {})
+        if maps and row["k"] in self.context.figure_ks.get(key, ()):
+            self._save_figures(row, maps)
+        self._progress()
+
+    def _save_figures(self, row: dict[str, Any], maps: dict[str, np.ndarray]) -> None:
+        """The two images with a colour bar and caption, and the raw mean maps (for the report's figures)."""
+        folder = Path(self.context.folder) / "feature_maps" / row["layer"]
+        folder.mkdir(parents=True, exist_ok=True)
+        stem = f"{row['criterion']}_k{row['k']:04d}"
+        title = f"{row['layer']}, {row['target']} pruning by {row['criterion']}, K={row['k']}/{row['channels']}, " \
+                f"accuracy {row['accuracy']:.2f}%"
+        figures.save_png(figures.grid_image(maps["layer"], title=f"{title}\npruned layer's BN output, mean over "
+                                            "eval images (pruned channels are flat white)"), folder / f"{stem}_layer.png")
+        figures.save_png(figures.grid_image(maps["final"], final=True, title=f"{title}\nfinal stage output: the 64 "
+                                            "channels with the highest mean"), folder / f"{stem}_final.png")
+        np.savez_compressed(folder / f"{stem}_maps.npz", **maps)
+
+    def _progress(self) -> None:
+        now = time.time()
+        done, total = len(self.table.keys), self.context.total_points
+        if now - self._live["last_note"] >= 10 or done == total:
+            self._live["last_note"] = now
+            rate = self._live["new"] / max(1e-9, now - self._live["started"])
+            eta = (total - done) / rate if rate else float("nan")
+            log.info("points %d/%d (%.0f%%), %.1f points/s, about %.0f s left", done, total, 100 * done / total,
+                     rate, eta)
+
+    def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        key = f"{trial.config['layer']}/{trial.config['criterion']}"
+        self.tracker.finish_trial(key)
+        rows = [r for r in self.table.rows if (r["layer"], r["criterion"]) == tuple(key.split("/"))]
+        worst = min(rows, key=lambda r: r["accuracy"], default=None)
+        shown = f"accuracy at K={worst['k']}: {worst['accuracy']:.2f}%" if worst else "no new points"
+        log.info("trial done: %-40s %s", key, shown)
+
+    def on_trial_recover(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        log.warning("trial %s/%s failed; retrying from its last finished K", trial.config["layer"],
+                    trial.config["criterion"])
+
+    def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        key = f"{trial.config['layer']}/{trial.config['criterion']}"
+        self.failed.append(key)
+        self.tracker.finish_trial(key, failed=True)
+        log.error("trial %s failed after its retries (details: %s)", key, getattr(trial, "error_file", None))

@@ -1,0 +1,169 @@
+"""Pictures of results: feature-map grids (array ops, for every K) and matplotlib figures (for the report).
+
+Nothing here computes results; it draws what the engine measured.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Sequence
+
+import matplotlib
+
+matplotlib.use("Agg")  # files only; never a window
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+from matplotlib import colormaps  # noqa: E402
+
+TILE = 24  # pixels per feature-map tile in the array renderer
+
+
+def top_channels(maps: np.ndarray, count: int = 64) -> np.ndarray:
+    """Indices of the `count` channels with the highest mean, highest first (the seed's figure)."""
+    means = maps.reshape(len(maps), -1).mean(1)
+    return np.argsort(-means, kind="stable")[:count]
+
+
+def _layout(n: int) -> tuple[int, int]:
+    cols = math.ceil(math.sqrt(n))
+    return math.ceil(n / cols), cols
+
+
+def tiled(maps: np.ndarray, gap: int = 2) -> np.ndarray:
+    """[C, H, W] maps -> one 2-D float canvas of tiles (each upscaled to about TILE pixels), NaN between them."""
+    maps = np.asarray(maps, dtype=np.float32)
+    c, h, w = maps.shape
+    scale = max(1, TILE // max(h, w))
+    tiles = maps.repeat(scale, 1).repeat(scale, 2)
+    rows, cols = _layout(c)
+    th, tw = h * scale, w * scale
+    canvas = np.full((rows * (th + gap) + gap, cols * (tw + gap) + gap), np.nan, np.float32)
+    for i in range(c):
+        r, q = divmod(i, cols)
+        y, x = gap + r * (th + gap), gap + q * (tw + gap)
+        canvas[y:y + th, x:x + tw] = tiles[i]
+    return canvas
+
+
+def _limits(maps: np.ndarray, symmetric: bool) -> tuple[float, float]:
+    if symmetric:
+        m = float(np.abs(maps).max()) or 1.0
+        return -m, m
+    lo, hi = float(maps.min()), float(maps.max())
+    return lo, (hi if hi > lo else lo + 1.0)
+
+
+def _style(maps: np.ndarray, final: bool) -> tuple[np.ndarray, str, tuple[float, float]]:
+    """What to draw and how: the pruned layer with a diverging scale centred on zero (a pruned channel is a
+    flat white tile); the final stage as the seed drew it, its 64 highest-mean channels on one scale."""
+    if final:
+        maps = maps[top_channels(maps)]
+        return maps, "viridis", _limits(maps, False)
+    return maps, "RdBu_r", _limits(maps, True)
+
+
+def grid_image(maps: np.ndarray, final: bool = False, title: str | None = None) -> np.ndarray:
+    """A map grid as one uint8 RGB image, colour-mapped with array operations (cheap enough for every K).
+    With a title, a caption and a colour bar with its limits are added below the grid."""
+    maps, cmap, (lo, hi) = _style(np.asarray(maps, dtype=np.float32), final)
+    canvas = tiled(maps)
+    rgb = colormaps[cmap](np.clip((np.nan_to_num(canvas) - lo) / (hi - lo), 0, 1))[..., :3]
+    rgb[np.isnan(canvas)] = 1.0  # white gaps between tiles
+    image = (rgb * 255).astype(np.uint8)
+    return image if title is None else _captioned(image, title, cmap, lo, hi)
+
+
+def _captioned(image: np.ndarray, title: str, cmap: str, lo: float, hi: float) -> np.ndarray:
+    """The grid with a colour bar (drawn as an array) and text lines below it."""
+    from PIL import Image, ImageDraw
+
+    width = max(image.shape[1], 360)
+    lines = title.split("\n")
+    bar = (colormaps[cmap](np.linspace(0, 1, width - 20))[:, :3] * 255).astype(np.uint8)
+    out = np.full((image.shape[0] + 34 + 12 * len(lines), width, 3), 255, np.uint8)
+    out[:image.shape[0], :image.shape[1]] = image
+    y = image.shape[0] + 4
+    out[y:y + 10, 10:width - 10] = bar[None]
+    pil = Image.fromarray(out)
+    draw = ImageDraw.Draw(pil)
+    draw.text((10, y + 11), f"{lo:.3g}", fill=(0, 0, 0))
+    draw.text((width - 60, y + 11), f"{hi:.3g}", fill=(0, 0, 0))
+    for i, line in enumerate(lines):
+        draw.text((10, y + 24 + 12 * i), line, fill=(0, 0, 0))
+    return np.asarray(pil)
+
+
+def save_png(image: np.ndarray, path: Path) -> None:
+    from PIL import Image
+
+    Image.fromarray(image).save(path, optimize=False, compress_level=1)
+
+
+def feature_map_figure(maps: np.ndarray, title: str, path: Path, final: bool = False) -> None:
+    """The report's version of a map grid: the same tiles in one matplotlib axes, with a colour bar."""
+    maps, cmap, (lo, hi) = _style(np.asarray(maps, dtype=np.float32), final)
+    canvas = tiled(maps)
+    fig, ax = plt.subplots(figsize=(6.4, 6.4 * canvas.shape[0] / canvas.shape[1] + 0.6))
+    image = ax.imshow(canvas, cmap=cmap, vmin=lo, vmax=hi, interpolation="nearest")
+    ax.axis("off")
+    fig.colorbar(image, ax=ax, shrink=0.8)
+    ax.set_title(title, fontsize=9)
+    fig.savefig(path, dpi=80, bbox_inches="tight")
+    plt.close(fig)
+
+
+def accuracy_vs_k(rows: Sequence[dict], baseline: float, path: Path) -> None:
+    """One panel per criterion, one line per layer: accuracy against K (as a fraction of the layer's channels,
+    so layers of different widths share an axis). Many layers: coloured by depth, a colour bar instead of a
+    legend that would be longer than the plot."""
+    criteria = sorted({r["criterion"] for r in rows})
+    layers = list(dict.fromkeys(r["layer"] for r in rows))
+    fig, axes = plt.subplots(1, len(criteria), figsize=(5.2 * len(criteria), 4.2), squeeze=False, sharey=True)
+    cmap = colormaps["viridis"]
+    for ax, criterion in zip(axes[0], criteria):
+        for i, layer in enumerate(layers):
+            pts = sorted((r["fraction"], r["accuracy"]) for r in rows if r["layer"] == layer
+                         and r["criterion"] == criterion)
+            if pts:
+                xs, ys = zip(*[(0.0, baseline), *pts])
+                ax.plot(xs, ys, marker=".", lw=1.2, color=cmap(i / max(1, len(layers) - 1)), label=layer)
+        ax.axhline(baseline, color="grey", lw=0.8, ls="--")
+        ax.set(title=criterion, xlabel="fraction of channels pruned (K / channels)", xlim=(0, 1.02))
+        ax.grid(alpha=0.3)
+    axes[0][0].set_ylabel("accuracy (%)")
+    if len(layers) <= 10:
+        axes[0][-1].legend(fontsize=7, loc="lower left")
+    else:
+        bar = fig.colorbar(plt.cm.ScalarMappable(cmap=cmap, norm=plt.Normalize(0, len(layers) - 1)),
+                           ax=axes.ravel().tolist(), shrink=0.9)
+        ticks = np.linspace(0, len(layers) - 1, min(len(layers), 8)).round().astype(int)
+        bar.set_ticks(ticks, labels=[layers[t] for t in ticks], fontsize=7)
+        bar.set_label("layer (forward order)")
+    fig.savefig(path, dpi=100, bbox_inches="tight")
+    plt.close(fig)
+
+
+def sensitivity_heatmap(rows: Sequence[dict], path: Path) -> None:
+    """Layers x K-fraction heatmap of accuracy drop, one panel per criterion."""
+    criteria = sorted({r["criterion"] for r in rows})
+    layers = list(dict.fromkeys(r["layer"] for r in rows))
+    fractions = sorted({round(r["fraction"], 4) for r in rows})
+    fig, axes = plt.subplots(1, len(criteria), figsize=(1.2 + 0.35 * len(fractions) * len(criteria) + 2.5 *
+                                                        len(criteria), 1.2 + 0.28 * len(layers)), squeeze=False)
+    drops = [r["accuracy_drop"] for r in rows]
+    vmax = max(1.0, max(drops))
+    for ax, criterion in zip(axes[0], criteria):
+        grid = np.full((len(layers), len(fractions)), np.nan)
+        for r in rows:
+            if r["criterion"] == criterion:
+                grid[layers.index(r["layer"]), fractions.index(round(r["fraction"], 4))] = r["accuracy_drop"]
+        image = ax.imshow(grid, aspect="auto", cmap="magma_r", vmin=0, vmax=vmax, interpolation="nearest")
+        ax.set_title(criterion)
+        ax.set_yticks(range(len(layers)), labels=layers if ax is axes[0][0] else [""] * len(layers), fontsize=7)
+        step = max(1, len(fractions) // 10)
+        ax.set_xticks(range(0, len(fractions), step), labels=[f"{f:.2g}" for f in fractions[::step]], fontsize=7)
+        ax.set_xlabel("K / channels")
+    fig.colorbar(image, ax=axes.ravel().tolist(), label="accuracy drop (points)")
+    fig.savefig(path, dpi=100, bbox_inches="tight")
+    plt.close(fig)

@@ -1,0 +1,267 @@
+"""The main job (DESIGN §2, §7): grid -> checkpoint -> data -> rankings -> Ray Tune trials -> results, plots,
+report, W&B summary.
+
+Everything the user gave is validated before Ray starts. The driver loads (or trains) the checkpoint once,
+loads the data once, ranks every (layer, criterion) in one calibration pass, and hands all of it to the trials
+once through the object store.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import logging
+import os
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Iterator
+
+import torch
+import yaml
+
+from model import checkpoint as ckpt_io
+from model.checkpoint import Checkpoint
+from runner.config import Grid, load_grid
+from runner.criteria import rank_all
+from runner.data import Dataset, load_data
+from runner.device import fast_math, pick_device, uses_channels_last
+from runner.engine import EvalSet
+from runner.errors import InputError
+from runner.evaluate import evaluate
+from runner.plan import Plan, make_plan
+from runner.provenance import versions
+from runner.results import read_rows
+from runner.tracking import Tracker
+from runner import report
+from runner.train import train_checkpoint
+
+log = logging.getLogger(__name__)
+
+TARGET_MEANING = {
+    "output": "filter and BN channel removed: the channel is zero after the layer's BN",
+    "input": "input channel zeroed in the conv's weights (the seed's operation)",
+}
+# Ray and Tune read these when imported or started; set before either happens (see README, "Ray").
+RAY_ENV = {
+    "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",  # a local Ray binds its sockets to 127.0.0.1 only
+    "RAY_AUTH_MODE": "disabled",  # no token file in ~/.ray for a local, loopback-only instance
+    "RAY_USAGE_STATS_ENABLED": "0",
+    "TUNE_DISABLE_AUTO_CALLBACK_LOGGERS": "1",  # no JSON/CSV/TensorBoard loggers: results.csv is the record
+    "RAY_AIR_NEW_OUTPUT": "0",  # with verbose=0, Tune prints nothing; the collector logs progress instead
+    "RAY_CHDIR_TO_TRIAL_DIR": "0",
+    # Tune's own state: every 60 s is enough, since --resume skips every point already in results.csv (its
+    # default, adaptive period spent about 5% of the demo's time writing it)
+    "TUNE_GLOBAL_CHECKPOINT_S": "60",
+    "WANDB_SILENT": "true",
+}
+
+
+@dataclass(frozen=True)
+class Options:
+    grid: str
+    output: str | None = None
+    resume: bool = False
+    wandb_mode: str | None = None
+    address: str | None = None
+    dry_run: bool = False
+    overrides: tuple[str, ...] = ()
+
+
+@dataclass
+class Outcome:
+    folder: Path
+    points: int
+    expected: int
+    failed: list[str] = field(default_factory=list)
+    seconds: float = 0.0
+
+    @property
+    def interrupted(self) -> bool:
+        """Points missing with no trial failed: the sweep was stopped (Ctrl-C) and can be resumed."""
+        return self.points < self.expected and not self.failed
+
+
+def prepare(opts: Options) -> tuple[Grid, Plan]:
+    """Load, override, validate and plan: every input check that needs no data and no Ray."""
+    grid = load_grid(opts.grid, list(opts.overrides))
+    if opts.output:
+        grid = grid.model_copy(update={"output": str(Path(opts.output).resolve())})
+    if opts.wandb_mode:
+        grid = grid.model_copy(update={"wandb": grid.wandb.model_copy(update={"mode": opts.wandb_mode})})
+    try:
+        return grid, make_plan(grid)
+    except InputError as e:
+        raise e.at(opts.grid)
+
+
+def dry_run(opts: Options) -> list[str]:
+    """What the sweep would do, computing nothing."""
+    grid, plan = prepare(opts)
+    state = "exists" if Path(grid.checkpoint.path).is_file() else \
+        ("missing: will be trained" if grid.checkpoint.train else "missing, and no checkpoint.train section")
+    head = [f"sweep {grid.name}: {grid.model.arch} width {grid.model.width:g}, data {grid.data.dataset}, "
+            f"output {grid.folder}", f"checkpoint {grid.checkpoint.path} ({state})"]
+    return head + plan.describe()
+
+
+@contextmanager
+def folder_lock(folder: Path) -> Iterator[None]:
+    """One sweep at a time per output folder: a second one is refused (the lock dies with its process)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / ".lock"
+    with open(path, "a+") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            f.seek(0)
+            raise InputError("output", str(folder), f"another sweep is running in this folder "
+                             f"({f.read().strip() or 'unknown process'})", "one sweep per output folder",
+                             "wait for it, or give this one another name or --output") from None
+        f.truncate(0)
+        f.write(f"pid {os.getpid()} on {os.uname().nodename}\n")
+        f.flush()
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def ensure_checkpoint(grid: Grid, data: Dataset) -> Checkpoint:
+    """The shared checkpoint, trained first when it is missing and the grid has a recipe."""
+    if not Path(grid.checkpoint.path).is_file():
+        if grid.checkpoint.train is None:
+            raise InputError("checkpoint.path", grid.checkpoint.path, "no such file, and the grid has no "
+                             "checkpoint.train section to train it", "an existing checkpoint, or a recipe",
+                             "add checkpoint.train ({recipe: standard, epochs: 30}) or fix the path")
+        log.info("checkpoint %s is missing: training it first", grid.checkpoint.path)
+        train_checkpoint(grid, data)
+    loaded = ckpt_io.load(grid.checkpoint.path, grid.model.arch, grid.model.width, grid.model.num_classes)
+    trained_on = loaded.meta.get("dataset"), tuple(loaded.meta.get("classes", ()))
+    if trained_on != (data.name, data.classes):
+        raise InputError("checkpoint.path", grid.checkpoint.path, f"trained on {trained_on[0]} with classes "
+                         f"{', '.join(trained_on[1][:3])}..., but the grid evaluates {data.name}",
+                         "a checkpoint trained on the grid's dataset", "point checkpoint.path at one, or retrain")
+    return loaded
+
+
+def _identity(grid: Grid, sha: str) -> dict[str, Any]:
+    """What makes two runs the same sweep: the measured grid and the checkpoint (not paths, W&B or resources)."""
+    d = grid.as_dict()
+    return {"checkpoint_sha256": sha, "model": d["model"], "data": {k: v for k, v in d["data"].items()
+                                                                    if k not in ("root", "download")},
+            "sweep": {k: v for k, v in d["sweep"].items() if k not in ("retries", "batch_size")}, "seed": d["seed"]}
+
+
+def check_folder(grid: Grid, resume: bool) -> None:
+    """A fresh sweep never overwrites results; --resume needs a sweep to resume."""
+    results = grid.folder / "results.csv"
+    if resume and not (grid.folder / "config.yaml").is_file():
+        raise InputError("--resume", str(grid.folder), "there is no sweep to resume in this folder",
+                         "a folder where a sweep with this name started", "run without --resume")
+    if not resume and results.is_file() and read_rows(results):
+        raise InputError("output", str(grid.folder), "this folder already holds results of a sweep",
+                         "a new folder, or --resume to continue that sweep",
+                         "add --resume, or choose another name or --output")
+
+
+def check_resume_identity(grid: Grid, sha: str) -> None:
+    saved = yaml.safe_load((grid.folder / "config.yaml").read_text(encoding="utf-8"))
+    before, now = saved.get("identity", {}), _identity(grid, sha)
+    if before != now:
+        changed = sorted(k for k in set(before) | set(now) if before.get(k) != now.get(k))
+        what = "the checkpoint" if "checkpoint_sha256" in changed else f"the grid ({', '.join(changed)})"
+        raise InputError("--resume", str(grid.folder), f"{what} changed since this sweep started",
+                         "the same grid file and checkpoint", "restore them, or start a new sweep under another "
+                         "name or --output")
+
+
+def write_config(grid: Grid, plan: Plan, loaded: Checkpoint) -> None:
+    doc = {**grid.as_dict(), "provenance": {
+        "checkpoint_sha256": loaded.sha256, "checkpoint_meta": {k: v for k, v in loaded.meta.items()
+                                                                if k not in ("epoch_losses",)},
+        "versions": versions(), "started": datetime.now(timezone.utc).isoformat(),
+        "trials": len(plan.trials), "points": plan.points}, "identity": _identity(grid, loaded.sha256)}
+    tmp = grid.folder / ".config.yaml.tmp"
+    tmp.write_text(yaml.safe_dump(doc, sort_keys=False), encoding="utf-8")
+    os.replace(tmp, grid.folder / "config.yaml")
+
+
+def _calibration_and_baseline(grid: Grid, plan: Plan, data: Dataset, loaded: Checkpoint
+                              ) -> tuple[float, dict]:
+    """Baseline accuracy and every ranking, on the driver's device, before any trial starts."""
+    device = pick_device()
+    model = loaded.model.to(device).eval()
+    if uses_channels_last(device):
+        model = model.to(memory_format=torch.channels_last)
+    mean, std = tuple(loaded.meta["mean"]), tuple(loaded.meta["std"])
+    bs = grid.sweep.batch_size
+    evalset = EvalSet.build(data.test, mean, std, len(data.classes), device, bs)
+    with fast_math(device):
+        baseline = evaluate(model, evalset.inputs, evalset.labels, len(data.classes)).result().accuracy
+    calib = data.calibration if grid.sweep.calibration == "holdout" else data.test
+    cal = EvalSet.build(calib, mean, std, len(data.classes), device, bs)
+    started = time.time()
+    with fast_math(device):
+        rankings = rank_all(model, list(plan.layers), list(plan.criteria), plan.target, torch.cat(cal.inputs),
+                            torch.cat(cal.labels), bs, grid.seed)
+    log.info("baseline accuracy %.2f%% on %d images; %d rankings from one pass over %d %s images (%.1f s)",
+             baseline, evalset.count, len(rankings), cal.count, grid.sweep.calibration, time.time() - started)
+    loaded.model.cpu()
+    return baseline, rankings
+
+
+def figure_ks(ks: tuple[int, ...], count: int) -> tuple[int, ...]:
+    """A few K spread over the range (first, middle, last for 3)."""
+    if count <= 0:
+        return ()
+    if len(ks) <= count:
+        return ks
+    idx = sorted({round(i * (len(ks) - 1) / (count - 1)) for i in range(count)}) if count > 1 else [len(ks) - 1]
+    return tuple(ks[i] for i in idx)
+
+
+def run_sweep(opts: Options) -> Outcome:
+    started = time.time()
+    grid, plan = prepare(opts)
+    with folder_lock(grid.folder):
+        check_folder(grid, opts.resume)
+        data = load_data(grid.data, grid.model.num_classes, grid.seed)
+        loaded = ensure_checkpoint(grid, data)
+        if opts.resume:
+            check_resume_identity(grid, loaded.sha256)
+        else:
+            write_config(grid, plan, loaded)
+        baseline, rankings = _calibration_and_baseline(grid, plan, data, loaded)
+        from runner import tuner  # imports Ray: only once the inputs are known to be good
+
+        failed, tracker = tuner.run_trials(grid, plan, data, loaded, baseline, rankings, opts.resume,
+                                           opts.address)
+        try:
+            rows = finish(grid, plan, data, loaded, baseline, failed, tracker)
+        finally:
+            tracker.close()
+    return Outcome(grid.folder, len(rows), plan.points, failed, time.time() - started)
+
+
+def finish(grid: Grid, plan: Plan, data: Dataset, loaded: Checkpoint, baseline: float, failed: list[str],
+           tracker: Tracker) -> list[dict[str, Any]]:
+    """Plots, report.md and the W&B summary run, from results.csv."""
+    order = {c.name: i for i, c in enumerate(plan.convs)}
+    rows = sorted(read_rows(grid.folder / "results.csv"), key=lambda r: (order[r["layer"]], r["criterion"], r["k"]))
+    plots = report.write_plots(rows, baseline, grid.folder)
+    wandb_where = {"disabled": "off", "offline": f"offline runs in {grid.folder / 'wandb'} (upload: `wandb sync "
+                   f"{grid.folder / 'wandb'}/offline-run-*`)", "online": f"project {grid.wandb.project}, group "
+                   f"{grid.name}"}[tracker.mode]
+    meta = {"name": grid.name, "baseline": baseline, "eval_images": len(data.test), "dataset": data.name,
+            "calibration": f"{len(data.calibration):,} held-out training images" if grid.sweep.calibration ==
+            "holdout" else "the test images themselves (the seed's leaky choice)",
+            "arch": grid.model.arch, "width": grid.model.width, "target": plan.target,
+            "target_meaning": TARGET_MEANING[plan.target], "checkpoint": loaded.path,
+            "checkpoint_sha256": loaded.sha256, "trained_accuracy": f"{loaded.meta.get('test_accuracy', 0):.2f}%",
+            "versions": versions(), "wandb": wandb_where}
+    path = report.write_report(rows, meta, failed, grid.folder, plan.points)
+    tracker.summary(rows, baseline, plots, failed)
+    log.info("wrote %s, %s and %s", grid.folder / "results.csv", path, grid.folder / "plots")
+    return rows

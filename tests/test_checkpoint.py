@@ -1,0 +1,221 @@
+"""Checkpoint files: round trip, atomic writes, and one clear InputError for every kind of bad file."""
+
+from __future__ import annotations
+
+import builtins
+import hashlib
+import os
+import pickle
+import zipfile
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import scramble_bn
+from model import checkpoint
+from model.resnet import ResNet18, build
+from runner.errors import InputError
+
+ARCH = {"arch": "resnet18", "width": 0.125, "num_classes": 10}
+RETRAIN = ("allowed: a checkpoint written by scripts/train.py; fix: delete it and run scripts/train.py --grid FILE "
+           "(or the sweep, with a checkpoint.train section)")
+
+
+class FileCreator:
+    """A pickle payload that, if unpickled by a full (unsafe) load, creates the file at `target`."""
+
+    def __init__(self, target: Path) -> None:
+        self.target = str(target)
+
+    def __reduce__(self):
+        return builtins.open, (self.target, "w")
+
+
+def model(seed: int = 0, width: float = 0.125) -> ResNet18:
+    torch.manual_seed(seed)
+    return scramble_bn(build("resnet18", width, 10), seed)
+
+
+def write(path: Path, m: ResNet18 | None = None, **meta) -> Path:
+    checkpoint.save(path, m if m is not None else model(), {**ARCH, **meta})
+    return path
+
+
+def load_error(path: Path, **arch) -> str:
+    with pytest.raises(InputError) as err:
+        checkpoint.load(path, **{**ARCH, **arch})
+    assert err.value.field == "checkpoint.path"
+    assert "\n" not in str(err.value)
+    return str(err.value)
+
+
+# --- round trip ----------------------------------------------------------------------------------------------
+
+def test_round_trip(tmp_path):
+    net = model(3)
+    meta = {**ARCH, "test_accuracy": 87.25, "classes": ["a", "b"], "recipe": {"lr": 0.2, "epochs": 3}}
+    path = tmp_path / "nested" / "dir" / "m.pt"  # folders are created
+    digest = checkpoint.save(path, net, meta)
+
+    assert digest == hashlib.sha256(path.read_bytes()).hexdigest()
+    assert os.listdir(path.parent) == ["m.pt"]  # the temp file was renamed, nothing left behind
+    ck = checkpoint.load(path, "resnet18", 0.125, 10)
+    assert ck.meta == meta
+    assert ck.sha256 == digest
+    assert ck.path == str(path)
+    assert ck.model.training is False
+    want, got = net.state_dict(), ck.model.state_dict()
+    assert list(got) == list(want)
+    assert all(torch.equal(got[k], want[k]) for k in want)
+    x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert torch.equal(ck.model(x), net(x))
+
+
+def test_plain_weights_only_torch_load_opens_it(tmp_path):
+    path = write(tmp_path / "m.pt", test_accuracy=50.0)
+    blob = torch.load(path, weights_only=True)
+    assert sorted(blob) == ["format", "meta", "state_dict"]
+    assert blob["format"] == "prune-sweep/checkpoint/1"
+    assert blob["meta"]["test_accuracy"] == 50.0
+    assert blob["state_dict"]["conv1.weight"].shape == (8, 3, 3, 3)
+
+
+def test_sha256_helper_matches_hashlib(tmp_path):
+    path = tmp_path / "blob.bin"
+    path.write_bytes(os.urandom(3 << 20))  # larger than the 1 MiB read chunk
+    assert checkpoint.sha256(path) == hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def test_different_weights_give_a_different_sha256(tmp_path):
+    a = checkpoint.save(tmp_path / "a.pt", model(0), ARCH)
+    b = checkpoint.save(tmp_path / "b.pt", model(1), ARCH)
+    assert a != b
+
+
+def test_failed_save_keeps_the_old_file_and_leaves_no_temp(tmp_path):
+    path = write(tmp_path / "m.pt")
+    old = path.read_bytes()
+    with pytest.raises((AttributeError, pickle.PicklingError)):
+        checkpoint.save(path, model(1), {**ARCH, "bad": lambda: None})  # not picklable
+    assert os.listdir(tmp_path) == ["m.pt"]
+    assert path.read_bytes() == old
+
+
+# --- errors --------------------------------------------------------------------------------------------------
+
+def test_missing_file(tmp_path):
+    path = tmp_path / "none.pt"
+    assert load_error(path) == (
+        f"checkpoint.path: no such file: got '{path}'; allowed: an existing checkpoint file; "
+        "fix: run scripts/train.py --grid FILE, or add a checkpoint.train section to train it")
+
+
+def test_a_folder_is_not_a_file(tmp_path):
+    assert f"checkpoint.path: no such file: got '{tmp_path}'" in load_error(tmp_path)
+
+
+@pytest.mark.parametrize("arch, diff", [
+    ({"width": 0.25}, "width 0.125 (grid: 0.25)"),
+    ({"width": 1}, "width 0.125 (grid: 1.0)"),
+    ({"num_classes": 100}, "num_classes 10 (grid: 100)"),
+    ({"width": 0.25, "num_classes": 100}, "width 0.125 (grid: 0.25), num_classes 10 (grid: 100)"),
+])
+def test_architecture_mismatch(tmp_path, arch, diff):
+    path = write(tmp_path / "m.pt")
+    assert load_error(path, **arch) == (
+        f"checkpoint.path: architecture mismatch: checkpoint has {diff}: got '{path}'; "
+        "allowed: a checkpoint trained with the grid's model section; "
+        "fix: point checkpoint.path at a matching file, or change model: to match it")
+
+
+def test_text_file_is_not_a_checkpoint(tmp_path):
+    path = tmp_path / "m.pt"
+    path.write_text("model weights go here\n")
+    assert load_error(path) == (
+        f"checkpoint.path: not a PyTorch checkpoint (not a zip archive): got '{path}'; {RETRAIN}")
+
+
+def test_empty_file_is_not_a_checkpoint(tmp_path):
+    path = tmp_path / "m.pt"
+    path.write_bytes(b"")
+    assert "not a PyTorch checkpoint (not a zip archive)" in load_error(path)
+
+
+@pytest.mark.parametrize("keep", [0.5, 0.99])
+def test_truncated_file(tmp_path, keep):
+    good = write(tmp_path / "good.pt").read_bytes()
+    path = tmp_path / "m.pt"
+    path.write_bytes(good[: int(len(good) * keep)])
+    assert load_error(path) == (
+        f"checkpoint.path: truncated or corrupt (an incomplete zip archive): got '{path}'; {RETRAIN}")
+
+
+def test_zip_that_is_not_a_torch_file(tmp_path):
+    path = tmp_path / "m.pt"
+    with zipfile.ZipFile(path, "w") as z:
+        z.writestr("readme.txt", "hello")
+    assert "truncated or corrupt (RuntimeError)" in load_error(path)
+
+
+def test_plain_state_dict_is_not_a_prune_sweep_checkpoint(tmp_path):
+    path = tmp_path / "m.pt"
+    torch.save(model().state_dict(), path)
+    assert load_error(path) == (
+        f"checkpoint.path: not a prune-sweep checkpoint (no format tag, metadata or state_dict): got '{path}'; {RETRAIN}")
+
+
+def test_shape_mismatch(tmp_path):
+    path = write(tmp_path / "m.pt", model(width=0.25))  # meta says 0.125, tensors are 0.25's
+    message = load_error(path)
+    assert message.startswith("checkpoint.path: shape mismatch (size mismatch for conv1.weight: copying a param "
+                              "with shape torch.Size([16, 3, 3, 3]) from checkpoint")
+    assert message.endswith("allowed: tensors of the grid's model; fix: retrain the checkpoint for this model")
+
+
+def test_missing_tensor(tmp_path):
+    state = {k: v for k, v in model().state_dict().items() if k != "linear.bias"}
+    path = tmp_path / "m.pt"
+    torch.save({"format": checkpoint.FORMAT, "meta": ARCH, "state_dict": state}, path)
+    assert 'shape mismatch (Missing key(s) in state_dict: "linear.bias".)' in load_error(path)
+
+
+@pytest.mark.parametrize("tensor, value", [
+    ("layer2.1.conv2.weight", float("nan")),
+    ("bn1.running_var", float("inf")),
+])
+def test_non_finite_weights(tmp_path, tensor, value):
+    net = model()
+    with torch.no_grad():
+        net.state_dict()[tensor].view(-1)[0] = value
+    path = write(tmp_path / "m.pt", net)
+    assert load_error(path) == (
+        f"checkpoint.path: non-finite weights (NaN or Inf) in 1 tensors, first {tensor}: got '{path}'; "
+        "allowed: finite weights; fix: retrain: the training run diverged or the file was damaged")
+
+
+@pytest.mark.parametrize("where", ["meta", "top"])
+def test_malicious_pickle_never_runs(tmp_path, where):
+    # control: an unsafe load of the same kind of payload really does create its file
+    control = tmp_path / "control-created"
+    torch.save({"x": FileCreator(control)}, tmp_path / "control.pt")
+    torch.load(tmp_path / "control.pt", weights_only=False)
+    assert control.exists()
+
+    target = tmp_path / "pwned"
+    payload = FileCreator(target)
+    blob = payload if where == "top" else {"format": checkpoint.FORMAT, "meta": payload,
+                                           "state_dict": model().state_dict()}
+    path = tmp_path / "evil.pt"
+    torch.save(blob, path)
+    message = load_error(path)
+    assert not target.exists()
+    assert message == (f"checkpoint.path: not a prune-sweep checkpoint (holds Python objects that a weights-only "
+                       f"load refuses): got '{path}'; {RETRAIN}")
+
+
+def test_tagged_file_without_meta_mapping(tmp_path):
+    path = tmp_path / "m.pt"
+    torch.save({"format": checkpoint.FORMAT, "meta": None, "state_dict": model().state_dict()}, path)
+    assert "not a prune-sweep checkpoint" in load_error(path)

@@ -1,0 +1,265 @@
+"""The pruning engine proved by pairs of independent computations: masks vs weight surgery, cached suffix vs
+full forward, one-pass rankings vs one layer at a time, the seed criterion vs the report's own procedure."""
+
+from __future__ import annotations
+
+import copy
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from conftest import scramble_bn
+from model.capture import capture
+from model.layers import conv_table, list_convs
+from model.resnet import ResNet18
+from model.split import Split
+from runner.criteria import rank_all
+from runner.data import Images
+from runner.engine import EvalSet, sweep_layer
+from runner.evaluate import Tally, evaluate
+from runner.prune import keep_mask, masked, savings, surgery, zero_weights
+from runner.synthetic import generate
+
+MODEL = scramble_bn(ResNet18(width=0.125), seed=1)
+CONVS = list_convs(MODEL)
+BY_NAME = conv_table(CONVS)
+X = torch.randn(6, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+# a block's conv1 and conv2, a shortcut conv, and the stem: every kind of cut
+KINDS = ["conv1", "layer2.1.conv1", "layer2.1.conv2", "layer3.0.shortcut.conv", "layer4.0.conv1"]
+TARGETS = ["output", "input"]
+
+
+def _pruned(name: str, target: str) -> list[int]:
+    conv = BY_NAME[name]
+    n = conv.out_channels if target == "output" else conv.in_channels
+    return list(range(0, n, 3))  # every third channel, channel 0 included
+
+
+@pytest.mark.parametrize("target", TARGETS)
+@pytest.mark.parametrize("name", [c.name for c in CONVS])
+def test_k0_suffix_gives_the_unpruned_logits_exactly(name: str, target: str) -> None:
+    split = Split(MODEL, BY_NAME[name], target)
+    with torch.inference_mode():
+        full = MODEL(X)
+        cache = split.prefix(X)
+        assert torch.equal(split.suffix(cache, None).logits, full)
+        ones = torch.ones(cache[0].shape[1])
+        assert torch.equal(split.suffix(cache, ones).logits, full)
+
+
+@pytest.mark.parametrize("target", TARGETS)
+@pytest.mark.parametrize("name", KINDS)
+def test_mask_equals_weight_surgery(name: str, target: str) -> None:
+    conv, pruned = BY_NAME[name], _pruned(name, target)
+    with torch.inference_mode():
+        with masked(MODEL, conv, target, pruned):
+            by_mask = MODEL(X)
+        by_surgery = surgery(MODEL, conv, target, pruned)(X)
+        unpruned = MODEL(X)
+    torch.testing.assert_close(by_mask, by_surgery, rtol=1e-5, atol=1e-5)
+    assert (by_mask - unpruned).abs().max() > 1e-3  # K > 0 changes the logits
+    assert not MODEL.bn1._forward_hooks and not MODEL.conv1._forward_pre_hooks  # the scope left nothing
+
+
+@pytest.mark.parametrize("target", TARGETS)
+@pytest.mark.parametrize("name", KINDS)
+def test_cached_suffix_equals_full_masked_forward(name: str, target: str) -> None:
+    conv, pruned = BY_NAME[name], _pruned(name, target)
+    split = Split(MODEL, conv, target)
+    with torch.inference_mode():
+        with masked(MODEL, conv, target, pruned):
+            full = MODEL(X)
+        tail = split.suffix(split.prefix(X), keep_mask(split.prefix(X)[0].shape[1], pruned))
+    torch.testing.assert_close(tail.logits, full, rtol=1e-6, atol=1e-6)
+
+
+def test_output_pruning_zeroes_the_channel_after_bn_not_before() -> None:
+    conv = BY_NAME["layer2.1.conv1"]
+    # the mask's hook first: a capture registered after it sees the masked output
+    with torch.inference_mode(), masked(MODEL, conv, "output", [0, 5]), capture(MODEL, [conv.bn]) as seen:
+        MODEL(X)
+    assert seen[conv.bn][:, [0, 5]].abs().max() == 0
+    assert seen[conv.bn][:, 1].abs().max() > 0
+    # zeroing only the filter leaves BN's bias: the seed's mistake, which target: output does not make
+    edited = copy.deepcopy(MODEL)
+    with torch.no_grad():
+        dict(edited.named_modules())[conv.name].weight[[0, 5]] = 0
+    with torch.inference_mode(), capture(edited, [conv.bn]) as filt:
+        edited(X)
+    assert filt[conv.bn][:, 0].abs().max() > 0
+
+
+def test_input_pruning_is_the_seeds_weight_operation() -> None:
+    conv = BY_NAME["layer2.1.conv2"]
+    edited = copy.deepcopy(MODEL)
+    with torch.no_grad():
+        dict(edited.named_modules())[conv.name].weight[:, [1, 2, 3], :, :] = 0  # the report's step 4
+    with torch.inference_mode():
+        with masked(MODEL, conv, "input", [1, 2, 3]):
+            by_mask = MODEL(X)
+        torch.testing.assert_close(by_mask, edited(X), rtol=1e-5, atol=1e-5)
+
+
+def test_rankings_in_one_pass_equal_rankings_one_layer_at_a_time() -> None:
+    images = torch.randn(24, 3, 32, 32, generator=torch.Generator().manual_seed(3))
+    labels = torch.arange(24) % 10
+    criteria = ["mean_activation", "mean_abs_activation", "taylor", "l1_norm", "bn_scale", "random"]
+    together = rank_all(MODEL, CONVS, criteria, "output", images, labels, batch_size=16, seed=0)
+    for conv in CONVS:
+        alone = rank_all(MODEL, [conv], criteria, "output", images, labels, batch_size=16, seed=0)
+        for name in criteria:
+            assert alone[(conv.name, name)].order == together[(conv.name, name)].order, (conv.name, name)
+            np.testing.assert_allclose(alone[(conv.name, name)].scores, together[(conv.name, name)].scores,
+                                       rtol=1e-9, atol=1e-12)
+
+
+def test_mean_activation_is_the_mean_of_the_activation_at_the_mask_point() -> None:
+    images = torch.randn(30, 3, 32, 32, generator=torch.Generator().manual_seed(4))
+    labels = torch.arange(30) % 10
+    conv = BY_NAME["layer3.1.conv1"]
+    for target, module, what in (("output", conv.bn, "output"), ("input", conv.name, "input")):
+        got = rank_all(MODEL, [conv], ["mean_activation", "mean_abs_activation"], target, images, labels, 7, 0)
+        with torch.inference_mode(), capture(MODEL, [module], what) as seen:
+            MODEL(images)
+        a = seen[module].double()
+        np.testing.assert_allclose(got[(conv.name, "mean_activation")].scores, a.mean((0, 2, 3)), rtol=1e-6)
+        np.testing.assert_allclose(got[(conv.name, "mean_abs_activation")].scores, a.abs().mean((0, 2, 3)),
+                                   rtol=1e-6)
+
+
+def test_taylor_matches_autograd_by_hand() -> None:
+    images = torch.randn(12, 3, 32, 32, generator=torch.Generator().manual_seed(5))
+    labels = torch.arange(12) % 10
+    conv = BY_NAME["layer2.0.conv2"]
+    got = rank_all(MODEL, [conv], ["taylor"], "output", images, labels, 12, 0)[(conv.name, "taylor")]
+    model = copy.deepcopy(MODEL)
+    kept = {}
+    bn = dict(model.named_modules())[conv.bn]
+
+    def keep(module, inputs, out):
+        out.retain_grad()
+        kept["a"] = out
+
+    handle = bn.register_forward_hook(keep)
+    F.cross_entropy(model(images), labels, reduction="sum").backward()
+    handle.remove()
+    a = kept["a"]
+    expected = (a * a.grad).mean((2, 3)).abs().mean(0).double()
+    np.testing.assert_allclose(got.scores, expected.detach(), rtol=1e-5)
+
+
+def _seed_procedure(model: ResNet18, layer: str, images: torch.Tensor, labels: torch.Tensor, ks: list[int],
+                    batch: int) -> list[tuple[float, float]]:
+    """The report's procedure, written plainly: per K, reload the weights, rank the conv's output channels by
+    the mean of its output (a batch mean, averaged over batches) on the test set, zero weight[:, idx], eval."""
+    results = []
+    state = copy.deepcopy(model.state_dict())
+    for k in ks:
+        net = ResNet18(width=model.width, num_classes=model.num_classes)
+        net.load_state_dict(state)
+        net.eval()
+        conv = dict(net.named_modules())[layer]
+        means = []
+        handle = conv.register_forward_hook(lambda m, i, o: means.append(o.mean(dim=(0, 2, 3))))
+        with torch.no_grad():
+            for s in range(0, len(images), batch):
+                net(images[s:s + batch])
+        handle.remove()
+        idx = torch.argsort(torch.stack(means).mean(0), stable=True)[:k]
+        with torch.no_grad():
+            conv.weight[:, idx, :, :] = 0
+            logits = torch.cat([net(images[s:s + batch]) for s in range(0, len(images), batch)])
+        accuracy = 100 * int((logits.argmax(1) == labels).sum()) / len(images)
+        results.append((accuracy, float(F.cross_entropy(logits, labels))))
+    return results
+
+
+def test_seed_criterion_reproduces_the_reports_procedure() -> None:
+    x_np, y_np = generate(120, seed=9)
+    evalset = EvalSet.build(Images(x_np, y_np), (0.5,) * 3, (0.5,) * 3, 10, torch.device("cpu"), batch_size=40)
+    images, labels = torch.cat(evalset.inputs), torch.cat(evalset.labels)
+    layer = "layer2.1.conv2"
+    ks = [1, 3, 5, 9, 15]
+    ranking = rank_all(MODEL, [BY_NAME[layer]], ["seed"], "input", images, labels, 40, 0)[(layer, "seed")]
+    points = list(sweep_layer(MODEL, BY_NAME[layer], "input", ranking, ks, evalset, BY_NAME))
+    expected = _seed_procedure(MODEL, layer, images.contiguous(), labels, ks, batch=40)
+    assert [p.accuracy for p in points] == pytest.approx([a for a, _ in expected], abs=1e-9)
+    assert [p.loss for p in points] == pytest.approx([loss for _, loss in expected], rel=1e-5)
+    assert len({loss for _, loss in expected}) >= 3  # not vacuous: K changes the outputs (dead ReLU channels aside)
+
+
+def test_sweep_layer_in_chunks_equals_whole() -> None:
+    x_np, y_np = generate(90, seed=2)
+    evalset = EvalSet.build(Images(x_np, y_np), (0.5,) * 3, (0.25,) * 3, 10, torch.device("cpu"), batch_size=20)
+    conv = BY_NAME["layer1.1.conv1"]
+    ranking = rank_all(MODEL, [conv], ["l1_norm"], "output", torch.cat(evalset.inputs),
+                       torch.cat(evalset.labels), 20, 0)[(conv.name, "l1_norm")]
+    whole = list(sweep_layer(MODEL, conv, "output", ranking, [1, 4, 8], evalset, BY_NAME))
+    chunked = list(sweep_layer(MODEL, conv, "output", ranking, [1, 4, 8], evalset, BY_NAME, cache_bytes=1))
+    assert [p.k for p in whole] == [p.k for p in chunked] == [1, 4, 8]
+    for a, b in zip(whole, chunked):
+        assert a.accuracy == b.accuracy
+        assert a.loss == pytest.approx(b.loss, rel=1e-6)
+        np.testing.assert_allclose(a.maps["layer"], b.maps["layer"], rtol=1e-5, atol=1e-6)
+
+
+def test_points_match_full_network_evaluation_and_carry_feature_maps() -> None:
+    x_np, y_np = generate(60, seed=6)
+    evalset = EvalSet.build(Images(x_np, y_np), (0.5,) * 3, (0.25,) * 3, 10, torch.device("cpu"), batch_size=30)
+    conv = BY_NAME["layer3.0.conv1"]
+    images, labels = torch.cat(evalset.inputs), torch.cat(evalset.labels)
+    ranking = rank_all(MODEL, [conv], ["mean_activation"], "output", images, labels, 30, 0)[
+        (conv.name, "mean_activation")]
+    for point in sweep_layer(MODEL, conv, "output", ranking, [2, 8], evalset, BY_NAME):
+        pruned = list(ranking.order[:point.k])
+        edited = surgery(MODEL, conv, "output", pruned)
+        with capture(edited, [conv.bn, "layer4"]) as seen:
+            full = evaluate(edited, evalset.inputs, evalset.labels, 10).result()
+        assert point.accuracy == pytest.approx(full.accuracy, abs=1e-9)
+        assert point.loss == pytest.approx(full.loss, rel=1e-5)
+        assert point.maps["layer"].shape == (conv.out_channels, 8, 8)
+        assert np.abs(point.maps["layer"][pruned]).max() == 0  # pruned channels are zero
+        assert np.abs(point.maps["layer"]).max() > 0
+        assert point.maps["final"].shape == (MODEL.linear.in_features, 4, 4)
+        # the last batch seen by the capture: the map is a mean over all images, so compare one batch's share
+        assert seen["layer4"].shape[1:] == point.maps["final"].shape
+
+
+def test_savings_count_filter_bn_and_next_conv_input_slice() -> None:
+    model = ResNet18(width=1.0)
+    convs = conv_table(list_convs(model))
+    c1 = convs["layer2.1.conv1"]  # 128 -> 128, 3x3, 16x16; consumer layer2.1.conv2 128 -> 128 at 16x16
+    s = savings(c1, "output", 5, convs)
+    assert s.params == 5 * 128 * 9 + 2 * 5 + 5 * 128 * 9
+    assert s.macs == 2 * (5 * 128 * 9 * 16 * 16)
+    c2 = convs["layer2.1.conv2"]
+    assert savings(c2, "output", 5, convs).params == 5 * 128 * 9 + 10
+    assert savings(c2, "input", 5, convs).macs == 5 * 128 * 9 * 16 * 16
+    sc = convs["layer3.0.shortcut.conv"]  # 128 -> 256, 1x1, 8x8
+    assert savings(sc, "output", 4, convs) == savings(sc, "output", 4, convs)
+    assert savings(sc, "output", 4, convs).macs == 4 * 128 * 8 * 8
+
+
+def test_zero_weights_removes_a_whole_output_channel_with_its_bn() -> None:
+    model = copy.deepcopy(MODEL)
+    conv = BY_NAME["layer1.0.conv1"]
+    zero_weights(model, conv, "output", [2])
+    mods = dict(model.named_modules())
+    assert mods[conv.name].weight[2].abs().sum() == 0
+    assert mods[conv.bn].weight[2] == 0 and mods[conv.bn].bias[2] == 0
+    assert mods[conv.name].weight[3].abs().sum() > 0
+
+
+def test_evaluate_counts_accuracy_loss_and_per_class_exactly() -> None:
+    logits = torch.tensor([[2.0, 0.0], [0.0, 1.0], [3.0, 0.0], [0.0, 0.0]])
+    labels = torch.tensor([0, 1, 1, 1])
+    result = evaluate(lambda x: x, [logits[:2], logits[2:]], [labels[:2], labels[2:]], 2).result()
+    assert result.accuracy == 50.0  # rows 0 and 1 right; row 2 wrong; row 3 a tie -> argmax 0, wrong
+    assert result.per_class == (100.0, pytest.approx(100 / 3))
+    assert result.loss == pytest.approx(float(F.cross_entropy(logits, labels)), rel=1e-6)
+    assert result.count == 4
+    tally = Tally(2)
+    tally.add(logits, labels, {"m": torch.ones(4, 3)})
+    assert tally.result().maps["m"].tolist() == [1.0, 1.0, 1.0]

@@ -1,0 +1,124 @@
+"""Training the shared checkpoint: the loss goes down, runs are reproducible, the file is what the sweep reads."""
+
+from __future__ import annotations
+
+import hashlib
+import math
+
+import pytest
+import torch
+
+from conftest import tiny_grid_dict
+from model import checkpoint
+from model.resnet import build
+from runner import synthetic
+from runner.config import TrainConfig, parse_grid
+from runner.data import load_data
+from runner.errors import InputError
+from runner.train import RECIPES, lr_factor, recipe_of, train_checkpoint, train_model
+from runner.train import test_accuracy as accuracy_of
+
+CPU = torch.device("cpu")
+
+
+def small_grid(tmp, train_size: int, epochs: int, batch_size: int, **recipe):
+    raw = tiny_grid_dict(tmp)
+    raw["data"]["train_size"] = train_size
+    raw["checkpoint"]["train"] = {"epochs": epochs, "batch_size": batch_size, **recipe}
+    return parse_grid(raw, "tiny")
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """One short training run (width 0.125, 200 synthetic images, 3 epochs of 2 steps), written as a checkpoint.
+
+    Cosine schedule: the standard recipe's one-cycle warm-up would spend these few steps at a tiny learning rate.
+    """
+    grid = small_grid(tmp_path_factory.mktemp("train"), train_size=200, epochs=3, batch_size=100, schedule="cosine")
+    data = load_data(grid.data, grid.model.num_classes, grid.seed)
+    path = train_checkpoint(grid, data, CPU, progress=False)
+    return grid, data, path
+
+
+def test_short_training_lowers_the_loss(trained):
+    grid, _, path = trained
+    losses = checkpoint.load(path, "resnet18", 0.125, 10).meta["epoch_losses"]
+    assert len(losses) == 3
+    assert all(math.isfinite(x) for x in losses)
+    assert 1.8 < losses[0] < 3.5  # about ln(10) = 2.30 at the start, plus label smoothing and noise
+    assert losses[-1] < losses[0] - 0.1
+
+
+def test_train_checkpoint_writes_what_load_reads(trained):
+    grid, data, path = trained
+    assert path == grid.checkpoint.path
+    ck = checkpoint.load(path, grid.model.arch, grid.model.width, grid.model.num_classes)
+    meta = ck.meta
+    assert ck.sha256 == hashlib.sha256(open(path, "rb").read()).hexdigest()
+    assert (meta["arch"], meta["width"], meta["num_classes"]) == ("resnet18", 0.125, 10)
+    assert meta["classes"] == list(synthetic.CLASSES)
+    assert (meta["train_images"], meta["calibration_images"], meta["test_images"]) == (200, 100, 200)
+    assert (meta["dataset"], meta["seed"], meta["device"]) == ("synthetic", 0, "cpu")
+    assert (tuple(meta["mean"]), tuple(meta["std"])) == data.stats()
+    assert meta["recipe"] == {**vars(RECIPES["standard"]), "epochs": 3, "batch_size": 100, "schedule": "cosine"}
+    assert {"torch", "numpy", "python"} <= set(meta["versions"])
+    # test_accuracy is the accuracy of exactly these weights on the test split
+    assert 0.0 <= meta["test_accuracy"] <= 100.0
+    assert accuracy_of(ck.model, data, CPU) == pytest.approx(meta["test_accuracy"], abs=0.5)
+
+
+def test_training_is_deterministic_on_cpu(tmp_path):
+    grid = small_grid(tmp_path, train_size=100, epochs=1, batch_size=50)  # two optimizer steps
+    data = load_data(grid.data, 10, grid.seed)
+    recipe = recipe_of(grid.checkpoint.train)
+    (a, a_loss), (b, b_loss) = (train_model(grid, data, recipe, CPU, progress=False) for _ in range(2))
+    assert a.training is False and len(a_loss) == 1
+    assert a_loss == b_loss
+    sa, sb = a.state_dict(), b.state_dict()
+    assert list(sa) == list(sb)
+    assert all(torch.equal(sa[k], sb[k]) for k in sa)
+    torch.manual_seed(grid.seed)
+    init = build("resnet18", 0.125, 10).state_dict()
+    assert not torch.equal(init["conv1.weight"], sa["conv1.weight"])  # it did train
+    assert not torch.equal(init["bn1.running_mean"], sa["bn1.running_mean"])
+
+
+def test_train_checkpoint_without_a_recipe(tmp_path):
+    raw = tiny_grid_dict(tmp_path)
+    raw["checkpoint"]["train"] = None
+    grid = parse_grid(raw, "tiny")
+    with pytest.raises(InputError) as err:
+        train_checkpoint(grid, progress=False)
+    assert str(err.value) == (
+        "checkpoint.train: no training recipe, so the missing checkpoint cannot be made: got None; "
+        "allowed: a checkpoint.train section ({recipe: standard, epochs: ...}); "
+        f"fix: add checkpoint.train to the grid, or put a checkpoint at {tmp_path / 'tiny.pt'}")
+    assert not (tmp_path / "tiny.pt").exists()
+
+
+def test_recipe_of_overrides_only_what_is_set():
+    r = recipe_of(TrainConfig(recipe="seed", epochs=4, lr=0.003))
+    assert (r.epochs, r.lr) == (4, 0.003)
+    assert (r.optimizer, r.batch_size, r.weight_decay, r.schedule) == ("adam", 512, 1e-5, "seed")
+    assert recipe_of(TrainConfig()) == RECIPES["standard"]
+
+
+@pytest.mark.parametrize("schedule, step, factor", [
+    ("onecycle", 0, 0.0),
+    ("onecycle", 15, 1.0),  # the end of the 15% warm-up
+    ("onecycle", 100, 0.0),
+    ("cosine", 0, 1.0),
+    ("cosine", 50, 0.5),
+    ("cosine", 100, 0.0),
+    ("seed", 0, 1.0),
+    ("seed", 49, 1.0),  # constant for the first half
+    ("seed", 75, 0.5),
+    ("seed", 100, 0.0),
+])
+def test_lr_factor(schedule, step, factor):
+    assert lr_factor(schedule, step, 100) == pytest.approx(factor, abs=1e-12)
+
+
+def test_lr_factor_unknown_schedule():
+    with pytest.raises(ValueError, match="^unknown schedule 'step'$"):
+        lr_factor("step", 0, 10)
