@@ -37,6 +37,7 @@ from runner.engine import EvalSet, sweep_layer
 from runner.evaluate import evaluate
 from runner.plan import make_plan, select_layers
 from runner.prune import keep_mask, zero_weights
+from runner.results import read_rows
 from runner.sweep import ensure_checkpoint
 
 log = logging.getLogger(__name__)
@@ -255,12 +256,10 @@ def table(result: dict[str, Any]) -> list[str]:
     return lines + [f"{k} {v:.2f}" for k, v in result["ratios"].items()]
 
 
-def end_to_end(grid_path: str, overrides: list[str], workdir: Path) -> dict[str, Any]:
-    """Wall time of the whole `scripts/sweep.py` run (Ray Tune, W&B offline) against the engine alone on the
-    same grid, same checkpoint, same process count of cores."""
+def engine_alone(grid_path: str, overrides: list[str]) -> int:
+    """The grid's points computed by the engine alone, in this process: data, checkpoint, baseline, one
+    calibration pass, then every trial's layer sweep (no Ray, no W&B, nothing written). Returns the points."""
     grid = load_grid(grid_path, overrides)
-    ensure_checkpoint(grid, load_data(grid.data, grid.model.num_classes, grid.seed))  # trained outside both timings
-    started = time.perf_counter()  # both timings include loading the data and the checkpoint
     data = load_data(grid.data, grid.model.num_classes, grid.seed)
     loaded = ensure_checkpoint(grid, data)
     plan = make_plan(grid)
@@ -277,20 +276,44 @@ def end_to_end(grid_path: str, overrides: list[str], workdir: Path) -> dict[str,
         evaluate(model, evalset.inputs, evalset.labels, len(data.classes)).result()
         rankings = rank_all(model, list(plan.layers), list(plan.criteria), plan.target, torch.cat(cal.inputs),
                             torch.cat(cal.labels), bs, grid.seed)
+    points = 0
     for t in plan.trials:
-        list(sweep_layer(model, plan.table[t.layer], t.target, rankings[(t.layer, t.criterion)], t.ks, evalset,
-                         plan.table))
-    engine_s = time.perf_counter() - started
-    script = Path(__file__).resolve().parents[1] / "scripts" / "sweep.py"
-    command = [sys.executable, str(script), "--grid", grid_path, "--output", str(workdir), "--wandb-mode", "offline",
-               *sum((["--set", o] for o in overrides), [])]
+        points += len(list(sweep_layer(model, plan.table[t.layer], t.target, rankings[(t.layer, t.criterion)],
+                                       t.ks, evalset, plan.table)))
+    return points
+
+
+def end_to_end(grid_path: str, overrides: list[str], workdir: Path, repeat: int = 2) -> dict[str, Any]:
+    """Wall time of the whole `scripts/sweep.py` run (Ray Tune, W&B offline, results, report) against the
+    engine alone on the same grid, each as a fresh command (interpreter start and imports included in both),
+    alternated `repeat` times; the ratio is of the totals (this machine's speed drifts by 5-10% over minutes,
+    so one pair alone is noisy)."""
+    grid = load_grid(grid_path, overrides)
+    ensure_checkpoint(grid, load_data(grid.data, grid.model.num_classes, grid.seed))  # trained outside the timings
+    scripts = Path(__file__).resolve().parents[1] / "scripts"
+    sets = sum((["--set", o] for o in overrides), [])
+    plan = make_plan(grid)
+    engine, sweep = [], []
+    for i in range(repeat):
+        engine.append(_wall([sys.executable, str(scripts / "bench.py"), "--engine-alone", "--grid", grid_path, *sets]))
+        out = workdir / f"run{i}"
+        sweep.append(_wall([sys.executable, str(scripts / "sweep.py"), "--grid", grid_path, "--output", str(out),
+                            "--wandb-mode", "offline", *sets]))
+        rows = read_rows(out / grid.name / "results.csv")
+        if len(rows) != plan.points:
+            raise RuntimeError(f"the sweep wrote {len(rows)} of {plan.points} points")
+        log.info("pair %d: engine alone %.1f s, sweep %.1f s", i + 1, engine[-1], sweep[-1])
+    return {"points": plan.points, "trials": len(plan.trials), "engine_seconds": [round(x, 2) for x in engine],
+            "sweep_seconds": [round(x, 2) for x in sweep], "e2e": sum(sweep) / sum(engine)}
+
+
+def _wall(command: list[str]) -> float:
     started = time.perf_counter()
     done = subprocess.run(command, capture_output=True, text=True)
-    sweep_s = time.perf_counter() - started
+    seconds = time.perf_counter() - started
     if done.returncode != 0:
-        raise RuntimeError(f"the sweep failed (exit {done.returncode}): {done.stderr[-2000:]}")
-    return {"points": plan.points, "trials": len(plan.trials), "engine_seconds": round(engine_s, 2),
-            "sweep_seconds": round(sweep_s, 2), "e2e": sweep_s / engine_s}
+        raise RuntimeError(f"{' '.join(command[1:3])} failed (exit {done.returncode}): {done.stderr[-2000:]}")
+    return seconds
 
 
 def write_json(path: str, result: dict[str, Any]) -> None:

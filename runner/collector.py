@@ -38,6 +38,7 @@ class Context:
     feature_maps: bool
     figure_ks: dict[str, tuple[int, ...]]  # trial key -> K values whose feature maps are saved to disk
     total_points: int
+    board: str  # the ProgressBoard actor's name
 
 
 def feature_map_images(maps: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -73,6 +74,9 @@ class Collector(tune.Callback):
             "failed": [], "started": time.time(), "last_note": 0.0,
         }
         self._live["new"] = 0
+        import ray
+
+        self._live["board"] = ray.get_actor(c.board)
         (folder / "feature_maps").mkdir(parents=True, exist_ok=True)
         Collector.current = self
 
@@ -106,6 +110,7 @@ class Collector(tune.Callback):
         row = self._row(result)
         if not self.table.add(row):
             return  # already recorded (a retried or resumed trial repeating a point)
+        self._live["board"].add.remote(row["layer"], row["criterion"], row["k"])
         self._live["new"] += 1
         key = f"{row['layer']}/{row['criterion']}"
         config = {"layer": row["layer"], "criterion": row["criterion"], "target": row["target"],

@@ -9,6 +9,7 @@ once through the object store.
 from __future__ import annotations
 
 import fcntl
+from concurrent.futures import ThreadPoolExecutor
 import logging
 import os
 import time
@@ -222,22 +223,32 @@ def figure_ks(ks: tuple[int, ...], count: int) -> tuple[int, ...]:
     return tuple(ks[i] for i in idx)
 
 
+def _load_data_and_tracker(grid: Grid) -> Dataset:
+    """The data, and W&B's import (a second or two) done off the critical path."""
+    if grid.wandb.mode != "disabled":
+        import wandb  # noqa: F401
+    return load_data(grid.data, grid.model.num_classes, grid.seed)
+
+
 def run_sweep(opts: Options) -> Outcome:
     started = time.time()
     grid, plan = prepare(opts)
-    with folder_lock(grid.folder):
+    with folder_lock(grid.folder), ThreadPoolExecutor(1) as pool:
         check_folder(grid, opts.resume)
-        data = load_data(grid.data, grid.model.num_classes, grid.seed)
-        loaded = ensure_checkpoint(grid, data)
-        if opts.resume:
-            check_resume_identity(grid, loaded.sha256)
-        else:
-            write_config(grid, plan, loaded)
-        baseline, rankings = _calibration_and_baseline(grid, plan, data, loaded)
-        from runner import tuner  # imports Ray: only once the inputs are known to be good
+        # the data loads (or generates) in a thread while Ray starts: the grid file is already validated,
+        # and a data error still stops the sweep with its one-line message before any trial runs
+        data_ready = pool.submit(_load_data_and_tracker, grid)
+        from runner import tuner  # imports Ray: only once the grid is known to be good
 
-        failed, tracker = tuner.run_trials(grid, plan, data, loaded, baseline, rankings, opts.resume,
-                                           opts.address)
+        with tuner.ray_session(opts.address):
+            data = data_ready.result()
+            loaded = ensure_checkpoint(grid, data)
+            if opts.resume:
+                check_resume_identity(grid, loaded.sha256)
+            else:
+                write_config(grid, plan, loaded)
+            baseline, rankings = _calibration_and_baseline(grid, plan, data, loaded)
+            failed, tracker = tuner.run_trials(grid, plan, data, loaded, baseline, rankings, opts.resume)
         try:
             rows = finish(grid, plan, data, loaded, baseline, failed, tracker)
         finally:

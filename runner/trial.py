@@ -2,15 +2,13 @@
 
 The checkpoint, the eval images and the rankings arrive once through the object store
 (`tune.with_parameters`). The trial builds the network on its device, caches the activations at the mask
-point, and reports every K to Tune as soon as it is measured, with a small Tune checkpoint naming the K values
-done, so that a retried or resumed trial carries on where it stopped.
+point, and reports every K to Tune as soon as it is measured. A retried or resumed trial first asks the
+driver's progress board which of its points are already in results.csv, and measures only the others.
 """
 
 from __future__ import annotations
 
-import json
 import os
-import tempfile
 from dataclasses import dataclass
 from typing import Any
 
@@ -41,7 +39,7 @@ class Shared:
     convs: dict[str, ConvInfo]
     rankings: dict[tuple[str, str], Ranking]
     ks: dict[tuple[str, str], tuple[int, ...]]  # per trial
-    done: frozenset[tuple[str, str, int]]  # points already in results.csv (resume)
+    board: str  # name of the driver's ProgressBoard actor
     batch_size: int
     cache_bytes: int | None
     feature_maps: bool
@@ -58,15 +56,31 @@ def point_metrics(point: Point) -> dict[str, Any]:
     }
 
 
-def _checkpoint_ks() -> set[int]:
-    from ray import tune
+class ProgressBoard:
+    """The driver's record of finished points (results.csv), readable by trials on any node: a named Ray
+    actor, so that a trial restarted after a crash or a resume skips what is already measured."""
 
-    checkpoint = tune.get_checkpoint()
-    if checkpoint is None:
-        return set()
-    with checkpoint.as_directory() as folder:
-        with open(os.path.join(folder, "done.json")) as f:
-            return set(json.load(f)["k"])
+    def __init__(self, done: list[tuple[str, str, int]]) -> None:
+        self.done: dict[tuple[str, str], set[int]] = {}
+        for layer, criterion, k in done:
+            self.add(layer, criterion, k)
+
+    def add(self, layer: str, criterion: str, k: int) -> None:
+        self.done.setdefault((layer, criterion), set()).add(k)
+
+    def finished(self, layer: str, criterion: str) -> list[int]:
+        return sorted(self.done.get((layer, criterion), ()))
+
+
+def board_actor(name: str, done: list[tuple[str, str, int]]):
+    """Start the named board (replacing one left by an earlier driver of the same sweep)."""
+    import ray
+
+    try:
+        ray.kill(ray.get_actor(name))
+    except ValueError:
+        pass
+    return ray.remote(num_cpus=0)(ProgressBoard).options(name=name, lifetime=None).remote(done)
 
 
 def _maybe_crash(key: str, k: int) -> None:
@@ -93,7 +107,7 @@ def run_trial(config: dict[str, Any], shared: Shared) -> None:
     device = torch.device("cuda") if ray.get_gpu_ids() and torch.cuda.is_available() else torch.device("cpu")
     layer, criterion = config["layer"], config["criterion"]
     key = f"{layer}/{criterion}"
-    done_before = {k for (l_, c_, k) in shared.done if (l_, c_) == (layer, criterion)} | _checkpoint_ks()
+    done_before = set(ray.get(ray.get_actor(shared.board).finished.remote(layer, criterion)))
     ks = [k for k in shared.ks[(layer, criterion)] if k not in done_before]
     if not ks:
         return
@@ -104,15 +118,8 @@ def run_trial(config: dict[str, Any], shared: Shared) -> None:
         model = model.to(memory_format=torch.channels_last)
     evalset = EvalSet.build(shared.eval_images, shared.mean, shared.std, shared.num_classes, device,
                             shared.batch_size)
-    conv = shared.convs[layer]
-    finished = set(done_before)
-    for point in sweep_layer(model, conv, config["target"], shared.rankings[(layer, criterion)], ks, evalset,
-                             shared.convs, shared.cache_bytes, shared.feature_maps):
+    node = ray.get_runtime_context().get_node_id()[:12]
+    for point in sweep_layer(model, shared.convs[layer], config["target"], shared.rankings[(layer, criterion)], ks,
+                             evalset, shared.convs, shared.cache_bytes, shared.feature_maps):
         _maybe_crash(key, point.k)
-        finished.add(point.k)
-        with tempfile.TemporaryDirectory() as folder:
-            with open(os.path.join(folder, "done.json"), "w") as f:
-                json.dump({"k": sorted(finished)}, f)
-            metrics = point_metrics(point) | {"node": ray.get_runtime_context().get_node_id()[:12],
-                                              "device": str(device)}
-            tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(folder))
+        tune.report(point_metrics(point) | {"node": node, "device": str(device)})

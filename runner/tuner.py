@@ -6,9 +6,11 @@ import time: see `runner.sweep.RAY_ENV`).
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
-from typing import Any
+from contextlib import contextmanager
+from typing import Any, Iterator
 
 from runner.sweep import RAY_ENV
 
@@ -25,16 +27,27 @@ from runner.data import Dataset  # noqa: E402
 from runner.plan import Plan  # noqa: E402
 from runner.results import read_rows  # noqa: E402
 from runner.tracking import Tracker, make_tracker  # noqa: E402
-from runner.trial import Shared, run_trial  # noqa: E402
+from runner.trial import Shared, board_actor, run_trial  # noqa: E402
 
 log = logging.getLogger(__name__)
 
 TUNE_FOLDER = "tune"
 
 
+@contextmanager
+def ray_session(address: str | None) -> Iterator[None]:
+    """Ray for the block: joins the cluster at `address`, or starts a local Ray on 127.0.0.1 with no dashboard
+    (and stops it afterwards). An already running Ray (tests) is used as it is."""
+    started = start_ray(address)
+    try:
+        yield
+    finally:
+        if started:
+            ray.shutdown()
+
+
 def start_ray(address: str | None) -> bool:
-    """Join the cluster at `address`, or start a local Ray on 127.0.0.1 with no dashboard. Returns whether we
-    started it (and so should stop it)."""
+    """Returns whether this call started (or joined) Ray, and so should shut it down."""
     if ray.is_initialized():
         return False
     quiet = dict(log_to_driver=False, logging_level=logging.WARNING, configure_logging=True)
@@ -68,13 +81,16 @@ def trial_name(trial: Any) -> str:
     return f"{trial.config['layer']}-{trial.config['criterion']}"
 
 
+def board_name(grid: Grid) -> str:
+    return "prune-sweep-progress-" + hashlib.sha1(str(grid.folder).encode()).hexdigest()[:12]
+
+
 def _shared(grid: Grid, plan: Plan, data: Dataset, loaded: Checkpoint, rankings: dict) -> Shared:
-    done = {(r["layer"], r["criterion"], r["k"]) for r in read_rows(grid.folder / "results.csv")}
     cache = None if grid.resources.cache_gb == "auto" else int(grid.resources.cache_gb * 2**30)
     return Shared(arch=grid.model.arch, width=grid.model.width, num_classes=grid.model.num_classes,
                   state_dict=loaded.model.state_dict(), mean=tuple(loaded.meta["mean"]),
                   std=tuple(loaded.meta["std"]), eval_images=data.test, convs=plan.table, rankings=rankings,
-                  ks={(t.layer, t.criterion): t.ks for t in plan.trials}, done=frozenset(done),
+                  ks={(t.layer, t.criterion): t.ks for t in plan.trials}, board=board_name(grid),
                   batch_size=grid.sweep.batch_size, cache_bytes=cache, feature_maps=True)
 
 
@@ -88,29 +104,27 @@ def _context(grid: Grid, plan: Plan, data: Dataset, loaded: Checkpoint, baseline
                                                       "baseline_accuracy": baseline},
         feature_maps=grid.wandb.feature_maps,
         figure_ks={t.key: figure_ks(t.ks, grid.sweep.feature_map_points) for t in plan.trials},
-        total_points=plan.points)
+        total_points=plan.points, board=board_name(grid))
 
 
 def run_trials(grid: Grid, plan: Plan, data: Dataset, loaded: Checkpoint, baseline: float, rankings: dict,
-               resume: bool, address: str | None) -> tuple[list[str], Tracker]:
-    """Run (or resume) every trial; returns the keys of trials that failed after their retries, and the
-    tracker that logged them (for the summary run)."""
-    started = start_ray(address)
+               resume: bool) -> tuple[list[str], Tracker]:
+    """Run (or resume) every trial (inside `ray_session`); returns the keys of trials that failed after their
+    retries, and the tracker that logged them (for the summary run)."""
     Collector.current = None
-    try:
-        shared = _shared(grid, plan, data, loaded, rankings)
-        trainable = tune.with_resources(tune.with_parameters(run_trial, shared=shared), trial_resources(grid))
-        path = str(grid.folder / TUNE_FOLDER)
-        if resume and tune.Tuner.can_restore(path):
-            log.info("resuming from Tune's state in %s (%d points already in results.csv)", path, len(shared.done))
-            tuner = tune.Tuner.restore(path, trainable, resume_unfinished=True, resume_errored=True)
-        else:
-            tuner = _new_tuner(grid, plan, loaded, data, baseline, trainable)
-        results = tuner.fit()
-        failed = sorted(f"{r.config['layer']}/{r.config['criterion']}" for r in results if r.error)
-    finally:
-        if started:
-            ray.shutdown()
+    done = [(r["layer"], r["criterion"], r["k"]) for r in read_rows(grid.folder / "results.csv")]
+    board = board_actor(board_name(grid), done)  # kept alive while the trials run
+    shared = _shared(grid, plan, data, loaded, rankings)
+    trainable = tune.with_resources(tune.with_parameters(run_trial, shared=shared), trial_resources(grid))
+    path = str(grid.folder / TUNE_FOLDER)
+    if resume and tune.Tuner.can_restore(path):
+        log.info("resuming from Tune's state in %s (%d points already in results.csv)", path, len(done))
+        tuner = tune.Tuner.restore(path, trainable, resume_unfinished=True, resume_errored=True)
+    else:
+        tuner = _new_tuner(grid, plan, loaded, data, baseline, trainable)
+    results = tuner.fit()
+    failed = sorted(f"{r.config['layer']}/{r.config['criterion']}" for r in results if r.error)
+    ray.kill(board)
     if Collector.current is not None:
         return failed, Collector.current.tracker
     c = _context(grid, plan, data, loaded, baseline)
@@ -130,6 +144,5 @@ def _new_tuner(grid: Grid, plan: Plan, loaded: Checkpoint, data: Dataset, baseli
         run_config=tune.RunConfig(
             name=TUNE_FOLDER, storage_path=str(grid.folder), verbose=0,
             failure_config=tune.FailureConfig(max_failures=grid.sweep.retries),
-            checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
             callbacks=[Collector(_context(grid, plan, data, loaded, baseline))]))
 

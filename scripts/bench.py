@@ -1,6 +1,7 @@
 """Time the seed's loop, the usual tool's loop, this engine and the floor side by side (or, with --end-to-end,
 the whole sweep against the engine alone): python scripts/bench.py [--json FILE]"""
 
+import argparse
 import sys
 import tempfile
 from pathlib import Path
@@ -23,13 +24,19 @@ def main() -> int:
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
     p.add_argument("--skip-seed", action="store_true", help="leave out (a), the slowest")
     p.add_argument("--end-to-end", action="store_true", help="time the whole sweep.py run against the engine alone")
+    p.add_argument("--repeat", type=int, default=2, help="--end-to-end: alternated pairs of runs")
+    p.add_argument("--engine-alone", action="store_true", help=argparse.SUPPRESS)  # the timed half of --end-to-end
     p.add_argument("--json", help="write every figure to this file")
     args = p.parse_args()
+    if args.engine_alone:
+        print(f"{bench.engine_alone(args.grid, args.set)} points")
+        return 0
     if args.end_to_end:
         with tempfile.TemporaryDirectory() as work:
-            result = bench.end_to_end(args.grid, args.set, Path(work))
-        print(f"sweep.py {result['sweep_seconds']:.1f} s, engine alone {result['engine_seconds']:.1f} s, "
-              f"{result['points']} points in {result['trials']} trials")
+            result = bench.end_to_end(args.grid, args.set, Path(work), args.repeat)
+        print(f"sweep.py {' + '.join(map(str, result['sweep_seconds']))} s, engine alone "
+              f"{' + '.join(map(str, result['engine_seconds']))} s, {result['points']} points in {result['trials']} "
+              "trials")
         print(f"e2e {result['e2e']:.2f}")
     else:
         setup = bench.prepare(args.grid, args.set, args.criterion, args.eval_size, args.calibration_size,
