@@ -74,6 +74,7 @@ class Collector(tune.Callback):
             "failed": [], "started": time.time(), "last_note": 0.0,
         }
         self._live["new"] = 0
+        self._live["measured"] = 0
         import ray
 
         self._live["board"] = ray.get_actor(c.board)
@@ -92,6 +93,10 @@ class Collector(tune.Callback):
     def failed(self) -> list[str]:
         return self._live["failed"]
 
+    @property
+    def measured(self) -> int:
+        return self._live["measured"]
+
     def _row(self, result: dict[str, Any]) -> dict[str, Any]:
         c = self.context
         row = {k: result[k] for k in ("layer", "criterion", "target", "k", "fraction", "channels", "accuracy",
@@ -106,6 +111,7 @@ class Collector(tune.Callback):
     def on_trial_result(self, iteration: int, trials: list, trial: Any, result: dict, **info: Any) -> None:
         if "k" not in result:
             return
+        self._live["measured"] += 1  # every point a trial measured in this run, repeats included
         maps = result.pop("maps", None) or {}  # in place: keeps the arrays out of Tune's experiment state
         row = self._row(result)
         if not self.table.add(row):

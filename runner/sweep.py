@@ -77,6 +77,7 @@ class Outcome:
     expected: int
     failed: list[str] = field(default_factory=list)
     seconds: float = 0.0
+    measured: int = 0  # points measured in this run (a resumed sweep measures only the missing ones)
 
     @property
     def interrupted(self) -> bool:
@@ -248,12 +249,12 @@ def run_sweep(opts: Options) -> Outcome:
             else:
                 write_config(grid, plan, loaded)
             baseline, rankings = _calibration_and_baseline(grid, plan, data, loaded)
-            failed, tracker = tuner.run_trials(grid, plan, data, loaded, baseline, rankings, opts.resume)
+            trials = tuner.run_trials(grid, plan, data, loaded, baseline, rankings, opts.resume)
         try:
-            rows = finish(grid, plan, data, loaded, baseline, failed, tracker)
+            rows = finish(grid, plan, data, loaded, baseline, trials.failed, trials.tracker)
         finally:
-            tracker.close()
-    return Outcome(grid.folder, len(rows), plan.points, failed, time.time() - started)
+            trials.tracker.close()
+    return Outcome(grid.folder, len(rows), plan.points, trials.failed, time.time() - started, trials.measured)
 
 
 def finish(grid: Grid, plan: Plan, data: Dataset, loaded: Checkpoint, baseline: float, failed: list[str],

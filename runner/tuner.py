@@ -10,6 +10,7 @@ import hashlib
 import logging
 import os
 from contextlib import contextmanager
+from dataclasses import dataclass
 from typing import Any, Iterator
 
 from runner.sweep import RAY_ENV
@@ -107,10 +108,16 @@ def _context(grid: Grid, plan: Plan, data: Dataset, loaded: Checkpoint, baseline
         total_points=plan.points, board=board_name(grid))
 
 
+@dataclass
+class TrialsOutcome:
+    failed: list[str]  # trials that failed after their retries
+    tracker: Tracker  # the tracker that logged them (for the summary run)
+    measured: int  # points the trials measured in this run, repeats included
+
+
 def run_trials(grid: Grid, plan: Plan, data: Dataset, loaded: Checkpoint, baseline: float, rankings: dict,
-               resume: bool) -> tuple[list[str], Tracker]:
-    """Run (or resume) every trial (inside `ray_session`); returns the keys of trials that failed after their
-    retries, and the tracker that logged them (for the summary run)."""
+               resume: bool) -> TrialsOutcome:
+    """Run (or resume) every trial, inside `ray_session`."""
     Collector.current = None
     done = [(r["layer"], r["criterion"], r["k"]) for r in read_rows(grid.folder / "results.csv")]
     board = board_actor(board_name(grid), done)  # kept alive while the trials run
@@ -126,10 +133,10 @@ def run_trials(grid: Grid, plan: Plan, data: Dataset, loaded: Checkpoint, baseli
     failed = sorted(f"{r.config['layer']}/{r.config['criterion']}" for r in results if r.error)
     ray.kill(board)
     if Collector.current is not None:
-        return failed, Collector.current.tracker
+        return TrialsOutcome(failed, Collector.current.tracker, Collector.current.measured)
     c = _context(grid, plan, data, loaded, baseline)
-    return failed, make_tracker(c.wandb_mode, c.wandb_project, c.wandb_entity, c.sweep, grid.folder,
-                                c.wandb_config, c.feature_maps)
+    return TrialsOutcome(failed, make_tracker(c.wandb_mode, c.wandb_project, c.wandb_entity, c.sweep, grid.folder,
+                                              c.wandb_config, c.feature_maps), 0)
 
 
 def _new_tuner(grid: Grid, plan: Plan, loaded: Checkpoint, data: Dataset, baseline: float, trainable: Any

@@ -27,7 +27,8 @@ def main() -> int:
         print("\n".join(dry_run(opts)))
         return 0
     outcome = run_sweep(opts)
-    print(f"{outcome.points}/{outcome.expected} points in {outcome.seconds:.0f} s; report: {outcome.folder / 'report.md'}")
+    print(f"{outcome.points}/{outcome.expected} points ({outcome.measured} measured in this run) in "
+          f"{outcome.seconds:.0f} s; report: {outcome.folder / 'report.md'}")
     if outcome.interrupted:
         print(f"interrupted: continue with the same command and --resume", file=sys.stderr)
         return EXIT_INTERRUPTED
