@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import logging
 import os
 import sys
@@ -39,6 +40,21 @@ def run_main(main: Callable[[], int | None]) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return EXIT_INTERRUPTED
-    except Exception:
+    except Exception as e:
+        storage = _storage_error(e)
+        if storage is not None:  # disk full, file too large, read-only: no traceback, the cause in one line
+            print(f"error: {storage}; what was written before it is intact (whole rows only): make room, then "
+                  "run the same command with --resume", file=sys.stderr)
+            return EXIT_FAILED
         log.exception("failed")
         return EXIT_FAILED
+
+
+def _storage_error(e: BaseException | None) -> OSError | None:
+    """The disk-level OSError behind an exception (Tune wraps errors raised in its callbacks), if any."""
+    seen = 0
+    while e is not None and seen < 10:
+        if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EFBIG, errno.EROFS, errno.EDQUOT):
+            return e
+        e, seen = e.__cause__ or e.__context__, seen + 1
+    return None

@@ -164,6 +164,7 @@ class ResourcesConfig(Section):
     gpus_per_trial: Literal["auto"] | float = "auto"  # auto: a fraction of a GPU when there are GPUs, else 0
     max_concurrent: int | None = Field(None, ge=1)
     cache_gb: Literal["auto"] | float = "auto"  # memory for a trial's cached activations; auto: by device
+    ray_dashboard: bool = False  # a local Ray's dashboard (on 127.0.0.1 only); off unless asked for
 
     @field_validator("gpus_per_trial", "cache_gb")
     @classmethod

@@ -24,7 +24,7 @@ import yaml
 
 from model import checkpoint as ckpt_io
 from model.checkpoint import Checkpoint
-from runner.config import Grid, load_grid
+from runner.config import Grid, load_grid, parse_grid
 from runner.criteria import rank_all
 from runner.data import Dataset, load_data
 from runner.device import fast_math, pick_device, uses_channels_last
@@ -111,9 +111,14 @@ def dry_run(opts: Options) -> list[str]:
 @contextmanager
 def folder_lock(folder: Path) -> Iterator[None]:
     """One sweep at a time per output folder: a second one is refused (the lock dies with its process)."""
-    folder.mkdir(parents=True, exist_ok=True)
     path = folder / ".lock"
-    with open(path, "a+") as f:
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        f = open(path, "a+")
+    except OSError as e:
+        raise InputError("output", str(folder), f"cannot write there ({e.strerror})", "a folder you can write to",
+                         "choose another --output, or fix the folder's permissions") from None
+    with f:
         try:
             fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -168,26 +173,60 @@ def check_folder(grid: Grid, resume: bool) -> None:
                          "add --resume, or choose another name or --output")
 
 
-def check_resume_identity(grid: Grid, sha: str) -> None:
+ADDABLE = {"layers", "include_shortcuts", "k", "criteria"}  # sweep keys a resumed grid may change to add points
+
+
+def points_of(plan: Plan) -> set[tuple[str, str, int]]:
+    return {(t.layer, t.criterion, k) for t in plan.trials for k in t.ks}
+
+
+def resume_check(grid: Grid, plan: Plan, sha: str) -> tuple[dict[str, Any], bool]:
+    """The saved config.yaml, and whether the grid adds points to it. Refuses a changed checkpoint, and a grid
+    that changes what the recorded points mean or drops any of them."""
     saved = yaml.safe_load((grid.folder / "config.yaml").read_text(encoding="utf-8"))
     before, now = saved.get("identity", {}), _identity(grid, sha)
-    if before != now:
-        changed = sorted(k for k in set(before) | set(now) if before.get(k) != now.get(k))
-        what = "the checkpoint" if "checkpoint_sha256" in changed else f"the grid ({', '.join(changed)})"
-        raise InputError("--resume", str(grid.folder), f"{what} changed since this sweep started",
-                         "the same grid file and checkpoint", "restore them, or start a new sweep under another "
-                         "name or --output")
+    if before == now:
+        return saved, False
+    changed = sorted(k for k in set(before) | set(now) if before.get(k) != now.get(k))
+    refuse = "restore them, or start a new sweep under another name or --output"
+    if "checkpoint_sha256" in changed:
+        raise InputError("--resume", str(grid.folder), "the checkpoint changed since this sweep started (sha256 "
+                         f"{before.get('checkpoint_sha256', '?')[:12]} then, {sha[:12]} now)",
+                         "the checkpoint the sweep started with", refuse)
+    swept = sorted(k for k in set(before.get("sweep", {})) | set(now["sweep"])
+                   if before.get("sweep", {}).get(k) != now["sweep"].get(k))
+    if changed != ["sweep"] or not set(swept) <= ADDABLE:
+        what = ", ".join(f"sweep.{k}" for k in swept if k not in ADDABLE) or ", ".join(c for c in changed if c != "sweep")
+        raise InputError("--resume", str(grid.folder), f"the grid changed since this sweep started ({what})",
+                         "the same grid, or one that only adds layers, K values or criteria", refuse)
+    old = parse_grid({k: v for k, v in saved.items() if k not in ("provenance", "identity", "tune_experiment")},
+                     str(grid.folder / "config.yaml"))
+    lost = points_of(make_plan(old)) - points_of(plan)
+    if lost:
+        layer, criterion, k = sorted(lost)[0]
+        raise InputError("--resume", str(grid.folder), f"the grid drops {len(lost)} recorded points (first: {layer}, "
+                         f"{criterion}, K={k})", "a grid that keeps every point and adds others", refuse)
+    return saved, True
 
 
-def write_config(grid: Grid, plan: Plan, loaded: Checkpoint) -> None:
+def write_config(grid: Grid, plan: Plan, loaded: Checkpoint, experiment: str) -> None:
     doc = {**grid.as_dict(), "provenance": {
         "checkpoint_sha256": loaded.sha256, "checkpoint_meta": {k: v for k, v in loaded.meta.items()
                                                                 if k not in ("epoch_losses",)},
         "versions": versions(), "started": datetime.now(timezone.utc).isoformat(),
-        "trials": len(plan.trials), "points": plan.points}, "identity": _identity(grid, loaded.sha256)}
+        "trials": len(plan.trials), "points": plan.points}, "identity": _identity(grid, loaded.sha256),
+        "tune_experiment": experiment}
     tmp = grid.folder / ".config.yaml.tmp"
     tmp.write_text(yaml.safe_dump(doc, sort_keys=False), encoding="utf-8")
     os.replace(tmp, grid.folder / "config.yaml")
+
+
+def next_experiment(folder: Path) -> str:
+    """A Tune experiment name not used in the folder yet: tune, tune-2, tune-3, ..."""
+    n = 1
+    while (folder / ("tune" if n == 1 else f"tune-{n}")).exists():
+        n += 1
+    return "tune" if n == 1 else f"tune-{n}"
 
 
 def _calibration_and_baseline(grid: Grid, plan: Plan, data: Dataset, loaded: Checkpoint
@@ -241,15 +280,23 @@ def run_sweep(opts: Options) -> Outcome:
         data_ready = pool.submit(_load_data_and_tracker, grid)
         from runner import tuner  # imports Ray: only once the grid is known to be good
 
-        with tuner.ray_session(opts.address):
+        with tuner.ray_session(opts.address, grid.resources.ray_dashboard):
             data = data_ready.result()
             loaded = ensure_checkpoint(grid, data)
+            restore = None
             if opts.resume:
-                check_resume_identity(grid, loaded.sha256)
-            else:
-                write_config(grid, plan, loaded)
+                saved, adds = resume_check(grid, plan, loaded.sha256)
+                experiment = saved.get("tune_experiment", "tune")
+                if not adds and tuner.can_restore(grid.folder / experiment):
+                    restore = experiment
+                else:  # new points (or no Tune state to restore): a new experiment; finished points are skipped
+                    log.info("resuming with a new Tune experiment: %s", "the grid adds points" if adds else
+                             "Tune's state of the first run was not saved")
+            if restore is None:
+                experiment = next_experiment(grid.folder)
+                write_config(grid, plan, loaded, experiment)
             baseline, rankings = _calibration_and_baseline(grid, plan, data, loaded)
-            trials = tuner.run_trials(grid, plan, data, loaded, baseline, rankings, opts.resume)
+            trials = tuner.run_trials(grid, plan, data, loaded, baseline, rankings, experiment, bool(restore))
         try:
             rows = finish(grid, plan, data, loaded, baseline, trials.failed, trials.tracker)
         finally:

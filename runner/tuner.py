@@ -11,6 +11,7 @@ import logging
 import os
 from contextlib import contextmanager
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Iterator
 
 from runner.sweep import RAY_ENV
@@ -32,14 +33,11 @@ from runner.trial import Shared, board_actor, run_trial  # noqa: E402
 
 log = logging.getLogger(__name__)
 
-TUNE_FOLDER = "tune"
-
-
 @contextmanager
-def ray_session(address: str | None) -> Iterator[None]:
-    """Ray for the block: joins the cluster at `address`, or starts a local Ray on 127.0.0.1 with no dashboard
-    (and stops it afterwards). An already running Ray (tests) is used as it is."""
-    started = start_ray(address)
+def ray_session(address: str | None, dashboard: bool = False) -> Iterator[None]:
+    """Ray for the block: joins the cluster at `address`, or starts a local Ray on 127.0.0.1, with no dashboard
+    unless asked for (and stops it afterwards). An already running Ray (tests) is used as it is."""
+    started = start_ray(address, dashboard)
     try:
         yield
     finally:
@@ -47,7 +45,7 @@ def ray_session(address: str | None) -> Iterator[None]:
             ray.shutdown()
 
 
-def start_ray(address: str | None) -> bool:
+def start_ray(address: str | None, dashboard: bool = False) -> bool:
     """Returns whether this call started (or joined) Ray, and so should shut it down."""
     if ray.is_initialized():
         return False
@@ -56,8 +54,10 @@ def start_ray(address: str | None) -> bool:
         ray.init(address=address, **quiet)
         log.info("joined the Ray cluster at %s: %s", address, _resources())
     else:
-        ray.init(include_dashboard=False, **quiet)
-        log.info("started a local Ray on 127.0.0.1 (no dashboard): %s", _resources())
+        board = dict(include_dashboard=True, dashboard_host="127.0.0.1") if dashboard else dict(include_dashboard=False)
+        context = ray.init(**board, **quiet)
+        where = f"dashboard at http://{context.dashboard_url}" if dashboard else "no dashboard"
+        log.info("started a local Ray on 127.0.0.1 (%s): %s", where, _resources())
     logging.getLogger("ray.tune").setLevel(logging.CRITICAL)  # trial errors are reported by the collector
     logging.getLogger("ray.tune.analysis.experiment_analysis").setLevel(logging.ERROR)
     return True
@@ -115,20 +115,24 @@ class TrialsOutcome:
     measured: int  # points the trials measured in this run, repeats included
 
 
+def can_restore(path: Path) -> bool:
+    return path.is_dir() and tune.Tuner.can_restore(str(path))
+
+
 def run_trials(grid: Grid, plan: Plan, data: Dataset, loaded: Checkpoint, baseline: float, rankings: dict,
-               resume: bool) -> TrialsOutcome:
+               experiment: str, restore: bool) -> TrialsOutcome:
     """Run (or resume) every trial, inside `ray_session`."""
     Collector.current = None
     done = [(r["layer"], r["criterion"], r["k"]) for r in read_rows(grid.folder / "results.csv")]
     board = board_actor(board_name(grid), done)  # kept alive while the trials run
     shared = _shared(grid, plan, data, loaded, rankings)
     trainable = tune.with_resources(tune.with_parameters(run_trial, shared=shared), trial_resources(grid))
-    path = str(grid.folder / TUNE_FOLDER)
-    if resume and tune.Tuner.can_restore(path):
+    path = grid.folder / experiment
+    if restore:
         log.info("resuming from Tune's state in %s (%d points already in results.csv)", path, len(done))
-        tuner = tune.Tuner.restore(path, trainable, resume_unfinished=True, resume_errored=True)
+        tuner = tune.Tuner.restore(str(path), trainable, resume_unfinished=True, resume_errored=True)
     else:
-        tuner = _new_tuner(grid, plan, loaded, data, baseline, trainable)
+        tuner = _new_tuner(grid, plan, loaded, data, baseline, trainable, experiment)
     results = tuner.fit()
     failed = sorted(f"{r.config['layer']}/{r.config['criterion']}" for r in results if r.error)
     ray.kill(board)
@@ -139,8 +143,8 @@ def run_trials(grid: Grid, plan: Plan, data: Dataset, loaded: Checkpoint, baseli
                                               c.wandb_config, c.feature_maps), 0)
 
 
-def _new_tuner(grid: Grid, plan: Plan, loaded: Checkpoint, data: Dataset, baseline: float, trainable: Any
-               ) -> tune.Tuner:
+def _new_tuner(grid: Grid, plan: Plan, loaded: Checkpoint, data: Dataset, baseline: float, trainable: Any,
+               experiment: str) -> tune.Tuner:
     layers = list(dict.fromkeys(t.layer for t in plan.trials))
     space = {"layer": tune.grid_search(layers), "criterion": tune.grid_search(list(plan.criteria)),
              "target": plan.target}
@@ -149,7 +153,7 @@ def _new_tuner(grid: Grid, plan: Plan, loaded: Checkpoint, data: Dataset, baseli
         tune_config=tune.TuneConfig(max_concurrent_trials=grid.resources.max_concurrent, reuse_actors=True,
                                     trial_name_creator=trial_name, trial_dirname_creator=trial_name),
         run_config=tune.RunConfig(
-            name=TUNE_FOLDER, storage_path=str(grid.folder), verbose=0,
+            name=experiment, storage_path=str(grid.folder), verbose=0,
             failure_config=tune.FailureConfig(max_failures=grid.sweep.retries),
             callbacks=[Collector(_context(grid, plan, data, loaded, baseline))]))
 
