@@ -38,7 +38,7 @@ from runner.evaluate import evaluate
 from runner.plan import make_plan, select_layers
 from runner.prune import keep_mask, zero_weights
 from runner.results import read_rows
-from runner.sweep import ensure_checkpoint
+from runner.sweep import calibrate, ensure_checkpoint
 
 log = logging.getLogger(__name__)
 
@@ -263,23 +263,11 @@ def engine_alone(grid_path: str, overrides: list[str]) -> int:
     data = load_data(grid.data, grid.model.num_classes, grid.seed)
     loaded = ensure_checkpoint(grid, data)
     plan = make_plan(grid)
-    device = pick_device()
-    model = loaded.model.to(device).eval()
-    if uses_channels_last(device):
-        model = model.to(memory_format=torch.channels_last)
-    mean, std = tuple(loaded.meta["mean"]), tuple(loaded.meta["std"])
-    bs = grid.sweep.batch_size
-    evalset = EvalSet.build(data.test, mean, std, len(data.classes), device, bs)
-    calib = data.calibration if grid.sweep.calibration == "holdout" else data.test
-    cal = EvalSet.build(calib, mean, std, len(data.classes), device, bs)
-    with fast_math(device):
-        evaluate(model, evalset.inputs, evalset.labels, len(data.classes)).result()
-        rankings = rank_all(model, list(plan.layers), list(plan.criteria), plan.target, torch.cat(cal.inputs),
-                            torch.cat(cal.labels), bs, grid.seed)
+    c = calibrate(grid, plan, data, loaded)
     points = 0
     for t in plan.trials:
-        points += len(list(sweep_layer(model, plan.table[t.layer], t.target, rankings[(t.layer, t.criterion)],
-                                       t.ks, evalset, plan.table)))
+        points += len(list(sweep_layer(c.model, plan.table[t.layer], t.target, c.rankings[(t.layer, t.criterion)],
+                                       t.ks, c.evalset, plan.table)))
     return points
 
 

@@ -249,7 +249,15 @@ def load_grid(path: str | Path, overrides: list[str] = (), base: Path | None = N
                          "plain YAML (no Python tags)", "fix the syntax at that line") from None
     for item in overrides:
         raw = apply_override(raw, item)
-    return parse_grid(raw, source).resolved(base or Path.cwd())
+    try:
+        grid = parse_grid(raw, source)
+    except InputError as e:
+        for item in overrides:  # a bad value that came from --set is blamed on the flag, not the file
+            key = item.partition("=")[0]
+            if e.field == key or e.field.startswith((key + ".", key + "[")):
+                e.source = f"--set {item}"
+        raise
+    return grid.resolved(base or Path.cwd())
 
 
 def _yaml_problem(e: Exception) -> str:

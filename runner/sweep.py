@@ -229,9 +229,18 @@ def next_experiment(folder: Path) -> str:
     return "tune" if n == 1 else f"tune-{n}"
 
 
-def _calibration_and_baseline(grid: Grid, plan: Plan, data: Dataset, loaded: Checkpoint
-                              ) -> tuple[float, dict]:
-    """Baseline accuracy and every ranking, on the driver's device, before any trial starts."""
+@dataclass(frozen=True)
+class Calibrated:
+    """The network on the driver's device, the eval set, the baseline accuracy and every ranking."""
+
+    model: torch.nn.Module
+    evalset: EvalSet
+    baseline: float
+    rankings: dict
+
+
+def calibrate(grid: Grid, plan: Plan, data: Dataset, loaded: Checkpoint) -> Calibrated:
+    """Baseline accuracy and every ranking (one calibration pass), before any trial starts."""
     device = pick_device()
     model = loaded.model.to(device).eval()
     if uses_channels_last(device):
@@ -249,8 +258,7 @@ def _calibration_and_baseline(grid: Grid, plan: Plan, data: Dataset, loaded: Che
                             torch.cat(cal.labels), bs, grid.seed)
     log.info("baseline accuracy %.2f%% on %d images; %d rankings from one pass over %d %s images (%.1f s)",
              baseline, evalset.count, len(rankings), cal.count, grid.sweep.calibration, time.time() - started)
-    loaded.model.cpu()
-    return baseline, rankings
+    return Calibrated(model, evalset, baseline, rankings)
 
 
 def figure_ks(ks: tuple[int, ...], count: int) -> tuple[int, ...]:
@@ -295,7 +303,10 @@ def run_sweep(opts: Options) -> Outcome:
             if restore is None:
                 experiment = next_experiment(grid.folder)
                 write_config(grid, plan, loaded, experiment)
-            baseline, rankings = _calibration_and_baseline(grid, plan, data, loaded)
+            calibrated = calibrate(grid, plan, data, loaded)
+            baseline, rankings = calibrated.baseline, calibrated.rankings
+            del calibrated  # the trials build their own eval sets, on their own devices
+            loaded.model.cpu()  # the state_dict travels to the trials from host memory
             trials = tuner.run_trials(grid, plan, data, loaded, baseline, rankings, experiment, bool(restore))
         try:
             rows = finish(grid, plan, data, loaded, baseline, trials.failed, trials.tracker)
