@@ -26,7 +26,7 @@ from model import checkpoint as ckpt_io
 from model.checkpoint import Checkpoint
 from runner.config import Grid, load_grid, parse_grid
 from runner.criteria import rank_all
-from runner.data import Dataset, load_data
+from runner.data import Dataset, load_data, read_npz
 from runner.device import fast_math, pick_device, uses_channels_last
 from runner.engine import EvalSet
 from runner.errors import InputError
@@ -99,12 +99,26 @@ def prepare(opts: Options) -> tuple[Grid, Plan]:
 
 
 def dry_run(opts: Options) -> list[str]:
-    """What the sweep would do, computing nothing."""
+    """What the sweep would do, computing nothing: the grid, and the checkpoint and data files checked."""
     grid, plan = prepare(opts)
-    state = "exists" if Path(grid.checkpoint.path).is_file() else \
-        ("missing: will be trained" if grid.checkpoint.train else "missing, and no checkpoint.train section")
-    head = [f"sweep {grid.name}: {grid.model.arch} width {grid.model.width:g}, data {grid.data.dataset}, "
-            f"output {grid.folder}", f"checkpoint {grid.checkpoint.path} ({state})"]
+    path = grid.checkpoint.path
+    if Path(path).is_file():
+        loaded = ckpt_io.load(path, grid.model.arch, grid.model.width, grid.model.num_classes)
+        state = f"sha256 {loaded.sha256[:12]}, trained on {loaded.meta.get('dataset')} to " \
+                f"{loaded.meta.get('test_accuracy', float('nan')):.2f}%"
+    elif grid.checkpoint.train is None:
+        raise InputError("checkpoint.path", path, "no such file, and the grid has no checkpoint.train section to "
+                         "train it", "an existing checkpoint, or a recipe",
+                         "add checkpoint.train ({recipe: standard, epochs: 30}) or fix the path").at(opts.grid)
+    else:
+        state = "missing: it will be trained first"
+    if grid.data.dataset == "npz":  # files the user gave: check them now (the others are generated or downloaded)
+        sizes = [len(read_npz(getattr(grid.data, k), f"data.{k}")[0]) for k in ("train", "test")]
+        data = f"npz, {sizes[0]:,} train and {sizes[1]:,} test images"
+    else:
+        data = grid.data.dataset
+    head = [f"sweep {grid.name}: {grid.model.arch} width {grid.model.width:g}, data {data}, output {grid.folder}",
+            f"checkpoint {path} ({state})"]
     return head + plan.describe()
 
 
