@@ -131,6 +131,13 @@ def read_npz(path: str, field: str) -> tuple[Images, tuple[str, ...]]:
     return Images(images, labels.astype(np.int64)), classes
 
 
+def check_labels(part: Images, num_classes: int, field: str) -> None:
+    if len(part) and part.labels.max() >= num_classes:
+        raise InputError(field, int(part.labels.max()), "label out of range",
+                         f"labels 0 .. {num_classes - 1} (model.num_classes = {num_classes})",
+                         "fix the labels or model.num_classes")
+
+
 def load_data(cfg: DataConfig, num_classes: int, seed: int) -> Dataset:
     """Load a dataset, check it against the model's class count, hold out the calibration split."""
     train, test, classes = LOADERS[cfg.dataset](cfg, seed)
@@ -138,10 +145,7 @@ def load_data(cfg: DataConfig, num_classes: int, seed: int) -> Dataset:
         raise InputError("model.num_classes", num_classes, f"the data has {len(classes)} classes",
                          f"{len(classes)}", f"set model.num_classes: {len(classes)}")
     for name, part in (("train", train), ("test", test)):
-        if len(part) and part.labels.max() >= num_classes:
-            raise InputError(f"data.{name}", int(part.labels.max()), "label out of range",
-                             f"labels 0 .. {num_classes - 1} (model.num_classes = {num_classes})",
-                             "fix the labels or model.num_classes")
+        check_labels(part, num_classes, f"data.{name}")
     if cfg.calibration_size >= len(train):
         raise InputError("data.calibration_size", cfg.calibration_size, "not smaller than the train split",
                          f"1 .. {len(train) - 1}", "hold out fewer images")

@@ -26,7 +26,7 @@ from model import checkpoint as ckpt_io
 from model.checkpoint import Checkpoint
 from runner.config import Grid, load_grid, parse_grid
 from runner.criteria import rank_all
-from runner.data import Dataset, load_data, read_npz
+from runner.data import Dataset, check_labels, load_data, read_npz
 from runner.device import fast_math, pick_device, uses_channels_last
 from runner.engine import EvalSet
 from runner.errors import InputError
@@ -102,18 +102,18 @@ def dry_run(opts: Options) -> list[str]:
     """What the sweep would do, computing nothing: the grid, and the checkpoint and data files checked."""
     grid, plan = prepare(opts)
     path = grid.checkpoint.path
-    if Path(path).is_file():
-        loaded = ckpt_io.load(path, grid.model.arch, grid.model.width, grid.model.num_classes)
+    loaded = existing_checkpoint(grid)
+    if loaded is not None:
         state = f"sha256 {loaded.sha256[:12]}, trained on {loaded.meta.get('dataset')} to " \
                 f"{loaded.meta.get('test_accuracy', float('nan')):.2f}%"
-    elif grid.checkpoint.train is None:
-        raise InputError("checkpoint.path", path, "no such file, and the grid has no checkpoint.train section to "
-                         "train it", "an existing checkpoint, or a recipe",
-                         "add checkpoint.train ({recipe: standard, epochs: 30}) or fix the path").at(opts.grid)
     else:
         state = "missing: it will be trained first"
     if grid.data.dataset == "npz":  # files the user gave: check them now (the others are generated or downloaded)
-        sizes = [len(read_npz(getattr(grid.data, k), f"data.{k}")[0]) for k in ("train", "test")]
+        sizes = []
+        for key in ("train", "test"):
+            part = read_npz(getattr(grid.data, key), f"data.{key}")[0]
+            check_labels(part, grid.model.num_classes, f"data.{key}")
+            sizes.append(len(part))
         data = f"npz, {sizes[0]:,} train and {sizes[1]:,} test images"
     else:
         data = grid.data.dataset
@@ -149,16 +149,25 @@ def folder_lock(folder: Path) -> Iterator[None]:
             fcntl.flock(f, fcntl.LOCK_UN)
 
 
-def ensure_checkpoint(grid: Grid, data: Dataset) -> Checkpoint:
-    """The shared checkpoint, trained first when it is missing and the grid has a recipe."""
+def existing_checkpoint(grid: Grid) -> Checkpoint | None:
+    """The checkpoint, loaded and checked, or None when it is missing and the grid can train it."""
     if not Path(grid.checkpoint.path).is_file():
         if grid.checkpoint.train is None:
             raise InputError("checkpoint.path", grid.checkpoint.path, "no such file, and the grid has no "
                              "checkpoint.train section to train it", "an existing checkpoint, or a recipe",
                              "add checkpoint.train ({recipe: standard, epochs: 30}) or fix the path")
+        return None
+    return ckpt_io.load(grid.checkpoint.path, grid.model.arch, grid.model.width, grid.model.num_classes)
+
+
+def ensure_checkpoint(grid: Grid, data: Dataset, loaded: Checkpoint | None = None) -> Checkpoint:
+    """The shared checkpoint (trained first when it is missing and the grid has a recipe), checked against
+    the data it will be evaluated on."""
+    loaded = loaded or existing_checkpoint(grid)
+    if loaded is None:
         log.info("checkpoint %s is missing: training it first", grid.checkpoint.path)
         train_checkpoint(grid, data)
-    loaded = ckpt_io.load(grid.checkpoint.path, grid.model.arch, grid.model.width, grid.model.num_classes)
+        loaded = ckpt_io.load(grid.checkpoint.path, grid.model.arch, grid.model.width, grid.model.num_classes)
     trained_on = loaded.meta.get("dataset"), tuple(loaded.meta.get("classes", ()))
     if trained_on != (data.name, data.classes):
         raise InputError("checkpoint.path", grid.checkpoint.path, f"trained on {trained_on[0]} with classes "
@@ -297,6 +306,7 @@ def run_sweep(opts: Options) -> Outcome:
     grid, plan = prepare(opts)
     with folder_lock(grid.folder), ThreadPoolExecutor(1) as pool:
         check_folder(grid, opts.resume)
+        existing = existing_checkpoint(grid)  # a bad checkpoint stops us before Ray starts
         # the data loads (or generates) in a thread while Ray starts: the grid file is already validated,
         # and a data error still stops the sweep with its one-line message before any trial runs
         data_ready = pool.submit(_load_data_and_tracker, grid)
@@ -304,7 +314,7 @@ def run_sweep(opts: Options) -> Outcome:
 
         with tuner.ray_session(opts.address, grid.resources.ray_dashboard):
             data = data_ready.result()
-            loaded = ensure_checkpoint(grid, data)
+            loaded = ensure_checkpoint(grid, data, existing)
             restore = None
             if opts.resume:
                 saved, adds = resume_check(grid, plan, loaded.sha256)
