@@ -1,0 +1,114 @@
+"""Security (DESIGN §9): a local Ray listens on 127.0.0.1 only, with no dashboard unless asked for; a W&B key
+never lands in anything the sweep writes."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import secrets
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from conftest import ROOT
+
+LOOPBACK = ("127.0.0.1:", "[::1]:", "[::ffff:127.0.0.1]:")  # the last: IPv4 loopback on a dual-stack socket
+START_RAY = """
+import json, os, sys
+sys.path.insert(0, {root!r})
+from runner import tuner  # sets Ray's environment before Ray is imported
+import ray
+tuner.start_ray(None, dashboard={dashboard})
+print(json.dumps({{"pid": os.getpid(), "nodes": [n["NodeManagerAddress"] for n in ray.nodes()],
+                  "gcs": ray.get_runtime_context().gcs_address}}), flush=True)
+sys.stdin.readline()
+ray.shutdown()
+"""
+
+
+def _descendants(pid: int) -> set[int]:
+    children: dict[int, list[int]] = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                continue
+            children.setdefault(ppid, []).append(int(entry.name))
+    found, todo = set(), [pid]
+    while todo:
+        p = todo.pop()
+        found.add(p)
+        todo += children.get(p, [])
+    return found
+
+
+def _listening(pids: set[int]) -> list[str]:
+    """host:port of every TCP listener owned by one of `pids` (from `ss`)."""
+    out = subprocess.run(["ss", "-ltnpH"], capture_output=True, text=True, check=True).stdout
+    found = []
+    for line in out.splitlines():
+        owners = {int(p) for p in re.findall(r"pid=(\d+)", line)}
+        if owners & pids:
+            found.append(line.split()[3])
+    return found
+
+
+def _local_ray(dashboard: bool) -> tuple[dict, list[str]]:
+    proc = subprocess.Popen([sys.executable, "-c", START_RAY.format(root=str(ROOT), dashboard=dashboard)],
+                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    try:
+        line = proc.stdout.readline()
+        while line and not line.startswith("{"):  # Ray may print its own lines first
+            line = proc.stdout.readline()
+        info = json.loads(line)
+        listeners = _listening(_descendants(info["pid"]))
+    finally:
+        proc.stdin.write("\n")
+        proc.stdin.flush()
+        proc.wait(timeout=60)
+    return info, listeners
+
+
+def test_local_ray_binds_loopback_only_and_has_no_dashboard() -> None:
+    info, listeners = _local_ray(dashboard=False)
+    assert info["nodes"] == ["127.0.0.1"]
+    assert info["gcs"].startswith("127.0.0.1:")
+    assert listeners, "found no Ray listeners to check"
+    assert all(addr.startswith(LOOPBACK) for addr in listeners), listeners
+    assert not any(addr.endswith(":8265") for addr in listeners)
+
+
+def test_dashboard_when_asked_is_on_loopback_too() -> None:
+    info, listeners = _local_ray(dashboard=True)
+    assert "127.0.0.1:8265" in listeners
+    assert all(addr.startswith(LOOPBACK) for addr in listeners), listeners
+
+
+def _tiny_grid(tmp: Path, mode: str) -> Path:
+    grid = {"name": "secret", "model": {"width": 0.125},
+            "data": {"dataset": "synthetic", "synthetic_train": 300, "synthetic_test": 100, "calibration_size": 50},
+            "checkpoint": {"path": str(tmp / "model.pt"), "train": {"epochs": 1, "batch_size": 50}},
+            "sweep": {"layers": ["layer1.0.conv1"], "k": [1, 4], "criteria": ["l1_norm"], "batch_size": 50},
+            "wandb": {"mode": mode}, "output": str(tmp / "runs")}
+    path = tmp / "grid.yaml"
+    path.write_text(yaml.safe_dump(grid), encoding="utf-8")
+    return path
+
+
+@pytest.mark.parametrize("mode", ["offline", "auto"])
+def test_wandb_key_appears_in_nothing_the_sweep_writes(tmp_path: Path, mode: str) -> None:
+    key = secrets.token_hex(20)  # 40 characters, like a real key
+    env = {**os.environ, "WANDB_API_KEY": key, "WANDB_BASE_URL": "http://127.0.0.1:9"}  # auto -> online -> no server
+    done = subprocess.run([sys.executable, str(ROOT / "scripts" / "sweep.py"), "--grid", str(_tiny_grid(tmp_path, mode))],
+                          capture_output=True, text=True, env=env, cwd=tmp_path, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    written = [p for p in (tmp_path / "runs").rglob("*") if p.is_file()]
+    assert any(p.name == "results.csv" for p in written) and any(p.suffix == ".wandb" for p in written)
+    leaks = [str(p) for p in written if key.encode() in p.read_bytes()]
+    assert leaks == []
+    assert key not in done.stdout + done.stderr
