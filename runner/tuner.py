@@ -25,6 +25,7 @@ from ray import tune  # noqa: E402
 from model.checkpoint import Checkpoint  # noqa: E402
 from runner.collector import Collector, Context  # noqa: E402
 from runner.config import Grid  # noqa: E402
+from runner.errors import InputError  # noqa: E402
 from runner.data import Dataset  # noqa: E402
 from runner.plan import Plan  # noqa: E402
 from runner.results import read_rows  # noqa: E402
@@ -55,7 +56,14 @@ def start_ray(address: str | None, dashboard: bool = False) -> bool:
         log.info("joined the Ray cluster at %s: %s", address, _resources())
     else:
         board = dict(include_dashboard=True, dashboard_host="127.0.0.1") if dashboard else dict(include_dashboard=False)
-        context = ray.init(**board, **quiet)
+        try:
+            context = ray.init(**board, **quiet)
+        except Exception as e:
+            if dashboard and "missing packages" in str(e):
+                raise InputError("resources.ray_dashboard", True, "Ray's dashboard needs packages that are not "
+                                 "installed", "false, or true with ray[default] installed",
+                                 "pip install 'ray[default]', or set resources.ray_dashboard: false") from None
+            raise
         where = f"dashboard at http://{context.dashboard_url}" if dashboard else "no dashboard"
         log.info("started a local Ray on 127.0.0.1 (%s): %s", where, _resources())
     logging.getLogger("ray.tune").setLevel(logging.CRITICAL)  # trial errors are reported by the collector
