@@ -294,22 +294,27 @@ def figure_ks(ks: tuple[int, ...], count: int) -> tuple[int, ...]:
     return tuple(ks[i] for i in idx)
 
 
-def _load_data_and_tracker(grid: Grid) -> Dataset:
-    """The data, and W&B's import (a second or two) done off the critical path."""
+def _load_data_and_tracker(grid: Grid, given: Dataset | None) -> Dataset:
+    """The data (unless already loaded), and W&B's import (a second or two) done off the critical path."""
     if grid.wandb.mode != "disabled":
         import wandb  # noqa: F401
-    return load_data(grid.data, grid.model.num_classes, grid.seed)
+    return given or load_data(grid.data, grid.model.num_classes, grid.seed)
 
 
 def run_sweep(opts: Options) -> Outcome:
     started = time.time()
     grid, plan = prepare(opts)
+    # every input checked before anything is created or started: folder, checkpoint, the user's data files
+    check_folder(grid, opts.resume)
+    existing = existing_checkpoint(grid)
+    if opts.resume and existing is not None:
+        resume_check(grid, plan, existing.sha256)
+    given = None if grid.data.dataset == "synthetic" else load_data(grid.data, grid.model.num_classes, grid.seed)
     with folder_lock(grid.folder), ThreadPoolExecutor(1) as pool:
-        check_folder(grid, opts.resume)
-        existing = existing_checkpoint(grid)  # a bad checkpoint stops us before Ray starts
-        # the data loads (or generates) in a thread while Ray starts: the grid file is already validated,
-        # and a data error still stops the sweep with its one-line message before any trial runs
-        data_ready = pool.submit(_load_data_and_tracker, grid)
+        check_folder(grid, opts.resume)  # again, now that no other sweep can be writing there
+        # synthetic data generates in a thread while Ray starts (it is a pure function of the grid: nothing
+        # to validate); W&B's slow import happens there too
+        data_ready = pool.submit(_load_data_and_tracker, grid, given)
         from runner import tuner  # imports Ray: only once the grid is known to be good
 
         with tuner.ray_session(opts.address, grid.resources.ray_dashboard):

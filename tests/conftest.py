@@ -57,3 +57,59 @@ def cifar_dir() -> Path:
     if not (SHARED_CIFAR / "cifar10-test.npz").is_file():
         pytest.skip(f"real CIFAR-10 arrays not found at {SHARED_CIFAR} (only on the team's machines)")
     return SHARED_CIFAR
+
+
+# ---- End-to-end sweeps (tests/test_sweep.py, tests/test_cli.py) ----
+# Ray reads some of these when it is imported (RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER: sockets on 127.0.0.1 only),
+# so they are set here, before anything imports ray; CLI subprocesses inherit them.
+from runner.sweep import RAY_ENV as _E2E_RAY_ENV  # noqa: E402  (runner.sweep does not import ray)
+
+for _key, _value in _E2E_RAY_ENV.items():
+    os.environ.setdefault(_key, _value)
+os.environ.setdefault("WANDB_SILENT", "true")
+
+import time  # noqa: E402
+from types import SimpleNamespace  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def ray_session():
+    """One local Ray for every in-process sweep (runner.tuner.start_ray reuses it and leaves it running)."""
+    import logging
+
+    import ray
+
+    if ray.is_initialized():
+        yield
+        return
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, logging_level=logging.WARNING)
+    try:
+        yield
+    finally:
+        ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def sweep_checkpoint(tmp_path_factory) -> Path:
+    """The checkpoint every end-to-end sweep shares: trained once (width 0.125, 1 epoch on tiny synthetic data)."""
+    from runner.train import train_checkpoint
+
+    folder = tmp_path_factory.mktemp("checkpoint")
+    grid = parse_grid(tiny_grid_dict(folder), "tiny")
+    return Path(train_checkpoint(grid, progress=False))
+
+
+@pytest.fixture(scope="session")
+def small_sweep(ray_session, sweep_checkpoint, tmp_path_factory) -> SimpleNamespace:
+    """The small sweep (3 layers x 2 K x 2 criteria, W&B offline) run once, in process, on the shared Ray."""
+    from e2e_helpers import SMALL_CRITERIA, SMALL_FRACTIONS, SMALL_LAYERS, grid_dict, write_grid
+    from runner.sweep import Options, run_sweep
+
+    tmp = tmp_path_factory.mktemp("small_sweep")
+    grid = grid_dict(tmp, sweep_checkpoint, name="small", layers=list(SMALL_LAYERS),
+                     k={"fractions": list(SMALL_FRACTIONS)}, criteria=list(SMALL_CRITERIA))
+    path = write_grid(tmp / "small.yaml", grid)
+    started = time.time()
+    outcome = run_sweep(Options(str(path)))
+    return SimpleNamespace(grid_path=path, grid=grid, outcome=outcome, folder=outcome.folder,
+                           seconds=time.time() - started, checkpoint=sweep_checkpoint, tmp=tmp)

@@ -313,11 +313,11 @@ def test_overrides_are_validated():
     path = GRIDS / "demo.yaml"
     with pytest.raises(InputError) as err:
         load_grid(path, overrides=["sweep.batch_size=3.5"])
-    assert str(err.value) == (f"{path}: sweep.batch_size: wrong type: got 3.5; allowed: a valid integer; "
-                              "fix: change sweep.batch_size in the grid file (or --set sweep.batch_size=...)")
+    assert str(err.value) == ("--set sweep.batch_size=3.5: sweep.batch_size: wrong type: got 3.5; allowed: a valid "
+                              "integer; fix: change sweep.batch_size in the grid file (or --set sweep.batch_size=...)")
     with pytest.raises(InputError) as err:
         load_grid(path, overrides=["model.depth=18"])
-    assert str(err.value).startswith(f"{path}: model.depth: unknown key: got 'depth'; ")
+    assert str(err.value).startswith("--set model.depth=18: model.depth: unknown key: got 'depth'; ")
 
 
 # --- the plan: the grid against the network --------------------------------------------------------------------

@@ -1,0 +1,168 @@
+"""Helpers for the end-to-end tests (tests/test_sweep.py, tests/test_cli.py): tiny grids, the CLI in a
+subprocess, results.csv and W&B offline runs read back (with W&B's own `wandb leet inspect`)."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from runner.results import read_rows
+
+ROOT = Path(__file__).resolve().parents[1]
+SCRIPT = ROOT / "scripts" / "sweep.py"
+GRIDS = ROOT / "tests" / "grids"
+
+# Environment that must not leak from the developer's shell into a sweep under test.
+_SCRUB = ("WANDB_API_KEY", "WANDB_BASE_URL", "WANDB_MODE", "WANDB_DIR", "WANDB_PROJECT", "WANDB_ENTITY",
+          "RAY_ADDRESS", "PRUNE_SWEEP_CRASH_ONCE", "PRUNE_SWEEP_CRASH_ONCE_HARD", "PRUNE_SWEEP_DEBUG")
+
+# The small sweep shared by several tests: 3 layers of 8, 16 and 32 output channels (width 0.125),
+# K as fractions (so K and fraction differ per layer), 2 criteria: 12 points in 6 trials.
+SMALL_LAYERS = {"layer1.0.conv1": 8, "layer2.0.conv2": 16, "layer3.1.conv1": 32}
+SMALL_FRACTIONS = (0.25, 0.5)
+SMALL_CRITERIA = ("mean_activation", "l1_norm")
+SMALL_EVAL = 150
+
+
+def grid_dict(tmp: Path, checkpoint: Path, *, name: str, layers: Any, k: Any, criteria: list[str],
+              wandb_mode: str = "offline", eval_size: int = SMALL_EVAL, **sweep: Any) -> dict:
+    """A tiny sweep grid (width 0.125, 600/200 synthetic images) on the session's shared checkpoint."""
+    return {
+        "name": name,
+        "seed": 0,
+        "model": {"width": 0.125},
+        "data": {"dataset": "synthetic", "synthetic_train": 600, "synthetic_test": 200, "calibration_size": 100,
+                 "eval_size": eval_size},
+        "checkpoint": {"path": str(checkpoint), "train": {"epochs": 1, "batch_size": 100}},
+        "sweep": {"layers": layers, "k": k, "criteria": list(criteria), "batch_size": 100, **sweep},
+        "wandb": {"mode": wandb_mode},
+        "output": str(tmp / "runs"),
+    }
+
+
+def write_grid(path: Path, grid: dict) -> Path:
+    path.write_text(yaml.safe_dump(grid, sort_keys=False), encoding="utf-8")
+    return path
+
+
+def cli_env(**extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if k not in _SCRUB}
+    env.update({"WANDB_SILENT": "true", "PYTHONUNBUFFERED": "1"})
+    env.update(extra)
+    return env
+
+
+@dataclass
+class CliRun:
+    returncode: int
+    stdout: str
+    stderr: str
+    seconds: float
+
+    @property
+    def err_lines(self) -> list[str]:
+        return nonempty_lines(self.stderr)
+
+    @property
+    def out_lines(self) -> list[str]:
+        return nonempty_lines(self.stdout)
+
+    def explain(self) -> str:
+        return f"rc={self.returncode} after {self.seconds:.1f} s\n--- stdout\n{self.stdout}\n--- stderr\n{self.stderr}"
+
+
+def nonempty_lines(text: str) -> list[str]:
+    return [line for line in text.splitlines() if line.strip()]
+
+
+def start_cli(args: list[str], *, cwd: Path, env: dict[str, str] | None = None) -> subprocess.Popen:
+    """`python scripts/sweep.py ARGS` in its own process group (so that Ctrl-C can be sent as a terminal
+    would, and so that a hung run can be stopped with everything it started)."""
+    return subprocess.Popen([sys.executable, str(SCRIPT), *args], cwd=cwd, env=env or cli_env(),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+
+
+def stop_group(proc: subprocess.Popen) -> None:
+    """Kill a CLI run we started, and the Ray processes it started (same process group)."""
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except (ProcessLookupError, PermissionError):
+        pass
+
+
+def finish(proc: subprocess.Popen, started: float, timeout: float) -> CliRun:
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        stop_group(proc)
+        out, err = proc.communicate()
+        raise AssertionError(f"the CLI did not finish in {timeout:.0f} s\n--- stdout\n{out}\n--- stderr\n{err}")
+    return CliRun(proc.returncode, out, err, time.time() - started)
+
+
+def run_cli(args: list[str], *, cwd: Path, env: dict[str, str] | None = None, timeout: float = 300) -> CliRun:
+    started = time.time()
+    return finish(start_cli(args, cwd=cwd, env=env), started, timeout)
+
+
+def closed_port() -> int:
+    """A loopback port that nothing listens on (bound, then released)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def results(folder: Path) -> list[dict[str, Any]]:
+    return read_rows(folder / "results.csv")
+
+
+def keys(rows: list[dict[str, Any]]) -> list[tuple[str, str, int]]:
+    return [(r["layer"], r["criterion"], int(r["k"])) for r in rows]
+
+
+def expected_points(layers: dict[str, int], criteria, ks_of) -> set[tuple[str, str, int]]:
+    return {(layer, c, k) for layer, channels in layers.items() for c in criteria for k in ks_of(channels)}
+
+
+# ---- W&B offline runs, read back with W&B's own CLI ----
+
+def wandb_run_dirs(folder: Path) -> list[Path]:
+    return sorted((folder / "wandb").glob("offline-run-*"))
+
+
+def _wandb(*args: str) -> str:
+    done = subprocess.run([sys.executable, "-m", "wandb", "leet", "inspect", *args], capture_output=True,
+                          text=True, timeout=120, env=cli_env())
+    assert done.returncode == 0, f"wandb leet inspect {' '.join(args)} failed:\n{done.stderr}"
+    return done.stdout
+
+
+def leet_summary(run_dir: Path) -> dict[str, Any]:
+    """`wandb leet inspect --summary --json`: name, config, summary, exit_code, state, ..."""
+    return json.loads(_wandb("--summary", "--json", str(run_dir)))
+
+
+def leet_records(run_dir: Path) -> list[dict[str, Any]]:
+    """`wandb leet inspect --json`: every record of the run file, one JSON object per line."""
+    return [json.loads(line) for line in _wandb("--json", str(run_dir)).splitlines() if line.strip()]
+
+
+def run_info(records: list[dict[str, Any]]) -> dict[str, Any]:
+    """The run record (display_name, run_group, job_type, config, ...)."""
+    runs = [r["run"] for r in records if r.get("type") == "run"]
+    assert runs, "no run record"
+    return runs[0]
+
+
+def history(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    return [r["history"]["item"] for r in records if r.get("type") == "history"]

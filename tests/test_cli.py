@@ -1,0 +1,178 @@
+"""The command line (DESIGN §2, §3, §9), end to end in a subprocess: --dry-run computes nothing, bad input
+(grid file, checkpoint, data, flags) is exit 2 with one exact line, and an output folder is never
+overwritten (nor resumed when there is nothing to resume).
+
+The grid fixtures are tests/grids/e2e_*.yaml; their relative paths resolve against the directory the command
+runs in, each test's own tmp folder.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from e2e_helpers import GRIDS, run_cli
+
+LAYER_NAMES = ("conv1, layer1.0.conv1, layer1.0.conv2, layer1.1.conv1, layer1.1.conv2, layer2.0.conv1, "
+               "layer2.0.conv2, layer2.0.shortcut.conv, layer2.1.conv1, layer2.1.conv2, layer3.0.conv1, "
+               "layer3.0.conv2, layer3.0.shortcut.conv, layer3.1.conv1, layer3.1.conv2, layer4.0.conv1, "
+               "layer4.0.conv2, layer4.0.shortcut.conv, layer4.1.conv1, layer4.1.conv2")
+
+# case: (grid fixture, extra arguments, the one line on stderr); {grid} is the grid file, {tmp} the folder the
+# command runs in.
+BAD = {
+    "unknown_key": (
+        "e2e_bad_unknown_key.yaml", [],
+        "error: {grid}: sweep.layer: unknown key: got 'layer'; allowed: layers, include_shortcuts, k, criteria, "
+        "target, calibration, batch_size, retries, feature_map_points; fix: remove it or correct its spelling"),
+    "wrong_type": (
+        "e2e_bad_wrong_type.yaml", [],
+        "error: {grid}: sweep.criteria: wrong type: got 7; allowed: a valid list; fix: change sweep.criteria in "
+        "the grid file (or --set sweep.criteria=...)"),
+    "unknown_layer": (
+        "e2e_bad_unknown_layer.yaml", [],
+        "error: {grid}: sweep.layers[1]: no such layer: got 'layer5.0.conv1'; allowed: " + LAYER_NAMES +
+        "; fix: use one of those names or a glob pattern such as \"layer*.conv2\""),
+    "unknown_criterion": (
+        "e2e_bad_unknown_criterion.yaml", [],
+        "error: {grid}: sweep.criteria[1]: unknown criterion: got 'l2_norm'; allowed: mean_activation, "
+        "mean_abs_activation, l1_norm, bn_scale, taylor, random, seed; fix: use one of those names"),
+    "k_above_channels": (
+        "e2e_bad_k_above_channels.yaml", [],
+        "error: {grid}: sweep.k: K = 9 is above the 8 output channels of conv1: got [1, 9]; allowed: K from 1 to "
+        "8 for that layer; fix: use k: {{fractions: [...]}} to scale K per layer, or leave that layer out"),
+    "layers_empty": (
+        "e2e_bad_layers_empty.yaml", [],
+        "error: {grid}: sweep.layers: empty: got []; allowed: all, or a list of layer names or glob patterns; "
+        "fix: write layers: all, or name at least one layer"),
+    "k_empty": (
+        "e2e_bad_k_empty.yaml", [],
+        "error: {grid}: sweep.k: empty: got []; allowed: integers >= 1 (K = 0 is the baseline, always "
+        "measured); fix: give at least one value"),
+    "checkpoint_missing": (
+        "e2e_bad_checkpoint_missing.yaml", [],
+        "error: checkpoint.path: no such file, and the grid has no checkpoint.train section to train it: got "
+        "'{tmp}/missing.pt'; allowed: an existing checkpoint, or a recipe; fix: add checkpoint.train "
+        "({{recipe: standard, epochs: 30}}) or fix the path"),
+    "npz_missing": (
+        "e2e_bad_npz_missing.yaml", [],
+        "error: data.train: no such file: got '{tmp}/missing_train.npz'; allowed: an existing .npz file; fix: "
+        "check the path"),
+    "npz_not_npz": (
+        "e2e_bad_npz_not_npz.yaml", [],
+        "error: data.train: not a readable .npz file (not a whole zip archive): got '{tmp}/not_npz.npz'; "
+        "allowed: a file written by numpy.savez; fix: save the arrays with numpy.savez(path, images=..., "
+        "labels=...)"),
+    "checkpoint_missing_dry_run": (
+        "e2e_bad_checkpoint_missing.yaml", ["--dry-run"],
+        "error: checkpoint.path: no such file, and the grid has no checkpoint.train section to train it: got "
+        "'{tmp}/missing.pt'; allowed: an existing checkpoint, or a recipe; fix: add checkpoint.train "
+        "({{recipe: standard, epochs: 30}}) or fix the path"),
+    "npz_not_npz_dry_run": (
+        "e2e_bad_npz_not_npz.yaml", ["--dry-run"],
+        "error: data.train: not a readable .npz file (not a whole zip archive): got '{tmp}/not_npz.npz'; "
+        "allowed: a file written by numpy.savez; fix: save the arrays with numpy.savez(path, images=..., "
+        "labels=...)"),
+    "unknown_flag": (
+        "e2e_dry_run.yaml", ["--bogus"],
+        "error: unrecognized arguments: --bogus; allowed: see sweep.py --help; fix: correct the command line"),
+    "resume_without_sweep": (
+        "e2e_dry_run.yaml", ["--resume"],
+        "error: --resume: there is no sweep to resume in this folder: got '{tmp}/runs/e2e-dry'; allowed: a "
+        "folder where a sweep with this name started; fix: run without --resume"),
+}
+
+NOT_ONE_LINE: dict[str, str] = {}  # fixed: data files are read before Ray starts
+LEAVES_FOLDER: dict[str, str] = {}  # fixed: inputs are checked before the output folder is made
+
+
+@pytest.fixture(scope="module")
+def bad_run(tmp_path_factory):
+    """Run each bad-input case once (in its own folder) and keep the result for the tests below."""
+    done: dict[str, tuple] = {}
+
+    def run(case: str):
+        if case not in done:
+            tmp = tmp_path_factory.mktemp(case)
+            (tmp / "not_npz.npz").write_text("these are not arrays\n", encoding="utf-8")
+            grid_file, extra, expected = BAD[case]
+            grid = GRIDS / grid_file
+            result = run_cli(["--grid", str(grid), *extra], cwd=tmp, timeout=180)
+            done[case] = (result, expected.format(grid=grid, tmp=tmp), tmp)
+        return done[case]
+
+    return run
+
+
+def cases(bugs: dict[str, str]) -> list:
+    return [pytest.param(c, marks=pytest.mark.xfail(strict=True, reason=bugs[c])) if c in bugs else c for c in BAD]
+
+
+@pytest.mark.parametrize("case", list(BAD))
+def test_bad_input_exit_2_with_exact_message(bad_run, case):
+    result, expected, _ = bad_run(case)
+    assert result.returncode == 2, result.explain()
+    assert result.err_lines and result.err_lines[-1] == expected, result.explain()
+    assert result.stdout == "", result.explain()
+    assert "Traceback" not in result.stderr, result.explain()
+
+
+@pytest.mark.parametrize("case", cases(NOT_ONE_LINE))
+def test_bad_input_is_one_line(bad_run, case):
+    """DESIGN §2: bad input gives ONE line. The exact text is checked above; here, that it is all there is."""
+    result, expected, _ = bad_run(case)
+    assert result.err_lines == [expected], result.explain()
+
+
+@pytest.mark.parametrize("case", cases(LEAVES_FOLDER))
+def test_bad_input_leaves_nothing_behind(bad_run, case):
+    """DESIGN §3/§9: input errors are caught before any work starts: no output folder, no checkpoint."""
+    _, _, tmp = bad_run(case)
+    made = sorted(str(p.relative_to(tmp)) for p in tmp.rglob("*") if p.name != "not_npz.npz")
+    assert made == []
+
+
+def test_wrong_flag_value_is_one_line(tmp_path):
+    result = run_cli(["--grid", str(GRIDS / "e2e_dry_run.yaml"), "--wandb-mode", "sometimes"], cwd=tmp_path)
+    assert result.returncode == 2, result.explain()
+    assert len(result.err_lines) == 1, result.explain()
+    assert result.err_lines[0].startswith("error: argument --wandb-mode: invalid choice: 'sometimes'")
+
+
+# ---- --dry-run ----
+
+@pytest.mark.parametrize("extra, trials, points", [([], 16, 48), (["--set", "sweep.criteria=[l1_norm]"], 8, 24)])
+def test_dry_run_computes_nothing(tmp_path, extra, trials, points):
+    result = run_cli(["--grid", str(GRIDS / "e2e_dry_run.yaml"), "--dry-run", *extra], cwd=tmp_path)
+    assert result.returncode == 0, result.explain()
+    lines = result.out_lines
+    assert lines[-1] == f"trials: {trials} points: {points}", result.explain()
+    # layers "layer*.conv2" at width 0.125, K = fractions 0.25, 0.5, 1.0 of each layer's channels
+    shown = {line.split()[0]: line.split(None, 1)[1] for line in lines if line.startswith("  layer")}
+    channels = {"layer1.0.conv2": 8, "layer1.1.conv2": 8, "layer2.0.conv2": 16, "layer2.1.conv2": 16,
+                "layer3.0.conv2": 32, "layer3.1.conv2": 32, "layer4.0.conv2": 64, "layer4.1.conv2": 64}
+    assert shown.keys() == channels.keys(), result.explain()
+    for layer, c in channels.items():
+        assert shown[layer].split() == [str(c), "->", str(c), "K:", f"{c // 4},", f"{c // 2},", str(c)], shown[layer]
+    checkpoint = tmp_path / "checkpoints" / "e2e-dry.pt"
+    assert any(str(checkpoint) in line and "missing" in line for line in lines), result.explain()
+    # nothing computed: no output folder, no checkpoint trained, no Ray started
+    assert not checkpoint.exists() and not checkpoint.parent.exists()
+    assert not (tmp_path / "runs").exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == []
+    assert "Ray" not in result.stderr, result.explain()
+
+
+# ---- the output folder (--resume where there is no sweep: case resume_without_sweep above) ----
+
+def test_fresh_sweep_refuses_a_folder_with_results(small_sweep, tmp_path):
+    folder = small_sweep.folder
+    before = (folder / "results.csv").read_bytes()
+    result = run_cli(["--grid", str(small_sweep.grid_path)], cwd=tmp_path)
+    assert result.returncode == 2, result.explain()
+    assert result.err_lines == [
+        f"error: output: this folder already holds results of a sweep: got '{folder}'; allowed: a new folder, or "
+        "--resume to continue that sweep; fix: add --resume, or choose another name or --output"], result.explain()
+    assert (folder / "results.csv").read_bytes() == before
+

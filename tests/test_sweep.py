@@ -1,0 +1,274 @@
+"""End-to-end sweeps (DESIGN §4, §5, §9): the outputs of a real sweep, its W&B runs read back with W&B's own
+CLI, interruption and --resume, a crashed trial retried, and W&B pointed at a server that is not there.
+
+Every sweep is tiny (width 0.125, a few hundred synthetic images, one shared checkpoint trained once per
+session). In-process sweeps share the session's Ray (`ray_session`); what needs a process of its own (exit
+codes, Ctrl-C, environment reaching Ray workers) runs `python scripts/sweep.py` in a subprocess.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+import signal
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+import pytest
+import yaml
+
+from e2e_helpers import (SMALL_CRITERIA, SMALL_EVAL, SMALL_FRACTIONS, SMALL_LAYERS, cli_env, closed_port,
+                         expected_points, finish, grid_dict, history, keys, leet_records, leet_summary, results,
+                         run_cli, run_info, start_cli, stop_group, wandb_run_dirs, write_grid)
+from model.checkpoint import sha256
+from runner.config import load_grid
+
+
+def small_ks(channels: int) -> list[int]:
+    """K for the small sweep's fractions, written out: 8 -> 2, 4; 16 -> 4, 8; 32 -> 8, 16."""
+    return {8: [2, 4], 16: [4, 8], 32: [8, 16]}[channels]
+
+
+SMALL_POINTS = expected_points(SMALL_LAYERS, SMALL_CRITERIA, small_ks)
+
+
+def test_small_points_are_written_out():
+    assert len(SMALL_POINTS) == 12
+    assert all(k == round(f * c) for c in SMALL_LAYERS.values() for k, f in zip(small_ks(c), SMALL_FRACTIONS))
+
+
+# ---- 1. outputs on disk ----
+
+def test_every_point_once_with_checkpoint_and_baseline(small_sweep):
+    outcome, rows = small_sweep.outcome, results(small_sweep.folder)
+    assert (outcome.points, outcome.expected, outcome.measured, outcome.failed) == (12, 12, 12, [])
+    assert sorted(keys(rows)) == sorted(SMALL_POINTS)  # every point, each exactly once
+    sha = sha256(small_sweep.checkpoint)
+    baseline = rows[0]["baseline_accuracy"]
+    assert 0 < baseline <= 100
+    for r in rows:
+        where = f"{r['layer']}/{r['criterion']} K={r['k']}"
+        assert r["checkpoint_sha256"] == sha, where
+        assert r["baseline_accuracy"] == baseline, where
+        assert r["accuracy_drop"] == pytest.approx(baseline - r["accuracy"], abs=2e-6), where
+        assert r["channels"] == SMALL_LAYERS[r["layer"]], where
+        assert r["fraction"] == pytest.approx(r["k"] / r["channels"], abs=1e-6), where
+        assert r["target"] == "output" and r["eval_images"] == SMALL_EVAL, where
+        correct = r["accuracy"] * SMALL_EVAL / 100  # accuracy is percent of the evaluated images
+        assert correct == pytest.approx(round(correct), abs=1e-3), where
+        assert math.isfinite(r["loss"]) and r["loss"] > 0, where
+        assert r["params_removed"] > 0 and r["macs_removed"] > 0, where
+    for layer in SMALL_LAYERS:  # more channels pruned never removes fewer parameters
+        for c in SMALL_CRITERIA:
+            pts = sorted((r for r in rows if (r["layer"], r["criterion"]) == (layer, c)), key=lambda r: r["k"])
+            assert pts[0]["params_removed"] < pts[1]["params_removed"]
+
+
+def test_config_yaml_holds_resolved_grid_and_provenance(small_sweep):
+    doc = yaml.safe_load((small_sweep.folder / "config.yaml").read_text(encoding="utf-8"))
+    resolved = load_grid(small_sweep.grid_path).as_dict()  # the fully resolved grid (every key, absolute paths)
+    grid = {k: doc.get(k) for k in resolved}
+    assert grid == resolved
+    assert grid["checkpoint"]["path"] == str(small_sweep.checkpoint)
+    assert grid["sweep"]["layers"] == list(SMALL_LAYERS)
+    assert grid["sweep"]["k"] == {"fractions": list(SMALL_FRACTIONS)}
+    assert grid["sweep"]["retries"] == 2 and grid["resources"]["cpus_per_trial"] == 1  # defaults filled in
+    assert Path(grid["data"]["root"]).is_absolute() and Path(grid["output"]).is_absolute()
+    prov = doc["provenance"]
+    assert prov["checkpoint_sha256"] == sha256(small_sweep.checkpoint)
+    assert prov["trials"] == 6 and prov["points"] == 12
+    assert {"torch", "ray", "wandb", "numpy"} <= set(prov["versions"])
+    started = datetime.fromisoformat(prov["started"])
+    assert abs((datetime.now(timezone.utc) - started).total_seconds()) < 3600
+
+
+def test_plots_report_and_feature_maps(small_sweep):
+    folder = small_sweep.folder
+    for name in ("accuracy_vs_k.png", "sensitivity.png"):
+        data = (folder / "plots" / name).read_bytes()
+        assert data.startswith(b"\x89PNG\r\n\x1a\n") and len(data) > 1000, name
+    report = (folder / "report.md").read_text(encoding="utf-8")
+    baseline = results(folder)[0]["baseline_accuracy"]
+    assert "baseline" in report.lower() and f"{baseline:.2f}%" in report
+    for layer in SMALL_LAYERS:
+        assert layer in report, layer
+        pngs = list((folder / "feature_maps" / layer).glob("*.png"))
+        assert pngs and all(p.read_bytes().startswith(b"\x89PNG") for p in pngs), layer
+    assert "plots/accuracy_vs_k.png" in report and "plots/sensitivity.png" in report
+
+
+# ---- 2. W&B offline runs ----
+
+def test_wandb_offline_runs(small_sweep):
+    folder = small_sweep.folder
+    rows = {(r["layer"], r["criterion"], r["k"]): r for r in results(folder)}
+    baseline = next(iter(rows.values()))["baseline_accuracy"]
+    sha = sha256(small_sweep.checkpoint)
+    trials, summaries = {}, []
+    for run_dir in wandb_run_dirs(folder):
+        records = leet_records(run_dir)
+        info = run_info(records)
+        assert info["run_group"] == "small", run_dir
+        exits = [r["exit"]["exit_code"] for r in records if r["type"] == "exit"]
+        assert exits == [0], f"{run_dir}: exit records {exits}"
+        if info["job_type"] == "summary":
+            summaries.append(run_dir)
+            continue
+        assert info["job_type"] == "prune-eval", run_dir
+        name = info["display_name"]
+        assert name not in trials, f"two runs named {name}"
+        trials[name] = (run_dir, info, history(records))
+    assert sorted(trials) == sorted(f"{layer}/{c}" for layer in SMALL_LAYERS for c in SMALL_CRITERIA)
+
+    for name, (run_dir, info, hist) in trials.items():
+        layer, criterion = name.split("/")
+        config = info["config"]["update"]
+        assert (config["layer"], config["criterion"], config["target"]) == (layer, criterion, "output")
+        assert config["checkpoint_sha256"] == sha
+        assert config["baseline_accuracy"] == pytest.approx(baseline, abs=1e-6)  # results.csv: 6 decimals
+        points = [h for h in hist if "k" in h]
+        assert sorted(h["k"] for h in points) == small_ks(SMALL_LAYERS[layer]), name  # every K, once
+        for h in points:
+            row = rows[(layer, criterion, h["k"])]
+            assert h["accuracy"] == pytest.approx(row["accuracy"], abs=1e-6), (name, h["k"])
+            assert h["accuracy_drop"] == pytest.approx(row["accuracy_drop"], abs=1e-5), (name, h["k"])
+            for image in ("feature_maps/pruned_layer", "feature_maps/final_stage"):
+                assert h.get(f"{image}._type") == "image-file", (name, h["k"], image)
+                png = run_dir / "files" / h[f"{image}.path"]
+                assert png.read_bytes().startswith(b"\x89PNG"), png
+
+    assert len(summaries) == 1
+    summary = leet_summary(summaries[0])
+    assert summary["name"] == "summary" and summary["exit_code"] == 0
+    s = summary["summary"]
+    assert s["baseline_accuracy"] == pytest.approx(baseline, abs=1e-6)
+    assert s["results"]["_type"] == "table-file" and s["results"]["nrows"] == 12
+    table = json.loads((summaries[0] / "files" / s["results"]["path"]).read_text(encoding="utf-8"))
+    col = {c: i for i, c in enumerate(table["columns"])}
+    got = {(d[col["layer"]], d[col["criterion"]], d[col["k"]]): d[col["accuracy"]] for d in table["data"]}
+    assert got.keys() == rows.keys()
+    assert all(got[k] == pytest.approx(r["accuracy"], abs=1e-6) for k, r in rows.items())
+
+
+# ---- 3. interrupted (Ctrl-C), then --resume ----
+
+BIG_KS = [1, 3, 8]
+BIG_CRITERIA = ["l1_norm", "random"]  # rankings from weights only: the same in every process
+
+
+@pytest.mark.slow
+def test_interrupt_then_resume_measures_each_point_once(ray_session, sweep_checkpoint, tmp_path):
+    from runner.sweep import Options, run_sweep
+
+    grid = write_grid(tmp_path / "big.yaml", grid_dict(tmp_path, sweep_checkpoint, name="big", layers="all",
+                                                       k=BIG_KS, criteria=BIG_CRITERIA, eval_size=200))
+    total = 17 * len(BIG_KS) * len(BIG_CRITERIA)  # 17 convs without the shortcuts at width 0.125
+    folder = tmp_path / "runs" / "big"
+    args = ["--grid", str(grid)]
+
+    started = time.time()
+    proc = start_cli(args, cwd=tmp_path)
+    try:
+        while len(results(folder)) < 5:  # a few points in, Ctrl-C (to the process group, as a terminal does)
+            assert proc.poll() is None, finish(proc, started, 10).explain()
+            assert time.time() - started < 240, "no results after 240 s"
+            time.sleep(0.1)
+        os.killpg(proc.pid, signal.SIGINT)
+        interrupted = finish(proc, started, 120)
+    finally:
+        stop_group(proc)
+    assert interrupted.returncode == 130, interrupted.explain()
+    assert "--resume" in interrupted.stderr, interrupted.explain()
+    before = keys(results(folder))
+    assert len(before) == len(set(before)) and 5 <= len(before) < total, interrupted.explain()
+    stopped = re.search(r"^(\d+)/(\d+) points \((\d+) measured in this run\)", interrupted.stdout, re.M)
+    assert stopped, interrupted.explain()  # and every point measured before Ctrl-C is in results.csv
+    assert (int(stopped[1]), int(stopped[2]), int(stopped[3])) == (len(before), total, len(before))
+
+    resumed = run_cli([*args, "--resume"], cwd=tmp_path)
+    assert resumed.returncode == 0, resumed.explain()
+    rows = results(folder)
+    assert len(rows) == total and len(set(keys(rows))) == total  # each point exactly once
+    assert set(before) <= set(keys(rows))
+    done = re.search(r"^(\d+)/(\d+) points \((\d+) measured in this run\)", resumed.stdout, re.M)
+    assert done, resumed.explain()
+    assert (int(done[1]), int(done[2])) == (total, total)
+    assert int(done[3]) == total - len(before), "the resumed run measured points that were already done"
+
+    reference = run_sweep(Options(str(grid), output=str(tmp_path / "reference")))
+    assert (reference.points, reference.failed) == (total, [])
+    ref = {(r["layer"], r["criterion"], r["k"]): (r["accuracy"], r["loss"]) for r in results(reference.folder)}
+    got = {(r["layer"], r["criterion"], r["k"]): (r["accuracy"], r["loss"]) for r in rows}
+    assert got == ref  # exactly the numbers of an uninterrupted sweep
+
+
+# ---- 4. a crashed trial is retried; 5. W&B server down ----
+
+PAIR_LAYERS = {"layer1.0.conv1": 8, "layer2.0.conv2": 16}
+PAIR_POINTS = expected_points(PAIR_LAYERS, ["l1_norm"], lambda c: [1, 2])
+
+
+def pair_grid(tmp: Path, checkpoint: Path, name: str) -> Path:
+    return write_grid(tmp / f"{name}.yaml", grid_dict(tmp, checkpoint, name=name, layers=list(PAIR_LAYERS),
+                                                      k=[1, 2], criteria=["l1_norm"]))
+
+
+@pytest.fixture(scope="module")
+def pair_offline(sweep_checkpoint, tmp_path_factory):
+    """The 2-trial sweep through the CLI, W&B offline: what a run of it needs (time, results)."""
+    tmp = tmp_path_factory.mktemp("pair_offline")
+    run = run_cli(["--grid", str(pair_grid(tmp, sweep_checkpoint, "pair"))], cwd=tmp)
+    return run, tmp / "runs" / "pair"
+
+
+def test_cli_sweep_completes(pair_offline):
+    run, folder = pair_offline
+    assert run.returncode == 0, run.explain()
+    assert run.out_lines[-1].startswith("4/4 points (4 measured in this run) in "), run.explain()
+    assert sorted(keys(results(folder))) == sorted(PAIR_POINTS)
+    assert "Traceback" not in run.stderr, run.explain()
+    assert len(wandb_run_dirs(folder)) == 3  # 2 trials + the summary run
+
+
+def test_crashed_trial_is_retried(sweep_checkpoint, tmp_path):
+    marker = tmp_path / "crashed"
+    env = cli_env(PRUNE_SWEEP_CRASH_ONCE=f"layer2.0.conv2/l1_norm:{marker}")
+    run = run_cli(["--grid", str(pair_grid(tmp_path, sweep_checkpoint, "crash"))], cwd=tmp_path, env=env)
+    assert marker.is_file(), "the trial never crashed\n" + run.explain()
+    assert run.returncode == 0, run.explain()
+    told = [line for line in run.err_lines if "layer2.0.conv2/l1_norm" in line and "retry" in line]
+    assert len(told) == 1, run.explain()  # the user is told about the retry, once
+    folder = tmp_path / "runs" / "crash"
+    assert sorted(keys(results(folder))) == sorted(PAIR_POINTS)  # every point, exactly once
+    assert run.out_lines[-1].startswith("4/4 points"), run.explain()
+    assert len(wandb_run_dirs(folder)) == 3  # one run per trial (none left behind by the crash) + summary
+
+
+FAKE_KEY = "0123456789abcdef0123456789abcdef01234567"
+
+
+def test_wandb_server_unreachable(sweep_checkpoint, tmp_path, pair_offline):
+    url = f"http://127.0.0.1:{closed_port()}"
+    env = cli_env(WANDB_BASE_URL=url, WANDB_API_KEY=FAKE_KEY)
+    run = run_cli(["--grid", str(pair_grid(tmp_path, sweep_checkpoint, "nowandb")), "--wandb-mode", "online"],
+                  cwd=tmp_path, env=env)
+    assert run.returncode == 0, run.explain()
+    folder = tmp_path / "runs" / "nowandb"
+    assert sorted(keys(results(folder))) == sorted(PAIR_POINTS)
+    lines = (run.stdout + run.stderr).replace(str(tmp_path), "<tmp>").splitlines()  # (the path holds the test's name)
+    told = [line for line in lines if "reachable" in line]
+    assert len(told) == 1 and url in told[0], run.explain()  # told once, naming the server
+    assert len([line for line in lines if "W&B" in line or "wandb:" in line.lower()]) == 1, run.explain()
+    assert "Traceback" not in run.stderr, run.explain()
+    reference, _ = pair_offline
+    assert reference.returncode == 0
+    assert run.seconds <= reference.seconds + 30, f"{run.seconds:.0f} s, offline {reference.seconds:.0f} s"
+    # the runs fell back to offline, and the key appears nowhere
+    assert len(wandb_run_dirs(folder)) == 3
+    assert FAKE_KEY not in run.stdout + run.stderr
+    for path in folder.rglob("*"):
+        if path.is_file() and path.suffix not in (".png", ".npz", ".wandb"):
+            assert FAKE_KEY not in path.read_text(encoding="utf-8", errors="replace"), path
