@@ -33,7 +33,7 @@ from runner.config import Grid, load_grid
 from runner.criteria import rank_all
 from runner.data import Dataset, load_data
 from runner.device import fast_math, host_available_bytes, pick_device, uses_channels_last
-from runner.engine import EvalSet, sweep_layer
+from runner.engine import EvalSet, cache_nbytes, sweep_layer
 from runner.evaluate import evaluate
 from runner.plan import make_plan, select_layers
 from runner.prune import keep_mask, zero_weights
@@ -231,7 +231,9 @@ def run_bench(s: Setup, skip_seed: bool = False) -> dict[str, Any]:
     mismatches = [(key, v, c.accuracies.get(key)) for t in (x for x in (a, b) if x) for key, v in t.accuracies.items()
                   if v != c.accuracies.get(key)]
     timings = [x for x in (a, b, c, d) if x]
+    cache_bytes, cache_layer = _largest_cache(s)
     return {
+        "largest_cache_bytes": cache_bytes, "largest_cache_layer": cache_layer,
         "device": str(s.device), "layers": [x.name for x in s.layers], "points": points, "criterion": s.criterion,
         "eval_images": s.evalset.count, "calibration_images": s.calibration.count,
         "width": s.grid.model.width, "dataset": s.data.name,
@@ -244,12 +246,26 @@ def run_bench(s: Setup, skip_seed: bool = False) -> dict[str, Any]:
     }
 
 
+def _largest_cache(s: Setup) -> tuple[int, str]:
+    """The biggest prefix cache the engine holds for one layer (its extra memory over a full-network eval)."""
+    model = _fresh_model(s)
+    sizes = {}
+    with torch.inference_mode(), fast_math(s.device):
+        for conv in s.layers:
+            first = Split(model, conv, "output").prefix(s.evalset.inputs[0])
+            sizes[conv.name] = cache_nbytes(first) * s.evalset.count // len(s.evalset.labels[0])
+    layer = max(sizes, key=sizes.get)
+    return sizes[layer], layer
+
+
 def table(result: dict[str, Any]) -> list[str]:
     peak = "peak MiB" if result["device"].startswith("cuda") else "peak RSS MiB"
     lines = [f"{'method':<16} {'seconds':>9} {'s/point':>9} {peak:>12}"]
     for name, t in result["timings"].items():
         lines.append(f"{name:<16} {t['seconds']:>9.2f} {t['seconds_per_point']:>9.4f} "
                      f"{t['peak_bytes'] / 2**20:>12.1f}")
+    lines.append(f"engine's largest activation cache: {result['largest_cache_bytes'] / 2**20:.1f} MiB "
+                 f"({result['largest_cache_layer']}); peak memory is the whole process's")
     lines.append(f"points {result['points']} ({len(result['layers'])} layers), {result['eval_images']} eval / "
                  f"{result['calibration_images']} calibration images, {result['device']}; accuracies of a, b, c "
                  f"{'identical at every point' if result['identical_accuracies'] else 'DIFFER: ' + str(result['mismatches'])}")

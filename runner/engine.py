@@ -77,7 +77,7 @@ def default_cache_bytes(device: torch.device) -> int:
     return free_memory_bytes(device) // 4
 
 
-def _nbytes(cache: tuple[Tensor, ...]) -> int:
+def cache_nbytes(cache: tuple[Tensor, ...]) -> int:
     seen, total = set(), 0
     for t in cache:  # an identity shortcut caches the same tensor twice: count it once
         key = t.untyped_storage().data_ptr()
@@ -105,7 +105,7 @@ def sweep_layer(model: ResNet18, conv: ConvInfo, target: str, ranking: Ranking, 
     with torch.inference_mode(), fast_math(device):
         first = split.prefix(evalset.inputs[0])  # its size decides the chunking; it is kept as batch 0's cache
     budget = cache_bytes if cache_bytes is not None else default_cache_bytes(device)
-    chunks = _chunks(_nbytes(first), len(evalset.inputs), budget)
+    chunks = _chunks(cache_nbytes(first), len(evalset.inputs), budget)
     if len(chunks) > 1:
         log.info("%s: cache does not fit; evaluating in %d chunks", conv.name, len(chunks))
     masks = {k: keep_mask(channels, ranking.order[:k], device) for k in ks}
