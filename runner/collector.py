@@ -140,14 +140,17 @@ class Collector(tune.Callback):
         np.savez_compressed(folder / f"{stem}_maps.npz", **maps)
 
     def _progress(self) -> None:
+        """A line every 10 s: points done, rate, time left (from the rate since the first point arrived)."""
         now = time.time()
-        done, total = len(self.table.keys), self.context.total_points
+        done, total, new = len(self.table.keys), self.context.total_points, self._live["new"]
+        if new == 1:
+            self._live["first"] = now
         if now - self._live["last_note"] >= 10 or done == total:
             self._live["last_note"] = now
-            rate = self._live["new"] / max(1e-9, now - self._live["started"])
-            eta = (total - done) / rate if rate else float("nan")
-            log.info("points %d/%d (%.0f%%), %.1f points/s, about %.0f s left", done, total, 100 * done / total,
-                     rate, eta)
+            span = now - self._live["first"]
+            rate = (new - 1) / span if new > 1 and span > 0 else 0.0
+            left = f", about {(total - done) / rate:.0f} s left" if rate and done < total else ""
+            log.info("points %d/%d (%.0f%%)%s", done, total, 100 * done / total, left)
 
     def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
         key = f"{trial.config['layer']}/{trial.config['criterion']}"

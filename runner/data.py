@@ -162,7 +162,10 @@ def load_data(cfg: DataConfig, num_classes: int, seed: int) -> Dataset:
 def to_device(images: np.ndarray, mean: tuple[float, ...], std: tuple[float, ...], device: torch.device,
               dtype: torch.dtype = torch.float32, channels_last: bool = False) -> Tensor:
     """uint8 HWC images -> normalised NCHW tensor on `device` (converted there, not on the host)."""
-    x = torch.from_numpy(np.ascontiguousarray(images)).to(device).permute(0, 3, 1, 2).float().div_(255)
+    images = np.ascontiguousarray(images)
+    # arrays from Ray's object store are read-only: copy those rather than wrap them
+    host = torch.from_numpy(images) if images.flags.writeable else torch.tensor(images)
+    x = host.to(device).permute(0, 3, 1, 2).float().div_(255)
     m = torch.tensor(mean, device=device).view(1, 3, 1, 1)
     s = torch.tensor(std, device=device).view(1, 3, 1, 1)
     x = ((x - m) / s).to(dtype)
