@@ -31,6 +31,8 @@ def setup_logging(verbose: bool = False) -> None:
 def run_main(main: Callable[[], int | None]) -> int:
     """Run an entry point: bad input -> one line and 2, Ctrl-C -> 130, anything else -> traceback and 1."""
     setup_logging(os.environ.get("PRUNE_SWEEP_DEBUG") == "1")
+    # a log handler that cannot write (W&B's debug log on a full disk) must not print tracebacks of its own
+    logging.raiseExceptions = False
     tune_allocator()
     try:
         return main() or EXIT_OK
@@ -45,11 +47,18 @@ def run_main(main: Callable[[], int | None]) -> int:
     except Exception as e:
         storage = _storage_error(e)
         if storage is not None:  # disk full, file too large, read-only: no traceback, the cause in one line
-            print(f"error: {storage}; what was written before it is intact (whole rows only): make room, then "
-                  "run the same command with --resume", file=sys.stderr)
+            print(f"error: {storage_message(storage)}", file=sys.stderr)
             return EXIT_FAILED
         log.exception("failed")
         return EXIT_FAILED
+
+
+def storage_message(e: OSError) -> str:
+    """One line for a disk-level failure while writing results."""
+    what = (e.strerror or str(e)).rstrip(".")
+    where = f" while writing {e.filename}" if e.filename else ""
+    return (f"output: {what[:1].lower()}{what[1:]}{where}; everything written before it is intact (results.csv "
+            "holds whole rows only); fix: make room or fix the folder, then run the same command with --resume")
 
 
 def _storage_error(e: BaseException | None) -> OSError | None:

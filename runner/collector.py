@@ -17,6 +17,7 @@ from ray import tune
 
 from runner import figures
 from runner.results import ResultsTable
+from runner.storage import atomic_path
 from runner.tracking import Tracker, make_tracker
 
 log = logging.getLogger(__name__)
@@ -137,7 +138,8 @@ class Collector(tune.Callback):
                                             "eval images (pruned channels are flat white)"), folder / f"{stem}_layer.png")
         figures.save_png(figures.grid_image(maps["final"], final=True, title=f"{title}\nfinal stage output: the 64 "
                                             "channels with the highest mean"), folder / f"{stem}_final.png")
-        np.savez_compressed(folder / f"{stem}_maps.npz", **maps)
+        with atomic_path(folder / f"{stem}_maps.npz") as tmp:
+            np.savez_compressed(tmp, **maps)
 
     def _progress(self) -> None:
         """A line every 10 s: points done, rate, time left (from the rate since the first point arrived)."""

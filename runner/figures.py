@@ -16,6 +16,8 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 from matplotlib import colormaps  # noqa: E402
 
+from runner.storage import atomic_path  # noqa: E402
+
 TILE = 24  # pixels per feature-map tile in the array renderer
 
 
@@ -94,10 +96,19 @@ def _captioned(image: np.ndarray, title: str, cmap: str, lo: float, hi: float) -
     return np.asarray(pil)
 
 
+def _save(fig: plt.Figure, path: Path, dpi: int = 100) -> None:
+    try:
+        with atomic_path(path) as tmp:
+            fig.savefig(tmp, dpi=dpi, bbox_inches="tight")
+    finally:
+        plt.close(fig)
+
+
 def save_png(image: np.ndarray, path: Path) -> None:
     from PIL import Image
 
-    Image.fromarray(image).save(path, optimize=False, compress_level=1)
+    with atomic_path(path) as tmp:
+        Image.fromarray(image).save(tmp, optimize=False, compress_level=1)
 
 
 def feature_map_figure(maps: np.ndarray, title: str, path: Path, final: bool = False) -> None:
@@ -109,8 +120,7 @@ def feature_map_figure(maps: np.ndarray, title: str, path: Path, final: bool = F
     ax.axis("off")
     fig.colorbar(image, ax=ax, shrink=0.8)
     ax.set_title(title, fontsize=9)
-    fig.savefig(path, dpi=80, bbox_inches="tight")
-    plt.close(fig)
+    _save(fig, path, dpi=80)
 
 
 def accuracy_vs_k(rows: Sequence[dict], baseline: float, path: Path) -> None:
@@ -140,8 +150,7 @@ def accuracy_vs_k(rows: Sequence[dict], baseline: float, path: Path) -> None:
         ticks = np.linspace(0, len(layers) - 1, min(len(layers), 8)).round().astype(int)
         bar.set_ticks(ticks, labels=[layers[t] for t in ticks], fontsize=7)
         bar.set_label("layer (forward order)")
-    fig.savefig(path, dpi=100, bbox_inches="tight")
-    plt.close(fig)
+    _save(fig, path)
 
 
 def sensitivity_heatmap(rows: Sequence[dict], path: Path) -> None:
@@ -165,5 +174,4 @@ def sensitivity_heatmap(rows: Sequence[dict], path: Path) -> None:
         ax.set_xticks(range(0, len(fractions), step), labels=[f"{f:.2g}" for f in fractions[::step]], fontsize=7)
         ax.set_xlabel("K / channels")
     fig.colorbar(image, ax=axes.ravel().tolist(), label="accuracy drop (points)")
-    fig.savefig(path, dpi=100, bbox_inches="tight")
-    plt.close(fig)
+    _save(fig, path)

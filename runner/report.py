@@ -11,7 +11,7 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Any, Sequence
 
-from runner import figures
+from runner import figures, storage
 
 THRESHOLDS = (1.0, 5.0)  # accuracy drop, percentage points
 
@@ -123,5 +123,5 @@ def write_report(rows: Sequence[dict[str, Any]], meta: dict[str, Any], failed: S
               f"- libraries: {', '.join(f'{k} {v}' for k, v in meta['versions'].items())}",
               f"- W&B: {meta['wandb']}", ""]
     path = folder / "report.md"
-    path.write_text("\n".join(lines), encoding="utf-8")
+    storage.write_text(path, "\n".join(lines))
     return path

@@ -88,8 +88,7 @@ class ResultsTable:
                     f.truncate(size)
             except OSError:
                 pass
-            raise ResultsError(e.errno, f"could not write {self.path}: {e.strerror}; the rows before it are "
-                               "intact, and --resume continues once there is room") from e
+            raise ResultsError(e.errno, e.strerror, str(self.path)) from e
 
     def done(self) -> set[Key]:
         return set(self.keys)

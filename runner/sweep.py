@@ -35,7 +35,7 @@ from runner.plan import Plan, make_plan
 from runner.provenance import versions
 from runner.results import read_rows
 from runner.tracking import Tracker
-from runner import report
+from runner import report, storage
 from runner.train import train_checkpoint
 
 log = logging.getLogger(__name__)
@@ -46,7 +46,6 @@ TARGET_MEANING = {
 }
 # Ray and Tune read these when imported or started; set before either happens (see README, "Ray").
 RAY_ENV = {
-    "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",  # a local Ray binds its sockets to 127.0.0.1 only
     "RAY_AUTH_MODE": "disabled",  # no token file in ~/.ray for a local, loopback-only instance
     "RAY_USAGE_STATS_ENABLED": "0",
     "TUNE_DISABLE_AUTO_CALLBACK_LOGGERS": "1",  # no JSON/CSV/TensorBoard loggers: results.csv is the record
@@ -57,6 +56,43 @@ RAY_ENV = {
     "TUNE_GLOBAL_CHECKPOINT_S": "60",
     "WANDB_SILENT": "true",
 }
+
+# For a Ray on loopback only: one this process starts itself, or a cluster whose address is 127.0.0.1 (all its
+# nodes on this machine). The node address is then 127.0.0.1 and every socket binds to loopback. Never when
+# joining a cluster at a real address (--address, or RAY_ADDRESS as `ray job submit` sets it): the driver must
+# then present the machine's real address to the cluster.
+LOCAL_RAY_ENV = {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
+
+
+def on_loopback(address: str | None) -> bool:
+    """Whether the Ray we start or join lives on 127.0.0.1 only."""
+    address = address or os.environ.get("RAY_ADDRESS")
+    if not address:
+        return True
+    host = address.split("://")[-1].rpartition(":")[0].strip("[]")
+    return host in ("localhost", "::1") or host.startswith("127.")
+
+
+def set_ray_env(address: str | None) -> None:
+    """Environment Ray reads at import: call before `runner.tuner` (or ray) is imported."""
+    for key, value in (RAY_ENV | (LOCAL_RAY_ENV if on_loopback(address) else {})).items():
+        os.environ.setdefault(key, value)
+
+
+def check_reachable(address: str) -> None:
+    """A cluster address that nothing answers at is a bad flag (one line, exit 2), not a two-minute hang in
+    ray.init. Ray's own forms ("auto", "ray://...") are left to Ray."""
+    import socket
+
+    host, sep, port = address.rpartition(":")
+    if not sep or not port.isdigit() or "://" in address:
+        return
+    try:
+        socket.create_connection((host or "127.0.0.1", int(port)), timeout=10).close()
+    except OSError as e:
+        raise InputError("--address", address, f"no Ray cluster answers there ({e.strerror or e})",
+                         "the address of a running Ray head (host:port, as `ray start --head` prints it)",
+                         "start the cluster, fix the address, or leave --address out to run on this machine") from None
 
 
 @dataclass(frozen=True)
@@ -239,9 +275,7 @@ def write_config(grid: Grid, plan: Plan, loaded: Checkpoint, experiment: str) ->
         "versions": versions(), "started": datetime.now(timezone.utc).isoformat(),
         "trials": len(plan.trials), "points": plan.points}, "identity": _identity(grid, loaded.sha256),
         "tune_experiment": experiment}
-    tmp = grid.folder / ".config.yaml.tmp"
-    tmp.write_text(yaml.safe_dump(doc, sort_keys=False), encoding="utf-8")
-    os.replace(tmp, grid.folder / "config.yaml")
+    storage.write_text(grid.folder / "config.yaml", yaml.safe_dump(doc, sort_keys=False))
 
 
 def next_experiment(folder: Path) -> str:
@@ -309,12 +343,16 @@ def run_sweep(opts: Options) -> Outcome:
     existing = existing_checkpoint(grid)
     if opts.resume and existing is not None:
         resume_check(grid, plan, existing.sha256)
+    address = opts.address or os.environ.get("RAY_ADDRESS")
+    if address:
+        check_reachable(address)
     given = None if grid.data.dataset == "synthetic" else load_data(grid.data, grid.model.num_classes, grid.seed)
     with folder_lock(grid.folder), ThreadPoolExecutor(1) as pool:
         check_folder(grid, opts.resume)  # again, now that no other sweep can be writing there
         # synthetic data generates in a thread while Ray starts (it is a pure function of the grid: nothing
         # to validate); W&B's slow import happens there too
         data_ready = pool.submit(_load_data_and_tracker, grid, given)
+        set_ray_env(opts.address)
         from runner import tuner  # imports Ray: only once the grid is known to be good
 
         with tuner.ray_session(opts.address, grid.resources.ray_dashboard):

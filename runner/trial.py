@@ -73,14 +73,18 @@ class ProgressBoard:
 
 
 def board_actor(name: str, done: list[tuple[str, str, int]]):
-    """Start the named board (replacing one left by an earlier driver of the same sweep)."""
+    """Start the named board (replacing one left by an earlier driver of the same sweep), on the driver's own
+    node: losing another node of a cluster then costs only the trials that ran there."""
     import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
     try:
         ray.kill(ray.get_actor(name))
     except ValueError:
         pass
-    return ray.remote(num_cpus=0)(ProgressBoard).options(name=name, lifetime=None).remote(done)
+    here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
+    return ray.remote(num_cpus=0)(ProgressBoard).options(name=name, lifetime=None,
+                                                         scheduling_strategy=here).remote(done)
 
 
 def _maybe_crash(key: str, k: int) -> None:

@@ -16,11 +16,12 @@ from typing import Any, Iterator
 
 from runner.sweep import RAY_ENV
 
-for _key, _value in RAY_ENV.items():
+for _key, _value in RAY_ENV.items():  # (runner.sweep.set_ray_env adds the loopback setting for a local Ray)
     os.environ.setdefault(_key, _value)
 
 import ray  # noqa: E402
 from ray import tune  # noqa: E402
+from ray.tune.progress_reporter import TrialProgressCallback  # noqa: E402
 
 from model.checkpoint import Checkpoint  # noqa: E402
 from runner.collector import Collector, Context  # noqa: E402
@@ -51,13 +52,16 @@ def start_ray(address: str | None, dashboard: bool = False) -> bool:
     if ray.is_initialized():
         return False
     quiet = dict(log_to_driver=False, logging_level=logging.WARNING, configure_logging=True)
+    address = address or os.environ.get("RAY_ADDRESS") or None  # `ray job submit` sets RAY_ADDRESS
     if address:
         ray.init(address=address, **quiet)
         log.info("joined the Ray cluster at %s: %s", address, _resources())
     else:
         board = dict(include_dashboard=True, dashboard_host="127.0.0.1") if dashboard else dict(include_dashboard=False)
         try:
-            context = ray.init(**board, **quiet)
+            # "local": a new Ray of our own, never one that `ray start` (or a test cluster) left registered in
+            # /tmp/ray/ray_current_cluster, which a bare ray.init() would silently join
+            context = ray.init(address="local", **board, **quiet)
         except Exception as e:
             if dashboard and "missing packages" in str(e):
                 raise InputError("resources.ray_dashboard", True, "Ray's dashboard needs packages that are not "
@@ -116,6 +120,15 @@ def _context(grid: Grid, plan: Plan, data: Dataset, loaded: Checkpoint, baseline
         total_points=plan.points, board=board_name(grid))
 
 
+class QuietProgress(TrialProgressCallback):
+    """Tune's console reporter, silenced: Tune adds one unless the callbacks hold one, and a restored
+    experiment's copy prints "Trial ... completed" for every finished trial whatever the verbosity. The
+    collector reports progress instead."""
+
+    def _print(self, msg: str) -> None:
+        log.debug("tune: %s", msg)
+
+
 @dataclass
 class TrialsOutcome:
     failed: list[str]  # trials that failed after their retries
@@ -163,5 +176,5 @@ def _new_tuner(grid: Grid, plan: Plan, loaded: Checkpoint, data: Dataset, baseli
         run_config=tune.RunConfig(
             name=experiment, storage_path=str(grid.folder), verbose=0,
             failure_config=tune.FailureConfig(max_failures=grid.sweep.retries),
-            callbacks=[Collector(_context(grid, plan, data, loaded, baseline))]))
+            callbacks=[Collector(_context(grid, plan, data, loaded, baseline)), QuietProgress()]))
 

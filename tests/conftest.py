@@ -62,9 +62,9 @@ def cifar_dir() -> Path:
 # ---- End-to-end sweeps (tests/test_sweep.py, tests/test_cli.py) ----
 # Ray reads some of these when it is imported (RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER: sockets on 127.0.0.1 only),
 # so they are set here, before anything imports ray; CLI subprocesses inherit them.
-from runner.sweep import RAY_ENV as _E2E_RAY_ENV  # noqa: E402  (runner.sweep does not import ray)
+from runner.sweep import LOCAL_RAY_ENV, RAY_ENV  # noqa: E402  (runner.sweep does not import ray)
 
-for _key, _value in _E2E_RAY_ENV.items():
+for _key, _value in (RAY_ENV | LOCAL_RAY_ENV).items():
     os.environ.setdefault(_key, _value)
 os.environ.setdefault("WANDB_SILENT", "true")
 
@@ -82,7 +82,8 @@ def ray_session():
     if ray.is_initialized():
         yield
         return
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, logging_level=logging.WARNING)
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False,
+             logging_level=logging.WARNING)
     try:
         yield
     finally:

@@ -10,9 +10,10 @@ import socket
 import subprocess
 import sys
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import yaml
 
@@ -166,3 +167,89 @@ def run_info(records: list[dict[str, Any]]) -> dict[str, Any]:
 
 def history(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return [r["history"]["item"] for r in records if r.get("type") == "history"]
+
+
+# ---- processes of a running sweep (for real faults: SIGKILL a trial's worker, measure memory) ----
+
+def _parents() -> dict[int, int]:
+    parents = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue  # the process ended meanwhile
+        parents[int(stat.parent.name)] = int(fields[1])
+    return parents
+
+
+def descendants(pid: int) -> list[int]:
+    """Every process started (directly or not) by `pid`: Ray's GCS and raylet, and its workers."""
+    parents, found, todo = _parents(), [], [pid]
+    while todo:
+        parent = todo.pop()
+        children = [p for p, pp in parents.items() if pp == parent]
+        found += children
+        todo += children
+    return found
+
+
+def title(pid: int) -> str:
+    """A process's command line as `ps` shows it (Ray workers set theirs to `ray::Class.method`)."""
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace").strip()
+    except OSError:
+        return ""
+
+
+def trial_workers(driver: int) -> list[int]:
+    """The sweep's Ray workers that are running a trial right now."""
+    return [p for p in descendants(driver) if title(p).startswith("ray::ImplicitFunc.train")]
+
+
+def rss_bytes(pid: int) -> int:
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 0
+
+
+def wait_for_rows(proc: subprocess.Popen, folder: Path, count: int, started: float, limit: float = 300) -> None:
+    """Until results.csv holds `count` rows (the sweep still running)."""
+    while len(results(folder)) < count:
+        assert proc.poll() is None, finish(proc, started, 10).explain()
+        assert time.time() - started < limit, f"fewer than {count} results after {limit:.0f} s"
+        time.sleep(0.05)
+
+
+def measured(run: CliRun) -> tuple[int, int, int]:
+    """(points in results.csv, points expected, points measured in this run) from the CLI's last line."""
+    import re
+
+    found = re.search(r"^(\d+)/(\d+) points \((\d+) measured in this run\)", run.stdout, re.M)
+    assert found, run.explain()
+    return int(found[1]), int(found[2]), int(found[3])
+
+
+@contextmanager
+def tmpfs(path: Path, size: str, read_only: bool = False) -> Iterator[Path]:
+    """A small RAM file system at `path` (a disk that fills up, or a read-only one); skips, visibly, where
+    mounting is not allowed (not root, or a container without the capability)."""
+    import pytest
+
+    path.mkdir(parents=True, exist_ok=True)
+    options = f"size={size}" + (",ro" if read_only else "")
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(path)], capture_output=True,
+                          text=True)
+    if done.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here (needs root): {done.stderr.strip() or done.returncode}")
+    try:
+        yield path
+    finally:
+        subprocess.run(["umount", "-l", str(path)], capture_output=True)
+
+
+def resize_tmpfs(path: Path, size: str) -> None:
+    subprocess.run(["mount", "-o", f"remount,size={size}", str(path)], check=True, capture_output=True)

@@ -1,0 +1,49 @@
+"""A real multi-node Ray cluster on this machine, run as a side process by tests/test_cluster.py:
+
+    python tests/ray_cluster.py NODES
+
+starts a head and NODES-1 worker nodes (1 CPU each, all on 127.0.0.1, no dashboard) with
+`ray.cluster_utils.Cluster`, prints one JSON line {"address": ..., "nodes": [node ids]}, then follows commands
+on stdin: `remove` kills the newest worker node (its raylet, object store and workers: a machine lost) and
+prints {"removed": node id}; end of input shuts the cluster down.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from runner.sweep import LOCAL_RAY_ENV, RAY_ENV  # noqa: E402
+
+for key, value in (RAY_ENV | LOCAL_RAY_ENV).items():
+    os.environ.setdefault(key, value)
+
+from ray.cluster_utils import Cluster  # noqa: E402
+
+
+def say(message: dict) -> None:
+    print(json.dumps(message), flush=True)
+
+
+def main(count: int) -> None:
+    node = dict(num_cpus=1, include_dashboard=False, object_store_memory=200 * 2**20)
+    cluster = Cluster(initialize_head=True, head_node_args=node)
+    workers = [cluster.add_node(**{k: v for k, v in node.items() if k != "include_dashboard"})
+               for _ in range(count - 1)]
+    cluster.wait_for_nodes()
+    say({"address": cluster.address, "nodes": [cluster.head_node.node_id] + [w.node_id for w in workers]})
+    try:
+        for line in sys.stdin:
+            if line.strip() == "remove" and workers:
+                gone = workers.pop()
+                cluster.remove_node(gone, allow_graceful=False)
+                say({"removed": gone.node_id})
+    finally:
+        cluster.shutdown()
+
+
+if __name__ == "__main__":
+    main(int(sys.argv[1]) if len(sys.argv) > 1 else 3)

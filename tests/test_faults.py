@@ -1,0 +1,242 @@
+"""Real faults (DESIGN §9): a trial's Ray worker SIGKILLed, the driver SIGKILLed and the sweep resumed, the
+grid or the checkpoint changed before --resume, two sweeps on one folder, an output folder that is read-only
+or fills up. Nothing here is a simulated exception: processes are killed, file systems are really read-only
+or full (small tmpfs mounts; those tests skip, visibly, where mounting is not allowed).
+
+The long ones (a sweep of 272 points run several times) are marked slow; `.ci/run` runs them too.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from e2e_helpers import (cli_env, finish, grid_dict, keys, measured, resize_tmpfs, results, run_cli, start_cli,
+                         stop_group, tmpfs, trial_workers, wait_for_rows, write_grid)
+from model import checkpoint as ckpt_io
+
+# 17 convs x 8 K x 2 criteria: trials long enough to be caught mid-way. Rankings from the weights only, so that
+# every process ranks exactly alike and runs compare number for number.
+FAULT_KS = [1, 2, 3, 4, 5, 6, 7, 8]
+FAULT_CRITERIA = ["l1_norm", "random"]
+FAULT_POINTS = 17 * len(FAULT_KS) * len(FAULT_CRITERIA)
+
+
+def values(folder: Path) -> dict[tuple[str, str, int], tuple[float, float]]:
+    return {(r["layer"], r["criterion"], r["k"]): (r["accuracy"], r["loss"]) for r in results(folder)}
+
+
+def assert_whole_and_unique(folder: Path) -> list[tuple[str, str, int]]:
+    """results.csv ends with a whole row, every row has every column, and no point appears twice."""
+    text = (folder / "results.csv").read_text(encoding="utf-8")
+    assert text.endswith("\n"), "results.csv ends with a cut row"
+    header, *lines = text.splitlines()
+    import csv
+
+    widths = {len(row) for row in csv.reader(lines)}
+    assert widths <= {len(header.split(","))}, f"rows of {widths} cells, header of {len(header.split(','))}"
+    got = keys(results(folder))
+    assert len(got) == len(set(got)), "a point appears twice"
+    return got
+
+
+@pytest.fixture(scope="module")
+def fault_grid(sweep_checkpoint, tmp_path_factory) -> Path:
+    tmp = tmp_path_factory.mktemp("faults")
+    return write_grid(tmp / "faults.yaml", grid_dict(tmp, sweep_checkpoint, name="faults", layers="all",
+                                                     k=FAULT_KS, criteria=FAULT_CRITERIA, eval_size=200))
+
+
+@pytest.fixture(scope="module")
+def reference(fault_grid, tmp_path_factory):
+    """The same sweep, uninterrupted: what every faulted run must end with."""
+    out = tmp_path_factory.mktemp("reference")
+    run = run_cli(["--grid", str(fault_grid), "--output", str(out)], cwd=out)
+    assert run.returncode == 0, run.explain()
+    assert measured(run) == (FAULT_POINTS, FAULT_POINTS, FAULT_POINTS)
+    return values(out / "faults")
+
+
+# ---- a trial's worker process killed mid-trial ----
+
+@pytest.mark.slow
+def test_a_worker_killed_mid_trial_is_retried_and_every_point_lands_once(fault_grid, reference, tmp_path):
+    started = time.time()
+    proc = start_cli(["--grid", str(fault_grid), "--output", str(tmp_path)], cwd=tmp_path)
+    folder = tmp_path / "faults"
+    try:
+        wait_for_rows(proc, folder, 20, started)
+        busy = trial_workers(proc.pid)
+        assert busy, "no Ray worker is running a trial"
+        os.kill(busy[0], signal.SIGKILL)  # a real process death: Ray reports the actor lost, Tune retries
+        run = finish(proc, started, 300)
+    finally:
+        stop_group(proc)
+    assert run.returncode == 0, run.explain()
+    retried = [line for line in run.err_lines if "failed; retrying from its last finished K" in line]
+    assert len(retried) >= 1, run.explain()  # the killed worker's trial (and any queued on that actor)
+    assert not [line for line in run.err_lines if "failed after its retries" in line], run.explain()
+    assert sorted(assert_whole_and_unique(folder)) == sorted(reference)  # every point, exactly once
+    assert values(folder) == reference  # and the numbers of the uninterrupted run
+
+
+# ---- the driver killed, then --resume ----
+
+@pytest.mark.slow
+def test_driver_killed_then_resumed_recomputes_nothing(fault_grid, reference, tmp_path):
+    args = ["--grid", str(fault_grid), "--output", str(tmp_path)]
+    folder = tmp_path / "faults"
+    started = time.time()
+    proc = start_cli(args, cwd=tmp_path)
+    try:
+        wait_for_rows(proc, folder, 40, started)
+        os.kill(proc.pid, signal.SIGKILL)  # the driver only: no handler runs, nothing is flushed or closed
+        proc.wait(timeout=30)
+        time.sleep(2)  # Ray's processes share the driver's fate; what lingers goes with the process group
+    finally:
+        stop_group(proc)
+        proc.communicate()
+    before = assert_whole_and_unique(folder)
+    assert 40 <= len(before) < FAULT_POINTS
+
+    resumed = run_cli([*args, "--resume"], cwd=tmp_path)
+    assert resumed.returncode == 0, resumed.explain()
+    # the resumed run evaluated exactly the points that were missing: none twice
+    assert measured(resumed) == (FAULT_POINTS, FAULT_POINTS, FAULT_POINTS - len(before))
+    assert set(before) <= set(assert_whole_and_unique(folder))
+    assert values(folder) == reference
+    assert "Trial " not in resumed.stdout, resumed.explain()  # Tune's own console lines stay quiet on restore
+
+
+# ---- --resume after the grid or the checkpoint changed ----
+
+PAIR = {"layers": ["layer1.0.conv1", "layer2.0.conv2"], "k": [1, 2], "criteria": ["l1_norm"]}
+
+
+@pytest.fixture
+def finished_pair(sweep_checkpoint, tmp_path):
+    """A finished 4-point sweep on a checkpoint of its own (so that it can be changed)."""
+    checkpoint = tmp_path / "own.pt"
+    shutil.copy(sweep_checkpoint, checkpoint)
+    grid = grid_dict(tmp_path, checkpoint, name="pair", **PAIR)
+    path = write_grid(tmp_path / "pair.yaml", grid)
+    run = run_cli(["--grid", str(path)], cwd=tmp_path)
+    assert run.returncode == 0, run.explain()
+    folder = tmp_path / "runs" / "pair"
+    return path, grid, folder, checkpoint, (folder / "results.csv").read_bytes()
+
+
+def refused(run, start: str) -> str:
+    assert run.returncode == 2, run.explain()
+    assert len(run.err_lines) == 1 and run.err_lines[0].startswith(start), run.explain()
+    return run.err_lines[0]
+
+
+def test_resume_refuses_a_changed_checkpoint(finished_pair):
+    path, _, folder, checkpoint, csv_before = finished_pair
+    old = ckpt_io.sha256(checkpoint)
+    loaded = ckpt_io.load(checkpoint, "resnet18", 0.125, 10)
+    with torch.no_grad():
+        loaded.model.linear.bias[0] += 0.5  # one number changed: another checkpoint
+    new = ckpt_io.save(checkpoint, loaded.model, loaded.meta)
+    run = run_cli(["--grid", str(path), "--resume"], cwd=path.parent)
+    line = refused(run, f"error: --resume: the checkpoint changed since this sweep started (sha256 {old[:12]} "
+                        f"then, {new[:12]} now): got '{folder}'")
+    assert line.endswith("fix: restore them, or start a new sweep under another name or --output")
+    assert (folder / "results.csv").read_bytes() == csv_before
+
+
+@pytest.mark.parametrize("change, what", [
+    ({"data": {"eval_size": 100}}, "the grid changed since this sweep started (data)"),
+    ({"sweep": {"target": "input"}}, "the grid changed since this sweep started (sweep.target)"),
+    ({"sweep": {"k": [1]}}, "the grid drops 2 recorded points (first: layer1.0.conv1, l1_norm, K=2)"),
+])
+def test_resume_refuses_a_grid_that_changes_or_drops_points(finished_pair, change, what):
+    path, grid, folder, _, csv_before = finished_pair
+    for section, update in change.items():
+        grid[section] = {**grid[section], **update}
+    write_grid(path, grid)
+    run = run_cli(["--grid", str(path), "--resume"], cwd=path.parent)
+    refused(run, f"error: --resume: {what}: got '{folder}'")
+    assert (folder / "results.csv").read_bytes() == csv_before
+
+
+def test_resume_with_a_grid_that_only_adds_points_measures_only_those(finished_pair):
+    path, grid, folder, _, csv_before = finished_pair
+    grid["sweep"] = {**grid["sweep"], "criteria": ["l1_norm", "random"], "k": [1, 2, 3]}
+    write_grid(path, grid)
+    run = run_cli(["--grid", str(path), "--resume"], cwd=path.parent)
+    assert run.returncode == 0, run.explain()
+    assert measured(run) == (12, 12, 8)  # 2 layers x 3 K x 2 criteria, of which 4 were done
+    text = (folder / "results.csv").read_bytes()
+    assert text.startswith(csv_before)  # the first rows untouched
+    assert len(set(assert_whole_and_unique(folder))) == 12
+
+
+# ---- two sweeps on one output folder ----
+
+def test_a_second_sweep_on_the_same_folder_is_refused(sweep_checkpoint, tmp_path):
+    path = write_grid(tmp_path / "pair.yaml", grid_dict(tmp_path, sweep_checkpoint, name="pair", **PAIR))
+    started = time.time()
+    procs = [start_cli(["--grid", str(path)], cwd=tmp_path) for _ in range(2)]
+    try:
+        runs = [finish(p, started, 300) for p in procs]
+    finally:
+        for p in procs:
+            stop_group(p)
+    codes = sorted(r.returncode for r in runs)
+    assert codes == [0, 2], "\n".join(r.explain() for r in runs)
+    loser = next(r for r in runs if r.returncode == 2)
+    folder = tmp_path / "runs" / "pair"
+    assert len(loser.err_lines) == 1, loser.explain()
+    assert loser.err_lines[0].startswith((f"error: output: another sweep is running in this folder (pid ",
+                                          f"error: output: this folder already holds results")), loser.explain()
+    assert len(assert_whole_and_unique(folder)) == 4
+
+
+# ---- an output folder that is read-only, or fills up ----
+
+def test_a_read_only_output_folder_is_one_line_and_exit_2(sweep_checkpoint, tmp_path):
+    with tmpfs(tmp_path / "ro", "1m", read_only=True) as ro:
+        grid = grid_dict(tmp_path, sweep_checkpoint, name="pair", **PAIR)
+        grid["output"] = str(ro / "runs")
+        run = run_cli(["--grid", str(write_grid(tmp_path / "pair.yaml", grid))], cwd=tmp_path)
+        assert run.returncode == 2, run.explain()
+        assert run.err_lines == [f"error: output: cannot write there (Read-only file system): got "
+                                 f"'{ro}/runs/pair'; allowed: a folder you can write to; fix: choose another "
+                                 "--output, or fix the folder's permissions"], run.explain()
+
+
+@pytest.mark.slow
+def test_a_full_disk_stops_the_sweep_cleanly_and_resume_finishes_it(fault_grid, reference, tmp_path):
+    with tmpfs(tmp_path / "small", "2m") as small:
+        args = ["--grid", str(fault_grid), "--output", str(small)]
+        run = run_cli(args, cwd=tmp_path, env=cli_env())
+        folder = small / "faults"
+        assert run.returncode == 1, run.explain()
+        assert "Traceback" not in run.stderr and "Logging error" not in run.stderr, run.explain()
+        assert run.err_lines[-1].startswith("error: output: no space left on device while writing "
+                                            f"{folder}/"), run.explain()
+        assert run.err_lines[-1].endswith("fix: make room or fix the folder, then run the same command with "
+                                          "--resume"), run.explain()
+        done = assert_whole_and_unique(folder)  # what was written before the disk filled is whole
+        assert 0 < len(done) < FAULT_POINTS
+        assert {k: v for k, v in values(folder).items()} == {k: reference[k] for k in done}
+        assert not list(folder.rglob(".*.tmp*")), "a half-written file was left behind"
+        from PIL import Image
+
+        for png in (folder / "feature_maps").rglob("*.png"):
+            with Image.open(png) as image:
+                image.verify()  # every figure we wrote is a whole PNG (W&B's own media copies are its business)
+
+        resize_tmpfs(small, "64m")  # room made: the same command with --resume finishes the sweep
+        resumed = run_cli([*args, "--resume"], cwd=tmp_path)
+        assert resumed.returncode == 0, resumed.explain()
+        assert measured(resumed)[:2] == (FAULT_POINTS, FAULT_POINTS)
+        assert values(folder) == reference
