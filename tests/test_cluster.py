@@ -1,0 +1,123 @@
+"""Scale-out (DESIGN §9): a real three-node Ray cluster on this machine (tests/ray_cluster.py, a side process
+running `ray.cluster_utils.Cluster`: a head and two worker nodes, each its own raylet and object store, all on
+127.0.0.1), joined with `--address` exactly as a user joins theirs. Trials spread over the nodes, results and
+W&B runs land on the driver's side, the checkpoint travels through the object store, and a node lost
+mid-sweep costs only retries. Marked slow (a cluster start and two sweeps, about two minutes).
+"""
+
+from __future__ import annotations
+
+import json
+import select
+import shutil
+import subprocess
+import sys
+import time
+from collections import Counter
+from pathlib import Path
+
+import pytest
+
+from e2e_helpers import (ROOT, cli_env, finish, grid_dict, keys, measured, results, start_cli, stop_group,
+                         wait_for_rows, wandb_run_dirs, write_grid)
+
+pytestmark = pytest.mark.slow
+
+KS = [1, 2, 3, 4, 5, 6, 7, 8]
+CRITERIA = ["l1_norm", "random"]
+POINTS = 17 * len(KS) * len(CRITERIA)
+
+
+class SideCluster:
+    def __init__(self, nodes: int) -> None:
+        self.proc = subprocess.Popen([sys.executable, str(ROOT / "tests" / "ray_cluster.py"), str(nodes)],
+                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                     text=True, env=cli_env(), start_new_session=True)
+        first = self.read(180)
+        self.address: str = first["address"]
+        self.nodes: list[str] = first["nodes"]
+
+    def read(self, timeout: float) -> dict:
+        ready, _, _ = select.select([self.proc.stdout], [], [], timeout)
+        line = self.proc.stdout.readline() if ready else ""
+        if not line:
+            self.close()
+            raise AssertionError(f"the cluster side process said nothing in {timeout:.0f} s:\n"
+                                 f"{self.proc.stderr.read()[-3000:]}")
+        return json.loads(line)
+
+    def remove_node(self) -> str:
+        self.proc.stdin.write("remove\n")
+        self.proc.stdin.flush()
+        return self.read(120)["removed"]
+
+    def close(self) -> None:
+        try:
+            self.proc.stdin.close()
+            self.proc.wait(timeout=60)
+        except (subprocess.TimeoutExpired, OSError, ValueError):
+            pass
+        stop_group(self.proc)
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    side = SideCluster(3)
+    try:
+        yield side
+    finally:
+        side.close()
+
+
+def cluster_grid(tmp: Path, checkpoint: Path) -> Path:
+    return write_grid(tmp / "cluster.yaml", grid_dict(tmp, checkpoint, name="cluster", layers="all", k=KS,
+                                                      criteria=CRITERIA, eval_size=200))
+
+
+def test_trials_run_on_every_node_and_everything_lands_on_the_driver(cluster, sweep_checkpoint, tmp_path):
+    checkpoint = tmp_path / "own.pt"
+    shutil.copy(sweep_checkpoint, checkpoint)
+    started = time.time()
+    proc = start_cli(["--grid", str(cluster_grid(tmp_path, checkpoint)), "--address", cluster.address],
+                     cwd=tmp_path)
+    folder = tmp_path / "runs" / "cluster"
+    try:
+        wait_for_rows(proc, folder, 1, started)
+        # the file is gone from here on: trials still starting on any node get the weights from the object
+        # store, never from a path
+        checkpoint.rename(tmp_path / "moved.pt")
+        run = finish(proc, started, 400)
+    finally:
+        stop_group(proc)
+    assert run.returncode == 0, run.explain()
+    assert f"joined the Ray cluster at {cluster.address}: 3 node(s), 3 CPUs" in run.stderr, run.explain()
+    rows = results(folder)
+    assert len(rows) == len(set(keys(rows))) == POINTS
+    nodes = Counter(r["node"] for r in rows)
+    assert set(nodes) <= {n[:12] for n in cluster.nodes}
+    assert len(nodes) == 3, nodes  # trials ran on every node (1 CPU each)
+    # results, W&B runs, figures and report all written by the driver, in its folder
+    assert len(wandb_run_dirs(folder)) == 17 * len(CRITERIA) + 1
+    assert (folder / "report.md").is_file() and (folder / "plots" / "accuracy_vs_k.png").is_file()
+    assert measured(run) == (POINTS, POINTS, POINTS)
+
+
+def test_a_node_lost_mid_sweep_costs_only_retries(cluster, sweep_checkpoint, tmp_path):
+    started = time.time()
+    proc = start_cli(["--grid", str(cluster_grid(tmp_path, sweep_checkpoint)), "--address", cluster.address],
+                     cwd=tmp_path)
+    folder = tmp_path / "runs" / "cluster"
+    try:
+        wait_for_rows(proc, folder, 30, started)
+        lost = cluster.remove_node()  # raylet, object store and workers of a worker node killed at once
+        at_loss = len(results(folder))
+        run = finish(proc, started, 400)
+    finally:
+        stop_group(proc)
+    assert run.returncode == 0, run.explain()
+    rows = results(folder)
+    assert len(rows) == len(set(keys(rows))) == POINTS  # every point, once
+    late = [r for r in rows[at_loss + 10:] if r["node"] == lost[:12]]  # (a few may have been on their way)
+    assert not late, "results kept coming from the lost node"
+    assert any("failed; retrying from its last finished K" in line for line in run.err_lines), run.explain()
+    assert not any("failed after its retries" in line for line in run.err_lines), run.explain()
