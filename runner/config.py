@@ -165,6 +165,17 @@ class ResourcesConfig(Section):
     max_concurrent: int | None = Field(None, ge=1)
     cache_gb: Literal["auto"] | float = "auto"  # memory for a trial's cached activations; auto: by device
     ray_dashboard: bool = False  # a local Ray's dashboard (on 127.0.0.1 only); off unless asked for
+    # where Tune keeps its experiment state (for --resume): null = the output folder; on a cluster, a folder
+    # every node reaches (NFS) or a cloud URI such as s3://bucket/prune-sweep (pyarrow's file systems)
+    tune_storage: str | None = None
+
+    @field_validator("tune_storage")
+    @classmethod
+    def _storage(cls, v: str | None) -> str | None:
+        if v is not None and (not v.strip() or ("://" in v and not re.fullmatch(r"[a-z][a-z0-9+.-]*://\S+", v))):
+            raise InputError("resources.tune_storage", v, "not a folder or a URI", "null (the output folder), "
+                             "a folder, or a URI like s3://bucket/path", "fix the value or remove the key")
+        return v
 
     @field_validator("gpus_per_trial", "cache_gb")
     @classmethod
@@ -214,7 +225,17 @@ class Grid(Section):
 
         data = self.data.model_copy(update={k: absolute(getattr(self.data, k)) for k in ("root", "train", "test")})
         checkpoint = self.checkpoint.model_copy(update={"path": absolute(self.checkpoint.path)})
-        return self.model_copy(update={"data": data, "checkpoint": checkpoint, "output": absolute(self.output)})
+        storage = self.resources.tune_storage
+        resources = self.resources.model_copy(update={"tune_storage": storage if storage is None or "://" in storage
+                                                      else absolute(storage)})
+        return self.model_copy(update={"data": data, "checkpoint": checkpoint, "output": absolute(self.output),
+                                       "resources": resources})
+
+    @property
+    def tune_root(self) -> str:
+        """Where this sweep's Tune experiments go: the output folder, or <tune_storage>/<name>."""
+        storage = self.resources.tune_storage
+        return str(self.folder) if storage is None else f"{storage.rstrip('/')}/{self.name}"
 
     def as_dict(self) -> dict[str, Any]:
         """The grid as plain YAML-ready data, in the form a grid file takes (loadable again)."""

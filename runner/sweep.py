@@ -278,9 +278,12 @@ def write_config(grid: Grid, plan: Plan, loaded: Checkpoint, experiment: str) ->
     storage.write_text(grid.folder / "config.yaml", yaml.safe_dump(doc, sort_keys=False))
 
 
-def next_experiment(folder: Path) -> str:
-    """A Tune experiment name not used in the folder yet: tune, tune-2, tune-3, ..."""
-    n = 1
+def next_experiment(grid: Grid) -> str:
+    """A Tune experiment name not used yet: tune, tune-2, tune-3, ... in the output folder; in a tune_storage
+    elsewhere (perhaps a URI, not listed here), one stamped with the time."""
+    if grid.resources.tune_storage is not None:
+        return "tune-" + datetime.now(timezone.utc).strftime("%Y%m%d-%H%M%S-%f")
+    folder, n = grid.folder, 1
     while (folder / ("tune" if n == 1 else f"tune-{n}")).exists():
         n += 1
     return "tune" if n == 1 else f"tune-{n}"
@@ -362,13 +365,13 @@ def run_sweep(opts: Options) -> Outcome:
             if opts.resume:
                 saved, adds = resume_check(grid, plan, loaded.sha256)
                 experiment = saved.get("tune_experiment", "tune")
-                if not adds and tuner.can_restore(grid.folder / experiment):
+                if not adds and tuner.can_restore(f"{grid.tune_root}/{experiment}"):
                     restore = experiment
                 else:  # new points (or no Tune state to restore): a new experiment; finished points are skipped
                     log.info("resuming with a new Tune experiment: %s", "the grid adds points" if adds else
                              "Tune's state of the first run was not saved")
             if restore is None:
-                experiment = next_experiment(grid.folder)
+                experiment = next_experiment(grid)
                 write_config(grid, plan, loaded, experiment)
             calibrated = calibrate(grid, plan, data, loaded)
             baseline, rankings = calibrated.baseline, calibrated.rankings

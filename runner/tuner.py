@@ -136,8 +136,10 @@ class TrialsOutcome:
     measured: int  # points the trials measured in this run, repeats included
 
 
-def can_restore(path: Path) -> bool:
-    return path.is_dir() and tune.Tuner.can_restore(str(path))
+def can_restore(path: str) -> bool:
+    if "://" not in path and not Path(path).is_dir():
+        return False
+    return tune.Tuner.can_restore(path)
 
 
 def run_trials(grid: Grid, plan: Plan, data: Dataset, loaded: Checkpoint, baseline: float, rankings: dict,
@@ -148,10 +150,10 @@ def run_trials(grid: Grid, plan: Plan, data: Dataset, loaded: Checkpoint, baseli
     board = board_actor(board_name(grid), done)  # kept alive while the trials run
     shared = _shared(grid, plan, data, loaded, rankings)
     trainable = tune.with_resources(tune.with_parameters(run_trial, shared=shared), trial_resources(grid))
-    path = grid.folder / experiment
+    path = f"{grid.tune_root}/{experiment}"
     if restore:
         log.info("resuming from Tune's state in %s (%d points already in results.csv)", path, len(done))
-        tuner = tune.Tuner.restore(str(path), trainable, resume_unfinished=True, resume_errored=True)
+        tuner = tune.Tuner.restore(path, trainable, resume_unfinished=True, resume_errored=True)
     else:
         tuner = _new_tuner(grid, plan, loaded, data, baseline, trainable, experiment)
     results = tuner.fit()
@@ -174,7 +176,7 @@ def _new_tuner(grid: Grid, plan: Plan, loaded: Checkpoint, data: Dataset, baseli
         tune_config=tune.TuneConfig(max_concurrent_trials=grid.resources.max_concurrent, reuse_actors=True,
                                     trial_name_creator=trial_name, trial_dirname_creator=trial_name),
         run_config=tune.RunConfig(
-            name=experiment, storage_path=str(grid.folder), verbose=0,
+            name=experiment, storage_path=grid.tune_root, verbose=0,
             failure_config=tune.FailureConfig(max_failures=grid.sweep.retries),
             callbacks=[Collector(_context(grid, plan, data, loaded, baseline)), QuietProgress()]))
 

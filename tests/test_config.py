@@ -233,6 +233,22 @@ def test_home_is_expanded(tmp_path):
     assert grid.checkpoint.path == str(Path.home().resolve() / "ck" / "m.pt")
 
 
+@pytest.mark.parametrize("storage, root", [
+    (None, "{tmp}/runs/sweep"),  # the output folder
+    ("tune-state", "{tmp}/tune-state/sweep"),  # a folder, resolved like every path
+    ("s3://bucket/prune-sweep/", "s3://bucket/prune-sweep/sweep"),  # a URI, kept as written
+])
+def test_tune_storage(tmp_path, storage, root):
+    grid = parse_grid({"resources": {"tune_storage": storage}}, "g").resolved(tmp_path)
+    assert grid.tune_root == root.format(tmp=tmp_path)
+
+
+def test_tune_storage_that_is_neither_folder_nor_uri():
+    assert grid_error({"resources": {"tune_storage": "s3:// bucket"}}) == (
+        "grid.yaml: resources.tune_storage: not a folder or a URI: got 's3:// bucket'; allowed: null (the output "
+        "folder), a folder, or a URI like s3://bucket/path; fix: fix the value or remove the key")
+
+
 def test_grid_is_frozen():
     grid = Grid()
     with pytest.raises(ValidationError, match="Instance is frozen"):

@@ -240,3 +240,21 @@ def test_a_full_disk_stops_the_sweep_cleanly_and_resume_finishes_it(fault_grid, 
         assert resumed.returncode == 0, resumed.explain()
         assert measured(resumed)[:2] == (FAULT_POINTS, FAULT_POINTS)
         assert values(folder) == reference
+
+
+# ---- Tune's state elsewhere (a cluster's shared folder or a cloud URI): resume reads it from there ----
+
+def test_tune_state_in_its_own_storage_and_resume_restores_from_it(sweep_checkpoint, tmp_path):
+    grid = grid_dict(tmp_path, sweep_checkpoint, name="pair", **PAIR)
+    grid["resources"] = {"tune_storage": str(tmp_path / "shared")}
+    path = write_grid(tmp_path / "pair.yaml", grid)
+    first = run_cli(["--grid", str(path)], cwd=tmp_path)
+    assert first.returncode == 0, first.explain()
+    folder = tmp_path / "runs" / "pair"
+    experiments = sorted((tmp_path / "shared" / "pair").glob("tune-*"))
+    assert len(experiments) == 1 and list(experiments[0].glob("experiment_state-*.json")), first.explain()
+    assert not list(folder.glob("tune*"))  # nothing of Tune's in the output folder
+    again = run_cli(["--grid", str(path), "--resume"], cwd=tmp_path)
+    assert again.returncode == 0, again.explain()
+    assert f"resuming from Tune's state in {experiments[0]}" in again.stderr, again.explain()
+    assert measured(again) == (4, 4, 0)
