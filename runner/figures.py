@@ -123,55 +123,83 @@ def feature_map_figure(maps: np.ndarray, title: str, path: Path, final: bool = F
     _save(fig, path, dpi=80)
 
 
+LEGEND_LINES = 8  # more layers than this in one panel: facet by stage, one row of panels each
+
+
+def stages(layers: Sequence[str]) -> list[list[str]]:
+    """Layers grouped by the stage they belong to (the first part of the name: conv1, layer1, ...), in order;
+    a stage of one layer (the stem) joins the next one."""
+    groups: dict[str, list[str]] = {}
+    for layer in layers:
+        groups.setdefault(layer.split(".")[0], []).append(layer)
+    out: list[list[str]] = []
+    carry: list[str] = []
+    for group in groups.values():
+        if len(group) == 1 and not out and len(groups) > 1:
+            carry = group  # the stem, drawn with the first stage
+            continue
+        out.append(carry + group)
+        carry = []
+    return out or [carry]
+
+
 def accuracy_vs_k(rows: Sequence[dict], baseline: float, path: Path) -> None:
-    """One panel per criterion, one line per layer: accuracy against K (as a fraction of the layer's channels,
-    so layers of different widths share an axis). Many layers: coloured by depth, a colour bar instead of a
-    legend that would be longer than the plot."""
+    """Accuracy against K (as a fraction of the layer's channels, so layers of different widths share an
+    axis): one column of panels per criterion, and, when there are more layers than a legend can hold, one row
+    per stage, so that every panel keeps a short legend."""
     criteria = sorted({r["criterion"] for r in rows})
     layers = list(dict.fromkeys(r["layer"] for r in rows))
-    fig, axes = plt.subplots(1, len(criteria), figsize=(5.2 * len(criteria), 4.2), squeeze=False, sharey=True)
-    cmap = colormaps["viridis"]
-    for ax, criterion in zip(axes[0], criteria):
-        for i, layer in enumerate(layers):
-            pts = sorted((r["fraction"], r["accuracy"]) for r in rows if r["layer"] == layer
-                         and r["criterion"] == criterion)
-            if pts:
-                xs, ys = zip(*[(0.0, baseline), *pts])
-                ax.plot(xs, ys, marker=".", lw=1.2, color=cmap(i / max(1, len(layers) - 1)), label=layer)
-        ax.axhline(baseline, color="grey", lw=0.8, ls="--")
-        ax.set(title=criterion, xlabel="fraction of channels pruned (K / channels)", xlim=(0, 1.02))
-        ax.grid(alpha=0.3)
-    axes[0][0].set_ylabel("accuracy (%)")
-    if len(layers) <= 10:
-        axes[0][-1].legend(fontsize=7, loc="lower left")
-    else:
-        bar = fig.colorbar(plt.cm.ScalarMappable(cmap=cmap, norm=plt.Normalize(0, len(layers) - 1)),
-                           ax=axes.ravel().tolist(), shrink=0.9)
-        ticks = np.linspace(0, len(layers) - 1, min(len(layers), 8)).round().astype(int)
-        bar.set_ticks(ticks, labels=[layers[t] for t in ticks], fontsize=7)
-        bar.set_label("layer (forward order)")
+    groups = [layers] if len(layers) <= LEGEND_LINES else stages(layers)
+    fig, axes = plt.subplots(len(groups), len(criteria), figsize=(4.6 * len(criteria) + 1.6, 3.2 * len(groups)),
+                             squeeze=False, sharex=True, sharey=True)
+    cmap = colormaps["tab10"]
+    for row, group in enumerate(groups):
+        for col, criterion in enumerate(criteria):
+            ax = axes[row][col]
+            for i, layer in enumerate(group):
+                pts = sorted((r["fraction"], r["accuracy"]) for r in rows if r["layer"] == layer
+                             and r["criterion"] == criterion)
+                if pts:
+                    xs, ys = zip(*[(0.0, baseline), *pts])
+                    ax.plot(xs, ys, marker="." if len(pts) <= 16 else None, lw=1.3, color=cmap(i % 10),
+                            label=layer)
+            ax.axhline(baseline, color="grey", lw=0.8, ls="--")
+            ax.set_xlim(0, 1.02)
+            ax.grid(alpha=0.3)
+            if row == 0:
+                ax.set_title(criterion)
+            if row == len(groups) - 1:
+                ax.set_xlabel("fraction of channels pruned (K / channels)")
+            if col == 0:
+                ax.set_ylabel("accuracy (%)")
+        axes[row][-1].legend(fontsize=7, loc="center left", bbox_to_anchor=(1.02, 0.5), frameon=False)
     _save(fig, path)
 
 
 def sensitivity_heatmap(rows: Sequence[dict], path: Path) -> None:
-    """Layers x K-fraction heatmap of accuracy drop, one panel per criterion."""
+    """Accuracy drop by layer (rows) and K / channels (x), one panel per criterion. Each cell spans from the
+    previous measured fraction to its own, so layers of 8 and of 512 channels fill the same width without gaps,
+    and the figure's size does not grow with the number of K values."""
     criteria = sorted({r["criterion"] for r in rows})
     layers = list(dict.fromkeys(r["layer"] for r in rows))
-    fractions = sorted({round(r["fraction"], 4) for r in rows})
-    fig, axes = plt.subplots(1, len(criteria), figsize=(1.2 + 0.35 * len(fractions) * len(criteria) + 2.5 *
-                                                        len(criteria), 1.2 + 0.28 * len(layers)), squeeze=False)
-    drops = [r["accuracy_drop"] for r in rows]
-    vmax = max(1.0, max(drops))
+    fig, axes = plt.subplots(1, len(criteria), figsize=(1.6 + 4.2 * len(criteria), 1.4 + 0.26 * len(layers)),
+                             squeeze=False, sharey=True)
+    vmax = max(1.0, max(r["accuracy_drop"] for r in rows))
+    image = None
     for ax, criterion in zip(axes[0], criteria):
-        grid = np.full((len(layers), len(fractions)), np.nan)
-        for r in rows:
-            if r["criterion"] == criterion:
-                grid[layers.index(r["layer"]), fractions.index(round(r["fraction"], 4))] = r["accuracy_drop"]
-        image = ax.imshow(grid, aspect="auto", cmap="magma_r", vmin=0, vmax=vmax, interpolation="nearest")
+        for i, layer in enumerate(layers):
+            pts = sorted((r["fraction"], r["accuracy_drop"]) for r in rows if r["layer"] == layer
+                         and r["criterion"] == criterion)
+            if not pts:
+                continue
+            edges = np.array([0.0] + [f for f, _ in pts])
+            image = ax.pcolormesh(np.vstack([edges, edges]), np.array([[i - 0.5] * len(edges), [i + 0.5] *
+                                  len(edges)]), np.array([[d for _, d in pts]]), cmap="magma_r", vmin=0, vmax=vmax)
         ax.set_title(criterion)
-        ax.set_yticks(range(len(layers)), labels=layers if ax is axes[0][0] else [""] * len(layers), fontsize=7)
-        step = max(1, len(fractions) // 10)
-        ax.set_xticks(range(0, len(fractions), step), labels=[f"{f:.2g}" for f in fractions[::step]], fontsize=7)
+        ax.set_xlim(0, 1)
+        ax.set_ylim(len(layers) - 0.5, -0.5)
+        ax.set_yticks(range(len(layers)), labels=layers, fontsize=7)
         ax.set_xlabel("K / channels")
-    fig.colorbar(image, ax=axes.ravel().tolist(), label="accuracy drop (points)")
+    if image is not None:
+        fig.colorbar(image, ax=axes.ravel().tolist(), label="accuracy drop (points)")
     _save(fig, path)

@@ -55,7 +55,7 @@ def _k(p: dict[str, Any] | None) -> str:
     return "none" if p is None else f"{p['k']} ({100 * p['fraction']:.0f}%)"
 
 
-def _sensitivity_table(summary: list[dict[str, Any]], limit: int = 8) -> list[str]:
+def _sensitivity_table(summary: list[dict[str, Any]], limit: int = 12) -> list[str]:
     lines = ["| layer | channels | best criterion | mean drop (pts) | drop at largest K | largest K, drop < 1 pt "
              "| largest K, drop < 5 pts |", "|---|---:|---|---:|---:|---:|---:|"]
     shown = summary if len(summary) <= 2 * limit else summary[:limit] + [None] + summary[-limit:]
