@@ -118,7 +118,7 @@ def write_report(rows: Sequence[dict[str, Any]], meta: dict[str, Any], failed: S
               "## Provenance", "",
               f"- checkpoint: `{meta['checkpoint']}` (sha256 `{meta['checkpoint_sha256']}`)",
               f"- checkpoint test accuracy when trained: {meta.get('trained_accuracy', 'n/a')}",
-              f"- resolved grid: [config.yaml](config.yaml); every row of [results.csv](results.csv) carries the "
+              "- resolved grid: [config.yaml](config.yaml); every row of [results.csv](results.csv) carries the "
               "checkpoint sha256",
               f"- libraries: {', '.join(f'{k} {v}' for k, v in meta['versions'].items())}",
               f"- W&B: {meta['wandb']}", ""]

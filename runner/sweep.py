@@ -64,9 +64,13 @@ RAY_ENV = {
 LOCAL_RAY_ENV = {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
 
 
+def cluster_address(flag: str | None) -> str | None:
+    """The cluster to join: --address, else RAY_ADDRESS (as `ray job submit` sets it), else none (a local Ray)."""
+    return flag or os.environ.get("RAY_ADDRESS") or None
+
+
 def on_loopback(address: str | None) -> bool:
-    """Whether the Ray we start or join lives on 127.0.0.1 only."""
-    address = address or os.environ.get("RAY_ADDRESS")
+    """Whether the Ray we start (address None) or join lives on 127.0.0.1 only."""
     if not address:
         return True
     host = address.split("://")[-1].rpartition(":")[0].strip("[]")
@@ -346,7 +350,7 @@ def run_sweep(opts: Options) -> Outcome:
     existing = existing_checkpoint(grid)
     if opts.resume and existing is not None:
         resume_check(grid, plan, existing.sha256)
-    address = opts.address or os.environ.get("RAY_ADDRESS")
+    address = cluster_address(opts.address)
     if address:
         check_reachable(address)
     given = None if grid.data.dataset == "synthetic" else load_data(grid.data, grid.model.num_classes, grid.seed)
@@ -355,10 +359,10 @@ def run_sweep(opts: Options) -> Outcome:
         # synthetic data generates in a thread while Ray starts (it is a pure function of the grid: nothing
         # to validate); W&B's slow import happens there too
         data_ready = pool.submit(_load_data_and_tracker, grid, given)
-        set_ray_env(opts.address)
+        set_ray_env(address)
         from runner import tuner  # imports Ray: only once the grid is known to be good
 
-        with tuner.ray_session(opts.address, grid.resources.ray_dashboard):
+        with tuner.ray_session(address, grid.resources.ray_dashboard):
             data = data_ready.result()
             loaded = ensure_checkpoint(grid, data, existing)
             restore = None

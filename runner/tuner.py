@@ -52,7 +52,6 @@ def start_ray(address: str | None, dashboard: bool = False) -> bool:
     if ray.is_initialized():
         return False
     quiet = dict(log_to_driver=False, logging_level=logging.WARNING, configure_logging=True)
-    address = address or os.environ.get("RAY_ADDRESS") or None  # `ray job submit` sets RAY_ADDRESS
     if address:
         ray.init(address=address, **quiet)
         log.info("joined the Ray cluster at %s: %s", address, _resources())

@@ -1,6 +1,5 @@
 """Run a pruning-sensitivity sweep: python scripts/sweep.py --grid sweeps/demo.yaml"""
 
-import argparse
 import sys
 from pathlib import Path
 
@@ -30,7 +29,7 @@ def main() -> int:
     print(f"{outcome.points}/{outcome.expected} points ({outcome.measured} measured in this run) in "
           f"{outcome.seconds:.0f} s; report: {outcome.folder / 'report.md'}")
     if outcome.interrupted:
-        print(f"interrupted: continue with the same command and --resume", file=sys.stderr)
+        print("interrupted: continue with the same command and --resume", file=sys.stderr)
         return EXIT_INTERRUPTED
     if outcome.failed:
         print(f"{len(outcome.failed)} trials failed: {', '.join(outcome.failed)}", file=sys.stderr)

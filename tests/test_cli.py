@@ -8,7 +8,6 @@ runs in, each test's own tmp folder.
 
 from __future__ import annotations
 
-from pathlib import Path
 
 import pytest
 

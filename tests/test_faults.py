@@ -195,8 +195,8 @@ def test_a_second_sweep_on_the_same_folder_is_refused(sweep_checkpoint, tmp_path
     loser = next(r for r in runs if r.returncode == 2)
     folder = tmp_path / "runs" / "pair"
     assert len(loser.err_lines) == 1, loser.explain()
-    assert loser.err_lines[0].startswith((f"error: output: another sweep is running in this folder (pid ",
-                                          f"error: output: this folder already holds results")), loser.explain()
+    assert loser.err_lines[0].startswith(("error: output: another sweep is running in this folder (pid ",
+                                          "error: output: this folder already holds results")), loser.explain()
     assert len(assert_whole_and_unique(folder)) == 4
 
 

@@ -9,6 +9,7 @@ import re
 import secrets
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -111,12 +112,17 @@ def _tiny_grid(tmp: Path, mode: str) -> Path:
 @pytest.mark.parametrize("mode", ["offline", "auto"])
 def test_wandb_key_appears_in_nothing_the_sweep_writes(tmp_path: Path, mode: str) -> None:
     key = secrets.token_hex(20)  # 40 characters, like a real key
+    started = time.time()
     env = {**os.environ, "WANDB_API_KEY": key, "WANDB_BASE_URL": "http://127.0.0.1:9"}  # auto -> online -> no server
     done = subprocess.run([sys.executable, str(ROOT / "scripts" / "sweep.py"), "--grid", str(_tiny_grid(tmp_path, mode))],
                           capture_output=True, text=True, env=env, cwd=tmp_path, timeout=600)
     assert done.returncode == 0, done.stderr[-2000:]
     written = [p for p in (tmp_path / "runs").rglob("*") if p.is_file()]
     assert any(p.name == "results.csv" for p in written) and any(p.suffix == ".wandb" for p in written)
+    # and Ray's own logs of this run (its session folders started during the test)
+    sessions = [d for d in Path("/tmp/ray").glob("session_2*") if d.is_dir() and d.stat().st_mtime >= started - 1]
+    assert sessions, "no Ray session folder from this run"
+    written += [p for d in sessions for p in d.rglob("*") if p.is_file() and not p.is_symlink()]
     leaks = [str(p) for p in written if key.encode() in p.read_bytes()]
     assert leaks == []
     assert key not in done.stdout + done.stderr
