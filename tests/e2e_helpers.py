@@ -131,6 +131,11 @@ def keys(rows: list[dict[str, Any]]) -> list[tuple[str, str, int]]:
     return [(r["layer"], r["criterion"], int(r["k"])) for r in rows]
 
 
+def values(folder: Path) -> dict[tuple[str, str, int], tuple[float, float]]:
+    """(layer, criterion, K) -> (accuracy, loss) of a sweep's results.csv: what two runs must agree on."""
+    return {(r["layer"], r["criterion"], r["k"]): (r["accuracy"], r["loss"]) for r in results(folder)}
+
+
 def expected_points(layers: dict[str, int], criteria, ks_of) -> set[tuple[str, str, int]]:
     return {(layer, c, k) for layer, channels in layers.items() for c in criteria for k in ks_of(channels)}
 

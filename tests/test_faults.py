@@ -18,7 +18,7 @@ import pytest
 import torch
 
 from e2e_helpers import (cli_env, finish, grid_dict, keys, measured, resize_tmpfs, results, run_cli, start_cli,
-                         stop_group, tmpfs, trial_workers, wait_for_rows, write_grid)
+                         stop_group, tmpfs, trial_workers, values, wait_for_rows, write_grid)
 from model import checkpoint as ckpt_io
 
 # 17 convs x 8 K x 2 criteria: trials long enough to be caught mid-way. Rankings from the weights only, so that
@@ -26,10 +26,6 @@ from model import checkpoint as ckpt_io
 FAULT_KS = [1, 2, 3, 4, 5, 6, 7, 8]
 FAULT_CRITERIA = ["l1_norm", "random"]
 FAULT_POINTS = 17 * len(FAULT_KS) * len(FAULT_CRITERIA)
-
-
-def values(folder: Path) -> dict[tuple[str, str, int], tuple[float, float]]:
-    return {(r["layer"], r["criterion"], r["k"]): (r["accuracy"], r["loss"]) for r in results(folder)}
 
 
 def assert_whole_and_unique(folder: Path) -> list[tuple[str, str, int]]:
