@@ -1,1 +1,2 @@
-"""The network, its layer listing, scoped feature-map capture, the cut used by pruning, and checkpoint I/O."""
+"""The networks, their layer listing, scoped feature-map capture, the cut used by pruning, and checkpoint
+reading. Imports nothing from `runner`."""

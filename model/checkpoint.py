@@ -1,11 +1,14 @@
-"""Checkpoint files: one file = state_dict + metadata, written atomically, read weights-only, named by sha256."""
+"""Checkpoint files: one file = state_dict + metadata, read weights-only, named by sha256.
+
+Problems raise `CheckpointError` (what is wrong, and the fix); the runner turns it into its one-line input
+error. Writing a checkpoint (atomically) is the runner's job: `runner.inputs.checkpoints.save`.
+"""
 
 from __future__ import annotations
 
 import hashlib
 import os
 import pickle
-import tempfile
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -14,10 +17,8 @@ from typing import Any
 import torch
 
 from model.resnet import ResNet18, build
-from runner.errors import InputError
 
 FORMAT = "prune-sweep/checkpoint/1"
-FIELD = "checkpoint.path"
 
 
 @dataclass(frozen=True)
@@ -29,6 +30,11 @@ class Checkpoint:
     sha256: str
     path: str
 
+    @property
+    def normalisation(self) -> tuple[tuple[float, ...], tuple[float, ...]]:
+        """Per-channel (mean, std) the network was trained with, in [0, 1] pixel units."""
+        return tuple(self.meta["mean"]), tuple(self.meta["std"])
+
 
 def sha256(path: str | Path) -> str:
     digest = hashlib.sha256()
@@ -38,26 +44,22 @@ def sha256(path: str | Path) -> str:
     return digest.hexdigest()
 
 
-def save(path: str | Path, model: ResNet18, meta: dict[str, Any]) -> str:
-    """Write atomically (temp file in the same folder, then rename); returns the file's sha256."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+class CheckpointError(ValueError):
+    """A checkpoint file that cannot be used: what is wrong with it, what is allowed, and the fix."""
+
+    def __init__(self, path: str, problem: str, allowed: str, fix: str) -> None:
+        self.path, self.problem, self.allowed, self.fix = path, problem, allowed, fix
+        super().__init__(f"{path}: {problem}")
+
+
+def _bad(path: str, problem: str, fix: str) -> CheckpointError:
+    return CheckpointError(path, problem, "a checkpoint written by scripts/train.py", fix)
+
+
+def payload(model: torch.nn.Module, meta: dict[str, Any]) -> dict[str, Any]:
+    """What a checkpoint file holds: a format tag, the metadata and the state_dict (CPU tensors only)."""
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save({"format": FORMAT, "meta": meta, "state_dict": state}, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return sha256(path)
-
-
-def _bad(path: str, problem: str, fix: str) -> InputError:
-    return InputError(FIELD, path, problem, "a checkpoint written by scripts/train.py", fix)
+    return {"format": FORMAT, "meta": meta, "state_dict": state}
 
 
 def read(path: str | Path) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
@@ -65,8 +67,8 @@ def read(path: str | Path) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
     path = str(path)
     retrain = "delete it and run scripts/train.py --grid FILE (or the sweep, with a checkpoint.train section)"
     if not os.path.isfile(path):
-        raise InputError(FIELD, path, "no such file", "an existing checkpoint file",
-                         "run scripts/train.py --grid FILE, or add a checkpoint.train section to train it")
+        raise CheckpointError(path, "no such file", "an existing checkpoint file",
+                              "run scripts/train.py --grid FILE, or add a checkpoint.train section to train it")
     if not zipfile.is_zipfile(path):
         with open(path, "rb") as f:
             zip_start = f.read(4) == b"PK\x03\x04"
@@ -94,18 +96,18 @@ def load(path: str | Path, arch: str, width: float, num_classes: int) -> Checkpo
     have = {k: meta.get(k) for k in want}
     if have != want:
         diff = ", ".join(f"{k} {have[k]!r} (grid: {want[k]!r})" for k in want if have[k] != want[k])
-        raise InputError(FIELD, path, f"architecture mismatch: checkpoint has {diff}",
-                         "a checkpoint trained with the grid's model section",
-                         "point checkpoint.path at a matching file, or change model: to match it")
+        raise CheckpointError(path, f"architecture mismatch: checkpoint has {diff}",
+                              "a checkpoint trained with the grid's model section",
+                              "point checkpoint.path at a matching file, or change model: to match it")
     model = build(arch, width, num_classes)
     try:
         model.load_state_dict(state, strict=True)
     except RuntimeError as e:
         first = str(e).split("\n\t")[1] if "\n\t" in str(e) else str(e)
-        raise InputError(FIELD, path, f"shape mismatch ({first.strip()[:160]})", "tensors of the grid's model",
-                         "retrain the checkpoint for this model") from None
+        raise CheckpointError(path, f"shape mismatch ({first.strip()[:160]})", "tensors of the grid's model",
+                              "retrain the checkpoint for this model") from None
     broken = [k for k, v in state.items() if v.is_floating_point() and not torch.isfinite(v).all()]
     if broken:
-        raise InputError(FIELD, path, f"non-finite weights (NaN or Inf) in {len(broken)} tensors, first {broken[0]}",
-                         "finite weights", "retrain: the training run diverged or the file was damaged")
+        raise CheckpointError(path, f"non-finite weights (NaN or Inf) in {len(broken)} tensors, first {broken[0]}",
+                              "finite weights", "retrain: the training run diverged or the file was damaged")
     return Checkpoint(model.eval(), meta, sha256(path), path)

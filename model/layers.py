@@ -71,7 +71,3 @@ def _shapes(model: ResNet18, names: list[str]) -> dict[str, tuple[tuple[int, int
 def _meta_copy(model: ResNet18) -> ResNet18:
     with torch.device("meta"):
         return type(model)(width=model.width, num_classes=model.num_classes)
-
-
-def conv_table(convs: list[ConvInfo]) -> dict[str, ConvInfo]:
-    return {c.name: c for c in convs}

@@ -1,18 +1,22 @@
-"""What every entry point shares: logging set-up and exit codes (DESIGN §2)."""
+"""The `prune-sweep` command (and the scripts, which call it): arguments, logging, exit codes (DESIGN §2).
+
+    prune-sweep sweep --grid FILE [--output DIR] [--resume] [--wandb-mode M] [--address A] [--dry-run] [--set K=V]
+    prune-sweep train --grid FILE [--set K=V]
+"""
 
 from __future__ import annotations
 
 import argparse
 import errno
 import logging
-import os
 import sys
-from typing import Callable
+from typing import Callable, Sequence
 
-from runner.device import tune_allocator
 from runner.errors import EXIT_BAD_INPUT, EXIT_FAILED, EXIT_INTERRUPTED, EXIT_OK, InputError
 
 log = logging.getLogger("prune-sweep")
+
+PROG = "prune-sweep"
 
 
 class Parser(argparse.ArgumentParser):
@@ -23,14 +27,16 @@ class Parser(argparse.ArgumentParser):
         raise SystemExit(EXIT_BAD_INPUT)
 
 
-def setup_logging(verbose: bool = False) -> None:
-    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, stream=sys.stderr,
-                        format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S")
+def setup_logging(level: int = logging.INFO) -> None:
+    logging.basicConfig(level=level, stream=sys.stderr, format="%(asctime)s %(levelname)s %(message)s",
+                        datefmt="%H:%M:%S", force=True)
 
 
-def run_main(main: Callable[[], int | None]) -> int:
+def run_main(main: Callable[[], int | None], level: int = logging.INFO) -> int:
     """Run an entry point: bad input -> one line and 2, Ctrl-C -> 130, anything else -> traceback and 1."""
-    setup_logging(os.environ.get("PRUNE_SWEEP_DEBUG") == "1")
+    from runner.engine.device import tune_allocator
+
+    setup_logging(level)
     # a log handler that cannot write (W&B's debug log on a full disk) must not print tracebacks of its own
     logging.raiseExceptions = False
     tune_allocator()
@@ -69,3 +75,81 @@ def _storage_error(e: BaseException | None) -> OSError | None:
             return e
         e, seen = e.__cause__ or e.__context__, seen + 1
     return None
+
+
+def _common() -> argparse.ArgumentParser:
+    """Flags every command takes."""
+    p = argparse.ArgumentParser(add_help=False)
+    p.add_argument("--grid", required=True, help="grid file (YAML): see sweeps/ and the README")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override one key of the grid file (a YAML value), e.g. --set sweep.criteria=[l1_norm]")
+    talk = p.add_mutually_exclusive_group()
+    talk.add_argument("-v", "--verbose", action="store_true", help="also debug messages")
+    talk.add_argument("-q", "--quiet", action="store_true", help="only warnings and errors")
+    return p
+
+
+def parser() -> Parser:
+    top = Parser(prog=PROG, description="Measure how sensitive each layer of a trained CNN is to channel pruning, "
+                 "on Ray Tune, tracked in Weights & Biases.",
+                 epilog="Exit codes: 0 done, 1 failed, 2 bad input (one line says what and how to fix it), "
+                 "130 interrupted (continue with --resume).")
+    commands = top.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    sweep = commands.add_parser("sweep", parents=[_common()], help="run a sensitivity sweep (the main job)",
+                                description="Run the grid's prune-and-evaluate trials; results, plots and report "
+                                "land in <output>/<name>/, one W&B run per trial.")
+    sweep.add_argument("--output", help="results folder (default: the grid's output key)")
+    sweep.add_argument("--resume", action="store_true", help="continue an interrupted sweep in the same folder")
+    sweep.add_argument("--wandb-mode", choices=["online", "offline", "disabled", "auto"], help="override wandb.mode")
+    sweep.add_argument("--address", help="join this Ray cluster (default: RAY_ADDRESS, else a local Ray)")
+    sweep.add_argument("--dry-run", action="store_true", help="validate and print the grid; compute nothing")
+    sweep.set_defaults(run=_sweep)
+    train = commands.add_parser("train", parents=[_common()], help="train the checkpoint a grid names",
+                                description="Train the grid's checkpoint with its checkpoint.train recipe.")
+    train.set_defaults(run=_train)
+    top.commands = {"sweep": sweep, "train": train}
+    return top
+
+
+def _sweep(args: argparse.Namespace) -> int:
+    from runner.job.sweep import Options, dry_run, run_sweep
+
+    opts = Options(args.grid, args.output, args.resume, args.wandb_mode, args.address, args.dry_run, tuple(args.set))
+    if args.dry_run:
+        print("\n".join(dry_run(opts)))
+        return EXIT_OK
+    outcome = run_sweep(opts)
+    print(f"{outcome.points}/{outcome.expected} points ({outcome.measured} measured in this run) in "
+          f"{outcome.seconds:.0f} s; report: {outcome.folder / 'report.md'}")
+    if outcome.interrupted:
+        print("interrupted: continue with the same command and --resume", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    if outcome.failed:
+        print(f"{len(outcome.failed)} trials failed: {', '.join(outcome.failed)}", file=sys.stderr)
+        return EXIT_FAILED
+    return EXIT_OK
+
+
+def _train(args: argparse.Namespace) -> int:
+    from runner.config import load_grid
+    from runner.inputs.train import train_checkpoint
+
+    print(train_checkpoint(load_grid(args.grid, args.set)))
+    return EXIT_OK
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """The console script: `prune-sweep COMMAND ...`; returns the exit code."""
+    top = parser()
+    try:
+        args, extra = top.parse_known_args(argv)
+        if extra:  # reported by the command's own parser, so the line names its --help
+            top.commands[args.command].error(f"unrecognized arguments: {' '.join(extra)}")
+    except SystemExit as e:  # --help (0) or a bad flag (2, already reported in one line)
+        return int(e.code or 0)
+    level = logging.DEBUG if args.verbose else logging.WARNING if args.quiet else logging.INFO
+    return run_main(lambda: args.run(args), level)
+
+
+def console() -> None:
+    sys.exit(main())

@@ -2,23 +2,69 @@
 
 YAML only overrides the defaults. Unknown keys, wrong types and out-of-range values are rejected with the
 key's full path; what needs the network (layer names, K against channel counts, criteria that cannot apply)
-is checked by `runner.plan` before any work starts.
+is checked by `runner.inputs.trials` before any work starts.
+
+pydantic finds every problem and records where it is (its error `loc`); `_one_line` words the first one as
+our one line. Bounds and lengths are pydantic constraints (`Field`), with `Allowed` saying in words what the
+field takes; what pydantic cannot express (duplicates, one form of K, a sane range) is a validator that
+raises `_invalid(problem, allowed, fix)`.
 """
 
 from __future__ import annotations
 
-import math
 import os
 import re
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
+from pydantic.fields import FieldInfo
+from pydantic_core import PydanticCustomError
 
 from runner.errors import InputError
 
 MAX_POINTS = 100_000  # a grid larger than this is a typo, not a sweep
+GRID_ERROR = "prune_sweep"  # the pydantic error type of `_invalid`; its context holds our message's parts
+
+
+def _invalid(problem: str, allowed: str, fix: str) -> PydanticCustomError:
+    """A validation error for a validator to raise: pydantic adds where it is, `_one_line` words it."""
+    return PydanticCustomError(GRID_ERROR, "{problem}", {"problem": problem, "allowed": allowed, "fix": fix})
+
+
+@dataclass(frozen=True)
+class Allowed:
+    """Field metadata: what the field takes, in words, for its range and length errors (pydantic's own words
+    name one bound only), and optionally the fix to suggest."""
+
+    text: str
+    fix: str | None = None
+
+
+def _distinct(values: list | None) -> list | None:
+    dup = sorted({v for v in values if values.count(v) > 1}) if values else []
+    if dup:
+        raise _invalid(f"duplicate value {dup[0]}", "each value once", "remove the duplicate")
+    return values
+
+
+Distinct = AfterValidator(_distinct)  # each value of a list once
+K_INTS = "integers >= 1 (K = 0 is the baseline, always measured)"
+LAYERS = "all, or a list of layer names or glob patterns"
+# gpus_per_trial and cache_gb: the number comes first so that a bad number's error is the one reported
+AutoOrAmount = Annotated[Annotated[float, Field(ge=0, lt=1e6)] | Literal["auto"],
+                         Allowed("auto, or a number >= 0", fix="use auto")]
 
 
 class Section(BaseModel):
@@ -35,27 +81,27 @@ class DataConfig(Section):
     dataset: Literal["synthetic", "cifar10", "npz"] = "synthetic"
     root: str = "data"  # cifar10: torchvision's folder
     download: bool = True  # cifar10: allowed to download
-    train: str | None = None  # npz: train arrays file
-    test: str | None = None  # npz: test arrays file
+    train: str | None = Field(None, validate_default=True)  # npz: train arrays file
+    test: str | None = Field(None, validate_default=True)  # npz: test arrays file
     calibration_size: int = Field(1000, ge=1)  # images held out of train to rank channels; never trained on
     eval_size: int | None = Field(None, ge=1)  # first N test images; null = all
     train_size: int | None = Field(None, ge=1)  # first N train images (after the calibration hold-out); null = all
     synthetic_train: int = Field(16_000, ge=100, le=1_000_000)  # synthetic: generated train images
     synthetic_test: int = Field(2_000, ge=100, le=1_000_000)  # synthetic: generated test images
 
-    @model_validator(mode="after")
-    def _npz_files(self) -> "DataConfig":
-        if self.dataset == "npz":
-            for key in ("train", "test"):
-                if getattr(self, key) is None:
-                    raise InputError(f"data.{key}", None, "required when data.dataset is npz",
-                                     "a path to an .npz file with images and labels arrays",
-                                     f"set data.{key}: path/to/{key}.npz")
-        return self
+    @field_validator("train", "test")
+    @classmethod
+    def _npz_file(cls, v: str | None, info: ValidationInfo) -> str | None:
+        # fields are validated in the order they are declared, so `dataset` is in info.data when it is valid
+        if v is None and info.data.get("dataset") == "npz":
+            raise _invalid("required when data.dataset is npz", "a path to an .npz file with images and labels "
+                           "arrays", f"set data.{info.field_name}: path/to/{info.field_name}.npz")
+        return v
 
 
 class TrainConfig(Section):
-    """Training recipe; unset fields come from the named recipe (runner.train.RECIPES)."""
+    """A training recipe. In a grid, unset fields (None) come from the named recipe; the named recipes
+    (runner.inputs.train.RECIPES) are TrainConfigs with every field set, and `recipe_of` fills one in."""
 
     recipe: Literal["standard", "seed"] = "standard"
     epochs: int | None = Field(None, ge=1, le=10_000)
@@ -77,8 +123,9 @@ class CheckpointConfig(Section):
 class KSpec(Section):
     """Which K (channels pruned) to try per layer: exactly one of values, fractions, range."""
 
-    values: list[int] | None = None
-    fractions: list[float] | None = None
+    values: Annotated[list[Annotated[int, Field(ge=1)]] | None, Field(min_length=1), Distinct, Allowed(K_INTS)] = None
+    fractions: Annotated[list[Annotated[float, Field(gt=0, le=1)]] | None, Field(min_length=1), Distinct,
+                         Allowed("numbers in (0, 1]")] = None
     range: list[int] | None = None  # [start, stop, step], stop excluded, like Python's range
 
     @model_validator(mode="before")
@@ -86,53 +133,39 @@ class KSpec(Section):
     def _bare_list(cls, data: Any) -> Any:
         return {"values": data} if isinstance(data, list) else data
 
+    @field_validator("range")
+    @classmethod
+    def _range(cls, r: list[int] | None) -> list[int] | None:
+        if r is None:
+            return r
+        if len(r) != 3 or r[0] < 1 or r[2] < 1 or r[1] <= r[0]:
+            raise _invalid("not a valid range", "[start, stop, step] with 1 <= start < stop and step >= 1 "
+                           "(stop excluded)", "for K = 1, 3, ..., 127 write [1, 128, 2]")
+        if len(range(*r)) > MAX_POINTS:
+            raise _invalid(f"{len(range(*r)):,} K values is too many", f"at most {MAX_POINTS:,}",
+                           "use a larger step or a smaller stop")
+        return r
+
     @model_validator(mode="after")
     def _one_form(self) -> "KSpec":
-        given = [k for k in ("values", "fractions", "range") if getattr(self, k) is not None]
-        if len(given) != 1:
-            raise InputError("sweep.k", self.model_dump(exclude_none=True), "give exactly one form of K",
-                             "a list of ints [1, 3, 5], {fractions: [0.25, 0.5]} or {range: [start, stop, step]}",
-                             "keep one of them")
-        if self.values is not None:
-            _check_list("sweep.k", self.values, lambda k: k >= 1, "integers >= 1 (K = 0 is the baseline, always measured)")
-        if self.fractions is not None:
-            _check_list("sweep.k.fractions", self.fractions, lambda f: 0 < f <= 1 and math.isfinite(f),
-                        "numbers in (0, 1]")
-        if self.range is not None:
-            self._check_range()
+        if sum(form is not None for form in (self.values, self.fractions, self.range)) != 1:
+            raise _invalid("give exactly one form of K", "a list of ints [1, 3, 5], {fractions: [0.25, 0.5]} "
+                           "or {range: [start, stop, step]}", "keep one of them")
         return self
-
-    def _check_range(self) -> None:
-        r = self.range
-        if len(r) != 3 or r[0] < 1 or r[2] < 1 or r[1] <= r[0]:
-            raise InputError("sweep.k.range", r, "not a valid range",
-                             "[start, stop, step] with 1 <= start < stop and step >= 1 (stop excluded)",
-                             "for K = 1, 3, ..., 127 write [1, 128, 2]")
-        if len(range(*r)) > MAX_POINTS:
-            raise InputError("sweep.k.range", r, f"{len(range(*r)):,} K values is too many",
-                             f"at most {MAX_POINTS:,}", "use a larger step or a smaller stop")
 
     def form(self) -> Any:
         """The form the user wrote, for the resolved grid file."""
         return self.values if self.values is not None else self.model_dump(exclude_none=True)
 
 
-def _check_list(field: str, values: list, ok, allowed: str) -> None:
-    if not values:
-        raise InputError(field, values, "empty", allowed, "give at least one value")
-    for i, v in enumerate(values):
-        if not ok(v):
-            raise InputError(f"{field}[{i}]", v, "out of range", allowed, "remove or correct that value")
-    dup = sorted({v for v in values if values.count(v) > 1})
-    if dup:
-        raise InputError(field, values, f"duplicate value {dup[0]}", "each value once", "remove the duplicate")
-
-
 class SweepConfig(Section):
-    layers: Literal["all"] | list[str] = "all"  # all | [names] | glob patterns such as "layer*.conv2"
+    # all | [names] | glob patterns such as "layer*.conv2"; the list comes first so that its errors are reported
+    layers: Annotated[Annotated[list[str], Field(min_length=1)] | Literal["all"],
+                      Allowed(LAYERS, fix="write layers: all, or name at least one layer")] = "all"
     include_shortcuts: bool = False  # `all` and globs: also the 1x1 shortcut convs
     k: KSpec = KSpec(fractions=[0.125, 0.25, 0.5, 0.75, 1.0])
-    criteria: list[str] = ["mean_activation", "l1_norm", "random"]
+    criteria: Annotated[list[str], Field(min_length=1), Distinct, Allowed("criterion names")] = [
+        "mean_activation", "l1_norm", "random"]
     target: Literal["output", "input"] = "output"  # DESIGN §6
     calibration: Literal["holdout", "test"] = "holdout"  # test = the seed's leaky choice
     batch_size: int = Field(500, ge=1, le=65_536)  # evaluation and calibration batch
@@ -145,25 +178,15 @@ class SweepConfig(Section):
         if isinstance(v, str) and v != "all":
             return [v]  # a single name or pattern
         if not isinstance(v, (str, list)):
-            raise InputError("sweep.layers", v, "wrong type", "all, or a list of layer names or glob patterns",
-                             "write layers: all, or a list such as [layer1.0.conv1, \"layer4.*\"]")
-        if isinstance(v, list) and not v:
-            raise InputError("sweep.layers", v, "empty", "all, or a list of layer names or glob patterns",
-                             "write layers: all, or name at least one layer")
-        return v
-
-    @field_validator("criteria")
-    @classmethod
-    def _criteria(cls, v: list[str]) -> list[str]:
-        _check_list("sweep.criteria", v, lambda c: True, "criterion names")
+            raise _invalid("wrong type", LAYERS, "write layers: all, or a list such as [layer1.0.conv1, \"layer4.*\"]")
         return v
 
 
 class ResourcesConfig(Section):
     cpus_per_trial: int = Field(1, ge=1, le=1024)
-    gpus_per_trial: Literal["auto"] | float = "auto"  # auto: a fraction of a GPU when there are GPUs, else 0
+    gpus_per_trial: AutoOrAmount = "auto"  # auto: a fraction of a GPU when there are GPUs, else 0
     max_concurrent: int | None = Field(None, ge=1)
-    cache_gb: Literal["auto"] | float = "auto"  # memory for a trial's cached activations; auto: by device
+    cache_gb: AutoOrAmount = "auto"  # memory for a trial's cached activations; auto: by device
     ray_dashboard: bool = False  # a local Ray's dashboard (on 127.0.0.1 only); off unless asked for
     # where Tune keeps its experiment state (for --resume): null = the output folder; on a cluster, a folder
     # every node reaches (NFS) or a cloud URI such as s3://bucket/prune-sweep (pyarrow's file systems)
@@ -173,16 +196,8 @@ class ResourcesConfig(Section):
     @classmethod
     def _storage(cls, v: str | None) -> str | None:
         if v is not None and (not v.strip() or ("://" in v and not re.fullmatch(r"[a-z][a-z0-9+.-]*://\S+", v))):
-            raise InputError("resources.tune_storage", v, "not a folder or a URI", "null (the output folder), "
-                             "a folder, or a URI like s3://bucket/path", "fix the value or remove the key")
-        return v
-
-    @field_validator("gpus_per_trial", "cache_gb")
-    @classmethod
-    def _non_negative(cls, v: Any, info: Any) -> Any:
-        if v != "auto" and not (0 <= v < 1e6):
-            raise InputError(f"resources.{info.field_name}", v, "out of range", "auto, or a number >= 0",
-                             "use auto")
+            raise _invalid("not a folder or a URI", "null (the output folder), a folder, or a URI like "
+                           "s3://bucket/path", "fix the value or remove the key")
         return v
 
 
@@ -208,9 +223,9 @@ class Grid(Section):
     @classmethod
     def _name(cls, v: str) -> str:
         if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}", v):
-            raise InputError("name", v, "not usable as a folder name",
-                             "letters, digits, '.', '_' and '-', starting with a letter or digit, 1-100 long",
-                             "rename the sweep")
+            raise _invalid("not usable as a folder name",
+                           "letters, digits, '.', '_' and '-', starting with a letter or digit, 1-100 long",
+                           "rename the sweep")
         return v
 
     @property
@@ -251,8 +266,6 @@ def parse_grid(raw: Any, source: str) -> Grid:
                          "see sweeps/demo.yaml for the layout", source)
     try:
         return Grid.model_validate(raw)
-    except InputError as e:
-        raise e.at(source)
     except ValidationError as e:
         raise _one_line(e, raw, source) from None
 
@@ -309,42 +322,65 @@ def apply_override(raw: Any, item: str) -> dict:
     return raw
 
 
-def _location(loc: tuple) -> str:
-    out = ""
+def _child(node: Any, part: str | int) -> Any:
+    try:
+        return node[part]
+    except (KeyError, IndexError, TypeError):
+        return None
+
+
+def _model_in(annotation: Any) -> type[BaseModel] | None:
+    """The section class a field holds (`TrainConfig | None` holds TrainConfig), if any."""
+    return next((a for a in (annotation, *getattr(annotation, "__args__", ())) if isinstance(a, type)
+                 and issubclass(a, BaseModel)), None)
+
+
+def _walk(loc: tuple, raw: Any) -> tuple[str, type[BaseModel] | None, FieldInfo | None]:
+    """Follow a pydantic error location through the sections: the key path in the grid file, the section
+    reached and the last field passed.
+
+    A location also names union members and validators, which are not keys of the file. Rather than match
+    pydantic's names for them, keep only what the file has: a field of the section at hand, or an index into a
+    list, and skip every other part."""
+    path, model, field, node = "", Grid, None, raw
     for part in loc:
         if isinstance(part, int):
-            out += f"[{part}]"
-        elif part in ("list[str]", "literal['all']", "function-after[_one_form(), KSpec]"):
-            continue  # pydantic's names for union members and validators, not keys of the file
-        elif part == "values" and out.endswith(".k"):
-            continue  # a bare list of K is stored as k.values
-        else:
-            out += f".{part}" if out else str(part)
-    return out or "(top level)"
+            path, node = f"{path}[{part}]", _child(node, part)
+        elif model is not None and part in model.model_fields:
+            field = model.model_fields[part]
+            if not (model is KSpec and part == "values" and isinstance(node, list)):  # a bare list of K is k.values
+                path, node = f"{path}.{part}" if path else part, _child(node, part)
+            model = _model_in(field.annotation)
+    return path, model, field
 
 
-def _fields_at(loc: tuple) -> list[str]:
-    """The keys allowed in the mapping at `loc`."""
-    model: type[BaseModel] | None = Grid
-    for part in loc:
-        field = model.model_fields.get(part) if model and isinstance(part, str) else None
-        ann = getattr(field, "annotation", None)
-        model = next((a for a in (ann, *getattr(ann, "__args__", ())) if isinstance(a, type)
-                      and issubclass(a, BaseModel)), None)
-    return list(model.model_fields) if model else []
+OUT_OF_RANGE = {"greater_than", "greater_than_equal", "less_than", "less_than_equal", "finite_number"}
 
 
 def _one_line(e: ValidationError, raw: Any, source: str) -> InputError:
+    """pydantic's first error as our one line: the key path, the value, the problem, what is allowed, the fix."""
     err = e.errors()[0]
-    loc = tuple(err["loc"])
-    if err["type"] == "extra_forbidden":
-        return InputError(_location(loc), loc[-1], "unknown key", ", ".join(_fields_at(loc[:-1])),
-                          "remove it or correct its spelling", source)
+    loc, kind, value = tuple(err["loc"]), err["type"], err.get("input")
+    if kind == "extra_forbidden":
+        where, model, _ = _walk(loc[:-1], raw)
+        return InputError(f"{where}.{loc[-1]}" if where else str(loc[-1]), loc[-1], "unknown key",
+                          ", ".join(model.model_fields if model else ()), "remove it or correct its spelling", source)
+    field, _, info = _walk(loc, raw)
+    field = field or "(top level)"
+    if kind == GRID_ERROR:
+        ctx = err["ctx"]
+        return InputError(field, value, ctx["problem"], ctx["allowed"], ctx["fix"], source)
+    if kind == "missing":
+        return InputError(field, None, "missing", "a value", f"add {field}", source)
+    words = next((m for m in (info.metadata if info else ()) if isinstance(m, Allowed)), None)
     allowed = err["msg"].removeprefix("Input should be ").removeprefix("Value error, ")
-    value = err.get("input")
-    if err["type"] == "missing":
-        return InputError(_location(loc), None, "missing", "a value", f"add {_location(loc)}", source)
-    key = _location(loc).split("[")[0]
-    fix = f"change {_location(loc)} in the grid file (or --set {key}=...)"
-    problem = "wrong type" if err["type"].endswith("_type") else "not allowed"
-    return InputError(_location(loc), value, problem, allowed, fix, source)
+    fix = f"change {field} in the grid file (or --set {field.split('[')[0]}=...)"
+    if kind == "too_short" and not value:
+        problem, fix = "empty", "give at least one value"
+    elif kind in OUT_OF_RANGE:
+        problem, fix = "out of range", "remove or correct that value" if loc and isinstance(loc[-1], int) else fix
+    else:  # a wrong type or a value outside a closed set: pydantic's words are exact
+        problem, words = "wrong type" if kind.endswith("_type") else "not allowed", None
+    if words:
+        allowed, fix = words.text, words.fix or fix
+    return InputError(field, value, problem, allowed, fix, source)

@@ -1,5 +1,6 @@
-"""Output files written whole or not at all: a file is written beside its final name and renamed into place,
-so a full disk or a crash never leaves a truncated figure, array or report behind."""
+"""Files written whole or not at all: a file is written beside its final name, flushed to disk and renamed into
+place, so a full disk or a crash never leaves a truncated checkpoint, figure, array or report behind. The one
+atomic writer of the project (stdlib only: every layer may use it)."""
 
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ def atomic_path(path: Path) -> Iterator[Path]:
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}{path.suffix}")
     try:
         yield tmp
+        _fsync(tmp)
         os.replace(tmp, path)
     except OSError as e:
         _remove(tmp)
@@ -31,6 +33,15 @@ def atomic_path(path: Path) -> Iterator[Path]:
 def write_text(path: Path, text: str) -> None:
     with atomic_path(path) as tmp:
         tmp.write_text(text, encoding="utf-8")
+
+
+def _fsync(path: Path) -> None:
+    """The data on disk before the rename makes it visible (a crash right after never shows an empty file)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def _remove(path: Path) -> None:

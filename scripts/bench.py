@@ -1,16 +1,334 @@
-"""Time the seed's loop, the usual tool's loop, this engine and the floor side by side (or, with --end-to-end,
-the whole sweep against the engine alone): python scripts/bench.py [--json FILE]"""
+"""Side-by-side timings of the ways to measure one layer sweep (DESIGN §8, `scripts/bench.py`).
+
+(a) the seed's loop: per point reload the weights, rank on the calibration images, zero weights, full eval;
+(b) the usual tool's loop (Distiller / NNI style): rank once per layer; per point zero weights, full eval,
+    restore the weights;
+(c) this engine: every ranking in one calibration pass; per layer a cached prefix, per point the suffix with
+    accounting and feature maps;
+(d) the floor: the same cached prefix and suffix forward passes and nothing else.
+All four run in one process on the same checkpoint, data, layers, K values and criterion; (a), (b) and (c)
+must give identical accuracies at every point.
+"""
+
+from __future__ import annotations
 
 import argparse
+import json
+import logging
+import resource
+import subprocess
 import sys
 import tempfile
+import threading
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any, Callable, Iterator
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
+import torch
 
-from runner import bench  # noqa: E402
-from runner.cli import Parser, run_main  # noqa: E402
-from runner.errors import EXIT_FAILED  # noqa: E402
+from model.layers import ConvInfo
+from model.split import Split
+from runner.cli import Parser, run_main
+from runner.config import Grid, load_grid
+from runner.engine.criteria import rank_all
+from runner.engine.device import fast_math, host_available_bytes, pick_device, place
+from runner.engine.evaluate import evaluate
+from runner.engine.measure import EvalSet, cache_nbytes, sweep_layer
+from runner.engine.prune import keep_mask, zero_weights
+from runner.engine.reference import seed_loop as reference_loop
+from runner.errors import EXIT_FAILED
+from runner.inputs import checkpoints
+from runner.inputs.data import Dataset, load_data
+from runner.inputs.train import ensure_checkpoint
+from runner.inputs.trials import plan_trials, select_layers
+from runner.job.calibration import calibrate
+from runner.outputs.results import read_rows
+
+log = logging.getLogger(__name__)
+
+FRACTIONS = (0.125, 0.25, 0.375, 0.5, 0.625, 0.75, 0.875, 1.0)  # 8 K values per layer
+
+
+@dataclass
+class Setup:
+    grid: Grid
+    data: Dataset
+    path: str
+    device: torch.device
+    convs: dict[str, ConvInfo]
+    layers: list[ConvInfo]
+    ks: dict[str, list[int]]
+    criterion: str
+    evalset: EvalSet
+    calibration: EvalSet
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+
+
+@dataclass
+class Timing:
+    name: str
+    seconds: float = 0.0
+    peak_bytes: int = 0
+    accuracies: dict[tuple[str, int], float] = field(default_factory=dict)
+
+
+class _PeakMemory:
+    """Peak memory of the block: CUDA's allocator peak above what was allocated before it, or on the CPU the
+    process's resident size sampled every 5 ms (absolute: freed buffers stay in the process, see
+    runner.device.tune_allocator, so a difference would read as zero)."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device, self.peak, self._stop = device, 0, threading.Event()
+
+    @staticmethod
+    def _rss() -> int:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * resource.getpagesize()
+
+    def _sample(self) -> None:
+        while not self._stop.wait(0.005):
+            self.peak = max(self.peak, self._rss())
+
+    @contextmanager
+    def measure(self) -> Iterator[None]:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+            base = torch.cuda.memory_allocated()
+            yield
+            torch.cuda.synchronize()
+            self.peak = torch.cuda.max_memory_allocated() - base
+            return
+        self.peak = self._rss()
+        thread = threading.Thread(target=self._sample, daemon=True)
+        thread.start()
+        try:
+            yield
+        finally:
+            self._stop.set()
+            thread.join()
+
+
+def prepare(grid_path: str, overrides: list[str], criterion: str, eval_size: int, calibration_size: int,
+            layers: str | list[str], device: str) -> Setup:
+    grid = load_grid(grid_path, overrides + [f"data.eval_size={eval_size}",
+                                             f"data.calibration_size={calibration_size}"])
+    data = load_data(grid.data, grid.model.num_classes, grid.seed)
+    loaded = ensure_checkpoint(grid, data)
+    dev = pick_device(device)
+    convs = plan_trials(grid).table
+    chosen = select_layers(list(convs.values()), layers, include_shortcuts=False)
+    ks = {c.name: sorted({max(1, round(f * c.out_channels)) for f in FRACTIONS}) for c in chosen}
+    mean, std = loaded.normalisation
+    bs = grid.sweep.batch_size
+    return Setup(grid, data, grid.checkpoint.path, dev, convs, chosen, ks, criterion,
+                 EvalSet.build(data.test, mean, std, len(data.classes), dev, bs),
+                 EvalSet.build(data.calibration, mean, std, len(data.classes), dev, bs), mean, std)
+
+
+def _fresh_model(s: Setup) -> torch.nn.Module:
+    """The network as read from the checkpoint file (what 'reload the weights' means)."""
+    g = s.grid.model
+    return place(checkpoints.load(s.path, g.arch, g.width, g.num_classes).model, s.device)
+
+
+def _rank_one(s: Setup, model: torch.nn.Module, conv: ConvInfo) -> tuple[int, ...]:
+    cal = s.calibration
+    with fast_math(s.device):
+        r = rank_all(model, [conv], [s.criterion], "output", torch.cat(cal.inputs), torch.cat(cal.labels),
+                     s.grid.sweep.batch_size, s.grid.seed)
+    return r[(conv.name, s.criterion)].order
+
+
+def _full_eval(s: Setup, model: torch.nn.Module) -> float:
+    with fast_math(s.device):
+        return evaluate(model, s.evalset.inputs, s.evalset.labels, s.evalset.num_classes).result().accuracy
+
+
+def seed_loop(s: Setup) -> Timing:
+    t = Timing("a: seed loop")
+    for conv in s.layers:  # per point: reload, rank, zero, evaluate everything
+        ks = s.ks[conv.name]
+        accuracies = reference_loop(lambda: _fresh_model(s), conv, "output", ks, lambda m: _rank_one(s, m, conv),
+                                    lambda m: _full_eval(s, m))
+        t.accuracies.update({(conv.name, k): a for k, a in zip(ks, accuracies)})
+    return t
+
+
+def usual_loop(s: Setup) -> Timing:
+    t = Timing("b: usual tool")
+    model = _fresh_model(s)
+    modules = dict(model.named_modules())
+    for conv in s.layers:
+        order = _rank_one(s, model, conv)  # once per layer
+        saved = {n: modules[n].weight.detach().clone() for n in (conv.name, conv.bn)}
+        saved_bias = modules[conv.bn].bias.detach().clone()
+        for k in s.ks[conv.name]:
+            zero_weights(model, conv, "output", order[:k])
+            t.accuracies[(conv.name, k)] = _full_eval(s, model)
+            with torch.no_grad():  # restore
+                for n, w in saved.items():
+                    modules[n].weight.copy_(w)
+                modules[conv.bn].bias.copy_(saved_bias)
+    return t
+
+
+def engine(s: Setup) -> Timing:
+    t = Timing("c: this engine")
+    model = _fresh_model(s)
+    cal = s.calibration
+    with fast_math(s.device):
+        rankings = rank_all(model, s.layers, [s.criterion], "output", torch.cat(cal.inputs), torch.cat(cal.labels),
+                            s.grid.sweep.batch_size, s.grid.seed)
+    for conv in s.layers:
+        for p in sweep_layer(model, conv, "output", rankings[(conv.name, s.criterion)], s.ks[conv.name],
+                             s.evalset, s.convs):
+            t.accuracies[(conv.name, p.k)] = p.accuracy
+    return t
+
+
+def floor(s: Setup, orders: dict[str, tuple[int, ...]]) -> Timing:
+    t = Timing("d: floor")
+    model = _fresh_model(s)
+    for conv in s.layers:
+        split = Split(model, conv, "output")
+        with torch.inference_mode(), fast_math(s.device):
+            cache = [split.prefix(x) for x in s.evalset.inputs]
+            for k in s.ks[conv.name]:
+                mask = keep_mask(conv.out_channels, orders[conv.name][:k], s.device)
+                for c in cache:
+                    split.suffix(c, mask)
+    if s.device.type == "cuda":
+        torch.cuda.synchronize()
+    return t
+
+
+def _timed(s: Setup, fn: Callable[[], Timing]) -> Timing:
+    peak = _PeakMemory(s.device)
+    started = time.perf_counter()
+    with peak.measure():
+        t = fn()
+        if s.device.type == "cuda":
+            torch.cuda.synchronize()
+    t.seconds, t.peak_bytes = time.perf_counter() - started, peak.peak
+    log.info("%s: %.1f s", t.name, t.seconds)
+    return t
+
+
+def run_bench(s: Setup, skip_seed: bool = False) -> dict[str, Any]:
+    """All four timings, the accuracy check, and the ratios."""
+    points = sum(len(v) for v in s.ks.values())
+    log.info("bench: %d layers, %d points, criterion %s, %d eval and %d calibration images on %s", len(s.layers),
+             points, s.criterion, s.evalset.count, s.calibration.count, s.device)
+    _full_eval(s, _fresh_model(s))  # warm-up: the first pass pays one-off kernel set-up costs
+    orders = {}
+    warm = _fresh_model(s)
+    for conv in s.layers:
+        orders[conv.name] = _rank_one(s, warm, conv)
+    c = _timed(s, lambda: engine(s))
+    d = _timed(s, lambda: floor(s, orders))
+    b = _timed(s, lambda: usual_loop(s))
+    a = None if skip_seed else _timed(s, lambda: seed_loop(s))
+    mismatches = [(key, v, c.accuracies.get(key)) for t in (x for x in (a, b) if x) for key, v in t.accuracies.items()
+                  if v != c.accuracies.get(key)]
+    timings = [x for x in (a, b, c, d) if x]
+    cache_bytes, cache_layer = _largest_cache(s)
+    return {
+        "largest_cache_bytes": cache_bytes, "largest_cache_layer": cache_layer,
+        "device": str(s.device), "layers": [x.name for x in s.layers], "points": points, "criterion": s.criterion,
+        "eval_images": s.evalset.count, "calibration_images": s.calibration.count,
+        "width": s.grid.model.width, "dataset": s.data.name,
+        "timings": {t.name: {"seconds": round(t.seconds, 3), "peak_bytes": t.peak_bytes,
+                             "seconds_per_point": round(t.seconds / points, 4)} for t in timings},
+        "ratios": {**({"a/c": a.seconds / c.seconds} if a else {}), "b/c": b.seconds / c.seconds,
+                   "c/d": c.seconds / d.seconds},
+        "identical_accuracies": not mismatches, "mismatches": [list(map(str, m)) for m in mismatches[:10]],
+        "host_available_bytes": host_available_bytes(),
+    }
+
+
+def _largest_cache(s: Setup) -> tuple[int, str]:
+    """The biggest prefix cache the engine holds for one layer (its extra memory over a full-network eval)."""
+    model = _fresh_model(s)
+    sizes = {}
+    with torch.inference_mode(), fast_math(s.device):
+        for conv in s.layers:
+            first = Split(model, conv, "output").prefix(s.evalset.inputs[0])
+            sizes[conv.name] = cache_nbytes(first) * s.evalset.count // len(s.evalset.labels[0])
+    layer = max(sizes, key=sizes.get)
+    return sizes[layer], layer
+
+
+def table(result: dict[str, Any]) -> list[str]:
+    peak = "peak MiB" if result["device"].startswith("cuda") else "peak RSS MiB"
+    lines = [f"{'method':<16} {'seconds':>9} {'s/point':>9} {peak:>12}"]
+    for name, t in result["timings"].items():
+        lines.append(f"{name:<16} {t['seconds']:>9.2f} {t['seconds_per_point']:>9.4f} "
+                     f"{t['peak_bytes'] / 2**20:>12.1f}")
+    lines.append(f"engine's largest activation cache: {result['largest_cache_bytes'] / 2**20:.1f} MiB "
+                 f"({result['largest_cache_layer']}); peak memory is the whole process's")
+    lines.append(f"points {result['points']} ({len(result['layers'])} layers), {result['eval_images']} eval / "
+                 f"{result['calibration_images']} calibration images, {result['device']}; accuracies of a, b, c "
+                 f"{'identical at every point' if result['identical_accuracies'] else 'DIFFER: ' + str(result['mismatches'])}")
+    return lines + [f"{k} {v:.2f}" for k, v in result["ratios"].items()]
+
+
+def engine_alone(grid_path: str, overrides: list[str]) -> int:
+    """The grid's points computed by the engine alone, in this process: data, checkpoint, baseline, one
+    calibration pass, then every trial's layer sweep (no Ray, no W&B, nothing written). Returns the points."""
+    grid = load_grid(grid_path, overrides)
+    data = load_data(grid.data, grid.model.num_classes, grid.seed)
+    loaded = ensure_checkpoint(grid, data)
+    plan = plan_trials(grid)
+    c = calibrate(grid, plan, data, loaded)
+    device = pick_device()
+    model = place(loaded.model, device)
+    evalset = EvalSet.build(data.test, *loaded.normalisation, len(data.classes), device, grid.sweep.batch_size)
+    points = 0
+    for t in plan.trials:
+        points += len(list(sweep_layer(model, plan.table[t.layer], t.target, c.rankings[(t.layer, t.criterion)],
+                                       t.ks, evalset, plan.table)))
+    return points
+
+
+def end_to_end(grid_path: str, overrides: list[str], workdir: Path, repeat: int = 2) -> dict[str, Any]:
+    """Wall time of the whole `scripts/sweep.py` run (Ray Tune, W&B offline, results, report) against the
+    engine alone on the same grid, each as a fresh command (interpreter start and imports included in both),
+    alternated `repeat` times; the ratio is of the totals (this machine's speed drifts by 5-10% over minutes,
+    so one pair alone is noisy)."""
+    grid = load_grid(grid_path, overrides)
+    ensure_checkpoint(grid, load_data(grid.data, grid.model.num_classes, grid.seed))  # trained outside the timings
+    scripts = Path(__file__).resolve().parent
+    sets = sum((["--set", o] for o in overrides), [])
+    plan = plan_trials(grid)
+    engine, sweep = [], []
+    for i in range(repeat):
+        engine.append(_wall([sys.executable, str(scripts / "bench.py"), "--engine-alone", "--grid", grid_path, *sets]))
+        out = workdir / f"run{i}"
+        sweep.append(_wall([sys.executable, str(scripts / "sweep.py"), "--grid", grid_path, "--output", str(out),
+                            "--wandb-mode", "offline", *sets]))
+        rows = read_rows(out / grid.name / "results.csv")
+        if len(rows) != plan.points:
+            raise RuntimeError(f"the sweep wrote {len(rows)} of {plan.points} points")
+        log.info("pair %d: engine alone %.1f s, sweep %.1f s", i + 1, engine[-1], sweep[-1])
+    return {"points": plan.points, "trials": len(plan.trials), "engine_seconds": [round(x, 2) for x in engine],
+            "sweep_seconds": [round(x, 2) for x in sweep], "e2e": sum(sweep) / sum(engine)}
+
+
+def _wall(command: list[str]) -> float:
+    started = time.perf_counter()
+    done = subprocess.run(command, capture_output=True, text=True)
+    seconds = time.perf_counter() - started
+    if done.returncode != 0:
+        raise RuntimeError(f"{' '.join(command[1:3])} failed (exit {done.returncode}): {done.stderr[-2000:]}")
+    return seconds
+
+
+def write_json(path: str, result: dict[str, Any]) -> None:
+    Path(path).write_text(json.dumps(result, indent=2), encoding="utf-8")
 
 
 def main() -> int:
@@ -29,22 +347,22 @@ def main() -> int:
     p.add_argument("--json", help="write every figure to this file")
     args = p.parse_args()
     if args.engine_alone:
-        print(f"{bench.engine_alone(args.grid, args.set)} points")
+        print(f"{engine_alone(args.grid, args.set)} points")
         return 0
     if args.end_to_end:
         with tempfile.TemporaryDirectory() as work:
-            result = bench.end_to_end(args.grid, args.set, Path(work), args.repeat)
+            result = end_to_end(args.grid, args.set, Path(work), args.repeat)
         print(f"sweep.py {' + '.join(map(str, result['sweep_seconds']))} s, engine alone "
               f"{' + '.join(map(str, result['engine_seconds']))} s, {result['points']} points in {result['trials']} "
               "trials")
         print(f"e2e {result['e2e']:.2f}")
     else:
-        setup = bench.prepare(args.grid, args.set, args.criterion, args.eval_size, args.calibration_size,
+        setup = prepare(args.grid, args.set, args.criterion, args.eval_size, args.calibration_size,
                               args.layers or "all", args.device)
-        result = bench.run_bench(setup, skip_seed=args.skip_seed)
-        print("\n".join(bench.table(result)))
+        result = run_bench(setup, skip_seed=args.skip_seed)
+        print("\n".join(table(result)))
     if args.json:
-        bench.write_json(args.json, result)
+        write_json(args.json, result)
     return 0 if result.get("identical_accuracies", True) else EXIT_FAILED
 
 

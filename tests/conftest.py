@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from runner.config import Grid, parse_grid
-from runner.device import tune_allocator
+from runner.engine.device import tune_allocator
 
 tune_allocator()
 torch.set_num_threads(min(2, os.cpu_count() or 1))
@@ -62,9 +62,9 @@ def cifar_dir() -> Path:
 # ---- End-to-end sweeps (tests/test_sweep.py, tests/test_cli.py) ----
 # Ray reads some of these when it is imported (RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER: sockets on 127.0.0.1 only),
 # so they are set here, before anything imports ray; CLI subprocesses inherit them.
-from runner.sweep import LOCAL_RAY_ENV, RAY_ENV  # noqa: E402  (runner.sweep does not import ray)
+from runner.job.ray_env import ray_env  # noqa: E402  (imports no Ray)
 
-for _key, _value in (RAY_ENV | LOCAL_RAY_ENV).items():
+for _key, _value in ray_env(None).items():
     os.environ.setdefault(_key, _value)
 os.environ.setdefault("WANDB_SILENT", "true")
 
@@ -74,7 +74,7 @@ from types import SimpleNamespace  # noqa: E402
 
 @pytest.fixture(scope="session")
 def ray_session():
-    """One local Ray for every in-process sweep (runner.tuner.start_ray reuses it and leaves it running)."""
+    """One local Ray for every in-process sweep (runner.job.cluster.start_ray reuses it and leaves it running)."""
     import logging
 
     import ray
@@ -93,7 +93,7 @@ def ray_session():
 @pytest.fixture(scope="session")
 def sweep_checkpoint(tmp_path_factory) -> Path:
     """The checkpoint every end-to-end sweep shares: trained once (width 0.125, 1 epoch on tiny synthetic data)."""
-    from runner.train import train_checkpoint
+    from runner.inputs.train import train_checkpoint
 
     folder = tmp_path_factory.mktemp("checkpoint")
     grid = parse_grid(tiny_grid_dict(folder), "tiny")
@@ -104,7 +104,8 @@ def sweep_checkpoint(tmp_path_factory) -> Path:
 def small_sweep(ray_session, sweep_checkpoint, tmp_path_factory) -> SimpleNamespace:
     """The small sweep (3 layers x 2 K x 2 criteria, W&B offline) run once, in process, on the shared Ray."""
     from e2e_helpers import SMALL_CRITERIA, SMALL_FRACTIONS, SMALL_LAYERS, grid_dict, write_grid
-    from runner.sweep import Options, run_sweep
+
+    from runner.job.sweep import Options, run_sweep
 
     tmp = tmp_path_factory.mktemp("small_sweep")
     grid = grid_dict(tmp, sweep_checkpoint, name="small", layers=list(SMALL_LAYERS),

@@ -17,7 +17,7 @@ from typing import Any, Iterator
 
 import yaml
 
-from runner.results import read_rows
+from runner.outputs.results import read_rows
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "scripts" / "sweep.py"

@@ -16,9 +16,9 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from runner.sweep import LOCAL_RAY_ENV, RAY_ENV  # noqa: E402
+from runner.job.ray_env import ray_env  # noqa: E402
 
-for key, value in (RAY_ENV | LOCAL_RAY_ENV).items():
+for key, value in ray_env(None).items():
     os.environ.setdefault(key, value)
 
 from ray.cluster_utils import Cluster  # noqa: E402

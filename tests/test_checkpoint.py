@@ -11,11 +11,12 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from conftest import scramble_bn
+
 from model import checkpoint
 from model.resnet import ResNet18, build
 from runner.errors import InputError
+from runner.inputs import checkpoints
 
 ARCH = {"arch": "resnet18", "width": 0.125, "num_classes": 10}
 RETRAIN = ("allowed: a checkpoint written by scripts/train.py; fix: delete it and run scripts/train.py --grid FILE "
@@ -38,13 +39,13 @@ def model(seed: int = 0, width: float = 0.125) -> ResNet18:
 
 
 def write(path: Path, m: ResNet18 | None = None, **meta) -> Path:
-    checkpoint.save(path, m if m is not None else model(), {**ARCH, **meta})
+    checkpoints.save(path, m if m is not None else model(), {**ARCH, **meta})
     return path
 
 
 def load_error(path: Path, **arch) -> str:
     with pytest.raises(InputError) as err:
-        checkpoint.load(path, **{**ARCH, **arch})
+        checkpoints.load(path, **{**ARCH, **arch})
     assert err.value.field == "checkpoint.path"
     assert "\n" not in str(err.value)
     return str(err.value)
@@ -56,11 +57,11 @@ def test_round_trip(tmp_path):
     net = model(3)
     meta = {**ARCH, "test_accuracy": 87.25, "classes": ["a", "b"], "recipe": {"lr": 0.2, "epochs": 3}}
     path = tmp_path / "nested" / "dir" / "m.pt"  # folders are created
-    digest = checkpoint.save(path, net, meta)
+    digest = checkpoints.save(path, net, meta)
 
     assert digest == hashlib.sha256(path.read_bytes()).hexdigest()
     assert os.listdir(path.parent) == ["m.pt"]  # the temp file was renamed, nothing left behind
-    ck = checkpoint.load(path, "resnet18", 0.125, 10)
+    ck = checkpoints.load(path, "resnet18", 0.125, 10)
     assert ck.meta == meta
     assert ck.sha256 == digest
     assert ck.path == str(path)
@@ -89,8 +90,8 @@ def test_sha256_helper_matches_hashlib(tmp_path):
 
 
 def test_different_weights_give_a_different_sha256(tmp_path):
-    a = checkpoint.save(tmp_path / "a.pt", model(0), ARCH)
-    b = checkpoint.save(tmp_path / "b.pt", model(1), ARCH)
+    a = checkpoints.save(tmp_path / "a.pt", model(0), ARCH)
+    b = checkpoints.save(tmp_path / "b.pt", model(1), ARCH)
     assert a != b
 
 
@@ -98,7 +99,7 @@ def test_failed_save_keeps_the_old_file_and_leaves_no_temp(tmp_path):
     path = write(tmp_path / "m.pt")
     old = path.read_bytes()
     with pytest.raises((AttributeError, pickle.PicklingError)):
-        checkpoint.save(path, model(1), {**ARCH, "bad": lambda: None})  # not picklable
+        checkpoints.save(path, model(1), {**ARCH, "bad": lambda: None})  # not picklable
     assert os.listdir(tmp_path) == ["m.pt"]
     assert path.read_bytes() == old
 

@@ -8,9 +8,7 @@ runs in, each test's own tmp folder.
 
 from __future__ import annotations
 
-
 import pytest
-
 from e2e_helpers import GRIDS, run_cli
 
 LAYER_NAMES = ("conv1, layer1.0.conv1, layer1.0.conv2, layer1.1.conv1, layer1.1.conv2, layer2.0.conv1, "
@@ -75,7 +73,7 @@ BAD = {
         "labels=...)"),
     "unknown_flag": (
         "e2e_dry_run.yaml", ["--bogus"],
-        "error: unrecognized arguments: --bogus; allowed: see sweep.py --help; fix: correct the command line"),
+        "error: unrecognized arguments: --bogus; allowed: see prune-sweep sweep --help; fix: correct the command line"),
     "resume_without_sweep": (
         "e2e_dry_run.yaml", ["--resume"],
         "error: --resume: there is no sweep to resume in this folder: got '{tmp}/runs/e2e-dry'; allowed: a "

@@ -17,9 +17,8 @@ from collections import Counter
 from pathlib import Path
 
 import pytest
-
 from e2e_helpers import (ROOT, cli_env, finish, grid_dict, keys, measured, results, start_cli, stop_group,
-                         wait_for_rows, wandb_run_dirs, write_grid)
+    wait_for_rows, wandb_run_dirs, write_grid)
 
 pytestmark = pytest.mark.slow
 

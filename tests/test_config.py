@@ -1,17 +1,19 @@
-"""The grid file (runner.config) and its resolution against the network (runner.plan): one exact line per error."""
+"""The grid file (runner.config) and its resolution against the network (runner.inputs.trials): one exact line per error."""
 
 from __future__ import annotations
 
 import re
 from pathlib import Path
+from typing import get_args
 
 import pytest
 import yaml
 from pydantic import ValidationError
 
-from runner.config import Grid, apply_override, load_grid, parse_grid
+from runner.config import Grid, TrainConfig, apply_override, load_grid, parse_grid
 from runner.errors import InputError
-from runner.plan import make_plan
+from runner.inputs.train import RECIPES, recipe_of
+from runner.inputs.trials import plan_trials
 
 GRIDS = Path(__file__).resolve().parent / "grids"
 
@@ -33,7 +35,7 @@ def grid_error(raw, source: str = "grid.yaml") -> str:
 def plan_error(sweep: dict, width: float = 0.25) -> str:
     grid = parse_grid({"model": {"width": width}, "sweep": sweep}, "grid.yaml")
     with pytest.raises(InputError) as err:
-        make_plan(grid)
+        plan_trials(grid)
     return str(err.value)
 
 
@@ -46,6 +48,10 @@ def plan_error(sweep: dict, width: float = 0.25) -> str:
     ("unknown_key_nested.yaml",
      "sweep.criterion: unknown key: got 'criterion'; allowed: layers, include_shortcuts, k, criteria, target, "
      "calibration, batch_size, retries, feature_map_points; fix: remove it or correct its spelling"),
+    ("unknown_key_train.yaml",
+     "checkpoint.train.learning_rate: unknown key: got 'learning_rate'; allowed: recipe, epochs, batch_size, "
+     "optimizer, lr, momentum, nesterov, weight_decay, label_smoothing, schedule; "
+     "fix: remove it or correct its spelling"),
     ("wrong_type_width.yaml",
      "model.width: wrong type: got 'x'; allowed: a valid number; "
      "fix: change model.width in the grid file (or --set model.width=...)"),
@@ -135,7 +141,7 @@ def test_yaml_syntax_error_names_the_line(tmp_path):
      "data.download: wrong type: got 'yes'; allowed: a valid boolean; "
      "fix: change data.download in the grid file (or --set data.download=...)"),
     ({"model": {"width": 0}},
-     "model.width: not allowed: got 0; allowed: greater than 0; "
+     "model.width: out of range: got 0; allowed: greater than 0; "
      "fix: change model.width in the grid file (or --set model.width=...)"),
     ({"data": {"dataset": "mnist"}},
      "data.dataset: not allowed: got 'mnist'; allowed: 'synthetic', 'cifar10' or 'npz'; "
@@ -169,6 +175,59 @@ def test_yaml_syntax_error_names_the_line(tmp_path):
 ])
 def test_parse_grid_errors(raw, message):
     assert grid_error(raw) == f"grid.yaml: {message}"
+
+
+@pytest.mark.parametrize("raw, message", [
+    ({"sweep": {"k": {"fractions": [0.5, 0.25, 0]}}},
+     "sweep.k.fractions[2]: out of range: got 0; allowed: numbers in (0, 1]; fix: remove or correct that value"),
+    ({"sweep": {"k": {"values": [1, 2, -4]}}},  # written as k.values, so named k.values (a bare list is k)
+     f"sweep.k.values[2]: out of range: got -4; allowed: {K_INTS}; fix: remove or correct that value"),
+    ({"sweep": {"k": {"range": [1, 8, 2.0]}}},
+     "sweep.k.range[2]: wrong type: got 2.0; allowed: a valid integer; "
+     "fix: change sweep.k.range[2] in the grid file (or --set sweep.k.range=...)"),
+    ({"sweep": {"layers": ["conv1", 3]}},  # one member of a union (a list, or all)
+     "sweep.layers[1]: wrong type: got 3; allowed: a valid string; "
+     "fix: change sweep.layers[1] in the grid file (or --set sweep.layers=...)"),
+    ({"resources": {"cache_gb": "lots"}},  # the other member of a union (a number, or auto)
+     "resources.cache_gb: wrong type: got 'lots'; allowed: a valid number; "
+     "fix: change resources.cache_gb in the grid file (or --set resources.cache_gb=...)"),
+    ({"resources": {"cache_gb": 1e9}},
+     "resources.cache_gb: out of range: got 1000000000.0; allowed: auto, or a number >= 0; fix: use auto"),
+    ({"checkpoint": {"train": {"recipe": "seed", "lr": 0}}},
+     "checkpoint.train.lr: out of range: got 0; allowed: greater than 0; "
+     "fix: change checkpoint.train.lr in the grid file (or --set checkpoint.train.lr=...)"),
+    ({"checkpoint": {"train": {"recipe": "fast"}}},
+     "checkpoint.train.recipe: not allowed: got 'fast'; allowed: 'standard' or 'seed'; "
+     "fix: change checkpoint.train.recipe in the grid file (or --set checkpoint.train.recipe=...)"),
+    ({"data": {"dataset": "npz", "train": "a.npz"}},
+     "data.test: required when data.dataset is npz: got None; allowed: a path to an .npz file with images and "
+     "labels arrays; fix: set data.test: path/to/test.npz"),
+])
+def test_errors_name_the_key_path(raw, message):
+    assert grid_error(raw) == f"grid.yaml: {message}"
+
+
+def test_key_paths_do_not_depend_on_pydantic_tags():
+    """pydantic names validators and union members in its error locations ("function-after[...]",
+    "literal['all']"); the key path must be computed from the models, not by matching those names."""
+    source = (Path(__file__).resolve().parents[1] / "runner" / "config.py").read_text()
+    assert "function-after" not in source and "literal[" not in source
+
+
+def test_named_recipes_are_full_train_configs():
+    assert set(get_args(TrainConfig.model_fields["recipe"].annotation)) == set(RECIPES)
+    for name, recipe in RECIPES.items():
+        assert isinstance(recipe, TrainConfig) and recipe.recipe == name
+        assert None not in vars(recipe).values(), name
+
+
+def test_recipe_of_is_a_full_frozen_train_config():
+    grid = parse_grid({"checkpoint": {"train": {"recipe": "seed", "epochs": 4}}}, "g")
+    recipe = recipe_of(grid.checkpoint.train)
+    assert recipe == RECIPES["seed"].model_copy(update={"epochs": 4})
+    assert recipe.epochs == 4 and RECIPES["seed"].epochs == 30  # the named recipe is untouched
+    with pytest.raises(ValidationError, match="Instance is frozen"):
+        recipe.lr = 1.0  # type: ignore[misc]
 
 
 @pytest.mark.parametrize("raw", [
@@ -339,7 +398,7 @@ def test_overrides_are_validated():
 # --- the plan: the grid against the network --------------------------------------------------------------------
 
 def test_dry_counts_of_the_tiny_grid(tiny_grid):
-    plan = make_plan(tiny_grid)
+    plan = plan_trials(tiny_grid)
     assert (len(plan.layers), len(plan.trials), plan.points) == (17, 34, 102)
     assert len(plan.convs) == 20
     assert {t.ks for t in plan.trials if t.channels == 8} == {(2, 4, 8)}
@@ -362,29 +421,29 @@ def test_dry_counts_of_the_tiny_grid(tiny_grid):
     (0.125, {"layers": ["conv1", "layer4.1.conv2"], "k": {"fractions": [0.1, 0.125, 0.2]}}, 2, 6, 15),
 ])
 def test_dry_counts(width, sweep, layers, trials, points):
-    plan = make_plan(parse_grid({"model": {"width": width}, "sweep": sweep}, "g"))
+    plan = plan_trials(parse_grid({"model": {"width": width}, "sweep": sweep}, "g"))
     assert (len(plan.layers), len(plan.trials), plan.points) == (layers, trials, points)
 
 
 def test_glob_selects_the_eight_conv2_in_forward_order():
-    plan = make_plan(parse_grid({"sweep": {"layers": ["layer*.conv2"]}}, "g"))
+    plan = plan_trials(parse_grid({"sweep": {"layers": ["layer*.conv2"]}}, "g"))
     assert [c.name for c in plan.layers] == [f"layer{s}.{b}.conv2" for s in range(1, 5) for b in range(2)]
     assert [c.out_channels for c in plan.layers] == [64, 64, 128, 128, 256, 256, 512, 512]
 
 
 def test_include_shortcuts_gives_twenty_layers():
-    plan = make_plan(parse_grid({"model": {"width": 0.25}, "sweep": {"include_shortcuts": True}}, "g"))
+    plan = plan_trials(parse_grid({"model": {"width": 0.25}, "sweep": {"include_shortcuts": True}}, "g"))
     assert len(plan.layers) == 20
     assert sum(c.shortcut for c in plan.layers) == 3
 
 
 def test_layers_follow_forward_order_not_grid_order():
-    plan = make_plan(parse_grid({"sweep": {"layers": ["layer4.1.conv2", "conv1", "layer2.0.shortcut.conv"]}}, "g"))
+    plan = plan_trials(parse_grid({"sweep": {"layers": ["layer4.1.conv2", "conv1", "layer2.0.shortcut.conv"]}}, "g"))
     assert [c.name for c in plan.layers] == ["conv1", "layer2.0.shortcut.conv", "layer4.1.conv2"]
 
 
 def test_fractions_round_to_distinct_k_per_layer():
-    plan = make_plan(parse_grid({"model": {"width": 0.125}, "sweep": {
+    plan = plan_trials(parse_grid({"model": {"width": 0.125}, "sweep": {
         "layers": ["conv1", "layer4.1.conv2"], "k": {"fractions": [0.1, 0.125, 0.2]}, "criteria": ["random"]}}, "g"))
     assert [(t.layer, t.ks) for t in plan.trials] == [("conv1", (1, 2)), ("layer4.1.conv2", (6, 8, 13))]
 
@@ -413,7 +472,7 @@ def test_k_above_the_input_channel_count():
 
 
 def test_k_equal_to_the_channel_count_is_allowed():
-    plan = make_plan(parse_grid({"model": {"width": 0.25}, "sweep": {"k": [1, 16], "layers": ["layer1.*"]}}, "g"))
+    plan = plan_trials(parse_grid({"model": {"width": 0.25}, "sweep": {"k": [1, 16], "layers": ["layer1.*"]}}, "g"))
     assert plan.points == 4 * 3 * 2
 
 

@@ -8,10 +8,11 @@ import numpy as np
 import pytest
 import torch
 
-from runner import synthetic
 from runner.config import DataConfig
-from runner.data import CIFAR10_CLASSES, Dataset, Images, augment, load_data, read_npz, to_device
+from runner.engine.images import Images, augment, to_device
 from runner.errors import InputError
+from runner.inputs import synthetic
+from runner.inputs.data import CIFAR10_CLASSES, Dataset, load_data, read_npz
 
 NPZ_FILE = "allowed: a file written by numpy.savez; fix: rewrite it with numpy.savez"
 

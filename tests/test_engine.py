@@ -9,22 +9,23 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-
 from conftest import scramble_bn
+
 from model.capture import capture
-from model.layers import conv_table, list_convs
+from model.layers import list_convs
 from model.resnet import ResNet18
 from model.split import Split
-from runner.criteria import rank_all
-from runner.data import Images
-from runner.engine import EvalSet, sweep_layer
-from runner.evaluate import Tally, evaluate
-from runner.prune import keep_mask, masked, savings, surgery, zero_weights
-from runner.synthetic import generate
+from runner.engine.criteria import rank_all
+from runner.engine.evaluate import Tally, evaluate
+from runner.engine.images import Images
+from runner.engine.measure import EvalSet, sweep_layer
+from runner.engine.prune import keep_mask, masked, savings, surgery, zero_weights
+from runner.engine.reference import seed_loop
+from runner.inputs.synthetic import generate
 
 MODEL = scramble_bn(ResNet18(width=0.125), seed=1)
 CONVS = list_convs(MODEL)
-BY_NAME = conv_table(CONVS)
+BY_NAME = {c.name: c for c in CONVS}
 X = torch.randn(6, 3, 32, 32, generator=torch.Generator().manual_seed(0))
 # a block's conv1 and conv2, a shortcut conv, and the stem: every kind of cut
 KINDS = ["conv1", "layer2.1.conv1", "layer2.1.conv2", "layer3.0.shortcut.conv", "layer4.0.conv1"]
@@ -152,28 +153,33 @@ def test_taylor_matches_autograd_by_hand() -> None:
 
 def _seed_procedure(model: ResNet18, layer: str, images: torch.Tensor, labels: torch.Tensor, ks: list[int],
                     batch: int) -> list[tuple[float, float]]:
-    """The report's procedure, written plainly: per K, reload the weights, rank the conv's output channels by
-    the mean of its output (a batch mean, averaged over batches) on the test set, zero weight[:, idx], eval."""
-    results = []
+    """The report's procedure, its ranking written plainly: per K, reload the weights, rank the conv's output
+    channels by the mean of its output (a batch mean, averaged over batches) on the test set, zero
+    weight[:, idx], evaluate."""
     state = copy.deepcopy(model.state_dict())
-    for k in ks:
+
+    def fresh() -> ResNet18:
         net = ResNet18(width=model.width, num_classes=model.num_classes)
         net.load_state_dict(state)
-        net.eval()
-        conv = dict(net.named_modules())[layer]
+        return net.eval()
+
+    def rank(net: ResNet18) -> list[int]:
         means = []
-        handle = conv.register_forward_hook(lambda m, i, o: means.append(o.mean(dim=(0, 2, 3))))
+        handle = dict(net.named_modules())[layer].register_forward_hook(lambda m, i, o: means.append(o.mean((0, 2, 3))))
+        try:
+            with torch.no_grad():
+                for s in range(0, len(images), batch):
+                    net(images[s:s + batch])
+        finally:
+            handle.remove()
+        return torch.argsort(torch.stack(means).mean(0), stable=True).tolist()
+
+    def score(net: ResNet18) -> tuple[float, float]:
         with torch.no_grad():
-            for s in range(0, len(images), batch):
-                net(images[s:s + batch])
-        handle.remove()
-        idx = torch.argsort(torch.stack(means).mean(0), stable=True)[:k]
-        with torch.no_grad():
-            conv.weight[:, idx, :, :] = 0
             logits = torch.cat([net(images[s:s + batch]) for s in range(0, len(images), batch)])
-        accuracy = 100 * int((logits.argmax(1) == labels).sum()) / len(images)
-        results.append((accuracy, float(F.cross_entropy(logits, labels))))
-    return results
+        return 100 * int((logits.argmax(1) == labels).sum()) / len(images), float(F.cross_entropy(logits, labels))
+
+    return seed_loop(fresh, BY_NAME[layer], "input", ks, rank, score)
 
 
 def test_seed_criterion_reproduces_the_reports_procedure() -> None:
@@ -229,7 +235,7 @@ def test_points_match_full_network_evaluation_and_carry_feature_maps() -> None:
 
 def test_savings_count_filter_bn_and_next_conv_input_slice() -> None:
     model = ResNet18(width=1.0)
-    convs = conv_table(list_convs(model))
+    convs = {c.name: c for c in list_convs(model)}
     c1 = convs["layer2.1.conv1"]  # 128 -> 128, 3x3, 16x16; consumer layer2.1.conv2 128 -> 128 at 16x16
     s = savings(c1, "output", 5, convs)
     assert s.params == 5 * 128 * 9 + 2 * 5 + 5 * 128 * 9

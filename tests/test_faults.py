@@ -16,10 +16,11 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from e2e_helpers import (cli_env, finish, grid_dict, keys, measured, resize_tmpfs, results, run_cli, start_cli,
-                         stop_group, tmpfs, trial_workers, values, wait_for_rows, write_grid)
+    stop_group, tmpfs, trial_workers, values, wait_for_rows, write_grid)
+
 from model import checkpoint as ckpt_io
+from runner.inputs import checkpoints
 
 # 17 convs x 8 K x 2 criteria: trials long enough to be caught mid-way. Rankings from the weights only, so that
 # every process ranks exactly alike and runs compare number for number.
@@ -140,10 +141,10 @@ def refused(run, start: str) -> str:
 def test_resume_refuses_a_changed_checkpoint(finished_pair):
     path, _, folder, checkpoint, csv_before = finished_pair
     old = ckpt_io.sha256(checkpoint)
-    loaded = ckpt_io.load(checkpoint, "resnet18", 0.125, 10)
+    loaded = checkpoints.load(checkpoint, "resnet18", 0.125, 10)
     with torch.no_grad():
         loaded.model.linear.bias[0] += 0.5  # one number changed: another checkpoint
-    new = ckpt_io.save(checkpoint, loaded.model, loaded.meta)
+    new = checkpoints.save(checkpoint, loaded.model, loaded.meta)
     run = run_cli(["--grid", str(path), "--resume"], cwd=path.parent)
     line = refused(run, f"error: --resume: the checkpoint changed since this sweep started (sha256 {old[:12]} "
                         f"then, {new[:12]} now): got '{folder}'")
@@ -152,8 +153,9 @@ def test_resume_refuses_a_changed_checkpoint(finished_pair):
 
 
 @pytest.mark.parametrize("change, what", [
-    ({"data": {"eval_size": 100}}, "the grid changed since this sweep started (data)"),
-    ({"sweep": {"target": "input"}}, "the grid changed since this sweep started (sweep.target)"),
+    ({"data": {"eval_size": 100}}, "the grid changed since this sweep started (data.eval_size: 150 then, 100 now)"),
+    ({"sweep": {"target": "input"}},
+     "the grid changed since this sweep started (sweep.target: 'output' then, 'input' now)"),
     ({"sweep": {"k": [1]}}, "the grid drops 2 recorded points (first: layer1.0.conv1, l1_norm, K=2)"),
 ])
 def test_resume_refuses_a_grid_that_changes_or_drops_points(finished_pair, change, what):

@@ -1,7 +1,6 @@
-"""Plots stay readable however many layers and K values a sweep has (runner.figures)."""
+"""Plots stay readable however many layers and K values a sweep has (runner.outputs.figures)."""
 
 from __future__ import annotations
-
 
 import matplotlib.pyplot as plt
 import pytest
@@ -9,7 +8,7 @@ from PIL import Image
 
 from model.layers import list_convs
 from model.resnet import build
-from runner import figures
+from runner.outputs import figures
 
 LAYERS = [c.name for c in list_convs(build("resnet18", 0.125, 10))]  # forward order, shortcuts included
 

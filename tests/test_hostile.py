@@ -13,10 +13,11 @@ import numpy as np
 import pytest
 import torch
 import yaml
-
 from conftest import ROOT
+
 from model import checkpoint
 from model.resnet import ResNet18
+from runner.inputs import checkpoints
 
 SWEEP = str(ROOT / "scripts" / "sweep.py")
 
@@ -51,7 +52,7 @@ def good_checkpoint(path: Path, nan: bool = False) -> None:
     if nan:
         with torch.no_grad():
             model.layer2[0].conv1.weight[0, 0, 0, 0] = float("nan")
-    checkpoint.save(path, model, {"arch": "resnet18", "width": 0.125, "num_classes": 10, "dataset": "synthetic",
+    checkpoints.save(path, model, {"arch": "resnet18", "width": 0.125, "num_classes": 10, "dataset": "synthetic",
                                   "classes": [str(i) for i in range(10)], "mean": [0.5] * 3, "std": [0.25] * 3})
 
 

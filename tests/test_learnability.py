@@ -10,10 +10,12 @@ import torch
 import torch.nn.functional as F
 
 from runner.config import load_grid
-from runner.data import load_data
-from runner.synthetic import generate
-from runner.train import recipe_of, train_model
-from runner.train import test_accuracy as accuracy_on_test  # (a name pytest would collect)
+from runner.inputs.data import load_data
+from runner.inputs.synthetic import generate
+from runner.inputs.train import recipe_of, train_model
+from runner.inputs.train import (
+    test_accuracy as accuracy_on_test,  # (a name pytest would collect)
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -5,12 +5,12 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import scramble_bn
 from torch import nn
 
 from model.capture import capture, watch
-from model.layers import conv_table, list_convs
+from model.layers import list_convs
 from model.resnet import ResNet18, build, scaled
-from conftest import scramble_bn
 
 # Every conv in forward order: name, its BN, block, role, kernel, stride, input and output side (square maps).
 STRUCTURE = [
@@ -158,7 +158,7 @@ def test_consumer_is_the_blocks_conv2_for_conv1_only():
     convs = list_convs(build("resnet18", 0.125, 10))
     consumers = {c.name: c.consumer for c in convs if c.consumer}
     assert consumers == {f"layer{s}.{b}.conv1": f"layer{s}.{b}.conv2" for s in range(1, 5) for b in range(2)}
-    assert conv_table(convs)["layer3.1.conv1"].consumer == "layer3.1.conv2"
+    assert {c.name: c for c in convs}["layer3.1.conv1"].consumer == "layer3.1.conv2"
 
 
 def test_listing_leaves_the_model_untouched():

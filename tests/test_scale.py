@@ -13,11 +13,11 @@ from pathlib import Path
 
 import pytest
 import yaml
+from e2e_helpers import descendants, finish, keys, measured, results, rss_bytes, start_cli, stop_group
 from PIL import Image
 
-from e2e_helpers import descendants, finish, keys, measured, results, rss_bytes, start_cli, stop_group
 from runner.config import parse_grid
-from runner.train import train_checkpoint
+from runner.inputs.train import train_checkpoint
 
 pytestmark = pytest.mark.slow
 

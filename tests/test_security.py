@@ -14,16 +14,17 @@ from pathlib import Path
 
 import pytest
 import yaml
-
 from conftest import ROOT
 
 LOOPBACK = ("127.0.0.1:", "[::1]:", "[::ffff:127.0.0.1]:")  # the last: IPv4 loopback on a dual-stack socket
 START_RAY = """
 import json, os, sys
 sys.path.insert(0, {root!r})
-from runner import tuner  # sets Ray's environment before Ray is imported
+from runner.job.ray_env import set_ray_env
+set_ray_env(None)  # Ray's environment, before Ray is imported
 import ray
-tuner.start_ray(None, dashboard={dashboard})
+from runner.job import cluster
+cluster.start_ray(None, dashboard={dashboard})
 print(json.dumps({{"pid": os.getpid(), "nodes": [n["NodeManagerAddress"] for n in ray.nodes()],
                   "gcs": ray.get_runtime_context().gcs_address}}), flush=True)
 sys.stdin.readline()

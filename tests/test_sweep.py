@@ -18,10 +18,10 @@ from pathlib import Path
 
 import pytest
 import yaml
-
 from e2e_helpers import (SMALL_CRITERIA, SMALL_EVAL, SMALL_FRACTIONS, SMALL_LAYERS, cli_env, closed_port,
-                         expected_points, finish, grid_dict, history, keys, leet_records, leet_summary, measured, results,
-                         run_cli, run_info, start_cli, stop_group, values, wandb_run_dirs, write_grid)
+    expected_points, finish, grid_dict, history, keys, leet_records, leet_summary, measured, results, run_cli,
+    run_info, start_cli, stop_group, values, wandb_run_dirs, write_grid)
+
 from model.checkpoint import sha256
 from runner.config import load_grid
 
@@ -160,7 +160,7 @@ BIG_CRITERIA = ["l1_norm", "random"]  # rankings from weights only: the same in 
 
 @pytest.mark.slow
 def test_interrupt_then_resume_measures_each_point_once(ray_session, sweep_checkpoint, tmp_path):
-    from runner.sweep import Options, run_sweep
+    from runner.job.sweep import Options, run_sweep
 
     grid = write_grid(tmp_path / "big.yaml", grid_dict(tmp_path, sweep_checkpoint, name="big", layers="all",
                                                        k=BIG_KS, criteria=BIG_CRITERIA, eval_size=200))

@@ -7,16 +7,15 @@ import math
 
 import pytest
 import torch
-
 from conftest import tiny_grid_dict
-from model import checkpoint
+
 from model.resnet import build
-from runner import synthetic
 from runner.config import TrainConfig, parse_grid
-from runner.data import load_data
 from runner.errors import InputError
-from runner.train import RECIPES, lr_factor, recipe_of, train_checkpoint, train_model
-from runner.train import test_accuracy as accuracy_of
+from runner.inputs import checkpoints, synthetic
+from runner.inputs.data import load_data
+from runner.inputs.train import RECIPES, lr_factor, recipe_of, train_checkpoint, train_model
+from runner.inputs.train import test_accuracy as accuracy_of
 
 CPU = torch.device("cpu")
 
@@ -42,7 +41,7 @@ def trained(tmp_path_factory):
 
 def test_short_training_lowers_the_loss(trained):
     grid, _, path = trained
-    losses = checkpoint.load(path, "resnet18", 0.125, 10).meta["epoch_losses"]
+    losses = checkpoints.load(path, "resnet18", 0.125, 10).meta["epoch_losses"]
     assert len(losses) == 3
     assert all(math.isfinite(x) for x in losses)
     assert 1.8 < losses[0] < 3.5  # about ln(10) = 2.30 at the start, plus label smoothing and noise
@@ -52,7 +51,7 @@ def test_short_training_lowers_the_loss(trained):
 def test_train_checkpoint_writes_what_load_reads(trained):
     grid, data, path = trained
     assert path == grid.checkpoint.path
-    ck = checkpoint.load(path, grid.model.arch, grid.model.width, grid.model.num_classes)
+    ck = checkpoints.load(path, grid.model.arch, grid.model.width, grid.model.num_classes)
     meta = ck.meta
     assert ck.sha256 == hashlib.sha256(open(path, "rb").read()).hexdigest()
     assert (meta["arch"], meta["width"], meta["num_classes"]) == ("resnet18", 0.125, 10)

@@ -15,10 +15,10 @@ from typing import Any
 import numpy as np
 from ray import tune
 
-from runner import figures
-from runner.results import ResultsTable
+from runner.outputs import figures
+from runner.outputs.results import ResultsTable, TrialId
+from runner.outputs.tracking import Tracker, make_tracker
 from runner.storage import atomic_path
-from runner.tracking import Tracker, make_tracker
 
 log = logging.getLogger(__name__)
 
@@ -52,51 +52,43 @@ def feature_map_images(maps: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     return out
 
 
-class Collector(tune.Callback):
-    """Tune restores callbacks from its own pickle on --resume, so the driver finds the live one through
-    `Collector.current` (set in `setup`, which runs in the driver)."""
+@dataclass
+class Live:
+    """The collector's state in the driver while trials run (never pickled: files and W&B runs stay here)."""
 
-    current: "Collector | None" = None
+    table: ResultsTable
+    tracker: Tracker
+    board: Any  # the ProgressBoard actor's handle
+    last_note: float = 0.0  # when progress was last logged
+    first: float = 0.0  # when the first new point arrived
+    new: int = 0  # points added to results.csv in this run
+
+
+class Collector(tune.Callback):
+    """Tune pickles its callbacks with the experiment and restores them on --resume, so everything live is
+    made in `setup` (which runs in the driver) and closed in `on_experiment_end`; what the driver needs
+    afterwards (points measured) it asks the progress board."""
 
     def __init__(self, context: Context) -> None:
         self.context = context
-        self._live: dict[str, Any] = {}
+        self.live: Live | None = None
 
     def __getstate__(self) -> dict[str, Any]:
-        return {"context": self.context, "_live": {}}  # open files and W&B runs never travel
+        return {"context": self.context, "live": None}  # open files and W&B runs never travel
 
     def setup(self, **info: Any) -> None:
-        c = self.context
-        folder = Path(c.folder)
-        self._live = {
-            "table": ResultsTable(folder / "results.csv"),
-            "tracker": make_tracker(c.wandb_mode, c.wandb_project, c.wandb_entity, c.sweep, folder,
-                                    c.wandb_config, c.feature_maps),
-            "failed": [], "started": time.time(), "last_note": 0.0,
-        }
-        self._live["new"] = 0
-        self._live["measured"] = 0
         import ray
 
-        self._live["board"] = ray.get_actor(c.board)
+        c = self.context
+        folder = Path(c.folder)
+        self.live = Live(ResultsTable(folder / "results.csv"), make_tracker(
+            c.wandb_mode, c.wandb_project, c.wandb_entity, c.sweep, folder, c.wandb_config, c.feature_maps),
+            ray.get_actor(c.board))
         (folder / "feature_maps").mkdir(parents=True, exist_ok=True)
-        Collector.current = self
 
-    @property
-    def table(self) -> ResultsTable:
-        return self._live["table"]
-
-    @property
-    def tracker(self) -> Tracker:
-        return self._live["tracker"]
-
-    @property
-    def failed(self) -> list[str]:
-        return self._live["failed"]
-
-    @property
-    def measured(self) -> int:
-        return self._live["measured"]
+    def on_experiment_end(self, trials: list, **info: Any) -> None:
+        if self.live is not None:
+            self.live.tracker.close()  # runs of trials that did not finish (an interrupted sweep) end as failed
 
     def _row(self, result: dict[str, Any]) -> dict[str, Any]:
         c = self.context
@@ -112,18 +104,18 @@ class Collector(tune.Callback):
     def on_trial_result(self, iteration: int, trials: list, trial: Any, result: dict, **info: Any) -> None:
         if "k" not in result:
             return
-        self._live["measured"] += 1  # every point a trial measured in this run, repeats included
+        live = self.live
         maps = result.pop("maps", None) or {}  # in place: keeps the arrays out of Tune's experiment state
         row = self._row(result)
-        if not self.table.add(row):
+        live.board.record.remote(row["layer"], row["criterion"], row["k"])  # every point measured, repeats too
+        if not live.table.add(row):
             return  # already recorded (a retried or resumed trial repeating a point)
-        self._live["board"].add.remote(row["layer"], row["criterion"], row["k"])
-        self._live["new"] += 1
-        key = f"{row['layer']}/{row['criterion']}"
+        live.new += 1
+        trial_id = TrialId(row["layer"], row["criterion"])
         config = {"layer": row["layer"], "criterion": row["criterion"], "target": row["target"],
                   "checkpoint_sha256": self.context.checkpoint_sha256, "baseline_accuracy": self.context.baseline}
-        self.tracker.log_point(key, config, row, feature_map_images(maps) if self.context.feature_maps else {})
-        if maps and row["k"] in self.context.figure_ks.get(key, ()):
+        live.tracker.log_point(trial_id.key, config, row, feature_map_images(maps) if self.context.feature_maps else {})
+        if maps and row["k"] in self.context.figure_ks.get(trial_id.key, ()):
             self._save_figures(row, maps)
         self._progress()
 
@@ -143,31 +135,33 @@ class Collector(tune.Callback):
 
     def _progress(self) -> None:
         """A line every 10 s: points done, rate, time left (from the rate since the first point arrived)."""
-        now = time.time()
-        done, total, new = len(self.table.keys), self.context.total_points, self._live["new"]
+        live, now = self.live, time.time()
+        done, total, new = len(live.table.keys), self.context.total_points, live.new
         if new == 1:
-            self._live["first"] = now
-        if now - self._live["last_note"] >= 10 or done == total:
-            self._live["last_note"] = now
-            span = now - self._live["first"]
+            live.first = now
+        if now - live.last_note >= 10 or done == total:
+            live.last_note = now
+            span = now - live.first
             rate = (new - 1) / span if new > 1 and span > 0 else 0.0
             left = f", about {(total - done) / rate:.0f} s left" if rate and done < total else ""
             log.info("points %d/%d (%.0f%%)%s", done, total, 100 * done / total, left)
 
     def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
-        key = f"{trial.config['layer']}/{trial.config['criterion']}"
-        self.tracker.finish_trial(key)
-        rows = [r for r in self.table.rows if (r["layer"], r["criterion"]) == tuple(key.split("/"))]
+        trial_id = _trial_id(trial)
+        self.live.tracker.finish_trial(trial_id.key)
+        rows = [r for r in self.live.table.rows if TrialId(r["layer"], r["criterion"]) == trial_id]
         worst = min(rows, key=lambda r: r["accuracy"], default=None)
         shown = f"accuracy at K={worst['k']}: {worst['accuracy']:.2f}%" if worst else "no new points"
-        log.info("trial done: %-40s %s", key, shown)
+        log.info("trial done: %-40s %s", trial_id.key, shown)
 
     def on_trial_recover(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
-        log.warning("trial %s/%s failed; retrying from its last finished K", trial.config["layer"],
-                    trial.config["criterion"])
+        log.warning("trial %s failed; retrying from its last finished K", _trial_id(trial).key)
 
     def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
-        key = f"{trial.config['layer']}/{trial.config['criterion']}"
-        self.failed.append(key)
-        self.tracker.finish_trial(key, failed=True)
+        key = _trial_id(trial).key
+        self.live.tracker.finish_trial(key, failed=True)
         log.error("trial %s failed after its retries (details: %s)", key, getattr(trial, "error_file", None))
+
+
+def _trial_id(trial: Any) -> TrialId:
+    return TrialId(trial.config["layer"], trial.config["criterion"])

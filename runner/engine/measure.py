@@ -20,11 +20,11 @@ from torch import Tensor
 from model.layers import ConvInfo
 from model.resnet import ResNet18
 from model.split import Split
-from runner.criteria import Ranking
-from runner.data import Images, to_device
-from runner.device import fast_math, free_memory_bytes, uses_channels_last
-from runner.evaluate import Tally, evaluate
-from runner.prune import channels_of, keep_mask, savings
+from runner.engine.criteria import Ranking
+from runner.engine.device import fast_math, free_memory_bytes, uses_channels_last
+from runner.engine.evaluate import Tally, evaluate
+from runner.engine.images import Images, to_device
+from runner.engine.prune import channels_of, keep_mask, savings
 
 log = logging.getLogger(__name__)
 

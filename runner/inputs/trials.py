@@ -12,9 +12,10 @@ import torch
 from model.layers import ConvInfo, list_convs
 from model.resnet import build
 from runner.config import MAX_POINTS, Grid, KSpec
-from runner.criteria import CRITERIA
+from runner.engine.criteria import CRITERIA
+from runner.engine.prune import channels_of
 from runner.errors import InputError
-from runner.prune import channels_of
+from runner.outputs.results import TrialId
 
 
 @dataclass(frozen=True)
@@ -28,12 +29,22 @@ class Trial:
     channels: int
 
     @property
-    def key(self) -> str:
-        return f"{self.layer}/{self.criterion}"
+    def id(self) -> TrialId:
+        return TrialId(self.layer, self.criterion)
+
+    def figure_ks(self, count: int) -> tuple[int, ...]:
+        """A few K spread over the trial's range (first, middle, last for 3): their feature maps go to disk."""
+        ks = self.ks
+        if count <= 0:
+            return ()
+        if len(ks) <= count:
+            return ks
+        idx = sorted({round(i * (len(ks) - 1) / (count - 1)) for i in range(count)}) if count > 1 else [len(ks) - 1]
+        return tuple(ks[i] for i in idx)
 
 
 @dataclass(frozen=True)
-class Plan:
+class TrialPlan:
     convs: tuple[ConvInfo, ...]  # every conv of the network
     layers: tuple[ConvInfo, ...]  # the ones swept, in forward order
     criteria: tuple[str, ...]
@@ -96,7 +107,7 @@ def ks_for(spec: KSpec, channels: int) -> tuple[int, ...]:
     return tuple(sorted({max(1, min(channels, math.floor(f * channels + 0.5))) for f in spec.fractions}))
 
 
-def make_plan(grid: Grid) -> Plan:
+def plan_trials(grid: Grid) -> TrialPlan:
     """Resolve and check the sweep section against the network; raises InputError on the first problem."""
     sweep = grid.sweep
     with torch.device("meta"):  # shapes only: no memory, no time
@@ -126,4 +137,4 @@ def make_plan(grid: Grid) -> Plan:
     if points > MAX_POINTS:
         raise InputError("sweep", f"{points:,} points", "the grid is too large", f"at most {MAX_POINTS:,} points",
                          "use fewer layers, K values or criteria")
-    return Plan(tuple(convs), tuple(layers), tuple(sweep.criteria), sweep.target, tuple(trials))
+    return TrialPlan(tuple(convs), tuple(layers), tuple(sweep.criteria), sweep.target, tuple(trials))

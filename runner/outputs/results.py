@@ -6,7 +6,7 @@ import csv
 import io
 import os
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Iterable, NamedTuple
 
 COLUMNS = ("layer", "criterion", "target", "k", "fraction", "channels", "accuracy", "loss", "baseline_accuracy",
            "accuracy_drop", "params_removed", "macs_removed", "eval_images", "checkpoint_sha256", "seconds", "node",
@@ -15,6 +15,26 @@ INTS = {"k", "channels", "params_removed", "macs_removed", "eval_images"}
 FLOATS = {"fraction", "accuracy", "loss", "baseline_accuracy", "accuracy_drop", "seconds"}
 
 Key = tuple[str, str, int]  # layer, criterion, k
+
+
+class TrialId(NamedTuple):
+    """One trial: a (layer, criterion)."""
+
+    layer: str
+    criterion: str
+
+    @property
+    def key(self) -> str:
+        """Its name: the W&B run name and the rankings.json key."""
+        return f"{self.layer}/{self.criterion}"
+
+
+def by_trial(rows: Iterable[dict[str, Any]]) -> dict[TrialId, list[dict[str, Any]]]:
+    """Rows grouped by trial, in first-seen order, each trial's rows by ascending K."""
+    out: dict[TrialId, list[dict[str, Any]]] = {}
+    for r in rows:
+        out.setdefault(TrialId(r["layer"], r["criterion"]), []).append(r)
+    return {t: sorted(pts, key=lambda r: r["k"]) for t, pts in out.items()}
 
 
 class ResultsError(OSError):
@@ -90,9 +110,6 @@ class ResultsTable:
                 pass
             raise ResultsError(e.errno, e.strerror, str(self.path)) from e
 
-    def done(self) -> set[Key]:
-        return set(self.keys)
-
 
 def _cell(value: Any) -> Any:
     if isinstance(value, float):
@@ -100,7 +117,3 @@ def _cell(value: Any) -> Any:
     if isinstance(value, (list, tuple)):
         return ";".join(_cell(v) if not isinstance(v, float) else f"{v:.2f}" for v in value)
     return value
-
-
-def rows_for(rows: Iterable[dict[str, Any]], layer: str, criterion: str) -> list[dict[str, Any]]:
-    return sorted((r for r in rows if r["layer"] == layer and r["criterion"] == criterion), key=lambda r: r["k"])

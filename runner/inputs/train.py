@@ -6,7 +6,6 @@ import logging
 import math
 import sys
 import time
-from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -14,46 +13,35 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from model import checkpoint
+from model.checkpoint import Checkpoint
 from model.resnet import build
 from runner.config import Grid, TrainConfig
-from runner.data import Dataset, augment, load_data, to_device
-from runner.device import fast_math, pick_device, uses_channels_last
+from runner.engine.device import fast_math, pick_device, place, uses_channels_last
+from runner.engine.evaluate import evaluate
+from runner.engine.images import augment, to_device
 from runner.errors import InputError
-from runner.evaluate import evaluate
+from runner.inputs import checkpoints
+from runner.inputs.data import Dataset, load_data
 from runner.provenance import versions
 
 log = logging.getLogger(__name__)
 
 
-@dataclass(frozen=True)
-class Recipe:
-    epochs: int
-    batch_size: int
-    optimizer: str  # sgd | adam
-    lr: float  # peak learning rate
-    momentum: float
-    nesterov: bool
-    weight_decay: float
-    label_smoothing: float
-    schedule: str  # onecycle | cosine | seed
-
+Recipe = TrainConfig  # a full recipe: a TrainConfig with every field set (RECIPES, recipe_of)
 
 RECIPES: dict[str, Recipe] = {
     # SGD + Nesterov with a one-cycle schedule: the usual strong CIFAR-10 ResNet-18 recipe (about 94-95%).
-    "standard": Recipe(epochs=30, batch_size=512, optimizer="sgd", lr=0.2, momentum=0.9, nesterov=True,
-                       weight_decay=5e-4, label_smoothing=0.1, schedule="onecycle"),
+    "standard": Recipe(recipe="standard", epochs=30, batch_size=512, optimizer="sgd", lr=0.2, momentum=0.9,
+                       nesterov=True, weight_decay=5e-4, label_smoothing=0.1, schedule="onecycle"),
     # The seed report's recipe: Adam 1e-2, wd 1e-5, batch 512, 30 epochs, cosine over the last 15 epochs.
-    "seed": Recipe(epochs=30, batch_size=512, optimizer="adam", lr=1e-2, momentum=0.9, nesterov=False,
-                   weight_decay=1e-5, label_smoothing=0.0, schedule="seed"),
+    "seed": Recipe(recipe="seed", epochs=30, batch_size=512, optimizer="adam", lr=1e-2, momentum=0.9,
+                   nesterov=False, weight_decay=1e-5, label_smoothing=0.0, schedule="seed"),
 }
 
 
 def recipe_of(cfg: TrainConfig) -> Recipe:
-    """The named recipe with the grid's overrides applied."""
-    base = asdict(RECIPES[cfg.recipe])
-    base.update({k: v for k, v in cfg.model_dump().items() if k != "recipe" and v is not None})
-    return Recipe(**base)
+    """The named recipe with the grid's overrides applied (every field set, frozen)."""
+    return RECIPES[cfg.recipe].model_copy(update=cfg.model_dump(exclude_none=True))
 
 
 def lr_factor(schedule: str, step: int, total: int) -> float:
@@ -84,8 +72,7 @@ def train_model(grid: Grid, data: Dataset, recipe: Recipe, device: torch.device,
     gen = torch.Generator(device="cpu").manual_seed(grid.seed)
     mean, std = data.stats()
     channels_last = uses_channels_last(device)
-    model = build(grid.model.arch, grid.model.width, grid.model.num_classes).to(device)
-    model = model.to(memory_format=torch.channels_last) if channels_last else model
+    model = place(build(grid.model.arch, grid.model.width, grid.model.num_classes), device)
     x_all = to_device(data.train.images, mean, std, device, channels_last=channels_last)
     y_all = torch.from_numpy(data.train.labels).to(device)
     opt = _optimizer(model, recipe)
@@ -94,8 +81,10 @@ def train_model(grid: Grid, data: Dataset, recipe: Recipe, device: torch.device,
     for epoch in range(recipe.epochs):
         model.train()
         order = torch.randperm(len(y_all), generator=gen).to(device)
+        # a bar on a terminal; in a log file one line per epoch (a bar there is a carriage return per batch)
         bar = tqdm(range(steps_per_epoch), desc=f"epoch {epoch + 1}/{recipe.epochs}", unit="batch",
-                   disable=not progress, file=sys.stderr, leave=True, dynamic_ncols=True)
+                   disable=not (progress and sys.stderr.isatty()), file=sys.stderr, leave=True, dynamic_ncols=True)
+        started = time.time()
         run_loss, run_hits, run_seen = 0.0, 0, 0
         for i in bar:
             idx = order[i * recipe.batch_size:(i + 1) * recipe.batch_size]
@@ -114,6 +103,8 @@ def train_model(grid: Grid, data: Dataset, recipe: Recipe, device: torch.device,
             run_seen += len(y)
             bar.set_postfix(loss=f"{run_loss / run_seen:.3f}", acc=f"{100 * run_hits / run_seen:.1f}%")
         losses.append(run_loss / run_seen)
+        log.info("epoch %d/%d: loss %.3f, train accuracy %.1f%% (%.0f s)", epoch + 1, recipe.epochs, losses[-1],
+                 100 * run_hits / run_seen, time.time() - started)
         if not math.isfinite(losses[-1]):
             raise RuntimeError(f"training diverged at epoch {epoch + 1} (loss {losses[-1]}); lower the learning rate")
     return model.eval(), losses
@@ -149,11 +140,27 @@ def train_checkpoint(grid: Grid, data: Dataset | None = None, device: torch.devi
         "arch": grid.model.arch, "width": float(grid.model.width), "num_classes": grid.model.num_classes,
         "classes": list(data.classes), "mean": list(mean), "std": list(std), "dataset": data.name,
         "train_images": len(data.train), "calibration_images": len(data.calibration),
-        "recipe": asdict(recipe), "epoch_losses": losses, "test_accuracy": accuracy,
+        "recipe": recipe.model_dump(), "epoch_losses": losses, "test_accuracy": accuracy,
         "test_images": len(data.test), "seed": grid.seed, "train_seconds": round(seconds, 1),
         "device": str(device), "versions": versions(), "created": datetime.now(timezone.utc).isoformat(),
     }
-    digest = checkpoint.save(grid.checkpoint.path, model.cpu(), meta)
+    digest = checkpoints.save(grid.checkpoint.path, model.cpu(), meta)
     log.info("test accuracy %.2f%% after %.0f s; wrote %s (sha256 %s)", accuracy, seconds,
              grid.checkpoint.path, digest[:12])
     return str(Path(grid.checkpoint.path))
+
+
+def ensure_checkpoint(grid: Grid, data: Dataset, loaded: Checkpoint | None = None) -> Checkpoint:
+    """The shared checkpoint (trained first when it is missing and the grid has a recipe), checked against
+    the data it will be evaluated on."""
+    loaded = loaded or checkpoints.existing(grid)
+    if loaded is None:
+        log.info("checkpoint %s is missing: training it first", grid.checkpoint.path)
+        train_checkpoint(grid, data)
+        loaded = checkpoints.load_for(grid)
+    trained_on = loaded.meta.get("dataset"), tuple(loaded.meta.get("classes", ()))
+    if trained_on != (data.name, data.classes):
+        raise InputError(checkpoints.FIELD, grid.checkpoint.path, f"trained on {trained_on[0]} with classes "
+                         f"{', '.join(trained_on[1][:3])}..., but the grid evaluates {data.name}",
+                         "a checkpoint trained on the grid's dataset", "point checkpoint.path at one, or retrain")
+    return loaded

@@ -17,10 +17,11 @@ import torch
 
 from model.layers import ConvInfo
 from model.resnet import build
-from runner.criteria import Ranking
-from runner.data import Images
-from runner.device import tune_allocator, uses_channels_last
-from runner.engine import EvalSet, Point, sweep_layer
+from runner.engine.criteria import Ranking
+from runner.engine.device import place, tune_allocator
+from runner.engine.images import Images
+from runner.engine.measure import EvalSet, Point, sweep_layer
+from runner.outputs.results import TrialId
 
 CRASH_ENV = "PRUNE_SWEEP_CRASH_ONCE"  # tests: "<layer>/<criterion>:<marker file>" makes that trial fail once
 
@@ -62,11 +63,17 @@ class ProgressBoard:
 
     def __init__(self, done: list[tuple[str, str, int]]) -> None:
         self.done: dict[tuple[str, str], set[int]] = {}
+        self.measured = 0  # points measured in this run, repeats included
         for layer, criterion, k in done:
-            self.add(layer, criterion, k)
+            self.done.setdefault((layer, criterion), set()).add(k)
 
-    def add(self, layer: str, criterion: str, k: int) -> None:
+    def record(self, layer: str, criterion: str, k: int) -> None:
+        """A point was measured (perhaps again, by a retried trial)."""
         self.done.setdefault((layer, criterion), set()).add(k)
+        self.measured += 1
+
+    def measured_count(self) -> int:
+        return self.measured
 
     def finished(self, layer: str, criterion: str) -> list[int]:
         return sorted(self.done.get((layer, criterion), ()))
@@ -110,16 +117,14 @@ def run_trial(config: dict[str, Any], shared: Shared) -> None:
 
     device = torch.device("cuda") if ray.get_gpu_ids() and torch.cuda.is_available() else torch.device("cpu")
     layer, criterion = config["layer"], config["criterion"]
-    key = f"{layer}/{criterion}"
+    key = TrialId(layer, criterion).key
     done_before = set(ray.get(ray.get_actor(shared.board).finished.remote(layer, criterion)))
     ks = [k for k in shared.ks[(layer, criterion)] if k not in done_before]
     if not ks:
         return
     model = build(shared.arch, shared.width, shared.num_classes)
     model.load_state_dict(shared.state_dict)
-    model = model.to(device).eval()
-    if uses_channels_last(device):
-        model = model.to(memory_format=torch.channels_last)
+    model = place(model, device)
     evalset = EvalSet.build(shared.eval_images, shared.mean, shared.std, shared.num_classes, device,
                             shared.batch_size)
     node = ray.get_runtime_context().get_node_id()[:12]

@@ -8,12 +8,43 @@ from __future__ import annotations
 
 import statistics
 from collections import defaultdict
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
-from runner import figures, storage
+from runner import storage
+from runner.outputs import figures
+from runner.outputs.results import by_trial
 
 THRESHOLDS = (1.0, 5.0)  # accuracy drop, percentage points
+
+TARGET_MEANING = {
+    "output": "filter and BN channel removed: the channel is zero after the layer's BN",
+    "input": "input channel zeroed in the conv's weights (the seed's operation)",
+}
+
+
+@dataclass(frozen=True)
+class ReportMeta:
+    """What the report says about where its numbers come from."""
+
+    name: str
+    baseline: float  # accuracy, percent
+    eval_images: int
+    dataset: str
+    calibration: str  # which images ranked the channels, in words
+    arch: str
+    width: float
+    target: str
+    checkpoint: str
+    checkpoint_sha256: str
+    trained_accuracy: str
+    versions: dict[str, str]
+    wandb: str  # where the W&B runs are, in words
+
+    @property
+    def target_meaning(self) -> str:
+        return TARGET_MEANING[self.target]
 
 
 def safe_k(points: Sequence[dict[str, Any]], threshold: float) -> dict[str, Any] | None:
@@ -26,22 +57,14 @@ def safe_k(points: Sequence[dict[str, Any]], threshold: float) -> dict[str, Any]
     return best
 
 
-def _by_trial(rows: Sequence[dict[str, Any]]) -> dict[tuple[str, str], list[dict[str, Any]]]:
-    out: dict[tuple[str, str], list[dict[str, Any]]] = defaultdict(list)
-    for r in rows:
-        out[(r["layer"], r["criterion"])].append(r)
-    return out
-
-
 def layer_summary(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
     """Per layer, with the criterion that prunes it best (lowest mean drop): sensitivity and safe K."""
-    trials = _by_trial(rows)
+    trials = by_trial(rows)
     layers = list(dict.fromkeys(r["layer"] for r in rows))
     summary = []
     for layer in layers:
-        options = {c: pts for (l_, c), pts in trials.items() if l_ == layer}
+        options = {t.criterion: pts for t, pts in trials.items() if t.layer == layer}
         criterion, pts = min(options.items(), key=lambda kv: statistics.fmean(p["accuracy_drop"] for p in kv[1]))
-        pts = sorted(pts, key=lambda r: r["k"])
         summary.append({
             "layer": layer, "channels": pts[0]["channels"], "criterion": criterion,
             "mean_drop": statistics.fmean(p["accuracy_drop"] for p in pts), "max_k": pts[-1]["k"],
@@ -91,13 +114,13 @@ def write_plots(rows: Sequence[dict[str, Any]], baseline: float, folder: Path) -
     return paths
 
 
-def write_report(rows: Sequence[dict[str, Any]], meta: dict[str, Any], failed: Sequence[str], folder: Path,
+def write_report(rows: Sequence[dict[str, Any]], meta: ReportMeta, failed: Sequence[str], folder: Path,
                  expected_points: int) -> Path:
-    """report.md in `folder`; `meta` holds the provenance (see runner.sweep)."""
-    lines = [f"# Pruning sensitivity: {meta['name']}", ""]
-    lines += [f"Baseline accuracy **{meta['baseline']:.2f}%** on {meta['eval_images']:,} {meta['dataset']} test "
-              f"images; channels ranked on {meta['calibration']}. Model {meta['arch']} width {meta['width']:g}, "
-              f"target `{meta['target']}` ({meta['target_meaning']}).", ""]
+    """report.md in `folder`; `meta` holds the provenance (see runner.job.sweep)."""
+    lines = [f"# Pruning sensitivity: {meta.name}", ""]
+    lines += [f"Baseline accuracy **{meta.baseline:.2f}%** on {meta.eval_images:,} {meta.dataset} test "
+              f"images; channels ranked on {meta.calibration}. Model {meta.arch} width {meta.width:g}, "
+              f"target `{meta.target}` ({meta.target_meaning}).", ""]
     lines += [f"Points measured: {len(rows)} of {expected_points}"
               + (f"; **{len(failed)} trials failed**: {', '.join(failed)}" if failed else "") + ".", ""]
     if rows:
@@ -116,12 +139,12 @@ def write_report(rows: Sequence[dict[str, Any]], meta: dict[str, Any], failed: S
               "Feature maps for a few K per layer are in [feature_maps/](feature_maps/) "
               "(pruned layer's BN output: pruned channels are flat; final stage: top 64 channels by mean).", "",
               "## Provenance", "",
-              f"- checkpoint: `{meta['checkpoint']}` (sha256 `{meta['checkpoint_sha256']}`)",
-              f"- checkpoint test accuracy when trained: {meta.get('trained_accuracy', 'n/a')}",
+              f"- checkpoint: `{meta.checkpoint}` (sha256 `{meta.checkpoint_sha256}`)",
+              f"- checkpoint test accuracy when trained: {meta.trained_accuracy}",
               "- resolved grid: [config.yaml](config.yaml); every row of [results.csv](results.csv) carries the "
               "checkpoint sha256",
-              f"- libraries: {', '.join(f'{k} {v}' for k, v in meta['versions'].items())}",
-              f"- W&B: {meta['wandb']}", ""]
+              f"- libraries: {', '.join(f'{k} {v}' for k, v in meta.versions.items())}",
+              f"- W&B: {meta.wandb}", ""]
     path = folder / "report.md"
     storage.write_text(path, "\n".join(lines))
     return path

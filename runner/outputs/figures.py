@@ -111,18 +111,6 @@ def save_png(image: np.ndarray, path: Path) -> None:
         Image.fromarray(image).save(tmp, optimize=False, compress_level=1)
 
 
-def feature_map_figure(maps: np.ndarray, title: str, path: Path, final: bool = False) -> None:
-    """The report's version of a map grid: the same tiles in one matplotlib axes, with a colour bar."""
-    maps, cmap, (lo, hi) = _style(np.asarray(maps, dtype=np.float32), final)
-    canvas = tiled(maps)
-    fig, ax = plt.subplots(figsize=(6.4, 6.4 * canvas.shape[0] / canvas.shape[1] + 0.6))
-    image = ax.imshow(canvas, cmap=cmap, vmin=lo, vmax=hi, interpolation="nearest")
-    ax.axis("off")
-    fig.colorbar(image, ax=ax, shrink=0.8)
-    ax.set_title(title, fontsize=9)
-    _save(fig, path, dpi=80)
-
-
 LEGEND_LINES = 8  # more layers than this in one panel: facet by stage, one row of panels each
 
 

@@ -1,0 +1,132 @@
+"""Imports go one way: no cycle under model/ and runner/, `model` imports nothing from `runner`, and each runner
+layer imports only what its package docstring allows (read from the source, every import statement counted,
+also those inside functions)."""
+
+from __future__ import annotations
+
+import ast
+import sys
+from pathlib import Path
+
+import pytest
+from conftest import ROOT
+
+PACKAGES = ("model", "runner")
+BASICS = {"runner.errors", "runner.storage", "runner.provenance", "runner.config"}
+# layer -> the prefixes of the project's modules it may import (besides itself)
+ALLOWED = {
+    "model": ("model",),
+    "runner": (),  # the package itself (its docstring)
+    "runner.errors": (),
+    "runner.storage": (),
+    "runner.provenance": (),
+    "runner.config": ("runner.errors",),
+    "runner.engine": ("model", "runner.engine", "runner.errors"),
+    "runner.outputs": ("runner.outputs", "runner.errors", "runner.storage", "runner.provenance"),
+    "runner.inputs": ("model", "runner.engine", "runner.inputs", "runner.outputs.results", *BASICS),
+    "runner.job": ("model", "runner.engine", "runner.inputs", "runner.outputs", "runner.job", *BASICS),
+    "runner.cli": ("model", "runner"),
+}
+FORBIDDEN_THIRD_PARTY = {"runner.engine": ("ray", "wandb"), "runner.inputs": ("ray", "wandb"),
+                         "runner.outputs": ("torch", "torchvision", "ray"), "model": ("ray", "wandb")}
+
+
+def module_name(path: Path) -> str:
+    parts = path.relative_to(ROOT).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def imports_of(path: Path, modules: set[str]) -> set[str]:
+    """Every module a file imports (absolute names; `from pkg import mod` counts as pkg.mod when that is one)."""
+    out = set()
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+        if isinstance(node, ast.Import):
+            out.update(a.name for a in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            for a in node.names:
+                full = f"{node.module}.{a.name}"
+                out.add(full if full in modules else node.module)
+    return out
+
+
+def project_graph() -> dict[str, set[str]]:
+    files = [p for pkg in PACKAGES for p in (ROOT / pkg).rglob("*.py")]
+    modules = {module_name(p) for p in files}
+    return {module_name(p): imports_of(p, modules) for p in files}
+
+
+def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
+    """One import cycle among the graph's own modules, as a path that returns to its start, or None."""
+    state: dict[str, int] = {}  # 1: on the current path, 2: done
+    path: list[str] = []
+
+    def visit(node: str) -> list[str] | None:
+        state[node] = 1
+        path.append(node)
+        for nxt in sorted(graph.get(node, ())):
+            if nxt not in graph:
+                continue
+            if state.get(nxt) == 1:
+                return path[path.index(nxt):] + [nxt]
+            if nxt not in state:
+                found = visit(nxt)
+                if found:
+                    return found
+        path.pop()
+        state[node] = 2
+        return None
+
+    for node in sorted(graph):
+        if node not in state:
+            found = visit(node)
+            if found:
+                return found
+    return None
+
+
+def layer_of(module: str) -> str:
+    return max((layer for layer in ALLOWED if module == layer or module.startswith(layer + ".")), key=len)
+
+
+def test_the_cycle_finder_finds_a_cycle_and_accepts_a_tree() -> None:
+    assert find_cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}}) == ["a", "b", "c", "a"]
+    assert find_cycle({"a": {"b", "c"}, "b": {"c"}, "c": set()}) is None
+
+
+def test_no_import_cycle_under_model_and_runner() -> None:
+    assert find_cycle(project_graph()) is None
+
+
+def test_model_imports_nothing_from_runner() -> None:
+    bad = {m: sorted(i for i in imps if i.split(".")[0] == "runner")
+           for m, imps in project_graph().items() if m.startswith("model")}
+    assert {m: v for m, v in bad.items() if v} == {}
+
+
+@pytest.mark.parametrize("layer", sorted(ALLOWED))
+def test_each_layer_imports_only_what_it_may(layer: str) -> None:
+    graph = project_graph()
+    own = [m for m in graph if layer_of(m) == layer]
+    assert own, f"no module in layer {layer}"
+    wrong = []
+    for m in own:
+        for i in graph[m]:
+            if i.split(".")[0] in PACKAGES and i not in ("model", "runner") and not any(
+                    i == a or i.startswith(a + ".") for a in (layer, *ALLOWED[layer])):
+                wrong.append(f"{m} -> {i}")
+            if i.split(".")[0] in FORBIDDEN_THIRD_PARTY.get(layer, ()):
+                wrong.append(f"{m} -> {i}")
+    assert wrong == []
+
+
+def test_every_subpackage_states_its_rule() -> None:
+    for init in (ROOT / "runner").glob("*/__init__.py"):
+        doc = ast.get_docstring(ast.parse(init.read_text(encoding="utf-8"))) or ""
+        assert "May import" in doc, init
+
+
+def test_scripts_only_call_the_command() -> None:
+    for script in ("sweep.py", "train.py"):
+        text = (ROOT / "scripts" / script).read_text(encoding="utf-8")
+        assert "sys.path" not in text and len(text.splitlines()) <= 10, script
+    assert sys.modules  # (scripts/bench.py is a program of its own: see test_bench.py)
