@@ -16,7 +16,7 @@ BASICS = {"runner.errors", "runner.storage", "runner.provenance", "runner.config
 # layer -> the prefixes of the project's modules it may import (besides itself)
 ALLOWED = {
     "model": ("model",),
-    "runner": (),  # the package itself (its docstring)
+    "runner": ("runner.api",),  # the package itself (its docstring): the API, re-exported on first use
     "runner.errors": (),
     "runner.storage": (),
     "runner.provenance": (),
@@ -26,6 +26,8 @@ ALLOWED = {
     "runner.inputs": ("model", "runner.engine", "runner.inputs", "runner.outputs.results", *BASICS),
     "runner.job": ("model", "runner.engine", "runner.inputs", "runner.outputs", "runner.job", *BASICS),
     "runner.cli": ("model", "runner"),
+    # the notebook API, an entry point like the command: the job (inside `sweep`), results.csv as a table
+    "runner.api": ("runner.job", "runner.outputs", "runner.config", "runner.errors"),
 }
 FORBIDDEN_THIRD_PARTY = {"runner.engine": ("ray", "wandb"), "runner.inputs": ("ray", "wandb"),
                          "runner.outputs": ("torch", "torchvision", "ray"), "model": ("ray", "wandb")}

@@ -17,7 +17,7 @@ from ray import tune
 
 from runner.outputs import figures
 from runner.outputs.results import ResultsTable, TrialId
-from runner.outputs.tracking import Tracker, make_tracker
+from runner.outputs.tracking import RunSpec, Tracker, Tracking, make_tracker
 from runner.storage import atomic_path
 
 log = logging.getLogger(__name__)
@@ -32,23 +32,31 @@ class Context:
     baseline: float
     checkpoint_sha256: str
     eval_images: int
-    wandb_mode: str
-    wandb_project: str
-    wandb_entity: str | None
-    wandb_config: dict[str, Any]
-    feature_maps: bool
+    tracking: Tracking  # W&B, in the mode the driver's tracker settled on
+    runs: dict[str, RunSpec]  # trial key -> its W&B run
     figure_ks: dict[str, tuple[int, ...]]  # trial key -> K values whose feature maps are saved to disk
     total_points: int
     board: str  # the ProgressBoard actor's name
 
 
-def feature_map_images(maps: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    """The two images of a point: the pruned layer's output channels, and the final stage (top 64)."""
+def point_title(row: dict[str, Any]) -> str:
+    return (f"{row['layer']}, {row['target']} pruning by {row['criterion']}, K={row['k']}/{row['channels']}, "
+            f"accuracy {row['accuracy']:.2f}%")
+
+
+LAYER_CAPTION = "pruned layer's BN output, mean over the eval images (pruned channels are flat white)"
+FINAL_CAPTION = "final stage output: the 64 channels with the highest mean"
+
+
+def feature_map_images(row: dict[str, Any], maps: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """The two images of a point, each with its caption and colour scale: the pruned layer's output channels,
+    and the final stage (top 64). The same pictures go to W&B and, for a few K, to disk."""
     out = {}
     if "layer" in maps:
-        out["pruned_layer"] = figures.grid_image(maps["layer"])
+        out["pruned_layer"] = figures.grid_image(maps["layer"], title=f"{point_title(row)}\n{LAYER_CAPTION}")
     if "final" in maps:
-        out["final_stage"] = figures.grid_image(maps["final"], final=True)
+        out["final_stage"] = figures.grid_image(maps["final"], final=True,
+                                                title=f"{point_title(row)}\n{FINAL_CAPTION}")
     return out
 
 
@@ -81,9 +89,7 @@ class Collector(tune.Callback):
 
         c = self.context
         folder = Path(c.folder)
-        self.live = Live(ResultsTable(folder / "results.csv"), make_tracker(
-            c.wandb_mode, c.wandb_project, c.wandb_entity, c.sweep, folder, c.wandb_config, c.feature_maps),
-            ray.get_actor(c.board))
+        self.live = Live(ResultsTable(folder / "results.csv"), make_tracker(c.tracking), ray.get_actor(c.board))
         (folder / "feature_maps").mkdir(parents=True, exist_ok=True)
 
     def on_experiment_end(self, trials: list, **info: Any) -> None:
@@ -112,24 +118,21 @@ class Collector(tune.Callback):
             return  # already recorded (a retried or resumed trial repeating a point)
         live.new += 1
         trial_id = TrialId(row["layer"], row["criterion"])
-        config = {"layer": row["layer"], "criterion": row["criterion"], "target": row["target"],
-                  "checkpoint_sha256": self.context.checkpoint_sha256, "baseline_accuracy": self.context.baseline}
-        live.tracker.log_point(trial_id.key, config, row, feature_map_images(maps) if self.context.feature_maps else {})
-        if maps and row["k"] in self.context.figure_ks.get(trial_id.key, ()):
-            self._save_figures(row, maps)
+        to_disk = bool(maps) and row["k"] in self.context.figure_ks.get(trial_id.key, ())
+        images = feature_map_images(row, maps) if maps and (self.context.tracking.feature_maps or to_disk) else {}
+        live.tracker.log_point(self.context.runs[trial_id.key], row, images)
+        if to_disk:
+            self._save_figures(row, images, maps)
         self._progress()
 
-    def _save_figures(self, row: dict[str, Any], maps: dict[str, np.ndarray]) -> None:
-        """The two images with a colour bar and caption, and the raw mean maps (for the report's figures)."""
+    def _save_figures(self, row: dict[str, Any], images: dict[str, np.ndarray], maps: dict[str, np.ndarray]) -> None:
+        """The two images (as logged to W&B), and the raw mean maps (for the report's figures)."""
         folder = Path(self.context.folder) / "feature_maps" / row["layer"]
         folder.mkdir(parents=True, exist_ok=True)
         stem = f"{row['criterion']}_k{row['k']:04d}"
-        title = f"{row['layer']}, {row['target']} pruning by {row['criterion']}, K={row['k']}/{row['channels']}, " \
-                f"accuracy {row['accuracy']:.2f}%"
-        figures.save_png(figures.grid_image(maps["layer"], title=f"{title}\npruned layer's BN output, mean over "
-                                            "eval images (pruned channels are flat white)"), folder / f"{stem}_layer.png")
-        figures.save_png(figures.grid_image(maps["final"], final=True, title=f"{title}\nfinal stage output: the 64 "
-                                            "channels with the highest mean"), folder / f"{stem}_final.png")
+        for name, suffix in (("pruned_layer", "layer"), ("final_stage", "final")):
+            if name in images:
+                figures.save_png(images[name], folder / f"{stem}_{suffix}.png")
         with atomic_path(folder / f"{stem}_maps.npz") as tmp:
             np.savez_compressed(tmp, **maps)
 
@@ -148,8 +151,8 @@ class Collector(tune.Callback):
 
     def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
         trial_id = _trial_id(trial)
-        self.live.tracker.finish_trial(trial_id.key)
         rows = [r for r in self.live.table.rows if TrialId(r["layer"], r["criterion"]) == trial_id]
+        self.live.tracker.finish_trial(trial_id.key, rows)
         worst = min(rows, key=lambda r: r["accuracy"], default=None)
         shown = f"accuracy at K={worst['k']}: {worst['accuracy']:.2f}%" if worst else "no new points"
         log.info("trial done: %-40s %s", trial_id.key, shown)
@@ -158,8 +161,10 @@ class Collector(tune.Callback):
         log.warning("trial %s failed; retrying from its last finished K", _trial_id(trial).key)
 
     def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
-        key = _trial_id(trial).key
-        self.live.tracker.finish_trial(key, failed=True)
+        trial_id = _trial_id(trial)
+        key = trial_id.key
+        rows = [r for r in self.live.table.rows if TrialId(r["layer"], r["criterion"]) == trial_id]
+        self.live.tracker.finish_trial(key, rows, failed=True)
         log.error("trial %s failed after its retries (details: %s)", key, getattr(trial, "error_file", None))
 
 

@@ -11,10 +11,10 @@ from __future__ import annotations
 import logging
 import time
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import closing
+from contextlib import closing, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 from model.checkpoint import Checkpoint
 from runner.config import Grid, load_grid
@@ -24,19 +24,23 @@ from runner.inputs.data import Dataset, check_labels, load_data, read_npz
 from runner.inputs.train import ensure_checkpoint
 from runner.inputs.trials import TrialPlan, plan_trials
 from runner.job.calibration import calibrate
-from runner.job.folder import check_folder, folder_lock, next_experiment, resume_check, write_config
+from runner.job.folder import check_folder, folder_lock, next_experiment, resume_check, sweep_id, write_config
 from runner.job.ray_env import check_reachable, cluster_address, set_ray_env
 from runner.outputs import report
 from runner.outputs.results import read_rows
-from runner.outputs.tracking import Tracker
+from runner.outputs.tracking import (SUMMARY_RUN, TRAIN_RUN, RunSpec, Tracker, Tracking, make_tracker,
+    model_artifact, resolve_mode)
 from runner.provenance import versions
 
 log = logging.getLogger(__name__)
 
 
+RESULT_FILES = ("results.csv", "rankings.json", "report.md", "config.yaml")  # + plots: the sweep-results artifact
+
+
 @dataclass(frozen=True)
 class Options:
-    grid: str
+    grid: str | Grid  # a grid file, or a Grid already loaded (the Python API)
     output: str | None = None
     resume: bool = False
     wandb_mode: str | None = None
@@ -73,29 +77,56 @@ def run_sweep(opts: Options) -> Outcome:
     if address:
         check_reachable(address)
     given = None if grid.data.dataset == "synthetic" else load_data(grid.data, grid.model.num_classes, grid.seed)
-    with folder_lock(grid.folder), ThreadPoolExecutor(1) as pool:
-        check_folder(grid, opts.resume)  # again, now that no other sweep can be writing there
-        data_ready = pool.submit(_load_data_and_tracker, grid, given)  # while Ray starts
+    with ThreadPoolExecutor(1) as pool:
+        data_ready = pool.submit(_load_data, grid, given)  # while Ray starts
         set_ray_env(address)
         from runner.job import (  # import Ray: only once the grid is known to be good
             cluster,
             tuner,
         )
 
-        with cluster.ray_session(address, grid.resources.ray_dashboard):
-            data = data_ready.result()
-            loaded = ensure_checkpoint(grid, data, existing)
-            experiment, restore = _experiment(grid, plan, loaded, opts.resume)
-            calibrated = calibrate(grid, plan, data, loaded)
-            trials = tuner.run_trials(grid, plan, data, loaded, calibrated, experiment, restore)
-        with closing(trials.tracker):
-            rows = finish(grid, plan, data, loaded, calibrated.baseline, trials.failed, trials.tracker)
+        # Ray first: what every trial asks for is checked against the cluster before the output folder is made
+        with _blamed(opts), cluster.ray_session(address, grid.resources.ray_dashboard, grid.resources,
+                                                 len(plan.trials)) as ray_line, folder_lock(grid.folder):
+            check_folder(grid, opts.resume)  # again, now that no other sweep can be writing there
+            if ray_line:
+                log.info("%s", ray_line)
+            tracking = _tracking(grid, sweep_id(grid, opts.resume))
+            with closing(make_tracker(tracking)) as tracker:
+                data = data_ready.result()
+                loaded = ensure_checkpoint(grid, data, existing, tracker.train_log(RunSpec(TRAIN_RUN, "train")))
+                experiment, restore = _experiment(grid, plan, loaded, opts.resume, tracking.sweep_id)
+                calibrated = calibrate(grid, plan, data, loaded)
+                trials = tuner.run_trials(grid, plan, data, loaded, calibrated, experiment, restore, tracker,
+                                          tracking)
+                rows = finish(grid, plan, data, loaded, calibrated.baseline, trials.failed, tracker)
     return Outcome(grid.folder, len(rows), plan.points, trials.failed, time.time() - started, trials.measured)
+
+
+@contextmanager
+def _blamed(opts: Options) -> Iterator[None]:
+    """An input error about resources found once Ray runs names where the value came from: a --set flag, or the
+    grid file (the other input errors of the block name their own source)."""
+    try:
+        yield
+    except InputError as e:
+        if not e.field.startswith("resources"):
+            raise
+        for item in opts.overrides:
+            key = item.partition("=")[0]
+            if e.field == key or e.field.startswith(key + "."):
+                e.source = f"--set {item}"
+        raise e.at(str(opts.grid) if not isinstance(opts.grid, Grid) else "sweep(grid)")
+
+
+def _tracking(grid: Grid, sweep: str) -> Tracking:
+    return Tracking(grid.wandb.mode, grid.wandb.project, grid.wandb.entity, grid.name, grid.folder,
+                    grid.as_dict(), grid.wandb.feature_maps, sweep)
 
 
 def prepare(opts: Options) -> tuple[Grid, TrialPlan]:
     """Load, override, validate and plan: every input check that needs no data and no Ray."""
-    grid = load_grid(opts.grid, list(opts.overrides))
+    grid = opts.grid if isinstance(opts.grid, Grid) else load_grid(opts.grid, list(opts.overrides))
     if opts.output:
         grid = grid.model_copy(update={"output": str(Path(opts.output).resolve())})
     if opts.wandb_mode:
@@ -103,7 +134,7 @@ def prepare(opts: Options) -> tuple[Grid, TrialPlan]:
     try:
         return grid, plan_trials(grid)
     except InputError as e:
-        raise e.at(opts.grid)
+        raise e.at(opts.grid if isinstance(opts.grid, str) else "sweep(grid)")
 
 
 def dry_run(opts: Options) -> list[str]:
@@ -129,15 +160,15 @@ def dry_run(opts: Options) -> list[str]:
     return head + plan.describe()
 
 
-def _load_data_and_tracker(grid: Grid, given: Dataset | None) -> Dataset:
+def _load_data(grid: Grid, given: Dataset | None) -> Dataset:
     """The data (unless already loaded), and W&B's import (a second or two) done off the critical path.
     Synthetic data is a pure function of the grid: nothing to validate before it is generated."""
-    if grid.wandb.mode != "disabled":
+    if resolve_mode(grid.wandb.mode) != "disabled":
         import wandb  # noqa: F401
     return given or load_data(grid.data, grid.model.num_classes, grid.seed)
 
 
-def _experiment(grid: Grid, plan: TrialPlan, loaded: Checkpoint, resume: bool) -> tuple[str, bool]:
+def _experiment(grid: Grid, plan: TrialPlan, loaded: Checkpoint, resume: bool, sweep: str) -> tuple[str, bool]:
     """The Tune experiment to run in, and whether to restore it from Tune's state (config.yaml written when new)."""
     from runner.job.tuner import can_restore  # imports Ray
 
@@ -149,7 +180,7 @@ def _experiment(grid: Grid, plan: TrialPlan, loaded: Checkpoint, resume: bool) -
         log.info("resuming with a new Tune experiment: %s", "the grid adds points" if adds else
                  "Tune's state of the first run was not saved")  # finished points are skipped all the same
     experiment = next_experiment(grid)
-    write_config(grid, plan, loaded, experiment)
+    write_config(grid, plan, loaded, experiment, sweep)
     return experiment, False
 
 
@@ -161,7 +192,10 @@ def finish(grid: Grid, plan: TrialPlan, data: Dataset, loaded: Checkpoint, basel
     plots = report.write_plots(rows, baseline, grid.folder)
     path = report.write_report(rows, _report_meta(grid, plan, data, loaded, baseline, tracker.mode), failed,
                                grid.folder, plan.points)
-    tracker.summary(rows, baseline, plots, failed)
+    outputs = [grid.folder / name for name in RESULT_FILES] + sorted(plots.values())
+    tracker.summary(RunSpec(SUMMARY_RUN, "summary", {"checkpoint_sha256": loaded.sha256,
+                                                     "baseline_accuracy": baseline},
+                            uses=model_artifact(loaded.path, loaded.sha256)), rows, baseline, plots, failed, outputs)
     log.info("wrote %s, %s and %s", grid.folder / "results.csv", path, grid.folder / "plots")
     return rows
 
