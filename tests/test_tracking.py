@@ -92,3 +92,69 @@ def test_trial_summary_when_even_the_smallest_k_hurts():
                                              (1 / 3, "33p33pct"), (0.0625, "6p25pct")])
 def test_fraction_label(fraction, label):
     assert fraction_label(fraction) == label
+
+
+# ---- a W&B failure never stops a sweep (a stand-in for wandb whose server fails on artifacts) ----
+
+class FakeRun:
+    def __init__(self) -> None:
+        self.summary: dict = {}
+        self.logged: list = []
+        self.exit_code: int | None = None
+
+    def define_metric(self, *args, **kwargs) -> None:
+        pass
+
+    def log(self, data: dict) -> None:
+        self.logged.append(data)
+
+    def log_artifact(self, *args, **kwargs) -> None:
+        raise ConnectionError("server down")
+
+    def finish(self, exit_code: int = 0) -> None:
+        self.exit_code = exit_code
+
+
+class FakeWandb:
+    class Settings:
+        model_fields = {"console": None, "silent": None}
+
+        def __init__(self, **values) -> None:
+            self.values = values
+
+    class Artifact:
+        def __init__(self, name: str, type: str, metadata: dict | None = None) -> None:
+            self.files: list = []
+
+        def add_file(self, path: str, name: str | None = None, policy: str = "mutable") -> None:
+            self.files.append(name)
+
+    def __init__(self) -> None:
+        self.runs: list[tuple[dict, FakeRun]] = []
+
+    def init(self, **kwargs) -> FakeRun:
+        run = FakeRun()
+        self.runs.append((kwargs, run))
+        return run
+
+
+def test_an_artifact_that_cannot_be_logged_does_not_stop_the_sweep(tmp_path, caplog):
+    from runner.outputs.tracking import SUMMARY_RUN, TRAIN_RUN, RunSpec, Tracking, WandbTracker
+
+    (tmp_path / "results.csv").write_text("layer\n")
+    tracker = WandbTracker(Tracking("offline", "p", None, "g", tmp_path, {"seed": 0}, sweep_id="1a2b3c4d"))
+    tracker.wandb = fake = FakeWandb()
+    train = tracker.train_log(RunSpec(TRAIN_RUN, "train"))
+    train.start({"recipe": "standard"})
+    train.epoch({"epoch": 1, "loss": 2.0})
+    train.trained(str(tmp_path / "results.csv"), "ab" * 32, {"test_accuracy": 50.0})  # logging it fails
+    tracker.summary(RunSpec(SUMMARY_RUN, "summary"), [], 50.0, {}, [], [tmp_path / "results.csv"])
+    tracker.close()
+    (train_kwargs, train_run), = fake.runs  # offline failed too: W&B is off for the rest, the summary never started
+    assert train_kwargs["id"] == "1a2b3c4d-train" and train_kwargs["resume"] == "allow"
+    settings = train_kwargs["settings"].values
+    assert settings["console"] == "off" and not [k for k in settings if k.startswith("x_")]  # none it lacks
+    assert train_run.logged == [{"epoch": 1, "loss": 2.0}] and train_run.exit_code == 0
+    assert tracker.mode == "disabled"
+    told = [r.getMessage() for r in caplog.records if r.getMessage().startswith("W&B:")]
+    assert len(told) == 1 and "server down" in told[0] and "results are still on disk" in told[0]

@@ -257,21 +257,21 @@ class WandbTracker:
             run = self._start(spec)
             if run is None:
                 return None
-            run.define_metric("k", summary="none")
-            for name in (*POINT_METRICS, "feature_maps/*"):  # the summary describes the layer (finish_trial),
-                run.define_metric(name, step_metric="k", summary="none")  # not the last K
+            self._safely(_trial_metrics, run)
             self.runs[spec.name] = run
         return self.runs[spec.name]
 
     def log_point(self, run: RunSpec, row: dict[str, Any], images: dict[str, np.ndarray]) -> None:
         wb = self._trial_run(run)
-        if wb is None:
-            return
+        if wb is not None:
+            self._safely(self._log_point, wb, run, row, images)
+
+    def _log_point(self, wb: Any, run: RunSpec, row: dict[str, Any], images: dict[str, np.ndarray]) -> None:
         data = {"k": row["k"], **{m: row[m] for m in POINT_METRICS}}
         if self.t.feature_maps:
             for name, image in images.items():
                 data[f"feature_maps/{name}"] = self.wandb.Image(image, caption=f"{run.name} K={row['k']}")
-        self._safely(wb.log, data)
+        wb.log(data)
 
     def finish_trial(self, name: str, rows: Sequence[dict[str, Any]], failed: bool = False) -> None:
         """End a trial's run, its summary describing every point it has (those of an earlier run included)."""
@@ -346,9 +346,7 @@ class WandbTrainLog:
                                     self.spec.tags))
         if self.run is not None:
             t.runs[self.spec.name] = self.run  # closed as failed if training does not finish
-            self.run.define_metric("epoch")
-            for name in TRAIN_METRICS:
-                self.run.define_metric(name, step_metric="epoch")
+            t._safely(_train_metrics, self.run)
 
     def epoch(self, values: dict[str, float]) -> None:
         if self.run is not None:
@@ -376,10 +374,27 @@ class WandbTrainLog:
         t._safely(run.finish, exit_code=0)
 
 
+def _trial_metrics(run: Any) -> None:
+    run.define_metric("k", summary="none")
+    for name in (*POINT_METRICS, "feature_maps/*"):  # the summary describes the layer (finish_trial), not the
+        run.define_metric(name, step_metric="k", summary="none")  # last K
+
+
+def _train_metrics(run: Any) -> None:
+    run.define_metric("epoch")
+    for name in TRAIN_METRICS:
+        run.define_metric(name, step_metric="epoch")
+
+
 def make_tracker(tracking: Tracking) -> Tracker:
     from dataclasses import replace
 
     mode = resolve_mode(tracking.mode)
     if mode == "disabled":
         return NullTracker()
-    return WandbTracker(replace(tracking, mode=mode))
+    try:
+        return WandbTracker(replace(tracking, mode=mode))
+    except Exception as e:  # noqa: BLE001  a broken W&B install must not stop the sweep either
+        log.warning("W&B: cannot start (%s: %s); W&B logging is off for this sweep (results are still on disk)",
+                    type(e).__name__, str(e).splitlines()[0][:120] if str(e) else "")
+        return NullTracker()
