@@ -168,3 +168,26 @@ def test_an_impossible_resource_request_exits_2_with_one_line_within_seconds(swe
     assert run.stdout == ""
     assert not (tmp_path / "runs").exists()  # refused before the output folder is made
     assert run.seconds < 60, run.explain()  # Ray's start, then the refusal: not Tune waiting forever
+
+
+# ---- joining a cluster: its authentication is its own ----
+
+@pytest.mark.parametrize("address", ["192.0.2.7:6379", "127.0.0.1:6379", "ray://head:10001", "auto"])
+def test_joining_a_cluster_never_sets_its_auth_mode(address):
+    from runner.job.ray_env import ray_env
+
+    assert "RAY_AUTH_MODE" not in ray_env(address)
+    assert ray_env(None)["RAY_AUTH_MODE"] == "disabled"  # only a Ray this process starts itself, on loopback
+
+
+def test_code_is_shipped_to_the_nodes_unless_the_job_already_ships_py_modules(monkeypatch):
+    from runner.job.cluster import CHECKOUT, code_env
+
+    monkeypatch.delenv("RAY_JOB_CONFIG_JSON_ENV_VAR", raising=False)
+    env = code_env()
+    assert env["py_modules"] == [str(CHECKOUT / "model"), str(CHECKOUT / "runner")]
+    assert (CHECKOUT / "runner" / "job" / "trial.py").is_file() and "__pycache__" in env["excludes"]
+    monkeypatch.setenv("RAY_JOB_CONFIG_JSON_ENV_VAR", '{"runtime_env": {"working_dir": "."}}')
+    assert code_env()["py_modules"]  # ours is added to the job's working_dir
+    monkeypatch.setenv("RAY_JOB_CONFIG_JSON_ENV_VAR", '{"runtime_env": {"py_modules": ["pkg"]}}')
+    assert code_env() == {}  # Ray refuses two py_modules: the job's wins
