@@ -169,7 +169,7 @@ def tune_table(folder: Path, tune_root: str | None = None, experiments: list[str
                     "criterion": t.config.get("criterion"), "target": t.config.get("target"), "status": t.status,
                     "failures": t.num_failures, "results": last.get("training_iteration", 0),
                     "last_k": last.get("k"), "last_accuracy": last.get("accuracy"),
-                    "seconds": last.get("time_total_s"), "node": last.get("node"),
+                    "seconds": last.get("time_total_s"), "ended": last.get("timestamp"), "node": last.get("node"),
                     "error_file": f"{t.storage.trial_fs_path}/{error}" if error else None})
     finally:
         quiet.setLevel(level)
