@@ -16,7 +16,7 @@ import numpy as np
 from ray import tune
 
 from runner.outputs import figures
-from runner.outputs.results import ResultsTable, TrialId
+from runner.outputs.results import ResultsTable, TrialId, by_trial
 from runner.outputs.tracking import Tracker, make_tracker
 from runner.storage import atomic_path
 
@@ -149,7 +149,7 @@ class Collector(tune.Callback):
     def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
         trial_id = _trial_id(trial)
         self.live.tracker.finish_trial(trial_id.key)
-        rows = [r for r in self.live.table.rows if TrialId(r["layer"], r["criterion"]) == trial_id]
+        rows = by_trial(self.live.table.rows).get(trial_id, [])
         worst = min(rows, key=lambda r: r["accuracy"], default=None)
         shown = f"accuracy at K={worst['k']}: {worst['accuracy']:.2f}%" if worst else "no new points"
         log.info("trial done: %-40s %s", trial_id.key, shown)

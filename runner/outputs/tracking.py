@@ -17,6 +17,8 @@ from typing import Any, Protocol, Sequence
 
 import numpy as np
 
+from runner.outputs.results import by_trial
+
 log = logging.getLogger(__name__)
 
 DEFAULT_BASE_URL = "https://api.wandb.ai"
@@ -167,15 +169,13 @@ class WandbTracker:
         wandb = self.wandb
         columns = [c for c in rows[0] if c != "per_class_accuracy"]
         table = wandb.Table(columns=columns, data=[[r[c] for c in columns] for r in rows])
-        series = sorted({(r["layer"], r["criterion"]) for r in rows})
-        xs, ys = [], []
-        for layer, criterion in series:
-            pts = sorted((r["k"], r["accuracy"]) for r in rows if (r["layer"], r["criterion"]) == (layer, criterion))
-            xs.append([p[0] for p in pts])
-            ys.append([p[1] for p in pts])
+        trials = by_trial(rows)
+        series = sorted(trials)
+        xs = [[r["k"] for r in trials[t]] for t in series]
+        ys = [[r["accuracy"] for r in trials[t]] for t in series]
         data: dict[str, Any] = {
             "results": table,
-            "accuracy_vs_k": wandb.plot.line_series(xs=xs, ys=ys, keys=[f"{a}/{b}" for a, b in series],
+            "accuracy_vs_k": wandb.plot.line_series(xs=xs, ys=ys, keys=[t.key for t in series],
                                                     title="accuracy vs K", xname="K (channels pruned)"),
         }
         data.update({f"plots/{name}": wandb.Image(str(path)) for name, path in figures.items() if path.is_file()})
