@@ -107,14 +107,14 @@ class Collector(tune.Callback):
         live = self.live
         maps = result.pop("maps", None) or {}  # in place: keeps the arrays out of Tune's experiment state
         row = self._row(result)
-        live.board.record.remote(row["layer"], row["criterion"], row["k"])  # every point measured, repeats too
+        live.board.record.remote(row["layer"], row["criterion"], row["k"], time.time())  # every point, repeats too
         if not live.table.add(row):
             return  # already recorded (a retried or resumed trial repeating a point)
         live.new += 1
         trial_id = TrialId(row["layer"], row["criterion"])
         config = {"layer": row["layer"], "criterion": row["criterion"], "target": row["target"],
                   "checkpoint_sha256": self.context.checkpoint_sha256, "baseline_accuracy": self.context.baseline}
-        live.tracker.log_point(trial_id.key, config, row, feature_map_images(maps) if self.context.feature_maps else {})
+        live.tracker.log_point(trial_id.key, config, row, lambda: feature_map_images(maps))
         if maps and row["k"] in self.context.figure_ks.get(trial_id.key, ()):
             self._save_figures(row, maps)
         self._progress()

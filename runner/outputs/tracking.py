@@ -13,7 +13,7 @@ import os
 import socket
 import urllib.parse
 from pathlib import Path
-from typing import Any, Protocol, Sequence
+from typing import Any, Callable, Protocol, Sequence
 
 import numpy as np
 
@@ -29,7 +29,7 @@ class Tracker(Protocol):
     mode: str
 
     def log_point(self, trial: str, config: dict[str, Any], row: dict[str, Any],
-                  images: dict[str, np.ndarray]) -> None: ...
+                  images: Callable[[], dict[str, np.ndarray]]) -> None: ...
 
     def finish_trial(self, trial: str, failed: bool = False) -> None: ...
 
@@ -45,7 +45,7 @@ class NullTracker:
     mode = "disabled"
 
     def log_point(self, trial: str, config: dict[str, Any], row: dict[str, Any],
-                  images: dict[str, np.ndarray]) -> None:
+                  images: Callable[[], dict[str, np.ndarray]]) -> None:
         pass
 
     def finish_trial(self, trial: str, failed: bool = False) -> None:
@@ -146,13 +146,14 @@ class WandbTracker:
         return self.runs[trial]
 
     def log_point(self, trial: str, config: dict[str, Any], row: dict[str, Any],
-                  images: dict[str, np.ndarray]) -> None:
+                  images: Callable[[], dict[str, np.ndarray]]) -> None:
+        """One K of a trial's run; `images` renders the point's feature-map images (only called when logged)."""
         run = self._run(trial, config)
         if run is None:
             return
         data = {"k": row["k"], **{m: row[m] for m in POINT_METRICS}}
         if self.feature_maps:
-            for name, image in images.items():
+            for name, image in images().items():
                 data[f"feature_maps/{name}"] = self.wandb.Image(image, caption=f"{trial} K={row['k']}")
         self._safely(run.log, data)
 
