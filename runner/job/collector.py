@@ -16,7 +16,7 @@ import numpy as np
 from ray import tune
 
 from runner.outputs import figures
-from runner.outputs.results import ResultsTable, TrialId
+from runner.outputs.results import ResultsTable, TrialId, by_trial
 from runner.outputs.tracking import RunSpec, Tracker, Tracking, make_tracker
 from runner.storage import atomic_path
 
@@ -113,16 +113,21 @@ class Collector(tune.Callback):
         live = self.live
         maps = result.pop("maps", None) or {}  # in place: keeps the arrays out of Tune's experiment state
         row = self._row(result)
-        live.board.record.remote(row["layer"], row["criterion"], row["k"])  # every point measured, repeats too
+        live.board.record.remote(row["layer"], row["criterion"], row["k"], time.time())  # every point, repeats too
         if not live.table.add(row):
             return  # already recorded (a retried or resumed trial repeating a point)
         live.new += 1
         trial_id = TrialId(row["layer"], row["criterion"])
-        to_disk = bool(maps) and row["k"] in self.context.figure_ks.get(trial_id.key, ())
-        images = feature_map_images(row, maps) if maps and (self.context.tracking.feature_maps or to_disk) else {}
+        rendered: dict[str, dict[str, np.ndarray]] = {}
+
+        def images() -> dict[str, np.ndarray]:  # rendered once, and only when W&B logs them or they go to disk
+            if "images" not in rendered:
+                rendered["images"] = feature_map_images(row, maps) if maps else {}
+            return rendered["images"]
+
         live.tracker.log_point(self.context.runs[trial_id.key], row, images)
-        if to_disk:
-            self._save_figures(row, images, maps)
+        if maps and row["k"] in self.context.figure_ks.get(trial_id.key, ()):
+            self._save_figures(row, images(), maps)
         self._progress()
 
     def _save_figures(self, row: dict[str, Any], images: dict[str, np.ndarray], maps: dict[str, np.ndarray]) -> None:
@@ -151,7 +156,7 @@ class Collector(tune.Callback):
 
     def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
         trial_id = _trial_id(trial)
-        rows = [r for r in self.live.table.rows if TrialId(r["layer"], r["criterion"]) == trial_id]
+        rows = by_trial(self.live.table.rows).get(trial_id, [])
         self.live.tracker.finish_trial(trial_id.key, rows)
         worst = min(rows, key=lambda r: r["accuracy"], default=None)
         shown = f"accuracy at K={worst['k']}: {worst['accuracy']:.2f}%" if worst else "no new points"
@@ -163,8 +168,7 @@ class Collector(tune.Callback):
     def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
         trial_id = _trial_id(trial)
         key = trial_id.key
-        rows = [r for r in self.live.table.rows if TrialId(r["layer"], r["criterion"]) == trial_id]
-        self.live.tracker.finish_trial(key, rows, failed=True)
+        self.live.tracker.finish_trial(key, by_trial(self.live.table.rows).get(trial_id, []), failed=True)
         log.error("trial %s failed after its retries (details: %s)", key, getattr(trial, "error_file", None))
 
 

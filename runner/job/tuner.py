@@ -22,7 +22,8 @@ from runner.inputs.trials import TrialPlan
 from runner.job.calibration import Calibrated
 from runner.job.collector import Collector, Context
 from runner.job.resources import trial_request
-from runner.job.trial import Shared, board_actor, run_trial
+from runner.job.board import BoardStats, board_actor
+from runner.job.trial import Shared, run_trial
 from runner.outputs.results import TrialId, read_rows
 from runner.outputs.tracking import RunSpec, Tracker, Tracking, model_artifact
 
@@ -48,7 +49,16 @@ def _shared(grid: Grid, plan: TrialPlan, data: Dataset, loaded: Checkpoint, rank
                   state_dict=loaded.model.state_dict(), mean=mean, std=std, eval_images=data.test,
                   convs=plan.table, rankings=rankings,
                   ks={(t.layer, t.criterion): t.ks for t in plan.trials}, board=board_name(grid),
-                  batch_size=grid.sweep.batch_size, cache_bytes=cache, feature_maps=True)
+                  batch_size=grid.sweep.batch_size, cache_bytes=cache, feature_maps=True,
+                  token=_token(loaded.sha256, data, mean, std, grid.sweep.batch_size))
+
+
+def _token(checkpoint_sha: str, data: Dataset, mean: tuple, std: tuple, batch_size: int) -> str:
+    """What the trials' network and eval set are made of: equal tokens, equal tensors."""
+    digest = hashlib.sha256(data.test.images.tobytes())
+    digest.update(data.test.labels.tobytes())
+    digest.update(repr((checkpoint_sha, mean, std, batch_size)).encode())
+    return digest.hexdigest()
 
 
 def stage_of(conv: ConvInfo) -> int:
@@ -96,7 +106,7 @@ class QuietProgress(TrialProgressCallback):
 @dataclass
 class TrialsOutcome:
     failed: list[str]  # trials that failed after their retries
-    measured: int  # points the trials measured in this run, repeats included
+    board: BoardStats  # points measured in this run (repeats included), and when the first and last arrived
 
 
 def can_restore(path: str) -> bool:
@@ -123,9 +133,9 @@ def run_trials(grid: Grid, plan: TrialPlan, data: Dataset, loaded: Checkpoint, c
         tuner = _new_tuner(grid, plan, context, trainable, experiment)
     results = tuner.fit()
     failed = sorted(TrialId(r.config["layer"], r.config["criterion"]).key for r in results if r.error)
-    measured = ray.get(board.measured_count.remote())  # after every record() the collector sent (same caller)
+    stats = ray.get(board.stats.remote())  # after every record() the collector sent (same caller)
     ray.kill(board)
-    return TrialsOutcome(failed, measured)
+    return TrialsOutcome(failed, stats)
 
 
 def _new_tuner(grid: Grid, plan: TrialPlan, context: Context, trainable: Any, experiment: str) -> tune.Tuner:

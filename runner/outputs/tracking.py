@@ -24,11 +24,12 @@ import socket
 import urllib.parse
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol, Sequence
+from typing import Any, Callable, Protocol, Sequence
 
 import numpy as np
 
 from runner.outputs.report import trial_summary
+from runner.outputs.results import by_trial
 
 log = logging.getLogger(__name__)
 
@@ -78,7 +79,7 @@ class Tracker(Protocol):
 
     def train_log(self, run: RunSpec) -> TrainLog: ...
 
-    def log_point(self, run: RunSpec, row: dict[str, Any], images: dict[str, np.ndarray]) -> None: ...
+    def log_point(self, run: RunSpec, row: dict[str, Any], images: Callable[[], dict[str, np.ndarray]]) -> None: ...
 
     def finish_trial(self, name: str, rows: Sequence[dict[str, Any]], failed: bool = False) -> None: ...
 
@@ -107,7 +108,7 @@ class NullTracker:
     def train_log(self, run: RunSpec) -> TrainLog:
         return NullTrainLog()
 
-    def log_point(self, run: RunSpec, row: dict[str, Any], images: dict[str, np.ndarray]) -> None:
+    def log_point(self, run: RunSpec, row: dict[str, Any], images: Callable[[], dict[str, np.ndarray]]) -> None:
         pass
 
     def finish_trial(self, name: str, rows: Sequence[dict[str, Any]], failed: bool = False) -> None:
@@ -261,15 +262,17 @@ class WandbTracker:
             self.runs[spec.name] = run
         return self.runs[spec.name]
 
-    def log_point(self, run: RunSpec, row: dict[str, Any], images: dict[str, np.ndarray]) -> None:
+    def log_point(self, run: RunSpec, row: dict[str, Any], images: Callable[[], dict[str, np.ndarray]]) -> None:
+        """One K of a trial's run; `images` renders the point's feature-map images (only called when logged)."""
         wb = self._trial_run(run)
         if wb is not None:
             self._safely(self._log_point, wb, run, row, images)
 
-    def _log_point(self, wb: Any, run: RunSpec, row: dict[str, Any], images: dict[str, np.ndarray]) -> None:
+    def _log_point(self, wb: Any, run: RunSpec, row: dict[str, Any],
+                   images: Callable[[], dict[str, np.ndarray]]) -> None:
         data = {"k": row["k"], **{m: row[m] for m in POINT_METRICS}}
         if self.t.feature_maps:
-            for name, image in images.items():
+            for name, image in images().items():
                 data[f"feature_maps/{name}"] = self.wandb.Image(image, caption=f"{run.name} K={row['k']}")
         wb.log(data)
 
@@ -293,16 +296,13 @@ class WandbTracker:
         if rows:
             columns = [c for c in rows[0] if c != "per_class_accuracy"]
             table = wandb.Table(columns=columns, data=[[r[c] for c in columns] for r in rows])
-            series = sorted({(r["layer"], r["criterion"]) for r in rows})
-            xs, ys = [], []
-            for layer, criterion in series:
-                pts = sorted((r["k"], r["accuracy"]) for r in rows
-                             if (r["layer"], r["criterion"]) == (layer, criterion))
-                xs.append([p[0] for p in pts])
-                ys.append([p[1] for p in pts])
+            trials = by_trial(rows)
+            series = sorted(trials)
+            xs = [[r["k"] for r in trials[t]] for t in series]
+            ys = [[r["accuracy"] for r in trials[t]] for t in series]
             data: dict[str, Any] = {
                 "results": table,
-                "accuracy_vs_k": wandb.plot.line_series(xs=xs, ys=ys, keys=[f"{a}/{b}" for a, b in series],
+                "accuracy_vs_k": wandb.plot.line_series(xs=xs, ys=ys, keys=[t.key for t in series],
                                                         title="accuracy vs K", xname="K (channels pruned)"),
             }
             data.update({f"plots/{name}": wandb.Image(str(path)) for name, path in figures.items()
