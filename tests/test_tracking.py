@@ -158,3 +158,39 @@ def test_an_artifact_that_cannot_be_logged_does_not_stop_the_sweep(tmp_path, cap
     assert tracker.mode == "disabled"
     told = [r.getMessage() for r in caplog.records if r.getMessage().startswith("W&B:")]
     assert len(told) == 1 and "server down" in told[0] and "results are still on disk" in told[0]
+
+
+def test_runs_use_the_model_artifact_online_and_name_it_offline(tmp_path):
+    from runner.outputs.tracking import RunSpec, Tracking, WandbTracker
+
+    used: list = []
+
+    class UsingRun(FakeRun):
+        def use_artifact(self, ref: str, type: str | None = None) -> None:
+            used.append((ref, type))
+            if ref.startswith("checkpoint-missing"):
+                raise ValueError("artifact not found")
+
+    class UsingWandb(FakeWandb):
+        def init(self, **kwargs) -> FakeRun:
+            run = UsingRun()
+            self.runs.append((kwargs, run))
+            return run
+
+    tracker = WandbTracker(Tracking("offline", "p", None, "g", tmp_path, sweep_id="1a2b3c4d"))
+    tracker.wandb = fake = UsingWandb()
+    spec = RunSpec("conv1/l1_norm", "prune-eval", {"layer": "conv1"}, ("criterion:l1_norm",),
+                   uses="checkpoint-demo:sha256-0123456789ab")
+    tracker.log_point(spec, {"k": 1, **dict.fromkeys(("accuracy", "accuracy_drop", "loss", "fraction",
+                                                       "params_removed", "macs_removed"), 1)}, dict)
+    assert used == []  # offline: W&B cannot record use, the config names the artifact
+    assert fake.runs[0][0]["config"]["checkpoint_artifact"] == "checkpoint-demo:sha256-0123456789ab"
+    assert fake.runs[0][0]["tags"] == ["criterion:l1_norm"] and fake.runs[0][0]["name"] == "conv1/l1_norm"
+    tracker.mode = "online"
+    for name in ("a/x", "b/x"):
+        tracker.log_point(RunSpec(name, "prune-eval", uses=spec.uses), {"k": 1, **fake.runs[0][1].logged[0]}, dict)
+    missing = RunSpec("c/x", "prune-eval", uses="checkpoint-missing:sha256-0")
+    tracker.log_point(missing, {"k": 1, **fake.runs[0][1].logged[0]}, dict)
+    tracker.log_point(RunSpec("d/x", "prune-eval", uses=missing.uses), {"k": 1, **fake.runs[0][1].logged[0]}, dict)
+    assert used == [(spec.uses, "model"), (spec.uses, "model"), ("checkpoint-missing:sha256-0", "model")]
+    assert tracker.mode == "online"  # an artifact that is not there is not a W&B outage: asked once, then skipped

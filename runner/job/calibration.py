@@ -26,10 +26,12 @@ class Calibrated:
 
     baseline: float
     rankings: dict[tuple[str, str], Ranking]
+    summary: str = ""  # the line that says so
 
 
-def calibrate(grid: Grid, plan: TrialPlan, data: Dataset, loaded: Checkpoint) -> Calibrated:
-    """Baseline accuracy and every ranking (one calibration pass), before any trial starts."""
+def calibrate(grid: Grid, plan: TrialPlan, data: Dataset, loaded: Checkpoint, report: bool = True) -> Calibrated:
+    """Baseline accuracy and every ranking (one calibration pass), before any trial starts. With report=False
+    the caller logs `summary` (a sweep calibrates while Ray starts, and says so once its checks have passed)."""
     device = pick_device()
     model = place(loaded.model, device)
     mean, std = loaded.normalisation
@@ -43,7 +45,9 @@ def calibrate(grid: Grid, plan: TrialPlan, data: Dataset, loaded: Checkpoint) ->
     with fast_math(device):
         rankings = rank_all(model, list(plan.layers), list(plan.criteria), plan.target, torch.cat(cal.inputs),
                             torch.cat(cal.labels), bs, grid.seed)
-    log.info("baseline accuracy %.2f%% on %d images; %d rankings from one pass over %d %s images (%.1f s)",
-             baseline, evalset.count, len(rankings), cal.count, grid.sweep.calibration, time.time() - started)
+    summary = (f"baseline accuracy {baseline:.2f}% on {evalset.count} images; {len(rankings)} rankings from one "
+               f"pass over {cal.count} {grid.sweep.calibration} images ({time.time() - started:.1f} s)")
+    if report:
+        log.info("%s", summary)
     loaded.model.cpu()  # the state_dict travels to the trials from host memory
-    return Calibrated(baseline, rankings)
+    return Calibrated(baseline, rankings, summary)

@@ -101,6 +101,7 @@ def run_sweep(opts: Options) -> Outcome:
                 existing = ensure_checkpoint(grid, given, None, tracker.train_log(RunSpec(TRAIN_RUN, "train")))
                 ready = pool.submit(_calibrated, grid, plan, given, existing, timeline)
             data, calibrated = ready.result()
+            log.info("%s", calibrated.summary)
             experiment, restore = _experiment(grid, plan, existing, opts.resume, tracking.sweep_id)
             trials = tuner.run_trials(grid, plan, data, existing, calibrated, experiment, restore, tracker,
                                       tracking)
@@ -183,7 +184,7 @@ def _calibrated(grid: Grid, plan: TrialPlan, given: Dataset | None, loaded: Chec
     data = given or load_data(grid.data, grid.model.num_classes, grid.seed)
     ensure_checkpoint(grid, data, loaded)
     timeline.mark("data")
-    calibrated = calibrate(grid, plan, data, loaded)
+    calibrated = calibrate(grid, plan, data, loaded, report=False)  # said by the main thread, after its checks
     timeline.mark("calibration")
     return data, calibrated
 
