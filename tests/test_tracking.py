@@ -194,3 +194,19 @@ def test_runs_use_the_model_artifact_online_and_name_it_offline(tmp_path):
     tracker.log_point(RunSpec("d/x", "prune-eval", uses=missing.uses), {"k": 1, **fake.runs[0][1].logged[0]}, dict)
     assert used == [(spec.uses, "model"), (spec.uses, "model"), ("checkpoint-missing:sha256-0", "model")]
     assert tracker.mode == "online"  # an artifact that is not there is not a W&B outage: asked once, then skipped
+
+
+def test_a_run_that_cannot_start_with_an_empty_error_falls_back(tmp_path, caplog):
+    from runner.outputs.tracking import RunSpec, Tracking, WandbTracker
+
+    class Broken(FakeWandb):
+        def init(self, **kwargs) -> FakeRun:
+            raise RuntimeError()  # no message at all
+
+    tracker = WandbTracker(Tracking("offline", "p", None, "g", tmp_path))
+    tracker.wandb = Broken()
+    tracker.log_point(RunSpec("conv1/l1_norm", "prune-eval"), {"k": 1}, dict)
+    assert tracker.mode == "disabled"
+    assert [r.getMessage() for r in caplog.records] == [
+        "W&B: starting a run failed (RuntimeError: ); W&B logging is off for the rest of this sweep (results are "
+        "still on disk)"]

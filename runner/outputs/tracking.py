@@ -157,6 +157,11 @@ def resolve_mode(mode: str) -> str:
     return "online" if has_api_key() else "offline"
 
 
+def first_line(e: BaseException, limit: int = 120) -> str:
+    """An error's message for a one-line warning (W&B's messages run to many lines; some are empty)."""
+    return (str(e).splitlines() or [""])[0][:limit]
+
+
 def run_id(sweep_id: str | None, name: str) -> str | None:
     """A W&B run id that is the same every time this sweep logs this run (None: W&B makes a new one)."""
     if sweep_id is None:
@@ -228,7 +233,7 @@ class WandbTracker:
                                                                else {})},
                     settings=self.wandb.Settings(**usable_settings(self.wandb.Settings, settings)))
             except Exception as e:  # noqa: BLE001  any W&B failure must not stop the sweep
-                self._fall_back(f"starting a run failed ({type(e).__name__}: {str(e).splitlines()[0][:120]})")
+                self._fall_back(f"starting a run failed ({type(e).__name__}: {first_line(e)})")
                 continue
             if spec.uses:
                 self._use(run, spec.uses)
@@ -326,7 +331,7 @@ class WandbTracker:
         try:
             fn(*args, **kwargs)
         except Exception as e:  # noqa: BLE001  W&B trouble is reported, never fatal
-            self._fall_back(f"{getattr(fn, '__name__', 'call')} failed ({type(e).__name__}: {e})")
+            self._fall_back(f"{getattr(fn, '__name__', 'call')} failed ({type(e).__name__}: {first_line(e)})")
 
     def close(self) -> None:
         for name in list(self.runs):
@@ -396,5 +401,5 @@ def make_tracker(tracking: Tracking) -> Tracker:
         return WandbTracker(replace(tracking, mode=mode))
     except Exception as e:  # noqa: BLE001  a broken W&B install must not stop the sweep either
         log.warning("W&B: cannot start (%s: %s); W&B logging is off for this sweep (results are still on disk)",
-                    type(e).__name__, str(e).splitlines()[0][:120] if str(e) else "")
+                    type(e).__name__, first_line(e))
         return NullTracker()
