@@ -7,10 +7,12 @@ It runs in the driver process, so a multi-node sweep's results and offline W&B r
 from __future__ import annotations
 
 import logging
+import queue
+import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 from ray import tune
@@ -60,6 +62,43 @@ def feature_map_images(row: dict[str, Any], maps: dict[str, np.ndarray]) -> dict
     return out
 
 
+class Backlog:
+    """The driver's work for each point besides its results.csv row (W&B steps, figures on disk), done in order
+    in a thread of its own, so that Tune's loop hands the next step to the trials at once. The first error it
+    meets is raised again in the driver's thread at the next call (a full disk still stops the sweep)."""
+
+    def __init__(self) -> None:
+        self._jobs: queue.Queue = queue.Queue()
+        self._error: BaseException | None = None
+        self.seconds = 0.0
+        self._thread = threading.Thread(target=self._run, name="collector-backlog", daemon=True)
+        self._thread.start()
+
+    def submit(self, fn: Callable[..., None], *args: Any) -> None:
+        self.check()
+        self._jobs.put((fn, args))
+
+    def check(self) -> None:
+        if self._error is not None:
+            raise self._error
+
+    def close(self) -> None:
+        """Finish every job submitted, then raise the first error, if any."""
+        self._jobs.put(None)
+        self._thread.join()
+        self.check()
+
+    def _run(self) -> None:
+        while (job := self._jobs.get()) is not None:
+            if self._error is None:  # after an error the rest is skipped: the sweep is stopping
+                started = time.perf_counter()
+                try:
+                    job[0](*job[1])
+                except BaseException as e:  # noqa: BLE001  raised again in the driver's thread
+                    self._error = e
+                self.seconds += time.perf_counter() - started
+
+
 @dataclass
 class Live:
     """The collector's state in the driver while trials run (never pickled: files and W&B runs stay here)."""
@@ -70,6 +109,8 @@ class Live:
     last_note: float = 0.0  # when progress was last logged
     first: float = 0.0  # when the first new point arrived
     new: int = 0  # points added to results.csv in this run
+    busy: float = 0.0  # seconds Tune's loop spent here (the rows): the trials' steps wait for it
+    backlog: Backlog = field(default_factory=Backlog)  # W&B steps and figures, in their own thread
 
 
 class Collector(tune.Callback):
@@ -94,7 +135,13 @@ class Collector(tune.Callback):
 
     def on_experiment_end(self, trials: list, **info: Any) -> None:
         if self.live is not None:
-            self.live.tracker.close()  # runs of trials that did not finish (an interrupted sweep) end as failed
+            live = self.live
+            try:
+                live.backlog.close()
+            finally:
+                live.tracker.close()  # runs of trials that did not finish (an interrupted sweep) end as failed
+            log.debug("collector: %.1f s in Tune's loop and %.1f s in the background for %d new points",
+                      live.busy, live.backlog.seconds, live.new)
 
     def _row(self, result: dict[str, Any]) -> dict[str, Any]:
         c = self.context
@@ -110,6 +157,13 @@ class Collector(tune.Callback):
     def on_trial_result(self, iteration: int, trials: list, trial: Any, result: dict, **info: Any) -> None:
         if "k" not in result:
             return
+        started = time.perf_counter()
+        try:
+            self._record(result)
+        finally:
+            self.live.busy += time.perf_counter() - started
+
+    def _record(self, result: dict) -> None:
         live = self.live
         maps = result.pop("maps", None) or {}  # in place: keeps the arrays out of Tune's experiment state
         row = self._row(result)
@@ -118,6 +172,11 @@ class Collector(tune.Callback):
             return  # already recorded (a retried or resumed trial repeating a point)
         live.new += 1
         trial_id = TrialId(row["layer"], row["criterion"])
+        live.backlog.submit(self._write, trial_id, row, maps)
+        self._progress()
+
+    def _write(self, trial_id: TrialId, row: dict[str, Any], maps: dict[str, np.ndarray]) -> None:
+        """A point's W&B step, and its figures when its K is one of the trial's figure K (in the backlog)."""
         rendered: dict[str, dict[str, np.ndarray]] = {}
 
         def images() -> dict[str, np.ndarray]:  # rendered once, and only when W&B logs them or they go to disk
@@ -125,12 +184,12 @@ class Collector(tune.Callback):
                 rendered["images"] = feature_map_images(row, maps) if maps else {}
             return rendered["images"]
 
-        live.tracker.log_point(self.context.runs[trial_id.key], row, images)
+        self.live.tracker.log_point(self.context.runs[trial_id.key], row, images)
         if maps and row["k"] in self.context.figure_ks.get(trial_id.key, ()):
             self._save_figures(row, images(), maps)
-        self._progress()
 
-    def _save_figures(self, row: dict[str, Any], images: dict[str, np.ndarray], maps: dict[str, np.ndarray]) -> None:
+    def _save_figures(self, row: dict[str, Any], images: dict[str, np.ndarray],
+                      maps: dict[str, np.ndarray]) -> None:
         """The two images (as logged to W&B), and the raw mean maps (for the report's figures)."""
         folder = Path(self.context.folder) / "feature_maps" / row["layer"]
         folder.mkdir(parents=True, exist_ok=True)
@@ -157,7 +216,7 @@ class Collector(tune.Callback):
     def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
         trial_id = _trial_id(trial)
         rows = by_trial(self.live.table.rows).get(trial_id, [])
-        self.live.tracker.finish_trial(trial_id.key, rows)
+        self.live.backlog.submit(self.live.tracker.finish_trial, trial_id.key, rows)
         worst = min(rows, key=lambda r: r["accuracy"], default=None)
         shown = f"accuracy at K={worst['k']}: {worst['accuracy']:.2f}%" if worst else "no new points"
         log.info("trial done: %-40s %s", trial_id.key, shown)
@@ -168,7 +227,8 @@ class Collector(tune.Callback):
     def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
         trial_id = _trial_id(trial)
         key = trial_id.key
-        self.live.tracker.finish_trial(key, by_trial(self.live.table.rows).get(trial_id, []), failed=True)
+        rows = by_trial(self.live.table.rows).get(trial_id, [])
+        self.live.backlog.submit(self.live.tracker.finish_trial, key, rows, True)
         log.error("trial %s failed after its retries (details: %s)", key, getattr(trial, "error_file", None))
 
 
