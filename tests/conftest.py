@@ -13,7 +13,9 @@ from runner.config import Grid, parse_grid
 from runner.engine.device import tune_allocator
 
 tune_allocator()
-torch.set_num_threads(min(2, os.cpu_count() or 1))
+# One thread: on cores shared with other processes, OpenMP's waiting threads spin against them (the one-pass
+# rankings test took 46 s with 2 threads on a loaded 2-core machine, 1.2 s with 1).
+torch.set_num_threads(1)
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED_CIFAR = ROOT.parent / "shared" / "data" / "cifar10"
