@@ -1,6 +1,7 @@
-"""The command line (DESIGN §2, §3, §9), end to end in a subprocess: --dry-run computes nothing, bad input
-(grid file, checkpoint, data, flags) is exit 2 with one exact line, and an output folder is never
-overwritten (nor resumed when there is nothing to resume).
+"""The command line (DESIGN §2, §3, §9), its entry point called in this process: --dry-run computes nothing, bad
+input (grid file, checkpoint, data, flags) is exit 2 with one exact line, and an output folder is never
+overwritten (nor resumed when there is nothing to resume). That `python scripts/sweep.py` reaches this entry point
+and exits with its code is proved once, in a subprocess, by tests/test_sweep.py.
 
 The grid fixtures are tests/grids/e2e_*.yaml; their relative paths resolve against the directory the command
 runs in, each test's own tmp folder.
@@ -9,7 +10,7 @@ runs in, each test's own tmp folder.
 from __future__ import annotations
 
 import pytest
-from e2e_helpers import GRIDS, run_cli
+from e2e_helpers import GRIDS, refused
 
 LAYER_NAMES = ("conv1, layer1.0.conv1, layer1.0.conv2, layer1.1.conv1, layer1.1.conv2, layer2.0.conv1, "
                "layer2.0.conv2, layer2.0.shortcut.conv, layer2.1.conv1, layer2.1.conv2, layer3.0.conv1, "
@@ -80,68 +81,39 @@ BAD = {
         "folder where a sweep with this name started; fix: run without --resume"),
 }
 
-NOT_ONE_LINE: dict[str, str] = {}  # fixed: data files are read before Ray starts
-LEAVES_FOLDER: dict[str, str] = {}  # fixed: inputs are checked before the output folder is made
-
-
-@pytest.fixture(scope="module")
-def bad_run(tmp_path_factory):
-    """Run each bad-input case once (in its own folder) and keep the result for the tests below."""
-    done: dict[str, tuple] = {}
-
-    def run(case: str):
-        if case not in done:
-            tmp = tmp_path_factory.mktemp(case)
-            (tmp / "not_npz.npz").write_text("these are not arrays\n", encoding="utf-8")
-            grid_file, extra, expected = BAD[case]
-            grid = GRIDS / grid_file
-            result = run_cli(["--grid", str(grid), *extra], cwd=tmp, timeout=180)
-            done[case] = (result, expected.format(grid=grid, tmp=tmp), tmp)
-        return done[case]
-
-    return run
-
-
-def cases(bugs: dict[str, str]) -> list:
-    return [pytest.param(c, marks=pytest.mark.xfail(strict=True, reason=bugs[c])) if c in bugs else c for c in BAD]
-
-
 @pytest.mark.parametrize("case", list(BAD))
-def test_bad_input_exit_2_with_exact_message(bad_run, case):
-    result, expected, _ = bad_run(case)
-    assert result.returncode == 2, result.explain()
-    assert result.err_lines and result.err_lines[-1] == expected, result.explain()
-    assert result.stdout == "", result.explain()
-    assert "Traceback" not in result.stderr, result.explain()
-
-
-@pytest.mark.parametrize("case", cases(NOT_ONE_LINE))
-def test_bad_input_is_one_line(bad_run, case):
-    """DESIGN §2: bad input gives ONE line. The exact text is checked above; here, that it is all there is."""
-    result, expected, _ = bad_run(case)
-    assert result.err_lines == [expected], result.explain()
-
-
-@pytest.mark.parametrize("case", cases(LEAVES_FOLDER))
-def test_bad_input_leaves_nothing_behind(bad_run, case):
-    """DESIGN §3/§9: input errors are caught before any work starts: no output folder, no checkpoint."""
-    _, _, tmp = bad_run(case)
+def test_bad_input_is_one_exact_line_exit_2_and_leaves_nothing_behind(cli, tmp_path_factory, case):
+    """DESIGN §2: bad input gives ONE line, exit code 2. §3/§9: it is caught before any work starts: no output
+    folder, no checkpoint."""
+    tmp = tmp_path_factory.mktemp(case)
+    (tmp / "not_npz.npz").write_text("these are not arrays\n", encoding="utf-8")
+    grid_file, extra, expected = BAD[case]
+    grid = GRIDS / grid_file
+    result = cli(["--grid", str(grid), *extra], cwd=tmp)
+    assert refused(result) == expected.format(grid=grid, tmp=tmp)
     made = sorted(str(p.relative_to(tmp)) for p in tmp.rglob("*") if p.name != "not_npz.npz")
     assert made == []
 
 
-def test_wrong_flag_value_is_one_line(tmp_path):
-    result = run_cli(["--grid", str(GRIDS / "e2e_dry_run.yaml"), "--wandb-mode", "sometimes"], cwd=tmp_path)
-    assert result.returncode == 2, result.explain()
-    assert len(result.err_lines) == 1, result.explain()
-    assert result.err_lines[0].startswith("error: argument --wandb-mode: invalid choice: 'sometimes'")
+def test_wrong_flag_value_is_one_line(cli, tmp_path):
+    result = cli(["--grid", str(GRIDS / "e2e_dry_run.yaml"), "--wandb-mode", "sometimes"], cwd=tmp_path)
+    assert refused(result).startswith("error: argument --wandb-mode: invalid choice: 'sometimes'")
 
 
 # ---- --dry-run ----
 
 @pytest.mark.parametrize("extra, trials, points", [([], 16, 48), (["--set", "sweep.criteria=[l1_norm]"], 8, 24)])
-def test_dry_run_computes_nothing(tmp_path, extra, trials, points):
-    result = run_cli(["--grid", str(GRIDS / "e2e_dry_run.yaml"), "--dry-run", *extra], cwd=tmp_path)
+def test_dry_run_computes_nothing(cli, tmp_path, monkeypatch, extra, trials, points):
+    import ray
+
+    from runner.job import cluster
+
+    def no_ray(*args, **kwargs):
+        raise AssertionError("a dry run started Ray")
+
+    monkeypatch.setattr(cluster, "start_ray", no_ray)
+    monkeypatch.setattr(ray, "init", no_ray)
+    result = cli(["--grid", str(GRIDS / "e2e_dry_run.yaml"), "--dry-run", *extra], cwd=tmp_path)
     assert result.returncode == 0, result.explain()
     lines = result.out_lines
     assert lines[-1] == f"trials: {trials} points: {points}", result.explain()
@@ -163,13 +135,12 @@ def test_dry_run_computes_nothing(tmp_path, extra, trials, points):
 
 # ---- the output folder (--resume where there is no sweep: case resume_without_sweep above) ----
 
-def test_fresh_sweep_refuses_a_folder_with_results(small_sweep, tmp_path):
+def test_fresh_sweep_refuses_a_folder_with_results(cli, small_sweep, tmp_path):
     folder = small_sweep.folder
     before = (folder / "results.csv").read_bytes()
-    result = run_cli(["--grid", str(small_sweep.grid_path)], cwd=tmp_path)
-    assert result.returncode == 2, result.explain()
-    assert result.err_lines == [
+    result = cli(["--grid", str(small_sweep.grid_path)], cwd=tmp_path)
+    assert refused(result) == (
         f"error: output: this folder already holds results of a sweep: got '{folder}'; allowed: a new folder, or "
-        "--resume to continue that sweep; fix: add --resume, or choose another name or --output"], result.explain()
+        "--resume to continue that sweep; fix: add --resume, or choose another name or --output")
     assert (folder / "results.csv").read_bytes() == before
 

@@ -7,7 +7,7 @@ import math
 
 import pytest
 import torch
-from conftest import tiny_grid_dict
+from e2e_helpers import grid_dict
 
 from model.resnet import build
 from runner.config import TrainConfig, parse_grid
@@ -21,9 +21,8 @@ CPU = torch.device("cpu")
 
 
 def small_grid(tmp, train_size: int, epochs: int, batch_size: int, **recipe):
-    raw = tiny_grid_dict(tmp)
-    raw["data"]["train_size"] = train_size
-    raw["checkpoint"]["train"] = {"epochs": epochs, "batch_size": batch_size, **recipe}
+    raw = grid_dict(tmp, data={"train_size": train_size},
+                    checkpoint={"train": {"epochs": epochs, "batch_size": batch_size, **recipe}})
     return parse_grid(raw, "tiny")
 
 
@@ -83,9 +82,7 @@ def test_training_is_deterministic_on_cpu(tmp_path):
 
 
 def test_train_checkpoint_without_a_recipe(tmp_path):
-    raw = tiny_grid_dict(tmp_path)
-    raw["checkpoint"]["train"] = None
-    grid = parse_grid(raw, "tiny")
+    grid = parse_grid(grid_dict(tmp_path, checkpoint={"train": None}), "tiny")
     with pytest.raises(InputError) as err:
         train_checkpoint(grid, progress=False)
     assert str(err.value) == (
