@@ -159,6 +159,9 @@ def test_yaml_syntax_error_names_the_line(tmp_path):
      "step >= 1 (stop excluded); fix: for K = 1, 3, ..., 127 write [1, 128, 2]"),
     ({"sweep": {"k": [0, 1]}},
      f"sweep.k[0]: out of range: got 0; allowed: {K_INTS}; fix: remove or correct that value"),
+    ({"sweep": {"k": {"range": [1, 10**15, 1]}}},  # counted, never built
+     "sweep.k.range: 999,999,999,999,999 K values is too many: got [1, 1000000000000000, 1]; allowed: at most "
+     "100,000; fix: use a larger step or a smaller stop"),
     ({"sweep": {"layers": []}},
      "sweep.layers: empty: got []; allowed: all, or a list of layer names or glob patterns; "
      "fix: write layers: all, or name at least one layer"),

@@ -63,11 +63,12 @@ def test_read_npz_no_such_file(tmp_path):
 
 
 @pytest.mark.parametrize("arrays", [
-    {"labels": np.array([0, "a", None], dtype=object)},
-    {"labels": np.arange(5), "classes": np.array(["cat", 1], dtype=object)},
-], ids=["object labels", "object classes"])
+    {"images": images(5), "labels": np.array([0, "a", None], dtype=object)},
+    {"images": images(5), "labels": np.arange(5), "classes": np.array(["cat", 1], dtype=object)},
+    {"images": np.array([object()] * 4, dtype=object), "labels": np.zeros(4)},
+], ids=["object labels", "object classes", "object images"])
 def test_read_npz_refuses_object_arrays(tmp_path, arrays):
-    path = savez(tmp_path / "obj.npz", images=images(5), **arrays)
+    path = savez(tmp_path / "obj.npz", **arrays)
     assert npz_error(path) == (
         f"data.train: holds object arrays (pickled Python objects), which are never loaded: got '{path}'; "
         "allowed: numeric arrays and a str classes array; fix: save plain arrays with numpy.savez")
