@@ -2,8 +2,9 @@
 CLI, interruption and --resume, a crashed trial retried, and W&B pointed at a server that is not there.
 
 Every sweep is tiny (width 0.125, a few hundred synthetic images, one shared checkpoint trained once per
-session). In-process sweeps share the session's Ray (`ray_session`); what needs a process of its own (exit
-codes, Ctrl-C, environment reaching Ray workers) runs `python scripts/sweep.py` in a subprocess.
+session). In-process sweeps share the session's Ray (`ray_session`); what needs a process of its own (Ctrl-C,
+environment reaching Ray workers) runs `python scripts/sweep.py` in a subprocess, and one of those also proves
+that the script reaches the command and exits with its code.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from e2e_helpers import (SMALL_CRITERIA, SMALL_EVAL, SMALL_FRACTIONS, SMALL_LAYERS, cli_env, closed_port,
+from e2e_helpers import (SMALL_CRITERIA, SMALL_EVAL, SMALL_FRACTIONS, SMALL_LAYERS, cli_env, closed_port, e2e,
     expected_points, finish, grid_dict, history, keys, leet_records, leet_summary, measured, results, run_cli,
     run_info, start_cli, stop_group, values, wandb_run_dirs, write_grid)
 
@@ -32,11 +33,6 @@ def small_ks(channels: int) -> list[int]:
 
 
 SMALL_POINTS = expected_points(SMALL_LAYERS, SMALL_CRITERIA, small_ks)
-
-
-def test_small_points_are_written_out():
-    assert len(SMALL_POINTS) == 12
-    assert all(k == round(f * c) for c in SMALL_LAYERS.values() for k, f in zip(small_ks(c), SMALL_FRACTIONS))
 
 
 # ---- 1. outputs on disk ----
@@ -162,8 +158,9 @@ BIG_CRITERIA = ["l1_norm", "random"]  # rankings from weights only: the same in 
 def test_interrupt_then_resume_measures_each_point_once(ray_session, sweep_checkpoint, tmp_path):
     from runner.job.sweep import Options, run_sweep
 
-    grid = write_grid(tmp_path / "big.yaml", grid_dict(tmp_path, sweep_checkpoint, name="big", layers="all",
-                                                       k=BIG_KS, criteria=BIG_CRITERIA, eval_size=200))
+    grid = write_grid(tmp_path / "big.yaml", grid_dict(tmp_path, e2e(sweep_checkpoint), name="big",
+                                                       data={"eval_size": 200},
+                                                       sweep={"layers": "all", "k": BIG_KS, "criteria": BIG_CRITERIA}))
     total = 17 * len(BIG_KS) * len(BIG_CRITERIA)  # 17 convs without the shortcuts at width 0.125
     folder = tmp_path / "runs" / "big"
     args = ["--grid", str(grid)]
@@ -199,57 +196,43 @@ def test_interrupt_then_resume_measures_each_point_once(ray_session, sweep_check
     assert values(folder) == values(reference.folder)  # exactly the numbers of an uninterrupted sweep
 
 
-# ---- 4. a crashed trial is retried; 5. W&B server down ----
+# ---- 4. the script, and a crashed trial retried; 5. W&B server down ----
 
 PAIR_LAYERS = {"layer1.0.conv1": 8, "layer2.0.conv2": 16}
 PAIR_POINTS = expected_points(PAIR_LAYERS, ["l1_norm"], lambda c: [1, 2])
 
 
 def pair_grid(tmp: Path, checkpoint: Path, name: str) -> Path:
-    return write_grid(tmp / f"{name}.yaml", grid_dict(tmp, checkpoint, name=name, layers=list(PAIR_LAYERS),
-                                                      k=[1, 2], criteria=["l1_norm"]))
+    return write_grid(tmp / f"{name}.yaml", grid_dict(tmp, e2e(checkpoint), name=name, sweep={
+        "layers": list(PAIR_LAYERS), "k": [1, 2], "criteria": ["l1_norm"]}))
 
 
-@pytest.fixture(scope="module")
-def pair_offline(sweep_checkpoint, tmp_path_factory):
-    """The 2-trial sweep through the CLI, W&B offline: what a run of it needs (time, results)."""
-    tmp = tmp_path_factory.mktemp("pair_offline")
-    run = run_cli(["--grid", str(pair_grid(tmp, sweep_checkpoint, "pair"))], cwd=tmp)
-    return run, tmp / "runs" / "pair"
-
-
-def test_cli_sweep_completes(pair_offline):
-    run, folder = pair_offline
-    assert run.returncode == 0, run.explain()
-    assert run.out_lines[-1].startswith("4/4 points (4 measured in this run) in "), run.explain()
-    assert sorted(keys(results(folder))) == sorted(PAIR_POINTS)
-    assert "Traceback" not in run.stderr, run.explain()
-    assert len(wandb_run_dirs(folder)) == 3  # 2 trials + the summary run
-
-
-def test_crashed_trial_is_retried(sweep_checkpoint, tmp_path):
+def test_the_script_runs_a_sweep_and_a_crashed_trial_is_retried(sweep_checkpoint, tmp_path):
+    """`python scripts/sweep.py` reaches the command and exits with its code (the one subprocess smoke test of the
+    wiring); its own Ray's workers see the fault injected through the environment, so one trial crashes once."""
     marker = tmp_path / "crashed"
     env = cli_env(PRUNE_SWEEP_CRASH_ONCE=f"layer2.0.conv2/l1_norm:{marker}")
     run = run_cli(["--grid", str(pair_grid(tmp_path, sweep_checkpoint, "crash"))], cwd=tmp_path, env=env)
     assert marker.is_file(), "the trial never crashed\n" + run.explain()
     assert run.returncode == 0, run.explain()
+    assert run.out_lines[-1].startswith("4/4 points (4 measured in this run) in "), run.explain()
     told = [line for line in run.err_lines if "layer2.0.conv2/l1_norm" in line and "retry" in line]
     assert len(told) == 1, run.explain()  # the user is told about the retry, once
+    assert "Traceback" not in run.stderr, run.explain()
     folder = tmp_path / "runs" / "crash"
     assert sorted(keys(results(folder))) == sorted(PAIR_POINTS)  # every point, exactly once
-    assert run.out_lines[-1].startswith("4/4 points"), run.explain()
     assert len(wandb_run_dirs(folder)) == 3  # one run per trial (none left behind by the crash) + summary
 
 
 FAKE_KEY = "0123456789abcdef0123456789abcdef01234567"
 
 
-def test_wandb_server_unreachable(sweep_checkpoint, tmp_path, pair_offline):
+def test_wandb_server_unreachable(cli, ray_session, sweep_checkpoint, tmp_path):
     url = f"http://127.0.0.1:{closed_port()}"
-    env = cli_env(WANDB_BASE_URL=url, WANDB_API_KEY=FAKE_KEY)
-    run = run_cli(["--grid", str(pair_grid(tmp_path, sweep_checkpoint, "nowandb")), "--wandb-mode", "online"],
-                  cwd=tmp_path, env=env)
+    run = cli(["--grid", str(pair_grid(tmp_path, sweep_checkpoint, "nowandb")), "--wandb-mode", "online"],
+              cwd=tmp_path, env={"WANDB_BASE_URL": url, "WANDB_API_KEY": FAKE_KEY})
     assert run.returncode == 0, run.explain()
+    assert run.out_lines[-1].startswith("4/4 points (4 measured in this run) in "), run.explain()
     folder = tmp_path / "runs" / "nowandb"
     assert sorted(keys(results(folder))) == sorted(PAIR_POINTS)
     lines = (run.stdout + run.stderr).replace(str(tmp_path), "<tmp>").splitlines()  # (the path holds the test's name)
@@ -257,9 +240,6 @@ def test_wandb_server_unreachable(sweep_checkpoint, tmp_path, pair_offline):
     assert len(told) == 1 and url in told[0], run.explain()  # told once, naming the server
     assert len([line for line in lines if "W&B" in line or "wandb:" in line.lower()]) == 1, run.explain()
     assert "Traceback" not in run.stderr, run.explain()
-    reference, _ = pair_offline
-    assert reference.returncode == 0
-    assert run.seconds <= reference.seconds + 30, f"{run.seconds:.0f} s, offline {reference.seconds:.0f} s"
     # the runs fell back to offline, and the key appears nowhere
     assert len(wandb_run_dirs(folder)) == 3
     assert FAKE_KEY not in run.stdout + run.stderr
