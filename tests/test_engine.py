@@ -243,8 +243,8 @@ def test_savings_count_filter_bn_and_next_conv_input_slice() -> None:
     c2 = convs["layer2.1.conv2"]
     assert savings(c2, "output", 5, convs).params == 5 * 128 * 9 + 10
     assert savings(c2, "input", 5, convs).macs == 5 * 128 * 9 * 16 * 16
-    sc = convs["layer3.0.shortcut.conv"]  # 128 -> 256, 1x1, 8x8
-    assert savings(sc, "output", 4, convs) == savings(sc, "output", 4, convs)
+    sc = convs["layer3.0.shortcut.conv"]  # 128 -> 256, 1x1, 8x8; no consumer conv (it feeds the block's sum)
+    assert savings(sc, "output", 4, convs).params == 4 * 128 + 2 * 4
     assert savings(sc, "output", 4, convs).macs == 4 * 128 * 8 * 8
 
 

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from e2e_helpers import descendants, finish, keys, measured, results, rss_bytes, start_cli, stop_group
+from e2e_helpers import descendants, finish, grid_dict, keys, measured, results, rss_bytes, start_cli, stop_group
 from PIL import Image
 
 from runner.config import parse_grid
@@ -28,16 +28,12 @@ GIB = 2**30
 
 
 def scale_grid(tmp: Path) -> dict:
-    return {
-        "name": "scale", "seed": 0, "model": {"width": 0.125},
-        "data": {"dataset": "synthetic", "synthetic_train": 4000, "synthetic_test": 500, "calibration_size": 500,
-                 "eval_size": 500},
-        "checkpoint": {"path": str(tmp / "w0125.pt"), "train": {"epochs": 4, "batch_size": 100, "lr": 0.1}},
-        "sweep": {"layers": "all", "include_shortcuts": True, "k": {"fractions": [i / 64 for i in range(1, 65)]},
-                  "criteria": CRITERIA},
-        "wandb": {"mode": "offline"},
-        "output": str(tmp / "runs"),
-    }
+    return grid_dict(tmp, name="scale", data={"synthetic_train": 4000, "synthetic_test": 500, "calibration_size": 500,
+                                              "eval_size": 500},
+                     checkpoint={"path": str(tmp / "w0125.pt"), "train": {"epochs": 4, "batch_size": 100, "lr": 0.1}},
+                     sweep={"layers": "all", "include_shortcuts": True, "batch_size": 500,
+                            "k": {"fractions": [i / 64 for i in range(1, 65)]}, "criteria": CRITERIA},
+                     wandb={"mode": "offline"})
 
 
 class PeakMemory:
