@@ -1,5 +1,6 @@
-"""Helpers for the end-to-end tests (tests/test_sweep.py, tests/test_cli.py): tiny grids, the CLI in a
-subprocess, results.csv and W&B offline runs read back (with W&B's own `wandb leet inspect`)."""
+"""Helpers for the tests: the one grid builder, the command's result (in this process, see the `cli` fixture of
+conftest.py, or in a subprocess) and its refusals, results.csv and W&B offline runs read back (with W&B's own
+`wandb leet inspect`), and the processes of a running sweep."""
 
 from __future__ import annotations
 
