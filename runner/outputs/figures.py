@@ -16,6 +16,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 from matplotlib import colormaps  # noqa: E402
 
+from runner.outputs.results import TrialId, by_trial  # noqa: E402
 from runner.storage import atomic_path  # noqa: E402
 
 TILE = 24  # pixels per feature-map tile in the array renderer
@@ -137,6 +138,7 @@ def accuracy_vs_k(rows: Sequence[dict], baseline: float, path: Path) -> None:
     per stage, so that every panel keeps a short legend."""
     criteria = sorted({r["criterion"] for r in rows})
     layers = list(dict.fromkeys(r["layer"] for r in rows))
+    trials = by_trial(rows)
     groups = [layers] if len(layers) <= LEGEND_LINES else stages(layers)
     fig, axes = plt.subplots(len(groups), len(criteria), figsize=(4.6 * len(criteria) + 1.6, 3.2 * len(groups)),
                              squeeze=False, sharex=True, sharey=True)
@@ -145,8 +147,7 @@ def accuracy_vs_k(rows: Sequence[dict], baseline: float, path: Path) -> None:
         for col, criterion in enumerate(criteria):
             ax = axes[row][col]
             for i, layer in enumerate(group):
-                pts = sorted((r["fraction"], r["accuracy"]) for r in rows if r["layer"] == layer
-                             and r["criterion"] == criterion)
+                pts = [(r["fraction"], r["accuracy"]) for r in trials.get(TrialId(layer, criterion), [])]
                 if pts:
                     xs, ys = zip(*[(0.0, baseline), *pts])
                     ax.plot(xs, ys, marker="." if len(pts) <= 16 else None, lw=1.3, color=cmap(i % 10),
@@ -170,14 +171,14 @@ def sensitivity_heatmap(rows: Sequence[dict], path: Path) -> None:
     and the figure's size does not grow with the number of K values."""
     criteria = sorted({r["criterion"] for r in rows})
     layers = list(dict.fromkeys(r["layer"] for r in rows))
+    trials = by_trial(rows)
     fig, axes = plt.subplots(1, len(criteria), figsize=(1.6 + 4.2 * len(criteria), 1.4 + 0.26 * len(layers)),
                              squeeze=False, sharey=True)
     vmax = max(1.0, max(r["accuracy_drop"] for r in rows))
     image = None
     for ax, criterion in zip(axes[0], criteria):
         for i, layer in enumerate(layers):
-            pts = sorted((r["fraction"], r["accuracy_drop"]) for r in rows if r["layer"] == layer
-                         and r["criterion"] == criterion)
+            pts = [(r["fraction"], r["accuracy_drop"]) for r in trials.get(TrialId(layer, criterion), [])]
             if not pts:
                 continue
             edges = np.array([0.0] + [f for f, _ in pts])

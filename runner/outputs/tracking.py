@@ -13,9 +13,11 @@ import os
 import socket
 import urllib.parse
 from pathlib import Path
-from typing import Any, Protocol, Sequence
+from typing import Any, Callable, Protocol, Sequence
 
 import numpy as np
+
+from runner.outputs.results import by_trial
 
 log = logging.getLogger(__name__)
 
@@ -27,7 +29,7 @@ class Tracker(Protocol):
     mode: str
 
     def log_point(self, trial: str, config: dict[str, Any], row: dict[str, Any],
-                  images: dict[str, np.ndarray]) -> None: ...
+                  images: Callable[[], dict[str, np.ndarray]]) -> None: ...
 
     def finish_trial(self, trial: str, failed: bool = False) -> None: ...
 
@@ -43,7 +45,7 @@ class NullTracker:
     mode = "disabled"
 
     def log_point(self, trial: str, config: dict[str, Any], row: dict[str, Any],
-                  images: dict[str, np.ndarray]) -> None:
+                  images: Callable[[], dict[str, np.ndarray]]) -> None:
         pass
 
     def finish_trial(self, trial: str, failed: bool = False) -> None:
@@ -144,13 +146,14 @@ class WandbTracker:
         return self.runs[trial]
 
     def log_point(self, trial: str, config: dict[str, Any], row: dict[str, Any],
-                  images: dict[str, np.ndarray]) -> None:
+                  images: Callable[[], dict[str, np.ndarray]]) -> None:
+        """One K of a trial's run; `images` renders the point's feature-map images (only called when logged)."""
         run = self._run(trial, config)
         if run is None:
             return
         data = {"k": row["k"], **{m: row[m] for m in POINT_METRICS}}
         if self.feature_maps:
-            for name, image in images.items():
+            for name, image in images().items():
                 data[f"feature_maps/{name}"] = self.wandb.Image(image, caption=f"{trial} K={row['k']}")
         self._safely(run.log, data)
 
@@ -167,15 +170,13 @@ class WandbTracker:
         wandb = self.wandb
         columns = [c for c in rows[0] if c != "per_class_accuracy"]
         table = wandb.Table(columns=columns, data=[[r[c] for c in columns] for r in rows])
-        series = sorted({(r["layer"], r["criterion"]) for r in rows})
-        xs, ys = [], []
-        for layer, criterion in series:
-            pts = sorted((r["k"], r["accuracy"]) for r in rows if (r["layer"], r["criterion"]) == (layer, criterion))
-            xs.append([p[0] for p in pts])
-            ys.append([p[1] for p in pts])
+        trials = by_trial(rows)
+        series = sorted(trials)
+        xs = [[r["k"] for r in trials[t]] for t in series]
+        ys = [[r["accuracy"] for r in trials[t]] for t in series]
         data: dict[str, Any] = {
             "results": table,
-            "accuracy_vs_k": wandb.plot.line_series(xs=xs, ys=ys, keys=[f"{a}/{b}" for a, b in series],
+            "accuracy_vs_k": wandb.plot.line_series(xs=xs, ys=ys, keys=[t.key for t in series],
                                                     title="accuracy vs K", xname="K (channels pruned)"),
         }
         data.update({f"plots/{name}": wandb.Image(str(path)) for name, path in figures.items() if path.is_file()})
