@@ -23,6 +23,9 @@ from runner.job.ray_env import ray_env  # (imports no Ray)
 for _key, _value in ray_env(None).items():
     os.environ.setdefault(_key, _value)
 os.environ.setdefault("WANDB_SILENT", "true")
+# Ray keeps its sockets under $TMPDIR/ray/session_*/sockets (a Unix socket path holds at most 107 bytes): with a
+# long TMPDIR no Ray could start. So the tests keep them where Ray keeps them by default, whatever TMPDIR says.
+os.environ.setdefault("RAY_TMPDIR", "/tmp")
 
 tune_allocator()
 # One thread: on cores shared with other processes, OpenMP's waiting threads spin against them (the one-pass

@@ -100,7 +100,8 @@ def test_wandb_key_appears_in_nothing_the_sweep_writes(sweep_checkpoint, tmp_pat
     written = [p for p in (tmp_path / "runs").rglob("*") if p.is_file()]
     assert any(p.name == "results.csv" for p in written) and any(p.suffix == ".wandb" for p in written)
     # and Ray's own logs of this run (its session folders started during the test)
-    sessions = [d for d in Path("/tmp/ray").glob("session_2*") if d.is_dir() and d.stat().st_mtime >= started - 1]
+    sessions = [d for d in (Path(os.environ["RAY_TMPDIR"]) / "ray").glob("session_2*")  # (see conftest.py)
+                if d.is_dir() and d.stat().st_mtime >= started - 1]
     assert sessions, "no Ray session folder from this run"
     written += [p for d in sessions for p in d.rglob("*") if p.is_file() and not p.is_symlink()]
     leaks = [str(p) for p in written if key.encode() in p.read_bytes()]
