@@ -6,13 +6,14 @@ from __future__ import annotations
 
 import logging
 import os
+import secrets
 import time
 from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
 import torch
-from e2e_helpers import SCRUB, CliRun, grid_dict
+from e2e_helpers import SCRUB, CliRun, cli_env, e2e, grid_dict, run_cli, write_grid
 
 from runner.config import Grid, parse_grid
 from runner.engine.device import tune_allocator
@@ -133,3 +134,19 @@ def small_sweep(ray_session, sweep_checkpoint, tmp_path_factory) -> SimpleNamesp
     outcome = run_sweep(Options(str(path)))
     return SimpleNamespace(grid_path=path, grid=grid, outcome=outcome, folder=outcome.folder,
                            checkpoint=sweep_checkpoint, tmp=tmp)
+
+
+@pytest.fixture(scope="session")
+def script_sweep(sweep_checkpoint, tmp_path_factory) -> SimpleNamespace:
+    """`python scripts/sweep.py` on a 4-point grid (2 trials, W&B offline), once per session, in a process of its
+    own: its own Ray, whose workers see what the environment brings: a W&B key (tests/test_security.py), and a
+    fault that makes trial layer2.0.conv2/l1_norm crash once (tests/test_sweep.py)."""
+    tmp = tmp_path_factory.mktemp("script")
+    grid = write_grid(tmp / "crash.yaml", grid_dict(tmp, e2e(sweep_checkpoint), name="crash", sweep={
+        "layers": ["layer1.0.conv1", "layer2.0.conv2"], "k": [1, 2], "criteria": ["l1_norm"]}))
+    key, marker = secrets.token_hex(20), tmp / "crashed"  # a key of 40 characters, like a real one
+    env = cli_env(PRUNE_SWEEP_CRASH_ONCE=f"layer2.0.conv2/l1_norm:{marker}", WANDB_API_KEY=key,
+                  WANDB_BASE_URL="http://127.0.0.1:9")
+    started = time.time()
+    run = run_cli(["--grid", str(grid)], cwd=tmp, env=env)
+    return SimpleNamespace(run=run, folder=tmp / "runs" / "crash", crashed=marker, key=key, started=started)

@@ -21,8 +21,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from e2e_helpers import (CliRun, cli_env, e2e, finish, grid_dict, keys, measured, refused, resize_tmpfs, results, run_cli,
-    start_cli, stop_group, tmpfs, trial_workers, values, wait_for_rows, write_grid)
+from e2e_helpers import (CliRun, cli_env, e2e, finish, grid_dict, keys, measured, refused, resize_tmpfs, results,
+    run_cli, start_cli, stop_group, tmpfs, trial_workers, values, wait_for_rows, write_grid)
 
 from model import checkpoint as ckpt_io
 from runner.inputs import checkpoints

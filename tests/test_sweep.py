@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from e2e_helpers import (SMALL_CRITERIA, SMALL_EVAL, SMALL_FRACTIONS, SMALL_LAYERS, cli_env, closed_port, e2e,
+from e2e_helpers import (SMALL_CRITERIA, SMALL_EVAL, SMALL_FRACTIONS, SMALL_LAYERS, closed_port, e2e,
     expected_points, finish, grid_dict, history, keys, leet_records, leet_summary, measured, results, run_cli,
     run_info, start_cli, stop_group, values, wandb_run_dirs, write_grid)
 
@@ -207,19 +207,17 @@ def pair_grid(tmp: Path, checkpoint: Path, name: str) -> Path:
         "layers": list(PAIR_LAYERS), "k": [1, 2], "criteria": ["l1_norm"]}))
 
 
-def test_the_script_runs_a_sweep_and_a_crashed_trial_is_retried(sweep_checkpoint, tmp_path):
+def test_the_script_runs_a_sweep_and_a_crashed_trial_is_retried(script_sweep):
     """`python scripts/sweep.py` reaches the command and exits with its code (the one subprocess smoke test of the
-    wiring); its own Ray's workers see the fault injected through the environment, so one trial crashes once."""
-    marker = tmp_path / "crashed"
-    env = cli_env(PRUNE_SWEEP_CRASH_ONCE=f"layer2.0.conv2/l1_norm:{marker}")
-    run = run_cli(["--grid", str(pair_grid(tmp_path, sweep_checkpoint, "crash"))], cwd=tmp_path, env=env)
-    assert marker.is_file(), "the trial never crashed\n" + run.explain()
+    wiring, conftest.py); its own Ray's workers see the fault injected through the environment, so one trial
+    crashes once."""
+    run, folder = script_sweep.run, script_sweep.folder
+    assert script_sweep.crashed.is_file(), "the trial never crashed\n" + run.explain()
     assert run.returncode == 0, run.explain()
     assert run.out_lines[-1].startswith("4/4 points (4 measured in this run) in "), run.explain()
     told = [line for line in run.err_lines if "layer2.0.conv2/l1_norm" in line and "retry" in line]
     assert len(told) == 1, run.explain()  # the user is told about the retry, once
     assert "Traceback" not in run.stderr, run.explain()
-    folder = tmp_path / "runs" / "crash"
     assert sorted(keys(results(folder))) == sorted(PAIR_POINTS)  # every point, exactly once
     assert len(wandb_run_dirs(folder)) == 3  # one run per trial (none left behind by the crash) + summary
 
