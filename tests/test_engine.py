@@ -151,6 +151,38 @@ def test_taylor_matches_autograd_by_hand() -> None:
     np.testing.assert_allclose(got.scores, expected.detach(), rtol=1e-5)
 
 
+def _taylor_through_the_suffix(conv_name: str, images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Input-target Taylor scores computed apart from the criteria code: cut the network at the conv's input
+    (`Split`), treat the cached tensor at the cut as the only variable (the unit's other paths are cached
+    constants), so that dL/da is the gradient through conv L alone; |mean over H, W of a * dL/da| per image,
+    averaged over images."""
+    split = Split(MODEL, BY_NAME[conv_name], "input")
+    with torch.no_grad():
+        cache = split.prefix(images)
+    a = cache[0].detach().requires_grad_(True)
+    logits = split.suffix((a, *(t.detach() for t in cache[1:])), None).logits
+    (grad,) = torch.autograd.grad(F.cross_entropy(logits, labels, reduction="sum"), a)
+    return (a * grad).mean((2, 3)).abs().mean(0).detach().double()
+
+
+# a block's conv1 with an identity shortcut and with a shortcut conv, the shortcut conv itself (all three read a
+# tensor that another branch reads too), a conv2 (reads only its own input) and the stem (reads the image)
+TAYLOR_INPUT = ["layer2.1.conv1", "layer3.0.conv1", "layer3.0.shortcut.conv", "layer2.0.conv2", "conv1"]
+
+
+@pytest.mark.parametrize("name", TAYLOR_INPUT)
+def test_taylor_at_the_input_uses_the_gradient_through_the_conv_only(name: str) -> None:
+    images = torch.randn(12, 3, 32, 32, generator=torch.Generator().manual_seed(5))
+    labels = torch.arange(12) % 10
+    conv = BY_NAME[name]
+    # ranked together with the other convs that read the same tensor: each still gets its own gradient
+    convs = [c for c in CONVS if c.name in TAYLOR_INPUT]
+    got = rank_all(MODEL, convs, ["taylor"], "input", images, labels, 6, 0)[(conv.name, "taylor")]
+    expected = _taylor_through_the_suffix(name, images, labels)
+    np.testing.assert_allclose(got.scores, expected, rtol=1e-4, atol=1e-9)
+    assert got.order == tuple(torch.argsort(expected, stable=True).tolist())
+
+
 def _seed_procedure(model: ResNet18, layer: str, images: torch.Tensor, labels: torch.Tensor, ks: list[int],
                     batch: int) -> list[tuple[float, float]]:
     """The report's procedure, its ranking written plainly: per K, reload the weights, rank the conv's output

@@ -9,8 +9,9 @@ gathered in ONE pass over the calibration images: one forward, plus one backward
 from __future__ import annotations
 
 import zlib
+from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Iterator
 
 import torch
 import torch.nn.functional as F
@@ -153,15 +154,38 @@ def _mask_point_watcher(st: _Stats, want: set[str], target: str) -> Callable:
     return fold
 
 
+@contextmanager
+def _own_inputs(model: nn.Module, names: list[str]) -> Iterator[None]:
+    """Inside the block, each named conv reads a clone of its input. A block's conv1 and its shortcut read the
+    same tensor, so dL/dx of that tensor sums the gradient through both branches; the gradient of the clone is
+    the gradient through this conv alone, which is what input-target Taylor needs."""
+    def clone(module: nn.Module, inputs: tuple) -> tuple:
+        x = inputs[0]
+        return (x.clone() if x.requires_grad else x.detach().clone().requires_grad_(torch.is_grad_enabled()),
+                *inputs[1:])
+
+    modules = dict(model.named_modules())
+    handles = []
+    try:
+        for name in names:
+            handles.append(modules[name].register_forward_pre_hook(clone))
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
 def rank_all(model: ResNet18, convs: list[ConvInfo], criteria: list[str], target: str,
              images: Tensor, labels: Tensor, batch_size: int, seed: int) -> dict[tuple[str, str], Ranking]:
     """Rankings for every (layer, criterion) from one pass over the calibration images."""
     needs = {c.name: {CRITERIA[k].stat for k in criteria if CRITERIA[k].stat} for c in convs}
     stats = {c.name: _Stats() for c in convs}
     backward = any("taylor" in n for n in needs.values())
+    cloned = [c.name for c in convs if target == "input" and "taylor" in needs[c.name]]
     if any(needs.values()):
         model.eval()
-        with watch(model, _watchers(convs, target, needs, stats)):
+        # the clones' pre-hooks run before the watchers' forward hooks, which then see the clone as the input
+        with watch(model, _watchers(convs, target, needs, stats)), _own_inputs(model, cloned):
             for x, y in zip(images.split(batch_size), labels.split(batch_size)):
                 with torch.enable_grad() if backward else torch.inference_mode():
                     x = x.detach().requires_grad_(True) if backward else x  # the stem's input-target taylor
