@@ -19,7 +19,8 @@ from runner.engine.criteria import rank_all
 from runner.engine.evaluate import Tally, evaluate
 from runner.engine.images import Images
 from runner.engine.measure import EvalSet, sweep_layer
-from runner.engine.prune import keep_mask, masked, savings, surgery, zero_weights
+from runner.engine.dead import Savings, alive, savings
+from runner.engine.prune import keep_mask, masked, surgery, zero_weights
 from runner.engine.reference import seed_loop
 from runner.inputs.synthetic import generate
 
@@ -265,19 +266,109 @@ def test_points_match_full_network_evaluation_and_carry_feature_maps() -> None:
         assert seen["layer4"].shape[1:] == point.maps["final"].shape
 
 
-def test_savings_count_filter_bn_and_next_conv_input_slice() -> None:
-    model = ResNet18(width=1.0)
-    convs = {c.name: c for c in list_convs(model)}
-    c1 = convs["layer2.1.conv1"]  # 128 -> 128, 3x3, 16x16; consumer layer2.1.conv2 128 -> 128 at 16x16
-    s = savings(c1, "output", 5, convs)
-    assert s.params == 5 * 128 * 9 + 2 * 5 + 5 * 128 * 9
-    assert s.macs == 2 * (5 * 128 * 9 * 16 * 16)
-    c2 = convs["layer2.1.conv2"]
-    assert savings(c2, "output", 5, convs).params == 5 * 128 * 9 + 10
-    assert savings(c2, "input", 5, convs).macs == 5 * 128 * 9 * 16 * 16
-    sc = convs["layer3.0.shortcut.conv"]  # 128 -> 256, 1x1, 8x8
-    assert savings(sc, "output", 4, convs) == savings(sc, "output", 4, convs)
-    assert savings(sc, "output", 4, convs).macs == 4 * 128 * 8 * 8
+FULL = {c.name: c for c in list_convs(ResNet18(width=1.0))}  # the seed's widths: 64, 128, 256, 512
+
+
+def _saved(name: str, target: str, k: int) -> Savings:
+    return savings(list(FULL.values()), FULL[name], target, range(k), 10)
+
+
+def test_savings_of_ordinary_cuts_count_filter_bn_and_the_next_conv_input_slice() -> None:
+    # layer2.1.conv1: 128 -> 128, 3x3, 16x16; its reader layer2.1.conv2: 128 -> 128 at 16x16
+    assert _saved("layer2.1.conv1", "output", 5) == Savings(params=5 * 128 * 9 + 2 * 5 + 5 * 128 * 9,
+                                                            macs=2 * (5 * 128 * 9 * 16 * 16))
+    assert _saved("layer2.1.conv2", "output", 5) == Savings(5 * 128 * 9 + 10, 5 * 128 * 9 * 16 * 16)
+    # a block's conv1 reads the block input, which the shortcut reads too: only conv1's slice goes
+    assert _saved("layer2.1.conv1", "input", 5) == Savings(5 * 128 * 9, 5 * 128 * 9 * 16 * 16)
+    # layer3.0.shortcut.conv: 128 -> 256, 1x1, 8x8; the residual channel stays (conv2's output is added to it)
+    assert _saved("layer3.0.shortcut.conv", "output", 4) == Savings(4 * 128 + 8, 4 * 128 * 8 * 8)
+
+
+def test_savings_stem_output_also_frees_the_first_blocks_conv1_input_slice() -> None:
+    # conv1: 3 -> 64, 3x3, 32x32; layer1.0.conv1 (64 -> 64, 3x3, 32x32) reads the stem and drops its slice.
+    # The identity shortcut adds the zero channel to layer1.0's conv2 output, so the residual stream channel
+    # is not zero and nothing after it is dead.
+    assert _saved("conv1", "output", 5) == Savings(params=5 * 27 + 2 * 5 + 5 * 64 * 9,
+                                                   macs=5 * 27 * 32 * 32 + 5 * 64 * 9 * 32 * 32)
+    assert _saved("conv1", "output", 5) == Savings(3025, 3_087_360)
+    # every stem channel: layer1.0.conv1 reads only zeros (all its weights go; bn1 still adds its bias)
+    assert _saved("conv1", "output", 64) == Savings(64 * 27 + 128 + 64 * 64 * 9,
+                                                    64 * 27 * 1024 + 64 * 64 * 9 * 1024)
+    # input-pruning layer1.0.conv1 is another cut: the stem channel still feeds the shortcut
+    assert _saved("layer1.0.conv1", "input", 5) == Savings(5 * 64 * 9, 5 * 64 * 9 * 1024)
+
+
+def test_savings_every_conv2_output_pruned_leaves_conv1_and_bn1_computing_nothing() -> None:
+    # layer2.1: conv1 and conv2 128 -> 128, 3x3 at 16x16, identity shortcut
+    whole = 2 * (128 * 128 * 9 + 2 * 128)
+    assert _saved("layer2.1.conv2", "output", 128) == Savings(whole, 2 * 128 * 128 * 9 * 16 * 16)
+    assert _saved("layer2.1.conv2", "output", 128) == Savings(295_424, 75_497_472)
+    # one channel fewer: conv1 still has a reader, only conv2's filters and BN channels go
+    assert _saved("layer2.1.conv2", "output", 127) == Savings(127 * 128 * 9 + 2 * 127, 127 * 128 * 9 * 256)
+    # layer3.0 has a shortcut conv: its main path dies whole, the shortcut and the block input stay
+    assert _saved("layer3.0.conv2", "output", 256).params == 128 * 256 * 9 + 2 * 256 + 256 * 256 * 9 + 2 * 256
+
+
+def test_savings_input_pruning_conv2_is_credited_as_output_pruning_conv1() -> None:
+    for k in (1, 5, 128):
+        assert _saved("layer2.1.conv2", "input", k) == _saved("layer2.1.conv1", "output", k), k
+    assert _saved("layer2.1.conv2", "input", 5) == Savings(11_530, 2_949_120)
+
+
+DEAD_CASES = [("conv1", "output", 3), ("conv1", "output", 8), ("layer2.1.conv2", "output", 16),
+              ("layer2.1.conv2", "input", 5), ("layer2.1.conv1", "output", 5), ("layer3.0.shortcut.conv", "output", 7),
+              ("layer3.0.conv2", "output", 32), ("layer1.0.conv1", "input", 8), ("layer4.1.conv2", "output", 64)]
+
+
+@pytest.mark.parametrize("name, target, k", DEAD_CASES)
+def test_what_savings_call_dead_really_is_dead(name: str, target: str, k: int) -> None:
+    """Zeroing every weight the graph calls dead leaves the pruned network's logits unchanged, and the count of
+    zeroed parameters is the savings."""
+    conv = BY_NAME[name]
+    pruned = list(range(0, 2 * k, 2))[:k] if k * 2 <= (conv.out_channels if target == "output" else
+                                                        conv.in_channels) else list(range(k))
+    live = alive(CONVS, conv, target, pruned)
+    edited = copy.deepcopy(MODEL)
+    mods = dict(edited.named_modules())
+    removed = 0
+    with torch.no_grad():
+        for c in CONVS:
+            w, bn = mods[c.name].weight, mods[c.bn]
+            keep = torch.zeros_like(w, dtype=torch.bool)
+            keep[sorted(live.outputs[c.name])] = True
+            keep[:, [i for i in range(c.in_channels) if i not in live.inputs[c.name]]] = False
+            removed += int((~keep).sum())
+            w[~keep] = 0
+            gone = [o for o in range(c.out_channels) if o not in live.outputs[c.name]]
+            removed += 2 * len(gone)
+            bn.weight[gone], bn.bias[gone], bn.running_mean[gone] = 0.0, 0.0, 0.0
+        cols = [i for i in range(edited.linear.in_features) if i not in live.features]
+        edited.linear.weight[:, cols] = 0
+        removed += len(cols) * edited.linear.out_features
+    with torch.inference_mode():
+        with masked(MODEL, conv, target, pruned):
+            want = MODEL(X)
+        with masked(edited, conv, target, pruned):
+            got = edited(X)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    assert removed == savings(CONVS, conv, target, pruned, 10).params > 0
+
+
+def test_crediting_a_live_residual_channel_would_change_the_logits() -> None:
+    """The check above can fail: after output-pruning stem channel 0, layer1.0's output channel 0 is alive (the
+    identity shortcut adds a zero to conv2's output); removing layer1.0.conv2's filter 0 changes the logits."""
+    edited = copy.deepcopy(MODEL)
+    with torch.no_grad():
+        edited.layer1[0].conv2.weight[0] = 0
+        edited.layer1[0].bn2.weight[0], edited.layer1[0].bn2.bias[0] = 0.0, 0.0
+    with torch.inference_mode():
+        with masked(MODEL, BY_NAME["conv1"], "output", [0]):
+            want = MODEL(X)
+        with masked(edited, BY_NAME["conv1"], "output", [0]):
+            got = edited(X)
+    with pytest.raises(AssertionError):  # the tolerance of the check above
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    assert 0 in alive(CONVS, BY_NAME["conv1"], "output", [0]).outputs["layer1.0.conv2"]
 
 
 def test_zero_weights_removes_a_whole_output_channel_with_its_bn() -> None:

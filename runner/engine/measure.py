@@ -24,7 +24,8 @@ from runner.engine.criteria import Ranking
 from runner.engine.device import fast_math, free_memory_bytes, uses_channels_last
 from runner.engine.evaluate import Tally, evaluate
 from runner.engine.images import Images, to_device
-from runner.engine.prune import channels_of, keep_mask, savings
+from runner.engine.dead import savings
+from runner.engine.prune import channels_of, keep_mask
 
 log = logging.getLogger(__name__)
 
@@ -137,7 +138,7 @@ def _point(conv: ConvInfo, target: str, ranking: Ranking, k: int, channels: int,
            convs: dict[str, ConvInfo]) -> Point:
     started = time.perf_counter()
     result = tally.result()  # the host sync: the point's time includes finishing its device work
-    saved = savings(conv, target, k, convs)
+    saved = savings(list(convs.values()), conv, target, ranking.order[:k], len(result.per_class))
     return Point(layer=conv.name, criterion=ranking.criterion, target=target, k=k, channels=channels,
                  accuracy=result.accuracy, loss=result.loss, per_class=result.per_class,
                  params_removed=saved.params, macs_removed=saved.macs,
