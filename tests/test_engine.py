@@ -15,7 +15,7 @@ from model.capture import capture
 from model.layers import list_convs
 from model.resnet import ResNet18
 from model.split import Split
-from runner.engine.criteria import rank_all
+from runner.engine.criteria import draw_seed, rank_all
 from runner.engine.evaluate import Tally, evaluate
 from runner.engine.images import Images
 from runner.engine.measure import EvalSet, sweep_layer
@@ -108,13 +108,33 @@ def test_rankings_in_one_pass_equal_rankings_one_layer_at_a_time() -> None:
     images = torch.randn(24, 3, 32, 32, generator=torch.Generator().manual_seed(3))
     labels = torch.arange(24) % 10
     criteria = ["mean_activation", "mean_abs_activation", "taylor", "l1_norm", "bn_scale", "random"]
-    together = rank_all(MODEL, CONVS, criteria, "output", images, labels, batch_size=16, seed=0)
+    together = rank_all(MODEL, CONVS, criteria, "output", images, labels, batch_size=16, random_seed=0, repeats=3)
     for conv in CONVS:
-        alone = rank_all(MODEL, [conv], criteria, "output", images, labels, batch_size=16, seed=0)
+        alone = rank_all(MODEL, [conv], criteria, "output", images, labels, batch_size=16, random_seed=0, repeats=3)
         for name in criteria:
-            assert alone[(conv.name, name)].order == together[(conv.name, name)].order, (conv.name, name)
-            np.testing.assert_allclose(alone[(conv.name, name)].scores, together[(conv.name, name)].scores,
+            assert alone[(conv.name, name)].orders == together[(conv.name, name)].orders, (conv.name, name)
+            np.testing.assert_allclose(alone[(conv.name, name)].all_scores, together[(conv.name, name)].all_scores,
                                        rtol=1e-9, atol=1e-12)
+
+
+def test_random_is_drawn_repeats_times_from_random_seed_and_moves_nothing_else() -> None:
+    images = torch.randn(16, 3, 32, 32, generator=torch.Generator().manual_seed(3))
+    labels = torch.arange(16) % 10
+    criteria = ["l1_norm", "mean_activation", "random"]
+    a = rank_all(MODEL, CONVS, criteria, "output", images, labels, 16, random_seed=0, repeats=3)
+    b = rank_all(MODEL, CONVS, criteria, "output", images, labels, 16, random_seed=1, repeats=3)
+    for conv in CONVS:
+        draws = a[(conv.name, "random")]
+        assert draws.repeats == 3 and len(set(draws.orders)) == 3, conv.name  # three different orders
+        assert all(sorted(o) == list(range(conv.out_channels)) for o in draws.orders)
+        assert draws.seeds == tuple(draw_seed(0, r, conv.name) for r in range(3))
+        assert set(draws.orders).isdisjoint(b[(conv.name, "random")].orders), conv.name  # another random_seed
+        for name in ("l1_norm", "mean_activation"):  # one order each, the same whatever random_seed says
+            assert a[(conv.name, name)].repeats == 1
+            assert a[(conv.name, name)].orders == b[(conv.name, name)].orders
+    # a draw is the same draw in another sweep: the seeds depend on (random_seed, repeat, layer) only
+    again = rank_all(MODEL, CONVS[:2], ["random"], "output", images[:4], labels[:4], 4, random_seed=0, repeats=2)
+    assert again[(CONVS[1].name, "random")].orders == a[(CONVS[1].name, "random")].orders[:2]
 
 
 def test_mean_activation_is_the_mean_of_the_activation_at_the_mask_point() -> None:
@@ -239,9 +259,30 @@ def test_sweep_layer_in_chunks_equals_whole() -> None:
     chunked = list(sweep_layer(MODEL, conv, "output", ranking, [1, 4, 8], evalset, BY_NAME, cache_bytes=1))
     assert [p.k for p in whole] == [p.k for p in chunked] == [1, 4, 8]
     for a, b in zip(whole, chunked):
-        assert a.accuracy == b.accuracy
+        assert a.accuracy == b.accuracy and a.baseline_accuracy == b.baseline_accuracy
+        assert (a.right_to_wrong, a.wrong_to_right, a.drop_low, a.drop_high) == \
+            (b.right_to_wrong, b.wrong_to_right, b.drop_low, b.drop_high)
         assert a.loss == pytest.approx(b.loss, rel=1e-6)
         np.testing.assert_allclose(a.maps["layer"], b.maps["layer"], rtol=1e-5, atol=1e-6)
+
+
+def test_random_repeats_are_points_of_their_own_and_done_ones_are_skipped() -> None:
+    x_np, y_np = generate(40, seed=7)
+    evalset = EvalSet.build(Images(x_np, y_np), (0.5,) * 3, (0.25,) * 3, 10, torch.device("cpu"), batch_size=20)
+    conv = BY_NAME["layer2.0.conv1"]
+    ranking = rank_all(MODEL, [conv], ["random"], "output", torch.cat(evalset.inputs), torch.cat(evalset.labels),
+                       20, random_seed=5, repeats=3)[(conv.name, "random")]
+    points = list(sweep_layer(MODEL, conv, "output", ranking, [4, 8], evalset, BY_NAME, feature_maps=False))
+    assert [(p.k, p.repeat) for p in points] == [(4, 0), (4, 1), (4, 2), (8, 0), (8, 1), (8, 2)]
+    for p in points:  # each repeat pruned by its own order
+        with torch.inference_mode(), masked(MODEL, conv, "output", ranking.orders[p.repeat][:p.k]):
+            want = evaluate(MODEL, evalset.inputs, evalset.labels, 10).result()
+        assert (p.accuracy, p.loss) == (pytest.approx(want.accuracy), pytest.approx(want.loss, rel=1e-5))
+    assert len({p.loss for p in points}) == 6  # six different networks
+    rest = list(sweep_layer(MODEL, conv, "output", ranking, [4, 8], evalset, BY_NAME, feature_maps=False,
+                            done={(4, 0), (4, 1), (8, 2)}))
+    assert [(p.k, p.repeat) for p in rest] == [(4, 2), (8, 0), (8, 1)]
+    assert [p.loss for p in rest] == [points[2].loss, points[3].loss, points[4].loss]
 
 
 def test_points_match_full_network_evaluation_and_carry_feature_maps() -> None:
@@ -251,6 +292,7 @@ def test_points_match_full_network_evaluation_and_carry_feature_maps() -> None:
     images, labels = torch.cat(evalset.inputs), torch.cat(evalset.labels)
     ranking = rank_all(MODEL, [conv], ["mean_activation"], "output", images, labels, 30, 0)[
         (conv.name, "mean_activation")]
+    unpruned = evaluate(MODEL, evalset.inputs, evalset.labels, 10).result()
     for point in sweep_layer(MODEL, conv, "output", ranking, [2, 8], evalset, BY_NAME):
         pruned = list(ranking.order[:point.k])
         edited = surgery(MODEL, conv, "output", pruned)
@@ -258,6 +300,12 @@ def test_points_match_full_network_evaluation_and_carry_feature_maps() -> None:
             full = evaluate(edited, evalset.inputs, evalset.labels, 10).result()
         assert point.accuracy == pytest.approx(full.accuracy, abs=1e-9)
         assert point.loss == pytest.approx(full.loss, rel=1e-5)
+        # the trial's own baseline is the unpruned network's, and the flips are counted image by image
+        assert point.baseline_accuracy == pytest.approx(unpruned.accuracy, abs=1e-9) and point.eval_images == 60
+        assert point.right_to_wrong == int((unpruned.correct & ~full.correct).sum())
+        assert point.wrong_to_right == int((~unpruned.correct & full.correct).sum())
+        assert point.accuracy_drop == pytest.approx(100 * (point.right_to_wrong - point.wrong_to_right) / 60)
+        assert point.drop_low < point.accuracy_drop < point.drop_high
         assert point.maps["layer"].shape == (conv.out_channels, 8, 8)
         assert np.abs(point.maps["layer"][pruned]).max() == 0  # pruned channels are zero
         assert np.abs(point.maps["layer"]).max() > 0
