@@ -2,8 +2,10 @@
 
 The checkpoint, the eval images and the rankings arrive once through the object store
 (`tune.with_parameters`). The trial builds the network on its device, caches the activations at the mask
-point, and reports every K to Tune as soon as it is measured. A retried or resumed trial first asks the
-driver's progress board which of its points are already in results.csv, and measures only the others.
+point, measures its own baseline (K = 0) through that cache, and reports every K (every repeat of a random
+order) to Tune as soon as it is measured, with its drop and paired interval against that baseline. A retried
+or resumed trial first asks the driver's progress board which of its points are already in results.csv, and
+measures only the others.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ import torch
 from model.layers import ConvInfo
 from model.resnet import build
 from runner.engine.criteria import Ranking
-from runner.engine.device import place, tune_allocator
+from runner.engine.device import compute_dtype, place, tune_allocator
 from runner.engine.images import Images
 from runner.engine.measure import EvalSet, Point, sweep_layer
 from runner.outputs.results import TrialId
@@ -39,7 +41,7 @@ class Shared:
     eval_images: Images
     convs: dict[str, ConvInfo]
     rankings: dict[tuple[str, str], Ranking]
-    ks: dict[tuple[str, str], tuple[int, ...]]  # per trial
+    ks: dict[tuple[str, str], tuple[int, ...]]  # per trial (each measured for every order of its ranking)
     board: str  # name of the driver's ProgressBoard actor
     batch_size: int
     cache_bytes: int | None
@@ -50,7 +52,10 @@ def point_metrics(point: Point) -> dict[str, Any]:
     """A point as Tune metrics: scalars, plus the mean feature maps as float16 arrays."""
     return {
         "layer": point.layer, "criterion": point.criterion, "target": point.target, "k": point.k,
-        "channels": point.channels, "fraction": point.fraction, "accuracy": point.accuracy, "loss": point.loss,
+        "repeat": point.repeat, "channels": point.channels, "fraction": point.fraction, "accuracy": point.accuracy,
+        "loss": point.loss, "baseline_accuracy": point.baseline_accuracy, "accuracy_drop": point.accuracy_drop,
+        "drop_low": point.drop_low, "drop_high": point.drop_high, "right_to_wrong": point.right_to_wrong,
+        "wrong_to_right": point.wrong_to_right, "eval_images": point.eval_images,
         "per_class_accuracy": list(point.per_class), "params_removed": point.params_removed,
         "macs_removed": point.macs_removed, "seconds": point.seconds,
         "maps": {name: m.astype(np.float16) for name, m in point.maps.items()},
@@ -61,25 +66,26 @@ class ProgressBoard:
     """The driver's record of finished points (results.csv), readable by trials on any node: a named Ray
     actor, so that a trial restarted after a crash or a resume skips what is already measured."""
 
-    def __init__(self, done: list[tuple[str, str, int]]) -> None:
-        self.done: dict[tuple[str, str], set[int]] = {}
-        self.measured = 0  # points measured in this run, repeats included
-        for layer, criterion, k in done:
-            self.done.setdefault((layer, criterion), set()).add(k)
+    def __init__(self, done: list[tuple[str, str, int, int]]) -> None:
+        self.done: dict[tuple[str, str], set[tuple[int, int]]] = {}
+        self.measured = 0  # points measured in this run, measured again by a retried trial included
+        for layer, criterion, k, repeat in done:
+            self.done.setdefault((layer, criterion), set()).add((k, repeat))
 
-    def record(self, layer: str, criterion: str, k: int) -> None:
+    def record(self, layer: str, criterion: str, k: int, repeat: int) -> None:
         """A point was measured (perhaps again, by a retried trial)."""
-        self.done.setdefault((layer, criterion), set()).add(k)
+        self.done.setdefault((layer, criterion), set()).add((k, repeat))
         self.measured += 1
 
     def measured_count(self) -> int:
         return self.measured
 
-    def finished(self, layer: str, criterion: str) -> list[int]:
+    def finished(self, layer: str, criterion: str) -> list[tuple[int, int]]:
+        """(K, repeat) of the trial's points already in results.csv."""
         return sorted(self.done.get((layer, criterion), ()))
 
 
-def board_actor(name: str, done: list[tuple[str, str, int]]):
+def board_actor(name: str, done: list[tuple[str, str, int, int]]):
     """Start the named board (replacing one left by an earlier driver of the same sweep), on the driver's own
     node: losing another node of a cluster then costs only the trials that ran there."""
     import ray
@@ -118,17 +124,19 @@ def run_trial(config: dict[str, Any], shared: Shared) -> None:
     device = torch.device("cuda") if ray.get_gpu_ids() and torch.cuda.is_available() else torch.device("cpu")
     layer, criterion = config["layer"], config["criterion"]
     key = TrialId(layer, criterion).key
-    done_before = set(ray.get(ray.get_actor(shared.board).finished.remote(layer, criterion)))
-    ks = [k for k in shared.ks[(layer, criterion)] if k not in done_before]
-    if not ks:
+    ranking = shared.rankings[(layer, criterion)]
+    done_before = {tuple(p) for p in ray.get(ray.get_actor(shared.board).finished.remote(layer, criterion))}
+    ks = shared.ks[(layer, criterion)]
+    if all((k, r) in done_before for k in ks for r in range(ranking.repeats)):
         return
     model = build(shared.arch, shared.width, shared.num_classes)
     model.load_state_dict(shared.state_dict)
     model = place(model, device)
     evalset = EvalSet.build(shared.eval_images, shared.mean, shared.std, shared.num_classes, device,
                             shared.batch_size)
-    node = ray.get_runtime_context().get_node_id()[:12]
-    for point in sweep_layer(model, shared.convs[layer], config["target"], shared.rankings[(layer, criterion)], ks,
-                             evalset, shared.convs, shared.cache_bytes, shared.feature_maps):
+    where = {"node": ray.get_runtime_context().get_node_id()[:12], "device": str(device),
+             "dtype": str(compute_dtype(device)).removeprefix("torch.")}
+    for point in sweep_layer(model, shared.convs[layer], config["target"], ranking, ks, evalset, shared.convs,
+                             shared.cache_bytes, shared.feature_maps, done=done_before):
         _maybe_crash(key, point.k)
-        tune.report(point_metrics(point) | {"node": node, "device": str(device)})
+        tune.report(point_metrics(point) | where)

@@ -20,7 +20,8 @@ import numpy as np
 log = logging.getLogger(__name__)
 
 DEFAULT_BASE_URL = "https://api.wandb.ai"
-POINT_METRICS = ("accuracy", "accuracy_drop", "loss", "fraction", "params_removed", "macs_removed")
+POINT_METRICS = ("accuracy", "accuracy_drop", "drop_low", "drop_high", "loss", "fraction", "params_removed",
+                 "macs_removed", "repeat")
 
 
 class Tracker(Protocol):
@@ -170,9 +171,12 @@ class WandbTracker:
         series = sorted({(r["layer"], r["criterion"]) for r in rows})
         xs, ys = [], []
         for layer, criterion in series:
-            pts = sorted((r["k"], r["accuracy"]) for r in rows if (r["layer"], r["criterion"]) == (layer, criterion))
-            xs.append([p[0] for p in pts])
-            ys.append([p[1] for p in pts])
+            by_k: dict[int, list[float]] = {}  # random: the mean over its draws
+            for r in rows:
+                if (r["layer"], r["criterion"]) == (layer, criterion):
+                    by_k.setdefault(r["k"], []).append(r["accuracy"])
+            xs.append(sorted(by_k))
+            ys.append([sum(by_k[k]) / len(by_k[k]) for k in sorted(by_k)])
         data: dict[str, Any] = {
             "results": table,
             "accuracy_vs_k": wandb.plot.line_series(xs=xs, ys=ys, keys=[f"{a}/{b}" for a, b in series],
