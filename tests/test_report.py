@@ -113,3 +113,23 @@ def test_rankings_json_is_checked_on_reading(tmp_path):
     path.write_text('{"conv1/l1_norm": {"order": [1, 0]}}', encoding="utf-8")
     with pytest.raises(InputError, match=r"^rankings.json: conv1/l1_norm: not an entry"):
         read_rankings(path)
+
+
+def test_the_seed_criterion_is_the_reports_procedure_only_on_the_test_images_with_half_normalisation(tmp_path):
+    from conftest import tiny_grid_dict
+
+    from model.checkpoint import Checkpoint
+    from runner.config import parse_grid
+    from runner.job.sweep import _seed_procedure
+
+    raw = tiny_grid_dict(tmp_path)
+    raw["sweep"].update(criteria=["seed"], target="input", layers=["layer2.1.conv2"])
+    half = Checkpoint(None, {"mean": [0.5] * 3, "std": [0.5] * 3}, "0" * 64, "m.pt")
+    stats = Checkpoint(None, {"mean": [0.4, 0.5, 0.5], "std": [0.2] * 3}, "0" * 64, "m.pt")
+    assert _seed_procedure(parse_grid({**raw, "sweep": {**raw["sweep"], "calibration": "test"}}, "g"), half) is None
+    assert _seed_procedure(parse_grid(raw, "g"), half) == (
+        "it ranks on held-out training images, while the report ranked on the test set (sweep.calibration: test)")
+    assert _seed_procedure(parse_grid({**raw, "sweep": {**raw["sweep"], "calibration": "test"}}, "g"), stats) == (
+        "the checkpoint is not normalised with mean = std = 0.5 as the report's was (recipe: seed)")
+    raw["sweep"].update(criteria=["l1_norm"])
+    assert _seed_procedure(parse_grid(raw, "g"), stats) is None  # not asked for

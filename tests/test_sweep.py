@@ -126,6 +126,11 @@ def test_plots_report_and_feature_maps(small_sweep):
         pngs = list((folder / "feature_maps" / layer).glob("*.png"))
         assert pngs and all(p.read_bytes().startswith(b"\x89PNG") for p in pngs), layer
     assert "plots/accuracy_vs_k.png" in report and "plots/sensitivity.png" in report
+    # the eval set's size and an image's worth; safe K from the interval's upper end; the hold-out checked
+    assert f"on {SMALL_EVAL} synthetic test images" in report and "one image is worth 0.667 points" in report
+    assert "have the **upper end** of that interval under the threshold" in report
+    assert "the calibration images are among them (checked)" in report
+    assert "mean_activation: safe K < 1 / < 5 pts | l1_norm: safe K < 1 / < 5 pts |" in report
 
 
 # ---- 2. W&B offline runs ----

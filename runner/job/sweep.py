@@ -21,7 +21,7 @@ from model.checkpoint import Checkpoint
 from runner.config import Grid, load_grid
 from runner.errors import InputError
 from runner.inputs import checkpoints
-from runner.inputs.data import Dataset, check_labels, load_data, planned_holdout, read_npz
+from runner.inputs.data import Dataset, Holdout, check_labels, load_data, planned_holdout, read_npz
 from runner.inputs.train import ensure_checkpoint
 from runner.inputs.trials import TrialPlan, plan_trials
 from runner.job.calibration import calibrate
@@ -117,12 +117,7 @@ def dry_run(opts: Options) -> list[str]:
     """What the sweep would do, computing nothing: the grid, and the checkpoint and data files checked."""
     grid, plan = prepare(opts)
     loaded = checkpoints.existing(grid)
-    if loaded is not None:
-        checkpoints.check_holdout(grid, loaded, planned_holdout(grid.data, grid.seed))
-        state = f"sha256 {loaded.sha256[:12]}, trained on {loaded.meta.get('dataset')} to " \
-                f"{loaded.meta.get('test_accuracy', float('nan')):.2f}%"
-    else:
-        state = "missing: it will be trained first"
+    holdout = planned_holdout(grid.data, grid.seed)
     if grid.data.dataset == "npz":  # files the user gave: check them now (the others are generated or downloaded)
         sizes = []
         for key in ("train", "test"):
@@ -130,8 +125,15 @@ def dry_run(opts: Options) -> list[str]:
             check_labels(part, grid.model.num_classes, f"data.{key}")
             sizes.append(len(part))
         data = f"npz, {sizes[0]:,} train and {sizes[1]:,} test images"
+        holdout = Holdout.of(sizes[0], grid.data.calibration_size, grid.seed)
     else:
         data = grid.data.dataset
+    if loaded is not None:
+        checkpoints.check_holdout(grid, loaded, holdout)
+        state = f"sha256 {loaded.sha256[:12]}, trained on {loaded.meta.get('dataset')} to " \
+                f"{loaded.meta.get('test_accuracy', float('nan')):.2f}%"
+    else:
+        state = "missing: it will be trained first"
     head = [f"sweep {grid.name}: {grid.model.arch} width {grid.model.width:g}, data {data}, output {grid.folder}",
             f"checkpoint {grid.checkpoint.path} ({state})"]
     return head + plan.describe()

@@ -172,9 +172,9 @@ def accuracy_vs_k(rows: Sequence[dict], baseline: float, path: Path) -> None:
             if row == 0:
                 ax.set_title(criterion)
             if row == len(groups) - 1:
-                ax.set_xlabel("fraction of channels pruned (K / channels)")
+                ax.set_xlabel("K / channels pruned (band: 95% paired interval)")
             if col == 0:
-                ax.set_ylabel("accuracy (%), band: 95% paired interval")
+                ax.set_ylabel("accuracy (%)")
         axes[row][-1].legend(fontsize=7, loc="center left", bbox_to_anchor=(1.02, 0.5), frameon=False)
     _save(fig, path)
 
