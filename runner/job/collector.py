@@ -16,7 +16,7 @@ import numpy as np
 from ray import tune
 
 from runner.outputs import figures
-from runner.outputs.results import COLUMNS, ResultsTable, TrialId
+from runner.outputs.results import COLUMNS, ResultsTable, TrialId, by_trial
 from runner.outputs.tracking import Tracker, make_tracker
 from runner.storage import atomic_path
 
@@ -101,7 +101,7 @@ class Collector(tune.Callback):
         maps = result.pop("maps", None) or {}  # in place: keeps the arrays out of Tune's experiment state
         row = self._row(result)
         # every point measured, those a retried trial measures again too
-        live.board.record.remote(row["layer"], row["criterion"], row["k"], row["repeat"])
+        live.board.record.remote(row["layer"], row["criterion"], row["k"], row["repeat"], time.time())
         if not live.table.add(row):
             return  # already recorded (a retried or resumed trial repeating a point)
         live.new += 1
@@ -109,7 +109,7 @@ class Collector(tune.Callback):
         config = {"layer": row["layer"], "criterion": row["criterion"], "target": row["target"],
                   "checkpoint_sha256": self.context.checkpoint_sha256, "baseline_accuracy": row["baseline_accuracy"],
                   "device": row["device"], "dtype": row["dtype"]}
-        live.tracker.log_point(trial_id.key, config, row, feature_map_images(maps) if self.context.feature_maps else {})
+        live.tracker.log_point(trial_id.key, config, row, lambda: feature_map_images(maps))
         if maps and row["repeat"] == 0 and row["k"] in self.context.figure_ks.get(trial_id.key, ()):
             self._save_figures(row, maps)
         self._progress()
@@ -144,7 +144,7 @@ class Collector(tune.Callback):
     def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
         trial_id = _trial_id(trial)
         self.live.tracker.finish_trial(trial_id.key)
-        rows = [r for r in self.live.table.rows if TrialId(r["layer"], r["criterion"]) == trial_id]
+        rows = by_trial(self.live.table.rows).get(trial_id, [])
         worst = min(rows, key=lambda r: r["accuracy"], default=None)
         shown = f"accuracy at K={worst['k']}: {worst['accuracy']:.2f}% (baseline {worst['baseline_accuracy']:.2f}%)" \
             if worst else "no new points"

@@ -24,9 +24,10 @@ from runner.inputs import checkpoints
 from runner.inputs.data import Dataset, Holdout, check_labels, load_data, planned_holdout, read_npz
 from runner.inputs.train import ensure_checkpoint
 from runner.inputs.trials import TrialPlan, plan_trials
-from runner.job.calibration import calibrate
+from runner.job.calibration import Calibrated, calibrate
 from runner.job.folder import check_folder, folder_lock, next_experiment, resume_check, write_config
 from runner.job.ray_env import check_reachable, cluster_address, set_ray_env
+from runner.job.timeline import Timeline
 from runner.outputs import report
 from runner.outputs.results import read_rows
 from runner.outputs.tracking import Tracker
@@ -63,7 +64,8 @@ class Outcome:
 
 def run_sweep(opts: Options) -> Outcome:
     """The job, start to end: check every input, then calibrate on the driver, run the trials on Ray, report."""
-    started = time.time()
+    started, timeline = time.time(), Timeline()
+    timeline.mark("imports")
     grid, plan = prepare(opts)
     # every input checked before anything is created or started: folder, checkpoint, the user's data files
     check_folder(grid, opts.resume)
@@ -76,28 +78,33 @@ def run_sweep(opts: Options) -> Outcome:
     given = None if grid.data.dataset == "synthetic" else load_data(grid.data, grid.model.num_classes, grid.seed)
     if existing is not None:
         checkpoints.check_holdout(grid, existing, given.holdout if given else planned_holdout(grid.data, grid.seed))
+    timeline.mark("input checks")
     with folder_lock(grid.folder), ThreadPoolExecutor(1) as pool:
         check_folder(grid, opts.resume)  # again, now that no other sweep can be writing there
-        data_ready = pool.submit(_load_data_and_tracker, grid, given)  # while Ray starts
+        if existing is None:  # training is long: in this thread, before Ray, so that Ctrl-C stops it at once
+            given = given or load_data(grid.data, grid.model.num_classes, grid.seed)
+            existing = ensure_checkpoint(grid, given)
+        # the driver's own work (data, rankings) runs while Ray starts
+        ready = pool.submit(_calibrated, grid, plan, given, existing, opts.resume, timeline)
         set_ray_env(address)
-        from runner.job import (  # import Ray: only once the grid is known to be good
-            cluster,
-            tuner,
-        )
+        from runner.job import cluster, tuner  # import Ray: only once the grid is known to be good
 
         with cluster.ray_session(address, grid.resources.ray_dashboard):
-            data = data_ready.result()
-            loaded = ensure_checkpoint(grid, data, existing)
-            holdout = checkpoints.check_holdout(grid, loaded, data.holdout)
-            if holdout == "unknown":
-                log.warning("checkpoint %s does not record which training images it was trained without: the "
-                            "calibration hold-out cannot be checked (the report says so)", loaded.path)
-            experiment, restore = _experiment(grid, plan, loaded, opts.resume)
-            calibrated = calibrate(grid, plan, data, loaded, opts.resume)
-            trials = tuner.run_trials(grid, plan, data, loaded, calibrated, experiment, restore)
-        with closing(trials.tracker):
-            rows = finish(grid, plan, data, loaded, holdout, trials.failed, trials.tracker)
-    return Outcome(grid.folder, len(rows), plan.points, trials.failed, time.time() - started, trials.measured)
+            timeline.mark("ray start")
+            data, calibrated, holdout = ready.result()
+            experiment, restore = _experiment(grid, plan, existing, opts.resume)
+            trials = tuner.run_trials(grid, plan, data, existing, calibrated, experiment, restore)
+            timeline.mark("trials end")
+            # plots, report and the W&B summary are made while Ray stops
+            reported = pool.submit(finish, grid, plan, data, existing, holdout, trials.failed, trials.tracker)
+        timeline.mark("ray stop")
+        rows = reported.result()
+    if trials.board.first:
+        timeline.mark("first point", trials.board.first)
+        timeline.mark("last point", trials.board.last)
+    timeline.mark("report")
+    timeline.log()
+    return Outcome(grid.folder, len(rows), plan.points, trials.failed, time.time() - started, trials.board.measured)
 
 
 def prepare(opts: Options) -> tuple[Grid, TrialPlan]:
@@ -139,12 +146,23 @@ def dry_run(opts: Options) -> list[str]:
     return head + plan.describe()
 
 
-def _load_data_and_tracker(grid: Grid, given: Dataset | None) -> Dataset:
-    """The data (unless already loaded), and W&B's import (a second or two) done off the critical path.
-    Synthetic data is a pure function of the grid: nothing to validate before it is generated."""
+def _calibrated(grid: Grid, plan: TrialPlan, given: Dataset | None, loaded: Checkpoint, resume: bool,
+                timeline: Timeline) -> tuple[Dataset, Calibrated, str]:
+    """The data (unless already loaded: synthetic data is a pure function of the grid, nothing to validate
+    first), checked against the checkpoint (its classes and its calibration hold-out), then every ranking
+    (read back from rankings.json on --resume); W&B's slow import too. Returns the hold-out check's verdict."""
     if grid.wandb.mode != "disabled":
         import wandb  # noqa: F401
-    return given or load_data(grid.data, grid.model.num_classes, grid.seed)
+    data = given or load_data(grid.data, grid.model.num_classes, grid.seed)
+    ensure_checkpoint(grid, data, loaded)
+    holdout = checkpoints.check_holdout(grid, loaded, data.holdout)
+    if holdout == "unknown":
+        log.warning("checkpoint %s does not record which training images it was trained without: the calibration "
+                    "hold-out cannot be checked (the report says so)", loaded.path)
+    timeline.mark("data")
+    calibrated = calibrate(grid, plan, data, loaded, resume)
+    timeline.mark("calibration")
+    return data, calibrated, holdout
 
 
 def _experiment(grid: Grid, plan: TrialPlan, loaded: Checkpoint, resume: bool) -> tuple[str, bool]:
@@ -165,7 +183,7 @@ def _experiment(grid: Grid, plan: TrialPlan, loaded: Checkpoint, resume: bool) -
 
 def finish(grid: Grid, plan: TrialPlan, data: Dataset, loaded: Checkpoint, holdout: str, failed: list[str],
            tracker: Tracker) -> list[dict[str, Any]]:
-    """Plots, report.md and the W&B summary run, from results.csv (and rankings.json)."""
+    """Plots, report.md and the W&B summary run, from results.csv (and rankings.json); closes the tracker."""
     order = {c.name: i for i, c in enumerate(plan.convs)}
     rows = sorted(read_rows(grid.folder / "results.csv"),
                   key=lambda r: (order[r["layer"]], r["criterion"], r["k"], r["repeat"]))
@@ -173,7 +191,8 @@ def finish(grid: Grid, plan: TrialPlan, data: Dataset, loaded: Checkpoint, holdo
     plots = report.write_plots(rows, baseline, grid.folder)
     path = report.write_report(rows, _report_meta(grid, plan, data, loaded, holdout, tracker.mode), failed,
                                grid.folder, plan.points)
-    tracker.summary(rows, baseline, plots, failed)
+    with closing(tracker):
+        tracker.summary(rows, baseline, plots, failed)
     log.info("wrote %s, %s and %s", grid.folder / "results.csv", path, grid.folder / "plots")
     return rows
 

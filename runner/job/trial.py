@@ -46,6 +46,7 @@ class Shared:
     batch_size: int
     cache_bytes: int | None
     feature_maps: bool
+    token: str  # what makes two Shared the same (checkpoint, eval images, batch size): see _network_and_data
 
 
 def point_metrics(point: Point) -> dict[str, Any]:
@@ -62,44 +63,6 @@ def point_metrics(point: Point) -> dict[str, Any]:
     }
 
 
-class ProgressBoard:
-    """The driver's record of finished points (results.csv), readable by trials on any node: a named Ray
-    actor, so that a trial restarted after a crash or a resume skips what is already measured."""
-
-    def __init__(self, done: list[tuple[str, str, int, int]]) -> None:
-        self.done: dict[tuple[str, str], set[tuple[int, int]]] = {}
-        self.measured = 0  # points measured in this run, measured again by a retried trial included
-        for layer, criterion, k, repeat in done:
-            self.done.setdefault((layer, criterion), set()).add((k, repeat))
-
-    def record(self, layer: str, criterion: str, k: int, repeat: int) -> None:
-        """A point was measured (perhaps again, by a retried trial)."""
-        self.done.setdefault((layer, criterion), set()).add((k, repeat))
-        self.measured += 1
-
-    def measured_count(self) -> int:
-        return self.measured
-
-    def finished(self, layer: str, criterion: str) -> list[tuple[int, int]]:
-        """(K, repeat) of the trial's points already in results.csv."""
-        return sorted(self.done.get((layer, criterion), ()))
-
-
-def board_actor(name: str, done: list[tuple[str, str, int, int]]):
-    """Start the named board (replacing one left by an earlier driver of the same sweep), on the driver's own
-    node: losing another node of a cluster then costs only the trials that ran there."""
-    import ray
-    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
-
-    try:
-        ray.kill(ray.get_actor(name))
-    except ValueError:
-        pass
-    here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
-    return ray.remote(num_cpus=0)(ProgressBoard).options(name=name, lifetime=None,
-                                                         scheduling_strategy=here).remote(done)
-
-
 def _maybe_crash(key: str, k: int) -> None:
     """Fault injection for tests: fail once, in the middle of the named trial."""
     spec = os.environ.get(CRASH_ENV, "")
@@ -109,6 +72,23 @@ def _maybe_crash(key: str, k: int) -> None:
         if os.environ.get(CRASH_ENV + "_HARD"):
             os._exit(1)  # a process death, not an exception
         raise RuntimeError(f"injected failure in {key} at K={k}")
+
+
+_READY: dict[tuple[str, str], tuple[torch.nn.Module, EvalSet]] = {}
+
+
+def _network_and_data(shared: Shared, device: torch.device) -> tuple[torch.nn.Module, EvalSet]:
+    """The network and the eval set on the device, built once per worker process: Tune reuses a trial's
+    worker for the next trial, which then starts measuring at once (both are only read, never changed)."""
+    key = (shared.token, str(device))
+    if key not in _READY:
+        _READY.clear()  # one sweep's worth at a time
+        model = build(shared.arch, shared.width, shared.num_classes)
+        model.load_state_dict(shared.state_dict)
+        evalset = EvalSet.build(shared.eval_images, shared.mean, shared.std, shared.num_classes, device,
+                                shared.batch_size)
+        _READY[key] = place(model, device), evalset
+    return _READY[key]
 
 
 def run_trial(config: dict[str, Any], shared: Shared) -> None:
@@ -129,11 +109,7 @@ def run_trial(config: dict[str, Any], shared: Shared) -> None:
     ks = shared.ks[(layer, criterion)]
     if all((k, r) in done_before for k in ks for r in range(ranking.repeats)):
         return
-    model = build(shared.arch, shared.width, shared.num_classes)
-    model.load_state_dict(shared.state_dict)
-    model = place(model, device)
-    evalset = EvalSet.build(shared.eval_images, shared.mean, shared.std, shared.num_classes, device,
-                            shared.batch_size)
+    model, evalset = _network_and_data(shared, device)
     where = {"node": ray.get_runtime_context().get_node_id()[:12], "device": str(device),
              "dtype": str(compute_dtype(device)).removeprefix("torch.")}
     for point in sweep_layer(model, shared.convs[layer], config["target"], ranking, ks, evalset, shared.convs,

@@ -19,7 +19,8 @@ from runner.inputs.data import Dataset
 from runner.inputs.trials import TrialPlan
 from runner.job.calibration import Calibrated
 from runner.job.collector import Collector, Context
-from runner.job.trial import Shared, board_actor, run_trial
+from runner.job.board import BoardStats, board_actor
+from runner.job.trial import Shared, run_trial
 from runner.outputs.results import TrialId, key_of, read_rows
 from runner.outputs.tracking import Tracker, make_tracker
 
@@ -51,7 +52,16 @@ def _shared(grid: Grid, plan: TrialPlan, data: Dataset, loaded: Checkpoint, rank
                   state_dict=loaded.model.state_dict(), mean=mean, std=std, eval_images=data.test,
                   convs=plan.table, rankings=rankings,
                   ks={(t.layer, t.criterion): t.ks for t in plan.trials}, board=board_name(grid),
-                  batch_size=grid.sweep.batch_size, cache_bytes=cache, feature_maps=True)
+                  batch_size=grid.sweep.batch_size, cache_bytes=cache, feature_maps=True,
+                  token=_token(loaded.sha256, data, mean, std, grid.sweep.batch_size))
+
+
+def _token(checkpoint_sha: str, data: Dataset, mean: tuple, std: tuple, batch_size: int) -> str:
+    """What the trials' network and eval set are made of: equal tokens, equal tensors."""
+    digest = hashlib.sha256(data.test.images.tobytes())
+    digest.update(data.test.labels.tobytes())
+    digest.update(repr((checkpoint_sha, mean, std, batch_size)).encode())
+    return digest.hexdigest()
 
 
 def _wandb_config(grid: Grid, loaded: Checkpoint) -> dict[str, Any]:
@@ -82,7 +92,7 @@ class QuietProgress(TrialProgressCallback):
 class TrialsOutcome:
     failed: list[str]  # trials that failed after their retries
     tracker: Tracker  # for the summary run
-    measured: int  # points the trials measured in this run, repeats included
+    board: BoardStats  # points measured in this run (repeats included), and when the first and last arrived
 
 
 def can_restore(path: str) -> bool:
@@ -111,9 +121,9 @@ def run_trials(grid: Grid, plan: TrialPlan, data: Dataset, loaded: Checkpoint, c
         tuner = _new_tuner(grid, plan, context, trainable, experiment)
     results = tuner.fit()
     failed = sorted(TrialId(r.config["layer"], r.config["criterion"]).key for r in results if r.error)
-    measured = ray.get(board.measured_count.remote())  # after every record() the collector sent (same caller)
+    stats = ray.get(board.stats.remote())  # after every record() the collector sent (same caller)
     ray.kill(board)
-    return TrialsOutcome(failed, tracker, measured)
+    return TrialsOutcome(failed, tracker, stats)
 
 
 def _new_tuner(grid: Grid, plan: TrialPlan, context: Context, trainable: Any, experiment: str) -> tune.Tuner:

@@ -16,6 +16,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 from matplotlib import colormaps  # noqa: E402
 
+from runner.outputs.results import TrialId, by_trial  # noqa: E402
 from runner.storage import atomic_path  # noqa: E402
 
 TILE = 24  # pixels per feature-map tile in the array renderer
@@ -145,6 +146,7 @@ def accuracy_vs_k(rows: Sequence[dict], baseline: float, path: Path) -> None:
     accuracy interval its trial's baseline minus those ends gives. Each line starts at its trial's baseline."""
     criteria = sorted({r["criterion"] for r in rows})
     layers = list(dict.fromkeys(r["layer"] for r in rows))
+    trials = by_trial(rows)
     groups = [layers] if len(layers) <= LEGEND_LINES else stages(layers)
     fig, axes = plt.subplots(len(groups), len(criteria), figsize=(4.6 * len(criteria) + 1.6, 3.2 * len(groups)),
                              squeeze=False, sharex=True, sharey=True)
@@ -153,8 +155,7 @@ def accuracy_vs_k(rows: Sequence[dict], baseline: float, path: Path) -> None:
         for col, criterion in enumerate(criteria):
             ax = axes[row][col]
             for i, layer in enumerate(group):
-                pts = sorted((r for r in rows if r["layer"] == layer and r["criterion"] == criterion),
-                             key=lambda r: r["fraction"])
+                pts = trials.get(TrialId(layer, criterion), [])
                 if not pts:
                     continue
                 start = pts[0].get("baseline_accuracy", baseline)
@@ -186,14 +187,14 @@ def sensitivity_heatmap(rows: Sequence[dict], path: Path) -> None:
     and the figure's size does not grow with the number of K values."""
     criteria = sorted({r["criterion"] for r in rows})
     layers = list(dict.fromkeys(r["layer"] for r in rows))
+    trials = by_trial(rows)
     fig, axes = plt.subplots(1, len(criteria), figsize=(1.6 + 4.2 * len(criteria), 1.4 + 0.26 * len(layers)),
                              squeeze=False, sharey=True)
     vmax = max(1.0, max(r["accuracy_drop"] for r in rows))
     image = None
     for ax, criterion in zip(axes[0], criteria):
         for i, layer in enumerate(layers):
-            pts = sorted((r["fraction"], r["accuracy_drop"]) for r in rows if r["layer"] == layer
-                         and r["criterion"] == criterion)
+            pts = [(r["fraction"], r["accuracy_drop"]) for r in trials.get(TrialId(layer, criterion), [])]
             if not pts:
                 continue
             edges = np.array([0.0] + [f for f, _ in pts])

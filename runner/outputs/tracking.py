@@ -13,9 +13,11 @@ import os
 import socket
 import urllib.parse
 from pathlib import Path
-from typing import Any, Protocol, Sequence
+from typing import Any, Callable, Protocol, Sequence
 
 import numpy as np
+
+from runner.outputs.results import by_trial
 
 log = logging.getLogger(__name__)
 
@@ -28,7 +30,7 @@ class Tracker(Protocol):
     mode: str
 
     def log_point(self, trial: str, config: dict[str, Any], row: dict[str, Any],
-                  images: dict[str, np.ndarray]) -> None: ...
+                  images: Callable[[], dict[str, np.ndarray]]) -> None: ...
 
     def finish_trial(self, trial: str, failed: bool = False) -> None: ...
 
@@ -44,7 +46,7 @@ class NullTracker:
     mode = "disabled"
 
     def log_point(self, trial: str, config: dict[str, Any], row: dict[str, Any],
-                  images: dict[str, np.ndarray]) -> None:
+                  images: Callable[[], dict[str, np.ndarray]]) -> None:
         pass
 
     def finish_trial(self, trial: str, failed: bool = False) -> None:
@@ -145,13 +147,14 @@ class WandbTracker:
         return self.runs[trial]
 
     def log_point(self, trial: str, config: dict[str, Any], row: dict[str, Any],
-                  images: dict[str, np.ndarray]) -> None:
+                  images: Callable[[], dict[str, np.ndarray]]) -> None:
+        """One K of a trial's run; `images` renders the point's feature-map images (only called when logged)."""
         run = self._run(trial, config)
         if run is None:
             return
         data = {"k": row["k"], **{m: row[m] for m in POINT_METRICS}}
         if self.feature_maps:
-            for name, image in images.items():
+            for name, image in images().items():
                 data[f"feature_maps/{name}"] = self.wandb.Image(image, caption=f"{trial} K={row['k']}")
         self._safely(run.log, data)
 
@@ -168,18 +171,18 @@ class WandbTracker:
         wandb = self.wandb
         columns = [c for c in rows[0] if c != "per_class_accuracy"]
         table = wandb.Table(columns=columns, data=[[r[c] for c in columns] for r in rows])
-        series = sorted({(r["layer"], r["criterion"]) for r in rows})
+        trials = by_trial(rows)
+        series = sorted(trials)
         xs, ys = [], []
-        for layer, criterion in series:
+        for t in series:
             by_k: dict[int, list[float]] = {}  # random: the mean over its draws
-            for r in rows:
-                if (r["layer"], r["criterion"]) == (layer, criterion):
-                    by_k.setdefault(r["k"], []).append(r["accuracy"])
-            xs.append(sorted(by_k))
-            ys.append([sum(by_k[k]) / len(by_k[k]) for k in sorted(by_k)])
+            for r in trials[t]:
+                by_k.setdefault(r["k"], []).append(r["accuracy"])
+            xs.append(list(by_k))
+            ys.append([sum(v) / len(v) for v in by_k.values()])
         data: dict[str, Any] = {
             "results": table,
-            "accuracy_vs_k": wandb.plot.line_series(xs=xs, ys=ys, keys=[f"{a}/{b}" for a, b in series],
+            "accuracy_vs_k": wandb.plot.line_series(xs=xs, ys=ys, keys=[t.key for t in series],
                                                     title="accuracy vs K", xname="K (channels pruned)"),
         }
         data.update({f"plots/{name}": wandb.Image(str(path)) for name, path in figures.items() if path.is_file()})
