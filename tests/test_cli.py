@@ -11,6 +11,8 @@ from __future__ import annotations
 import pytest
 from e2e_helpers import GRIDS, grid_dict, run_cli, write_grid
 
+from runner.errors import InputError
+
 LAYER_NAMES = ("conv1, layer1.0.conv1, layer1.0.conv2, layer1.1.conv1, layer1.1.conv2, layer2.0.conv1, "
                "layer2.0.conv2, layer2.0.shortcut.conv, layer2.1.conv1, layer2.1.conv2, layer3.0.conv1, "
                "layer3.0.conv2, layer3.0.shortcut.conv, layer3.1.conv1, layer3.1.conv2, layer4.0.conv1, "
@@ -197,12 +199,16 @@ def test_a_checkpoint_trained_without_other_images_is_refused(sweep_checkpoint, 
         "allowed: a checkpoint trained with the sweep's hold-out (same seed, data.calibration_size and train "
         "images); fix: set seed: 0 and data.calibration_size: 100 as when it was trained, or retrain it, or set "
         "checkpoint.foreign: true (or sweep.calibration: test) to rank on these images anyway")
-    for extra in ([], ["--dry-run"]):
-        result = run_cli(["--grid", str(grid), "--set", "data.calibration_size=120", *extra], cwd=tmp_path)
-        assert result.returncode == 2, result.explain()
-        assert result.err_lines == [expected], result.explain()
-        assert not (tmp_path / "runs").exists()  # refused before anything was made
+    result = run_cli(["--grid", str(grid), "--set", "data.calibration_size=120"], cwd=tmp_path)
+    assert result.returncode == 2, result.explain()
+    assert result.err_lines == [expected], result.explain()
+    assert not (tmp_path / "runs").exists()  # refused before anything was made
+    # the same check in --dry-run; and what lets such a checkpoint through (in process: no command needed)
+    from runner.job.sweep import Options, dry_run
+
+    with pytest.raises(InputError) as err:
+        dry_run(Options(str(grid), overrides=("data.calibration_size=120",)))
+    assert f"error: {err.value}" == expected
     for allowed in ("checkpoint.foreign=true", "sweep.calibration=test"):
-        result = run_cli(["--grid", str(grid), "--set", "data.calibration_size=120", "--set", allowed, "--dry-run"],
-                         cwd=tmp_path)
-        assert result.returncode == 0, result.explain()
+        assert dry_run(Options(str(grid), overrides=("data.calibration_size=120", allowed)))[-1] == \
+            "trials: 1 points: 1"
