@@ -20,7 +20,8 @@ from pathlib import Path
 import pytest
 import yaml
 from e2e_helpers import (SMALL_CRITERIA, SMALL_EVAL, SMALL_FRACTIONS, SMALL_LAYERS, closed_port, e2e,
-    expected_points, finish, grid_dict, history, keys, leet_records, leet_summary, measured, results, run_cli,
+    expected_points, finish, grid_dict, history, keys, leet_records, leet_summary, measured,
+    paired_interval_by_hand, results, run_cli,
     run_info, start_cli, stop_group, values, wandb_run_dirs, write_grid)
 
 from model.checkpoint import sha256
@@ -56,10 +57,39 @@ def test_every_point_once_with_checkpoint_and_baseline(small_sweep):
         assert correct == pytest.approx(round(correct), abs=1e-3), where
         assert math.isfinite(r["loss"]) and r["loss"] > 0, where
         assert r["params_removed"] > 0 and r["macs_removed"] > 0, where
+        # the trial's own baseline, device and precision; the paired interval from the images that flipped
+        assert (r["device"], r["dtype"], r["repeat"]) == ("cpu", "float32", 0), where
+        assert r["accuracy_drop"] == pytest.approx(100 * (r["right_to_wrong"] - r["wrong_to_right"]) / SMALL_EVAL,
+                                                   abs=2e-6), where
+        assert r["drop_low"] <= r["accuracy_drop"] <= r["drop_high"], where
+        right = round(r["baseline_accuracy"] * SMALL_EVAL / 100)
+        assert (r["drop_low"], r["drop_high"]) == pytest.approx(paired_interval_by_hand(
+            SMALL_EVAL, right, r["right_to_wrong"], r["wrong_to_right"]), abs=2e-6), where
     for layer in SMALL_LAYERS:  # more channels pruned never removes fewer parameters
         for c in SMALL_CRITERIA:
             pts = sorted((r for r in rows if (r["layer"], r["criterion"]) == (layer, c)), key=lambda r: r["k"])
             assert pts[0]["params_removed"] < pts[1]["params_removed"]
+
+
+def test_one_point_by_hand(small_sweep):
+    """One row's interval, computed here from its flip counts (printed with -s)."""
+    r = max(results(small_sweep.folder), key=lambda r: r["right_to_wrong"] + r["wrong_to_right"])
+    right = round(r["baseline_accuracy"] * SMALL_EVAL / 100)
+    low, high = paired_interval_by_hand(SMALL_EVAL, right, r["right_to_wrong"], r["wrong_to_right"])
+    print(f"\n{r['layer']}/{r['criterion']} K={r['k']}: {SMALL_EVAL} images, {right} right at baseline, "
+          f"{r['right_to_wrong']} lost, {r['wrong_to_right']} gained: drop {r['accuracy_drop']:.4f}, "
+          f"interval [{low:.4f}, {high:.4f}] by hand, [{r['drop_low']:.4f}, {r['drop_high']:.4f}] in results.csv")
+    assert r["right_to_wrong"] > 0  # a point where something flipped
+    assert (r["drop_low"], r["drop_high"]) == pytest.approx((low, high), abs=2e-6)
+
+
+def test_rankings_json_holds_every_trials_order(small_sweep):
+    entries = json.loads((small_sweep.folder / "rankings.json").read_text(encoding="utf-8"))
+    assert sorted(entries) == sorted(f"{layer}/{c}" for layer in SMALL_LAYERS for c in SMALL_CRITERIA)
+    for key, entry in entries.items():
+        channels = SMALL_LAYERS[key.split("/")[0]]
+        assert sorted(entry["order"]) == list(range(channels)) and len(entry["scores"]) == channels, key
+        assert entry["order"] == sorted(range(channels), key=lambda c: entry["scores"][c]), key  # lowest first
 
 
 def test_config_yaml_holds_resolved_grid_and_provenance(small_sweep):
@@ -93,6 +123,11 @@ def test_plots_report_and_feature_maps(small_sweep):
         pngs = list((folder / "feature_maps" / layer).glob("*.png"))
         assert pngs and all(p.read_bytes().startswith(b"\x89PNG") for p in pngs), layer
     assert "plots/accuracy_vs_k.png" in report and "plots/sensitivity.png" in report
+    # the eval set's size and an image's worth; safe K from the interval's upper end; the hold-out checked
+    assert f"on {SMALL_EVAL} synthetic test images" in report and "one image is worth 0.667 points" in report
+    assert "have the **upper end** of that interval under the threshold" in report
+    assert "the calibration images are among them (checked)" in report
+    assert "mean_activation: safe K < 1 / < 5 pts | l1_norm: safe K < 1 / < 5 pts |" in report
 
 
 # ---- 2. W&B offline runs ----
@@ -244,3 +279,66 @@ def test_wandb_server_unreachable(cli, ray_session, sweep_checkpoint, tmp_path):
     for path in folder.rglob("*"):
         if path.is_file() and path.suffix not in (".png", ".npz", ".wandb"):
             assert FAKE_KEY not in path.read_text(encoding="utf-8", errors="replace"), path
+
+
+# ---- 6. random drawn several times; rankings.json reused by --resume ----
+
+DRAWN_LAYERS = {"layer1.0.conv1": 8, "layer2.0.conv2": 16}
+DRAWN_CRITERIA = ["l1_norm", "mean_activation", "random"]
+
+
+def drawn_grid(tmp: Path, checkpoint: Path, name: str, k: list[int], random_seed: int) -> Path:
+    return write_grid(tmp / f"{name}-{len(k)}.yaml", grid_dict(
+        tmp, e2e(checkpoint), name=name, sweep={"layers": list(DRAWN_LAYERS), "k": k, "criteria": DRAWN_CRITERIA,
+                                                "random_repeats": 2, "random_seed": random_seed}))
+
+
+@pytest.mark.slow
+def test_random_repeats_random_seed_and_rankings_json_on_resume(ray_session, sweep_checkpoint, tmp_path):
+    from runner.job.sweep import Options, run_sweep
+
+    first = run_sweep(Options(str(drawn_grid(tmp_path, sweep_checkpoint, "drawn", [1, 2], random_seed=0))))
+    assert (first.points, first.expected, first.failed) == (16, 16, [])  # 2 layers x 2 K x (1 + 1 + 2 orders)
+    rows = results(first.folder)
+    drawn = sorted((r["layer"], r["k"], r["repeat"]) for r in rows if r["criterion"] == "random")
+    assert drawn == sorted((layer, k, r) for layer in DRAWN_LAYERS for k in (1, 2) for r in (0, 1))
+    assert {r["repeat"] for r in rows if r["criterion"] != "random"} == {0}
+    entries = json.loads((first.folder / "rankings.json").read_text(encoding="utf-8"))
+    for layer, channels in DRAWN_LAYERS.items():
+        orders = entries[f"{layer}/random"]["order"]
+        assert len(orders) == 2 and orders[0] != orders[1] and sorted(orders[1]) == list(range(channels))
+    report = (first.folder / "report.md").read_text(encoding="utf-8")
+    assert "## Random orders: mean and spread" in report and "`random` draws 2 orders per layer" in report
+
+    # another random_seed: other random orders, the same calibration images and every other number unchanged
+    other = run_sweep(Options(str(drawn_grid(tmp_path, sweep_checkpoint, "reseeded", [1, 2], random_seed=1))))
+    again = json.loads((other.folder / "rankings.json").read_text(encoding="utf-8"))
+    for layer in DRAWN_LAYERS:
+        assert again[f"{layer}/random"]["order"] != entries[f"{layer}/random"]["order"], layer
+        for c in ("l1_norm", "mean_activation"):  # mean_activation is measured on the calibration images
+            assert again[f"{layer}/{c}"] == entries[f"{layer}/{c}"], (layer, c)
+    theirs = {(r["layer"], r["criterion"], r["k"], r["repeat"]): r for r in results(other.folder)}
+    ours = {(r["layer"], r["criterion"], r["k"], r["repeat"]): r for r in rows}
+    assert theirs.keys() == ours.keys()
+    for key, r in ours.items():
+        same = (r["accuracy"], r["loss"], r["baseline_accuracy"]) == (theirs[key]["accuracy"], theirs[key]["loss"],
+                                                                      theirs[key]["baseline_accuracy"])
+        assert same or key[1] == "random", key
+    assert any(ours[k]["loss"] != theirs[k]["loss"] for k in ours if k[1] == "random")  # the draws did change
+
+    # --resume reads rankings.json: edit layer2.0.conv2's l1_norm order to mean_activation's, add K = 3, and the
+    # new l1_norm point is exactly mean_activation's (whose order is not edited)
+    layer = "layer2.0.conv2"
+    edited = entries[f"{layer}/mean_activation"]
+    assert set(entries[f"{layer}/l1_norm"]["order"][:3]) != set(edited["order"][:3])  # the edit changes K = 3
+    entries[f"{layer}/l1_norm"] = {"order": edited["order"], "scores": edited["scores"]}
+    lines = [f"  {json.dumps(k)}: {json.dumps(v)}" for k, v in entries.items()]
+    (first.folder / "rankings.json").write_text("{\n" + ",\n".join(lines) + "\n}\n", encoding="utf-8")
+    resumed = run_sweep(Options(str(drawn_grid(tmp_path, sweep_checkpoint, "drawn", [1, 2, 3], random_seed=0)),
+                                resume=True))
+    assert (resumed.points, resumed.expected, resumed.measured) == (24, 24, 8)  # only K = 3 was measured
+    after = {(r["layer"], r["criterion"], r["k"], r["repeat"]): r for r in results(first.folder)}
+    l1, mean = after[(layer, "l1_norm", 3, 0)], after[(layer, "mean_activation", 3, 0)]
+    assert (l1["accuracy"], l1["loss"], l1["right_to_wrong"]) == (mean["accuracy"], mean["loss"],
+                                                                    mean["right_to_wrong"])
+    assert json.loads((first.folder / "rankings.json").read_text(encoding="utf-8")) == entries  # not rewritten

@@ -18,7 +18,7 @@ import numpy as np
 from ray import tune
 
 from runner.outputs import figures
-from runner.outputs.results import ResultsTable, TrialId, by_trial
+from runner.outputs.results import COLUMNS, ResultsTable, TrialId, by_trial
 from runner.outputs.tracking import Tracker, make_tracker
 from runner.storage import atomic_path
 
@@ -31,9 +31,7 @@ class Context:
 
     folder: str
     sweep: str
-    baseline: float
     checkpoint_sha256: str
-    eval_images: int
     wandb_mode: str
     wandb_project: str
     wandb_entity: str | None
@@ -138,14 +136,9 @@ class Collector(tune.Callback):
                       live.busy, live.backlog.seconds, live.new)
 
     def _row(self, result: dict[str, Any]) -> dict[str, Any]:
-        c = self.context
-        row = {k: result[k] for k in ("layer", "criterion", "target", "k", "fraction", "channels", "accuracy",
-                                      "loss", "params_removed", "macs_removed", "seconds", "node", "device",
-                                      "per_class_accuracy")}
-        row["baseline_accuracy"] = c.baseline
-        row["accuracy_drop"] = c.baseline - result["accuracy"]
-        row["eval_images"] = c.eval_images
-        row["checkpoint_sha256"] = c.checkpoint_sha256
+        """A results.csv row: the trial's numbers (its drop is against its own baseline) and the checkpoint."""
+        row = {k: result[k] for k in COLUMNS if k in result}
+        row["checkpoint_sha256"] = self.context.checkpoint_sha256
         return row
 
     def on_trial_result(self, iteration: int, trials: list, trial: Any, result: dict, **info: Any) -> None:
@@ -161,7 +154,8 @@ class Collector(tune.Callback):
         live = self.live
         maps = result.pop("maps", None) or {}  # in place: keeps the arrays out of Tune's experiment state
         row = self._row(result)
-        live.board.record.remote(row["layer"], row["criterion"], row["k"], time.time())  # every point, repeats too
+        # every point measured, those a retried trial measures again too
+        live.board.record.remote(row["layer"], row["criterion"], row["k"], row["repeat"], time.time())
         if not live.table.add(row):
             return  # already recorded (a retried or resumed trial repeating a point)
         live.new += 1
@@ -172,9 +166,10 @@ class Collector(tune.Callback):
     def _write(self, trial_id: TrialId, row: dict[str, Any], maps: dict[str, np.ndarray]) -> None:
         """A point's W&B step, and its figures when its K is one of the trial's figure K (in the backlog)."""
         config = {"layer": row["layer"], "criterion": row["criterion"], "target": row["target"],
-                  "checkpoint_sha256": self.context.checkpoint_sha256, "baseline_accuracy": self.context.baseline}
+                  "checkpoint_sha256": self.context.checkpoint_sha256, "baseline_accuracy": row["baseline_accuracy"],
+                  "device": row["device"], "dtype": row["dtype"]}
         self.live.tracker.log_point(trial_id.key, config, row, lambda: feature_map_images(maps))
-        if maps and row["k"] in self.context.figure_ks.get(trial_id.key, ()):
+        if maps and row["repeat"] == 0 and row["k"] in self.context.figure_ks.get(trial_id.key, ()):
             self._save_figures(row, maps)
 
     def _save_figures(self, row: dict[str, Any], maps: dict[str, np.ndarray]) -> None:
@@ -184,8 +179,8 @@ class Collector(tune.Callback):
         stem = f"{row['criterion']}_k{row['k']:04d}"
         title = f"{row['layer']}, {row['target']} pruning by {row['criterion']}, K={row['k']}/{row['channels']}, " \
                 f"accuracy {row['accuracy']:.2f}%"
-        figures.save_png(figures.grid_image(maps["layer"], title=f"{title}\npruned layer's BN output, mean over "
-                                            "eval images (pruned channels are flat white)"), folder / f"{stem}_layer.png")
+        figures.save_png(figures.grid_image(maps["layer"], title=f"{title}\n{figures.layer_caption(row['target'])}"),
+                         folder / f"{stem}_layer.png")
         figures.save_png(figures.grid_image(maps["final"], final=True, title=f"{title}\nfinal stage output: the 64 "
                                             "channels with the highest mean"), folder / f"{stem}_final.png")
         with atomic_path(folder / f"{stem}_maps.npz") as tmp:
@@ -209,7 +204,8 @@ class Collector(tune.Callback):
         self.live.backlog.submit(self.live.tracker.finish_trial, trial_id.key)
         rows = by_trial(self.live.table.rows).get(trial_id, [])
         worst = min(rows, key=lambda r: r["accuracy"], default=None)
-        shown = f"accuracy at K={worst['k']}: {worst['accuracy']:.2f}%" if worst else "no new points"
+        shown = f"accuracy at K={worst['k']}: {worst['accuracy']:.2f}% (baseline {worst['baseline_accuracy']:.2f}%)" \
+            if worst else "no new points"
         log.info("trial done: %-40s %s", trial_id.key, shown)
 
     def on_trial_recover(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:

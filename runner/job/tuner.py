@@ -21,7 +21,7 @@ from runner.job.calibration import Calibrated
 from runner.job.collector import Collector, Context
 from runner.job.board import BoardStats, board_actor
 from runner.job.trial import Shared, run_trial
-from runner.outputs.results import TrialId, read_rows
+from runner.outputs.results import TrialId, key_of, read_rows
 from runner.outputs.tracking import Tracker, make_tracker
 
 log = logging.getLogger(__name__)
@@ -64,16 +64,16 @@ def _token(checkpoint_sha: str, data: Dataset, mean: tuple, std: tuple, batch_si
     return digest.hexdigest()
 
 
-def _wandb_config(grid: Grid, loaded: Checkpoint, baseline: float) -> dict[str, Any]:
-    return {**grid.as_dict(), "checkpoint_sha256": loaded.sha256, "baseline_accuracy": baseline}
+def _wandb_config(grid: Grid, loaded: Checkpoint) -> dict[str, Any]:
+    """Every run's config (a trial's run adds its layer, criterion and its own baseline)."""
+    return {**grid.as_dict(), "checkpoint_sha256": loaded.sha256}
 
 
-def _context(grid: Grid, plan: TrialPlan, data: Dataset, loaded: Checkpoint, baseline: float,
-             wandb_mode: str) -> Context:
+def _context(grid: Grid, plan: TrialPlan, loaded: Checkpoint, wandb_mode: str) -> Context:
     return Context(
-        folder=str(grid.folder), sweep=grid.name, baseline=baseline, checkpoint_sha256=loaded.sha256,
-        eval_images=len(data.test), wandb_mode=wandb_mode, wandb_project=grid.wandb.project,
-        wandb_entity=grid.wandb.entity, wandb_config=_wandb_config(grid, loaded, baseline),
+        folder=str(grid.folder), sweep=grid.name, checkpoint_sha256=loaded.sha256,
+        wandb_mode=wandb_mode, wandb_project=grid.wandb.project,
+        wandb_entity=grid.wandb.entity, wandb_config=_wandb_config(grid, loaded),
         feature_maps=grid.wandb.feature_maps,
         figure_ks={t.id.key: t.figure_ks(grid.sweep.feature_map_points) for t in plan.trials},
         total_points=plan.points, board=board_name(grid))
@@ -104,7 +104,7 @@ def can_restore(path: str) -> bool:
 def run_trials(grid: Grid, plan: TrialPlan, data: Dataset, loaded: Checkpoint, calibrated: Calibrated,
                experiment: str, restore: bool) -> TrialsOutcome:
     """Run (or resume) every trial, inside `ray_session`."""
-    done = [(r["layer"], r["criterion"], r["k"]) for r in read_rows(grid.folder / "results.csv")]
+    done = [key_of(r) for r in read_rows(grid.folder / "results.csv")]
     board = board_actor(board_name(grid), done)  # kept alive while the trials run
     shared = _shared(grid, plan, data, loaded, calibrated.rankings)
     trainable = tune.with_resources(tune.with_parameters(run_trial, shared=shared), trial_resources(grid))
@@ -112,8 +112,8 @@ def run_trials(grid: Grid, plan: TrialPlan, data: Dataset, loaded: Checkpoint, c
     # the driver's tracker (for the summary run) resolves the W&B mode once (auto, an unreachable server); the
     # collector's tracker starts in the mode it settled on, so a fallback is reported once
     tracker = make_tracker(grid.wandb.mode, grid.wandb.project, grid.wandb.entity, grid.name, grid.folder,
-                           _wandb_config(grid, loaded, calibrated.baseline), grid.wandb.feature_maps)
-    context = _context(grid, plan, data, loaded, calibrated.baseline, tracker.mode)
+                           _wandb_config(grid, loaded), grid.wandb.feature_maps)
+    context = _context(grid, plan, loaded, tracker.mode)
     if restore:
         log.info("resuming from Tune's state in %s (%d points already in results.csv)", path, len(done))
         tuner = tune.Tuner.restore(path, trainable, resume_unfinished=True, resume_errored=True)

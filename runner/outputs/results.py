@@ -1,4 +1,8 @@
-"""results.csv: one row per point, appended (and flushed to disk) as points finish, each point once."""
+"""results.csv: one row per point, appended (and flushed to disk) as points finish, each point once.
+
+A point is (layer, criterion, K, repeat): `repeat` numbers the random orders of a criterion that draws several
+(random: sweep.random_repeats rows per K), and is 0 for every other criterion.
+"""
 
 from __future__ import annotations
 
@@ -8,13 +12,15 @@ import os
 from pathlib import Path
 from typing import Any, Iterable, NamedTuple
 
-COLUMNS = ("layer", "criterion", "target", "k", "fraction", "channels", "accuracy", "loss", "baseline_accuracy",
-           "accuracy_drop", "params_removed", "macs_removed", "eval_images", "checkpoint_sha256", "seconds", "node",
-           "device", "per_class_accuracy")
-INTS = {"k", "channels", "params_removed", "macs_removed", "eval_images"}
-FLOATS = {"fraction", "accuracy", "loss", "baseline_accuracy", "accuracy_drop", "seconds"}
+COLUMNS = ("layer", "criterion", "target", "k", "repeat", "fraction", "channels", "accuracy", "loss",
+           "baseline_accuracy", "accuracy_drop", "drop_low", "drop_high", "right_to_wrong", "wrong_to_right",
+           "params_removed", "macs_removed", "eval_images", "checkpoint_sha256", "seconds", "node", "device", "dtype",
+           "per_class_accuracy")
+INTS = {"k", "repeat", "channels", "params_removed", "macs_removed", "eval_images", "right_to_wrong",
+        "wrong_to_right"}
+FLOATS = {"fraction", "accuracy", "loss", "baseline_accuracy", "accuracy_drop", "drop_low", "drop_high", "seconds"}
 
-Key = tuple[str, str, int]  # layer, criterion, k
+Key = tuple[str, str, int, int]  # layer, criterion, k, repeat
 
 
 class TrialId(NamedTuple):
@@ -30,11 +36,11 @@ class TrialId(NamedTuple):
 
 
 def by_trial(rows: Iterable[dict[str, Any]]) -> dict[TrialId, list[dict[str, Any]]]:
-    """Rows grouped by trial, in first-seen order, each trial's rows by ascending K."""
+    """Rows grouped by trial, in first-seen order, each trial's rows by ascending K (then repeat)."""
     out: dict[TrialId, list[dict[str, Any]]] = {}
     for r in rows:
         out.setdefault(TrialId(r["layer"], r["criterion"]), []).append(r)
-    return {t: sorted(pts, key=lambda r: r["k"]) for t, pts in out.items()}
+    return {t: sorted(pts, key=lambda r: (r["k"], r.get("repeat") or 0)) for t, pts in out.items()}
 
 
 class ResultsError(OSError):
@@ -42,7 +48,7 @@ class ResultsError(OSError):
 
 
 def key_of(row: dict[str, Any]) -> Key:
-    return row["layer"], row["criterion"], int(row["k"])
+    return row["layer"], row["criterion"], int(row["k"]), int(row.get("repeat") or 0)
 
 
 def read_rows(path: Path) -> list[dict[str, Any]]:
@@ -56,9 +62,9 @@ def read_rows(path: Path) -> list[dict[str, Any]]:
     for raw in csv.DictReader(io.StringIO(text)):
         row: dict[str, Any] = dict(raw)
         for c in INTS & row.keys():
-            row[c] = int(row[c])
+            row[c] = int(row[c]) if row[c] != "" else None
         for c in FLOATS & row.keys():
-            row[c] = float(row[c])
+            row[c] = float(row[c]) if row[c] != "" else None
         rows.append(row)
     return rows
 
