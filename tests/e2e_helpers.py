@@ -201,6 +201,26 @@ def history(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return [r["history"]["item"] for r in records if r.get("type") == "history"]
 
 
+def artifacts(records: list[dict[str, Any]], kind: str) -> list[dict[str, Any]]:
+    """The artifacts of one type a run logged (each with its manifest, as the offline run file holds it)."""
+    return [r["artifact"] for r in records if r.get("type") == "artifact" and r["artifact"]["type"] == kind]
+
+
+def manifest_paths(artifact: dict[str, Any]) -> list[str]:
+    return sorted(entry["path"] for entry in artifact["manifest"]["contents"])
+
+
+def runs_by_name(folder: Path) -> dict[str, list[tuple[Path, dict[str, Any], list[dict[str, Any]]]]]:
+    """Every offline run folder of a sweep, grouped by run name: (folder, run record, records), oldest first. A
+    resumed run (the same id) is a second folder: W&B writes one per process, and `wandb sync` joins them."""
+    out: dict[str, list] = {}
+    for run_dir in wandb_run_dirs(folder):
+        records = leet_records(run_dir)
+        info = run_info(records)
+        out.setdefault(info["display_name"], []).append((run_dir, info, records))
+    return out
+
+
 # ---- processes of a running sweep (for real faults: SIGKILL a trial's worker, measure memory) ----
 
 def descendants(pid: int) -> list[int]:

@@ -12,10 +12,10 @@ from __future__ import annotations
 import logging
 import time
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import closing
+from contextlib import ExitStack, closing, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 from model.checkpoint import Checkpoint
 from runner.config import Grid, load_grid
@@ -25,20 +25,23 @@ from runner.inputs.data import Dataset, Holdout, check_labels, load_data, planne
 from runner.inputs.train import ensure_checkpoint
 from runner.inputs.trials import TrialPlan, plan_trials
 from runner.job.calibration import Calibrated, calibrate
-from runner.job.folder import check_folder, folder_lock, next_experiment, resume_check, write_config
+from runner.job.folder import check_folder, folder_lock, next_experiment, resume_check, sweep_id, write_config
 from runner.job.ray_env import check_reachable, cluster_address, set_ray_env
 from runner.job.timeline import Timeline
 from runner.outputs import report
 from runner.outputs.results import read_rows
-from runner.outputs.tracking import Tracker
+from runner.outputs.tracking import (SUMMARY_RUN, TRAIN_RUN, RunSpec, Tracker, Tracking, make_tracker,
+    model_artifact, resolve_mode)
 from runner.provenance import versions
 
 log = logging.getLogger(__name__)
 
+RESULT_FILES = ("results.csv", "rankings.json", "report.md", "config.yaml")  # + plots: the sweep-results artifact
+
 
 @dataclass(frozen=True)
 class Options:
-    grid: str
+    grid: str | Grid  # a grid file, or a Grid already loaded (the Python API)
     output: str | None = None
     resume: bool = False
     wandb_mode: str | None = None
@@ -79,24 +82,34 @@ def run_sweep(opts: Options) -> Outcome:
     if existing is not None:
         checkpoints.check_holdout(grid, existing, given.holdout if given else planned_holdout(grid.data, grid.seed))
     timeline.mark("input checks")
-    with folder_lock(grid.folder), ThreadPoolExecutor(1) as pool:
-        check_folder(grid, opts.resume)  # again, now that no other sweep can be writing there
-        if existing is None:  # training is long: in this thread, before Ray, so that Ctrl-C stops it at once
-            given = given or load_data(grid.data, grid.model.num_classes, grid.seed)
-            existing = ensure_checkpoint(grid, given)
+    with ThreadPoolExecutor(1) as pool, ExitStack() as held:
         # the driver's own work (data, rankings) runs while Ray starts
-        ready = pool.submit(_calibrated, grid, plan, given, existing, opts.resume, timeline)
+        ready = pool.submit(_calibrated, grid, plan, given, existing, opts.resume, timeline) \
+            if existing is not None else None
         set_ray_env(address)
         from runner.job import cluster, tuner  # import Ray: only once the grid is known to be good
 
-        with cluster.ray_session(address, grid.resources.ray_dashboard):
+        # Ray first: what every trial asks for is checked against the cluster before the output folder is made
+        with _blamed(opts), cluster.ray_session(address, grid.resources.ray_dashboard, grid.resources,
+                                                 len(plan.trials)) as ray_line:
+            held.enter_context(folder_lock(grid.folder))  # until the report is written, after Ray stops
+            check_folder(grid, opts.resume)  # again, now that no other sweep can be writing there
+            if ray_line:
+                log.info("%s", ray_line)
             timeline.mark("ray start")
+            tracking = _tracking(grid, sweep_id(grid, opts.resume))
+            tracker = held.enter_context(closing(make_tracker(tracking)))
+            if ready is None:  # training is long: in this thread, so that Ctrl-C stops it at once
+                given = given or load_data(grid.data, grid.model.num_classes, grid.seed)
+                existing = ensure_checkpoint(grid, given, None, tracker.train_log(RunSpec(TRAIN_RUN, "train")))
+                ready = pool.submit(_calibrated, grid, plan, given, existing, opts.resume, timeline)
             data, calibrated, holdout = ready.result()
-            experiment, restore = _experiment(grid, plan, existing, opts.resume)
-            trials = tuner.run_trials(grid, plan, data, existing, calibrated, experiment, restore)
+            experiment, restore = _experiment(grid, plan, existing, opts.resume, tracking.sweep_id)
+            trials = tuner.run_trials(grid, plan, data, existing, calibrated, experiment, restore, tracker,
+                                      tracking)
             timeline.mark("trials end")
             # plots, report and the W&B summary are made while Ray stops
-            reported = pool.submit(finish, grid, plan, data, existing, holdout, trials.failed, trials.tracker)
+            reported = pool.submit(finish, grid, plan, data, existing, holdout, trials.failed, tracker)
         timeline.mark("ray stop")
         rows = reported.result()
     if trials.board.first:
@@ -107,9 +120,30 @@ def run_sweep(opts: Options) -> Outcome:
     return Outcome(grid.folder, len(rows), plan.points, trials.failed, time.time() - started, trials.board.measured)
 
 
+@contextmanager
+def _blamed(opts: Options) -> Iterator[None]:
+    """An input error about resources found once Ray runs names where the value came from: a --set flag, or the
+    grid file (the other input errors of the block name their own source)."""
+    try:
+        yield
+    except InputError as e:
+        if not e.field.startswith("resources"):
+            raise
+        for item in opts.overrides:
+            key = item.partition("=")[0]
+            if e.field == key or e.field.startswith(key + "."):
+                e.source = f"--set {item}"
+        raise e.at(str(opts.grid) if not isinstance(opts.grid, Grid) else "sweep(grid)")
+
+
+def _tracking(grid: Grid, sweep: str) -> Tracking:
+    return Tracking(grid.wandb.mode, grid.wandb.project, grid.wandb.entity, grid.name, grid.folder,
+                    grid.as_dict(), grid.wandb.feature_maps, sweep)
+
+
 def prepare(opts: Options) -> tuple[Grid, TrialPlan]:
     """Load, override, validate and plan: every input check that needs no data and no Ray."""
-    grid = load_grid(opts.grid, list(opts.overrides))
+    grid = opts.grid if isinstance(opts.grid, Grid) else load_grid(opts.grid, list(opts.overrides))
     if opts.output:
         grid = grid.model_copy(update={"output": str(Path(opts.output).resolve())})
     if opts.wandb_mode:
@@ -117,7 +151,7 @@ def prepare(opts: Options) -> tuple[Grid, TrialPlan]:
     try:
         return grid, plan_trials(grid)
     except InputError as e:
-        raise e.at(opts.grid)
+        raise e.at(opts.grid if isinstance(opts.grid, str) else "sweep(grid)")
 
 
 def dry_run(opts: Options) -> list[str]:
@@ -151,7 +185,7 @@ def _calibrated(grid: Grid, plan: TrialPlan, given: Dataset | None, loaded: Chec
     """The data (unless already loaded: synthetic data is a pure function of the grid, nothing to validate
     first), checked against the checkpoint (its classes and its calibration hold-out), then every ranking
     (read back from rankings.json on --resume); W&B's slow import too. Returns the hold-out check's verdict."""
-    if grid.wandb.mode != "disabled":
+    if resolve_mode(grid.wandb.mode) != "disabled":
         import wandb  # noqa: F401
     data = given or load_data(grid.data, grid.model.num_classes, grid.seed)
     ensure_checkpoint(grid, data, loaded)
@@ -165,7 +199,7 @@ def _calibrated(grid: Grid, plan: TrialPlan, given: Dataset | None, loaded: Chec
     return data, calibrated, holdout
 
 
-def _experiment(grid: Grid, plan: TrialPlan, loaded: Checkpoint, resume: bool) -> tuple[str, bool]:
+def _experiment(grid: Grid, plan: TrialPlan, loaded: Checkpoint, resume: bool, sweep: str) -> tuple[str, bool]:
     """The Tune experiment to run in, and whether to restore it from Tune's state (config.yaml written when new)."""
     from runner.job.tuner import can_restore  # imports Ray
 
@@ -177,13 +211,14 @@ def _experiment(grid: Grid, plan: TrialPlan, loaded: Checkpoint, resume: bool) -
         log.info("resuming with a new Tune experiment: %s", "the grid adds points" if adds else
                  "Tune's state of the first run was not saved")  # finished points are skipped all the same
     experiment = next_experiment(grid)
-    write_config(grid, plan, loaded, experiment)
+    write_config(grid, plan, loaded, experiment, sweep)
     return experiment, False
 
 
 def finish(grid: Grid, plan: TrialPlan, data: Dataset, loaded: Checkpoint, holdout: str, failed: list[str],
            tracker: Tracker) -> list[dict[str, Any]]:
-    """Plots, report.md and the W&B summary run, from results.csv (and rankings.json); closes the tracker."""
+    """Plots, report.md and the W&B summary run (with the sweep-results artifact), from results.csv (and
+    rankings.json); closes the tracker."""
     order = {c.name: i for i, c in enumerate(plan.convs)}
     rows = sorted(read_rows(grid.folder / "results.csv"),
                   key=lambda r: (order[r["layer"]], r["criterion"], r["k"], r["repeat"]))
@@ -191,8 +226,12 @@ def finish(grid: Grid, plan: TrialPlan, data: Dataset, loaded: Checkpoint, holdo
     plots = report.write_plots(rows, baseline, grid.folder)
     path = report.write_report(rows, _report_meta(grid, plan, data, loaded, holdout, tracker.mode), failed,
                                grid.folder, plan.points)
+    outputs = [grid.folder / name for name in RESULT_FILES] + sorted(plots.values())
     with closing(tracker):
-        tracker.summary(rows, baseline, plots, failed)
+        tracker.summary(RunSpec(SUMMARY_RUN, "summary", {"checkpoint_sha256": loaded.sha256,
+                                                         "baseline_accuracy": baseline},
+                                uses=model_artifact(loaded.path, loaded.sha256)), rows, baseline, plots, failed,
+                        outputs)
     log.info("wrote %s, %s and %s", grid.folder / "results.csv", path, grid.folder / "plots")
     return rows
 

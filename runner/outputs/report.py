@@ -122,6 +122,32 @@ def safe_k(points: Sequence[dict[str, Any]], threshold: float) -> dict[str, Any]
     return best
 
 
+def trial_summary(points: Sequence[dict[str, Any]]) -> dict[str, float | int]:
+    """What describes one trial (a layer and criterion) as a whole, for W&B's runs table and parallel-coordinates
+    view: the largest safe K under each drop threshold (0 when even the smallest K is past it), the area under
+    the drop curve over the fraction pruned (percentage points x fraction, from no channel pruned), and the
+    accuracy at each fraction measured."""
+    pts = sorted(points, key=lambda r: r["k"])
+    out: dict[str, float | int] = {"points": len(pts), "max_k": pts[-1]["k"] if pts else 0}
+    for t in THRESHOLDS:
+        best = safe_k(pts, t)
+        out[f"safe_k_{t:g}pt"] = best["k"] if best else 0
+        out[f"safe_fraction_{t:g}pt"] = best["fraction"] if best else 0.0
+    area, last = 0.0, (0.0, 0.0)
+    for p in pts:
+        area += (p["fraction"] - last[0]) * (p["accuracy_drop"] + last[1]) / 2
+        last = (p["fraction"], p["accuracy_drop"])
+    out["drop_auc"] = area
+    for p in pts:
+        out[f"accuracy_at_{fraction_label(p['fraction'])}"] = p["accuracy"]
+    return out
+
+
+def fraction_label(fraction: float) -> str:
+    """0.125 -> "12p5pct", 0.25 -> "25pct": a fraction as a key W&B's filters and panels take (no dots)."""
+    return f"{100 * fraction:.4g}".replace(".", "p") + "pct"
+
+
 def layer_summary(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
     """Per layer, most sensitive first (mean drop over every criterion and K): every criterion's safe K."""
     by_layer: dict[str, dict[str, list[dict[str, Any]]]] = defaultdict(dict)

@@ -10,7 +10,10 @@ import csv
 import io
 import os
 from pathlib import Path
-from typing import Any, Iterable, NamedTuple
+from typing import TYPE_CHECKING, Any, Iterable, NamedTuple
+
+if TYPE_CHECKING:
+    import pandas
 
 COLUMNS = ("layer", "criterion", "target", "k", "repeat", "fraction", "channels", "accuracy", "loss",
            "baseline_accuracy", "accuracy_drop", "drop_low", "drop_high", "right_to_wrong", "wrong_to_right",
@@ -19,6 +22,7 @@ COLUMNS = ("layer", "criterion", "target", "k", "repeat", "fraction", "channels"
 INTS = {"k", "repeat", "channels", "params_removed", "macs_removed", "eval_images", "right_to_wrong",
         "wrong_to_right"}
 FLOATS = {"fraction", "accuracy", "loss", "baseline_accuracy", "accuracy_drop", "drop_low", "drop_high", "seconds"}
+TEXTS = {"layer", "criterion", "target", "checkpoint_sha256", "node", "device", "dtype"}  # ids that may look like numbers
 
 Key = tuple[str, str, int, int]  # layer, criterion, k, repeat
 
@@ -67,6 +71,39 @@ def read_rows(path: Path) -> list[dict[str, Any]]:
             row[c] = float(row[c]) if row[c] != "" else None
         rows.append(row)
     return rows
+
+
+def frame_of(path: Path) -> "pandas.DataFrame":
+    """results.csv as a DataFrame, row for row (a last line cut short by a crash is left out): the columns in
+    the file's order, integers and floats as numbers (and any other numeric column the file has), text as text,
+    `per_class_accuracy` as a list of floats."""
+    import pandas as pd
+
+    rows = read_rows(path)
+    columns = list(rows[0]) if rows else list(COLUMNS)
+    frame = pd.DataFrame.from_records(rows, columns=columns)
+    for c in columns:
+        if c in INTS:
+            frame[c] = frame[c].astype("int64")
+        elif c in FLOATS:
+            frame[c] = frame[c].astype("float64")
+        elif c == "per_class_accuracy":
+            frame[c] = frame[c].map(per_class)
+        elif c in TEXTS or not rows:
+            frame[c] = frame[c].astype(str)
+        else:  # a column this version does not know: numbers if they all are
+            try:
+                frame[c] = pd.to_numeric(frame[c])
+            except (ValueError, TypeError):
+                frame[c] = frame[c].astype(str)
+    return frame
+
+
+def per_class(cell: Any) -> list[float]:
+    """A per_class_accuracy cell ("95.00;87.50;...") as floats."""
+    if isinstance(cell, (list, tuple)):
+        return [float(v) for v in cell]
+    return [float(v) for v in str(cell).split(";") if v != ""]
 
 
 class ResultsTable:
