@@ -1,5 +1,6 @@
-"""Helpers for the end-to-end tests (tests/test_sweep.py, tests/test_cli.py): tiny grids, the CLI in a
-subprocess, results.csv and W&B offline runs read back (with W&B's own `wandb leet inspect`)."""
+"""Helpers for the tests: the one grid builder, the command's result (in this process, see the `cli` fixture of
+conftest.py, or in a subprocess) and its refusals, results.csv and W&B offline runs read back (with W&B's own
+`wandb leet inspect`), and the processes of a running sweep."""
 
 from __future__ import annotations
 
@@ -24,8 +25,8 @@ SCRIPT = ROOT / "scripts" / "sweep.py"
 GRIDS = ROOT / "tests" / "grids"
 
 # Environment that must not leak from the developer's shell into a sweep under test.
-_SCRUB = ("WANDB_API_KEY", "WANDB_BASE_URL", "WANDB_MODE", "WANDB_DIR", "WANDB_PROJECT", "WANDB_ENTITY",
-          "RAY_ADDRESS", "PRUNE_SWEEP_CRASH_ONCE", "PRUNE_SWEEP_CRASH_ONCE_HARD", "PRUNE_SWEEP_DEBUG")
+SCRUB = ("WANDB_API_KEY", "WANDB_BASE_URL", "WANDB_MODE", "WANDB_DIR", "WANDB_PROJECT", "WANDB_ENTITY",
+         "RAY_ADDRESS", "PRUNE_SWEEP_CRASH_ONCE", "PRUNE_SWEEP_CRASH_ONCE_HARD", "PRUNE_SWEEP_DEBUG")
 
 # The small sweep shared by several tests: 3 layers of 8, 16 and 32 output channels (width 0.125),
 # K as fractions (so K and fraction differ per layer), 2 criteria: 12 points in 6 trials.
@@ -35,20 +36,32 @@ SMALL_CRITERIA = ("mean_activation", "l1_norm")
 SMALL_EVAL = 150
 
 
-def grid_dict(tmp: Path, checkpoint: Path, *, name: str, layers: Any, k: Any, criteria: list[str],
-              wandb_mode: str = "offline", eval_size: int = SMALL_EVAL, **sweep: Any) -> dict:
-    """A tiny sweep grid (width 0.125, 600/200 synthetic images) on the session's shared checkpoint."""
-    return {
-        "name": name,
+def grid_dict(tmp: Path, *updates: dict, **sections: Any) -> dict:
+    """The one grid builder: a tiny grid (width 0.125, 600/200 synthetic images of which 100 held out, a 1-epoch
+    recipe, the checkpoint at tmp/tiny.pt, output tmp/runs), then `updates` and `sections` applied in order: a
+    mapping updates that section's keys, anything else replaces the section."""
+    grid: dict[str, Any] = {
+        "name": "tiny",
         "seed": 0,
         "model": {"width": 0.125},
-        "data": {"dataset": "synthetic", "synthetic_train": 600, "synthetic_test": 200, "calibration_size": 100,
-                 "eval_size": eval_size},
-        "checkpoint": {"path": str(checkpoint), "train": {"epochs": 1, "batch_size": 100}},
-        "sweep": {"layers": layers, "k": k, "criteria": list(criteria), "batch_size": 100, **sweep},
-        "wandb": {"mode": wandb_mode},
+        "data": {"dataset": "synthetic", "synthetic_train": 600, "synthetic_test": 200, "calibration_size": 100},
+        "checkpoint": {"path": str(tmp / "tiny.pt"), "train": {"epochs": 1, "batch_size": 100}},
+        "sweep": {"k": {"fractions": [0.25, 0.5, 1.0]}, "criteria": ["mean_activation", "l1_norm"],
+                  "batch_size": 50, "random_repeats": 1},
         "output": str(tmp / "runs"),
     }
+    for update in (*updates, sections):
+        for key, value in update.items():
+            merge = isinstance(value, dict) and isinstance(grid.get(key), dict)
+            grid[key] = {**grid[key], **value} if merge else value
+    return grid
+
+
+def e2e(checkpoint: Path) -> dict:
+    """What an end-to-end sweep adds to the tiny grid: the session's shared checkpoint, 150 eval images, batches
+    of 100, W&B offline."""
+    return {"checkpoint": {"path": str(checkpoint)}, "data": {"eval_size": SMALL_EVAL}, "sweep": {"batch_size": 100},
+            "wandb": {"mode": "offline"}}
 
 
 def write_grid(path: Path, grid: dict) -> Path:
@@ -57,7 +70,7 @@ def write_grid(path: Path, grid: dict) -> Path:
 
 
 def cli_env(**extra: str) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if k not in _SCRUB}
+    env = {k: v for k, v in os.environ.items() if k not in SCRUB}
     env.update({"WANDB_SILENT": "true", "PYTHONUNBUFFERED": "1"})
     env.update(extra)
     return env
@@ -84,6 +97,14 @@ class CliRun:
 
 def nonempty_lines(text: str) -> list[str]:
     return [line for line in text.splitlines() if line.strip()]
+
+
+def refused(run: CliRun) -> str:
+    """The one line of a refused command (exit code 2, nothing else on stderr, nothing on stdout)."""
+    assert run.returncode == 2, run.explain()
+    assert len(run.err_lines) == 1 and run.err_lines[0].startswith("error: "), run.explain()
+    assert run.stdout == "", run.explain()
+    return run.err_lines[0]
 
 
 def start_cli(args: list[str], *, cwd: Path, env: dict[str, str] | None = None) -> subprocess.Popen:
@@ -146,21 +167,27 @@ def wandb_run_dirs(folder: Path) -> list[Path]:
     return sorted((folder / "wandb").glob("offline-run-*"))
 
 
-def _wandb(*args: str) -> str:
-    done = subprocess.run([sys.executable, "-m", "wandb", "leet", "inspect", *args], capture_output=True,
-                          text=True, timeout=120, env=cli_env())
-    assert done.returncode == 0, f"wandb leet inspect {' '.join(args)} failed:\n{done.stderr}"
+def _wandb(run_dir: Path, *args: str) -> str:
+    """`wandb leet inspect ARGS RUN_DIR`, run as that command runs it: W&B's core binary (`wandb-core leet
+    inspect ... --run-file RUN_FILE WANDB_DIR`), without a Python start and a W&B import per call."""
+    from wandb.util import get_core_path
+
+    (run_file,) = run_dir.glob("run-*.wandb")
+    command = [get_core_path(), "leet", "inspect", "--no-observability", *args, "--run-file", str(run_file),
+               str(run_dir.parent)]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=120, env=cli_env())
+    assert done.returncode == 0, f"wandb leet inspect {' '.join(args)} {run_dir} failed:\n{done.stderr}"
     return done.stdout
 
 
 def leet_summary(run_dir: Path) -> dict[str, Any]:
     """`wandb leet inspect --summary --json`: name, config, summary, exit_code, state, ..."""
-    return json.loads(_wandb("--summary", "--json", str(run_dir)))
+    return json.loads(_wandb(run_dir, "--summary", "--json"))
 
 
 def leet_records(run_dir: Path) -> list[dict[str, Any]]:
     """`wandb leet inspect --json`: every record of the run file, one JSON object per line."""
-    return [json.loads(line) for line in _wandb("--json", str(run_dir)).splitlines() if line.strip()]
+    return [json.loads(line) for line in _wandb(run_dir, "--json").splitlines() if line.strip()]
 
 
 def run_info(records: list[dict[str, Any]]) -> dict[str, Any]:
@@ -196,25 +223,20 @@ def runs_by_name(folder: Path) -> dict[str, list[tuple[Path, dict[str, Any], lis
 
 # ---- processes of a running sweep (for real faults: SIGKILL a trial's worker, measure memory) ----
 
-def _parents() -> dict[int, int]:
-    parents = {}
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue  # the process ended meanwhile
-        parents[int(stat.parent.name)] = int(fields[1])
-    return parents
-
-
 def descendants(pid: int) -> list[int]:
     """Every process started (directly or not) by `pid`: Ray's GCS and raylet, and its workers."""
-    parents, found, todo = _parents(), [], [pid]
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            parent = int(stat.read_text().rsplit(")", 1)[1].split()[1])
+        except (OSError, IndexError, ValueError):
+            continue  # the process ended meanwhile
+        children.setdefault(parent, []).append(int(stat.parent.name))
+    found, todo = [], [pid]
     while todo:
-        parent = todo.pop()
-        children = [p for p, pp in parents.items() if pp == parent]
-        found += children
-        todo += children
+        below = children.get(todo.pop(), [])
+        found += below
+        todo += below
     return found
 
 
@@ -278,3 +300,32 @@ def tmpfs(path: Path, size: str, read_only: bool = False) -> Iterator[Path]:
 
 def resize_tmpfs(path: Path, size: str) -> None:
     subprocess.run(["mount", "-o", f"remount,size={size}", str(path)], check=True, capture_output=True)
+
+
+# ---- the paired interval, computed by hand from a row's counts (independent of runner.engine.paired) ----
+
+def paired_interval_by_hand(n: int, right: int, lost: int, gained: int) -> tuple[float, float]:
+    """Newcombe's hybrid score interval (1998, method 10) for baseline accuracy minus accuracy at K, in points,
+    from: n images, `right` of them right at baseline, `lost` right at baseline and wrong at K, `gained` the
+    reverse. Written out from the paper's formulas in counts, as one would on paper."""
+    z = 1.959963984540054  # the 97.5% point of the normal distribution
+    a, b, c = right - lost, lost, gained  # both right, right then wrong, wrong then right
+    d = n - a - b - c  # wrong at both
+    x1, x2 = a + b, a + c  # right at baseline, right at K
+
+    def wilson(x: int) -> tuple[float, float]:
+        mid = (2 * x + z * z) / (2 * (n + z * z))
+        half = z * (x * (n - x) / n + z * z / 4) ** 0.5 / (n + z * z)
+        return mid - half, mid + half
+
+    (l1, u1), (l2, u2) = wilson(x1), wilson(x2)
+    p1, p2 = x1 / n, x2 / n
+    ad_bc = a * d - b * c
+    product = x1 * (n - x1) * x2 * (n - x2)
+    if product == 0 or 0 <= ad_bc <= n / 2:
+        phi = 0.0
+    else:
+        phi = (ad_bc - n / 2 if ad_bc > 0 else ad_bc) / product ** 0.5
+    low = (p1 - p2) - ((p1 - l1) ** 2 - 2 * phi * (p1 - l1) * (u2 - p2) + (u2 - p2) ** 2) ** 0.5
+    high = (p1 - p2) + ((u1 - p1) ** 2 - 2 * phi * (u1 - p1) * (p2 - l2) + (p2 - l2) ** 2) ** 0.5
+    return 100 * low, 100 * high

@@ -1,6 +1,7 @@
-"""The command line (DESIGN §2, §3, §9), end to end in a subprocess: --dry-run computes nothing, bad input
-(grid file, checkpoint, data, flags) is exit 2 with one exact line, and an output folder is never
-overwritten (nor resumed when there is nothing to resume).
+"""The command line (DESIGN §2, §3, §9), its entry point called in this process: --dry-run computes nothing, bad
+input (grid file, checkpoint, data, flags) is exit 2 with one exact line, and an output folder is never
+overwritten (nor resumed when there is nothing to resume). That `python scripts/sweep.py` reaches this entry point
+and exits with its code is proved once, in a subprocess, by tests/test_sweep.py.
 
 The grid fixtures are tests/grids/e2e_*.yaml; their relative paths resolve against the directory the command
 runs in, each test's own tmp folder.
@@ -9,7 +10,9 @@ runs in, each test's own tmp folder.
 from __future__ import annotations
 
 import pytest
-from e2e_helpers import GRIDS, run_cli
+from e2e_helpers import GRIDS, e2e, grid_dict, refused, write_grid
+
+from runner.errors import InputError
 
 LAYER_NAMES = ("conv1, layer1.0.conv1, layer1.0.conv2, layer1.1.conv1, layer1.1.conv2, layer2.0.conv1, "
                "layer2.0.conv2, layer2.0.shortcut.conv, layer2.1.conv1, layer2.1.conv2, layer3.0.conv1, "
@@ -22,7 +25,8 @@ BAD = {
     "unknown_key": (
         "e2e_bad_unknown_key.yaml", [],
         "error: {grid}: sweep.layer: unknown key: got 'layer'; allowed: layers, include_shortcuts, k, criteria, "
-        "target, calibration, batch_size, retries, feature_map_points; fix: remove it or correct its spelling"),
+        "target, calibration, random_repeats, random_seed, batch_size, retries, feature_map_points; "
+        "fix: remove it or correct its spelling"),
     "wrong_type": (
         "e2e_bad_wrong_type.yaml", [],
         "error: {grid}: sweep.criteria: wrong type: got 7; allowed: a valid list; fix: change sweep.criteria in "
@@ -80,71 +84,46 @@ BAD = {
         "folder where a sweep with this name started; fix: run without --resume"),
 }
 
-NOT_ONE_LINE: dict[str, str] = {}  # fixed: data files are read before Ray starts
-LEAVES_FOLDER: dict[str, str] = {}  # fixed: inputs are checked before the output folder is made
-
-
-@pytest.fixture(scope="module")
-def bad_run(tmp_path_factory):
-    """Run each bad-input case once (in its own folder) and keep the result for the tests below."""
-    done: dict[str, tuple] = {}
-
-    def run(case: str):
-        if case not in done:
-            tmp = tmp_path_factory.mktemp(case)
-            (tmp / "not_npz.npz").write_text("these are not arrays\n", encoding="utf-8")
-            grid_file, extra, expected = BAD[case]
-            grid = GRIDS / grid_file
-            result = run_cli(["--grid", str(grid), *extra], cwd=tmp, timeout=180)
-            done[case] = (result, expected.format(grid=grid, tmp=tmp), tmp)
-        return done[case]
-
-    return run
-
-
-def cases(bugs: dict[str, str]) -> list:
-    return [pytest.param(c, marks=pytest.mark.xfail(strict=True, reason=bugs[c])) if c in bugs else c for c in BAD]
-
-
 @pytest.mark.parametrize("case", list(BAD))
-def test_bad_input_exit_2_with_exact_message(bad_run, case):
-    result, expected, _ = bad_run(case)
-    assert result.returncode == 2, result.explain()
-    assert result.err_lines and result.err_lines[-1] == expected, result.explain()
-    assert result.stdout == "", result.explain()
-    assert "Traceback" not in result.stderr, result.explain()
-
-
-@pytest.mark.parametrize("case", cases(NOT_ONE_LINE))
-def test_bad_input_is_one_line(bad_run, case):
-    """DESIGN §2: bad input gives ONE line. The exact text is checked above; here, that it is all there is."""
-    result, expected, _ = bad_run(case)
-    assert result.err_lines == [expected], result.explain()
-
-
-@pytest.mark.parametrize("case", cases(LEAVES_FOLDER))
-def test_bad_input_leaves_nothing_behind(bad_run, case):
-    """DESIGN §3/§9: input errors are caught before any work starts: no output folder, no checkpoint."""
-    _, _, tmp = bad_run(case)
+def test_bad_input_is_one_exact_line_exit_2_and_leaves_nothing_behind(cli, tmp_path_factory, case):
+    """DESIGN §2: bad input gives ONE line, exit code 2. §3/§9: it is caught before any work starts: no output
+    folder, no checkpoint."""
+    tmp = tmp_path_factory.mktemp(case)
+    (tmp / "not_npz.npz").write_text("these are not arrays\n", encoding="utf-8")
+    grid_file, extra, expected = BAD[case]
+    grid = GRIDS / grid_file
+    result = cli(["--grid", str(grid), *extra], cwd=tmp)
+    assert refused(result) == expected.format(grid=grid, tmp=tmp)
     made = sorted(str(p.relative_to(tmp)) for p in tmp.rglob("*") if p.name != "not_npz.npz")
     assert made == []
 
 
-def test_wrong_flag_value_is_one_line(tmp_path):
-    result = run_cli(["--grid", str(GRIDS / "e2e_dry_run.yaml"), "--wandb-mode", "sometimes"], cwd=tmp_path)
-    assert result.returncode == 2, result.explain()
-    assert len(result.err_lines) == 1, result.explain()
-    assert result.err_lines[0].startswith("error: argument --wandb-mode: invalid choice: 'sometimes'")
+def test_wrong_flag_value_is_one_line(cli, tmp_path):
+    result = cli(["--grid", str(GRIDS / "e2e_dry_run.yaml"), "--wandb-mode", "sometimes"], cwd=tmp_path)
+    assert refused(result).startswith("error: argument --wandb-mode: invalid choice: 'sometimes'")
 
 
 # ---- --dry-run ----
 
-@pytest.mark.parametrize("extra, trials, points", [([], 16, 48), (["--set", "sweep.criteria=[l1_norm]"], 8, 24)])
-def test_dry_run_computes_nothing(tmp_path, extra, trials, points):
-    result = run_cli(["--grid", str(GRIDS / "e2e_dry_run.yaml"), "--dry-run", *extra], cwd=tmp_path)
+# l1_norm: 8 layers x 3 K; random: 8 layers x 3 K x 3 orders (sweep.random_repeats, default 3)
+@pytest.mark.parametrize("extra, trials, points, drawn", [
+    ([], 16, 96, 3), (["--set", "sweep.criteria=[l1_norm]"], 8, 24, 0), (["--set", "sweep.random_repeats=5"], 16, 144, 5)])
+def test_dry_run_computes_nothing(cli, tmp_path, monkeypatch, extra, trials, points, drawn):
+    import ray
+
+    from runner.job import cluster
+
+    def no_ray(*args, **kwargs):
+        raise AssertionError("a dry run started Ray")
+
+    monkeypatch.setattr(cluster, "start_ray", no_ray)
+    monkeypatch.setattr(ray, "init", no_ray)
+    result = cli(["--grid", str(GRIDS / "e2e_dry_run.yaml"), "--dry-run", *extra], cwd=tmp_path)
     assert result.returncode == 0, result.explain()
     lines = result.out_lines
     assert lines[-1] == f"trials: {trials} points: {points}", result.explain()
+    if drawn:
+        assert lines[-2] == f"random orders drawn per layer: {drawn} (each measured at every K)", result.explain()
     # layers "layer*.conv2" at width 0.125, K = fractions 0.25, 0.5, 1.0 of each layer's channels
     shown = {line.split()[0]: line.split(None, 1)[1] for line in lines if line.startswith("  layer")}
     channels = {"layer1.0.conv2": 8, "layer1.1.conv2": 8, "layer2.0.conv2": 16, "layer2.1.conv2": 16,
@@ -163,13 +142,44 @@ def test_dry_run_computes_nothing(tmp_path, extra, trials, points):
 
 # ---- the output folder (--resume where there is no sweep: case resume_without_sweep above) ----
 
-def test_fresh_sweep_refuses_a_folder_with_results(small_sweep, tmp_path):
+def test_fresh_sweep_refuses_a_folder_with_results(cli, small_sweep, tmp_path):
     folder = small_sweep.folder
     before = (folder / "results.csv").read_bytes()
-    result = run_cli(["--grid", str(small_sweep.grid_path)], cwd=tmp_path)
-    assert result.returncode == 2, result.explain()
-    assert result.err_lines == [
+    result = cli(["--grid", str(small_sweep.grid_path)], cwd=tmp_path)
+    assert refused(result) == (
         f"error: output: this folder already holds results of a sweep: got '{folder}'; allowed: a new folder, or "
-        "--resume to continue that sweep; fix: add --resume, or choose another name or --output"], result.explain()
+        "--resume to continue that sweep; fix: add --resume, or choose another name or --output")
     assert (folder / "results.csv").read_bytes() == before
 
+
+
+# ---- the calibration hold-out the checkpoint was trained without ----
+
+def test_a_checkpoint_trained_without_other_images_is_refused(cli, sweep_checkpoint, tmp_path):
+    """The session's checkpoint was trained holding out 100 of 600 synthetic train images (seed 0); a grid that
+    holds out 120 would rank channels on images the checkpoint was trained on."""
+    from runner.inputs.data import Holdout
+
+    grid = write_grid(tmp_path / "held.yaml", grid_dict(tmp_path, e2e(sweep_checkpoint), name="held",
+                                                        sweep={"layers": ["conv1"], "k": [1], "criteria": ["l1_norm"]}))
+    then, now = Holdout.of(600, 100, 0), Holdout.of(600, 120, 0)
+    expected = (
+        "error: checkpoint.path: trained without the calibration hold-out seed 0, 100 of 600 train images "
+        f"(indices sha256 {then.sha256[:12]}), but this sweep holds out seed 0, 120 of 600 train images (indices "
+        f"sha256 {now.sha256[:12]}), so its calibration images may have been trained on: got '{sweep_checkpoint}'; "
+        "allowed: a checkpoint trained with the sweep's hold-out (same seed, data.calibration_size and train "
+        "images); fix: set seed: 0 and data.calibration_size: 100 as when it was trained, or retrain it, or set "
+        "checkpoint.foreign: true (or sweep.calibration: test) to rank on these images anyway")
+    result = cli(["--grid", str(grid), "--set", "data.calibration_size=120"], cwd=tmp_path)
+    assert result.returncode == 2, result.explain()
+    assert result.err_lines == [expected], result.explain()
+    assert not (tmp_path / "runs").exists()  # refused before anything was made
+    # the same check in --dry-run; and what lets such a checkpoint through (in process: no command needed)
+    from runner.job.sweep import Options, dry_run
+
+    with pytest.raises(InputError) as err:
+        dry_run(Options(str(grid), overrides=("data.calibration_size=120",)))
+    assert f"error: {err.value}" == expected
+    for allowed in ("checkpoint.foreign=true", "sweep.calibration=test"):
+        assert dry_run(Options(str(grid), overrides=("data.calibration_size=120", allowed)))[-1] == \
+            "trials: 1 points: 1"

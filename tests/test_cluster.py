@@ -18,7 +18,7 @@ from collections import Counter
 from pathlib import Path
 
 import pytest
-from e2e_helpers import (ROOT, cli_env, finish, grid_dict, keys, measured, results, run_cli, start_cli, stop_group,
+from e2e_helpers import (ROOT, cli_env, e2e, finish, grid_dict, keys, measured, results, run_cli, start_cli, stop_group,
     wait_for_rows, wandb_run_dirs, write_grid)
 
 from runner.job.ray_env import LOCAL_RAY_ENV, OWN_RAY_ENV, RAY_ENV, on_loopback
@@ -74,8 +74,8 @@ def cluster():
 
 
 def cluster_grid(tmp: Path, checkpoint: Path) -> Path:
-    return write_grid(tmp / "cluster.yaml", grid_dict(tmp, checkpoint, name="cluster", layers="all", k=KS,
-                                                      criteria=CRITERIA, eval_size=200))
+    return write_grid(tmp / "cluster.yaml", grid_dict(tmp, e2e(checkpoint), name="cluster", data={"eval_size": 200},
+                                                      sweep={"layers": "all", "k": KS, "criteria": CRITERIA}))
 
 
 def sweep_on(cluster: SideCluster, checkpoint: Path, tmp: Path, after_rows: int, during) -> tuple:

@@ -3,6 +3,9 @@ grid or the checkpoint changed before --resume, two sweeps on one folder, an out
 or fills up. Nothing here is a simulated exception: processes are killed, file systems are really read-only
 or full (small tmpfs mounts; those tests skip, visibly, where mounting is not allowed).
 
+Where a process of its own is the thing under test (a kill, a signal, a second process holding the folder), the
+sweep runs as `python scripts/sweep.py` in a subprocess; everything else calls the command in this process, on
+the session's Ray, and tests that only need a finished sweep copy one that ran once for the module.
 The long ones (a sweep of 272 points run several times) are marked slow; `.ci/run` runs them too.
 """
 
@@ -11,15 +14,18 @@ from __future__ import annotations
 import os
 import shutil
 import signal
+import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
 import torch
-from e2e_helpers import (cli_env, finish, grid_dict, keys, measured, resize_tmpfs, results, run_cli, start_cli,
-    stop_group, tmpfs, trial_workers, values, wait_for_rows, write_grid)
+from e2e_helpers import (CliRun, cli_env, e2e, finish, grid_dict, keys, measured, refused, resize_tmpfs, results,
+    run_cli, start_cli, stop_group, tmpfs, trial_workers, values, wait_for_rows, write_grid)
 
 from model import checkpoint as ckpt_io
+from runner.errors import InputError
 from runner.inputs import checkpoints
 
 # 17 convs x 8 K x 2 criteria: trials long enough to be caught mid-way. Rankings from the weights only, so that
@@ -46,17 +52,20 @@ def assert_whole_and_unique(folder: Path) -> list[tuple[str, str, int]]:
 @pytest.fixture(scope="module")
 def fault_grid(sweep_checkpoint, tmp_path_factory) -> Path:
     tmp = tmp_path_factory.mktemp("faults")
-    return write_grid(tmp / "faults.yaml", grid_dict(tmp, sweep_checkpoint, name="faults", layers="all",
-                                                     k=FAULT_KS, criteria=FAULT_CRITERIA, eval_size=200))
+    grid = grid_dict(tmp, e2e(sweep_checkpoint), name="faults", data={"eval_size": 200},
+                     sweep={"layers": "all", "k": FAULT_KS, "criteria": FAULT_CRITERIA})
+    return write_grid(tmp / "faults.yaml", grid)
 
 
 @pytest.fixture(scope="module")
-def reference(fault_grid, tmp_path_factory):
-    """The same sweep, uninterrupted: what every faulted run must end with."""
+def reference(ray_session, fault_grid, tmp_path_factory):
+    """The same sweep, uninterrupted (in this process): what every faulted run must end with."""
+    from runner.job.sweep import Options, run_sweep
+
     out = tmp_path_factory.mktemp("reference")
-    run = run_cli(["--grid", str(fault_grid), "--output", str(out)], cwd=out)
-    assert run.returncode == 0, run.explain()
-    assert measured(run) == (FAULT_POINTS, FAULT_POINTS, FAULT_POINTS)
+    outcome = run_sweep(Options(str(fault_grid), output=str(out)))
+    assert (outcome.points, outcome.expected, outcome.measured, outcome.failed) == (
+        FAULT_POINTS, FAULT_POINTS, FAULT_POINTS, [])
     return values(out / "faults")
 
 
@@ -117,37 +126,49 @@ def test_driver_killed_then_resumed_recomputes_nothing(fault_grid, reference, tm
 # ---- --resume after the grid or the checkpoint changed ----
 
 PAIR = {"layers": ["layer1.0.conv1", "layer2.0.conv2"], "k": [1, 2], "criteria": ["l1_norm"]}
+PAIR_NO_CRITERIA = {k: v for k, v in PAIR.items() if k != "criteria"}
+
+
+def pair_grid(tmp: Path, checkpoint: Path, **sections) -> dict:
+    return grid_dict(tmp, e2e(checkpoint), name="pair", sweep=PAIR, **sections)
+
+
+@pytest.fixture(scope="module")
+def finished_pair_once(ray_session, sweep_checkpoint, tmp_path_factory) -> Path:
+    """A finished 4-point sweep on a checkpoint of its own (so that a test can change it), run once in this
+    process; tests get copies of it (`finished_pair`: what --resume checks is the grid, the checkpoint and
+    results.csv, none of which names the folder)."""
+    from runner.job.sweep import Options, run_sweep
+
+    tmp = tmp_path_factory.mktemp("pair")
+    shutil.copy(sweep_checkpoint, tmp / "own.pt")
+    outcome = run_sweep(Options(str(write_grid(tmp / "pair.yaml", pair_grid(tmp, tmp / "own.pt")))))
+    assert (outcome.points, outcome.measured, outcome.failed) == (4, 4, [])
+    return tmp
 
 
 @pytest.fixture
-def finished_pair(sweep_checkpoint, tmp_path):
-    """A finished 4-point sweep on a checkpoint of its own (so that it can be changed)."""
+def finished_pair(finished_pair_once, tmp_path):
+    """A copy of the finished 4-point sweep in this test's folder: its grid, checkpoint and output folder."""
     checkpoint = tmp_path / "own.pt"
-    shutil.copy(sweep_checkpoint, checkpoint)
-    grid = grid_dict(tmp_path, checkpoint, name="pair", **PAIR)
+    shutil.copy(finished_pair_once / "own.pt", checkpoint)
+    shutil.copytree(finished_pair_once / "runs", tmp_path / "runs")
+    grid = pair_grid(tmp_path, checkpoint)
     path = write_grid(tmp_path / "pair.yaml", grid)
-    run = run_cli(["--grid", str(path)], cwd=tmp_path)
-    assert run.returncode == 0, run.explain()
     folder = tmp_path / "runs" / "pair"
     return path, grid, folder, checkpoint, (folder / "results.csv").read_bytes()
 
 
-def refused(run, start: str) -> str:
-    assert run.returncode == 2, run.explain()
-    assert len(run.err_lines) == 1 and run.err_lines[0].startswith(start), run.explain()
-    return run.err_lines[0]
-
-
-def test_resume_refuses_a_changed_checkpoint(finished_pair):
+def test_resume_refuses_a_changed_checkpoint(cli, finished_pair):
     path, _, folder, checkpoint, csv_before = finished_pair
     old = ckpt_io.sha256(checkpoint)
     loaded = checkpoints.load(checkpoint, "resnet18", 0.125, 10)
     with torch.no_grad():
         loaded.model.linear.bias[0] += 0.5  # one number changed: another checkpoint
     new = checkpoints.save(checkpoint, loaded.model, loaded.meta)
-    run = run_cli(["--grid", str(path), "--resume"], cwd=path.parent)
-    line = refused(run, f"error: --resume: the checkpoint changed since this sweep started (sha256 {old[:12]} "
-                        f"then, {new[:12]} now): got '{folder}'")
+    line = refused(cli(["--grid", str(path), "--resume"], cwd=path.parent))
+    assert line.startswith(f"error: --resume: the checkpoint changed since this sweep started (sha256 {old[:12]} "
+                           f"then, {new[:12]} now): got '{folder}'")
     assert line.endswith("fix: restore them, or start a new sweep under another name or --output")
     assert (folder / "results.csv").read_bytes() == csv_before
 
@@ -158,21 +179,21 @@ def test_resume_refuses_a_changed_checkpoint(finished_pair):
      "the grid changed since this sweep started (sweep.target: 'output' then, 'input' now)"),
     ({"sweep": {"k": [1]}}, "the grid drops 2 recorded points (first: layer1.0.conv1, l1_norm, K=2)"),
 ])
-def test_resume_refuses_a_grid_that_changes_or_drops_points(finished_pair, change, what):
+def test_resume_refuses_a_grid_that_changes_or_drops_points(cli, finished_pair, change, what):
     path, grid, folder, _, csv_before = finished_pair
     for section, update in change.items():
         grid[section] = {**grid[section], **update}
     write_grid(path, grid)
-    run = run_cli(["--grid", str(path), "--resume"], cwd=path.parent)
-    refused(run, f"error: --resume: {what}: got '{folder}'")
+    line = refused(cli(["--grid", str(path), "--resume"], cwd=path.parent))
+    assert line.startswith(f"error: --resume: {what}: got '{folder}'")
     assert (folder / "results.csv").read_bytes() == csv_before
 
 
-def test_resume_with_a_grid_that_only_adds_points_measures_only_those(finished_pair):
+def test_resume_with_a_grid_that_only_adds_points_measures_only_those(cli, finished_pair):
     path, grid, folder, _, csv_before = finished_pair
     grid["sweep"] = {**grid["sweep"], "criteria": ["l1_norm", "random"], "k": [1, 2, 3]}
     write_grid(path, grid)
-    run = run_cli(["--grid", str(path), "--resume"], cwd=path.parent)
+    run = cli(["--grid", str(path), "--resume"], cwd=path.parent)
     assert run.returncode == 0, run.explain()
     assert measured(run) == (12, 12, 8)  # 2 layers x 3 K x 2 criteria, of which 4 were done
     text = (folder / "results.csv").read_bytes()
@@ -180,40 +201,67 @@ def test_resume_with_a_grid_that_only_adds_points_measures_only_those(finished_p
     assert len(set(assert_whole_and_unique(folder))) == 12
 
 
+@pytest.mark.parametrize("change, what", [
+    ({"random_seed": 5}, "sweep.random_seed: 0 then, 5 now"),
+    ({"random_repeats": 3}, "sweep.random_repeats: 1 then, 3 now"),
+])
+def test_resume_identity_holds_the_random_draws(tmp_path, change, what):
+    """The random orders' seed and count are part of what a sweep is (checked in process: no sweep needed)."""
+    from model.checkpoint import Checkpoint
+    from runner.config import parse_grid
+    from runner.inputs.trials import plan_trials
+    from runner.job.folder import resume_check, write_config
+
+    raw = grid_dict(tmp_path, name="draws", sweep={**PAIR_NO_CRITERIA, "criteria": ["random"]})
+    grid = parse_grid(raw, "g")
+    grid.folder.mkdir(parents=True)
+    write_config(grid, plan_trials(grid), Checkpoint(None, {}, "0" * 64, "m.pt"), "tune")
+    assert resume_check(grid, plan_trials(grid), "0" * 64)[1] is False  # the same sweep
+    raw["sweep"] = {**raw["sweep"], **change}
+    changed = parse_grid(raw, "g")
+    with pytest.raises(InputError) as err:
+        resume_check(changed, plan_trials(changed), "0" * 64)
+    assert str(err.value).startswith(f"--resume: the grid changed since this sweep started ({what}): ")
+
+
 # ---- two sweeps on one output folder ----
 
-def test_a_second_sweep_on_the_same_folder_is_refused(sweep_checkpoint, tmp_path):
-    path = write_grid(tmp_path / "pair.yaml", grid_dict(tmp_path, sweep_checkpoint, name="pair", **PAIR))
-    started = time.time()
-    procs = [start_cli(["--grid", str(path)], cwd=tmp_path) for _ in range(2)]
-    try:
-        runs = [finish(p, started, 300) for p in procs]
-    finally:
-        for p in procs:
-            stop_group(p)
-    codes = sorted(r.returncode for r in runs)
-    assert codes == [0, 2], "\n".join(r.explain() for r in runs)
-    loser = next(r for r in runs if r.returncode == 2)
+def test_a_second_sweep_on_the_same_folder_is_refused(cli, ray_session, sweep_checkpoint, tmp_path):
+    """Two sweeps on one folder, in two processes: one runs here; `python scripts/sweep.py` on the same folder,
+    started once this one holds it, is refused (exit 2, one line) and this one's results stay whole."""
+    path = write_grid(tmp_path / "pair.yaml", pair_grid(tmp_path, sweep_checkpoint))
     folder = tmp_path / "runs" / "pair"
-    assert len(loser.err_lines) == 1, loser.explain()
-    assert loser.err_lines[0].startswith(("error: output: another sweep is running in this folder (pid ",
-                                          "error: output: this folder already holds results")), loser.explain()
+    held, done = f"pid {os.getpid()} ", threading.Event()
+
+    def second_once_the_folder_is_held() -> CliRun | None:
+        while not done.is_set():
+            if (folder / ".lock").is_file() and (folder / ".lock").read_text().startswith(held):
+                return run_cli(["--grid", str(path)], cwd=tmp_path)
+            time.sleep(0.01)
+        return None
+
+    with ThreadPoolExecutor(1) as pool:
+        waiting = pool.submit(second_once_the_folder_is_held)
+        try:
+            first = cli(["--grid", str(path)], cwd=tmp_path)
+        finally:
+            done.set()
+        second = waiting.result(timeout=300)
+    assert first.returncode == 0, first.explain()
+    assert second is not None, "the second sweep never started: " + first.explain()
+    assert refused(second).startswith((f"error: output: another sweep is running in this folder ({held}",
+                                       "error: output: this folder already holds results")), second.explain()
     assert len(assert_whole_and_unique(folder)) == 4
 
 
 # ---- an output folder that is read-only, or fills up ----
 
-def test_a_read_only_output_folder_is_one_line_and_exit_2(sweep_checkpoint, tmp_path):
+def test_a_read_only_output_folder_is_one_line_and_exit_2(cli, sweep_checkpoint, tmp_path):
     with tmpfs(tmp_path / "ro", "1m", read_only=True) as ro:
-        grid = grid_dict(tmp_path, sweep_checkpoint, name="pair", **PAIR)
-        grid["output"] = str(ro / "runs")
-        run = run_cli(["--grid", str(write_grid(tmp_path / "pair.yaml", grid))], cwd=tmp_path)
-        assert run.returncode == 2, run.explain()
-        assert run.err_lines == [f"error: output: cannot write there (Read-only file system): got "
-                                 f"'{ro}/runs/pair'; allowed: a folder you can write to; fix: choose another "
-                                 "--output, or fix the folder's permissions"], run.explain()
-
-
+        path = write_grid(tmp_path / "pair.yaml", pair_grid(tmp_path, sweep_checkpoint, output=str(ro / "runs")))
+        assert refused(cli(["--grid", str(path)], cwd=tmp_path)) == (
+            f"error: output: cannot write there (Read-only file system): got '{ro}/runs/pair'; allowed: a folder you "
+            "can write to; fix: choose another --output, or fix the folder's permissions")
 @pytest.mark.slow
 def test_a_full_disk_stops_the_sweep_cleanly_and_resume_finishes_it(fault_grid, reference, tmp_path):
     with tmpfs(tmp_path / "small", "2m") as small:
@@ -245,17 +293,17 @@ def test_a_full_disk_stops_the_sweep_cleanly_and_resume_finishes_it(fault_grid, 
 
 # ---- Tune's state elsewhere (a cluster's shared folder or a cloud URI): resume reads it from there ----
 
-def test_tune_state_in_its_own_storage_and_resume_restores_from_it(sweep_checkpoint, tmp_path):
-    grid = grid_dict(tmp_path, sweep_checkpoint, name="pair", **PAIR)
-    grid["resources"] = {"tune_storage": str(tmp_path / "shared")}
-    path = write_grid(tmp_path / "pair.yaml", grid)
-    first = run_cli(["--grid", str(path)], cwd=tmp_path)
+def test_tune_state_in_its_own_storage_and_resume_restores_from_it(cli, ray_session, sweep_checkpoint, tmp_path):
+    """(A sweep of its own: Tune's saved state names the folders it was made for, so a copy would not do.)"""
+    path = write_grid(tmp_path / "pair.yaml", pair_grid(tmp_path, sweep_checkpoint,
+                                                        resources={"tune_storage": str(tmp_path / "shared")}))
+    first = cli(["--grid", str(path)], cwd=tmp_path)
     assert first.returncode == 0, first.explain()
     folder = tmp_path / "runs" / "pair"
     experiments = sorted((tmp_path / "shared" / "pair").glob("tune-*"))
     assert len(experiments) == 1 and list(experiments[0].glob("experiment_state-*.json")), first.explain()
     assert not list(folder.glob("tune*"))  # nothing of Tune's in the output folder
-    again = run_cli(["--grid", str(path), "--resume"], cwd=tmp_path)
+    again = cli(["--grid", str(path), "--resume"], cwd=tmp_path)
     assert again.returncode == 0, again.explain()
     assert f"resuming from Tune's state in {experiments[0]}" in again.stderr, again.explain()
     assert measured(again) == (4, 4, 0)

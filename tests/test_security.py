@@ -12,9 +12,8 @@ import sys
 import time
 from pathlib import Path
 
-import pytest
-import yaml
 from conftest import ROOT
+from e2e_helpers import CliRun, cli_env, descendants, e2e, grid_dict, run_cli, write_grid
 
 LOOPBACK = ("127.0.0.1:", "[::1]:", "[::ffff:127.0.0.1]:")  # the last: IPv4 loopback on a dual-stack socket
 START_RAY = """
@@ -30,23 +29,6 @@ print(json.dumps({{"pid": os.getpid(), "nodes": [n["NodeManagerAddress"] for n i
 sys.stdin.readline()
 ray.shutdown()
 """
-
-
-def _descendants(pid: int) -> set[int]:
-    children: dict[int, list[int]] = {}
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
-            except (OSError, IndexError, ValueError):
-                continue
-            children.setdefault(ppid, []).append(int(entry.name))
-    found, todo = set(), [pid]
-    while todo:
-        p = todo.pop()
-        found.add(p)
-        todo += children.get(p, [])
-    return found
 
 
 def _listening(pids: set[int]) -> list[str]:
@@ -68,7 +50,7 @@ def _local_ray(dashboard: bool) -> tuple[dict, list[str]]:
         while line and not line.startswith("{"):  # Ray may print its own lines first
             line = proc.stdout.readline()
         info = json.loads(line)
-        listeners = _listening(_descendants(info["pid"]))
+        listeners = _listening({info["pid"], *descendants(info["pid"])})
     finally:
         proc.stdin.write("\n")
         proc.stdin.flush()
@@ -76,10 +58,14 @@ def _local_ray(dashboard: bool) -> tuple[dict, list[str]]:
     return info, listeners
 
 
-def test_local_ray_binds_loopback_only_and_has_no_dashboard() -> None:
-    info, listeners = _local_ray(dashboard=False)
-    assert info["nodes"] == ["127.0.0.1"]
-    assert info["gcs"].startswith("127.0.0.1:")
+def test_local_ray_binds_loopback_only_and_has_no_dashboard(ray_session) -> None:
+    """The session's Ray, started as the command starts its own (runner.job.cluster.start_ray), and everything
+    this process started: every listening socket on loopback, no dashboard."""
+    import ray
+
+    assert [n["NodeManagerAddress"] for n in ray.nodes()] == ["127.0.0.1"]
+    assert ray.get_runtime_context().gcs_address.startswith("127.0.0.1:")
+    listeners = _listening({os.getpid(), *descendants(os.getpid())})
     assert listeners, "found no Ray listeners to check"
     assert all(addr.startswith(LOOPBACK) for addr in listeners), listeners
     assert not any(addr.endswith(":8265") for addr in listeners)
@@ -99,31 +85,32 @@ def test_dashboard_when_asked_is_on_loopback_too() -> None:
     assert all(addr.startswith(LOOPBACK) for addr in listeners), listeners
 
 
-def _tiny_grid(tmp: Path, mode: str) -> Path:
-    grid = {"name": "secret", "model": {"width": 0.125},
-            "data": {"dataset": "synthetic", "synthetic_train": 300, "synthetic_test": 100, "calibration_size": 50},
-            "checkpoint": {"path": str(tmp / "model.pt"), "train": {"epochs": 1, "batch_size": 50}},
-            "sweep": {"layers": ["layer1.0.conv1"], "k": [1, 4], "criteria": ["l1_norm"], "batch_size": 50},
-            "wandb": {"mode": mode}, "output": str(tmp / "runs")}
-    path = tmp / "grid.yaml"
-    path.write_text(yaml.safe_dump(grid), encoding="utf-8")
-    return path
-
-
-@pytest.mark.parametrize("mode", ["offline", "auto"])
-def test_wandb_key_appears_in_nothing_the_sweep_writes(tmp_path: Path, mode: str) -> None:
-    key = secrets.token_hex(20)  # 40 characters, like a real key
-    started = time.time()
-    env = {**os.environ, "WANDB_API_KEY": key, "WANDB_BASE_URL": "http://127.0.0.1:9"}  # auto -> online -> no server
-    done = subprocess.run([sys.executable, str(ROOT / "scripts" / "sweep.py"), "--grid", str(_tiny_grid(tmp_path, mode))],
-                          capture_output=True, text=True, env=env, cwd=tmp_path, timeout=600)
-    assert done.returncode == 0, done.stderr[-2000:]
-    written = [p for p in (tmp_path / "runs").rglob("*") if p.is_file()]
+def key_leaks(run: CliRun, output: Path, started: float, key: str) -> list[str]:
+    """Where a sweep run as its own process wrote `key`: its output, what it printed, and its Ray's own logs."""
+    assert run.returncode == 0, run.explain()
+    written = [p for p in output.rglob("*") if p.is_file()]
     assert any(p.name == "results.csv" for p in written) and any(p.suffix == ".wandb" for p in written)
-    # and Ray's own logs of this run (its session folders started during the test)
-    sessions = [d for d in Path("/tmp/ray").glob("session_2*") if d.is_dir() and d.stat().st_mtime >= started - 1]
+    # and Ray's own logs of this run (its session folders started since)
+    sessions = [d for d in (Path(os.environ["RAY_TMPDIR"]) / "ray").glob("session_2*")  # (see conftest.py)
+                if d.is_dir() and d.stat().st_mtime >= started - 1]
     assert sessions, "no Ray session folder from this run"
     written += [p for d in sessions for p in d.rglob("*") if p.is_file() and not p.is_symlink()]
-    leaks = [str(p) for p in written if key.encode() in p.read_bytes()]
-    assert leaks == []
-    assert key not in done.stdout + done.stderr
+    return [str(p) for p in written if key.encode() in p.read_bytes()] + \
+        (["stdout or stderr"] if key in run.stdout + run.stderr else [])
+
+
+def test_wandb_key_appears_in_nothing_an_offline_sweep_writes(script_sweep) -> None:
+    """The script's sweep (conftest.py): a process and a Ray of its own, W&B offline, a key in its environment."""
+    assert key_leaks(script_sweep.run, script_sweep.folder, script_sweep.started, script_sweep.key) == []
+
+
+def test_wandb_key_appears_in_nothing_an_auto_sweep_writes(sweep_checkpoint, tmp_path: Path) -> None:
+    """W&B auto with a key (so online) and no server there; a process of its own, so that its Ray (and that Ray's
+    logs) start with the key in the environment."""
+    key = secrets.token_hex(20)  # 40 characters, like a real key
+    grid = write_grid(tmp_path / "grid.yaml", grid_dict(tmp_path, e2e(sweep_checkpoint), name="secret", sweep={
+        "layers": ["layer1.0.conv1"], "k": [1, 4], "criteria": ["l1_norm"]}, wandb={"mode": "auto"}))
+    started = time.time()
+    run = run_cli(["--grid", str(grid)], cwd=tmp_path, env=cli_env(WANDB_API_KEY=key,
+                                                                  WANDB_BASE_URL="http://127.0.0.1:9"))
+    assert key_leaks(run, tmp_path / "runs", started, key) == []

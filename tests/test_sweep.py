@@ -2,8 +2,9 @@
 CLI, interruption and --resume, a crashed trial retried, and W&B pointed at a server that is not there.
 
 Every sweep is tiny (width 0.125, a few hundred synthetic images, one shared checkpoint trained once per
-session). In-process sweeps share the session's Ray (`ray_session`); what needs a process of its own (exit
-codes, Ctrl-C, environment reaching Ray workers) runs `python scripts/sweep.py` in a subprocess.
+session). In-process sweeps share the session's Ray (`ray_session`); what needs a process of its own (Ctrl-C,
+environment reaching Ray workers) runs `python scripts/sweep.py` in a subprocess, and one of those also proves
+that the script reaches the command and exits with its code.
 """
 
 from __future__ import annotations
@@ -20,9 +21,10 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import yaml
-from e2e_helpers import (SMALL_CRITERIA, SMALL_EVAL, SMALL_FRACTIONS, SMALL_LAYERS, cli_env, closed_port,
-    artifacts, expected_points, finish, grid_dict, history, keys, leet_records, leet_summary, manifest_paths,
-    measured, results, run_cli, run_info, runs_by_name, start_cli, stop_group, values, wandb_run_dirs, write_grid)
+from e2e_helpers import (SMALL_CRITERIA, SMALL_EVAL, SMALL_FRACTIONS, SMALL_LAYERS, artifacts, closed_port,
+    e2e, expected_points, finish, grid_dict, history, keys, leet_records, leet_summary, manifest_paths, measured,
+    paired_interval_by_hand, results, run_cli, run_info, runs_by_name, start_cli, stop_group, values,
+    wandb_run_dirs, write_grid)
 
 from model.checkpoint import sha256
 from runner.config import load_grid
@@ -35,11 +37,6 @@ def small_ks(channels: int) -> list[int]:
 
 
 SMALL_POINTS = expected_points(SMALL_LAYERS, SMALL_CRITERIA, small_ks)
-
-
-def test_small_points_are_written_out():
-    assert len(SMALL_POINTS) == 12
-    assert all(k == round(f * c) for c in SMALL_LAYERS.values() for k, f in zip(small_ks(c), SMALL_FRACTIONS))
 
 
 # ---- 1. outputs on disk ----
@@ -63,10 +60,39 @@ def test_every_point_once_with_checkpoint_and_baseline(small_sweep):
         assert correct == pytest.approx(round(correct), abs=1e-3), where
         assert math.isfinite(r["loss"]) and r["loss"] > 0, where
         assert r["params_removed"] > 0 and r["macs_removed"] > 0, where
+        # the trial's own baseline, device and precision; the paired interval from the images that flipped
+        assert (r["device"], r["dtype"], r["repeat"]) == ("cpu", "float32", 0), where
+        assert r["accuracy_drop"] == pytest.approx(100 * (r["right_to_wrong"] - r["wrong_to_right"]) / SMALL_EVAL,
+                                                   abs=2e-6), where
+        assert r["drop_low"] <= r["accuracy_drop"] <= r["drop_high"], where
+        right = round(r["baseline_accuracy"] * SMALL_EVAL / 100)
+        assert (r["drop_low"], r["drop_high"]) == pytest.approx(paired_interval_by_hand(
+            SMALL_EVAL, right, r["right_to_wrong"], r["wrong_to_right"]), abs=2e-6), where
     for layer in SMALL_LAYERS:  # more channels pruned never removes fewer parameters
         for c in SMALL_CRITERIA:
             pts = sorted((r for r in rows if (r["layer"], r["criterion"]) == (layer, c)), key=lambda r: r["k"])
             assert pts[0]["params_removed"] < pts[1]["params_removed"]
+
+
+def test_one_point_by_hand(small_sweep):
+    """One row's interval, computed here from its flip counts (printed with -s)."""
+    r = max(results(small_sweep.folder), key=lambda r: r["right_to_wrong"] + r["wrong_to_right"])
+    right = round(r["baseline_accuracy"] * SMALL_EVAL / 100)
+    low, high = paired_interval_by_hand(SMALL_EVAL, right, r["right_to_wrong"], r["wrong_to_right"])
+    print(f"\n{r['layer']}/{r['criterion']} K={r['k']}: {SMALL_EVAL} images, {right} right at baseline, "
+          f"{r['right_to_wrong']} lost, {r['wrong_to_right']} gained: drop {r['accuracy_drop']:.4f}, "
+          f"interval [{low:.4f}, {high:.4f}] by hand, [{r['drop_low']:.4f}, {r['drop_high']:.4f}] in results.csv")
+    assert r["right_to_wrong"] > 0  # a point where something flipped
+    assert (r["drop_low"], r["drop_high"]) == pytest.approx((low, high), abs=2e-6)
+
+
+def test_rankings_json_holds_every_trials_order(small_sweep):
+    entries = json.loads((small_sweep.folder / "rankings.json").read_text(encoding="utf-8"))
+    assert sorted(entries) == sorted(f"{layer}/{c}" for layer in SMALL_LAYERS for c in SMALL_CRITERIA)
+    for key, entry in entries.items():
+        channels = SMALL_LAYERS[key.split("/")[0]]
+        assert sorted(entry["order"]) == list(range(channels)) and len(entry["scores"]) == channels, key
+        assert entry["order"] == sorted(range(channels), key=lambda c: entry["scores"][c]), key  # lowest first
 
 
 def test_config_yaml_holds_resolved_grid_and_provenance(small_sweep):
@@ -100,6 +126,11 @@ def test_plots_report_and_feature_maps(small_sweep):
         pngs = list((folder / "feature_maps" / layer).glob("*.png"))
         assert pngs and all(p.read_bytes().startswith(b"\x89PNG") for p in pngs), layer
     assert "plots/accuracy_vs_k.png" in report and "plots/sensitivity.png" in report
+    # the eval set's size and an image's worth; safe K from the interval's upper end; the hold-out checked
+    assert f"on {SMALL_EVAL} synthetic test images" in report and "one image is worth 0.667 points" in report
+    assert "have the **upper end** of that interval under the threshold" in report
+    assert "the calibration images are among them (checked)" in report
+    assert "mean_activation: safe K < 1 / < 5 pts | l1_norm: safe K < 1 / < 5 pts |" in report
 
 
 # ---- 2. W&B offline runs ----
@@ -263,8 +294,9 @@ BIG_CRITERIA = ["l1_norm", "random"]  # rankings from weights only: the same in 
 def test_interrupt_then_resume_measures_each_point_once(ray_session, sweep_checkpoint, tmp_path):
     from runner.job.sweep import Options, run_sweep
 
-    grid = write_grid(tmp_path / "big.yaml", grid_dict(tmp_path, sweep_checkpoint, name="big", layers="all",
-                                                       k=BIG_KS, criteria=BIG_CRITERIA, eval_size=200))
+    grid = write_grid(tmp_path / "big.yaml", grid_dict(tmp_path, e2e(sweep_checkpoint), name="big",
+                                                       data={"eval_size": 200},
+                                                       sweep={"layers": "all", "k": BIG_KS, "criteria": BIG_CRITERIA}))
     total = 17 * len(BIG_KS) * len(BIG_CRITERIA)  # 17 convs without the shortcuts at width 0.125
     folder = tmp_path / "runs" / "big"
     args = ["--grid", str(grid)]
@@ -308,57 +340,41 @@ def test_interrupt_then_resume_measures_each_point_once(ray_session, sweep_check
     assert values(folder) == values(reference.folder)  # exactly the numbers of an uninterrupted sweep
 
 
-# ---- 4. a crashed trial is retried; 5. W&B server down ----
+# ---- 4. the script, and a crashed trial retried; 5. W&B server down ----
 
 PAIR_LAYERS = {"layer1.0.conv1": 8, "layer2.0.conv2": 16}
 PAIR_POINTS = expected_points(PAIR_LAYERS, ["l1_norm"], lambda c: [1, 2])
 
 
 def pair_grid(tmp: Path, checkpoint: Path, name: str) -> Path:
-    return write_grid(tmp / f"{name}.yaml", grid_dict(tmp, checkpoint, name=name, layers=list(PAIR_LAYERS),
-                                                      k=[1, 2], criteria=["l1_norm"]))
+    return write_grid(tmp / f"{name}.yaml", grid_dict(tmp, e2e(checkpoint), name=name, sweep={
+        "layers": list(PAIR_LAYERS), "k": [1, 2], "criteria": ["l1_norm"]}))
 
 
-@pytest.fixture(scope="module")
-def pair_offline(sweep_checkpoint, tmp_path_factory):
-    """The 2-trial sweep through the CLI, W&B offline: what a run of it needs (time, results)."""
-    tmp = tmp_path_factory.mktemp("pair_offline")
-    run = run_cli(["--grid", str(pair_grid(tmp, sweep_checkpoint, "pair"))], cwd=tmp)
-    return run, tmp / "runs" / "pair"
-
-
-def test_cli_sweep_completes(pair_offline):
-    run, folder = pair_offline
+def test_the_script_runs_a_sweep_and_a_crashed_trial_is_retried(script_sweep):
+    """`python scripts/sweep.py` reaches the command and exits with its code (the one subprocess smoke test of the
+    wiring, conftest.py); its own Ray's workers see the fault injected through the environment, so one trial
+    crashes once."""
+    run, folder = script_sweep.run, script_sweep.folder
+    assert script_sweep.crashed.is_file(), "the trial never crashed\n" + run.explain()
     assert run.returncode == 0, run.explain()
     assert run.out_lines[-1].startswith("4/4 points (4 measured in this run) in "), run.explain()
-    assert sorted(keys(results(folder))) == sorted(PAIR_POINTS)
-    assert "Traceback" not in run.stderr, run.explain()
-    assert len(wandb_run_dirs(folder)) == 3  # 2 trials + the summary run
-
-
-def test_crashed_trial_is_retried(sweep_checkpoint, tmp_path):
-    marker = tmp_path / "crashed"
-    env = cli_env(PRUNE_SWEEP_CRASH_ONCE=f"layer2.0.conv2/l1_norm:{marker}")
-    run = run_cli(["--grid", str(pair_grid(tmp_path, sweep_checkpoint, "crash"))], cwd=tmp_path, env=env)
-    assert marker.is_file(), "the trial never crashed\n" + run.explain()
-    assert run.returncode == 0, run.explain()
     told = [line for line in run.err_lines if "layer2.0.conv2/l1_norm" in line and "retry" in line]
     assert len(told) == 1, run.explain()  # the user is told about the retry, once
-    folder = tmp_path / "runs" / "crash"
+    assert "Traceback" not in run.stderr, run.explain()
     assert sorted(keys(results(folder))) == sorted(PAIR_POINTS)  # every point, exactly once
-    assert run.out_lines[-1].startswith("4/4 points"), run.explain()
     assert len(wandb_run_dirs(folder)) == 3  # one run per trial (none left behind by the crash) + summary
 
 
 FAKE_KEY = "0123456789abcdef0123456789abcdef01234567"
 
 
-def test_wandb_server_unreachable(sweep_checkpoint, tmp_path, pair_offline):
+def test_wandb_server_unreachable(cli, ray_session, sweep_checkpoint, tmp_path):
     url = f"http://127.0.0.1:{closed_port()}"
-    env = cli_env(WANDB_BASE_URL=url, WANDB_API_KEY=FAKE_KEY)
-    run = run_cli(["--grid", str(pair_grid(tmp_path, sweep_checkpoint, "nowandb")), "--wandb-mode", "online"],
-                  cwd=tmp_path, env=env)
+    run = cli(["--grid", str(pair_grid(tmp_path, sweep_checkpoint, "nowandb")), "--wandb-mode", "online"],
+              cwd=tmp_path, env={"WANDB_BASE_URL": url, "WANDB_API_KEY": FAKE_KEY})
     assert run.returncode == 0, run.explain()
+    assert run.out_lines[-1].startswith("4/4 points (4 measured in this run) in "), run.explain()
     folder = tmp_path / "runs" / "nowandb"
     assert sorted(keys(results(folder))) == sorted(PAIR_POINTS)
     lines = (run.stdout + run.stderr).replace(str(tmp_path), "<tmp>").splitlines()  # (the path holds the test's name)
@@ -366,9 +382,6 @@ def test_wandb_server_unreachable(sweep_checkpoint, tmp_path, pair_offline):
     assert len(told) == 1 and url in told[0], run.explain()  # told once, naming the server
     assert len([line for line in lines if "W&B" in line or "wandb:" in line.lower()]) == 1, run.explain()
     assert "Traceback" not in run.stderr, run.explain()
-    reference, _ = pair_offline
-    assert reference.returncode == 0
-    assert run.seconds <= reference.seconds + 30, f"{run.seconds:.0f} s, offline {reference.seconds:.0f} s"
     # the runs fell back to offline, and the key appears nowhere
     assert len(wandb_run_dirs(folder)) == 3
     assert FAKE_KEY not in run.stdout + run.stderr
@@ -377,7 +390,70 @@ def test_wandb_server_unreachable(sweep_checkpoint, tmp_path, pair_offline):
             assert FAKE_KEY not in path.read_text(encoding="utf-8", errors="replace"), path
 
 
-# ---- 6. the Python API (runner.api): sweep(grid) and load_results(folder) as DataFrames ----
+# ---- 6. random drawn several times; rankings.json reused by --resume ----
+
+DRAWN_LAYERS = {"layer1.0.conv1": 8, "layer2.0.conv2": 16}
+DRAWN_CRITERIA = ["l1_norm", "mean_activation", "random"]
+
+
+def drawn_grid(tmp: Path, checkpoint: Path, name: str, k: list[int], random_seed: int) -> Path:
+    return write_grid(tmp / f"{name}-{len(k)}.yaml", grid_dict(
+        tmp, e2e(checkpoint), name=name, sweep={"layers": list(DRAWN_LAYERS), "k": k, "criteria": DRAWN_CRITERIA,
+                                                "random_repeats": 2, "random_seed": random_seed}))
+
+
+@pytest.mark.slow
+def test_random_repeats_random_seed_and_rankings_json_on_resume(ray_session, sweep_checkpoint, tmp_path):
+    from runner.job.sweep import Options, run_sweep
+
+    first = run_sweep(Options(str(drawn_grid(tmp_path, sweep_checkpoint, "drawn", [1, 2], random_seed=0))))
+    assert (first.points, first.expected, first.failed) == (16, 16, [])  # 2 layers x 2 K x (1 + 1 + 2 orders)
+    rows = results(first.folder)
+    drawn = sorted((r["layer"], r["k"], r["repeat"]) for r in rows if r["criterion"] == "random")
+    assert drawn == sorted((layer, k, r) for layer in DRAWN_LAYERS for k in (1, 2) for r in (0, 1))
+    assert {r["repeat"] for r in rows if r["criterion"] != "random"} == {0}
+    entries = json.loads((first.folder / "rankings.json").read_text(encoding="utf-8"))
+    for layer, channels in DRAWN_LAYERS.items():
+        orders = entries[f"{layer}/random"]["order"]
+        assert len(orders) == 2 and orders[0] != orders[1] and sorted(orders[1]) == list(range(channels))
+    report = (first.folder / "report.md").read_text(encoding="utf-8")
+    assert "## Random orders: mean and spread" in report and "`random` draws 2 orders per layer" in report
+
+    # another random_seed: other random orders, the same calibration images and every other number unchanged
+    other = run_sweep(Options(str(drawn_grid(tmp_path, sweep_checkpoint, "reseeded", [1, 2], random_seed=1))))
+    again = json.loads((other.folder / "rankings.json").read_text(encoding="utf-8"))
+    for layer in DRAWN_LAYERS:
+        assert again[f"{layer}/random"]["order"] != entries[f"{layer}/random"]["order"], layer
+        for c in ("l1_norm", "mean_activation"):  # mean_activation is measured on the calibration images
+            assert again[f"{layer}/{c}"] == entries[f"{layer}/{c}"], (layer, c)
+    theirs = {(r["layer"], r["criterion"], r["k"], r["repeat"]): r for r in results(other.folder)}
+    ours = {(r["layer"], r["criterion"], r["k"], r["repeat"]): r for r in rows}
+    assert theirs.keys() == ours.keys()
+    for key, r in ours.items():
+        same = (r["accuracy"], r["loss"], r["baseline_accuracy"]) == (theirs[key]["accuracy"], theirs[key]["loss"],
+                                                                      theirs[key]["baseline_accuracy"])
+        assert same or key[1] == "random", key
+    assert any(ours[k]["loss"] != theirs[k]["loss"] for k in ours if k[1] == "random")  # the draws did change
+
+    # --resume reads rankings.json: edit layer2.0.conv2's l1_norm order to mean_activation's, add K = 3, and the
+    # new l1_norm point is exactly mean_activation's (whose order is not edited)
+    layer = "layer2.0.conv2"
+    edited = entries[f"{layer}/mean_activation"]
+    assert set(entries[f"{layer}/l1_norm"]["order"][:3]) != set(edited["order"][:3])  # the edit changes K = 3
+    entries[f"{layer}/l1_norm"] = {"order": edited["order"], "scores": edited["scores"]}
+    lines = [f"  {json.dumps(k)}: {json.dumps(v)}" for k, v in entries.items()]
+    (first.folder / "rankings.json").write_text("{\n" + ",\n".join(lines) + "\n}\n", encoding="utf-8")
+    resumed = run_sweep(Options(str(drawn_grid(tmp_path, sweep_checkpoint, "drawn", [1, 2, 3], random_seed=0)),
+                                resume=True))
+    assert (resumed.points, resumed.expected, resumed.measured) == (24, 24, 8)  # only K = 3 was measured
+    after = {(r["layer"], r["criterion"], r["k"], r["repeat"]): r for r in results(first.folder)}
+    l1, mean = after[(layer, "l1_norm", 3, 0)], after[(layer, "mean_activation", 3, 0)]
+    assert (l1["accuracy"], l1["loss"], l1["right_to_wrong"]) == (mean["accuracy"], mean["loss"],
+                                                                    mean["right_to_wrong"])
+    assert json.loads((first.folder / "rankings.json").read_text(encoding="utf-8")) == entries  # not rewritten
+
+
+# ---- 7. the Python API (runner.api): sweep(grid) and load_results(folder) as DataFrames ----
 
 def test_load_results_equals_results_csv_row_for_row(small_sweep):
     import csv
@@ -393,9 +469,11 @@ def test_load_results_equals_results_csv_row_for_row(small_sweep):
             got = row[column]
             if column == "per_class_accuracy":
                 assert got == [float(v) for v in text.split(";")], column
-            elif column in ("k", "channels", "params_removed", "macs_removed", "eval_images"):
+            elif column in ("k", "repeat", "channels", "params_removed", "macs_removed", "eval_images",
+                            "right_to_wrong", "wrong_to_right"):
                 assert isinstance(got, (int, np.integer)) and got == int(text), column
-            elif column in ("fraction", "accuracy", "loss", "baseline_accuracy", "accuracy_drop", "seconds"):
+            elif column in ("fraction", "accuracy", "loss", "baseline_accuracy", "accuracy_drop", "drop_low",
+                            "drop_high", "seconds"):
                 assert isinstance(got, float) and got == float(text), column
             else:
                 assert got == text, column

@@ -18,7 +18,7 @@ import numpy as np
 from ray import tune
 
 from runner.outputs import figures
-from runner.outputs.results import ResultsTable, TrialId, by_trial
+from runner.outputs.results import COLUMNS, ResultsTable, TrialId, by_trial
 from runner.outputs.tracking import RunSpec, Tracker, Tracking, make_tracker
 from runner.storage import atomic_path
 
@@ -31,7 +31,6 @@ class Context:
 
     folder: str
     sweep: str
-    baseline: float
     checkpoint_sha256: str
     eval_images: int
     tracking: Tracking  # W&B, in the mode the driver's tracker settled on
@@ -46,7 +45,6 @@ def point_title(row: dict[str, Any]) -> str:
             f"accuracy {row['accuracy']:.2f}%")
 
 
-LAYER_CAPTION = "pruned layer's BN output, mean over the eval images (pruned channels are flat white)"
 FINAL_CAPTION = "final stage output: the 64 channels with the highest mean"
 
 
@@ -55,7 +53,7 @@ def feature_map_images(row: dict[str, Any], maps: dict[str, np.ndarray]) -> dict
     and the final stage (top 64). The same pictures go to W&B and, for a few K, to disk."""
     out = {}
     if "layer" in maps:
-        out["pruned_layer"] = figures.grid_image(maps["layer"], title=f"{point_title(row)}\n{LAYER_CAPTION}")
+        out["pruned_layer"] = figures.grid_image(maps["layer"], title=f"{point_title(row)}\n{figures.layer_caption(row['target'])}")
     if "final" in maps:
         out["final_stage"] = figures.grid_image(maps["final"], final=True,
                                                 title=f"{point_title(row)}\n{FINAL_CAPTION}")
@@ -144,14 +142,9 @@ class Collector(tune.Callback):
                       live.busy, live.backlog.seconds, live.new)
 
     def _row(self, result: dict[str, Any]) -> dict[str, Any]:
-        c = self.context
-        row = {k: result[k] for k in ("layer", "criterion", "target", "k", "fraction", "channels", "accuracy",
-                                      "loss", "params_removed", "macs_removed", "seconds", "node", "device",
-                                      "per_class_accuracy")}
-        row["baseline_accuracy"] = c.baseline
-        row["accuracy_drop"] = c.baseline - result["accuracy"]
-        row["eval_images"] = c.eval_images
-        row["checkpoint_sha256"] = c.checkpoint_sha256
+        """A results.csv row: the trial's numbers (its drop is against its own baseline) and the checkpoint."""
+        row = {k: result[k] for k in COLUMNS if k in result}
+        row["checkpoint_sha256"] = self.context.checkpoint_sha256
         return row
 
     def on_trial_result(self, iteration: int, trials: list, trial: Any, result: dict, **info: Any) -> None:
@@ -167,7 +160,8 @@ class Collector(tune.Callback):
         live = self.live
         maps = result.pop("maps", None) or {}  # in place: keeps the arrays out of Tune's experiment state
         row = self._row(result)
-        live.board.record.remote(row["layer"], row["criterion"], row["k"], time.time())  # every point, repeats too
+        # every point measured, those a retried trial measures again too
+        live.board.record.remote(row["layer"], row["criterion"], row["k"], row["repeat"], time.time())
         if not live.table.add(row):
             return  # already recorded (a retried or resumed trial repeating a point)
         live.new += 1
@@ -185,7 +179,7 @@ class Collector(tune.Callback):
             return rendered["images"]
 
         self.live.tracker.log_point(self.context.runs[trial_id.key], row, images)
-        if maps and row["k"] in self.context.figure_ks.get(trial_id.key, ()):
+        if maps and row["repeat"] == 0 and row["k"] in self.context.figure_ks.get(trial_id.key, ()):
             self._save_figures(row, images(), maps)
 
     def _save_figures(self, row: dict[str, Any], images: dict[str, np.ndarray],
@@ -218,7 +212,8 @@ class Collector(tune.Callback):
         rows = by_trial(self.live.table.rows).get(trial_id, [])
         self.live.backlog.submit(self.live.tracker.finish_trial, trial_id.key, rows)
         worst = min(rows, key=lambda r: r["accuracy"], default=None)
-        shown = f"accuracy at K={worst['k']}: {worst['accuracy']:.2f}%" if worst else "no new points"
+        shown = f"accuracy at K={worst['k']}: {worst['accuracy']:.2f}% (baseline {worst['baseline_accuracy']:.2f}%)" \
+            if worst else "no new points"
         log.info("trial done: %-40s %s", trial_id.key, shown)
 
     def on_trial_recover(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:

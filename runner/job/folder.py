@@ -100,8 +100,8 @@ def changed_keys(before: dict[str, Any], now: dict[str, Any]) -> list[tuple[str,
     return [(k, a.get(k), b.get(k)) for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
 
 
-def points_of(plan: TrialPlan) -> set[tuple[str, str, int]]:
-    return {(t.layer, t.criterion, k) for t in plan.trials for k in t.ks}
+def points_of(plan: TrialPlan) -> set[tuple[str, str, int, int]]:
+    return {(t.layer, t.criterion, k, r) for t in plan.trials for k, r in t.points}
 
 
 def resume_check(grid: Grid, plan: TrialPlan, sha: str) -> tuple[dict[str, Any], bool]:
@@ -127,9 +127,10 @@ def resume_check(grid: Grid, plan: TrialPlan, sha: str) -> tuple[dict[str, Any],
     old = parse_grid({k: v for k, v in saved.items() if k not in SAVED_EXTRAS}, str(grid.folder / "config.yaml"))
     lost = points_of(plan_trials(old)) - points_of(plan)
     if lost:
-        layer, criterion, k = sorted(lost)[0]
+        layer, criterion, k, r = sorted(lost)[0]
+        draw = f", repeat {r}" if r else ""
         raise InputError("--resume", str(grid.folder), f"the grid drops {len(lost)} recorded points (first: {layer}, "
-                         f"{criterion}, K={k})", "a grid that keeps every point and adds others", refuse)
+                         f"{criterion}, K={k}{draw})", "a grid that keeps every point and adds others", refuse)
     return saved, True
 
 

@@ -24,7 +24,7 @@ from runner.job.collector import Collector, Context
 from runner.job.resources import trial_request
 from runner.job.board import BoardStats, board_actor
 from runner.job.trial import Shared, run_trial
-from runner.outputs.results import TrialId, read_rows
+from runner.outputs.results import TrialId, key_of, read_rows
 from runner.outputs.tracking import RunSpec, Tracker, Tracking, model_artifact
 
 log = logging.getLogger(__name__)
@@ -67,7 +67,7 @@ def stage_of(conv: ConvInfo) -> int:
     return int(found[1]) if found else 0
 
 
-def trial_runs(plan: TrialPlan, loaded: Checkpoint, baseline: float) -> dict[str, RunSpec]:
+def trial_runs(plan: TrialPlan, loaded: Checkpoint) -> dict[str, RunSpec]:
     """Each trial's W&B run: named layer/criterion, with the layer's numbers in its config (for W&B's runs
     table and parallel coordinates) and its criterion, target and unit as tags."""
     index = {c.name: i for i, c in enumerate(plan.convs)}
@@ -78,18 +78,18 @@ def trial_runs(plan: TrialPlan, loaded: Checkpoint, baseline: float) -> dict[str
         macs = conv.in_channels * conv.out_channels * conv.kernel_size ** 2 * conv.out_hw[0] * conv.out_hw[1]
         config = {"layer": t.layer, "criterion": t.criterion, "target": t.target, "unit": "layer",
                   "layer_index": index[t.layer], "stage": stage_of(conv), "channels": t.channels, "macs": macs,
-                  "checkpoint_sha256": loaded.sha256, "baseline_accuracy": baseline}
+                  "checkpoint_sha256": loaded.sha256}
         runs[t.id.key] = RunSpec(t.id.key, "prune-eval", config,
                                  (f"criterion:{t.criterion}", f"target:{t.target}", "unit:layer"), uses)
     return runs
 
 
-def _context(grid: Grid, plan: TrialPlan, data: Dataset, loaded: Checkpoint, baseline: float,
-             tracker: Tracker, tracking: Tracking) -> Context:
+def _context(grid: Grid, plan: TrialPlan, data: Dataset, loaded: Checkpoint, tracker: Tracker,
+             tracking: Tracking) -> Context:
     return Context(
-        folder=str(grid.folder), sweep=grid.name, baseline=baseline, checkpoint_sha256=loaded.sha256,
+        folder=str(grid.folder), sweep=grid.name, checkpoint_sha256=loaded.sha256,
         eval_images=len(data.test), tracking=replace(tracking, mode=tracker.mode),
-        runs=trial_runs(plan, loaded, baseline),
+        runs=trial_runs(plan, loaded),
         figure_ks={t.id.key: t.figure_ks(grid.sweep.feature_map_points) for t in plan.trials},
         total_points=plan.points, board=board_name(grid))
 
@@ -120,12 +120,12 @@ def run_trials(grid: Grid, plan: TrialPlan, data: Dataset, loaded: Checkpoint, c
     """Run (or resume) every trial, inside `ray_session`. The driver's tracker has resolved the W&B mode (auto,
     an unreachable server); the collector's tracker starts in the mode it settled on, so a fallback is reported
     once."""
-    done = [(r["layer"], r["criterion"], r["k"]) for r in read_rows(grid.folder / "results.csv")]
+    done = [key_of(r) for r in read_rows(grid.folder / "results.csv")]
     board = board_actor(board_name(grid), done)  # kept alive while the trials run
     shared = _shared(grid, plan, data, loaded, calibrated.rankings)
     trainable = tune.with_resources(tune.with_parameters(run_trial, shared=shared), trial_resources(grid))
     path = f"{grid.tune_root}/{experiment}"
-    context = _context(grid, plan, data, loaded, calibrated.baseline, tracker, tracking)
+    context = _context(grid, plan, data, loaded, tracker, tracking)
     if restore:
         log.info("resuming from Tune's state in %s (%d points already in results.csv)", path, len(done))
         tuner = tune.Tuner.restore(path, trainable, resume_unfinished=True, resume_errored=True)

@@ -180,10 +180,18 @@ def stages(layers: Sequence[str]) -> list[list[str]]:
     return out or [carry]
 
 
+def layer_caption(target: str) -> str:
+    """The caption under a pruned layer's feature maps: only output pruning makes the pruned channels flat."""
+    if target == "output":
+        return "pruned layer's BN output, mean over eval images (pruned channels are flat white)"
+    return "pruned layer's BN output, mean over eval images (its input channels were pruned: no channel is flat)"
+
+
 def accuracy_vs_k(rows: Sequence[dict], baseline: float, path: Path) -> None:
     """Accuracy against K (as a fraction of the layer's channels, so layers of different widths share an
     axis): one column of panels per criterion, and, when there are more layers than a legend can hold, one row
-    per stage, so that every panel keeps a short legend."""
+    per stage, so that every panel keeps a short legend. A row with `drop_low` / `drop_high` gets a band: the
+    accuracy interval its trial's baseline minus those ends gives. Each line starts at its trial's baseline."""
     criteria = sorted({r["criterion"] for r in rows})
     layers = list(dict.fromkeys(r["layer"] for r in rows))
     trials = by_trial(rows)
@@ -195,18 +203,25 @@ def accuracy_vs_k(rows: Sequence[dict], baseline: float, path: Path) -> None:
         for col, criterion in enumerate(criteria):
             ax = axes[row][col]
             for i, layer in enumerate(group):
-                pts = [(r["fraction"], r["accuracy"]) for r in trials.get(TrialId(layer, criterion), [])]
-                if pts:
-                    xs, ys = zip(*[(0.0, baseline), *pts])
-                    ax.plot(xs, ys, marker="." if len(pts) <= 16 else None, lw=1.3, color=cmap(i % 10),
-                            label=layer)
+                pts = trials.get(TrialId(layer, criterion), [])
+                if not pts:
+                    continue
+                start = pts[0].get("baseline_accuracy", baseline)
+                xs = [0.0] + [r["fraction"] for r in pts]
+                ax.plot(xs, [start] + [r["accuracy"] for r in pts], marker="." if len(pts) <= 16 else None,
+                        lw=1.3, color=cmap(i % 10), label=layer)
+                if all("drop_high" in r for r in pts):
+                    base = [r.get("baseline_accuracy", baseline) for r in pts]
+                    ax.fill_between(xs, [start] + [b - r["drop_high"] for b, r in zip(base, pts)],
+                                    [start] + [b - r["drop_low"] for b, r in zip(base, pts)],
+                                    color=cmap(i % 10), alpha=0.18, lw=0)
             ax.axhline(baseline, color="grey", lw=0.8, ls="--")
             ax.set_xlim(0, 1.02)
             ax.grid(alpha=0.3)
             if row == 0:
                 ax.set_title(criterion)
             if row == len(groups) - 1:
-                ax.set_xlabel("fraction of channels pruned (K / channels)")
+                ax.set_xlabel("K / channels pruned (band: 95% paired interval)")
             if col == 0:
                 ax.set_ylabel("accuracy (%)")
         axes[row][-1].legend(fontsize=7, loc="center left", bbox_to_anchor=(1.02, 0.5), frameon=False)
@@ -214,7 +229,8 @@ def accuracy_vs_k(rows: Sequence[dict], baseline: float, path: Path) -> None:
 
 
 def sensitivity_heatmap(rows: Sequence[dict], path: Path) -> None:
-    """Accuracy drop by layer (rows) and K / channels (x), one panel per criterion. Each cell spans from the
+    """Accuracy drop by layer (rows) and K / channels (x), one panel per criterion (random: the mean over its
+    draws). Each cell spans from the
     previous measured fraction to its own, so layers of 8 and of 512 channels fill the same width without gaps,
     and the figure's size does not grow with the number of K values."""
     criteria = sorted({r["criterion"] for r in rows})

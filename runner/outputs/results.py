@@ -1,4 +1,8 @@
-"""results.csv: one row per point, appended (and flushed to disk) as points finish, each point once."""
+"""results.csv: one row per point, appended (and flushed to disk) as points finish, each point once.
+
+A point is (layer, criterion, K, repeat): `repeat` numbers the random orders of a criterion that draws several
+(random: sweep.random_repeats rows per K), and is 0 for every other criterion.
+"""
 
 from __future__ import annotations
 
@@ -11,14 +15,16 @@ from typing import TYPE_CHECKING, Any, Iterable, NamedTuple
 if TYPE_CHECKING:
     import pandas
 
-COLUMNS = ("layer", "criterion", "target", "k", "fraction", "channels", "accuracy", "loss", "baseline_accuracy",
-           "accuracy_drop", "params_removed", "macs_removed", "eval_images", "checkpoint_sha256", "seconds", "node",
-           "device", "per_class_accuracy")
-INTS = {"k", "channels", "params_removed", "macs_removed", "eval_images"}
-FLOATS = {"fraction", "accuracy", "loss", "baseline_accuracy", "accuracy_drop", "seconds"}
-TEXTS = {"layer", "criterion", "target", "checkpoint_sha256", "node", "device"}  # ids that may look like numbers
+COLUMNS = ("layer", "criterion", "target", "k", "repeat", "fraction", "channels", "accuracy", "loss",
+           "baseline_accuracy", "accuracy_drop", "drop_low", "drop_high", "right_to_wrong", "wrong_to_right",
+           "params_removed", "macs_removed", "eval_images", "checkpoint_sha256", "seconds", "node", "device", "dtype",
+           "per_class_accuracy")
+INTS = {"k", "repeat", "channels", "params_removed", "macs_removed", "eval_images", "right_to_wrong",
+        "wrong_to_right"}
+FLOATS = {"fraction", "accuracy", "loss", "baseline_accuracy", "accuracy_drop", "drop_low", "drop_high", "seconds"}
+TEXTS = {"layer", "criterion", "target", "checkpoint_sha256", "node", "device", "dtype"}  # ids that may look like numbers
 
-Key = tuple[str, str, int]  # layer, criterion, k
+Key = tuple[str, str, int, int]  # layer, criterion, k, repeat
 
 
 class TrialId(NamedTuple):
@@ -34,11 +40,11 @@ class TrialId(NamedTuple):
 
 
 def by_trial(rows: Iterable[dict[str, Any]]) -> dict[TrialId, list[dict[str, Any]]]:
-    """Rows grouped by trial, in first-seen order, each trial's rows by ascending K."""
+    """Rows grouped by trial, in first-seen order, each trial's rows by ascending K (then repeat)."""
     out: dict[TrialId, list[dict[str, Any]]] = {}
     for r in rows:
         out.setdefault(TrialId(r["layer"], r["criterion"]), []).append(r)
-    return {t: sorted(pts, key=lambda r: r["k"]) for t, pts in out.items()}
+    return {t: sorted(pts, key=lambda r: (r["k"], r.get("repeat") or 0)) for t, pts in out.items()}
 
 
 class ResultsError(OSError):
@@ -46,7 +52,7 @@ class ResultsError(OSError):
 
 
 def key_of(row: dict[str, Any]) -> Key:
-    return row["layer"], row["criterion"], int(row["k"])
+    return row["layer"], row["criterion"], int(row["k"]), int(row.get("repeat") or 0)
 
 
 def read_rows(path: Path) -> list[dict[str, Any]]:
@@ -60,9 +66,9 @@ def read_rows(path: Path) -> list[dict[str, Any]]:
     for raw in csv.DictReader(io.StringIO(text)):
         row: dict[str, Any] = dict(raw)
         for c in INTS & row.keys():
-            row[c] = int(row[c])
+            row[c] = int(row[c]) if row[c] != "" else None
         for c in FLOATS & row.keys():
-            row[c] = float(row[c])
+            row[c] = float(row[c]) if row[c] != "" else None
         rows.append(row)
     return rows
 

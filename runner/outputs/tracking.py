@@ -34,7 +34,8 @@ from runner.outputs.results import by_trial
 log = logging.getLogger(__name__)
 
 DEFAULT_BASE_URL = "https://api.wandb.ai"
-POINT_METRICS = ("accuracy", "accuracy_drop", "loss", "fraction", "params_removed", "macs_removed")
+POINT_METRICS = ("accuracy", "accuracy_drop", "drop_low", "drop_high", "loss", "fraction", "params_removed",
+                 "macs_removed", "repeat")
 TRAIN_METRICS = ("loss", "train_accuracy", "lr", "seconds")
 # WANDB_MODE's values (W&B's own switch) -> our modes
 ENV_MODES = {"online": "online", "run": "online", "offline": "offline", "dryrun": "offline", "disabled": "disabled"}
@@ -303,8 +304,13 @@ class WandbTracker:
             table = wandb.Table(columns=columns, data=[[r[c] for c in columns] for r in rows])
             trials = by_trial(rows)
             series = sorted(trials)
-            xs = [[r["k"] for r in trials[t]] for t in series]
-            ys = [[r["accuracy"] for r in trials[t]] for t in series]
+            xs, ys = [], []
+            for t in series:
+                by_k: dict[int, list[float]] = {}  # random: the mean over its draws
+                for r in trials[t]:
+                    by_k.setdefault(r["k"], []).append(r["accuracy"])
+                xs.append(list(by_k))
+                ys.append([sum(v) / len(v) for v in by_k.values()])
             data: dict[str, Any] = {
                 "results": table,
                 "accuracy_vs_k": wandb.plot.line_series(xs=xs, ys=ys, keys=[t.key for t in series],
