@@ -59,8 +59,9 @@ def count(model: nn.Module, example_inputs: Tensor) -> Counts:
 
 
 def dependency_graph(model: nn.Module, example_inputs: Tensor) -> tp.DependencyGraph:
-    """Torch-Pruning's dependency graph, traced in eval mode (a forward in train mode would move BN statistics)."""
-    with _eval(model):
+    """Torch-Pruning's dependency graph, traced in eval mode (a forward in train mode would move BN statistics),
+    with autograd on (it traces through autograd's graph), also when called under torch.no_grad()."""
+    with _eval(model), torch.enable_grad():
         return tp.DependencyGraph().build_dependency(model, example_inputs=example_inputs, verbose=False)
 
 
