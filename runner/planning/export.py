@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import os
 import pickle
+import warnings
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -44,6 +45,7 @@ def save_pruned(path: Path, model: nn.Module, removal: Removal, meta: Mapping[st
     payload = {"format": FORMAT, "removal": {u: [int(i) for i in idxs] for u, idxs in removal.items()},
                "meta": dict(meta),
                "state_dict": {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}}
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
     with atomic_path(Path(path)) as tmp:
         torch.save(payload, tmp)
 
@@ -105,10 +107,15 @@ class Normalised(nn.Module):
 def export_onnx(path: Path, model: nn.Module, mean: Sequence[float], std: Sequence[float],
                 image_size: int, opset: int = OPSET) -> None:
     """Write the network, normalisation inside, as ONNX: input `images` float32 [N, 3, H, W] in [0, 1] (N
-    dynamic), output `logits`. TorchScript exporter (`dynamo=False`): the dynamo exporter needs onnxscript."""
+    dynamic), output `logits`, one self-contained file.
+
+    The TorchScript exporter (`dynamo=False`, deprecated since torch 2.9 but present): the torch.export one needs
+    onnxscript, starts at opset 18 and writes the weights to a second file; its warning is silenced here."""
     wrapped = Normalised(model, mean, std).eval()
     example = torch.rand(1, len(mean), image_size, image_size)
-    with atomic_path(Path(path)) as tmp, torch.no_grad():
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    with atomic_path(Path(path)) as tmp, torch.no_grad(), warnings.catch_warnings():
+        warnings.filterwarnings("ignore", category=DeprecationWarning)
         torch.onnx.export(wrapped, (example,), str(tmp), opset_version=opset, dynamo=False,
                           input_names=["images"], output_names=["logits"],
                           dynamic_axes={"images": {0: "batch"}, "logits": {0: "batch"}})
