@@ -12,10 +12,11 @@ import pytest
 from runner.errors import InputError
 from runner.outputs.plans import COLUMNS, plan_folder, plans_table, read_plan_json, read_plans_csv, write_plan_json, \
     write_plans_csv
+from runner.planning.config import METHODS as config_methods
 from runner.planning.config import Budget, PlanConfig, check_plan, parse_plan
 from runner.planning.correction import Measured, accepts, correct
 from runner.planning.curves import Curve, Option, allowed_keeps, choices, curve
-from runner.planning.solve import Plan, Planner, knapsack, threshold
+from runner.planning.solve import METHODS, Plan, Planner, knapsack, threshold
 
 
 def linear(unit: str, channels: int, ks: list[int], drops: list[float], per_channel: int) -> Curve:
@@ -152,6 +153,7 @@ def test_fit_tightens_and_replans_until_the_counted_model_meets_the_budget(metho
 
 
 def test_planner_names_the_methods() -> None:
+    assert tuple(METHODS) == config_methods  # the grid's choices are the registry's
     with pytest.raises(ValueError, match="unknown planning method 'greedy'; known: knapsack, threshold, uniform"):
         Planner([], "macs", 0.5, 1.0, "greedy")
 

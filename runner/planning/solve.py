@@ -60,6 +60,18 @@ class Plan:
 Choice = dict[str, Option]
 
 
+@dataclass(frozen=True)
+class Rules:
+    """What a plan may choose: kept channels a multiple of round_to, at least min_keep, K within caps."""
+
+    round_to: int = 1
+    min_keep: float = 0.0
+    caps: Mapping[str, int] = field(default_factory=dict)
+
+    def options(self, c: Curve) -> list[Option]:
+        return [o for o in choices(c, self.round_to, self.min_keep) if o.k <= self.caps.get(c.unit, o.k)]
+
+
 def knapsack(options: Mapping[str, Sequence[Option]], kind: str, required: float) -> Choice | None:
     """The exact multiple-choice knapsack (module docstring); None when even the largest options fall short."""
     units = list(options)
@@ -98,11 +110,11 @@ def threshold(options: Mapping[str, Sequence[Option]], kind: str, required: floa
     return at(ts[i]) if i < len(ts) else None
 
 
-def uniform(curves: Sequence[Curve], kind: str, required: float, round_to: int, min_keep: float,
-            caps: Caps) -> Choice | None:
+def uniform(curves: Sequence[Curve], kind: str, required: float, rules: Rules) -> Choice | None:
     """One kept ratio for every unit, the largest that reaches `required` (module docstring). A unit's K is
     clipped to its measured range and to its cap."""
-    keeps = {c.unit: allowed_keeps(c.channels, round_to, min_keep) + [c.channels] for c in curves}
+    keeps = {c.unit: allowed_keeps(c.channels, rules.round_to, rules.min_keep) + [c.channels] for c in curves}
+    caps = rules.caps
 
     def at(r: float) -> Choice:
         out = {}
@@ -119,7 +131,17 @@ def uniform(curves: Sequence[Curve], kind: str, required: float, round_to: int, 
     return at(ratios[i]) if i < len(ratios) else None
 
 
-METHODS = ("knapsack", "threshold", "uniform")
+def _by_knapsack(curves: Sequence[Curve], kind: str, required: float, rules: Rules) -> Choice | None:
+    return knapsack({c.unit: rules.options(c) for c in curves}, kind, required)
+
+
+def _by_threshold(curves: Sequence[Curve], kind: str, required: float, rules: Rules) -> Choice | None:
+    return threshold({c.unit: rules.options(c) for c in curves}, kind, required)
+
+
+# the methods: (curves, budget kind, savings required, rules) -> one option per unit, or None when out of reach
+METHODS: dict[str, Callable[[Sequence[Curve], str, float, Rules], Choice | None]] = {
+    "knapsack": _by_knapsack, "threshold": _by_threshold, "uniform": uniform}
 
 
 @dataclass(frozen=True)
@@ -146,12 +168,7 @@ class Planner:
         """The method's plan for `required` savings (default the budget's), every K within `caps`."""
         caps = dict(caps or {})
         required = self.required if required is None else required
-        if self.method == "uniform":
-            choice = uniform(self.curves, self.kind, required, self.round_to, self.min_keep, caps)
-        else:
-            options = {c.unit: [o for o in choices(c, self.round_to, self.min_keep) if o.k <= caps.get(c.unit, o.k)]
-                       for c in self.curves}
-            choice = (knapsack if self.method == "knapsack" else threshold)(options, self.kind, required)
+        choice = METHODS[self.method](self.curves, self.kind, required, Rules(self.round_to, self.min_keep, caps))
         return None if choice is None else Plan(self.method, self.kind, required, choice, caps=caps)
 
     def fit(self, count: Callable[[Mapping[str, int]], float], caps: Caps | None = None,
