@@ -31,10 +31,9 @@ from runner.planning.curves import curve
 from runner.planning.export import Normalised, export_onnx, load_pruned, onnx_logits, save_pruned
 from runner.planning.latency import latency
 from runner.planning.record import plan_record
-from runner.planning.removal import count, counter, masked, pruned_copy, removable_alone, removal_from
+from runner.planning.removal import counter, counts, masked, pruned_copy, removable_alone, removal_from
 from runner.planning.solve import Plan, Planner
 
-X1 = torch.zeros(1, 3, 32, 32)
 MEAN, STD = (0.49, 0.48, 0.45), (0.25, 0.24, 0.26)
 REMOVAL = {"layer1.0.conv1": [0, 3, 5], "layer3.1.conv1": list(range(0, 32, 3)), "conv1": [2]}
 
@@ -47,7 +46,7 @@ def base() -> nn.Module:
 
 @pytest.fixture(scope="module")
 def pruned(base) -> nn.Module:
-    return pruned_copy(base, X1, REMOVAL).eval()
+    return pruned_copy(base, REMOVAL, 32).eval()
 
 
 def unit_images(n: int = 64, seed: int = 2) -> torch.Tensor:
@@ -66,8 +65,7 @@ def test_pruned_pt_rebuilds_the_same_network_in_a_fresh_process(tmp_path, pruned
         from model.resnet import build
         from runner.planning.export import load_pruned
         folder = sys.argv[1]
-        loaded = load_pruned(folder + "/pruned.pt", build(**{"arch": "resnet18", "width": 0.125, "num_classes": 10}),
-                             torch.zeros(1, 3, 32, 32))
+        loaded = load_pruned(folder + "/pruned.pt", build("resnet18", 0.125, 10), 32)
         want = torch.load(folder + "/want.pt", weights_only=True)
         with torch.no_grad():
             got = loaded.model(want["x"])
@@ -92,14 +90,14 @@ def test_a_tampered_plan_is_one_line(tmp_path, pruned) -> None:
     save_pruned(path, pruned, REMOVAL, {})
     tampered(path, removal={**REMOVAL, "layer1.0.conv1": list(range(11))})
     with pytest.raises(InputError) as e:
-        load_pruned(path, ResNet18(width=0.125), X1)
+        load_pruned(path, ResNet18(width=0.125), 32)
     assert str(e.value) == (
         f"{path}: plan['layer1.0.conv1']: K larger than the unit's channels allow: got 11; allowed: K from 0 to 7 "
         "(layer1.0.conv1 has 8 output channels; at least one must stay); fix: rebuild the plan with prune-sweep "
         "prune (do not edit it by hand)")
     tampered(path, removal={**REMOVAL, "layer1.0.conv1": [0, 3]})  # a plan that does not fit the weights
     with pytest.raises(InputError) as e:
-        load_pruned(path, ResNet18(width=0.125), X1)
+        load_pruned(path, ResNet18(width=0.125), 32)
     assert str(e.value).startswith("pruned.pt: its state_dict does not fit the network its plan rebuilds (size "
                                    "mismatch for layer1.0.conv1.weight")
     assert "\n" not in str(e.value)
@@ -116,7 +114,7 @@ def test_a_file_that_is_not_a_pruned_model_is_one_line(tmp_path, content, proble
     else:
         path.write_bytes(content)
     with pytest.raises(InputError) as e:
-        load_pruned(path, ResNet18(width=0.125), X1)
+        load_pruned(path, ResNet18(width=0.125), 32)
     assert str(e.value) == (f"pruned.pt: {problem}: got {str(path)!r}; allowed: a prune-sweep/pruned/1 file written "
                             "by prune-sweep prune; fix: write it again with prune-sweep prune")
 
@@ -171,9 +169,9 @@ def test_measured_curves_become_plans_csv(sweep_checkpoint, tmp_path) -> None:
         with torch.no_grad():
             return net(x).argmax(1) == y
 
-    base_right, base_counts = right(model), count(model, X1)
+    base_right, base_counts = right(model), counts(model, 32)
     units = [n for n, m in model.named_modules() if n.startswith("layer") and n.endswith(".conv1")]
-    assert set(removable_alone(model, X1, units).values()) == {None}
+    assert set(removable_alone(model, units, 32).values()) == {None}
     orders = {u: torch.argsort(model.get_submodule(u).weight.abs().sum((1, 2, 3)), stable=True).tolist()
               for u in units}
     curves = []
@@ -183,19 +181,19 @@ def test_measured_curves_become_plans_csv(sweep_checkpoint, tmp_path) -> None:
         drops, macs, params = [], [], []
         for k in ks:
             removal = removal_from({u: k}, orders)
-            with masked(model, X1, removal):
+            with masked(model, removal, 32):
                 drops.append(paired(base_right, right(model)).drop)
-            saved = count(pruned_copy(model, X1, removal), X1)
+            saved = counts(pruned_copy(model, removal, 32), 32)
             macs.append(base_counts.macs - saved.macs)
             params.append(base_counts.params - saved.params)
         curves.append(curve(u, c, ks, drops, macs, params))
 
     def measure(plan: Plan) -> Measured:
-        with masked(model, X1, removal_from(plan.ks, orders)):
+        with masked(model, removal_from(plan.ks, orders), 32):
             return paired(base_right, right(model))
 
     budget = Budget(macs=0.75)
-    kept = counter(model, X1, orders, budget.kind)
+    kept = counter(model, orders, budget.kind, 32)
     rows = []
     for method in ("knapsack", "threshold", "uniform"):
         planner = Planner(curves, budget.kind, budget.keep, base_counts.macs, method, round_to=2, min_keep=0.1)
@@ -204,16 +202,16 @@ def test_measured_curves_become_plans_csv(sweep_checkpoint, tmp_path) -> None:
         fixed = None if method == "uniform" else correct(plan, lambda caps: planner.fit(kept, caps), measure)
         plan = fixed.plan if fixed else plan
         removal = removal_from(plan.ks, orders)
-        with masked(model, X1, removal):
+        with masked(model, removal, 32):
             masked_right = right(model)
-        pruned = pruned_copy(model, X1, removal).eval()
+        pruned = pruned_copy(model, removal, 32).eval()
         assert torch.equal(right(pruned), masked_right)  # to the image
-        counted = count(pruned, X1)
+        counted = counts(pruned, 32)
         assert counted.macs == plan.counted_kept and counted.macs <= 0.75 * base_counts.macs
         assert all((c.channels - plan.ks[c.unit]) % 2 == 0 or plan.ks[c.unit] == 0 for c in curves)
         folder = plan_folder(tmp_path, budget.label, method)
         save_pruned(folder / "pruned.pt", pruned, removal, {"model": grid.model.model_dump()})
-        loaded = load_pruned(folder / "pruned.pt", ResNet18(width=0.125), X1)
+        loaded = load_pruned(folder / "pruned.pt", ResNet18(width=0.125), 32)
         assert torch.equal(right(loaded.model), masked_right)
         export_onnx(folder / "pruned.onnx", pruned, mean, std, 32)
         onnx_x = torch.from_numpy(data.test.images).permute(0, 3, 1, 2).float().div(255).numpy()

@@ -10,9 +10,8 @@ from torch import nn
 
 from model.resnet import ResNet18
 from runner.errors import InputError
-from runner.planning.removal import Counts, count, counter, masked, pruned_copy, removable_alone, removal_from
+from runner.planning.removal import Counts, counter, counts, masked, pruned_copy, removable_alone, removal_from
 
-X1 = torch.zeros(1, 3, 32, 32)
 
 
 def calibrated(model: nn.Module, seed: int = 0) -> nn.Module:
@@ -49,16 +48,16 @@ def images(n: int = 32, seed: int = 1) -> torch.Tensor:
 
 def test_count_is_macs_and_params_by_hand() -> None:
     conv = nn.Conv2d(3, 8, 3, padding=1, bias=False)
-    assert count(conv, X1) == Counts(8 * 3 * 9 * 32 * 32, 8 * 3 * 9)
-    head = nn.Linear(16, 10)
-    assert count(head, torch.zeros(4, 16)) == Counts(4 * 16 * 10, 16 * 10 + 10)
+    assert counts(conv, 32) == Counts(8 * 3 * 9 * 32 * 32, 8 * 3 * 9)
+    net = nn.Sequential(conv, nn.BatchNorm2d(8), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 10))
+    assert counts(net, 32) == Counts(8 * 3 * 9 * 32 * 32 + 8 * 10, 8 * 3 * 9 + 2 * 8 + 8 * 10 + 10)  # BN: no MACs
 
 
 def test_a_pruned_block_conv1_saves_its_filters_bn_and_the_next_convs_input_slice(resnet) -> None:
     # layer1.0.conv1: 8 -> 8 channels, 3x3, 32x32. Removing 3 output channels removes 3 of its filters
     # (3*8*9 weights, 3*8*9*1024 MACs), 3 BN channels (6 params) and 3 input slices of conv2 (8*3*9 weights)
-    pruned = pruned_copy(resnet, X1, {"layer1.0.conv1": [0, 3, 5]})
-    base, after = count(resnet, X1), count(pruned, X1)
+    pruned = pruned_copy(resnet, {"layer1.0.conv1": [0, 3, 5]}, 32)
+    base, after = counts(resnet, 32), counts(pruned, 32)
     assert base.macs - after.macs == 2 * 3 * 8 * 9 * 1024 == 442_368
     assert base.params - after.params == 3 * 8 * 9 + 6 + 8 * 3 * 9 == 438
     assert pruned.layer1[0].conv1.out_channels == 5 and pruned.layer1[0].conv2.in_channels == 5
@@ -72,10 +71,10 @@ def test_a_pruned_block_conv1_saves_its_filters_bn_and_the_next_convs_input_slic
 ], ids=["one", "three", "group"])
 def test_resnet_pruned_equals_masked(resnet, removal) -> None:
     x = images()
-    with masked(resnet, X1, removal), torch.no_grad():
+    with masked(resnet, removal, 32), torch.no_grad():
         want = resnet(x)
     with torch.no_grad():
-        got = pruned_copy(resnet, X1, removal).eval()(x)
+        got = pruned_copy(resnet, removal, 32).eval()(x)
     assert torch.equal(got.argmax(1), want.argmax(1))
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
     with torch.no_grad():
@@ -90,10 +89,10 @@ def test_resnet_pruned_equals_masked(resnet, removal) -> None:
 ], ids=["last", "projection", "depthwise"])
 def test_mobilenet_v2_pruned_equals_masked(mobilenet, removal) -> None:
     x = images()
-    with masked(mobilenet, X1, removal), torch.no_grad():
+    with masked(mobilenet, removal, 32), torch.no_grad():
         want = mobilenet(x)
     with torch.no_grad():
-        got = pruned_copy(mobilenet, X1, removal).eval()(x)
+        got = pruned_copy(mobilenet, removal, 32).eval()(x)
     assert torch.equal(got.argmax(1), want.argmax(1))
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
     with torch.no_grad():
@@ -102,12 +101,12 @@ def test_mobilenet_v2_pruned_equals_masked(mobilenet, removal) -> None:
 
 
 def test_units_that_can_be_removed_alone(resnet, mobilenet) -> None:
-    got = removable_alone(resnet, X1, ["layer1.0.conv1", "layer3.1.conv1", "layer1.0.conv2", "layer2.0.shortcut.conv"])
+    got = removable_alone(resnet, ["layer1.0.conv1", "layer3.1.conv1", "layer1.0.conv2", "layer2.0.shortcut.conv"], 32)
     assert got["layer1.0.conv1"] is None and got["layer3.1.conv1"] is None
     assert got["layer1.0.conv2"] == ("its channels are tied to conv1, layer1.1.conv2 (residual addition, "
                                      "concatenation or depthwise conv): plan it as a group")
     assert got["layer2.0.shortcut.conv"].startswith("its channels are tied to layer2.0.conv2, layer2.1.conv2 ")
-    got = removable_alone(mobilenet, X1, ["features.18.0", "features.2.conv.0.0"])
+    got = removable_alone(mobilenet, ["features.18.0", "features.2.conv.0.0"], 32)
     assert got["features.18.0"] is None
     assert got["features.2.conv.0.0"].startswith("its channels are tied to features.2.conv.1.0 ")
 
@@ -126,17 +125,17 @@ def test_units_that_can_be_removed_alone(resnet, mobilenet) -> None:
 ])
 def test_a_bad_removal_is_one_line(resnet, removal, message) -> None:
     with pytest.raises(InputError) as e:
-        pruned_copy(resnet, X1, removal)
+        pruned_copy(resnet, removal, 32)
     assert str(e.value) == message
 
 
 def test_two_units_of_one_group_are_refused(resnet) -> None:
     with pytest.raises(ValueError, match="units conv1 and layer1.0.conv2 are one group: plan one of them"):
-        pruned_copy(resnet, X1, {"conv1": [0], "layer1.0.conv2": [1]})
+        pruned_copy(resnet, {"conv1": [0], "layer1.0.conv2": [1]}, 32)
 
 
 def test_a_plans_removal_comes_from_the_rankings_and_is_counted(resnet) -> None:
     orders = {"layer1.0.conv1": [5, 0, 3, 1, 2, 4, 6, 7], "layer2.0.conv1": list(range(15, -1, -1))}
     assert removal_from({"layer1.0.conv1": 3, "layer2.0.conv1": 0}, orders) == {"layer1.0.conv1": [0, 3, 5]}
-    kept = counter(resnet, X1, orders, "macs")
-    assert kept({"layer1.0.conv1": 3}) == count(resnet, X1).macs - 442_368
+    kept = counter(resnet, orders, "macs", 32)
+    assert kept({"layer1.0.conv1": 3}) == counts(resnet, 32).macs - 442_368

@@ -71,7 +71,7 @@ def _read(path: Path) -> dict[str, Any]:
     return payload
 
 
-def load_pruned(path: Path, base: nn.Module, example_inputs: Tensor) -> Pruned:
+def load_pruned(path: Path, base: nn.Module, image_size: int) -> Pruned:
     """The pruned network rebuilt from a freshly built `base` (modified in place): the file's removal applied
     with Torch-Pruning, then its state_dict loaded (strict). Problems with the file are one-line InputErrors."""
     payload = _read(Path(path))
@@ -80,7 +80,7 @@ def load_pruned(path: Path, base: nn.Module, example_inputs: Tensor) -> Pruned:
         check_removal(base, removal, field="plan")
     except InputError as e:
         raise e.at(str(path)) from None
-    model = remove_channels(base, example_inputs, removal)
+    model = remove_channels(base, removal, image_size)
     try:
         model.load_state_dict(payload["state_dict"])
     except (RuntimeError, KeyError, TypeError) as e:

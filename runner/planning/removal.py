@@ -4,11 +4,15 @@ A removal maps a unit to the output channels of its conv to remove: `{conv name:
 indices those of the base model. A unit is named by its conv (a group by its first conv in execution order,
 as in model/groups.py), and Torch-Pruning's dependency graph gives the channels that go with it: the conv's
 BN, the input slices of every conv that reads them, and for a group every coupled member (residual
-additions, concatenations, depthwise convs). We never work the dependencies out ourselves.
+additions, concatenations, depthwise convs). We never work the dependencies out ourselves. A whole plan is
+removed at once: every unit's group is taken from the unpruned model, then each is pruned.
+
+`dependency_graph`, `tp_group` and `counts` have the signatures of model/groups.py's `dependency_graph`,
+`tp_group` and `count` (branch `graph`); once that lands, these three become imports from there.
 
 `masked` is the same removal as masks (DESIGN §6): the group's channels are zeroed at the output of every
 conv and BN that loses them, so a masked forward equals the pruned model's forward (tests check it).
-`count` counts MACs (FLOPs / 2 of convs and linears, `torch.utils.flop_counter`) and params on a model as it
+`counts` counts MACs (FLOPs / 2 of convs and linears, `torch.utils.flop_counter`) and params on a model as it
 is: the pruned model's numbers are counted on the pruned model, never computed from the plan.
 """
 
@@ -51,24 +55,27 @@ def _eval(model: nn.Module) -> Iterator[nn.Module]:
             m.training = training
 
 
-def count(model: nn.Module, example_inputs: Tensor) -> Counts:
-    """MACs of one forward of `example_inputs` (FlopCounterMode's FLOPs / 2) and the number of parameters."""
+def _zeros(model: nn.Module, image_size: int) -> Tensor:
+    return torch.zeros(1, 3, image_size, image_size, device=next(model.parameters()).device)
+
+
+def counts(model: nn.Module, image_size: int) -> Counts:
+    """MACs per image (FlopCounterMode's FLOPs / 2: convs and linears) and the number of parameters."""
     with _eval(model), torch.no_grad(), FlopCounterMode(display=False) as flops:
-        model(example_inputs)
+        model(_zeros(model, image_size))
     return Counts(flops.get_total_flops() // 2, sum(p.numel() for p in model.parameters()))
 
 
-def dependency_graph(model: nn.Module, example_inputs: Tensor) -> tp.DependencyGraph:
-    """Torch-Pruning's dependency graph, traced in eval mode (a forward in train mode would move BN statistics),
+def dependency_graph(model: nn.Module, image_size: int) -> tp.DependencyGraph:
+    """Torch-Pruning's dependency graph, traced in eval mode (a forward in train mode would move BN statistics)
     with autograd on (it traces through autograd's graph), also when called under torch.no_grad()."""
     with _eval(model), torch.enable_grad():
-        return tp.DependencyGraph().build_dependency(model, example_inputs=example_inputs, verbose=False)
+        return tp.DependencyGraph().build_dependency(model, example_inputs=_zeros(model, image_size), verbose=False)
 
 
-def group_of(dg: tp.DependencyGraph, model: nn.Module, unit: str, idxs: Sequence[int]) -> tp.Group:
-    """The group that removing output channels `idxs` of conv `unit` takes with it."""
-    conv = model.get_submodule(unit)
-    return dg.get_pruning_group(conv, dg.get_pruner_of_module(conv).prune_out_channels, idxs=sorted(idxs))
+def tp_group(graph: tp.DependencyGraph, conv: nn.Conv2d, idxs: Sequence[int]) -> tp.Group:
+    """The group that removing output channels `idxs` of `conv` takes with it (depthwise handled by it)."""
+    return graph.get_pruning_group(conv, graph.get_pruner_of_module(conv).prune_out_channels, sorted(idxs))
 
 
 def _losers(dg: tp.DependencyGraph, group: tp.Group) -> list[tuple[nn.Module, list[int]]]:
@@ -98,14 +105,14 @@ def check_removal(model: nn.Module, removal: Removal, field: str = "plan") -> No
                              f"distinct integers 0..{c - 1} ({unit} has {c} output channels)", fix)
 
 
-def _groups(model: nn.Module, example_inputs: Tensor, removal: Removal) -> tuple[tp.DependencyGraph, list[tp.Group]]:
+def _groups(model: nn.Module, removal: Removal, image_size: int) -> tuple[tp.DependencyGraph, list[tp.Group]]:
     check_removal(model, removal)
-    dg = dependency_graph(model, example_inputs)
+    dg = dependency_graph(model, image_size)
     groups, owner = [], {}
     for unit, idxs in removal.items():
         if not idxs:
             continue
-        group = group_of(dg, model, unit, idxs)
+        group = tp_group(dg, model.get_submodule(unit), idxs)
         for module, _ in _losers(dg, group):
             if id(module) in owner:
                 raise ValueError(f"units {owner[id(module)]} and {unit} are one group: plan one of them")
@@ -116,26 +123,26 @@ def _groups(model: nn.Module, example_inputs: Tensor, removal: Removal) -> tuple
     return dg, groups
 
 
-def remove_channels(model: nn.Module, example_inputs: Tensor, removal: Removal) -> nn.Module:
+def remove_channels(model: nn.Module, removal: Removal, image_size: int) -> nn.Module:
     """Remove the channels for real, in place (Torch-Pruning), and return the model.
 
     Every group is found on the unpruned model first and then pruned, so the indices are the base model's."""
-    _, groups = _groups(model, example_inputs, removal)
+    _, groups = _groups(model, removal, image_size)
     for group in groups:
         group.prune()
     return model
 
 
-def pruned_copy(model: nn.Module, example_inputs: Tensor, removal: Removal) -> nn.Module:
+def pruned_copy(model: nn.Module, removal: Removal, image_size: int) -> nn.Module:
     """A pruned deep copy; `model` is left as it was."""
-    return remove_channels(copy.deepcopy(model), example_inputs, removal)
+    return remove_channels(copy.deepcopy(model), removal, image_size)
 
 
 @contextmanager
-def masked(model: nn.Module, example_inputs: Tensor, removal: Removal) -> Iterator[nn.Module]:
+def masked(model: nn.Module, removal: Removal, image_size: int) -> Iterator[nn.Module]:
     """Inside the block, `model` computes as if the channels were removed: each group's channels are zeroed at
     the output of every conv and BN that loses them (hooks removed on exit)."""
-    dg, groups = _groups(model, example_inputs, removal)
+    dg, groups = _groups(model, removal, image_size)
     keep: dict[nn.Module, Tensor] = {}
     for group in groups:
         for module, idxs in _losers(dg, group):
@@ -154,14 +161,14 @@ def masked(model: nn.Module, example_inputs: Tensor, removal: Removal) -> Iterat
             handle.remove()
 
 
-def removable_alone(model: nn.Module, example_inputs: Tensor, units: Sequence[str]) -> dict[str, str | None]:
+def removable_alone(model: nn.Module, units: Sequence[str], image_size: int) -> dict[str, str | None]:
     """For `unit: layer` plans: None for a conv whose output channels can be removed on their own (only the
     conv and its BN lose them; readers lose input slices), else why not (the convs its channels are tied to)."""
-    dg = dependency_graph(model, example_inputs)
+    dg = dependency_graph(model, image_size)
     names = {m: n for n, m in model.named_modules()}
     out = {}
     for unit in units:
-        group = group_of(dg, model, unit, [0])
+        group = tp_group(dg, model.get_submodule(unit), [0])
         tied = sorted({names[m] for m, _ in _losers(dg, group) if m is not model.get_submodule(unit)
                        and not isinstance(m, nn.BatchNorm2d)})
         bns = [m for m, _ in _losers(dg, group) if isinstance(m, nn.BatchNorm2d)]
@@ -178,16 +185,16 @@ def removal_from(ks: Mapping[str, int], orders: Mapping[str, Sequence[int]]) -> 
     return {u: sorted(int(c) for c in orders[u][:k]) for u, k in ks.items() if k}
 
 
-def counter(model: nn.Module, example_inputs: Tensor, orders: Mapping[str, Sequence[int]],
-            kind: str) -> Callable[[Mapping[str, int]], float]:
+def counter(model: nn.Module, orders: Mapping[str, Sequence[int]], kind: str,
+            image_size: int) -> Callable[[Mapping[str, int]], float]:
     """`count` for `Planner.fit`: the MACs or params a plan's physically pruned model keeps (memoised)."""
     seen: dict[tuple, float] = {}
 
     def kept(ks: Mapping[str, int]) -> float:
         key = tuple(sorted(ks.items()))
         if key not in seen:
-            pruned = pruned_copy(model, example_inputs, removal_from(ks, orders))
-            seen[key] = getattr(count(pruned, example_inputs), kind)
+            pruned = pruned_copy(model, removal_from(ks, orders), image_size)
+            seen[key] = getattr(counts(pruned, image_size), kind)
         return seen[key]
 
     return kept
