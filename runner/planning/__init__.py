@@ -8,6 +8,7 @@ plan corrected, the channels removed for real (Torch-Pruning), counted, saved, e
     removal     Torch-Pruning groups, physical removal, the same plan as masks, MACs and params counted
     export      pruned.pt (state_dict + plan) and its loader, ONNX with the normalisation inside
     latency     base vs pruned, batch 1 and 64, medians
+    record      plan.json's content (written by runner.outputs.plans, with plans.csv)
 
 `curves`, `solve` and `correction` are plain Python (no torch), so planning is testable on made-up numbers.
 
