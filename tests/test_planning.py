@@ -152,6 +152,25 @@ def test_fit_tightens_and_replans_until_the_counted_model_meets_the_budget(metho
     assert Planner(curves, "macs", keep=0.05, base_total=base, method=method).fit(count) is None
 
 
+def test_fit_bisects_when_a_tightening_step_overshoots() -> None:
+    # required 3000 of 10000. Units (K 4/8/12): u0 saves 150 per channel, drops 0.3/1.8/3.2; u1 120, 1.3/2.0/3.7;
+    # u2 150, 0.4/2.2/2.8. Neighbours pruned together share 50 per channel (the counted model keeps that).
+    curves = [linear("u0", 16, [4, 8, 12], [0.3, 1.8, 3.2], 150), linear("u1", 16, [4, 8, 12], [1.3, 2.0, 3.7], 120),
+              linear("u2", 16, [4, 8, 12], [0.4, 2.2, 2.8], 150)]
+    per = {"u0": 150, "u1": 120, "u2": 150}
+
+    def count(ks: dict) -> float:
+        return 10_000 - sum(k * per[u] for u, k in ks.items()) + 50 * (min(ks["u0"], ks["u1"]) + min(ks["u1"], ks["u2"]))
+
+    planner = Planner(curves, "macs", keep=0.7, base_total=10_000, method="knapsack")
+    # (4, 8, 12) saves 3360 for 5.1 points but keeps 7240; the step asks for 3600: (12, 0, 12), 6.0 points, fits.
+    # Bisecting between 3000 and 3600 finds (8, 4, 12): 3480 saved, 400 shared, keeps 6920, 5.9 points.
+    assert planner.fit(count, resolution=1.0).ks == {"u0": 12, "u1": 0, "u2": 12}  # steps only
+    fitted = planner.fit(count)
+    assert fitted.ks == {"u0": 8, "u1": 4, "u2": 12} and math.isclose(fitted.predicted_drop, 5.9)
+    assert fitted.counted_kept == 6920
+
+
 def test_planner_names_the_methods() -> None:
     assert tuple(METHODS) == config_methods  # the grid's choices are the registry's
     with pytest.raises(ValueError, match="unknown planning method 'greedy'; known: knapsack, threshold, uniform"):

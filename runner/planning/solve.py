@@ -19,7 +19,8 @@ K, predicted drop, and the savings of removing K channels of that unit alone.
 Savings do not add exactly: removing a unit's channels also shrinks the next conv's input, and two units
 can share that conv, so summed per-unit savings can overstate the real saving. `Planner.fit` therefore
 counts every plan on the physically pruned model and, while the counted model misses the budget, asks the
-method again for `shortfall` more savings than its plan predicted (see `fit`).
+method again for `shortfall` more savings than its plan predicted, then bisects the request between the
+largest that missed and the smallest that fit (see `fit`).
 """
 
 from __future__ import annotations
@@ -172,21 +173,37 @@ class Planner:
         return None if choice is None else Plan(self.method, self.kind, required, choice, caps=caps)
 
     def fit(self, count: Callable[[Mapping[str, int]], float], caps: Caps | None = None,
-            max_rounds: int = 8) -> Plan | None:
+            max_rounds: int = 16, resolution: float = 1e-3) -> Plan | None:
         """A plan whose model, counted (`count(ks)`: the pruned model's MACs or params), meets the budget.
 
-        Tighten and re-plan: when a plan's counted model keeps `shortfall` more than the budget allows, ask
-        again for the savings that plan predicted plus the shortfall, so every round asks for strictly more
-        than the last plan offered. None when the method cannot save that much, or after `max_rounds`."""
+        Tighten and re-plan. While no plan has fit, a plan whose counted model keeps `shortfall` more than the
+        budget allows is followed by a request for the savings it predicted plus the shortfall (so every round
+        asks for more than the last plan offered). Once one fits, the request is bisected between the largest
+        that missed and the smallest that fit, down to `resolution` of the base model, because a step can
+        overshoot (the options are discrete), and the fitting plan with the least predicted drop is kept.
+        A plan for the budget's own request that fits at once is returned as it is. None when the method
+        cannot save enough, or nothing fit within `max_rounds` counts."""
         target = self.base_total * self.keep
+        missed = fit = best = None  # the largest request that missed, the smallest that fit, the best plan
         required = self.required
         for _ in range(max_rounds):
             plan = self.plan(caps, required)
             if plan is None:
-                return None
+                break
             kept = count(plan.ks)
             plan = Plan(plan.method, plan.kind, plan.required, plan.choice, kept, plan.caps)
             if kept <= target:
-                return plan
-            required = plan.saving + (kept - target)
-        return None
+                fit = required
+                if best is None or plan.predicted_drop < best.predicted_drop:
+                    best = plan
+                if missed is None:
+                    break
+            else:
+                missed = required
+            if fit is None:
+                required = plan.saving + (kept - target)
+            elif fit - missed <= resolution * self.base_total:
+                break
+            else:
+                required = (missed + fit) / 2
+        return best
