@@ -27,9 +27,14 @@ class Parser(argparse.ArgumentParser):
         raise SystemExit(EXIT_BAD_INPUT)
 
 
+OURS = ("runner", "model", "prune-sweep")  # loggers that -v turns to debug (libraries stay at info)
+
+
 def setup_logging(level: int = logging.INFO) -> None:
-    logging.basicConfig(level=level, stream=sys.stderr, format="%(asctime)s %(levelname)s %(message)s",
-                        datefmt="%H:%M:%S", force=True)
+    logging.basicConfig(level=max(level, logging.INFO), stream=sys.stderr, datefmt="%H:%M:%S",
+                        format="%(asctime)s %(levelname)s %(message)s", force=True)
+    for name in OURS:
+        logging.getLogger(name).setLevel(level)
 
 
 def run_main(main: Callable[[], int | None], level: int = logging.INFO) -> int:

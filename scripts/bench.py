@@ -304,27 +304,43 @@ def end_to_end(grid_path: str, overrides: list[str], workdir: Path, repeat: int 
     scripts = Path(__file__).resolve().parent
     sets = sum((["--set", o] for o in overrides), [])
     plan = plan_trials(grid)
-    engine, sweep = [], []
+    engine, sweep, timelines = [], [], []
     for i in range(repeat):
-        engine.append(_wall([sys.executable, str(scripts / "bench.py"), "--engine-alone", "--grid", grid_path, *sets]))
+        engine.append(_wall([sys.executable, str(scripts / "bench.py"), "--engine-alone", "--grid", grid_path,
+                             *sets])[0])
         out = workdir / f"run{i}"
-        sweep.append(_wall([sys.executable, str(scripts / "sweep.py"), "--grid", grid_path, "--output", str(out),
-                            "--wandb-mode", "offline", *sets]))
+        seconds, stderr, spawned, exited = _wall([sys.executable, str(scripts / "sweep.py"), "--grid", grid_path,
+                                                  "--output", str(out), "--wandb-mode", "offline", "-v", *sets])
+        sweep.append(seconds)
+        timelines.append(_timeline(stderr, spawned, exited))
         rows = read_rows(out / grid.name / "results.csv")
         if len(rows) != plan.points:
             raise RuntimeError(f"the sweep wrote {len(rows)} of {plan.points} points")
-        log.info("pair %d: engine alone %.1f s, sweep %.1f s", i + 1, engine[-1], sweep[-1])
+        log.info("pair %d: engine alone %.1f s, sweep %.1f s (fixed part %.1f s: %s)", i + 1, engine[-1], sweep[-1],
+                 timelines[-1]["fixed"], timelines[-1]["phases"])
     return {"points": plan.points, "trials": len(plan.trials), "engine_seconds": [round(x, 2) for x in engine],
-            "sweep_seconds": [round(x, 2) for x in sweep], "e2e": sum(sweep) / sum(engine)}
+            "sweep_seconds": [round(x, 2) for x in sweep], "e2e": sum(sweep) / sum(engine),
+            "timelines": timelines}
 
 
-def _wall(command: list[str]) -> float:
-    started = time.perf_counter()
+def _timeline(stderr: str, spawned: float, exited: float) -> dict[str, Any]:
+    """The sweep's phases (its `timeline {...}` log line at -v), and its fixed part as the command saw it:
+    from starting the command to the first point, plus from the last point to the command's exit."""
+    line = next(x for x in stderr.splitlines()[::-1] if " timeline {" in x)
+    t = json.loads(line.split(" timeline ", 1)[1])
+    fixed = (t["first_point"] - spawned) + (exited - t["last_point"]) if t["first_point"] else None
+    return {"phases": t["phases"], "fixed": round(fixed, 2) if fixed is not None else None,
+            "to_first_point": round(t["first_point"] - spawned, 2), "after_last_point": round(exited - t["last_point"], 2)}
+
+
+def _wall(command: list[str]) -> tuple[float, str, float, float]:
+    """Seconds a command took, its stderr, and the wall-clock times it was started and ended."""
+    spawned, started = time.time(), time.perf_counter()
     done = subprocess.run(command, capture_output=True, text=True)
-    seconds = time.perf_counter() - started
+    seconds, exited = time.perf_counter() - started, time.time()
     if done.returncode != 0:
         raise RuntimeError(f"{' '.join(command[1:3])} failed (exit {done.returncode}): {done.stderr[-2000:]}")
-    return seconds
+    return seconds, done.stderr, spawned, exited
 
 
 def write_json(path: str, result: dict[str, Any]) -> None:
@@ -355,6 +371,9 @@ def main() -> int:
         print(f"sweep.py {' + '.join(map(str, result['sweep_seconds']))} s, engine alone "
               f"{' + '.join(map(str, result['engine_seconds']))} s, {result['points']} points in {result['trials']} "
               "trials")
+        for i, t in enumerate(result["timelines"], 1):
+            print(f"sweep {i}: to the first point {t['to_first_point']} s, after the last {t['after_last_point']} s "
+                  f"(fixed {t['fixed']} s); phases " + ", ".join(f"{k} {v}" for k, v in t["phases"].items()))
         print(f"e2e {result['e2e']:.2f}")
     else:
         setup = prepare(args.grid, args.set, args.criterion, args.eval_size, args.calibration_size,

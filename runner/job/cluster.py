@@ -16,6 +16,10 @@ from runner.errors import InputError
 
 log = logging.getLogger(__name__)
 
+# Run in every worker of a Ray we start, as it starts: imports what trials need (torch, the engine) while the
+# driver is still calibrating, instead of when the first trial arrives.
+WARM_UP = "runner.job.trial.warm_up"
+
 
 @contextmanager
 def ray_session(address: str | None, dashboard: bool = False) -> Iterator[None]:
@@ -42,7 +46,7 @@ def start_ray(address: str | None, dashboard: bool = False) -> bool:
         try:
             # "local": a new Ray of our own, never one that `ray start` (or a test cluster) left registered in
             # /tmp/ray/ray_current_cluster, which a bare ray.init() would silently join
-            context = ray.init(address="local", **board, **quiet)
+            context = ray.init(address="local", runtime_env={"worker_process_setup_hook": WARM_UP}, **board, **quiet)
         except Exception as e:
             if dashboard and "missing packages" in str(e):
                 raise InputError("resources.ray_dashboard", True, "Ray's dashboard needs packages that are not "

@@ -7,10 +7,12 @@ It runs in the driver process, so a multi-node sweep's results and offline W&B r
 from __future__ import annotations
 
 import logging
+import queue
+import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 from ray import tune
@@ -52,6 +54,43 @@ def feature_map_images(maps: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     return out
 
 
+class Backlog:
+    """The driver's work for each point besides its results.csv row (W&B steps, figures on disk), done in order
+    in a thread of its own, so that Tune's loop hands the next step to the trials at once. The first error it
+    meets is raised again in the driver's thread at the next call (a full disk still stops the sweep)."""
+
+    def __init__(self) -> None:
+        self._jobs: queue.Queue = queue.Queue()
+        self._error: BaseException | None = None
+        self.seconds = 0.0
+        self._thread = threading.Thread(target=self._run, name="collector-backlog", daemon=True)
+        self._thread.start()
+
+    def submit(self, fn: Callable[..., None], *args: Any) -> None:
+        self.check()
+        self._jobs.put((fn, args))
+
+    def check(self) -> None:
+        if self._error is not None:
+            raise self._error
+
+    def close(self) -> None:
+        """Finish every job submitted, then raise the first error, if any."""
+        self._jobs.put(None)
+        self._thread.join()
+        self.check()
+
+    def _run(self) -> None:
+        while (job := self._jobs.get()) is not None:
+            if self._error is None:  # after an error the rest is skipped: the sweep is stopping
+                started = time.perf_counter()
+                try:
+                    job[0](*job[1])
+                except BaseException as e:  # noqa: BLE001  raised again in the driver's thread
+                    self._error = e
+                self.seconds += time.perf_counter() - started
+
+
 @dataclass
 class Live:
     """The collector's state in the driver while trials run (never pickled: files and W&B runs stay here)."""
@@ -62,6 +101,8 @@ class Live:
     last_note: float = 0.0  # when progress was last logged
     first: float = 0.0  # when the first new point arrived
     new: int = 0  # points added to results.csv in this run
+    busy: float = 0.0  # seconds Tune's loop spent here (the rows): the trials' steps wait for it
+    backlog: Backlog = field(default_factory=Backlog)  # W&B steps and figures, in their own thread
 
 
 class Collector(tune.Callback):
@@ -88,7 +129,13 @@ class Collector(tune.Callback):
 
     def on_experiment_end(self, trials: list, **info: Any) -> None:
         if self.live is not None:
-            self.live.tracker.close()  # runs of trials that did not finish (an interrupted sweep) end as failed
+            live = self.live
+            try:
+                live.backlog.close()
+            finally:
+                live.tracker.close()  # runs of trials that did not finish (an interrupted sweep) end as failed
+            log.debug("collector: %.1f s in Tune's loop and %.1f s in the background for %d new points",
+                      live.busy, live.backlog.seconds, live.new)
 
     def _row(self, result: dict[str, Any]) -> dict[str, Any]:
         c = self.context
@@ -104,6 +151,13 @@ class Collector(tune.Callback):
     def on_trial_result(self, iteration: int, trials: list, trial: Any, result: dict, **info: Any) -> None:
         if "k" not in result:
             return
+        started = time.perf_counter()
+        try:
+            self._record(result)
+        finally:
+            self.live.busy += time.perf_counter() - started
+
+    def _record(self, result: dict) -> None:
         live = self.live
         maps = result.pop("maps", None) or {}  # in place: keeps the arrays out of Tune's experiment state
         row = self._row(result)
@@ -112,12 +166,16 @@ class Collector(tune.Callback):
             return  # already recorded (a retried or resumed trial repeating a point)
         live.new += 1
         trial_id = TrialId(row["layer"], row["criterion"])
+        live.backlog.submit(self._write, trial_id, row, maps)
+        self._progress()
+
+    def _write(self, trial_id: TrialId, row: dict[str, Any], maps: dict[str, np.ndarray]) -> None:
+        """A point's W&B step, and its figures when its K is one of the trial's figure K (in the backlog)."""
         config = {"layer": row["layer"], "criterion": row["criterion"], "target": row["target"],
                   "checkpoint_sha256": self.context.checkpoint_sha256, "baseline_accuracy": self.context.baseline}
-        live.tracker.log_point(trial_id.key, config, row, lambda: feature_map_images(maps))
+        self.live.tracker.log_point(trial_id.key, config, row, lambda: feature_map_images(maps))
         if maps and row["k"] in self.context.figure_ks.get(trial_id.key, ()):
             self._save_figures(row, maps)
-        self._progress()
 
     def _save_figures(self, row: dict[str, Any], maps: dict[str, np.ndarray]) -> None:
         """The two images with a colour bar and caption, and the raw mean maps (for the report's figures)."""
@@ -148,7 +206,7 @@ class Collector(tune.Callback):
 
     def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
         trial_id = _trial_id(trial)
-        self.live.tracker.finish_trial(trial_id.key)
+        self.live.backlog.submit(self.live.tracker.finish_trial, trial_id.key)
         rows = by_trial(self.live.table.rows).get(trial_id, [])
         worst = min(rows, key=lambda r: r["accuracy"], default=None)
         shown = f"accuracy at K={worst['k']}: {worst['accuracy']:.2f}%" if worst else "no new points"
@@ -159,7 +217,7 @@ class Collector(tune.Callback):
 
     def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
         key = _trial_id(trial).key
-        self.live.tracker.finish_trial(key, failed=True)
+        self.live.backlog.submit(self.live.tracker.finish_trial, key, True)
         log.error("trial %s failed after its retries (details: %s)", key, getattr(trial, "error_file", None))
 
 

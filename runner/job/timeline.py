@@ -56,4 +56,6 @@ class Timeline:
         phases = self.phases()
         log.debug("timeline: %s; fixed part (to the first point and after the last) %s s",
                   " | ".join(f"{k} {v:.1f} s" for k, v in phases.items()), self.fixed_seconds())
-        log.debug("timeline %s", json.dumps({"phases": phases, "fixed": self.fixed_seconds()}))
+        log.debug("timeline %s", json.dumps({"phases": phases, "fixed": self.fixed_seconds(), "start": self.start,
+                                             "first_point": self.marks.get("first point"),
+                                             "last_point": self.marks.get("last point")}))

@@ -9,8 +9,10 @@ driver's progress board which of its points are already in results.csv, and meas
 from __future__ import annotations
 
 import os
+import queue
+import threading
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Iterator
 
 import numpy as np
 import torch
@@ -69,6 +71,11 @@ def _maybe_crash(key: str, k: int) -> None:
         raise RuntimeError(f"injected failure in {key} at K={k}")
 
 
+def warm_up() -> None:
+    """Ray's worker set-up hook (runner.job.cluster.WARM_UP): importing this module is the work."""
+    tune_allocator()
+
+
 _READY: dict[tuple[str, str], tuple[torch.nn.Module, EvalSet]] = {}
 
 
@@ -105,7 +112,30 @@ def run_trial(config: dict[str, Any], shared: Shared) -> None:
         return
     model, evalset = _network_and_data(shared, device)
     node = ray.get_runtime_context().get_node_id()[:12]
-    for point in sweep_layer(model, shared.convs[layer], config["target"], shared.rankings[(layer, criterion)], ks,
-                             evalset, shared.convs, shared.cache_bytes, shared.feature_maps):
+    points = sweep_layer(model, shared.convs[layer], config["target"], shared.rankings[(layer, criterion)], ks,
+                         evalset, shared.convs, shared.cache_bytes, shared.feature_maps)
+    for point in ahead(points):
         _maybe_crash(key, point.k)
         tune.report(point_metrics(point) | {"node": node, "device": str(device)})
+
+
+def ahead(points: Iterator[Point]) -> Iterator[Point]:
+    """The points, measured in a thread of their own while the trial reports the ones before: `tune.report`
+    waits until the driver has taken the result, and the next K need not wait with it. An error in the
+    measuring thread is raised here, in order."""
+    done = object()
+    ready: queue.Queue = queue.Queue()
+
+    def measure() -> None:
+        try:
+            for point in points:
+                ready.put(point)
+            ready.put(done)
+        except BaseException as e:  # noqa: BLE001  handed to the reporting thread
+            ready.put(e)
+
+    threading.Thread(target=measure, name="measure", daemon=True).start()
+    while (item := ready.get()) is not done:
+        if isinstance(item, BaseException):
+            raise item
+        yield item
