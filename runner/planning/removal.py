@@ -147,7 +147,8 @@ def masked(model: nn.Module, removal: Removal, image_size: int) -> Iterator[nn.M
     for group in groups:
         for module, idxs in _losers(dg, group):
             if isinstance(module, PRUNED):
-                k = keep.setdefault(module, torch.ones(module.weight.shape[0]))
+                channels = module.out_channels if isinstance(module, nn.Conv2d) else module.num_features
+                k = keep.setdefault(module, torch.ones(channels))
                 k[idxs] = 0
     handles = []
     try:
