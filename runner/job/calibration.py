@@ -40,11 +40,15 @@ class Calibrated:
     rankings: dict[tuple[str, str], Ranking]
     reused: int = 0
     entries: dict[str, Any] | None = None
+    notes: tuple[str, ...] = ()  # what it did, in words: logged by the sweep once it holds its folder
 
     def save(self, folder: Path) -> None:
-        """rankings.json in the output folder, when this calibration ranked something new."""
+        """rankings.json in the output folder, when this calibration ranked something new; then says what it did
+        (calibration runs while Ray starts: a sweep refused meanwhile stays one line)."""
         if self.entries is not None:
             write_rankings(folder / NAME, self.entries)
+        for note in self.notes:
+            log.info("%s", note)
 
 
 def calibrate(grid: Grid, plan: TrialPlan, data: Dataset, loaded: Checkpoint, resume: bool = False) -> Calibrated:
@@ -57,19 +61,21 @@ def calibrate(grid: Grid, plan: TrialPlan, data: Dataset, loaded: Checkpoint, re
                 for t in plan.trials if t.id.key in entries}
     reused = len(rankings)
     missing = [t for t in plan.trials if (t.layer, t.criterion) not in rankings]
+    notes: list[str] = []
     if missing:
-        rankings |= rank_trials(grid, plan, data, loaded, missing)
+        rankings |= rank_trials(grid, plan, data, loaded, missing, notes)
         entries |= {TrialId(*key).key: entry_of(rankings[key]) for key in
                     [(t.layer, t.criterion) for t in missing]}
     if reused:
-        log.info("%d rankings read from %s%s", reused, path,
-                 f"; {len(missing)} ranked now and added to it" if missing else "")
-    return Calibrated(rankings, reused, entries if missing else None)
+        notes.append(f"{reused} rankings read from {path}"
+                     + (f"; {len(missing)} ranked now and added to it" if missing else ""))
+    return Calibrated(rankings, reused, entries if missing else None, tuple(notes))
 
 
-def rank_trials(grid: Grid, plan: TrialPlan, data: Dataset, loaded: Checkpoint, trials: list[Trial] | None = None
-                ) -> dict[tuple[str, str], Ranking]:
-    """The rankings of `trials` (all of the plan's by default) from one calibration pass; nothing written."""
+def rank_trials(grid: Grid, plan: TrialPlan, data: Dataset, loaded: Checkpoint, trials: list[Trial] | None = None,
+                notes: list[str] | None = None) -> dict[tuple[str, str], Ranking]:
+    """The rankings of `trials` (all of the plan's by default) from one calibration pass; nothing written. What
+    it did goes to `notes` when given (for the caller to log), else to the log."""
     trials = list(plan.trials) if trials is None else trials
     device = pick_device()
     model = place(loaded.model, device)
@@ -82,8 +88,12 @@ def rank_trials(grid: Grid, plan: TrialPlan, data: Dataset, loaded: Checkpoint, 
     started = time.time()
     rankings = rank_all(model, layers, criteria, plan.target, torch.cat(cal.inputs), torch.cat(cal.labels), bs,
                         grid.sweep.random_seed, grid.sweep.random_repeats)
-    log.info("%d rankings from one pass over %d %s images (%.1f s)", len(rankings), cal.count,
-             grid.sweep.calibration, time.time() - started)
+    note = (f"{len(rankings)} rankings from one pass over {cal.count} {grid.sweep.calibration} images "
+            f"({time.time() - started:.1f} s)")
+    if notes is None:
+        log.info("%s", note)
+    else:
+        notes.append(note)
     loaded.model.cpu()  # the state_dict travels to the trials from host memory
     return {(t.layer, t.criterion): rankings[(t.layer, t.criterion)] for t in trials}
 
