@@ -136,10 +136,19 @@ def _sweep(args: argparse.Namespace) -> int:
 
 
 def _train(args: argparse.Namespace) -> int:
+    """Train the grid's checkpoint; with W&B on, as a `train` run that logs the checkpoint as a `model` artifact
+    (its offline runs go to the sweep's folder, <output>/<name>/wandb)."""
+    from contextlib import closing
+
     from runner.config import load_grid
     from runner.inputs.train import train_checkpoint
+    from runner.outputs.tracking import TRAIN_RUN, RunSpec, Tracking, make_tracker
 
-    print(train_checkpoint(load_grid(args.grid, args.set)))
+    grid = load_grid(args.grid, args.set)
+    tracking = Tracking(grid.wandb.mode, grid.wandb.project, grid.wandb.entity, grid.name, grid.folder,
+                        grid.as_dict(), grid.wandb.feature_maps)
+    with closing(make_tracker(tracking)) as tracker:
+        print(train_checkpoint(grid, log_to=tracker.train_log(RunSpec(TRAIN_RUN, "train"))))
     return EXIT_OK
 
 

@@ -113,11 +113,15 @@ class TrainConfig(Section):
     weight_decay: float | None = Field(None, ge=0)
     label_smoothing: float | None = Field(None, ge=0, lt=1)
     schedule: Literal["onecycle", "cosine", "seed"] | None = None
+    normalise: Literal["dataset", "half"] | None = None  # dataset: train images' mean/std; half: 0.5 and 0.5
 
 
 class CheckpointConfig(Section):
     path: str = "checkpoints/model.pt"  # the shared trained checkpoint
     train: TrainConfig | None = None  # recipe, used only when the file is missing
+    # not trained by prune-sweep on this grid's split: its calibration hold-out is not checked (and the report
+    # says the calibration images may have been trained on)
+    foreign: bool = False
 
 
 class KSpec(Section):
@@ -168,6 +172,8 @@ class SweepConfig(Section):
         "mean_activation", "l1_norm", "random"]
     target: Literal["output", "input"] = "output"  # DESIGN §6
     calibration: Literal["holdout", "test"] = "holdout"  # test = the seed's leaky choice
+    random_repeats: int = Field(3, ge=1, le=100)  # random: orders drawn per layer, each measured at every K
+    random_seed: int = Field(0, ge=0, le=2**63 - 1)  # random: seeds the draws (the grid's seed splits the data)
     batch_size: int = Field(500, ge=1, le=65_536)  # evaluation and calibration batch
     retries: int = Field(2, ge=0, le=100)  # a crashed trial is retried this many times
     feature_map_points: int = Field(3, ge=0, le=100)  # K values per layer whose feature maps go to disk

@@ -43,7 +43,7 @@ from runner.inputs import checkpoints
 from runner.inputs.data import Dataset, load_data
 from runner.inputs.train import ensure_checkpoint
 from runner.inputs.trials import plan_trials, select_layers
-from runner.job.calibration import calibrate
+from runner.job.calibration import rank_trials
 from runner.outputs.results import read_rows
 
 log = logging.getLogger(__name__)
@@ -139,7 +139,7 @@ def _rank_one(s: Setup, model: torch.nn.Module, conv: ConvInfo) -> tuple[int, ..
     cal = s.calibration
     with fast_math(s.device):
         r = rank_all(model, [conv], [s.criterion], "output", torch.cat(cal.inputs), torch.cat(cal.labels),
-                     s.grid.sweep.batch_size, s.grid.seed)
+                     s.grid.sweep.batch_size, s.grid.sweep.random_seed)
     return r[(conv.name, s.criterion)].order
 
 
@@ -182,7 +182,7 @@ def engine(s: Setup) -> Timing:
     cal = s.calibration
     with fast_math(s.device):
         rankings = rank_all(model, s.layers, [s.criterion], "output", torch.cat(cal.inputs), torch.cat(cal.labels),
-                            s.grid.sweep.batch_size, s.grid.seed)
+                            s.grid.sweep.batch_size, s.grid.sweep.random_seed)
     for conv in s.layers:
         for p in sweep_layer(model, conv, "output", rankings[(conv.name, s.criterion)], s.ks[conv.name],
                              s.evalset, s.convs):
@@ -277,19 +277,19 @@ def table(result: dict[str, Any]) -> list[str]:
 
 
 def engine_alone(grid_path: str, overrides: list[str]) -> int:
-    """The grid's points computed by the engine alone, in this process: data, checkpoint, baseline, one
-    calibration pass, then every trial's layer sweep (no Ray, no W&B, nothing written). Returns the points."""
+    """The grid's points computed by the engine alone, in this process: data, checkpoint, one calibration pass,
+    then every trial's layer sweep with its own baseline (no Ray, no W&B, nothing written). Returns the points."""
     grid = load_grid(grid_path, overrides)
     data = load_data(grid.data, grid.model.num_classes, grid.seed)
     loaded = ensure_checkpoint(grid, data)
     plan = plan_trials(grid)
-    c = calibrate(grid, plan, data, loaded)
+    rankings = rank_trials(grid, plan, data, loaded)
     device = pick_device()
     model = place(loaded.model, device)
     evalset = EvalSet.build(data.test, *loaded.normalisation, len(data.classes), device, grid.sweep.batch_size)
     points = 0
     for t in plan.trials:
-        points += len(list(sweep_layer(model, plan.table[t.layer], t.target, c.rankings[(t.layer, t.criterion)],
+        points += len(list(sweep_layer(model, plan.table[t.layer], t.target, rankings[(t.layer, t.criterion)],
                                        t.ks, evalset, plan.table)))
     return points
 

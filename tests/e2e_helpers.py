@@ -47,7 +47,7 @@ def grid_dict(tmp: Path, *updates: dict, **sections: Any) -> dict:
         "data": {"dataset": "synthetic", "synthetic_train": 600, "synthetic_test": 200, "calibration_size": 100},
         "checkpoint": {"path": str(tmp / "tiny.pt"), "train": {"epochs": 1, "batch_size": 100}},
         "sweep": {"k": {"fractions": [0.25, 0.5, 1.0]}, "criteria": ["mean_activation", "l1_norm"],
-                  "batch_size": 50},
+                  "batch_size": 50, "random_repeats": 1},
         "output": str(tmp / "runs"),
     }
     for update in (*updates, sections):
@@ -201,6 +201,26 @@ def history(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return [r["history"]["item"] for r in records if r.get("type") == "history"]
 
 
+def artifacts(records: list[dict[str, Any]], kind: str) -> list[dict[str, Any]]:
+    """The artifacts of one type a run logged (each with its manifest, as the offline run file holds it)."""
+    return [r["artifact"] for r in records if r.get("type") == "artifact" and r["artifact"]["type"] == kind]
+
+
+def manifest_paths(artifact: dict[str, Any]) -> list[str]:
+    return sorted(entry["path"] for entry in artifact["manifest"]["contents"])
+
+
+def runs_by_name(folder: Path) -> dict[str, list[tuple[Path, dict[str, Any], list[dict[str, Any]]]]]:
+    """Every offline run folder of a sweep, grouped by run name: (folder, run record, records), oldest first. A
+    resumed run (the same id) is a second folder: W&B writes one per process, and `wandb sync` joins them."""
+    out: dict[str, list] = {}
+    for run_dir in wandb_run_dirs(folder):
+        records = leet_records(run_dir)
+        info = run_info(records)
+        out.setdefault(info["display_name"], []).append((run_dir, info, records))
+    return out
+
+
 # ---- processes of a running sweep (for real faults: SIGKILL a trial's worker, measure memory) ----
 
 def descendants(pid: int) -> list[int]:
@@ -280,3 +300,32 @@ def tmpfs(path: Path, size: str, read_only: bool = False) -> Iterator[Path]:
 
 def resize_tmpfs(path: Path, size: str) -> None:
     subprocess.run(["mount", "-o", f"remount,size={size}", str(path)], check=True, capture_output=True)
+
+
+# ---- the paired interval, computed by hand from a row's counts (independent of runner.engine.paired) ----
+
+def paired_interval_by_hand(n: int, right: int, lost: int, gained: int) -> tuple[float, float]:
+    """Newcombe's hybrid score interval (1998, method 10) for baseline accuracy minus accuracy at K, in points,
+    from: n images, `right` of them right at baseline, `lost` right at baseline and wrong at K, `gained` the
+    reverse. Written out from the paper's formulas in counts, as one would on paper."""
+    z = 1.959963984540054  # the 97.5% point of the normal distribution
+    a, b, c = right - lost, lost, gained  # both right, right then wrong, wrong then right
+    d = n - a - b - c  # wrong at both
+    x1, x2 = a + b, a + c  # right at baseline, right at K
+
+    def wilson(x: int) -> tuple[float, float]:
+        mid = (2 * x + z * z) / (2 * (n + z * z))
+        half = z * (x * (n - x) / n + z * z / 4) ** 0.5 / (n + z * z)
+        return mid - half, mid + half
+
+    (l1, u1), (l2, u2) = wilson(x1), wilson(x2)
+    p1, p2 = x1 / n, x2 / n
+    ad_bc = a * d - b * c
+    product = x1 * (n - x1) * x2 * (n - x2)
+    if product == 0 or 0 <= ad_bc <= n / 2:
+        phi = 0.0
+    else:
+        phi = (ad_bc - n / 2 if ad_bc > 0 else ad_bc) / product ** 0.5
+    low = (p1 - p2) - ((p1 - l1) ** 2 - 2 * phi * (p1 - l1) * (u2 - p2) + (u2 - p2) ** 2) ** 0.5
+    high = (p1 - p2) + ((u1 - p1) ** 2 - 2 * phi * (u1 - p1) * (p2 - l2) + (p2 - l2) ** 2) ** 0.5
+    return 100 * low, 100 * high

@@ -220,3 +220,40 @@ def test_tagged_file_without_meta_mapping(tmp_path):
     path = tmp_path / "m.pt"
     torch.save({"format": checkpoint.FORMAT, "meta": None, "state_dict": model().state_dict()}, path)
     assert "not a prune-sweep checkpoint" in load_error(path)
+
+
+# --- the calibration hold-out a checkpoint was trained without -------------------------------------------------
+
+def holdout_grid(tmp_path, **sweep_and_checkpoint):
+    from conftest import tiny_grid_dict
+
+    from runner.config import parse_grid
+
+    raw = tiny_grid_dict(tmp_path)
+    raw["sweep"].update(sweep_and_checkpoint.get("sweep", {}))
+    raw["checkpoint"].update(sweep_and_checkpoint.get("checkpoint", {}))
+    return parse_grid(raw, "tiny")
+
+
+def test_check_holdout(tmp_path):
+    from runner.inputs.data import Holdout
+
+    grid = holdout_grid(tmp_path)
+    ours = Holdout.of(600, 100, 0)  # what tiny_grid_dict holds out: seed 0, 100 of 600 synthetic train images
+    trained = checkpoint.Checkpoint(model(), {**ARCH, "calibration_holdout": ours.as_dict()}, "0" * 64, "m.pt")
+    assert checkpoints.check_holdout(grid, trained, ours) == "checked"
+    other = Holdout.of(600, 100, 7)
+    with pytest.raises(InputError) as err:
+        checkpoints.check_holdout(grid, trained, other)
+    assert str(err.value) == (
+        f"checkpoint.path: trained without the calibration hold-out seed 0, 100 of 600 train images (indices sha256 "
+        f"{ours.sha256[:12]}), but this sweep holds out seed 7, 100 of 600 train images (indices sha256 "
+        f"{other.sha256[:12]}), so its calibration images may have been trained on: got '{tmp_path / 'tiny.pt'}'; "
+        "allowed: a checkpoint trained with the sweep's hold-out (same seed, data.calibration_size and train "
+        "images); fix: set seed: 0 and data.calibration_size: 100 as when it was trained, or retrain it, or set "
+        "checkpoint.foreign: true (or sweep.calibration: test) to rank on these images anyway")
+    # not checked: a foreign checkpoint, ranking on the test images, a checkpoint trained before the record
+    assert checkpoints.check_holdout(holdout_grid(tmp_path, checkpoint={"foreign": True}), trained, other) == "foreign"
+    assert checkpoints.check_holdout(holdout_grid(tmp_path, sweep={"calibration": "test"}), trained, other) == "test"
+    old = checkpoint.Checkpoint(model(), dict(ARCH), "0" * 64, "m.pt")
+    assert checkpoints.check_holdout(grid, old, other) == "unknown"

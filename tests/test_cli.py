@@ -10,7 +10,9 @@ runs in, each test's own tmp folder.
 from __future__ import annotations
 
 import pytest
-from e2e_helpers import GRIDS, refused
+from e2e_helpers import GRIDS, e2e, grid_dict, refused, write_grid
+
+from runner.errors import InputError
 
 LAYER_NAMES = ("conv1, layer1.0.conv1, layer1.0.conv2, layer1.1.conv1, layer1.1.conv2, layer2.0.conv1, "
                "layer2.0.conv2, layer2.0.shortcut.conv, layer2.1.conv1, layer2.1.conv2, layer3.0.conv1, "
@@ -23,7 +25,8 @@ BAD = {
     "unknown_key": (
         "e2e_bad_unknown_key.yaml", [],
         "error: {grid}: sweep.layer: unknown key: got 'layer'; allowed: layers, include_shortcuts, k, criteria, "
-        "target, calibration, batch_size, retries, feature_map_points; fix: remove it or correct its spelling"),
+        "target, calibration, random_repeats, random_seed, batch_size, retries, feature_map_points; "
+        "fix: remove it or correct its spelling"),
     "wrong_type": (
         "e2e_bad_wrong_type.yaml", [],
         "error: {grid}: sweep.criteria: wrong type: got 7; allowed: a valid list; fix: change sweep.criteria in "
@@ -102,8 +105,10 @@ def test_wrong_flag_value_is_one_line(cli, tmp_path):
 
 # ---- --dry-run ----
 
-@pytest.mark.parametrize("extra, trials, points", [([], 16, 48), (["--set", "sweep.criteria=[l1_norm]"], 8, 24)])
-def test_dry_run_computes_nothing(cli, tmp_path, monkeypatch, extra, trials, points):
+# l1_norm: 8 layers x 3 K; random: 8 layers x 3 K x 3 orders (sweep.random_repeats, default 3)
+@pytest.mark.parametrize("extra, trials, points, drawn", [
+    ([], 16, 96, 3), (["--set", "sweep.criteria=[l1_norm]"], 8, 24, 0), (["--set", "sweep.random_repeats=5"], 16, 144, 5)])
+def test_dry_run_computes_nothing(cli, tmp_path, monkeypatch, extra, trials, points, drawn):
     import ray
 
     from runner.job import cluster
@@ -117,6 +122,8 @@ def test_dry_run_computes_nothing(cli, tmp_path, monkeypatch, extra, trials, poi
     assert result.returncode == 0, result.explain()
     lines = result.out_lines
     assert lines[-1] == f"trials: {trials} points: {points}", result.explain()
+    if drawn:
+        assert lines[-2] == f"random orders drawn per layer: {drawn} (each measured at every K)", result.explain()
     # layers "layer*.conv2" at width 0.125, K = fractions 0.25, 0.5, 1.0 of each layer's channels
     shown = {line.split()[0]: line.split(None, 1)[1] for line in lines if line.startswith("  layer")}
     channels = {"layer1.0.conv2": 8, "layer1.1.conv2": 8, "layer2.0.conv2": 16, "layer2.1.conv2": 16,
@@ -144,3 +151,35 @@ def test_fresh_sweep_refuses_a_folder_with_results(cli, small_sweep, tmp_path):
         "--resume to continue that sweep; fix: add --resume, or choose another name or --output")
     assert (folder / "results.csv").read_bytes() == before
 
+
+
+# ---- the calibration hold-out the checkpoint was trained without ----
+
+def test_a_checkpoint_trained_without_other_images_is_refused(cli, sweep_checkpoint, tmp_path):
+    """The session's checkpoint was trained holding out 100 of 600 synthetic train images (seed 0); a grid that
+    holds out 120 would rank channels on images the checkpoint was trained on."""
+    from runner.inputs.data import Holdout
+
+    grid = write_grid(tmp_path / "held.yaml", grid_dict(tmp_path, e2e(sweep_checkpoint), name="held",
+                                                        sweep={"layers": ["conv1"], "k": [1], "criteria": ["l1_norm"]}))
+    then, now = Holdout.of(600, 100, 0), Holdout.of(600, 120, 0)
+    expected = (
+        "error: checkpoint.path: trained without the calibration hold-out seed 0, 100 of 600 train images "
+        f"(indices sha256 {then.sha256[:12]}), but this sweep holds out seed 0, 120 of 600 train images (indices "
+        f"sha256 {now.sha256[:12]}), so its calibration images may have been trained on: got '{sweep_checkpoint}'; "
+        "allowed: a checkpoint trained with the sweep's hold-out (same seed, data.calibration_size and train "
+        "images); fix: set seed: 0 and data.calibration_size: 100 as when it was trained, or retrain it, or set "
+        "checkpoint.foreign: true (or sweep.calibration: test) to rank on these images anyway")
+    result = cli(["--grid", str(grid), "--set", "data.calibration_size=120"], cwd=tmp_path)
+    assert result.returncode == 2, result.explain()
+    assert result.err_lines == [expected], result.explain()
+    assert not (tmp_path / "runs").exists()  # refused before anything was made
+    # the same check in --dry-run; and what lets such a checkpoint through (in process: no command needed)
+    from runner.job.sweep import Options, dry_run
+
+    with pytest.raises(InputError) as err:
+        dry_run(Options(str(grid), overrides=("data.calibration_size=120",)))
+    assert f"error: {err.value}" == expected
+    for allowed in ("checkpoint.foreign=true", "sweep.calibration=test"):
+        assert dry_run(Options(str(grid), overrides=("data.calibration_size=120", allowed)))[-1] == \
+            "trials: 1 points: 1"

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import select
+import uuid
 import shutil
 import subprocess
 import sys
@@ -17,8 +18,10 @@ from collections import Counter
 from pathlib import Path
 
 import pytest
-from e2e_helpers import (ROOT, cli_env, e2e, finish, grid_dict, keys, measured, results, start_cli, stop_group,
+from e2e_helpers import (ROOT, cli_env, e2e, finish, grid_dict, keys, measured, results, run_cli, start_cli, stop_group,
     wait_for_rows, wandb_run_dirs, write_grid)
+
+from runner.job.ray_env import LOCAL_RAY_ENV, OWN_RAY_ENV, RAY_ENV, on_loopback
 
 pytestmark = pytest.mark.slow
 
@@ -28,13 +31,15 @@ POINTS = 17 * len(KS) * len(CRITERIA)
 
 
 class SideCluster:
-    def __init__(self, nodes: int) -> None:
-        self.proc = subprocess.Popen([sys.executable, str(ROOT / "tests" / "ray_cluster.py"), str(nodes)],
+    def __init__(self, nodes: int, plain: bool = False, env: dict[str, str] | None = None) -> None:
+        self.proc = subprocess.Popen([sys.executable, str(ROOT / "tests" / "ray_cluster.py"), str(nodes),
+                                      *(["--plain"] if plain else [])],
                                      stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                     text=True, env=cli_env(), start_new_session=True)
+                                     text=True, env=env or cli_env(), start_new_session=True)
         first = self.read(180)
         self.address: str = first["address"]
         self.nodes: list[str] = first["nodes"]
+        self.session = Path(first["session"])
 
     def read(self, timeout: float) -> dict:
         ready, _, _ = select.select([self.proc.stdout], [], [], timeout)
@@ -113,3 +118,48 @@ def test_a_node_lost_mid_sweep_costs_only_retries(cluster, sweep_checkpoint, tmp
     # the trial that was running there failed, and its retry (elsewhere) measured what it had left
     assert any("failed; retrying from its last finished K" in line for line in run.err_lines), run.explain()
     assert not any("failed after its retries" in line for line in run.err_lines), run.explain()
+
+
+# ---- joining a cluster started the way its owner starts it (not with our environment) ----
+
+def plain_env(home: Path, **extra: str) -> dict[str, str]:
+    """A user's shell: none of the settings the sweep gives a Ray of its own (RAY_AUTH_MODE above all), and a home
+    of its own (where Ray keeps its token)."""
+    ours = set(RAY_ENV) | set(LOCAL_RAY_ENV) | set(OWN_RAY_ENV)
+    env = {k: v for k, v in cli_env().items() if k not in ours}
+    return {**env, "HOME": str(home), **extra}
+
+
+@pytest.fixture(scope="module", params=["default", "token"])
+def plain_cluster(request, tmp_path_factory):
+    """A two-node cluster with Ray's default authentication, or with token authentication (the token in the
+    owner's ~/.ray/auth_token; RAY_AUTH_MODE=token for the cluster and, as Ray asks of every client, for the
+    driver)."""
+    home = tmp_path_factory.mktemp(f"home-{request.param}")
+    auth = {}
+    if request.param == "token":
+        (home / ".ray").mkdir()
+        (home / ".ray" / "auth_token").write_text(uuid.uuid4().hex)
+        auth = {"RAY_AUTH_MODE": "token"}
+    side = SideCluster(2, plain=True, env=plain_env(home, **auth))
+    try:
+        yield side, plain_env(home, **auth)
+    finally:
+        side.close()
+
+
+def test_joining_a_cluster_started_without_our_environment(plain_cluster, sweep_checkpoint, tmp_path):
+    side, env = plain_cluster
+    assert "RAY_AUTH_MODE" not in env or env["RAY_AUTH_MODE"] == "token"  # never ours ("disabled")
+    assert not on_loopback(side.address)  # the machine's address: the driver joins as it would a real cluster
+    grid = write_grid(tmp_path / "join.yaml", grid_dict(tmp_path, sweep_checkpoint, name="join", layers=[
+        "layer1.0.conv1", "layer2.0.conv2"], k=[1, 2], criteria=["l1_norm"]))
+    run = run_cli(["--grid", str(grid), "--address", side.address], cwd=tmp_path, env=env, timeout=400)
+    assert run.returncode == 0, run.explain()
+    assert f"joined the Ray cluster at {side.address}: 2 node(s), 2 CPUs" in run.stderr, run.explain()
+    assert measured(run) == (4, 4, 4)
+    assert {r["node"] for r in results(tmp_path / "runs" / "join")} <= {n[:12] for n in side.nodes}
+    # the code reached the nodes as Ray's runtime_env py_modules (packed, uploaded, unpacked by the cluster)
+    shipped = sorted(side.session.glob("runtime_resources/py_modules_files/*/runner/job/trial.py")) + sorted(
+        side.session.glob("runtime_resources/py_modules_files/*/model/resnet.py"))
+    assert len(shipped) >= 2, sorted(p.relative_to(side.session) for p in side.session.glob("runtime_resources/*/*"))

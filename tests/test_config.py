@@ -47,10 +47,11 @@ def plan_error(sweep: dict, width: float = 0.25) -> str:
      "output; fix: remove it or correct its spelling"),
     ("unknown_key_nested.yaml",
      "sweep.criterion: unknown key: got 'criterion'; allowed: layers, include_shortcuts, k, criteria, target, "
-     "calibration, batch_size, retries, feature_map_points; fix: remove it or correct its spelling"),
+     "calibration, random_repeats, random_seed, batch_size, retries, feature_map_points; "
+     "fix: remove it or correct its spelling"),
     ("unknown_key_train.yaml",
      "checkpoint.train.learning_rate: unknown key: got 'learning_rate'; allowed: recipe, epochs, batch_size, "
-     "optimizer, lr, momentum, nesterov, weight_decay, label_smoothing, schedule; "
+     "optimizer, lr, momentum, nesterov, weight_decay, label_smoothing, schedule, normalise; "
      "fix: remove it or correct its spelling"),
     ("wrong_type_width.yaml",
      "model.width: wrong type: got 'x'; allowed: a valid number; "
@@ -128,7 +129,8 @@ def test_yaml_syntax_error_names_the_line(tmp_path):
 @pytest.mark.parametrize("raw, message", [
     ({"checkpoint": {"train": {"epoch": 3}}},
      "checkpoint.train.epoch: unknown key: got 'epoch'; allowed: recipe, epochs, batch_size, optimizer, lr, "
-     "momentum, nesterov, weight_decay, label_smoothing, schedule; fix: remove it or correct its spelling"),
+     "momentum, nesterov, weight_decay, label_smoothing, schedule, normalise; "
+     "fix: remove it or correct its spelling"),
     ({"sweep": {"k": {"value": [1]}}},
      "sweep.k.value: unknown key: got 'value'; allowed: values, fractions, range; "
      "fix: remove it or correct its spelling"),
@@ -412,16 +414,19 @@ def test_dry_counts_of_the_tiny_grid(tiny_grid):
     assert lines[-1] == "trials: 34 points: 102"
 
 
+# points per layer and K: mean_activation 1, l1_norm 1, random 3 (sweep.random_repeats) with the default criteria
 @pytest.mark.parametrize("width, sweep, layers, trials, points", [
-    (1.0, {}, 17, 51, 255),
-    (1.0, {"include_shortcuts": True}, 20, 60, 300),
-    (1.0, {"layers": ["layer*.conv2"]}, 8, 24, 120),
-    (1.0, {"layers": ["layer*.conv2"], "include_shortcuts": True}, 8, 24, 120),
-    (1.0, {"layers": ["*.shortcut.conv"], "include_shortcuts": True}, 3, 9, 45),
+    (1.0, {}, 17, 51, 17 * 5 * 5),
+    (1.0, {"include_shortcuts": True}, 20, 60, 20 * 5 * 5),
+    (1.0, {"layers": ["layer*.conv2"]}, 8, 24, 8 * 5 * 5),
+    (1.0, {"layers": ["layer*.conv2"], "include_shortcuts": True}, 8, 24, 8 * 5 * 5),
+    (1.0, {"layers": ["*.shortcut.conv"], "include_shortcuts": True}, 3, 9, 3 * 5 * 5),
+    (1.0, {"layers": ["*.shortcut.conv"], "include_shortcuts": True, "random_repeats": 1}, 3, 9, 45),
     (1.0, {"layers": "layer3.*", "criteria": ["l1_norm"]}, 4, 4, 20),
+    (1.0, {"layers": "layer3.*", "criteria": ["random"], "random_repeats": 10}, 4, 4, 200),
     (0.25, {"layers": ["layer2.1.conv2"], "k": {"range": [1, 32, 2]}, "criteria": ["seed"], "target": "input"},
      1, 1, 16),
-    (0.125, {"layers": ["conv1", "layer4.1.conv2"], "k": {"fractions": [0.1, 0.125, 0.2]}}, 2, 6, 15),
+    (0.125, {"layers": ["conv1", "layer4.1.conv2"], "k": {"fractions": [0.1, 0.125, 0.2]}}, 2, 6, 5 * 5),
 ])
 def test_dry_counts(width, sweep, layers, trials, points):
     plan = plan_trials(parse_grid({"model": {"width": width}, "sweep": sweep}, "g"))
@@ -476,7 +481,7 @@ def test_k_above_the_input_channel_count():
 
 def test_k_equal_to_the_channel_count_is_allowed():
     plan = plan_trials(parse_grid({"model": {"width": 0.25}, "sweep": {"k": [1, 16], "layers": ["layer1.*"]}}, "g"))
-    assert plan.points == 4 * 3 * 2
+    assert plan.points == 4 * 2 * (1 + 1 + 3)  # 4 layers, 2 K, mean_activation + l1_norm + 3 random orders
 
 
 CRITERION_FIX = ("allowed: criteria that apply to every swept layer; "

@@ -12,7 +12,7 @@ from runner.config import DataConfig
 from runner.engine.images import Images, augment, to_device
 from runner.errors import InputError
 from runner.inputs import synthetic
-from runner.inputs.data import CIFAR10_CLASSES, Dataset, load_data, read_npz
+from runner.inputs.data import CIFAR10_CLASSES, Dataset, Holdout, holdout_index, load_data, planned_holdout, read_npz
 
 NPZ_FILE = "allowed: a file written by numpy.savez; fix: rewrite it with numpy.savez"
 
@@ -253,6 +253,22 @@ def test_synthetic_dataset_splits_are_disjoint(tiny_grid):
     train, held, test = rows(data.train.images), rows(data.calibration.images), rows(data.test.images)
     assert len(train) == 500 and len(held) == 100 and len(test) == 200
     assert not train & held and not train & test and not held & test
+
+
+def test_the_holdout_record_names_the_calibration_split(tiny_grid):
+    data = load_data(tiny_grid.data, 10, tiny_grid.seed)
+    held = holdout_index(600, 100, 0)
+    assert (data.holdout.seed, data.holdout.size, data.holdout.total) == (0, 100, 600)
+    assert data.holdout.sha256 == hashlib.sha256(held.astype("<i8").tobytes()).hexdigest()
+    train_images, _ = synthetic.generate(600, seed=1000)  # the synthetic train split of grid seed 0
+    assert np.array_equal(data.calibration.images, train_images[held])  # the record is of these images
+    assert planned_holdout(tiny_grid.data, tiny_grid.seed) == data.holdout  # known before the data is made
+    assert planned_holdout(DataConfig(dataset="cifar10"), 0) is None  # its size is known only once loaded
+    # another seed or size is another hold-out; the same ones are the same
+    assert len({Holdout.of(600, 100, 0).sha256, Holdout.of(600, 100, 1).sha256, Holdout.of(600, 101, 0).sha256,
+                Holdout.of(700, 100, 0).sha256}) == 4
+    assert Holdout.of(600, 100, 0) == data.holdout
+    assert data.holdout.describe() == f"seed 0, 100 of 600 train images (indices sha256 {data.holdout.sha256[:12]})"
 
 
 # --- tensors ---------------------------------------------------------------------------------------------------

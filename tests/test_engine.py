@@ -15,11 +15,12 @@ from model.capture import capture
 from model.layers import list_convs
 from model.resnet import ResNet18
 from model.split import Split
-from runner.engine.criteria import rank_all
+from runner.engine.criteria import draw_seed, rank_all
 from runner.engine.evaluate import Tally, evaluate
 from runner.engine.images import Images
 from runner.engine.measure import EvalSet, sweep_layer
-from runner.engine.prune import keep_mask, masked, savings, surgery, zero_weights
+from runner.engine.dead import Savings, alive, savings
+from runner.engine.prune import keep_mask, masked, surgery, zero_weights
 from runner.engine.reference import seed_loop
 from runner.inputs.synthetic import generate
 
@@ -107,13 +108,33 @@ def test_rankings_in_one_pass_equal_rankings_one_layer_at_a_time() -> None:
     images = torch.randn(24, 3, 32, 32, generator=torch.Generator().manual_seed(3))
     labels = torch.arange(24) % 10
     criteria = ["mean_activation", "mean_abs_activation", "taylor", "l1_norm", "bn_scale", "random"]
-    together = rank_all(MODEL, CONVS, criteria, "output", images, labels, batch_size=16, seed=0)
+    together = rank_all(MODEL, CONVS, criteria, "output", images, labels, batch_size=16, random_seed=0, repeats=3)
     for conv in CONVS:
-        alone = rank_all(MODEL, [conv], criteria, "output", images, labels, batch_size=16, seed=0)
+        alone = rank_all(MODEL, [conv], criteria, "output", images, labels, batch_size=16, random_seed=0, repeats=3)
         for name in criteria:
-            assert alone[(conv.name, name)].order == together[(conv.name, name)].order, (conv.name, name)
-            np.testing.assert_allclose(alone[(conv.name, name)].scores, together[(conv.name, name)].scores,
+            assert alone[(conv.name, name)].orders == together[(conv.name, name)].orders, (conv.name, name)
+            np.testing.assert_allclose(alone[(conv.name, name)].all_scores, together[(conv.name, name)].all_scores,
                                        rtol=1e-9, atol=1e-12)
+
+
+def test_random_is_drawn_repeats_times_from_random_seed_and_moves_nothing_else() -> None:
+    images = torch.randn(16, 3, 32, 32, generator=torch.Generator().manual_seed(3))
+    labels = torch.arange(16) % 10
+    criteria = ["l1_norm", "mean_activation", "random"]
+    a = rank_all(MODEL, CONVS, criteria, "output", images, labels, 16, random_seed=0, repeats=3)
+    b = rank_all(MODEL, CONVS, criteria, "output", images, labels, 16, random_seed=1, repeats=3)
+    for conv in CONVS:
+        draws = a[(conv.name, "random")]
+        assert draws.repeats == 3 and len(set(draws.orders)) == 3, conv.name  # three different orders
+        assert all(sorted(o) == list(range(conv.out_channels)) for o in draws.orders)
+        assert draws.seeds == tuple(draw_seed(0, r, conv.name) for r in range(3))
+        assert set(draws.orders).isdisjoint(b[(conv.name, "random")].orders), conv.name  # another random_seed
+        for name in ("l1_norm", "mean_activation"):  # one order each, the same whatever random_seed says
+            assert a[(conv.name, name)].repeats == 1
+            assert a[(conv.name, name)].orders == b[(conv.name, name)].orders
+    # a draw is the same draw in another sweep: the seeds depend on (random_seed, repeat, layer) only
+    again = rank_all(MODEL, CONVS[:2], ["random"], "output", images[:4], labels[:4], 4, random_seed=0, repeats=2)
+    assert again[(CONVS[1].name, "random")].orders == a[(CONVS[1].name, "random")].orders[:2]
 
 
 def test_mean_activation_is_the_mean_of_the_activation_at_the_mask_point() -> None:
@@ -152,6 +173,38 @@ def test_taylor_matches_autograd_by_hand() -> None:
     a = kept["a"]
     expected = (a * a.grad).mean((2, 3)).abs().mean(0).double()
     np.testing.assert_allclose(got.scores, expected.detach(), rtol=1e-5)
+
+
+def _taylor_through_the_suffix(conv_name: str, images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Input-target Taylor scores computed apart from the criteria code: cut the network at the conv's input
+    (`Split`), treat the cached tensor at the cut as the only variable (the unit's other paths are cached
+    constants), so that dL/da is the gradient through conv L alone; |mean over H, W of a * dL/da| per image,
+    averaged over images."""
+    split = Split(MODEL, BY_NAME[conv_name], "input")
+    with torch.no_grad():
+        cache = split.prefix(images)
+    a = cache[0].detach().requires_grad_(True)
+    logits = split.suffix((a, *(t.detach() for t in cache[1:])), None).logits
+    (grad,) = torch.autograd.grad(F.cross_entropy(logits, labels, reduction="sum"), a)
+    return (a * grad).mean((2, 3)).abs().mean(0).detach().double()
+
+
+# a block's conv1 with an identity shortcut and with a shortcut conv, the shortcut conv itself (all three read a
+# tensor that another branch reads too), a conv2 (reads only its own input) and the stem (reads the image)
+TAYLOR_INPUT = ["layer2.1.conv1", "layer3.0.conv1", "layer3.0.shortcut.conv", "layer2.0.conv2", "conv1"]
+
+
+@pytest.mark.parametrize("name", TAYLOR_INPUT)
+def test_taylor_at_the_input_uses_the_gradient_through_the_conv_only(name: str) -> None:
+    images = torch.randn(12, 3, 32, 32, generator=torch.Generator().manual_seed(5))
+    labels = torch.arange(12) % 10
+    conv = BY_NAME[name]
+    # ranked together with the other convs that read the same tensor: each still gets its own gradient
+    convs = [c for c in CONVS if c.name in TAYLOR_INPUT]
+    got = rank_all(MODEL, convs, ["taylor"], "input", images, labels, 6, 0)[(conv.name, "taylor")]
+    expected = _taylor_through_the_suffix(name, images, labels)
+    np.testing.assert_allclose(got.scores, expected, rtol=1e-4, atol=1e-9)
+    assert got.order == tuple(torch.argsort(expected, stable=True).tolist())
 
 
 def _seed_procedure(model: ResNet18, layer: str, images: torch.Tensor, labels: torch.Tensor, ks: list[int],
@@ -209,9 +262,30 @@ def test_sweep_layer_in_chunks_equals_whole() -> None:
     chunked = list(sweep_layer(MODEL, conv, "output", ranking, [1, 4, 8], evalset, BY_NAME, cache_bytes=1))
     assert [p.k for p in whole] == [p.k for p in chunked] == [1, 4, 8]
     for a, b in zip(whole, chunked):
-        assert a.accuracy == b.accuracy
+        assert a.accuracy == b.accuracy and a.baseline_accuracy == b.baseline_accuracy
+        assert (a.right_to_wrong, a.wrong_to_right, a.drop_low, a.drop_high) == \
+            (b.right_to_wrong, b.wrong_to_right, b.drop_low, b.drop_high)
         assert a.loss == pytest.approx(b.loss, rel=1e-6)
         np.testing.assert_allclose(a.maps["layer"], b.maps["layer"], rtol=1e-5, atol=1e-6)
+
+
+def test_random_repeats_are_points_of_their_own_and_done_ones_are_skipped() -> None:
+    x_np, y_np = generate(40, seed=7)
+    evalset = EvalSet.build(Images(x_np, y_np), (0.5,) * 3, (0.25,) * 3, 10, torch.device("cpu"), batch_size=20)
+    conv = BY_NAME["layer2.0.conv1"]
+    ranking = rank_all(MODEL, [conv], ["random"], "output", torch.cat(evalset.inputs), torch.cat(evalset.labels),
+                       20, random_seed=5, repeats=3)[(conv.name, "random")]
+    points = list(sweep_layer(MODEL, conv, "output", ranking, [4, 8], evalset, BY_NAME, feature_maps=False))
+    assert [(p.k, p.repeat) for p in points] == [(4, 0), (4, 1), (4, 2), (8, 0), (8, 1), (8, 2)]
+    for p in points:  # each repeat pruned by its own order
+        with torch.inference_mode(), masked(MODEL, conv, "output", ranking.orders[p.repeat][:p.k]):
+            want = evaluate(MODEL, evalset.inputs, evalset.labels, 10).result()
+        assert (p.accuracy, p.loss) == (pytest.approx(want.accuracy), pytest.approx(want.loss, rel=1e-5))
+    assert len({p.loss for p in points}) == 6  # six different networks
+    rest = list(sweep_layer(MODEL, conv, "output", ranking, [4, 8], evalset, BY_NAME, feature_maps=False,
+                            done={(4, 0), (4, 1), (8, 2)}))
+    assert [(p.k, p.repeat) for p in rest] == [(4, 2), (8, 0), (8, 1)]
+    assert [p.loss for p in rest] == [points[2].loss, points[3].loss, points[4].loss]
 
 
 def test_points_match_full_network_evaluation_and_carry_feature_maps() -> None:
@@ -221,6 +295,7 @@ def test_points_match_full_network_evaluation_and_carry_feature_maps() -> None:
     images, labels = torch.cat(evalset.inputs), torch.cat(evalset.labels)
     ranking = rank_all(MODEL, [conv], ["mean_activation"], "output", images, labels, 30, 0)[
         (conv.name, "mean_activation")]
+    unpruned = evaluate(MODEL, evalset.inputs, evalset.labels, 10).result()
     for point in sweep_layer(MODEL, conv, "output", ranking, [2, 8], evalset, BY_NAME):
         pruned = list(ranking.order[:point.k])
         edited = surgery(MODEL, conv, "output", pruned)
@@ -228,6 +303,12 @@ def test_points_match_full_network_evaluation_and_carry_feature_maps() -> None:
             full = evaluate(edited, evalset.inputs, evalset.labels, 10).result()
         assert point.accuracy == pytest.approx(full.accuracy, abs=1e-9)
         assert point.loss == pytest.approx(full.loss, rel=1e-5)
+        # the trial's own baseline is the unpruned network's, and the flips are counted image by image
+        assert point.baseline_accuracy == pytest.approx(unpruned.accuracy, abs=1e-9) and point.eval_images == 60
+        assert point.right_to_wrong == int((unpruned.correct & ~full.correct).sum())
+        assert point.wrong_to_right == int((~unpruned.correct & full.correct).sum())
+        assert point.accuracy_drop == pytest.approx(100 * (point.right_to_wrong - point.wrong_to_right) / 60)
+        assert point.drop_low < point.accuracy_drop < point.drop_high
         assert point.maps["layer"].shape == (conv.out_channels, 8, 8)
         assert np.abs(point.maps["layer"][pruned]).max() == 0  # pruned channels are zero
         assert np.abs(point.maps["layer"]).max() > 0
@@ -236,19 +317,109 @@ def test_points_match_full_network_evaluation_and_carry_feature_maps() -> None:
         assert seen["layer4"].shape[1:] == point.maps["final"].shape
 
 
-def test_savings_count_filter_bn_and_next_conv_input_slice() -> None:
-    model = ResNet18(width=1.0)
-    convs = {c.name: c for c in list_convs(model)}
-    c1 = convs["layer2.1.conv1"]  # 128 -> 128, 3x3, 16x16; consumer layer2.1.conv2 128 -> 128 at 16x16
-    s = savings(c1, "output", 5, convs)
-    assert s.params == 5 * 128 * 9 + 2 * 5 + 5 * 128 * 9
-    assert s.macs == 2 * (5 * 128 * 9 * 16 * 16)
-    c2 = convs["layer2.1.conv2"]
-    assert savings(c2, "output", 5, convs).params == 5 * 128 * 9 + 10
-    assert savings(c2, "input", 5, convs).macs == 5 * 128 * 9 * 16 * 16
-    sc = convs["layer3.0.shortcut.conv"]  # 128 -> 256, 1x1, 8x8; no consumer conv (it feeds the block's sum)
-    assert savings(sc, "output", 4, convs).params == 4 * 128 + 2 * 4
-    assert savings(sc, "output", 4, convs).macs == 4 * 128 * 8 * 8
+FULL = {c.name: c for c in list_convs(ResNet18(width=1.0))}  # the seed's widths: 64, 128, 256, 512
+
+
+def _saved(name: str, target: str, k: int) -> Savings:
+    return savings(list(FULL.values()), FULL[name], target, range(k), 10)
+
+
+def test_savings_of_ordinary_cuts_count_filter_bn_and_the_next_conv_input_slice() -> None:
+    # layer2.1.conv1: 128 -> 128, 3x3, 16x16; its reader layer2.1.conv2: 128 -> 128 at 16x16
+    assert _saved("layer2.1.conv1", "output", 5) == Savings(params=5 * 128 * 9 + 2 * 5 + 5 * 128 * 9,
+                                                            macs=2 * (5 * 128 * 9 * 16 * 16))
+    assert _saved("layer2.1.conv2", "output", 5) == Savings(5 * 128 * 9 + 10, 5 * 128 * 9 * 16 * 16)
+    # a block's conv1 reads the block input, which the shortcut reads too: only conv1's slice goes
+    assert _saved("layer2.1.conv1", "input", 5) == Savings(5 * 128 * 9, 5 * 128 * 9 * 16 * 16)
+    # layer3.0.shortcut.conv: 128 -> 256, 1x1, 8x8; the residual channel stays (conv2's output is added to it)
+    assert _saved("layer3.0.shortcut.conv", "output", 4) == Savings(4 * 128 + 8, 4 * 128 * 8 * 8)
+
+
+def test_savings_stem_output_also_frees_the_first_blocks_conv1_input_slice() -> None:
+    # conv1: 3 -> 64, 3x3, 32x32; layer1.0.conv1 (64 -> 64, 3x3, 32x32) reads the stem and drops its slice.
+    # The identity shortcut adds the zero channel to layer1.0's conv2 output, so the residual stream channel
+    # is not zero and nothing after it is dead.
+    assert _saved("conv1", "output", 5) == Savings(params=5 * 27 + 2 * 5 + 5 * 64 * 9,
+                                                   macs=5 * 27 * 32 * 32 + 5 * 64 * 9 * 32 * 32)
+    assert _saved("conv1", "output", 5) == Savings(3025, 3_087_360)
+    # every stem channel: layer1.0.conv1 reads only zeros (all its weights go; bn1 still adds its bias)
+    assert _saved("conv1", "output", 64) == Savings(64 * 27 + 128 + 64 * 64 * 9,
+                                                    64 * 27 * 1024 + 64 * 64 * 9 * 1024)
+    # input-pruning layer1.0.conv1 is another cut: the stem channel still feeds the shortcut
+    assert _saved("layer1.0.conv1", "input", 5) == Savings(5 * 64 * 9, 5 * 64 * 9 * 1024)
+
+
+def test_savings_every_conv2_output_pruned_leaves_conv1_and_bn1_computing_nothing() -> None:
+    # layer2.1: conv1 and conv2 128 -> 128, 3x3 at 16x16, identity shortcut
+    whole = 2 * (128 * 128 * 9 + 2 * 128)
+    assert _saved("layer2.1.conv2", "output", 128) == Savings(whole, 2 * 128 * 128 * 9 * 16 * 16)
+    assert _saved("layer2.1.conv2", "output", 128) == Savings(295_424, 75_497_472)
+    # one channel fewer: conv1 still has a reader, only conv2's filters and BN channels go
+    assert _saved("layer2.1.conv2", "output", 127) == Savings(127 * 128 * 9 + 2 * 127, 127 * 128 * 9 * 256)
+    # layer3.0 has a shortcut conv: its main path dies whole, the shortcut and the block input stay
+    assert _saved("layer3.0.conv2", "output", 256).params == 128 * 256 * 9 + 2 * 256 + 256 * 256 * 9 + 2 * 256
+
+
+def test_savings_input_pruning_conv2_is_credited_as_output_pruning_conv1() -> None:
+    for k in (1, 5, 128):
+        assert _saved("layer2.1.conv2", "input", k) == _saved("layer2.1.conv1", "output", k), k
+    assert _saved("layer2.1.conv2", "input", 5) == Savings(11_530, 2_949_120)
+
+
+DEAD_CASES = [("conv1", "output", 3), ("conv1", "output", 8), ("layer2.1.conv2", "output", 16),
+              ("layer2.1.conv2", "input", 5), ("layer2.1.conv1", "output", 5), ("layer3.0.shortcut.conv", "output", 7),
+              ("layer3.0.conv2", "output", 32), ("layer1.0.conv1", "input", 8), ("layer4.1.conv2", "output", 64)]
+
+
+@pytest.mark.parametrize("name, target, k", DEAD_CASES)
+def test_what_savings_call_dead_really_is_dead(name: str, target: str, k: int) -> None:
+    """Zeroing every weight the graph calls dead leaves the pruned network's logits unchanged, and the count of
+    zeroed parameters is the savings."""
+    conv = BY_NAME[name]
+    pruned = list(range(0, 2 * k, 2))[:k] if k * 2 <= (conv.out_channels if target == "output" else
+                                                        conv.in_channels) else list(range(k))
+    live = alive(CONVS, conv, target, pruned)
+    edited = copy.deepcopy(MODEL)
+    mods = dict(edited.named_modules())
+    removed = 0
+    with torch.no_grad():
+        for c in CONVS:
+            w, bn = mods[c.name].weight, mods[c.bn]
+            keep = torch.zeros_like(w, dtype=torch.bool)
+            keep[sorted(live.outputs[c.name])] = True
+            keep[:, [i for i in range(c.in_channels) if i not in live.inputs[c.name]]] = False
+            removed += int((~keep).sum())
+            w[~keep] = 0
+            gone = [o for o in range(c.out_channels) if o not in live.outputs[c.name]]
+            removed += 2 * len(gone)
+            bn.weight[gone], bn.bias[gone], bn.running_mean[gone] = 0.0, 0.0, 0.0
+        cols = [i for i in range(edited.linear.in_features) if i not in live.features]
+        edited.linear.weight[:, cols] = 0
+        removed += len(cols) * edited.linear.out_features
+    with torch.inference_mode():
+        with masked(MODEL, conv, target, pruned):
+            want = MODEL(X)
+        with masked(edited, conv, target, pruned):
+            got = edited(X)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    assert removed == savings(CONVS, conv, target, pruned, 10).params > 0
+
+
+def test_crediting_a_live_residual_channel_would_change_the_logits() -> None:
+    """The check above can fail: after output-pruning stem channel 0, layer1.0's output channel 0 is alive (the
+    identity shortcut adds a zero to conv2's output); removing layer1.0.conv2's filter 0 changes the logits."""
+    edited = copy.deepcopy(MODEL)
+    with torch.no_grad():
+        edited.layer1[0].conv2.weight[0] = 0
+        edited.layer1[0].bn2.weight[0], edited.layer1[0].bn2.bias[0] = 0.0, 0.0
+    with torch.inference_mode():
+        with masked(MODEL, BY_NAME["conv1"], "output", [0]):
+            want = MODEL(X)
+        with masked(edited, BY_NAME["conv1"], "output", [0]):
+            got = edited(X)
+    with pytest.raises(AssertionError):  # the tolerance of the check above
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    assert 0 in alive(CONVS, BY_NAME["conv1"], "output", [0]).outputs["layer1.0.conv2"]
 
 
 def test_zero_weights_removes_a_whole_output_channel_with_its_bn() -> None:

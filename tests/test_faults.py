@@ -25,6 +25,7 @@ from e2e_helpers import (CliRun, cli_env, e2e, finish, grid_dict, keys, measured
     run_cli, start_cli, stop_group, tmpfs, trial_workers, values, wait_for_rows, write_grid)
 
 from model import checkpoint as ckpt_io
+from runner.errors import InputError
 from runner.inputs import checkpoints
 
 # 17 convs x 8 K x 2 criteria: trials long enough to be caught mid-way. Rankings from the weights only, so that
@@ -125,6 +126,7 @@ def test_driver_killed_then_resumed_recomputes_nothing(fault_grid, reference, tm
 # ---- --resume after the grid or the checkpoint changed ----
 
 PAIR = {"layers": ["layer1.0.conv1", "layer2.0.conv2"], "k": [1, 2], "criteria": ["l1_norm"]}
+PAIR_NO_CRITERIA = {k: v for k, v in PAIR.items() if k != "criteria"}
 
 
 def pair_grid(tmp: Path, checkpoint: Path, **sections) -> dict:
@@ -197,6 +199,29 @@ def test_resume_with_a_grid_that_only_adds_points_measures_only_those(cli, finis
     text = (folder / "results.csv").read_bytes()
     assert text.startswith(csv_before)  # the first rows untouched
     assert len(set(assert_whole_and_unique(folder))) == 12
+
+
+@pytest.mark.parametrize("change, what", [
+    ({"random_seed": 5}, "sweep.random_seed: 0 then, 5 now"),
+    ({"random_repeats": 3}, "sweep.random_repeats: 1 then, 3 now"),
+])
+def test_resume_identity_holds_the_random_draws(tmp_path, change, what):
+    """The random orders' seed and count are part of what a sweep is (checked in process: no sweep needed)."""
+    from model.checkpoint import Checkpoint
+    from runner.config import parse_grid
+    from runner.inputs.trials import plan_trials
+    from runner.job.folder import resume_check, write_config
+
+    raw = grid_dict(tmp_path, name="draws", sweep={**PAIR_NO_CRITERIA, "criteria": ["random"]})
+    grid = parse_grid(raw, "g")
+    grid.folder.mkdir(parents=True)
+    write_config(grid, plan_trials(grid), Checkpoint(None, {}, "0" * 64, "m.pt"), "tune")
+    assert resume_check(grid, plan_trials(grid), "0" * 64)[1] is False  # the same sweep
+    raw["sweep"] = {**raw["sweep"], **change}
+    changed = parse_grid(raw, "g")
+    with pytest.raises(InputError) as err:
+        resume_check(changed, plan_trials(changed), "0" * 64)
+    assert str(err.value).startswith(f"--resume: the grid changed since this sweep started ({what}): ")
 
 
 # ---- two sweeps on one output folder ----

@@ -48,3 +48,51 @@ def test_heatmap_width_does_not_grow_with_k(tmp_path, ks):
     figures.sensitivity_heatmap(rows(LAYERS, ks), tmp_path / "h.png")
     with Image.open(tmp_path / "h.png") as image:
         assert image.size[0] < 1300 and image.size[1] < 700
+
+
+# ---- feature-map images, legible on W&B's image panel without zooming ----
+
+def tile_sizes(image, c: int) -> list[int]:
+    """Side lengths of the uniform tiles in the image's top-left grid cell row (tiles of distinct colours)."""
+    import numpy as np
+
+    row = image[2 + 1, :, :].astype(int)  # a pixel row through the first row of tiles (gap 2)
+    changes = np.flatnonzero(np.any(row[1:] != row[:-1], axis=1)) + 1
+    runs = np.diff(np.concatenate([[0], changes, [len(row)]]))
+    return [int(r) for r in runs if r > 2]  # the tiles (gaps are 2 px)
+
+
+@pytest.mark.parametrize("side", [1, 4, 8, 16, 32])
+def test_tiles_are_upscaled_to_at_least_32_pixels(side):
+    import numpy as np
+
+    c = 16
+    maps = np.arange(1, c + 1, dtype=np.float32)[:, None, None] * np.ones((c, side, side), np.float32)  # flat tiles
+    image = figures.grid_image(maps, final=True)
+    assert image.ndim == 3 and image.shape[2] == 3 and image.dtype == np.uint8
+    sizes = tile_sizes(image, c)
+    assert sizes and all(s >= figures.MIN_TILE for s in sizes) and all(s == sizes[0] for s in sizes), sizes
+    assert sizes[0] == side * -(-figures.MIN_TILE // side)  # nearest: a whole multiple of the map's side
+
+
+def test_wrap_keeps_every_line_within_the_width():
+    measure = len  # one unit per character
+    text = "layer3.1.conv1, output pruning by mean_activation, K=16/64, accuracy 47.25%\nsecond line " + "x" * 30
+    lines = figures.wrap(text, 20, measure)
+    assert all(measure(line) <= 20 for line in lines), lines
+    assert " ".join(lines).replace(" ", "") == text.replace("\n", "").replace(" ", "")  # nothing lost
+    assert lines[:2] == ["layer3.1.conv1,", "output pruning by"]
+
+
+def test_captioned_image_states_its_one_colour_scale_and_wraps_its_title():
+    import numpy as np
+
+    maps = np.random.default_rng(0).normal(size=(8, 4, 4)).astype(np.float32)
+    short = figures.grid_image(maps, title="short")
+    long = figures.grid_image(maps, title="word " * 200)
+    assert short.shape[1] == long.shape[1] == figures.CAPTION_WIDTH  # the text wraps: the image does not widen
+    assert long.shape[0] > short.shape[0] + 10 * figures.FONT_SIZE
+    lo, hi = -float(np.abs(maps).max()), float(np.abs(maps).max())
+    assert figures.scale_note("RdBu_r", lo, hi) == f"one colour scale for every tile: {lo:.3g} (blue) to {hi:.3g} " \
+                                                   "(red), 0 = white"
+    assert figures.scale_note("viridis", 0.0, 2.5) == "one colour scale for every tile: 0 (purple) to 2.5 (yellow)"

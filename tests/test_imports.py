@@ -16,7 +16,7 @@ BASICS = {"runner.errors", "runner.storage", "runner.provenance", "runner.config
 # layer -> the prefixes of the project's modules it may import (besides itself)
 ALLOWED = {
     "model": ("model",),
-    "runner": (),  # the package itself (its docstring)
+    "runner": ("runner.api",),  # the package itself (its docstring): the API, re-exported on first use
     "runner.errors": (),
     "runner.storage": (),
     "runner.provenance": (),
@@ -26,6 +26,8 @@ ALLOWED = {
     "runner.inputs": ("model", "runner.engine", "runner.inputs", "runner.outputs.results", *BASICS),
     "runner.job": ("model", "runner.engine", "runner.inputs", "runner.outputs", "runner.job", *BASICS),
     "runner.cli": ("model", "runner"),
+    # the notebook API, an entry point like the command: the job (inside `sweep`), results.csv as a table
+    "runner.api": ("runner.job", "runner.outputs", "runner.config", "runner.errors"),
 }
 FORBIDDEN_THIRD_PARTY = {"runner.engine": ("ray", "wandb"), "runner.inputs": ("ray", "wandb"),
                          "runner.outputs": ("torch", "torchvision", "ray"), "model": ("ray", "wandb")}
@@ -130,3 +132,16 @@ def test_scripts_only_call_the_command() -> None:
         text = (ROOT / "scripts" / script).read_text(encoding="utf-8")
         assert "sys.path" not in text and len(text.splitlines()) <= 10, script
     assert sys.modules  # (scripts/bench.py is a program of its own: see test_bench.py)
+
+
+def test_import_runner_is_cheap_and_the_api_is_there() -> None:
+    """`from runner import sweep, load_results` (runner.api, re-exported on first use) loads neither torch, Ray nor
+    pandas until a function is called."""
+    import subprocess
+
+    code = ("import sys, runner; from runner import sweep, load_results; "
+            "print(sorted(m for m in ('torch', 'ray', 'pandas', 'wandb') if m in sys.modules)); "
+            "print(sweep.__module__, load_results.__module__)")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.splitlines() == ["[]", "runner.api runner.api"]

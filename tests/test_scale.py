@@ -32,7 +32,7 @@ def scale_grid(tmp: Path) -> dict:
                                               "eval_size": 500},
                      checkpoint={"path": str(tmp / "w0125.pt"), "train": {"epochs": 4, "batch_size": 100, "lr": 0.1}},
                      sweep={"layers": "all", "include_shortcuts": True, "batch_size": 500,
-                            "k": {"fractions": [i / 64 for i in range(1, 65)]}, "criteria": CRITERIA},
+                            "k": {"fractions": [i / 64 for i in range(1, 65)]}, "criteria": CRITERIA, "random_repeats": 1},
                      wandb={"mode": "offline"})
 
 
@@ -89,8 +89,10 @@ def test_twenty_convs_by_64_k_by_3_criteria(tmp_path):
             width, height = image.size
         assert width <= 2000 and height <= 1400, (name, image.size)
     report = (folder / "report.md").read_text(encoding="utf-8")
-    assert len(report.splitlines()) < 100  # a summary to read, not a dump of 1,800 rows
-    table = [line for line in report.splitlines() if line.startswith("| `")]
-    assert len(table) == 20 and "more layers" not in report  # every layer once, with its best criterion
+    assert len(report.splitlines()) < 130  # a summary to read, not a dump of 1,800 rows
+    sensitivity = report.split("## Which layers")[1].split("## Criteria compared")[0]
+    table = [line for line in sensitivity.splitlines() if line.startswith("| `")]
+    assert len(table) == 20 and "more layers" not in report  # every layer once, every criterion side by side
+    assert all(line.count(" / ") == len(CRITERIA) for line in table)
     # every trial kept a few feature-map figures, not 1,800 of them
     assert len(list((folder / "feature_maps").rglob("*.png"))) == 60 * 3 * 2

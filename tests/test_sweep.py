@@ -16,15 +16,19 @@ import signal
 import time
 from datetime import datetime, timezone
 from pathlib import Path
+from types import SimpleNamespace
 
+import numpy as np
 import pytest
 import yaml
-from e2e_helpers import (SMALL_CRITERIA, SMALL_EVAL, SMALL_FRACTIONS, SMALL_LAYERS, closed_port, e2e,
-    expected_points, finish, grid_dict, history, keys, leet_records, leet_summary, measured, results, run_cli,
-    run_info, start_cli, stop_group, values, wandb_run_dirs, write_grid)
+from e2e_helpers import (SMALL_CRITERIA, SMALL_EVAL, SMALL_FRACTIONS, SMALL_LAYERS, artifacts, closed_port,
+    e2e, expected_points, finish, grid_dict, history, keys, leet_records, leet_summary, manifest_paths, measured,
+    paired_interval_by_hand, results, run_cli, run_info, runs_by_name, start_cli, stop_group, values,
+    wandb_run_dirs, write_grid)
 
 from model.checkpoint import sha256
 from runner.config import load_grid
+from runner.outputs.report import fraction_label, trial_summary
 
 
 def small_ks(channels: int) -> list[int]:
@@ -56,10 +60,39 @@ def test_every_point_once_with_checkpoint_and_baseline(small_sweep):
         assert correct == pytest.approx(round(correct), abs=1e-3), where
         assert math.isfinite(r["loss"]) and r["loss"] > 0, where
         assert r["params_removed"] > 0 and r["macs_removed"] > 0, where
+        # the trial's own baseline, device and precision; the paired interval from the images that flipped
+        assert (r["device"], r["dtype"], r["repeat"]) == ("cpu", "float32", 0), where
+        assert r["accuracy_drop"] == pytest.approx(100 * (r["right_to_wrong"] - r["wrong_to_right"]) / SMALL_EVAL,
+                                                   abs=2e-6), where
+        assert r["drop_low"] <= r["accuracy_drop"] <= r["drop_high"], where
+        right = round(r["baseline_accuracy"] * SMALL_EVAL / 100)
+        assert (r["drop_low"], r["drop_high"]) == pytest.approx(paired_interval_by_hand(
+            SMALL_EVAL, right, r["right_to_wrong"], r["wrong_to_right"]), abs=2e-6), where
     for layer in SMALL_LAYERS:  # more channels pruned never removes fewer parameters
         for c in SMALL_CRITERIA:
             pts = sorted((r for r in rows if (r["layer"], r["criterion"]) == (layer, c)), key=lambda r: r["k"])
             assert pts[0]["params_removed"] < pts[1]["params_removed"]
+
+
+def test_one_point_by_hand(small_sweep):
+    """One row's interval, computed here from its flip counts (printed with -s)."""
+    r = max(results(small_sweep.folder), key=lambda r: r["right_to_wrong"] + r["wrong_to_right"])
+    right = round(r["baseline_accuracy"] * SMALL_EVAL / 100)
+    low, high = paired_interval_by_hand(SMALL_EVAL, right, r["right_to_wrong"], r["wrong_to_right"])
+    print(f"\n{r['layer']}/{r['criterion']} K={r['k']}: {SMALL_EVAL} images, {right} right at baseline, "
+          f"{r['right_to_wrong']} lost, {r['wrong_to_right']} gained: drop {r['accuracy_drop']:.4f}, "
+          f"interval [{low:.4f}, {high:.4f}] by hand, [{r['drop_low']:.4f}, {r['drop_high']:.4f}] in results.csv")
+    assert r["right_to_wrong"] > 0  # a point where something flipped
+    assert (r["drop_low"], r["drop_high"]) == pytest.approx((low, high), abs=2e-6)
+
+
+def test_rankings_json_holds_every_trials_order(small_sweep):
+    entries = json.loads((small_sweep.folder / "rankings.json").read_text(encoding="utf-8"))
+    assert sorted(entries) == sorted(f"{layer}/{c}" for layer in SMALL_LAYERS for c in SMALL_CRITERIA)
+    for key, entry in entries.items():
+        channels = SMALL_LAYERS[key.split("/")[0]]
+        assert sorted(entry["order"]) == list(range(channels)) and len(entry["scores"]) == channels, key
+        assert entry["order"] == sorted(range(channels), key=lambda c: entry["scores"][c]), key  # lowest first
 
 
 def test_config_yaml_holds_resolved_grid_and_provenance(small_sweep):
@@ -93,6 +126,11 @@ def test_plots_report_and_feature_maps(small_sweep):
         pngs = list((folder / "feature_maps" / layer).glob("*.png"))
         assert pngs and all(p.read_bytes().startswith(b"\x89PNG") for p in pngs), layer
     assert "plots/accuracy_vs_k.png" in report and "plots/sensitivity.png" in report
+    # the eval set's size and an image's worth; safe K from the interval's upper end; the hold-out checked
+    assert f"on {SMALL_EVAL} synthetic test images" in report and "one image is worth 0.667 points" in report
+    assert "have the **upper end** of that interval under the threshold" in report
+    assert "the calibration images are among them (checked)" in report
+    assert "mean_activation: safe K < 1 / < 5 pts | l1_norm: safe K < 1 / < 5 pts |" in report
 
 
 # ---- 2. W&B offline runs ----
@@ -118,12 +156,29 @@ def test_wandb_offline_runs(small_sweep):
         trials[name] = (run_dir, info, history(records))
     assert sorted(trials) == sorted(f"{layer}/{c}" for layer in SMALL_LAYERS for c in SMALL_CRITERIA)
 
+    layer_index = {"layer1.0.conv1": 1, "layer2.0.conv2": 6, "layer3.1.conv1": 13}  # of the 20 convs, shortcuts too
     for name, (run_dir, info, hist) in trials.items():
         layer, criterion = name.split("/")
         config = info["config"]["update"]
         assert (config["layer"], config["criterion"], config["target"]) == (layer, criterion, "output")
         assert config["checkpoint_sha256"] == sha
         assert config["baseline_accuracy"] == pytest.approx(baseline, abs=1e-6)  # results.csv: 6 decimals
+        # numbers that describe the layer, for the runs table and parallel coordinates; tags to filter by
+        channels = SMALL_LAYERS[layer]
+        assert (config["layer_index"], config["stage"], config["channels"], config["unit"]) == (
+            layer_index[layer], int(layer[5]), channels, "layer")
+        assert config["macs"] > 0 and config["checkpoint_artifact"].startswith("checkpoint-")
+        assert sorted(info["tags"]) == sorted([f"criterion:{criterion}", "target:output", "unit:layer"])
+        # the run's summary describes the layer, not its last K
+        summary = leet_summary(run_dir)["summary"]
+        pts = sorted((r for r in rows.values() if (r["layer"], r["criterion"]) == (layer, criterion)),
+                     key=lambda r: r["k"])
+        assert "accuracy" not in summary and "k" not in summary
+        assert summary["max_k"] == pts[-1]["k"] and summary["points"] == len(pts)
+        assert summary["safe_k_5pt"] in [0] + [p["k"] for p in pts]
+        for p in pts:
+            assert summary[f"accuracy_at_{fraction_label(p['fraction'])}"] == pytest.approx(p["accuracy"], abs=1e-6)
+        assert summary["drop_auc"] == pytest.approx(trial_summary(pts)["drop_auc"], abs=1e-5)
         points = [h for h in hist if "k" in h]
         assert sorted(h["k"] for h in points) == small_ks(SMALL_LAYERS[layer]), name  # every K, once
         for h in points:
@@ -146,6 +201,87 @@ def test_wandb_offline_runs(small_sweep):
     got = {(d[col["layer"]], d[col["criterion"]], d[col["k"]]): d[col["accuracy"]] for d in table["data"]}
     assert got.keys() == rows.keys()
     assert all(got[k] == pytest.approx(r["accuracy"], abs=1e-6) for k, r in rows.items())
+    # the sweep's outputs, as one artifact of the summary run (its manifest is in the offline run file)
+    [results_artifact] = artifacts(leet_records(summaries[0]), "sweep-results")
+    assert results_artifact["name"] == "sweep-results-small"
+    assert manifest_paths(results_artifact) == ["config.yaml", "plots/accuracy_vs_k.png", "plots/sensitivity.png",
+                                                "report.md", "results.csv"]
+
+
+# ---- 2b. W&B lineage and --resume: the trained checkpoint, the sweep's results, the same runs continued ----
+
+LINEAGE_LAYERS = ["layer1.0.conv1", "layer2.0.conv2"]
+
+
+@pytest.fixture(scope="module")
+def lineage(ray_session, tmp_path_factory):
+    """A sweep that trains its own checkpoint (W&B offline), then --resume with a grid that adds a K: in process,
+    on the session's Ray."""
+    from runner.job.sweep import Options, run_sweep
+
+    tmp = tmp_path_factory.mktemp("lineage")
+    checkpoint = tmp / "own.pt"  # missing: the sweep trains it
+    grid = grid_dict(tmp, checkpoint, name="lineage", layers=LINEAGE_LAYERS, k=[1], criteria=["l1_norm"])
+    path = write_grid(tmp / "lineage.yaml", grid)
+    first = run_sweep(Options(str(path)))
+    grid["sweep"]["k"] = [1, 2]
+    write_grid(path, grid)
+    second = run_sweep(Options(str(path), resume=True))
+    return SimpleNamespace(folder=first.folder, checkpoint=checkpoint, first=first, second=second,
+                           runs=runs_by_name(first.folder))
+
+
+def test_training_is_a_run_that_logs_the_checkpoint_as_a_model_artifact(lineage):
+    [(run_dir, info, records)] = lineage.runs["train"]  # trained once: the resume found the checkpoint
+    assert info["job_type"] == "train"
+    curves = [h for h in history(records) if "epoch" in h]
+    assert [h["epoch"] for h in curves] == [1] and curves[0]["loss"] > 0 and "train_accuracy" in curves[0]
+    [model] = artifacts(records, "model")
+    sha = sha256(lineage.checkpoint)
+    assert (model["name"], sorted(model["aliases"])) == ("checkpoint-own", sorted(["latest", f"sha256-{sha[:12]}"]))
+    assert json.loads(model["metadata"])["sha256"] == sha
+    [entry] = model["manifest"]["contents"]
+    assert (entry["path"], int(entry["size"])) == ("own.pt", lineage.checkpoint.stat().st_size)
+    assert entry["local_path"] == str(lineage.checkpoint)  # read in place when synced (immutable: never copied)
+    assert leet_summary(run_dir)["summary"]["checkpoint_artifact"] == f"checkpoint-own:sha256-{sha[:12]}"
+
+
+def test_resume_continues_the_same_runs(lineage):
+    assert (lineage.first.points, lineage.second.points, lineage.second.measured) == (2, 4, 2)
+    sweep_id = yaml.safe_load((lineage.folder / "config.yaml").read_text(encoding="utf-8"))["sweep_id"]
+    names = sorted(lineage.runs)
+    assert names == sorted(["train", "summary", *(f"{layer}/l1_norm" for layer in LINEAGE_LAYERS)])
+    for name, folders in lineage.runs.items():
+        ids = {info["run_id"] for _, info, _ in folders}
+        assert len(ids) == 1, (name, ids)  # one W&B run, continued: never a second run of the same name
+        assert next(iter(ids)).startswith(f"{sweep_id}-"), name
+    for layer in LINEAGE_LAYERS:  # each K logged once over the two processes, and the run ended well each time
+        folders = lineage.runs[f"{layer}/l1_norm"]
+        assert len(folders) == 2
+        assert sorted(h["k"] for _, _, records in folders for h in history(records) if "k" in h) == [1, 2]
+        assert [r["exit"]["exit_code"] for _, _, records in folders for r in records if r["type"] == "exit"] == [0, 0]
+        assert leet_summary(folders[-1][0])["summary"]["points"] == 2  # the summary covers both processes' points
+    summaries = lineage.runs["summary"]
+    assert len(summaries) == 2  # one summary run, updated by the resume
+    for _, _, records in summaries:
+        [results_artifact] = artifacts(records, "sweep-results")
+        assert "results.csv" in manifest_paths(results_artifact)
+    assert leet_summary(summaries[-1][0])["summary"]["points"] == 4
+
+
+def test_wandb_mode_disabled_with_a_key_writes_no_wandb_files(ray_session, sweep_checkpoint, tmp_path, monkeypatch):
+    from runner.job.sweep import Options, run_sweep
+
+    monkeypatch.setenv("WANDB_API_KEY", FAKE_KEY)  # auto would go online...
+    monkeypatch.setenv("WANDB_MODE", "disabled")  # ...but W&B's own switch says no
+    grid = grid_dict(tmp_path, sweep_checkpoint, name="nowb", layers=["conv1"], k=[1], criteria=["l1_norm"],
+                     wandb_mode="auto")
+    outcome = run_sweep(Options(str(write_grid(tmp_path / "g.yaml", grid))))
+    assert outcome.points == 1
+    assert sorted(p.name for p in outcome.folder.iterdir()) == [".lock", "config.yaml", "feature_maps", "plots",
+                                                               "report.md", "results.csv", "tune"]
+    assert [p for p in tmp_path.rglob("*") if "wandb" in p.name] == []
+    assert "- W&B: off" in (outcome.folder / "report.md").read_text(encoding="utf-8")
 
 
 # ---- 3. interrupted (Ctrl-C), then --resume ----
@@ -190,6 +326,14 @@ def test_interrupt_then_resume_measures_each_point_once(ray_session, sweep_check
     assert set(before) <= set(keys(rows))
     # the resumed run measured only the points that were missing
     assert measured(resumed) == (total, total, total - len(before))
+    # and continued the same W&B runs: one run (one id) per trial and one summary, read back with W&B's reader
+    runs = runs_by_name(folder)
+    assert sorted(runs) == sorted(["summary", *{f"{r['layer']}/{r['criterion']}" for r in rows}])
+    assert all(len({info["run_id"] for _, info, _ in folders}) == 1 for folders in runs.values()), runs
+    for name, folders in runs.items():
+        if name != "summary":  # each K logged once, over both processes
+            ks = [h["k"] for _, _, records in folders for h in history(records) if "k" in h]
+            assert sorted(ks) == sorted(set(ks)) == BIG_KS, name
 
     reference = run_sweep(Options(str(grid), output=str(tmp_path / "reference")))
     assert (reference.points, reference.failed) == (total, [])
@@ -244,3 +388,128 @@ def test_wandb_server_unreachable(cli, ray_session, sweep_checkpoint, tmp_path):
     for path in folder.rglob("*"):
         if path.is_file() and path.suffix not in (".png", ".npz", ".wandb"):
             assert FAKE_KEY not in path.read_text(encoding="utf-8", errors="replace"), path
+
+
+# ---- 6. random drawn several times; rankings.json reused by --resume ----
+
+DRAWN_LAYERS = {"layer1.0.conv1": 8, "layer2.0.conv2": 16}
+DRAWN_CRITERIA = ["l1_norm", "mean_activation", "random"]
+
+
+def drawn_grid(tmp: Path, checkpoint: Path, name: str, k: list[int], random_seed: int) -> Path:
+    return write_grid(tmp / f"{name}-{len(k)}.yaml", grid_dict(
+        tmp, e2e(checkpoint), name=name, sweep={"layers": list(DRAWN_LAYERS), "k": k, "criteria": DRAWN_CRITERIA,
+                                                "random_repeats": 2, "random_seed": random_seed}))
+
+
+@pytest.mark.slow
+def test_random_repeats_random_seed_and_rankings_json_on_resume(ray_session, sweep_checkpoint, tmp_path):
+    from runner.job.sweep import Options, run_sweep
+
+    first = run_sweep(Options(str(drawn_grid(tmp_path, sweep_checkpoint, "drawn", [1, 2], random_seed=0))))
+    assert (first.points, first.expected, first.failed) == (16, 16, [])  # 2 layers x 2 K x (1 + 1 + 2 orders)
+    rows = results(first.folder)
+    drawn = sorted((r["layer"], r["k"], r["repeat"]) for r in rows if r["criterion"] == "random")
+    assert drawn == sorted((layer, k, r) for layer in DRAWN_LAYERS for k in (1, 2) for r in (0, 1))
+    assert {r["repeat"] for r in rows if r["criterion"] != "random"} == {0}
+    entries = json.loads((first.folder / "rankings.json").read_text(encoding="utf-8"))
+    for layer, channels in DRAWN_LAYERS.items():
+        orders = entries[f"{layer}/random"]["order"]
+        assert len(orders) == 2 and orders[0] != orders[1] and sorted(orders[1]) == list(range(channels))
+    report = (first.folder / "report.md").read_text(encoding="utf-8")
+    assert "## Random orders: mean and spread" in report and "`random` draws 2 orders per layer" in report
+
+    # another random_seed: other random orders, the same calibration images and every other number unchanged
+    other = run_sweep(Options(str(drawn_grid(tmp_path, sweep_checkpoint, "reseeded", [1, 2], random_seed=1))))
+    again = json.loads((other.folder / "rankings.json").read_text(encoding="utf-8"))
+    for layer in DRAWN_LAYERS:
+        assert again[f"{layer}/random"]["order"] != entries[f"{layer}/random"]["order"], layer
+        for c in ("l1_norm", "mean_activation"):  # mean_activation is measured on the calibration images
+            assert again[f"{layer}/{c}"] == entries[f"{layer}/{c}"], (layer, c)
+    theirs = {(r["layer"], r["criterion"], r["k"], r["repeat"]): r for r in results(other.folder)}
+    ours = {(r["layer"], r["criterion"], r["k"], r["repeat"]): r for r in rows}
+    assert theirs.keys() == ours.keys()
+    for key, r in ours.items():
+        same = (r["accuracy"], r["loss"], r["baseline_accuracy"]) == (theirs[key]["accuracy"], theirs[key]["loss"],
+                                                                      theirs[key]["baseline_accuracy"])
+        assert same or key[1] == "random", key
+    assert any(ours[k]["loss"] != theirs[k]["loss"] for k in ours if k[1] == "random")  # the draws did change
+
+    # --resume reads rankings.json: edit layer2.0.conv2's l1_norm order to mean_activation's, add K = 3, and the
+    # new l1_norm point is exactly mean_activation's (whose order is not edited)
+    layer = "layer2.0.conv2"
+    edited = entries[f"{layer}/mean_activation"]
+    assert set(entries[f"{layer}/l1_norm"]["order"][:3]) != set(edited["order"][:3])  # the edit changes K = 3
+    entries[f"{layer}/l1_norm"] = {"order": edited["order"], "scores": edited["scores"]}
+    lines = [f"  {json.dumps(k)}: {json.dumps(v)}" for k, v in entries.items()]
+    (first.folder / "rankings.json").write_text("{\n" + ",\n".join(lines) + "\n}\n", encoding="utf-8")
+    resumed = run_sweep(Options(str(drawn_grid(tmp_path, sweep_checkpoint, "drawn", [1, 2, 3], random_seed=0)),
+                                resume=True))
+    assert (resumed.points, resumed.expected, resumed.measured) == (24, 24, 8)  # only K = 3 was measured
+    after = {(r["layer"], r["criterion"], r["k"], r["repeat"]): r for r in results(first.folder)}
+    l1, mean = after[(layer, "l1_norm", 3, 0)], after[(layer, "mean_activation", 3, 0)]
+    assert (l1["accuracy"], l1["loss"], l1["right_to_wrong"]) == (mean["accuracy"], mean["loss"],
+                                                                    mean["right_to_wrong"])
+    assert json.loads((first.folder / "rankings.json").read_text(encoding="utf-8")) == entries  # not rewritten
+
+
+# ---- 7. the Python API (runner.api): sweep(grid) and load_results(folder) as DataFrames ----
+
+def test_load_results_equals_results_csv_row_for_row(small_sweep):
+    import csv
+
+    from runner import load_results
+
+    frame = load_results(small_sweep.folder)
+    with open(small_sweep.folder / "results.csv", newline="", encoding="utf-8") as f:
+        raw = list(csv.DictReader(f))
+    assert list(frame.columns) == list(raw[0]) and len(frame) == len(raw) == 12
+    for (_, row), want in zip(frame.iterrows(), raw):  # same order, every cell
+        for column, text in want.items():
+            got = row[column]
+            if column == "per_class_accuracy":
+                assert got == [float(v) for v in text.split(";")], column
+            elif column in ("k", "repeat", "channels", "params_removed", "macs_removed", "eval_images",
+                            "right_to_wrong", "wrong_to_right"):
+                assert isinstance(got, (int, np.integer)) and got == int(text), column
+            elif column in ("fraction", "accuracy", "loss", "baseline_accuracy", "accuracy_drop", "drop_low",
+                            "drop_high", "seconds"):
+                assert isinstance(got, float) and got == float(text), column
+            else:
+                assert got == text, column
+    assert str(frame["k"].dtype) == "int64" and str(frame["accuracy"].dtype) == "float64"
+
+
+def test_load_results_of_a_partial_folder(small_sweep, tmp_path):
+    """A sweep still running (or killed) mid-row: the whole rows, nothing else."""
+    from runner import load_results
+
+    text = (small_sweep.folder / "results.csv").read_text(encoding="utf-8")
+    cut = text[: text.index("\n", len(text) // 2) + 20]  # the header, some rows and part of the next one
+    (tmp_path / "results.csv").write_text(cut, encoding="utf-8")
+    frame = load_results(tmp_path)
+    assert len(frame) == cut.count("\n") - 1 and list(frame["k"]) == [r["k"] for r in results(small_sweep.folder)][
+        :len(frame)]
+    assert len(load_results(tmp_path / "nothing-yet")) == 0
+
+
+def test_load_results_gives_tunes_per_trial_table(small_sweep):
+    from runner import load_results
+
+    trials = load_results(small_sweep.folder, tune=True)
+    assert len(trials) == 6 and set(trials["status"]) == {"TERMINATED"} and set(trials["failures"]) == {0}
+    assert sorted(zip(trials["layer"], trials["criterion"])) == sorted(
+        (layer, c) for layer in SMALL_LAYERS for c in SMALL_CRITERIA)
+    assert set(trials["results"]) == {2} and trials["error_file"].isna().all()  # two K each, reported to Tune
+
+
+def test_sweep_of_a_dict_returns_the_commands_numbers(ray_session, pair_offline, tmp_path):
+    from runner import sweep
+
+    run, folder = pair_offline  # the same grid through the command, in a subprocess
+    assert run.returncode == 0, run.explain()
+    grid = yaml.safe_load((folder.parent.parent / "pair.yaml").read_text(encoding="utf-8"))
+    grid["output"] = str(tmp_path / "api")
+    frame = sweep(grid)
+    assert {(r.layer, r.criterion, r.k): (r.accuracy, r.loss) for r in frame.itertuples()} == values(folder)
+    assert frame.attrs["failed"] == [] and frame.attrs["folder"] == str(tmp_path / "api" / "pair")

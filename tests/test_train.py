@@ -14,7 +14,7 @@ from runner.config import TrainConfig, parse_grid
 from runner.errors import InputError
 from runner.inputs import checkpoints, synthetic
 from runner.inputs.data import load_data
-from runner.inputs.train import RECIPES, lr_factor, recipe_of, train_checkpoint, train_model
+from runner.inputs.train import RECIPES, lr_factor, normalisation, recipe_of, train_checkpoint, train_model
 from runner.inputs.train import test_accuracy as accuracy_of
 
 CPU = torch.device("cpu")
@@ -62,7 +62,10 @@ def test_train_checkpoint_writes_what_load_reads(trained):
     assert {"torch", "numpy", "python"} <= set(meta["versions"])
     # test_accuracy is the accuracy of exactly these weights on the test split
     assert 0.0 <= meta["test_accuracy"] <= 100.0
-    assert accuracy_of(ck.model, data, CPU) == pytest.approx(meta["test_accuracy"], abs=0.5)
+    assert accuracy_of(ck.model, data, CPU, *data.stats()) == pytest.approx(meta["test_accuracy"], abs=0.5)
+    # the training images it was trained without: the grid's calibration hold-out
+    assert meta["calibration_holdout"] == data.holdout.as_dict()
+    assert meta["calibration_holdout"]["size"] == 100 and meta["calibration_holdout"]["seed"] == 0
 
 
 def test_training_is_deterministic_on_cpu(tmp_path):
@@ -97,6 +100,16 @@ def test_recipe_of_overrides_only_what_is_set():
     assert (r.epochs, r.lr) == (4, 0.003)
     assert (r.optimizer, r.batch_size, r.weight_decay, r.schedule) == ("adam", 512, 1e-5, "seed")
     assert recipe_of(TrainConfig()) == RECIPES["standard"]
+
+
+def test_the_seed_recipe_normalises_with_mean_and_std_half_as_the_report_did(tmp_path):
+    grid = small_grid(tmp_path, train_size=50, epochs=1, batch_size=50, recipe="seed")
+    data = load_data(grid.data, grid.model.num_classes, grid.seed)
+    assert normalisation(recipe_of(grid.checkpoint.train), data) == ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5))
+    assert normalisation(RECIPES["standard"], data) == data.stats() != ((0.5,) * 3, (0.5,) * 3)
+    path = train_checkpoint(grid, data, CPU, progress=False)
+    meta = checkpoints.load(path, "resnet18", 0.125, 10).meta
+    assert (meta["mean"], meta["std"]) == ([0.5] * 3, [0.5] * 3)  # what the sweep normalises with
 
 
 @pytest.mark.parametrize("schedule, step, factor", [

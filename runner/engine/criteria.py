@@ -8,9 +8,10 @@ gathered in ONE pass over the calibration images: one forward, plus one backward
 
 from __future__ import annotations
 
-import zlib
+import hashlib
+from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Iterator
 
 import torch
 import torch.nn.functional as F
@@ -29,7 +30,7 @@ class View:
     target: str
     modules: dict[str, nn.Module]
     stats: dict[str, Tensor]  # the statistics this criterion asked for, per channel of the pruned dimension
-    seed: int
+    seed: int  # random: this draw's seed (`draw_seed`)
 
     @property
     def weight(self) -> Tensor:
@@ -43,6 +44,7 @@ class Criterion:
     stat: str | None  # the calibration statistic it needs (None: weights only)
     targets: tuple[str, ...] = ("output", "input")
     help: str = ""
+    draws: bool = False  # a random order: drawn `repeats` times, each its own seed
 
     def problem(self, conv: ConvInfo, target: str) -> str | None:
         """Why this criterion cannot rank `conv` for `target`, or None when it can."""
@@ -59,15 +61,22 @@ def _l1(v: View) -> Tensor:
     return v.weight.abs().sum(dims)
 
 
+def draw_seed(random_seed: int, repeat: int, layer: str) -> int:
+    """The seed of one random order: a hash of the sweep's random_seed, the repeat and the layer (64 bits), so
+    that draws differ between repeats and layers and nothing else (not the grid's `seed`) moves them."""
+    digest = hashlib.sha256(f"random/{random_seed}/{repeat}/{layer}".encode()).digest()
+    return int.from_bytes(digest[:8], "little")
+
+
 def _random(v: View) -> Tensor:
     channels = v.conv.out_channels if v.target == "output" else v.conv.in_channels
-    gen = torch.Generator().manual_seed(v.seed * 1_000_003 + zlib.crc32(v.conv.name.encode()))
-    return torch.rand(channels, generator=gen)
+    return torch.rand(channels, generator=torch.Generator().manual_seed(v.seed), dtype=torch.float64)
 
 
 CRITERIA: dict[str, Criterion] = {c.name: c for c in [
     Criterion("mean_activation", lambda v: v.stats["mean"], "mean",
-              help="signed mean of the activation over images, height and width"),
+              help="signed mean of the activation over images, height and width (at the output target: BN's "
+                   "output before ReLU and the residual sum, so mostly BN's beta)"),
     Criterion("mean_abs_activation", lambda v: v.stats["abs_mean"], "abs_mean",
               help="mean absolute activation"),
     Criterion("l1_norm", _l1, None, help="L1 norm of the channel's weights (Li et al. 2017)"),
@@ -75,7 +84,8 @@ CRITERIA: dict[str, Criterion] = {c.name: c for c in [
               help="|gamma| of the BN after the conv (Liu et al. 2017)"),
     Criterion("taylor", lambda v: v.stats["taylor"], "taylor",
               help="first-order Taylor |a * dL/da|, per image, averaged (Molchanov et al. 2017)"),
-    Criterion("random", _random, None, help="a random order, seeded per layer"),
+    Criterion("random", _random, None, help="random orders, drawn sweep.random_repeats times, seeded per layer "
+              "and repeat from sweep.random_seed", draws=True),
     Criterion("seed", lambda v: v.stats["seed"], "seed", ("input",),
               help="the report's procedure: rank output channels by the conv's mean output, zero input channels"),
 ]}
@@ -83,17 +93,42 @@ CRITERIA: dict[str, Criterion] = {c.name: c for c in [
 
 @dataclass(frozen=True)
 class Ranking:
+    """The channel orders of one (layer, criterion): one, or one per repeat for a criterion that draws."""
+
     layer: str
     criterion: str
     target: str
-    scores: tuple[float, ...]
-    order: tuple[int, ...]  # channel indices, lowest score first: prune order[:K]
+    all_scores: tuple[tuple[float, ...], ...]  # per repeat, per channel
+    orders: tuple[tuple[int, ...], ...]  # per repeat: channel indices, lowest score first; prune order[:K]
+    seeds: tuple[int, ...] = ()  # per repeat, for a criterion that draws
+
+    @property
+    def repeats(self) -> int:
+        return len(self.orders)
+
+    @property
+    def order(self) -> tuple[int, ...]:
+        """The order, for a criterion with one."""
+        if self.repeats != 1:
+            raise ValueError(f"{self.layer}/{self.criterion} has {self.repeats} orders; pick one of .orders")
+        return self.orders[0]
+
+    @property
+    def scores(self) -> tuple[float, ...]:
+        if self.repeats != 1:
+            raise ValueError(f"{self.layer}/{self.criterion} has {self.repeats} score lists; pick one of .all_scores")
+        return self.all_scores[0]
 
 
-def ranking_of(conv: ConvInfo, criterion: str, target: str, scores: Tensor) -> Ranking:
-    scores = scores.detach().double().cpu()
-    order = torch.argsort(scores, stable=True)  # stable: ties keep channel order
-    return Ranking(conv.name, criterion, target, tuple(scores.tolist()), tuple(order.tolist()))
+def order_of(scores: Tensor) -> tuple[int, ...]:
+    """Lowest score first; ties keep channel order (a stable sort)."""
+    return tuple(torch.argsort(scores.detach().double().cpu(), stable=True).tolist())
+
+
+def ranking_of(conv: ConvInfo, criterion: str, target: str, scores: list[Tensor], seeds: tuple[int, ...] = ()
+               ) -> Ranking:
+    return Ranking(conv.name, criterion, target, tuple(tuple(s.detach().double().cpu().tolist()) for s in scores),
+                   tuple(order_of(s) for s in scores), seeds)
 
 
 class _Stats:
@@ -153,15 +188,40 @@ def _mask_point_watcher(st: _Stats, want: set[str], target: str) -> Callable:
     return fold
 
 
+@contextmanager
+def _own_inputs(model: nn.Module, names: list[str]) -> Iterator[None]:
+    """Inside the block, each named conv reads a clone of its input. A block's conv1 and its shortcut read the
+    same tensor, so dL/dx of that tensor sums the gradient through both branches; the gradient of the clone is
+    the gradient through this conv alone, which is what input-target Taylor needs."""
+    def clone(module: nn.Module, inputs: tuple) -> tuple:
+        x = inputs[0]
+        return (x.clone() if x.requires_grad else x.detach().clone().requires_grad_(torch.is_grad_enabled()),
+                *inputs[1:])
+
+    modules = dict(model.named_modules())
+    handles = []
+    try:
+        for name in names:
+            handles.append(modules[name].register_forward_pre_hook(clone))
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
 def rank_all(model: ResNet18, convs: list[ConvInfo], criteria: list[str], target: str,
-             images: Tensor, labels: Tensor, batch_size: int, seed: int) -> dict[tuple[str, str], Ranking]:
-    """Rankings for every (layer, criterion) from one pass over the calibration images."""
+             images: Tensor, labels: Tensor, batch_size: int, random_seed: int, repeats: int = 1
+             ) -> dict[tuple[str, str], Ranking]:
+    """Rankings for every (layer, criterion) from one pass over the calibration images; a criterion that draws
+    (random) gets `repeats` orders, seeded from `random_seed`."""
     needs = {c.name: {CRITERIA[k].stat for k in criteria if CRITERIA[k].stat} for c in convs}
     stats = {c.name: _Stats() for c in convs}
     backward = any("taylor" in n for n in needs.values())
+    cloned = [c.name for c in convs if target == "input" and "taylor" in needs[c.name]]
     if any(needs.values()):
         model.eval()
-        with watch(model, _watchers(convs, target, needs, stats)):
+        # the clones' pre-hooks run before the watchers' forward hooks, which then see the clone as the input
+        with watch(model, _watchers(convs, target, needs, stats)), _own_inputs(model, cloned):
             for x, y in zip(images.split(batch_size), labels.split(batch_size)):
                 with torch.enable_grad() if backward else torch.inference_mode():
                     x = x.detach().requires_grad_(True) if backward else x  # the stem's input-target taylor
@@ -175,6 +235,8 @@ def rank_all(model: ResNet18, convs: list[ConvInfo], criteria: list[str], target
     for conv in convs:
         means = stats[conv.name].means()
         for name in criteria:
-            view = View(conv, target, modules, means, seed)
-            rankings[(conv.name, name)] = ranking_of(conv, name, target, CRITERIA[name].score(view))
+            crit = CRITERIA[name]
+            seeds = tuple(draw_seed(random_seed, r, conv.name) for r in range(repeats)) if crit.draws else (0,)
+            scores = [crit.score(View(conv, target, modules, means, s)) for s in seeds]
+            rankings[(conv.name, name)] = ranking_of(conv, name, target, scores, seeds if crit.draws else ())
     return rankings

@@ -16,10 +16,16 @@ def pick_device(prefer: str = "auto") -> torch.device:
     return torch.device("cuda")
 
 
+def compute_dtype(device: torch.device) -> torch.dtype:
+    """The precision evaluation runs in there: bf16 on GPU; fp32 on CPU (CPU bf16 is slower than fp32 on most
+    CPUs)."""
+    return torch.bfloat16 if device.type == "cuda" else torch.float32
+
+
 def fast_math(device: torch.device) -> ContextManager:
-    """bf16 autocast on GPU; full precision on CPU (CPU bf16 is slower than fp32 on most CPUs)."""
+    """Autocast to `compute_dtype` on GPU; nothing to do on CPU."""
     if device.type == "cuda":
-        return torch.autocast("cuda", dtype=torch.bfloat16)
+        return torch.autocast("cuda", dtype=compute_dtype(device))
     return nullcontext()
 
 

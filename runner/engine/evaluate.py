@@ -1,4 +1,5 @@
-"""The one evaluation function: accuracy, mean loss, per-class accuracy and mean feature maps. No printing."""
+"""The one evaluation function: accuracy, mean loss, per-class accuracy, which images were right, and mean
+feature maps. No printing."""
 
 from __future__ import annotations
 
@@ -19,6 +20,7 @@ class Evaluation:
     loss: float  # mean cross-entropy
     per_class: tuple[float, ...]  # percent per class (nan for a class with no images)
     count: int  # images evaluated
+    correct: np.ndarray = field(default_factory=lambda: np.zeros(0, bool), repr=False)  # per image, in order
     maps: dict[str, np.ndarray] = field(default_factory=dict)  # mean over images of each accumulated map
 
 
@@ -38,12 +40,14 @@ class Tally:
         self.loss: Tensor | float = 0.0
         self.hits: Tensor | int = 0
         self.seen: Tensor | int = 0
+        self.correct: list[Tensor] = []  # per batch: which images were right (paired comparisons need them)
         self.maps: dict[str, Tensor] = {}
 
     def add(self, logits: Tensor, labels: Tensor, maps: dict[str, Tensor] | None = None) -> None:
         logits = logits.float()
         self.loss = self.loss + F.cross_entropy(logits, labels, reduction="sum")
         hit = logits.argmax(1) == labels
+        self.correct.append(hit)
         self.hits = self.hits + torch.bincount(labels[hit], minlength=self.num_classes)
         self.seen = self.seen + torch.bincount(labels, minlength=self.num_classes)
         for name, value in (maps or {}).items():
@@ -62,6 +66,7 @@ class Tally:
             loss=float(torch.as_tensor(self.loss).double().cpu()) / count,
             per_class=tuple(per_class.tolist()),
             count=count,
+            correct=torch.cat(self.correct).cpu().numpy(),
             maps={k: (v / count).cpu().numpy() for k, v in self.maps.items()},
         )
 

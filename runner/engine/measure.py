@@ -1,9 +1,11 @@
 """The layer sweep: for one (layer, criterion), every K evaluated on a cached prefix (DESIGN §7, §8).
 
-Everything before the mask point is computed once and kept on the device (the cut of `model.split`); each K
-then runs only what comes after it, accumulating mean feature maps in the same pass. When the cache would not
-fit in the memory allowed, the eval set is taken in chunks: each chunk is cached once and every K is tallied
-on it, which gives the same sums as one whole pass.
+Everything before the mask point is computed once and kept on the device (the cut of `model.split`); the
+baseline (K = 0) and then each K run only what comes after it, accumulating mean feature maps in the same pass.
+The baseline goes through the same suffix, on the same device and in the same precision as the points, so a
+point's drop and its paired interval (`runner.engine.paired`) compare like with like, image by image. When the
+cache would not fit in the memory allowed, the eval set is taken in chunks: each chunk is cached once and every
+K is tallied on it, which gives the same sums as one whole pass.
 """
 
 from __future__ import annotations
@@ -11,7 +13,7 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass, field
-from typing import Iterator, Sequence
+from typing import Collection, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -21,10 +23,12 @@ from model.layers import ConvInfo
 from model.resnet import ResNet18
 from model.split import Split
 from runner.engine.criteria import Ranking
-from runner.engine.device import fast_math, free_memory_bytes, uses_channels_last
-from runner.engine.evaluate import Tally, evaluate
+from runner.engine.dead import savings
+from runner.engine.device import compute_dtype, fast_math, free_memory_bytes, uses_channels_last
+from runner.engine.evaluate import Evaluation, Tally, evaluate
 from runner.engine.images import Images, to_device
-from runner.engine.prune import channels_of, keep_mask, savings
+from runner.engine.paired import drop_interval
+from runner.engine.prune import channels_of, keep_mask
 
 log = logging.getLogger(__name__)
 
@@ -40,8 +44,7 @@ class EvalSet:
     @classmethod
     def build(cls, images: Images, mean: Sequence[float], std: Sequence[float], num_classes: int,
               device: torch.device, batch_size: int) -> "EvalSet":
-        dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-        x = to_device(images.images, mean, std, device, dtype, channels_last=uses_channels_last(device))
+        x = to_device(images.images, mean, std, device, compute_dtype(device), channels_last=uses_channels_last(device))
         y = torch.from_numpy(images.labels).to(device)
         return cls(list(x.split(batch_size)), list(y.split(batch_size)), num_classes)
 
@@ -52,16 +55,23 @@ class EvalSet:
 
 @dataclass(frozen=True)
 class Point:
-    """One measured point: layer x criterion x K."""
+    """One measured point: layer x criterion x K (x repeat, for random orders), with its own baseline."""
 
     layer: str
     criterion: str
     target: str
     k: int
+    repeat: int  # which of the ranking's orders (0 unless the criterion draws several)
     channels: int
     accuracy: float
     loss: float
     per_class: tuple[float, ...]
+    baseline_accuracy: float  # K = 0 through the same suffix, device and precision
+    right_to_wrong: int  # images right at baseline and wrong at K
+    wrong_to_right: int  # images wrong at baseline and right at K
+    drop_low: float  # 95% paired interval on the drop, points
+    drop_high: float
+    eval_images: int
     params_removed: int
     macs_removed: int
     seconds: float
@@ -70,6 +80,10 @@ class Point:
     @property
     def fraction(self) -> float:
         return self.k / self.channels
+
+    @property
+    def accuracy_drop(self) -> float:
+        return self.baseline_accuracy - self.accuracy
 
 
 def default_cache_bytes(device: torch.device) -> int:
@@ -93,12 +107,19 @@ def _chunks(per_batch: int, batches: int, cache_bytes: int) -> list[range]:
     return [range(i, min(batches, i + per)) for i in range(0, batches, per)]
 
 
+BASELINE = (0, 0)  # (K, repeat) of the unpruned network
+
+
 def sweep_layer(model: ResNet18, conv: ConvInfo, target: str, ranking: Ranking, ks: Sequence[int],
                 evalset: EvalSet, convs: dict[str, ConvInfo], cache_bytes: int | None = None,
-                feature_maps: bool = True) -> Iterator[Point]:
-    """Points for K in ascending order; each is yielded as soon as it is measured (after the last chunk when
-    the cache had to be chunked)."""
-    ks = sorted(ks)
+                feature_maps: bool = True, done: Collection[tuple[int, int]] = ()) -> Iterator[Point]:
+    """Points for K in ascending order, each K's repeats in turn, skipping the (K, repeat) pairs in `done`; each
+    is yielded as soon as it is measured (after the last chunk when the cache had to be chunked). The baseline
+    is measured first, every time."""
+    done = set(done)
+    todo = [(k, r) for k in sorted(ks) for r in range(ranking.repeats) if (k, r) not in done]
+    if not todo:
+        return
     device = evalset.inputs[0].device
     split = Split(model, conv, target)
     channels = channels_of(conv, target)
@@ -108,38 +129,52 @@ def sweep_layer(model: ResNet18, conv: ConvInfo, target: str, ranking: Ranking, 
     chunks = _chunks(cache_nbytes(first), len(evalset.inputs), budget)
     if len(chunks) > 1:
         log.info("%s: cache does not fit; evaluating in %d chunks", conv.name, len(chunks))
-    masks = {k: keep_mask(channels, ranking.order[:k], device) for k in ks}
+    masks = {(k, r): keep_mask(channels, ranking.orders[r][:k], device) for k, r in todo} | {BASELINE: None}
 
-    def forward(cache: tuple[Tensor, ...], k: int):
-        tail = split.suffix(cache, masks[k])
-        return tail.logits, ({"layer": tail.layer, "final": tail.final} if feature_maps else {})
+    def forward(cache: tuple[Tensor, ...], key: tuple[int, int]):
+        tail = split.suffix(cache, masks[key])
+        maps = {"layer": tail.layer, "final": tail.final} if feature_maps and key != BASELINE else {}
+        return tail.logits, maps
 
-    tallies: dict[int, Tally] = {}
-    seconds = dict.fromkeys(ks, 0.0)
+    tallies: dict[tuple[int, int], Tally] = {}
+    seconds = dict.fromkeys(todo, 0.0)
+    baseline: Evaluation | None = None
     for chunk in chunks:
         with torch.inference_mode(), fast_math(device):
             cache = [first if i == 0 else split.prefix(evalset.inputs[i]) for i in chunk]
         first = None  # only chunk 0 holds it
         labels = [evalset.labels[i] for i in chunk]
-        for k in ks:
+        for key in [BASELINE, *todo]:
             started = time.perf_counter()
             with fast_math(device):
-                tallies[k] = evaluate(lambda c: forward(c, k), cache, labels, evalset.num_classes, tallies.get(k))
-            seconds[k] += time.perf_counter() - started
+                tallies[key] = evaluate(lambda c: forward(c, key), cache, labels, evalset.num_classes,
+                                        tallies.get(key))
+            if key == BASELINE:
+                if len(chunks) == 1:
+                    baseline = tallies.pop(BASELINE).result()
+                continue
+            seconds[key] += time.perf_counter() - started
             if len(chunks) == 1:
-                yield _point(conv, target, ranking, k, channels, tallies.pop(k), seconds[k], convs)
+                yield _point(conv, target, ranking, key, channels, tallies.pop(key), baseline, seconds[key], convs)
         del cache
-    for k in sorted(tallies):
-        yield _point(conv, target, ranking, k, channels, tallies[k], seconds[k], convs)
+    if tallies:
+        baseline = tallies.pop(BASELINE).result()
+    for key in sorted(tallies):
+        yield _point(conv, target, ranking, key, channels, tallies[key], baseline, seconds[key], convs)
 
 
-def _point(conv: ConvInfo, target: str, ranking: Ranking, k: int, channels: int, tally: Tally, seconds: float,
-           convs: dict[str, ConvInfo]) -> Point:
+def _point(conv: ConvInfo, target: str, ranking: Ranking, key: tuple[int, int], channels: int, tally: Tally,
+           baseline: Evaluation, seconds: float, convs: dict[str, ConvInfo]) -> Point:
     started = time.perf_counter()
     result = tally.result()  # the host sync: the point's time includes finishing its device work
-    saved = savings(conv, target, k, convs)
-    return Point(layer=conv.name, criterion=ranking.criterion, target=target, k=k, channels=channels,
+    k, repeat = key
+    pruned = ranking.orders[repeat][:k]
+    saved = savings(list(convs.values()), conv, target, pruned, len(result.per_class))
+    lost = int(np.count_nonzero(baseline.correct & ~result.correct))
+    gained = int(np.count_nonzero(~baseline.correct & result.correct))
+    low, high = drop_interval(result.count, int(np.count_nonzero(baseline.correct)), lost, gained)
+    return Point(layer=conv.name, criterion=ranking.criterion, target=target, k=k, repeat=repeat, channels=channels,
                  accuracy=result.accuracy, loss=result.loss, per_class=result.per_class,
-                 params_removed=saved.params, macs_removed=saved.macs,
+                 baseline_accuracy=baseline.accuracy, right_to_wrong=lost, wrong_to_right=gained, drop_low=low,
+                 drop_high=high, eval_images=result.count, params_removed=saved.params, macs_removed=saved.macs,
                  seconds=round(seconds + time.perf_counter() - started, 4), maps=result.maps)
-

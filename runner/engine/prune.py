@@ -1,16 +1,16 @@
-"""Pruning semantics (DESIGN §6): channel masks, their weight-surgery equivalent, and what removal saves.
+"""Pruning semantics (DESIGN §6): channel masks and their weight-surgery equivalent.
 
 `target: output` removes filter c of conv L and its BN channel: the channel is exactly zero after L's BN.
 `target: input` zeroes input channel c of L (`conv.weight[:, c] = 0`, the seed's operation). Pruning is a
 mask on activations applied inside a scope (`masked`) or at the cut (`model.split`); weights are never
-edited per point. `surgery` is the weight-editing equivalent, kept to prove the two agree.
+edited per point. `surgery` is the weight-editing equivalent, kept to prove the two agree. What removing the
+channels for real would save is `runner.engine.dead`.
 """
 
 from __future__ import annotations
 
 import copy
 from contextlib import contextmanager
-from dataclasses import dataclass
 from typing import Iterator, Sequence
 
 import torch
@@ -68,26 +68,3 @@ def surgery(model: nn.Module, conv: ConvInfo, target: str, pruned: Sequence[int]
     edited = copy.deepcopy(model)
     zero_weights(edited, conv, target, pruned)
     return edited
-
-
-@dataclass(frozen=True)
-class Savings:
-    params: int
-    macs: int  # multiply-accumulates per image
-
-
-def savings(conv: ConvInfo, target: str, k: int, convs: dict[str, ConvInfo]) -> Savings:
-    """What physically removing k channels would save: in L, and for output pruning of a block's first conv,
-    the matching input slice of the block's second conv. BN's gamma and beta count as parameters."""
-    kk = conv.kernel_size ** 2
-    h, w = conv.out_hw
-    if target == "input":
-        return Savings(params=k * conv.out_channels * kk, macs=k * conv.out_channels * kk * h * w)
-    params = k * conv.in_channels * kk + 2 * k
-    macs = k * conv.in_channels * kk * h * w
-    if conv.consumer:
-        nxt = convs[conv.consumer]
-        nk = nxt.kernel_size ** 2
-        params += k * nxt.out_channels * nk
-        macs += k * nxt.out_channels * nk * nxt.out_hw[0] * nxt.out_hw[1]
-    return Savings(params, macs)

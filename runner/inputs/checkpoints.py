@@ -15,6 +15,7 @@ from model import checkpoint as files
 from model.checkpoint import Checkpoint, CheckpointError
 from runner.config import Grid
 from runner.errors import InputError
+from runner.inputs.data import Holdout
 from runner.storage import atomic_path
 
 FIELD = "checkpoint.path"
@@ -51,3 +52,32 @@ def existing(grid: Grid) -> Checkpoint | None:
                              "add checkpoint.train ({recipe: standard, epochs: 30}) or fix the path")
         return None
     return load_for(grid)
+
+
+HOLDOUT_KEY = "calibration_holdout"  # the checkpoint metadata's record of the images it was trained without
+
+
+def check_holdout(grid: Grid, loaded: Checkpoint, holdout: Holdout | None) -> str:
+    """Whether the calibration images are ones the checkpoint was trained without: "checked" (they are),
+    "test" (the grid ranks on the test images), "foreign" (checkpoint.foreign: not ours to check) or "unknown"
+    (a checkpoint trained before prune-sweep recorded its hold-out, or a hold-out not known yet). A checkpoint
+    trained without other images is refused: its training set may hold this sweep's calibration images."""
+    if grid.sweep.calibration == "test":
+        return "test"
+    if grid.checkpoint.foreign:
+        return "foreign"
+    record = loaded.meta.get(HOLDOUT_KEY)
+    if not isinstance(record, dict) or holdout is None:
+        return "unknown"
+    if record.get("sha256") == holdout.sha256:
+        return "checked"
+    try:
+        then = Holdout(**record).describe()
+    except TypeError:
+        then = repr(record)
+    raise InputError(FIELD, grid.checkpoint.path, f"trained without the calibration hold-out {then}, but this sweep "
+                     f"holds out {holdout.describe()}, so its calibration images may have been trained on",
+                     "a checkpoint trained with the sweep's hold-out (same seed, data.calibration_size and train "
+                     "images)", f"set seed: {record.get('seed')} and data.calibration_size: {record.get('size')} "
+                     "as when it was trained, or retrain it, or set checkpoint.foreign: true (or sweep.calibration: "
+                     "test) to rank on these images anyway")

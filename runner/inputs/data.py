@@ -7,6 +7,7 @@ loading works on tensors: normalisation and augmentation run on the device, no p
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import zipfile
 from dataclasses import dataclass
@@ -27,12 +28,41 @@ CIFAR10_CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog
 
 
 @dataclass(frozen=True)
+class Holdout:
+    """Which training images are held out for calibration (never trained on): the split's seed, how many of how
+    many, and the sha256 of the sorted indices into the train split (int64, little-endian). A checkpoint trained
+    here records it; a sweep checks its own against it."""
+
+    seed: int
+    size: int
+    total: int
+    sha256: str
+
+    @classmethod
+    def of(cls, total: int, size: int, seed: int) -> "Holdout":
+        index = holdout_index(total, size, seed)
+        return cls(seed, size, total, hashlib.sha256(index.astype("<i8").tobytes()).hexdigest())
+
+    def as_dict(self) -> dict:
+        return {"seed": self.seed, "size": self.size, "total": self.total, "sha256": self.sha256}
+
+    def describe(self) -> str:
+        return f"seed {self.seed}, {self.size:,} of {self.total:,} train images (indices sha256 {self.sha256[:12]})"
+
+
+def holdout_index(total: int, size: int, seed: int) -> np.ndarray:
+    """The held-out train images: `size` of `total`, drawn with `seed`, sorted."""
+    return np.sort(np.random.default_rng(seed).permutation(total)[:size])
+
+
+@dataclass(frozen=True)
 class Dataset:
     name: str
     train: Images
     calibration: Images
     test: Images
     classes: tuple[str, ...]
+    holdout: Holdout | None = None  # the calibration split of the train images
 
     def stats(self) -> tuple[tuple[float, ...], tuple[float, ...]]:
         """Per-channel mean and std of the training images, in [0, 1] units (the normalisation)."""
@@ -139,8 +169,13 @@ def load_data(cfg: DataConfig, num_classes: int, seed: int) -> Dataset:
     if cfg.eval_size is not None and cfg.eval_size > len(test):
         raise InputError("data.eval_size", cfg.eval_size, "larger than the test split",
                          f"1 .. {len(test)}, or null for all", f"set data.eval_size: {len(test)} or null")
-    order = np.random.default_rng(seed).permutation(len(train))
-    held = np.sort(order[: cfg.calibration_size])
-    kept = np.sort(order[cfg.calibration_size:])[: cfg.train_size]
+    held = holdout_index(len(train), cfg.calibration_size, seed)
+    kept = np.setdiff1d(np.arange(len(train)), held)[: cfg.train_size]
     names = classes or tuple(f"class{i}" for i in range(num_classes))
-    return Dataset(cfg.dataset, train.take(kept), train.take(held), test.take(slice(cfg.eval_size)), names)
+    return Dataset(cfg.dataset, train.take(kept), train.take(held), test.take(slice(cfg.eval_size)), names,
+                   Holdout.of(len(train), cfg.calibration_size, seed))
+
+
+def planned_holdout(cfg: DataConfig, seed: int) -> Holdout | None:
+    """The hold-out a grid will draw, known before loading when the train split's size is (synthetic data)."""
+    return Holdout.of(cfg.synthetic_train, cfg.calibration_size, seed) if cfg.dataset == "synthetic" else None

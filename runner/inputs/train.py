@@ -1,4 +1,8 @@
-"""Training the shared checkpoint that a grid file names (DESIGN §2, `scripts/train.py`)."""
+"""Training the shared checkpoint that a grid file names (DESIGN §2, `scripts/train.py`).
+
+Training reports to a TrainLog that the caller passes in (the job layer's W&B train run, which logs the curves
+and the checkpoint as a `model` artifact); this layer never imports W&B.
+"""
 
 from __future__ import annotations
 
@@ -8,6 +12,7 @@ import sys
 import time
 from datetime import datetime, timezone
 from pathlib import Path
+from typing import Any, Protocol
 
 import torch
 import torch.nn.functional as F
@@ -27,16 +32,48 @@ from runner.provenance import versions
 log = logging.getLogger(__name__)
 
 
+class TrainLog(Protocol):
+    """Where training reports: started with its config, one call per epoch, and the checkpoint written."""
+
+    def start(self, config: dict[str, Any]) -> None: ...
+
+    def epoch(self, values: dict[str, float]) -> None: ...
+
+    def trained(self, path: str, sha256: str, meta: dict[str, Any]) -> None: ...
+
+
+class NoLog:
+    """A TrainLog that keeps nothing."""
+
+    def start(self, config: dict[str, Any]) -> None:
+        pass
+
+    def epoch(self, values: dict[str, float]) -> None:
+        pass
+
+    def trained(self, path: str, sha256: str, meta: dict[str, Any]) -> None:
+        pass
+
+
 Recipe = TrainConfig  # a full recipe: a TrainConfig with every field set (RECIPES, recipe_of)
 
 RECIPES: dict[str, Recipe] = {
     # SGD + Nesterov with a one-cycle schedule: the usual strong CIFAR-10 ResNet-18 recipe (about 94-95%).
     "standard": Recipe(recipe="standard", epochs=30, batch_size=512, optimizer="sgd", lr=0.2, momentum=0.9,
-                       nesterov=True, weight_decay=5e-4, label_smoothing=0.1, schedule="onecycle"),
-    # The seed report's recipe: Adam 1e-2, wd 1e-5, batch 512, 30 epochs, cosine over the last 15 epochs.
+                       nesterov=True, weight_decay=5e-4, label_smoothing=0.1, schedule="onecycle",
+                       normalise="dataset"),
+    # The seed report's recipe: Adam 1e-2, wd 1e-5, batch 512, 30 epochs, cosine over the last 15 epochs, and
+    # its normalisation: mean = std = 0.5 per channel.
     "seed": Recipe(recipe="seed", epochs=30, batch_size=512, optimizer="adam", lr=1e-2, momentum=0.9,
-                   nesterov=False, weight_decay=1e-5, label_smoothing=0.0, schedule="seed"),
+                   nesterov=False, weight_decay=1e-5, label_smoothing=0.0, schedule="seed", normalise="half"),
 }
+
+
+def normalisation(recipe: Recipe, data: Dataset) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """Per-channel (mean, std) the network is trained with: the train images' statistics, or 0.5 and 0.5."""
+    if recipe.normalise == "half":
+        return (0.5, 0.5, 0.5), (0.5, 0.5, 0.5)
+    return data.stats()
 
 
 def recipe_of(cfg: TrainConfig) -> Recipe:
@@ -65,12 +102,13 @@ def _optimizer(model: torch.nn.Module, r: Recipe) -> torch.optim.Optimizer:
     return torch.optim.Adam(groups, lr=r.lr)
 
 
-def train_model(grid: Grid, data: Dataset, recipe: Recipe, device: torch.device, progress: bool = True
-                ) -> tuple[torch.nn.Module, list[float]]:
+def train_model(grid: Grid, data: Dataset, recipe: Recipe, device: torch.device, progress: bool = True,
+                log_to: TrainLog | None = None) -> tuple[torch.nn.Module, list[float]]:
     """Train a fresh network; returns it (eval mode) and the mean training loss of each epoch."""
+    log_to = log_to or NoLog()
     torch.manual_seed(grid.seed)
     gen = torch.Generator(device="cpu").manual_seed(grid.seed)
-    mean, std = data.stats()
+    mean, std = normalisation(recipe, data)
     channels_last = uses_channels_last(device)
     model = place(build(grid.model.arch, grid.model.width, grid.model.num_classes), device)
     x_all = to_device(data.train.images, mean, std, device, channels_last=channels_last)
@@ -103,6 +141,8 @@ def train_model(grid: Grid, data: Dataset, recipe: Recipe, device: torch.device,
             run_seen += len(y)
             bar.set_postfix(loss=f"{run_loss / run_seen:.3f}", acc=f"{100 * run_hits / run_seen:.1f}%")
         losses.append(run_loss / run_seen)
+        log_to.epoch({"epoch": epoch + 1, "loss": losses[-1], "train_accuracy": 100 * run_hits / run_seen,
+                      "lr": opt.param_groups[0]["lr"], "seconds": time.time() - started})
         log.info("epoch %d/%d: loss %.3f, train accuracy %.1f%% (%.0f s)", epoch + 1, recipe.epochs, losses[-1],
                  100 * run_hits / run_seen, time.time() - started)
         if not math.isfinite(losses[-1]):
@@ -110,8 +150,8 @@ def train_model(grid: Grid, data: Dataset, recipe: Recipe, device: torch.device,
     return model.eval(), losses
 
 
-def test_accuracy(model: torch.nn.Module, data: Dataset, device: torch.device, batch_size: int = 1000) -> float:
-    mean, std = data.stats()
+def test_accuracy(model: torch.nn.Module, data: Dataset, device: torch.device,
+                  mean: tuple[float, ...], std: tuple[float, ...], batch_size: int = 1000) -> float:
     x = to_device(data.test.images, mean, std, device, channels_last=uses_channels_last(device))
     y = torch.from_numpy(data.test.labels).to(device)
     with fast_math(device):
@@ -120,8 +160,9 @@ def test_accuracy(model: torch.nn.Module, data: Dataset, device: torch.device, b
 
 
 def train_checkpoint(grid: Grid, data: Dataset | None = None, device: torch.device | None = None,
-                     progress: bool = True) -> str:
-    """Train exactly the checkpoint the grid names and write it to checkpoint.path; returns the path."""
+                     progress: bool = True, log_to: TrainLog | None = None) -> str:
+    """Train exactly the checkpoint the grid names and write it to checkpoint.path; returns the path. `log_to`
+    receives the curves and, at the end, the checkpoint written."""
     if grid.checkpoint.train is None:
         raise InputError("checkpoint.train", None, "no training recipe, so the missing checkpoint cannot be made",
                          "a checkpoint.train section ({recipe: standard, epochs: ...})",
@@ -131,15 +172,18 @@ def train_checkpoint(grid: Grid, data: Dataset | None = None, device: torch.devi
     recipe = recipe_of(grid.checkpoint.train)
     log.info("training %s width %g on %s (%d images, %s) for %d epochs", grid.model.arch, grid.model.width,
              data.name, len(data.train), device, recipe.epochs)
+    log_to = log_to or NoLog()
+    log_to.start({"recipe": recipe.model_dump(), "device": str(device), "train_images": len(data.train)})
     started = time.time()
-    model, losses = train_model(grid, data, recipe, device, progress)
+    model, losses = train_model(grid, data, recipe, device, progress, log_to)
     seconds = time.time() - started
-    accuracy = test_accuracy(model, data, device)
-    mean, std = data.stats()
+    mean, std = normalisation(recipe, data)
+    accuracy = test_accuracy(model, data, device, mean, std)
     meta = {
         "arch": grid.model.arch, "width": float(grid.model.width), "num_classes": grid.model.num_classes,
         "classes": list(data.classes), "mean": list(mean), "std": list(std), "dataset": data.name,
         "train_images": len(data.train), "calibration_images": len(data.calibration),
+        "calibration_holdout": data.holdout.as_dict() if data.holdout else None,
         "recipe": recipe.model_dump(), "epoch_losses": losses, "test_accuracy": accuracy,
         "test_images": len(data.test), "seed": grid.seed, "train_seconds": round(seconds, 1),
         "device": str(device), "versions": versions(), "created": datetime.now(timezone.utc).isoformat(),
@@ -147,16 +191,18 @@ def train_checkpoint(grid: Grid, data: Dataset | None = None, device: torch.devi
     digest = checkpoints.save(grid.checkpoint.path, model.cpu(), meta)
     log.info("test accuracy %.2f%% after %.0f s; wrote %s (sha256 %s)", accuracy, seconds,
              grid.checkpoint.path, digest[:12])
+    log_to.trained(str(grid.checkpoint.path), digest, meta)
     return str(Path(grid.checkpoint.path))
 
 
-def ensure_checkpoint(grid: Grid, data: Dataset, loaded: Checkpoint | None = None) -> Checkpoint:
-    """The shared checkpoint (trained first when it is missing and the grid has a recipe), checked against
-    the data it will be evaluated on."""
+def ensure_checkpoint(grid: Grid, data: Dataset, loaded: Checkpoint | None = None,
+                      log_to: TrainLog | None = None) -> Checkpoint:
+    """The shared checkpoint (trained first, reporting to `log_to`, when it is missing and the grid has a
+    recipe), checked against the data it will be evaluated on."""
     loaded = loaded or checkpoints.existing(grid)
     if loaded is None:
         log.info("checkpoint %s is missing: training it first", grid.checkpoint.path)
-        train_checkpoint(grid, data)
+        train_checkpoint(grid, data, log_to=log_to)
         loaded = checkpoints.load_for(grid)
     trained_on = loaded.meta.get("dataset"), tuple(loaded.meta.get("classes", ()))
     if trained_on != (data.name, data.classes):

@@ -20,17 +20,24 @@ from runner.outputs.results import TrialId
 
 @dataclass(frozen=True)
 class Trial:
-    """One Tune trial: a (layer, criterion) and its K values, ascending."""
+    """One Tune trial: a (layer, criterion), its K values, ascending, and how many orders it measures at each
+    (sweep.random_repeats for random, else 1)."""
 
     layer: str
     criterion: str
     target: str
     ks: tuple[int, ...]
     channels: int
+    repeats: int = 1
 
     @property
     def id(self) -> TrialId:
         return TrialId(self.layer, self.criterion)
+
+    @property
+    def points(self) -> tuple[tuple[int, int], ...]:
+        """(K, repeat) of every point, in the order they are measured."""
+        return tuple((k, r) for k in self.ks for r in range(self.repeats))
 
     def figure_ks(self, count: int) -> tuple[int, ...]:
         """A few K spread over the trial's range (first, middle, last for 3): their feature maps go to disk."""
@@ -53,7 +60,7 @@ class TrialPlan:
 
     @property
     def points(self) -> int:
-        return sum(len(t.ks) for t in self.trials)
+        return sum(len(t.points) for t in self.trials)
 
     @property
     def table(self) -> dict[str, ConvInfo]:
@@ -68,6 +75,10 @@ class TrialPlan:
             shown = ", ".join(map(str, ks[c.name])) if len(ks[c.name]) <= 12 else \
                 f"{', '.join(map(str, ks[c.name][:5]))}, ..., {ks[c.name][-1]} ({len(ks[c.name])} values)"
             lines.append(f"  {c.name:<{width}}  {c.in_channels:>4} -> {c.out_channels:<4} K: {shown}")
+        drawn = {t.repeats for t in self.trials if t.repeats > 1}
+        if drawn:
+            shown = ", ".join(map(str, sorted(drawn)))
+            lines.append(f"random orders drawn per layer: {shown} (each measured at every K)")
         lines.append(f"trials: {len(self.trials)} points: {self.points}")
         return lines
 
@@ -132,8 +143,9 @@ def plan_trials(grid: Grid) -> TrialPlan:
             if problem:
                 raise InputError("sweep.criteria", name, problem, "criteria that apply to every swept layer",
                                  "change sweep.target, or sweep that criterion on other layers in its own grid")
-            trials.append(Trial(conv.name, name, sweep.target, ks, channels))
-    points = sum(len(t.ks) for t in trials)
+            repeats = sweep.random_repeats if CRITERIA[name].draws else 1
+            trials.append(Trial(conv.name, name, sweep.target, ks, channels, repeats))
+    points = sum(len(t.points) for t in trials)
     if points > MAX_POINTS:
         raise InputError("sweep", f"{points:,} points", "the grid is too large", f"at most {MAX_POINTS:,} points",
                          "use fewer layers, K values or criteria")

@@ -11,7 +11,7 @@ from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 @dataclass(frozen=True)
 class BoardStats:
-    measured: int  # points measured in this run, repeats included
+    measured: int  # points measured in this run, measured again by a retried trial included
     first: float  # wall-clock time the first point reached the driver (0: none)
     last: float  # ... and the last one
 
@@ -20,16 +20,16 @@ class ProgressBoard:
     """The driver's record of finished points (results.csv), readable by trials on any node: a named Ray
     actor, so that a trial restarted after a crash or a resume skips what is already measured."""
 
-    def __init__(self, done: list[tuple[str, str, int]]) -> None:
-        self.done: dict[tuple[str, str], set[int]] = {}
-        self.measured = 0  # points measured in this run, repeats included
+    def __init__(self, done: list[tuple[str, str, int, int]]) -> None:
+        self.done: dict[tuple[str, str], set[tuple[int, int]]] = {}
+        self.measured = 0  # points measured in this run, measured again by a retried trial included
         self.first = self.last = 0.0  # wall-clock times of the first and the last point measured in this run
-        for layer, criterion, k in done:
-            self.done.setdefault((layer, criterion), set()).add(k)
+        for layer, criterion, k, repeat in done:
+            self.done.setdefault((layer, criterion), set()).add((k, repeat))
 
-    def record(self, layer: str, criterion: str, k: int, when: float) -> None:
-        """A point was measured (perhaps again, by a retried trial) and reached the driver at `when`."""
-        self.done.setdefault((layer, criterion), set()).add(k)
+    def record(self, layer: str, criterion: str, k: int, repeat: int, when: float) -> None:
+        """A point (K, repeat) was measured (perhaps again, by a retried trial) and reached the driver at `when`."""
+        self.done.setdefault((layer, criterion), set()).add((k, repeat))
         self.measured += 1
         self.first = self.first or when
         self.last = when
@@ -37,11 +37,12 @@ class ProgressBoard:
     def stats(self) -> BoardStats:
         return BoardStats(self.measured, self.first, self.last)
 
-    def finished(self, layer: str, criterion: str) -> list[int]:
+    def finished(self, layer: str, criterion: str) -> list[tuple[int, int]]:
+        """(K, repeat) of the trial's points already in results.csv."""
         return sorted(self.done.get((layer, criterion), ()))
 
 
-def board_actor(name: str, done: list[tuple[str, str, int]]) -> ray.actor.ActorHandle:
+def board_actor(name: str, done: list[tuple[str, str, int, int]]) -> ray.actor.ActorHandle:
     """Start the named board (replacing one left by an earlier driver of the same sweep), on the driver's own
     node: losing another node of a cluster then costs only the trials that ran there."""
     try:

@@ -6,58 +6,108 @@ Importing this module imports Ray, which reads its environment at import: the dr
 
 from __future__ import annotations
 
+import json
 import logging
+import os
 from contextlib import contextmanager
-from typing import Iterator
+from pathlib import Path
+from typing import Any, Iterator
 
 import ray
 
+from runner.config import ResourcesConfig
 from runner.errors import InputError
+from runner.job.resources import check_fit
 
 log = logging.getLogger(__name__)
+
+CHECKOUT = Path(__file__).resolve().parents[2]  # holds the `model` and `runner` packages
 
 # Run in every worker of a Ray we start, as it starts: imports what trials need (torch, the engine) while the
 # driver is still calibrating, instead of when the first trial arrives.
 WARM_UP = "runner.job.trial.warm_up"
 
+# Tune's per-trial chatter, which the collector replaces with one line per retry or failure (Tune's other
+# warnings, such as "no trial has started: the cluster lacks resources", stay on the console).
+TUNE_CHATTER = {
+    "ray.tune.execution.tune_controller": ("Trial task failed for trial", "Could not re-use actor for trial"),
+    "ray.tune.tune": ("Trials did not complete", "Experiment has been interrupted",
+                      "Training has been interrupted"),
+}
+
+
+class DropMessages(logging.Filter):
+    """Drops the records whose message starts with one of `prefixes`."""
+
+    def __init__(self, prefixes: tuple[str, ...]) -> None:
+        super().__init__()
+        self.prefixes = prefixes
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith(self.prefixes)
+
+
+def quiet_tune_chatter() -> None:
+    """Tune's warnings reach the console; its per-trial messages do not (once per process)."""
+    logging.getLogger("ray.tune").setLevel(logging.NOTSET)  # inherit the "ray" logger's level (warnings)
+    logging.getLogger("ray.tune.analysis.experiment_analysis").setLevel(logging.ERROR)
+    for name, prefixes in TUNE_CHATTER.items():
+        logger = logging.getLogger(name)
+        if not any(isinstance(f, DropMessages) for f in logger.filters):
+            logger.addFilter(DropMessages(prefixes))
+
+
+def code_env() -> dict[str, Any]:
+    """Ray's runtime_env that ships this checkout's `model` and `runner` packages to every node, so that the
+    nodes of a cluster need the dependencies but not the code. Left out when a `ray job submit` already ships
+    py_modules (Ray refuses two)."""
+    job = json.loads(os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR", "{}") or "{}")
+    if (job.get("runtime_env") or {}).get("py_modules"):
+        return {}
+    return {"py_modules": [str(CHECKOUT / "model"), str(CHECKOUT / "runner")], "excludes": ["__pycache__", "*.pyc"]}
+
 
 @contextmanager
-def ray_session(address: str | None, dashboard: bool = False) -> Iterator[None]:
+def ray_session(address: str | None, dashboard: bool = False, resources: ResourcesConfig | None = None,
+                trials: int = 0) -> Iterator[str | None]:
     """Ray for the block: joins the cluster at `address`, or starts a local Ray on 127.0.0.1, with no dashboard
-    unless asked for (and stops it afterwards). An already running Ray (tests) is used as it is."""
+    unless asked for (and stops it afterwards). An already running Ray (tests) is used as it is. With
+    `resources`, every trial's request is checked against the cluster first (runner.job.resources). Yields the
+    line that says what was started or joined (None for a Ray already running), for the caller to log once its
+    own checks have passed: a refusal stays one line."""
     started = start_ray(address, dashboard)
     try:
-        yield
+        quiet_tune_chatter()
+        if resources is not None:
+            check_fit(resources, trials)
+        yield started
     finally:
         if started:
             ray.shutdown()
 
 
-def start_ray(address: str | None, dashboard: bool = False) -> bool:
-    """Returns whether this call started (or joined) Ray, and so should shut it down."""
+def start_ray(address: str | None, dashboard: bool = False) -> str | None:
+    """Start or join Ray; returns the line that says which (for the log), or None when Ray was already running
+    (and so is not this call's to stop)."""
     if ray.is_initialized():
-        return False
+        return None
     quiet = dict(log_to_driver=False, logging_level=logging.WARNING, configure_logging=True)
     if address:
-        ray.init(address=address, **quiet)
-        log.info("joined the Ray cluster at %s: %s", address, _resources())
-    else:
-        board = dict(include_dashboard=True, dashboard_host="127.0.0.1") if dashboard else dict(include_dashboard=False)
-        try:
-            # "local": a new Ray of our own, never one that `ray start` (or a test cluster) left registered in
-            # /tmp/ray/ray_current_cluster, which a bare ray.init() would silently join
-            context = ray.init(address="local", runtime_env={"worker_process_setup_hook": WARM_UP}, **board, **quiet)
-        except Exception as e:
-            if dashboard and "missing packages" in str(e):
-                raise InputError("resources.ray_dashboard", True, "Ray's dashboard needs packages that are not "
-                                 "installed", "false, or true with ray[default] installed",
-                                 "pip install 'ray[default]', or set resources.ray_dashboard: false") from None
-            raise
-        where = f"dashboard at http://{context.dashboard_url}" if dashboard else "no dashboard"
-        log.info("started a local Ray on 127.0.0.1 (%s): %s", where, _resources())
-    logging.getLogger("ray.tune").setLevel(logging.CRITICAL)  # trial errors are reported by the collector
-    logging.getLogger("ray.tune.analysis.experiment_analysis").setLevel(logging.ERROR)
-    return True
+        ray.init(address=address, runtime_env=code_env(), **quiet)
+        return f"joined the Ray cluster at {address}: {_resources()}"
+    board = dict(include_dashboard=True, dashboard_host="127.0.0.1") if dashboard else dict(include_dashboard=False)
+    try:
+        # "local": a new Ray of our own, never one that `ray start` (or a test cluster) left registered in
+        # /tmp/ray/ray_current_cluster, which a bare ray.init() would silently join
+        context = ray.init(address="local", runtime_env={"worker_process_setup_hook": WARM_UP}, **board, **quiet)
+    except Exception as e:
+        if dashboard and "missing packages" in str(e):
+            raise InputError("resources.ray_dashboard", True, "Ray's dashboard needs packages that are not "
+                             "installed", "false, or true with ray[default] installed",
+                             "pip install 'ray[default]', or set resources.ray_dashboard: false") from None
+        raise
+    where = f"dashboard at http://{context.dashboard_url}" if dashboard else "no dashboard"
+    return f"started a local Ray on 127.0.0.1 ({where}): {_resources()}"
 
 
 def _resources() -> str:

@@ -18,8 +18,8 @@ import numpy as np
 from ray import tune
 
 from runner.outputs import figures
-from runner.outputs.results import ResultsTable, TrialId, by_trial
-from runner.outputs.tracking import Tracker, make_tracker
+from runner.outputs.results import COLUMNS, ResultsTable, TrialId, by_trial
+from runner.outputs.tracking import RunSpec, Tracker, Tracking, make_tracker
 from runner.storage import atomic_path
 
 log = logging.getLogger(__name__)
@@ -31,26 +31,32 @@ class Context:
 
     folder: str
     sweep: str
-    baseline: float
     checkpoint_sha256: str
     eval_images: int
-    wandb_mode: str
-    wandb_project: str
-    wandb_entity: str | None
-    wandb_config: dict[str, Any]
-    feature_maps: bool
+    tracking: Tracking  # W&B, in the mode the driver's tracker settled on
+    runs: dict[str, RunSpec]  # trial key -> its W&B run
     figure_ks: dict[str, tuple[int, ...]]  # trial key -> K values whose feature maps are saved to disk
     total_points: int
     board: str  # the ProgressBoard actor's name
 
 
-def feature_map_images(maps: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    """The two images of a point: the pruned layer's output channels, and the final stage (top 64)."""
+def point_title(row: dict[str, Any]) -> str:
+    return (f"{row['layer']}, {row['target']} pruning by {row['criterion']}, K={row['k']}/{row['channels']}, "
+            f"accuracy {row['accuracy']:.2f}%")
+
+
+FINAL_CAPTION = "final stage output: the 64 channels with the highest mean"
+
+
+def feature_map_images(row: dict[str, Any], maps: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """The two images of a point, each with its caption and colour scale: the pruned layer's output channels,
+    and the final stage (top 64). The same pictures go to W&B and, for a few K, to disk."""
     out = {}
     if "layer" in maps:
-        out["pruned_layer"] = figures.grid_image(maps["layer"])
+        out["pruned_layer"] = figures.grid_image(maps["layer"], title=f"{point_title(row)}\n{figures.layer_caption(row['target'])}")
     if "final" in maps:
-        out["final_stage"] = figures.grid_image(maps["final"], final=True)
+        out["final_stage"] = figures.grid_image(maps["final"], final=True,
+                                                title=f"{point_title(row)}\n{FINAL_CAPTION}")
     return out
 
 
@@ -122,9 +128,7 @@ class Collector(tune.Callback):
 
         c = self.context
         folder = Path(c.folder)
-        self.live = Live(ResultsTable(folder / "results.csv"), make_tracker(
-            c.wandb_mode, c.wandb_project, c.wandb_entity, c.sweep, folder, c.wandb_config, c.feature_maps),
-            ray.get_actor(c.board))
+        self.live = Live(ResultsTable(folder / "results.csv"), make_tracker(c.tracking), ray.get_actor(c.board))
         (folder / "feature_maps").mkdir(parents=True, exist_ok=True)
 
     def on_experiment_end(self, trials: list, **info: Any) -> None:
@@ -138,14 +142,9 @@ class Collector(tune.Callback):
                       live.busy, live.backlog.seconds, live.new)
 
     def _row(self, result: dict[str, Any]) -> dict[str, Any]:
-        c = self.context
-        row = {k: result[k] for k in ("layer", "criterion", "target", "k", "fraction", "channels", "accuracy",
-                                      "loss", "params_removed", "macs_removed", "seconds", "node", "device",
-                                      "per_class_accuracy")}
-        row["baseline_accuracy"] = c.baseline
-        row["accuracy_drop"] = c.baseline - result["accuracy"]
-        row["eval_images"] = c.eval_images
-        row["checkpoint_sha256"] = c.checkpoint_sha256
+        """A results.csv row: the trial's numbers (its drop is against its own baseline) and the checkpoint."""
+        row = {k: result[k] for k in COLUMNS if k in result}
+        row["checkpoint_sha256"] = self.context.checkpoint_sha256
         return row
 
     def on_trial_result(self, iteration: int, trials: list, trial: Any, result: dict, **info: Any) -> None:
@@ -161,7 +160,8 @@ class Collector(tune.Callback):
         live = self.live
         maps = result.pop("maps", None) or {}  # in place: keeps the arrays out of Tune's experiment state
         row = self._row(result)
-        live.board.record.remote(row["layer"], row["criterion"], row["k"], time.time())  # every point, repeats too
+        # every point measured, those a retried trial measures again too
+        live.board.record.remote(row["layer"], row["criterion"], row["k"], row["repeat"], time.time())
         if not live.table.add(row):
             return  # already recorded (a retried or resumed trial repeating a point)
         live.new += 1
@@ -171,23 +171,26 @@ class Collector(tune.Callback):
 
     def _write(self, trial_id: TrialId, row: dict[str, Any], maps: dict[str, np.ndarray]) -> None:
         """A point's W&B step, and its figures when its K is one of the trial's figure K (in the backlog)."""
-        config = {"layer": row["layer"], "criterion": row["criterion"], "target": row["target"],
-                  "checkpoint_sha256": self.context.checkpoint_sha256, "baseline_accuracy": self.context.baseline}
-        self.live.tracker.log_point(trial_id.key, config, row, lambda: feature_map_images(maps))
-        if maps and row["k"] in self.context.figure_ks.get(trial_id.key, ()):
-            self._save_figures(row, maps)
+        rendered: dict[str, dict[str, np.ndarray]] = {}
 
-    def _save_figures(self, row: dict[str, Any], maps: dict[str, np.ndarray]) -> None:
-        """The two images with a colour bar and caption, and the raw mean maps (for the report's figures)."""
+        def images() -> dict[str, np.ndarray]:  # rendered once, and only when W&B logs them or they go to disk
+            if "images" not in rendered:
+                rendered["images"] = feature_map_images(row, maps) if maps else {}
+            return rendered["images"]
+
+        self.live.tracker.log_point(self.context.runs[trial_id.key], row, images)
+        if maps and row["repeat"] == 0 and row["k"] in self.context.figure_ks.get(trial_id.key, ()):
+            self._save_figures(row, images(), maps)
+
+    def _save_figures(self, row: dict[str, Any], images: dict[str, np.ndarray],
+                      maps: dict[str, np.ndarray]) -> None:
+        """The two images (as logged to W&B), and the raw mean maps (for the report's figures)."""
         folder = Path(self.context.folder) / "feature_maps" / row["layer"]
         folder.mkdir(parents=True, exist_ok=True)
         stem = f"{row['criterion']}_k{row['k']:04d}"
-        title = f"{row['layer']}, {row['target']} pruning by {row['criterion']}, K={row['k']}/{row['channels']}, " \
-                f"accuracy {row['accuracy']:.2f}%"
-        figures.save_png(figures.grid_image(maps["layer"], title=f"{title}\npruned layer's BN output, mean over "
-                                            "eval images (pruned channels are flat white)"), folder / f"{stem}_layer.png")
-        figures.save_png(figures.grid_image(maps["final"], final=True, title=f"{title}\nfinal stage output: the 64 "
-                                            "channels with the highest mean"), folder / f"{stem}_final.png")
+        for name, suffix in (("pruned_layer", "layer"), ("final_stage", "final")):
+            if name in images:
+                figures.save_png(images[name], folder / f"{stem}_{suffix}.png")
         with atomic_path(folder / f"{stem}_maps.npz") as tmp:
             np.savez_compressed(tmp, **maps)
 
@@ -206,18 +209,21 @@ class Collector(tune.Callback):
 
     def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
         trial_id = _trial_id(trial)
-        self.live.backlog.submit(self.live.tracker.finish_trial, trial_id.key)
         rows = by_trial(self.live.table.rows).get(trial_id, [])
+        self.live.backlog.submit(self.live.tracker.finish_trial, trial_id.key, rows)
         worst = min(rows, key=lambda r: r["accuracy"], default=None)
-        shown = f"accuracy at K={worst['k']}: {worst['accuracy']:.2f}%" if worst else "no new points"
+        shown = f"accuracy at K={worst['k']}: {worst['accuracy']:.2f}% (baseline {worst['baseline_accuracy']:.2f}%)" \
+            if worst else "no new points"
         log.info("trial done: %-40s %s", trial_id.key, shown)
 
     def on_trial_recover(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
         log.warning("trial %s failed; retrying from its last finished K", _trial_id(trial).key)
 
     def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
-        key = _trial_id(trial).key
-        self.live.backlog.submit(self.live.tracker.finish_trial, key, True)
+        trial_id = _trial_id(trial)
+        key = trial_id.key
+        rows = by_trial(self.live.table.rows).get(trial_id, [])
+        self.live.backlog.submit(self.live.tracker.finish_trial, key, rows, True)
         log.error("trial %s failed after its retries (details: %s)", key, getattr(trial, "error_file", None))
 
 

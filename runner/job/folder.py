@@ -4,7 +4,9 @@ the same sweep (its identity: the measured grid and the checkpoint)."""
 from __future__ import annotations
 
 import fcntl
+import hashlib
 import os
+import uuid
 import time
 from contextlib import contextmanager
 from datetime import datetime, timezone
@@ -22,7 +24,7 @@ from runner.outputs.results import read_rows
 from runner.provenance import versions
 
 ADDABLE = {"layers", "include_shortcuts", "k", "criteria"}  # sweep keys a resumed grid may change to add points
-SAVED_EXTRAS = ("provenance", "identity", "tune_experiment")  # config.yaml keys that are not grid keys
+SAVED_EXTRAS = ("provenance", "identity", "tune_experiment", "sweep_id")  # config.yaml keys that are not grid keys
 
 
 @contextmanager
@@ -98,8 +100,8 @@ def changed_keys(before: dict[str, Any], now: dict[str, Any]) -> list[tuple[str,
     return [(k, a.get(k), b.get(k)) for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
 
 
-def points_of(plan: TrialPlan) -> set[tuple[str, str, int]]:
-    return {(t.layer, t.criterion, k) for t in plan.trials for k in t.ks}
+def points_of(plan: TrialPlan) -> set[tuple[str, str, int, int]]:
+    return {(t.layer, t.criterion, k, r) for t in plan.trials for k, r in t.points}
 
 
 def resume_check(grid: Grid, plan: TrialPlan, sha: str) -> tuple[dict[str, Any], bool]:
@@ -125,20 +127,36 @@ def resume_check(grid: Grid, plan: TrialPlan, sha: str) -> tuple[dict[str, Any],
     old = parse_grid({k: v for k, v in saved.items() if k not in SAVED_EXTRAS}, str(grid.folder / "config.yaml"))
     lost = points_of(plan_trials(old)) - points_of(plan)
     if lost:
-        layer, criterion, k = sorted(lost)[0]
+        layer, criterion, k, r = sorted(lost)[0]
+        draw = f", repeat {r}" if r else ""
         raise InputError("--resume", str(grid.folder), f"the grid drops {len(lost)} recorded points (first: {layer}, "
-                         f"{criterion}, K={k})", "a grid that keeps every point and adds others", refuse)
+                         f"{criterion}, K={k}{draw})", "a grid that keeps every point and adds others", refuse)
     return saved, True
 
 
-def write_config(grid: Grid, plan: TrialPlan, loaded: Checkpoint, experiment: str) -> None:
-    """config.yaml: the resolved grid, its provenance and identity, and the Tune experiment it runs in."""
+def sweep_id(grid: Grid, resume: bool) -> str:
+    """This sweep's id, which its W&B run ids derive from: kept in config.yaml from its first start, so that
+    --resume continues the same runs; a new one for a fresh sweep."""
+    saved = grid.folder / "config.yaml"
+    if resume and saved.is_file():
+        doc = yaml.safe_load(saved.read_text(encoding="utf-8")) or {}
+        if doc.get("sweep_id"):
+            return str(doc["sweep_id"])
+        # a sweep started before ids were kept: derived from what stays the same
+        started = str((doc.get("provenance") or {}).get("started", ""))
+        return hashlib.sha1(f"{grid.folder}|{started}".encode()).hexdigest()[:8]
+    return uuid.uuid4().hex[:8]
+
+
+def write_config(grid: Grid, plan: TrialPlan, loaded: Checkpoint, experiment: str, sweep: str) -> None:
+    """config.yaml: the resolved grid, its provenance and identity, the Tune experiment it runs in, and the
+    sweep's id (W&B run ids)."""
     doc = {**grid.as_dict(), "provenance": {
         "checkpoint_sha256": loaded.sha256, "checkpoint_meta": {k: v for k, v in loaded.meta.items()
                                                                 if k not in ("epoch_losses",)},
         "versions": versions(), "started": datetime.now(timezone.utc).isoformat(),
         "trials": len(plan.trials), "points": plan.points}, "identity": identity(grid, loaded.sha256),
-        "tune_experiment": experiment}
+        "tune_experiment": experiment, "sweep_id": sweep}
     storage.write_text(grid.folder / "config.yaml", yaml.safe_dump(doc, sort_keys=False))
 
 

@@ -19,6 +19,7 @@ RAY_ENV = {
     # Tune's own state: every 60 s is enough, since --resume skips every point already in results.csv (its
     # default, adaptive period spent about 5% of the demo's time writing it)
     "TUNE_GLOBAL_CHECKPOINT_S": "60",
+    "TUNE_PRINT_ALL_TRIAL_ERRORS": "0",  # a failed trial's traceback stays in its error file; the collector says it
     "WANDB_SILENT": "true",
 }
 

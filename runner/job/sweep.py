@@ -1,8 +1,9 @@
 """The main job (DESIGN §2, §7): grid -> checkpoint -> data -> rankings -> Ray Tune trials -> results, plots,
 report, W&B summary.
 
-Everything the user gave is validated before Ray starts. The driver loads (or trains) the checkpoint once,
-loads the data once, ranks every (layer, criterion) in one calibration pass, and hands all of it to the trials
+Everything the user gave is validated before Ray starts, the checkpoint's calibration hold-out included. The
+driver loads (or trains) the checkpoint once, loads the data once, ranks every (layer, criterion) in one
+calibration pass (or reads the rankings back from rankings.json on --resume), and hands all of it to the trials
 once through the object store.
 """
 
@@ -11,33 +12,36 @@ from __future__ import annotations
 import logging
 import time
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import closing
+from contextlib import ExitStack, closing, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 from model.checkpoint import Checkpoint
 from runner.config import Grid, load_grid
 from runner.errors import InputError
 from runner.inputs import checkpoints
-from runner.inputs.data import Dataset, check_labels, load_data, read_npz
+from runner.inputs.data import Dataset, Holdout, check_labels, load_data, planned_holdout, read_npz
 from runner.inputs.train import ensure_checkpoint
 from runner.inputs.trials import TrialPlan, plan_trials
 from runner.job.calibration import Calibrated, calibrate
-from runner.job.folder import check_folder, folder_lock, next_experiment, resume_check, write_config
+from runner.job.folder import check_folder, folder_lock, next_experiment, resume_check, sweep_id, write_config
 from runner.job.ray_env import check_reachable, cluster_address, set_ray_env
 from runner.job.timeline import Timeline
 from runner.outputs import report
 from runner.outputs.results import read_rows
-from runner.outputs.tracking import Tracker
+from runner.outputs.tracking import (SUMMARY_RUN, TRAIN_RUN, RunSpec, Tracker, Tracking, make_tracker,
+    model_artifact, resolve_mode)
 from runner.provenance import versions
 
 log = logging.getLogger(__name__)
 
+RESULT_FILES = ("results.csv", "rankings.json", "report.md", "config.yaml")  # + plots: the sweep-results artifact
+
 
 @dataclass(frozen=True)
 class Options:
-    grid: str
+    grid: str | Grid  # a grid file, or a Grid already loaded (the Python API)
     output: str | None = None
     resume: bool = False
     wandb_mode: str | None = None
@@ -75,26 +79,37 @@ def run_sweep(opts: Options) -> Outcome:
     if address:
         check_reachable(address)
     given = None if grid.data.dataset == "synthetic" else load_data(grid.data, grid.model.num_classes, grid.seed)
+    if existing is not None:
+        checkpoints.check_holdout(grid, existing, given.holdout if given else planned_holdout(grid.data, grid.seed))
     timeline.mark("input checks")
-    with folder_lock(grid.folder), ThreadPoolExecutor(1) as pool:
-        check_folder(grid, opts.resume)  # again, now that no other sweep can be writing there
-        if existing is None:  # training is long: in this thread, before Ray, so that Ctrl-C stops it at once
-            given = given or load_data(grid.data, grid.model.num_classes, grid.seed)
-            existing = ensure_checkpoint(grid, given)
-        # the driver's own work (data, baseline, rankings) runs while Ray starts
-        ready = pool.submit(_calibrated, grid, plan, given, existing, timeline)
+    with ThreadPoolExecutor(1) as pool, ExitStack() as held:
+        # the driver's own work (data, rankings) runs while Ray starts
+        ready = pool.submit(_calibrated, grid, plan, given, existing, opts.resume, timeline) \
+            if existing is not None else None
         set_ray_env(address)
         from runner.job import cluster, tuner  # import Ray: only once the grid is known to be good
 
-        with cluster.ray_session(address, grid.resources.ray_dashboard):
+        # Ray first: what every trial asks for is checked against the cluster before the output folder is made
+        with _blamed(opts), cluster.ray_session(address, grid.resources.ray_dashboard, grid.resources,
+                                                 len(plan.trials)) as ray_line:
+            held.enter_context(folder_lock(grid.folder))  # until the report is written, after Ray stops
+            check_folder(grid, opts.resume)  # again, now that no other sweep can be writing there
+            if ray_line:
+                log.info("%s", ray_line)
             timeline.mark("ray start")
-            data, calibrated = ready.result()
-            experiment, restore = _experiment(grid, plan, existing, opts.resume)
-            trials = tuner.run_trials(grid, plan, data, existing, calibrated, experiment, restore)
+            tracking = _tracking(grid, sweep_id(grid, opts.resume))
+            tracker = held.enter_context(closing(make_tracker(tracking)))
+            if ready is None:  # training is long: in this thread, so that Ctrl-C stops it at once
+                given = given or load_data(grid.data, grid.model.num_classes, grid.seed)
+                existing = ensure_checkpoint(grid, given, None, tracker.train_log(RunSpec(TRAIN_RUN, "train")))
+                ready = pool.submit(_calibrated, grid, plan, given, existing, opts.resume, timeline)
+            data, calibrated, holdout = ready.result()
+            experiment, restore = _experiment(grid, plan, existing, opts.resume, tracking.sweep_id)
+            trials = tuner.run_trials(grid, plan, data, existing, calibrated, experiment, restore, tracker,
+                                      tracking)
             timeline.mark("trials end")
             # plots, report and the W&B summary are made while Ray stops
-            reported = pool.submit(finish, grid, plan, data, existing, calibrated.baseline, trials.failed,
-                                   trials.tracker)
+            reported = pool.submit(finish, grid, plan, data, existing, holdout, trials.failed, tracker)
         timeline.mark("ray stop")
         rows = reported.result()
     if trials.board.first:
@@ -105,9 +120,30 @@ def run_sweep(opts: Options) -> Outcome:
     return Outcome(grid.folder, len(rows), plan.points, trials.failed, time.time() - started, trials.board.measured)
 
 
+@contextmanager
+def _blamed(opts: Options) -> Iterator[None]:
+    """An input error about resources found once Ray runs names where the value came from: a --set flag, or the
+    grid file (the other input errors of the block name their own source)."""
+    try:
+        yield
+    except InputError as e:
+        if not e.field.startswith("resources"):
+            raise
+        for item in opts.overrides:
+            key = item.partition("=")[0]
+            if e.field == key or e.field.startswith(key + "."):
+                e.source = f"--set {item}"
+        raise e.at(str(opts.grid) if not isinstance(opts.grid, Grid) else "sweep(grid)")
+
+
+def _tracking(grid: Grid, sweep: str) -> Tracking:
+    return Tracking(grid.wandb.mode, grid.wandb.project, grid.wandb.entity, grid.name, grid.folder,
+                    grid.as_dict(), grid.wandb.feature_maps, sweep)
+
+
 def prepare(opts: Options) -> tuple[Grid, TrialPlan]:
     """Load, override, validate and plan: every input check that needs no data and no Ray."""
-    grid = load_grid(opts.grid, list(opts.overrides))
+    grid = opts.grid if isinstance(opts.grid, Grid) else load_grid(opts.grid, list(opts.overrides))
     if opts.output:
         grid = grid.model_copy(update={"output": str(Path(opts.output).resolve())})
     if opts.wandb_mode:
@@ -115,18 +151,14 @@ def prepare(opts: Options) -> tuple[Grid, TrialPlan]:
     try:
         return grid, plan_trials(grid)
     except InputError as e:
-        raise e.at(opts.grid)
+        raise e.at(opts.grid if isinstance(opts.grid, str) else "sweep(grid)")
 
 
 def dry_run(opts: Options) -> list[str]:
     """What the sweep would do, computing nothing: the grid, and the checkpoint and data files checked."""
     grid, plan = prepare(opts)
     loaded = checkpoints.existing(grid)
-    if loaded is not None:
-        state = f"sha256 {loaded.sha256[:12]}, trained on {loaded.meta.get('dataset')} to " \
-                f"{loaded.meta.get('test_accuracy', float('nan')):.2f}%"
-    else:
-        state = "missing: it will be trained first"
+    holdout = planned_holdout(grid.data, grid.seed)
     if grid.data.dataset == "npz":  # files the user gave: check them now (the others are generated or downloaded)
         sizes = []
         for key in ("train", "test"):
@@ -134,28 +166,40 @@ def dry_run(opts: Options) -> list[str]:
             check_labels(part, grid.model.num_classes, f"data.{key}")
             sizes.append(len(part))
         data = f"npz, {sizes[0]:,} train and {sizes[1]:,} test images"
+        holdout = Holdout.of(sizes[0], grid.data.calibration_size, grid.seed)
     else:
         data = grid.data.dataset
+    if loaded is not None:
+        checkpoints.check_holdout(grid, loaded, holdout)
+        state = f"sha256 {loaded.sha256[:12]}, trained on {loaded.meta.get('dataset')} to " \
+                f"{loaded.meta.get('test_accuracy', float('nan')):.2f}%"
+    else:
+        state = "missing: it will be trained first"
     head = [f"sweep {grid.name}: {grid.model.arch} width {grid.model.width:g}, data {data}, output {grid.folder}",
             f"checkpoint {grid.checkpoint.path} ({state})"]
     return head + plan.describe()
 
 
-def _calibrated(grid: Grid, plan: TrialPlan, given: Dataset | None, loaded: Checkpoint, timeline: Timeline
-                ) -> tuple[Dataset, Calibrated]:
+def _calibrated(grid: Grid, plan: TrialPlan, given: Dataset | None, loaded: Checkpoint, resume: bool,
+                timeline: Timeline) -> tuple[Dataset, Calibrated, str]:
     """The data (unless already loaded: synthetic data is a pure function of the grid, nothing to validate
-    first), checked against the checkpoint, then the baseline and every ranking; W&B's slow import too."""
-    if grid.wandb.mode != "disabled":
+    first), checked against the checkpoint (its classes and its calibration hold-out), then every ranking
+    (read back from rankings.json on --resume); W&B's slow import too. Returns the hold-out check's verdict."""
+    if resolve_mode(grid.wandb.mode) != "disabled":
         import wandb  # noqa: F401
     data = given or load_data(grid.data, grid.model.num_classes, grid.seed)
     ensure_checkpoint(grid, data, loaded)
+    holdout = checkpoints.check_holdout(grid, loaded, data.holdout)
+    if holdout == "unknown":
+        log.warning("checkpoint %s does not record which training images it was trained without: the calibration "
+                    "hold-out cannot be checked (the report says so)", loaded.path)
     timeline.mark("data")
-    calibrated = calibrate(grid, plan, data, loaded)
+    calibrated = calibrate(grid, plan, data, loaded, resume)
     timeline.mark("calibration")
-    return data, calibrated
+    return data, calibrated, holdout
 
 
-def _experiment(grid: Grid, plan: TrialPlan, loaded: Checkpoint, resume: bool) -> tuple[str, bool]:
+def _experiment(grid: Grid, plan: TrialPlan, loaded: Checkpoint, resume: bool, sweep: str) -> tuple[str, bool]:
     """The Tune experiment to run in, and whether to restore it from Tune's state (config.yaml written when new)."""
     from runner.job.tuner import can_restore  # imports Ray
 
@@ -167,25 +211,32 @@ def _experiment(grid: Grid, plan: TrialPlan, loaded: Checkpoint, resume: bool) -
         log.info("resuming with a new Tune experiment: %s", "the grid adds points" if adds else
                  "Tune's state of the first run was not saved")  # finished points are skipped all the same
     experiment = next_experiment(grid)
-    write_config(grid, plan, loaded, experiment)
+    write_config(grid, plan, loaded, experiment, sweep)
     return experiment, False
 
 
-def finish(grid: Grid, plan: TrialPlan, data: Dataset, loaded: Checkpoint, baseline: float, failed: list[str],
+def finish(grid: Grid, plan: TrialPlan, data: Dataset, loaded: Checkpoint, holdout: str, failed: list[str],
            tracker: Tracker) -> list[dict[str, Any]]:
-    """Plots, report.md and the W&B summary run, from results.csv; closes the tracker."""
+    """Plots, report.md and the W&B summary run (with the sweep-results artifact), from results.csv (and
+    rankings.json); closes the tracker."""
     order = {c.name: i for i, c in enumerate(plan.convs)}
-    rows = sorted(read_rows(grid.folder / "results.csv"), key=lambda r: (order[r["layer"]], r["criterion"], r["k"]))
+    rows = sorted(read_rows(grid.folder / "results.csv"),
+                  key=lambda r: (order[r["layer"]], r["criterion"], r["k"], r["repeat"]))
+    baseline = report.reference_baseline(rows)
     plots = report.write_plots(rows, baseline, grid.folder)
-    path = report.write_report(rows, _report_meta(grid, plan, data, loaded, baseline, tracker.mode), failed,
+    path = report.write_report(rows, _report_meta(grid, plan, data, loaded, holdout, tracker.mode), failed,
                                grid.folder, plan.points)
+    outputs = [grid.folder / name for name in RESULT_FILES] + sorted(plots.values())
     with closing(tracker):
-        tracker.summary(rows, baseline, plots, failed)
+        tracker.summary(RunSpec(SUMMARY_RUN, "summary", {"checkpoint_sha256": loaded.sha256,
+                                                         "baseline_accuracy": baseline},
+                                uses=model_artifact(loaded.path, loaded.sha256)), rows, baseline, plots, failed,
+                        outputs)
     log.info("wrote %s, %s and %s", grid.folder / "results.csv", path, grid.folder / "plots")
     return rows
 
 
-def _report_meta(grid: Grid, plan: TrialPlan, data: Dataset, loaded: Checkpoint, baseline: float,
+def _report_meta(grid: Grid, plan: TrialPlan, data: Dataset, loaded: Checkpoint, holdout: str,
                  wandb_mode: str) -> report.ReportMeta:
     runs = grid.folder / "wandb"
     wandb_where = {"disabled": "off",
@@ -194,7 +245,22 @@ def _report_meta(grid: Grid, plan: TrialPlan, data: Dataset, loaded: Checkpoint,
     calibration = f"{len(data.calibration):,} held-out training images" if grid.sweep.calibration == "holdout" \
         else "the test images themselves (the seed's leaky choice)"
     return report.ReportMeta(
-        name=grid.name, baseline=baseline, eval_images=len(data.test), dataset=data.name, calibration=calibration,
+        name=grid.name, eval_images=len(data.test), dataset=data.name, calibration=calibration,
         arch=grid.model.arch, width=grid.model.width, target=plan.target, checkpoint=loaded.path,
         checkpoint_sha256=loaded.sha256, trained_accuracy=f"{loaded.meta.get('test_accuracy', 0):.2f}%",
-        versions=versions(), wandb=wandb_where)
+        versions=versions(), wandb=wandb_where, holdout=holdout, roles={c.name: c.role for c in plan.layers},
+        criteria=plan.criteria, random_repeats=grid.sweep.random_repeats, random_seed=grid.sweep.random_seed,
+        seed_procedure=_seed_procedure(grid, loaded))
+
+
+def _seed_procedure(grid: Grid, loaded: Checkpoint) -> str | None:
+    """How far `criterion: seed` is from the report's procedure (None when it is that procedure, or not asked)."""
+    if "seed" not in grid.sweep.criteria:
+        return None
+    gaps = []
+    if grid.sweep.calibration != "test":
+        gaps.append("it ranks on held-out training images, while the report ranked on the test set "
+                    "(sweep.calibration: test)")
+    if tuple(loaded.meta.get("mean", ())) != (0.5,) * 3 or tuple(loaded.meta.get("std", ())) != (0.5,) * 3:
+        gaps.append("the checkpoint is not normalised with mean = std = 0.5 as the report's was (recipe: seed)")
+    return "; ".join(gaps) or None

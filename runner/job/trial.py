@@ -2,8 +2,10 @@
 
 The checkpoint, the eval images and the rankings arrive once through the object store
 (`tune.with_parameters`). The trial builds the network on its device, caches the activations at the mask
-point, and reports every K to Tune as soon as it is measured. A retried or resumed trial first asks the
-driver's progress board which of its points are already in results.csv, and measures only the others.
+point, measures its own baseline (K = 0) through that cache, and reports every K (every repeat of a random
+order) to Tune as soon as it is measured, with its drop and paired interval against that baseline. A retried
+or resumed trial first asks the driver's progress board which of its points are already in results.csv, and
+measures only the others.
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ import torch
 from model.layers import ConvInfo
 from model.resnet import build
 from runner.engine.criteria import Ranking
-from runner.engine.device import place, tune_allocator
+from runner.engine.device import compute_dtype, place, tune_allocator
 from runner.engine.images import Images
 from runner.engine.measure import EvalSet, Point, sweep_layer
 from runner.outputs.results import TrialId
@@ -41,7 +43,7 @@ class Shared:
     eval_images: Images
     convs: dict[str, ConvInfo]
     rankings: dict[tuple[str, str], Ranking]
-    ks: dict[tuple[str, str], tuple[int, ...]]  # per trial
+    ks: dict[tuple[str, str], tuple[int, ...]]  # per trial (each measured for every order of its ranking)
     board: str  # name of the driver's ProgressBoard actor
     batch_size: int
     cache_bytes: int | None
@@ -53,7 +55,10 @@ def point_metrics(point: Point) -> dict[str, Any]:
     """A point as Tune metrics: scalars, plus the mean feature maps as float16 arrays."""
     return {
         "layer": point.layer, "criterion": point.criterion, "target": point.target, "k": point.k,
-        "channels": point.channels, "fraction": point.fraction, "accuracy": point.accuracy, "loss": point.loss,
+        "repeat": point.repeat, "channels": point.channels, "fraction": point.fraction, "accuracy": point.accuracy,
+        "loss": point.loss, "baseline_accuracy": point.baseline_accuracy, "accuracy_drop": point.accuracy_drop,
+        "drop_low": point.drop_low, "drop_high": point.drop_high, "right_to_wrong": point.right_to_wrong,
+        "wrong_to_right": point.wrong_to_right, "eval_images": point.eval_images,
         "per_class_accuracy": list(point.per_class), "params_removed": point.params_removed,
         "macs_removed": point.macs_removed, "seconds": point.seconds,
         "maps": {name: m.astype(np.float16) for name, m in point.maps.items()},
@@ -106,17 +111,19 @@ def run_trial(config: dict[str, Any], shared: Shared) -> None:
     device = torch.device("cuda") if ray.get_gpu_ids() and torch.cuda.is_available() else torch.device("cpu")
     layer, criterion = config["layer"], config["criterion"]
     key = TrialId(layer, criterion).key
-    done_before = set(ray.get(ray.get_actor(shared.board).finished.remote(layer, criterion)))
-    ks = [k for k in shared.ks[(layer, criterion)] if k not in done_before]
-    if not ks:
+    ranking = shared.rankings[(layer, criterion)]
+    done_before = {tuple(p) for p in ray.get(ray.get_actor(shared.board).finished.remote(layer, criterion))}
+    ks = shared.ks[(layer, criterion)]
+    if all((k, r) in done_before for k in ks for r in range(ranking.repeats)):
         return
     model, evalset = _network_and_data(shared, device)
-    node = ray.get_runtime_context().get_node_id()[:12]
-    points = sweep_layer(model, shared.convs[layer], config["target"], shared.rankings[(layer, criterion)], ks,
-                         evalset, shared.convs, shared.cache_bytes, shared.feature_maps)
+    where = {"node": ray.get_runtime_context().get_node_id()[:12], "device": str(device),
+             "dtype": str(compute_dtype(device)).removeprefix("torch.")}
+    points = sweep_layer(model, shared.convs[layer], config["target"], ranking, ks, evalset, shared.convs,
+                         shared.cache_bytes, shared.feature_maps, done=done_before)
     for point in ahead(points):
         _maybe_crash(key, point.k)
-        tune.report(point_metrics(point) | {"node": node, "device": str(device)})
+        tune.report(point_metrics(point) | where)
 
 
 def ahead(points: Iterator[Point]) -> Iterator[Point]:

@@ -5,7 +5,8 @@ from __future__ import annotations
 
 import hashlib
 import logging
-from dataclasses import dataclass
+import re
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -14,27 +15,23 @@ from ray import tune
 from ray.tune.progress_reporter import TrialProgressCallback
 
 from model.checkpoint import Checkpoint
+from model.layers import ConvInfo
 from runner.config import Grid
 from runner.inputs.data import Dataset
 from runner.inputs.trials import TrialPlan
 from runner.job.calibration import Calibrated
 from runner.job.collector import Collector, Context
+from runner.job.resources import trial_request
 from runner.job.board import BoardStats, board_actor
 from runner.job.trial import Shared, run_trial
-from runner.outputs.results import TrialId, read_rows
-from runner.outputs.tracking import Tracker, make_tracker
+from runner.outputs.results import TrialId, key_of, read_rows
+from runner.outputs.tracking import RunSpec, Tracker, Tracking, model_artifact
 
 log = logging.getLogger(__name__)
 
 
-GPU_SHARE = 0.25  # gpus_per_trial: auto -> four trials share a GPU (evaluation alone rarely fills one)
-
-
 def trial_resources(grid: Grid) -> dict[str, float]:
-    gpus = grid.resources.gpus_per_trial
-    if gpus == "auto":
-        gpus = GPU_SHARE if ray.cluster_resources().get("GPU", 0) > 0 else 0.0
-    return {"cpu": grid.resources.cpus_per_trial, "gpu": float(gpus)}
+    return trial_request(grid.resources, ray.cluster_resources().get("GPU", 0))
 
 
 def trial_name(trial: Any) -> str:
@@ -64,17 +61,35 @@ def _token(checkpoint_sha: str, data: Dataset, mean: tuple, std: tuple, batch_si
     return digest.hexdigest()
 
 
-def _wandb_config(grid: Grid, loaded: Checkpoint, baseline: float) -> dict[str, Any]:
-    return {**grid.as_dict(), "checkpoint_sha256": loaded.sha256, "baseline_accuracy": baseline}
+def stage_of(conv: ConvInfo) -> int:
+    """The stage a conv belongs to: 0 for the stem, n for layer<n>."""
+    found = re.fullmatch(r"layer(\d+)", conv.block.split(".")[0])
+    return int(found[1]) if found else 0
 
 
-def _context(grid: Grid, plan: TrialPlan, data: Dataset, loaded: Checkpoint, baseline: float,
-             wandb_mode: str) -> Context:
+def trial_runs(plan: TrialPlan, loaded: Checkpoint) -> dict[str, RunSpec]:
+    """Each trial's W&B run: named layer/criterion, with the layer's numbers in its config (for W&B's runs
+    table and parallel coordinates) and its criterion, target and unit as tags."""
+    index = {c.name: i for i, c in enumerate(plan.convs)}
+    uses = model_artifact(loaded.path, loaded.sha256)
+    runs = {}
+    for t in plan.trials:
+        conv = plan.table[t.layer]
+        macs = conv.in_channels * conv.out_channels * conv.kernel_size ** 2 * conv.out_hw[0] * conv.out_hw[1]
+        config = {"layer": t.layer, "criterion": t.criterion, "target": t.target, "unit": "layer",
+                  "layer_index": index[t.layer], "stage": stage_of(conv), "channels": t.channels, "macs": macs,
+                  "checkpoint_sha256": loaded.sha256}
+        runs[t.id.key] = RunSpec(t.id.key, "prune-eval", config,
+                                 (f"criterion:{t.criterion}", f"target:{t.target}", "unit:layer"), uses)
+    return runs
+
+
+def _context(grid: Grid, plan: TrialPlan, data: Dataset, loaded: Checkpoint, tracker: Tracker,
+             tracking: Tracking) -> Context:
     return Context(
-        folder=str(grid.folder), sweep=grid.name, baseline=baseline, checkpoint_sha256=loaded.sha256,
-        eval_images=len(data.test), wandb_mode=wandb_mode, wandb_project=grid.wandb.project,
-        wandb_entity=grid.wandb.entity, wandb_config=_wandb_config(grid, loaded, baseline),
-        feature_maps=grid.wandb.feature_maps,
+        folder=str(grid.folder), sweep=grid.name, checkpoint_sha256=loaded.sha256,
+        eval_images=len(data.test), tracking=replace(tracking, mode=tracker.mode),
+        runs=trial_runs(plan, loaded),
         figure_ks={t.id.key: t.figure_ks(grid.sweep.feature_map_points) for t in plan.trials},
         total_points=plan.points, board=board_name(grid))
 
@@ -91,7 +106,6 @@ class QuietProgress(TrialProgressCallback):
 @dataclass
 class TrialsOutcome:
     failed: list[str]  # trials that failed after their retries
-    tracker: Tracker  # for the summary run
     board: BoardStats  # points measured in this run (repeats included), and when the first and last arrived
 
 
@@ -102,18 +116,16 @@ def can_restore(path: str) -> bool:
 
 
 def run_trials(grid: Grid, plan: TrialPlan, data: Dataset, loaded: Checkpoint, calibrated: Calibrated,
-               experiment: str, restore: bool) -> TrialsOutcome:
-    """Run (or resume) every trial, inside `ray_session`."""
-    done = [(r["layer"], r["criterion"], r["k"]) for r in read_rows(grid.folder / "results.csv")]
+               experiment: str, restore: bool, tracker: Tracker, tracking: Tracking) -> TrialsOutcome:
+    """Run (or resume) every trial, inside `ray_session`. The driver's tracker has resolved the W&B mode (auto,
+    an unreachable server); the collector's tracker starts in the mode it settled on, so a fallback is reported
+    once."""
+    done = [key_of(r) for r in read_rows(grid.folder / "results.csv")]
     board = board_actor(board_name(grid), done)  # kept alive while the trials run
     shared = _shared(grid, plan, data, loaded, calibrated.rankings)
     trainable = tune.with_resources(tune.with_parameters(run_trial, shared=shared), trial_resources(grid))
     path = f"{grid.tune_root}/{experiment}"
-    # the driver's tracker (for the summary run) resolves the W&B mode once (auto, an unreachable server); the
-    # collector's tracker starts in the mode it settled on, so a fallback is reported once
-    tracker = make_tracker(grid.wandb.mode, grid.wandb.project, grid.wandb.entity, grid.name, grid.folder,
-                           _wandb_config(grid, loaded, calibrated.baseline), grid.wandb.feature_maps)
-    context = _context(grid, plan, data, loaded, calibrated.baseline, tracker.mode)
+    context = _context(grid, plan, data, loaded, tracker, tracking)
     if restore:
         log.info("resuming from Tune's state in %s (%d points already in results.csv)", path, len(done))
         tuner = tune.Tuner.restore(path, trainable, resume_unfinished=True, resume_errored=True)
@@ -123,7 +135,7 @@ def run_trials(grid: Grid, plan: TrialPlan, data: Dataset, loaded: Checkpoint, c
     failed = sorted(TrialId(r.config["layer"], r.config["criterion"]).key for r in results if r.error)
     stats = ray.get(board.stats.remote())  # after every record() the collector sent (same caller)
     ray.kill(board)
-    return TrialsOutcome(failed, tracker, stats)
+    return TrialsOutcome(failed, stats)
 
 
 def _new_tuner(grid: Grid, plan: TrialPlan, context: Context, trainable: Any, experiment: str) -> tune.Tuner:
@@ -138,3 +150,37 @@ def _new_tuner(grid: Grid, plan: TrialPlan, context: Context, trainable: Any, ex
             name=experiment, storage_path=grid.tune_root, verbose=0,
             failure_config=tune.FailureConfig(max_failures=grid.sweep.retries),
             callbacks=[Collector(context), QuietProgress()]))
+
+
+def tune_table(folder: Path, tune_root: str | None = None, experiments: list[str] | None = None
+               ) -> list[dict[str, Any]]:
+    """Tune's own record of a sweep: one row per trial of each of its Tune experiments (a resume that adds
+    points starts a new one): status, retries, the error file of a failed trial, and the last point it
+    reported. Tune keeps only each trial's last result (its per-result loggers are off: every point is in
+    results.csv, written as it arrives), so this is the trials' story, not the results."""
+    root = tune_root or str(folder)
+    if experiments is None:
+        experiments = sorted((p.name for p in Path(root).glob("tune*") if p.is_dir()),
+                             key=lambda n: (len(n), n)) if "://" not in root else []
+    quiet = logging.getLogger("ray.tune.analysis.experiment_analysis")
+    level = quiet.level
+    quiet.setLevel(logging.ERROR)  # it warns that the per-result files it looks for are absent
+    rows = []
+    try:
+        for name in experiments:
+            path = f"{root}/{name}"
+            if not can_restore(path):
+                continue
+            for t in tune.ExperimentAnalysis(path).trials:
+                last = t.last_result or {}
+                error = t.run_metadata.error_filename
+                rows.append({
+                    "experiment": name, "trial_id": t.trial_id, "layer": t.config.get("layer"),
+                    "criterion": t.config.get("criterion"), "target": t.config.get("target"), "status": t.status,
+                    "failures": t.num_failures, "results": last.get("training_iteration", 0),
+                    "last_k": last.get("k"), "last_accuracy": last.get("accuracy"),
+                    "seconds": last.get("time_total_s"), "ended": last.get("timestamp"), "node": last.get("node"),
+                    "error_file": f"{t.storage.trial_fs_path}/{error}" if error else None})
+    finally:
+        quiet.setLevel(level)
+    return rows

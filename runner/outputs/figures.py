@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Callable, Sequence
 
 import matplotlib
 
@@ -19,7 +19,10 @@ from matplotlib import colormaps  # noqa: E402
 from runner.outputs.results import TrialId, by_trial  # noqa: E402
 from runner.storage import atomic_path  # noqa: E402
 
-TILE = 24  # pixels per feature-map tile in the array renderer
+MIN_TILE = 32  # pixels: every feature-map tile is upscaled (nearest) to at least this, to be legible unzoomed
+CAPTION_WIDTH = 480  # pixels: the narrowest captioned image (its text wraps to this)
+FONT_SIZE = 13  # pixels
+CMAP_WORDS = {"RdBu_r": ("blue", "red"), "viridis": ("purple", "yellow")}  # colours at the low and high ends
 
 
 def top_channels(maps: np.ndarray, count: int = 64) -> np.ndarray:
@@ -34,10 +37,11 @@ def _layout(n: int) -> tuple[int, int]:
 
 
 def tiled(maps: np.ndarray, gap: int = 2) -> np.ndarray:
-    """[C, H, W] maps -> one 2-D float canvas of tiles (each upscaled to about TILE pixels), NaN between them."""
+    """[C, H, W] maps -> one 2-D float canvas of tiles (each upscaled, nearest, to at least MIN_TILE pixels on its
+    longer side), NaN between them."""
     maps = np.asarray(maps, dtype=np.float32)
     c, h, w = maps.shape
-    scale = max(1, TILE // max(h, w))
+    scale = max(1, math.ceil(MIN_TILE / max(h, w)))
     tiles = maps.repeat(scale, 1).repeat(scale, 2)
     rows, cols = _layout(c)
     th, tw = h * scale, w * scale
@@ -77,23 +81,67 @@ def grid_image(maps: np.ndarray, final: bool = False, title: str | None = None) 
     return image if title is None else _captioned(image, title, cmap, lo, hi)
 
 
+def scale_note(cmap: str, lo: float, hi: float) -> str:
+    """The caption's statement of the image's one colour scale."""
+    low, high = CMAP_WORDS.get(cmap, ("low", "high"))
+    middle = ", 0 = white" if cmap == "RdBu_r" else ""
+    return f"one colour scale for every tile: {lo:.3g} ({low}) to {hi:.3g} ({high}){middle}"
+
+
+def _font(size: int = FONT_SIZE) -> Any:
+    from PIL import ImageFont
+
+    try:
+        return ImageFont.load_default(size=size)  # Pillow >= 10.1 with FreeType: a scalable font
+    except (TypeError, OSError):
+        return ImageFont.load_default()
+
+
+def wrap(text: str, width: int, measure: Callable[[str], float]) -> list[str]:
+    """Lines of `text` (its own line breaks kept) that each measure at most `width` pixels, broken between
+    words (a single word longer than the line is broken where it must)."""
+    lines: list[str] = []
+    for paragraph in text.split("\n"):
+        line = ""
+        for word in paragraph.split():
+            candidate = f"{line} {word}" if line else word
+            if measure(candidate) <= width:
+                line = candidate
+                continue
+            if line:
+                lines.append(line)
+            while measure(word) > width and len(word) > 1:
+                cut = max([i for i in range(1, len(word)) if measure(word[:i]) <= width] or [1])
+                lines.append(word[:cut])
+                word = word[cut:]
+            line = word
+        lines.append(line)
+    return lines
+
+
 def _captioned(image: np.ndarray, title: str, cmap: str, lo: float, hi: float) -> np.ndarray:
-    """The grid with a colour bar (drawn as an array) and text lines below it."""
+    """The grid with a colour bar (drawn as an array) labelled with its limits, a line stating the image's one
+    colour scale, and the title wrapped to the image's width below it."""
     from PIL import Image, ImageDraw
 
-    width = max(image.shape[1], 360)
-    lines = title.split("\n")
-    bar = (colormaps[cmap](np.linspace(0, 1, width - 20))[:, :3] * 255).astype(np.uint8)
-    out = np.full((image.shape[0] + 34 + 12 * len(lines), width, 3), 255, np.uint8)
+    font = _font()
+    width = max(image.shape[1], CAPTION_WIDTH)
+    measure = ImageDraw.Draw(Image.new("RGB", (1, 1))).textlength
+    lines = [scale_note(cmap, lo, hi)] + wrap(title, width - 20, lambda t: measure(t, font=font))
+    step = FONT_SIZE + 5
+    bar_top = image.shape[0] + 6
+    text_top = bar_top + 12 + step + 4
+    out = np.full((text_top + step * len(lines) + 6, width, 3), 255, np.uint8)
     out[:image.shape[0], :image.shape[1]] = image
-    y = image.shape[0] + 4
-    out[y:y + 10, 10:width - 10] = bar[None]
+    out[bar_top:bar_top + 12, 10:width - 10] = (colormaps[cmap](np.linspace(0, 1, width - 20))[:, :3]
+                                                 * 255).astype(np.uint8)[None]
     pil = Image.fromarray(out)
     draw = ImageDraw.Draw(pil)
-    draw.text((10, y + 11), f"{lo:.3g}", fill=(0, 0, 0))
-    draw.text((width - 60, y + 11), f"{hi:.3g}", fill=(0, 0, 0))
+    ends = f"{lo:.3g}", f"{hi:.3g}"
+    draw.text((10, bar_top + 14), ends[0], fill=(0, 0, 0), font=font)
+    draw.text((width - 10 - measure(ends[1], font=font), bar_top + 14), ends[1], fill=(0, 0, 0), font=font)
     for i, line in enumerate(lines):
-        draw.text((10, y + 24 + 12 * i), line, fill=(0, 0, 0))
+        draw.text((10, text_top + step * i), line, fill=(0, 0, 0), font=font)
     return np.asarray(pil)
 
 
@@ -132,10 +180,18 @@ def stages(layers: Sequence[str]) -> list[list[str]]:
     return out or [carry]
 
 
+def layer_caption(target: str) -> str:
+    """The caption under a pruned layer's feature maps: only output pruning makes the pruned channels flat."""
+    if target == "output":
+        return "pruned layer's BN output, mean over eval images (pruned channels are flat white)"
+    return "pruned layer's BN output, mean over eval images (its input channels were pruned: no channel is flat)"
+
+
 def accuracy_vs_k(rows: Sequence[dict], baseline: float, path: Path) -> None:
     """Accuracy against K (as a fraction of the layer's channels, so layers of different widths share an
     axis): one column of panels per criterion, and, when there are more layers than a legend can hold, one row
-    per stage, so that every panel keeps a short legend."""
+    per stage, so that every panel keeps a short legend. A row with `drop_low` / `drop_high` gets a band: the
+    accuracy interval its trial's baseline minus those ends gives. Each line starts at its trial's baseline."""
     criteria = sorted({r["criterion"] for r in rows})
     layers = list(dict.fromkeys(r["layer"] for r in rows))
     trials = by_trial(rows)
@@ -147,18 +203,25 @@ def accuracy_vs_k(rows: Sequence[dict], baseline: float, path: Path) -> None:
         for col, criterion in enumerate(criteria):
             ax = axes[row][col]
             for i, layer in enumerate(group):
-                pts = [(r["fraction"], r["accuracy"]) for r in trials.get(TrialId(layer, criterion), [])]
-                if pts:
-                    xs, ys = zip(*[(0.0, baseline), *pts])
-                    ax.plot(xs, ys, marker="." if len(pts) <= 16 else None, lw=1.3, color=cmap(i % 10),
-                            label=layer)
+                pts = trials.get(TrialId(layer, criterion), [])
+                if not pts:
+                    continue
+                start = pts[0].get("baseline_accuracy", baseline)
+                xs = [0.0] + [r["fraction"] for r in pts]
+                ax.plot(xs, [start] + [r["accuracy"] for r in pts], marker="." if len(pts) <= 16 else None,
+                        lw=1.3, color=cmap(i % 10), label=layer)
+                if all("drop_high" in r for r in pts):
+                    base = [r.get("baseline_accuracy", baseline) for r in pts]
+                    ax.fill_between(xs, [start] + [b - r["drop_high"] for b, r in zip(base, pts)],
+                                    [start] + [b - r["drop_low"] for b, r in zip(base, pts)],
+                                    color=cmap(i % 10), alpha=0.18, lw=0)
             ax.axhline(baseline, color="grey", lw=0.8, ls="--")
             ax.set_xlim(0, 1.02)
             ax.grid(alpha=0.3)
             if row == 0:
                 ax.set_title(criterion)
             if row == len(groups) - 1:
-                ax.set_xlabel("fraction of channels pruned (K / channels)")
+                ax.set_xlabel("K / channels pruned (band: 95% paired interval)")
             if col == 0:
                 ax.set_ylabel("accuracy (%)")
         axes[row][-1].legend(fontsize=7, loc="center left", bbox_to_anchor=(1.02, 0.5), frameon=False)
@@ -166,7 +229,8 @@ def accuracy_vs_k(rows: Sequence[dict], baseline: float, path: Path) -> None:
 
 
 def sensitivity_heatmap(rows: Sequence[dict], path: Path) -> None:
-    """Accuracy drop by layer (rows) and K / channels (x), one panel per criterion. Each cell spans from the
+    """Accuracy drop by layer (rows) and K / channels (x), one panel per criterion (random: the mean over its
+    draws). Each cell spans from the
     previous measured fraction to its own, so layers of 8 and of 512 channels fill the same width without gaps,
     and the figure's size does not grow with the number of K values."""
     criteria = sorted({r["criterion"] for r in rows})

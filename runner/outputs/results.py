@@ -1,4 +1,8 @@
-"""results.csv: one row per point, appended (and flushed to disk) as points finish, each point once."""
+"""results.csv: one row per point, appended (and flushed to disk) as points finish, each point once.
+
+A point is (layer, criterion, K, repeat): `repeat` numbers the random orders of a criterion that draws several
+(random: sweep.random_repeats rows per K), and is 0 for every other criterion.
+"""
 
 from __future__ import annotations
 
@@ -6,15 +10,21 @@ import csv
 import io
 import os
 from pathlib import Path
-from typing import Any, Iterable, NamedTuple
+from typing import TYPE_CHECKING, Any, Iterable, NamedTuple
 
-COLUMNS = ("layer", "criterion", "target", "k", "fraction", "channels", "accuracy", "loss", "baseline_accuracy",
-           "accuracy_drop", "params_removed", "macs_removed", "eval_images", "checkpoint_sha256", "seconds", "node",
-           "device", "per_class_accuracy")
-INTS = {"k", "channels", "params_removed", "macs_removed", "eval_images"}
-FLOATS = {"fraction", "accuracy", "loss", "baseline_accuracy", "accuracy_drop", "seconds"}
+if TYPE_CHECKING:
+    import pandas
 
-Key = tuple[str, str, int]  # layer, criterion, k
+COLUMNS = ("layer", "criterion", "target", "k", "repeat", "fraction", "channels", "accuracy", "loss",
+           "baseline_accuracy", "accuracy_drop", "drop_low", "drop_high", "right_to_wrong", "wrong_to_right",
+           "params_removed", "macs_removed", "eval_images", "checkpoint_sha256", "seconds", "node", "device", "dtype",
+           "per_class_accuracy")
+INTS = {"k", "repeat", "channels", "params_removed", "macs_removed", "eval_images", "right_to_wrong",
+        "wrong_to_right"}
+FLOATS = {"fraction", "accuracy", "loss", "baseline_accuracy", "accuracy_drop", "drop_low", "drop_high", "seconds"}
+TEXTS = {"layer", "criterion", "target", "checkpoint_sha256", "node", "device", "dtype"}  # ids that may look like numbers
+
+Key = tuple[str, str, int, int]  # layer, criterion, k, repeat
 
 
 class TrialId(NamedTuple):
@@ -30,11 +40,11 @@ class TrialId(NamedTuple):
 
 
 def by_trial(rows: Iterable[dict[str, Any]]) -> dict[TrialId, list[dict[str, Any]]]:
-    """Rows grouped by trial, in first-seen order, each trial's rows by ascending K."""
+    """Rows grouped by trial, in first-seen order, each trial's rows by ascending K (then repeat)."""
     out: dict[TrialId, list[dict[str, Any]]] = {}
     for r in rows:
         out.setdefault(TrialId(r["layer"], r["criterion"]), []).append(r)
-    return {t: sorted(pts, key=lambda r: r["k"]) for t, pts in out.items()}
+    return {t: sorted(pts, key=lambda r: (r["k"], r.get("repeat") or 0)) for t, pts in out.items()}
 
 
 class ResultsError(OSError):
@@ -42,7 +52,7 @@ class ResultsError(OSError):
 
 
 def key_of(row: dict[str, Any]) -> Key:
-    return row["layer"], row["criterion"], int(row["k"])
+    return row["layer"], row["criterion"], int(row["k"]), int(row.get("repeat") or 0)
 
 
 def read_rows(path: Path) -> list[dict[str, Any]]:
@@ -56,11 +66,44 @@ def read_rows(path: Path) -> list[dict[str, Any]]:
     for raw in csv.DictReader(io.StringIO(text)):
         row: dict[str, Any] = dict(raw)
         for c in INTS & row.keys():
-            row[c] = int(row[c])
+            row[c] = int(row[c]) if row[c] != "" else None
         for c in FLOATS & row.keys():
-            row[c] = float(row[c])
+            row[c] = float(row[c]) if row[c] != "" else None
         rows.append(row)
     return rows
+
+
+def frame_of(path: Path) -> "pandas.DataFrame":
+    """results.csv as a DataFrame, row for row (a last line cut short by a crash is left out): the columns in
+    the file's order, integers and floats as numbers (and any other numeric column the file has), text as text,
+    `per_class_accuracy` as a list of floats."""
+    import pandas as pd
+
+    rows = read_rows(path)
+    columns = list(rows[0]) if rows else list(COLUMNS)
+    frame = pd.DataFrame.from_records(rows, columns=columns)
+    for c in columns:
+        if c in INTS:
+            frame[c] = frame[c].astype("int64")
+        elif c in FLOATS:
+            frame[c] = frame[c].astype("float64")
+        elif c == "per_class_accuracy":
+            frame[c] = frame[c].map(per_class)
+        elif c in TEXTS or not rows:
+            frame[c] = frame[c].astype(str)
+        else:  # a column this version does not know: numbers if they all are
+            try:
+                frame[c] = pd.to_numeric(frame[c])
+            except (ValueError, TypeError):
+                frame[c] = frame[c].astype(str)
+    return frame
+
+
+def per_class(cell: Any) -> list[float]:
+    """A per_class_accuracy cell ("95.00;87.50;...") as floats."""
+    if isinstance(cell, (list, tuple)):
+        return [float(v) for v in cell]
+    return [float(v) for v in str(cell).split(";") if v != ""]
 
 
 class ResultsTable:

@@ -3,40 +3,102 @@
 No other module asks whether W&B is on: the sweep holds a Tracker and calls it. A W&B failure (no network,
 bad key, server down) never stops or loses a sweep: the tracker says so once, falls back to offline runs
 where it can, or turns itself off, and the results still land on disk.
+
+The runs of a sweep, as W&B users expect them:
+- `train` (job type train): the checkpoint's training curves, and the checkpoint itself as a `model` artifact;
+- one run per trial (job type prune-eval, named layer/criterion, K as the step metric), whose summary describes
+  the layer (safe K, area under the drop curve, accuracy at each fraction) rather than repeating its last K;
+- `summary` (job type summary): the table of every point, the plots, and the sweep's outputs as one
+  `sweep-results` artifact.
+Run ids are derived from the sweep's id and the run's name, so `--resume` continues the same runs.
 """
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import netrc
 import os
+import re
 import socket
 import urllib.parse
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Protocol, Sequence
 
 import numpy as np
 
+from runner.outputs.report import trial_summary
 from runner.outputs.results import by_trial
 
 log = logging.getLogger(__name__)
 
 DEFAULT_BASE_URL = "https://api.wandb.ai"
-POINT_METRICS = ("accuracy", "accuracy_drop", "loss", "fraction", "params_removed", "macs_removed")
+POINT_METRICS = ("accuracy", "accuracy_drop", "drop_low", "drop_high", "loss", "fraction", "params_removed",
+                 "macs_removed", "repeat")
+TRAIN_METRICS = ("loss", "train_accuracy", "lr", "seconds")
+# WANDB_MODE's values (W&B's own switch) -> our modes
+ENV_MODES = {"online": "online", "run": "online", "offline": "offline", "dryrun": "offline", "disabled": "disabled"}
+SUMMARY_RUN, TRAIN_RUN = "summary", "train"
+
+
+@dataclass(frozen=True)
+class Tracking:
+    """Where a sweep's runs go; plain and picklable (the collector builds its own tracker from it)."""
+
+    mode: str  # auto | online | offline | disabled (make_tracker resolves auto)
+    project: str
+    entity: str | None
+    group: str  # the sweep's name
+    folder: Path  # the sweep's output folder: offline runs go to <folder>/wandb
+    config: dict[str, Any] = field(default_factory=dict)  # every run's config (the resolved grid)
+    feature_maps: bool = True
+    sweep_id: str | None = None  # run ids <sweep_id>-<run>: stable across --resume; None: new ids
+
+
+@dataclass(frozen=True)
+class RunSpec:
+    """One run: its name, job type, own config (added to the sweep's), tags and the artifact it uses."""
+
+    name: str
+    job_type: str
+    config: dict[str, Any] = field(default_factory=dict)
+    tags: tuple[str, ...] = ()
+    uses: str | None = None  # "name:alias" of the model artifact it reads (recorded online only)
+
+
+class TrainLog(Protocol):
+    def start(self, config: dict[str, Any]) -> None: ...
+
+    def epoch(self, values: dict[str, float]) -> None: ...
+
+    def trained(self, path: str, sha256: str, meta: dict[str, Any]) -> None: ...
 
 
 class Tracker(Protocol):
     mode: str
 
-    def log_point(self, trial: str, config: dict[str, Any], row: dict[str, Any],
-                  images: Callable[[], dict[str, np.ndarray]]) -> None: ...
+    def train_log(self, run: RunSpec) -> TrainLog: ...
 
-    def finish_trial(self, trial: str, failed: bool = False) -> None: ...
+    def log_point(self, run: RunSpec, row: dict[str, Any], images: Callable[[], dict[str, np.ndarray]]) -> None: ...
 
-    def summary(self, rows: Sequence[dict[str, Any]], baseline: float, figures: dict[str, Path],
-                failed: Sequence[str]) -> None: ...
+    def finish_trial(self, name: str, rows: Sequence[dict[str, Any]], failed: bool = False) -> None: ...
+
+    def summary(self, run: RunSpec, rows: Sequence[dict[str, Any]], baseline: float, figures: dict[str, Path],
+                failed: Sequence[str], files: Sequence[Path]) -> None: ...
 
     def close(self) -> None: ...
+
+
+class NullTrainLog:
+    def start(self, config: dict[str, Any]) -> None:
+        pass
+
+    def epoch(self, values: dict[str, float]) -> None:
+        pass
+
+    def trained(self, path: str, sha256: str, meta: dict[str, Any]) -> None:
+        pass
 
 
 class NullTracker:
@@ -44,15 +106,17 @@ class NullTracker:
 
     mode = "disabled"
 
-    def log_point(self, trial: str, config: dict[str, Any], row: dict[str, Any],
-                  images: Callable[[], dict[str, np.ndarray]]) -> None:
+    def train_log(self, run: RunSpec) -> TrainLog:
+        return NullTrainLog()
+
+    def log_point(self, run: RunSpec, row: dict[str, Any], images: Callable[[], dict[str, np.ndarray]]) -> None:
         pass
 
-    def finish_trial(self, trial: str, failed: bool = False) -> None:
+    def finish_trial(self, name: str, rows: Sequence[dict[str, Any]], failed: bool = False) -> None:
         pass
 
-    def summary(self, rows: Sequence[dict[str, Any]], baseline: float, figures: dict[str, Path],
-                failed: Sequence[str]) -> None:
+    def summary(self, run: RunSpec, rows: Sequence[dict[str, Any]], baseline: float, figures: dict[str, Path],
+                failed: Sequence[str], files: Sequence[Path]) -> None:
         pass
 
     def close(self) -> None:
@@ -82,123 +146,266 @@ def server_reachable(timeout: float = 3.0) -> bool:
 
 
 def resolve_mode(mode: str) -> str:
-    """auto -> online when a key is configured, else offline."""
-    if mode == "auto":
-        return "online" if has_api_key() else "offline"
-    return mode
+    """auto -> W&B's own switch when it is set (WANDB_MODE, or the older WANDB_DISABLED), else online when a key
+    is configured, else offline. An explicit mode (grid file or --wandb-mode) is used as it is."""
+    if mode != "auto":
+        return mode
+    env = os.environ.get("WANDB_MODE", "").strip().lower()
+    if env in ENV_MODES:
+        return ENV_MODES[env]
+    if os.environ.get("WANDB_DISABLED", "").strip().lower() in ("true", "1", "yes"):
+        return "disabled"
+    return "online" if has_api_key() else "offline"
+
+
+def first_line(e: BaseException, limit: int = 120) -> str:
+    """An error's message for a one-line warning (W&B's messages run to many lines; some are empty)."""
+    return (str(e).splitlines() or [""])[0][:limit]
+
+
+def run_id(sweep_id: str | None, name: str) -> str | None:
+    """A W&B run id that is the same every time this sweep logs this run (None: W&B makes a new one)."""
+    if sweep_id is None:
+        return None
+    return f"{sweep_id}-{name}" if name in (SUMMARY_RUN, TRAIN_RUN) else \
+        f"{sweep_id}-{hashlib.sha1(name.encode()).hexdigest()[:12]}"
+
+
+def model_artifact(checkpoint: str | Path, sha256: str) -> str:
+    """The checkpoint's `model` artifact, as name:alias ("checkpoint-demo:sha256-0123456789ab")."""
+    stem = re.sub(r"[^A-Za-z0-9._-]", "-", Path(checkpoint).stem)
+    return f"checkpoint-{stem}:sha256-{sha256[:12]}"
+
+
+def usable_settings(settings_class: Any, values: dict[str, Any]) -> dict[str, Any]:
+    """Settings this wandb has: its private `x_*` ones come and go between versions, and an unknown one makes
+    wandb.Settings refuse them all."""
+    known = getattr(settings_class, "model_fields", None)
+    if known is None:
+        return {k: v for k, v in values.items() if not k.startswith("x_")}
+    return {k: v for k, v in values.items() if not k.startswith("x_") or k in known}
 
 
 class WandbTracker:
-    """One W&B run per trial (group = sweep name, job_type prune-eval, named layer/criterion, K as the step
-    metric) and one summary run, all written from the driver."""
+    """The W&B runs of a sweep, all written from the driver."""
 
-    def __init__(self, mode: str, project: str, entity: str | None, group: str, folder: Path,
-                 config: dict[str, Any], feature_maps: bool = True) -> None:
+    def __init__(self, tracking: Tracking) -> None:
         import wandb  # imported here: W&B is only loaded when it is used
 
         self.wandb = wandb
-        self.project, self.entity, self.group, self.folder = project, entity, group, folder
-        self.config, self.feature_maps = config, feature_maps
+        self.t = tracking
+        self.mode = tracking.mode
         self.runs: dict[str, Any] = {}
-        self.mode = mode
-        if mode == "online" and not server_reachable():
+        self.unusable: set[str] = set()  # artifacts that could not be found (told once, in the debug log)
+        if self.mode == "online" and not server_reachable():
             self._fall_back(f"the W&B server {os.environ.get('WANDB_BASE_URL', DEFAULT_BASE_URL)} is not "
                             "reachable")
-        folder.mkdir(parents=True, exist_ok=True)
+        tracking.folder.mkdir(parents=True, exist_ok=True)
 
     def _fall_back(self, why: str) -> None:
         """Say once what went wrong and carry on offline (or, if offline fails too, without W&B)."""
+        folder = self.t.folder
         if self.mode == "online":
             log.warning("W&B: %s; logging offline runs to %s/wandb instead (upload later with "
-                        "`wandb sync %s/wandb/offline-run-*`)", why, self.folder, self.folder)
+                        "`wandb sync %s/wandb/offline-run-*`)", why, folder, folder)
             self.mode = "offline"
         else:
             log.warning("W&B: %s; W&B logging is off for the rest of this sweep (results are still on disk)", why)
             self.mode = "disabled"
 
-    def _init(self, lean: bool = True, **kwargs: Any) -> Any:
-        """A new run. Lean runs skip W&B's per-run scans (installed packages, git, machine info): 5x faster to
-        start (measured 0.15 -> 0.03 s offline), which matters at one run per trial; the summary run keeps
-        them, and every run's config carries the library versions and checkpoint sha256."""
+    def _start(self, spec: RunSpec, lean: bool = True) -> Any:
+        """A run (resumed when this sweep logged it before). Lean runs skip W&B's per-run scans (installed
+        packages, git, machine info): 5x faster to start (measured 0.15 -> 0.03 s offline), which matters at
+        one run per trial; the summary run keeps them, and every run's config carries the library versions and
+        checkpoint sha256."""
         settings = dict(console="off", x_disable_stats=True, silent=True)
         if lean:
             settings.update(x_save_requirements=False, disable_git=True, x_disable_meta=True, disable_code=True,
                             disable_job_creation=True, x_disable_machine_info=True)
         while self.mode != "disabled":
             try:
-                timeout = {"init_timeout": 20} if self.mode == "online" else {}
-                return self.wandb.init(mode=self.mode, dir=str(self.folder), project=self.project,
-                                       entity=self.entity, group=self.group, reinit="create_new",
-                                       settings=self.wandb.Settings(**settings, **timeout), **kwargs)
+                if self.mode == "online":
+                    settings["init_timeout"] = 20
+                run = self.wandb.init(
+                    mode=self.mode, dir=str(self.t.folder), project=self.t.project, entity=self.t.entity,
+                    group=self.t.group, reinit="create_new", job_type=spec.job_type, name=spec.name,
+                    id=run_id(self.t.sweep_id, spec.name), resume="allow", tags=list(spec.tags) or None,
+                    config={**self.t.config, **spec.config, **({"checkpoint_artifact": spec.uses} if spec.uses
+                                                               else {})},
+                    settings=self.wandb.Settings(**usable_settings(self.wandb.Settings, settings)))
             except Exception as e:  # noqa: BLE001  any W&B failure must not stop the sweep
-                self._fall_back(f"starting a run failed ({type(e).__name__}: {str(e).splitlines()[0][:120]})")
+                self._fall_back(f"starting a run failed ({type(e).__name__}: {first_line(e)})")
+                continue
+            if spec.uses:
+                self._use(run, spec.uses)
+            return run
         return None
 
-    def _run(self, trial: str, config: dict[str, Any]) -> Any:
-        if trial not in self.runs:
-            run = self._init(job_type="prune-eval", name=trial, config={**self.config, **config})
+    def _use(self, run: Any, ref: str) -> None:
+        """Record that the run read the model artifact. W&B records artifact use online only (offline,
+        `use_artifact` raises): offline runs name it in their config (`checkpoint_artifact`) instead."""
+        if self.mode != "online" or ref in self.unusable:
+            return
+        try:
+            run.use_artifact(ref, type="model")
+        except Exception as e:  # noqa: BLE001  not logged yet (trained with W&B off): lineage is a nicety
+            self.unusable.add(ref)
+            log.debug("W&B: artifact %s not used (%s: %s)", ref, type(e).__name__, e)
+
+    # ---- training ----
+
+    def train_log(self, run: RunSpec) -> TrainLog:
+        return WandbTrainLog(self, run)
+
+    # ---- trials ----
+
+    def _trial_run(self, spec: RunSpec) -> Any:
+        if spec.name not in self.runs:
+            run = self._start(spec)
             if run is None:
                 return None
-            run.define_metric("k")
-            for name in (*POINT_METRICS, "feature_maps/*"):
-                run.define_metric(name, step_metric="k")
-            self.runs[trial] = run
-        return self.runs[trial]
+            self._safely(_trial_metrics, run)
+            self.runs[spec.name] = run
+        return self.runs[spec.name]
 
-    def log_point(self, trial: str, config: dict[str, Any], row: dict[str, Any],
-                  images: Callable[[], dict[str, np.ndarray]]) -> None:
+    def log_point(self, run: RunSpec, row: dict[str, Any], images: Callable[[], dict[str, np.ndarray]]) -> None:
         """One K of a trial's run; `images` renders the point's feature-map images (only called when logged)."""
-        run = self._run(trial, config)
+        wb = self._trial_run(run)
+        if wb is not None:
+            self._safely(self._log_point, wb, run, row, images)
+
+    def _log_point(self, wb: Any, run: RunSpec, row: dict[str, Any],
+                   images: Callable[[], dict[str, np.ndarray]]) -> None:
+        data = {"k": row["k"], **{m: row[m] for m in POINT_METRICS}}
+        if self.t.feature_maps:
+            for name, image in images().items():
+                data[f"feature_maps/{name}"] = self.wandb.Image(image, caption=f"{run.name} K={row['k']}")
+        wb.log(data)
+
+    def finish_trial(self, name: str, rows: Sequence[dict[str, Any]], failed: bool = False) -> None:
+        """End a trial's run, its summary describing every point it has (those of an earlier run included)."""
+        run = self.runs.pop(name, None)
         if run is None:
             return
-        data = {"k": row["k"], **{m: row[m] for m in POINT_METRICS}}
-        if self.feature_maps:
-            for name, image in images().items():
-                data[f"feature_maps/{name}"] = self.wandb.Image(image, caption=f"{trial} K={row['k']}")
-        self._safely(run.log, data)
+        if rows:
+            self._safely(run.summary.update, trial_summary(rows))
+        self._safely(run.finish, exit_code=1 if failed else 0)
 
-    def finish_trial(self, trial: str, failed: bool = False) -> None:
-        run = self.runs.pop(trial, None)
-        if run is not None:
-            self._safely(run.finish, exit_code=1 if failed else 0)
+    # ---- the summary run ----
 
-    def summary(self, rows: Sequence[dict[str, Any]], baseline: float, figures: dict[str, Path],
-                failed: Sequence[str]) -> None:
-        run = self._init(lean=False, job_type="summary", name="summary", config=self.config)
-        if run is None or not rows:
+    def summary(self, run: RunSpec, rows: Sequence[dict[str, Any]], baseline: float, figures: dict[str, Path],
+                failed: Sequence[str], files: Sequence[Path]) -> None:
+        wb = self._start(run, lean=False)
+        if wb is None:
             return
         wandb = self.wandb
-        columns = [c for c in rows[0] if c != "per_class_accuracy"]
-        table = wandb.Table(columns=columns, data=[[r[c] for c in columns] for r in rows])
-        trials = by_trial(rows)
-        series = sorted(trials)
-        xs = [[r["k"] for r in trials[t]] for t in series]
-        ys = [[r["accuracy"] for r in trials[t]] for t in series]
-        data: dict[str, Any] = {
-            "results": table,
-            "accuracy_vs_k": wandb.plot.line_series(xs=xs, ys=ys, keys=[t.key for t in series],
-                                                    title="accuracy vs K", xname="K (channels pruned)"),
-        }
-        data.update({f"plots/{name}": wandb.Image(str(path)) for name, path in figures.items() if path.is_file()})
-        self._safely(run.log, data)
-        run.summary["baseline_accuracy"] = baseline
-        run.summary["failed_trials"] = list(failed)
-        self._safely(run.finish, exit_code=1 if failed else 0)
+        if rows:
+            columns = [c for c in rows[0] if c != "per_class_accuracy"]
+            table = wandb.Table(columns=columns, data=[[r[c] for c in columns] for r in rows])
+            trials = by_trial(rows)
+            series = sorted(trials)
+            xs, ys = [], []
+            for t in series:
+                by_k: dict[int, list[float]] = {}  # random: the mean over its draws
+                for r in trials[t]:
+                    by_k.setdefault(r["k"], []).append(r["accuracy"])
+                xs.append(list(by_k))
+                ys.append([sum(v) / len(v) for v in by_k.values()])
+            data: dict[str, Any] = {
+                "results": table,
+                "accuracy_vs_k": wandb.plot.line_series(xs=xs, ys=ys, keys=[t.key for t in series],
+                                                        title="accuracy vs K", xname="K (channels pruned)"),
+            }
+            data.update({f"plots/{name}": wandb.Image(str(path)) for name, path in figures.items()
+                         if path.is_file()})
+            self._safely(wb.log, data)
+        self._safely(wb.summary.update, {"baseline_accuracy": baseline, "failed_trials": list(failed),
+                                         "points": len(rows)})
+        self._safely(self._log_results, wb, files)
+        self._safely(wb.finish, exit_code=1 if failed else 0)
+
+    def _log_results(self, run: Any, files: Sequence[Path]) -> None:
+        """The sweep's outputs as one artifact (copied by W&B: results.csv may grow on a later --resume)."""
+        artifact = self.wandb.Artifact(f"sweep-results-{self.t.group}", type="sweep-results",
+                                       metadata={"sweep": self.t.group, "sweep_id": self.t.sweep_id})
+        for path in files:
+            if path.is_file():
+                artifact.add_file(str(path), name=str(path.relative_to(self.t.folder)))
+        run.log_artifact(artifact)
 
     def _safely(self, fn: Any, *args: Any, **kwargs: Any) -> None:
         try:
             fn(*args, **kwargs)
         except Exception as e:  # noqa: BLE001  W&B trouble is reported, never fatal
-            self._fall_back(f"{getattr(fn, '__name__', 'call')} failed ({type(e).__name__}: {e})")
+            self._fall_back(f"{getattr(fn, '__name__', 'call')} failed ({type(e).__name__}: {first_line(e)})")
 
     def close(self) -> None:
-        for trial in list(self.runs):
-            self.finish_trial(trial, failed=True)
+        for name in list(self.runs):
+            run = self.runs.pop(name)
+            self._safely(run.finish, exit_code=1)  # runs that did not finish (an interrupted sweep) end as failed
 
 
-def make_tracker(mode: str, project: str, entity: str | None, group: str, folder: Path,
-                 config: dict[str, Any], feature_maps: bool) -> Tracker:
-    mode = resolve_mode(mode)
+class WandbTrainLog:
+    """The training run: its curves per epoch, then the checkpoint as a `model` artifact."""
+
+    def __init__(self, tracker: WandbTracker, spec: RunSpec) -> None:
+        self.tracker, self.spec, self.run = tracker, spec, None
+
+    def start(self, config: dict[str, Any]) -> None:
+        t = self.tracker
+        self.run = t._start(RunSpec(self.spec.name, self.spec.job_type, {**self.spec.config, **config},
+                                    self.spec.tags))
+        if self.run is not None:
+            t.runs[self.spec.name] = self.run  # closed as failed if training does not finish
+            t._safely(_train_metrics, self.run)
+
+    def epoch(self, values: dict[str, float]) -> None:
+        if self.run is not None:
+            self.tracker._safely(self.run.log, values)
+
+    def trained(self, path: str, sha256: str, meta: dict[str, Any]) -> None:
+        t, run = self.tracker, self.tracker.runs.pop(self.spec.name, None)
+        if run is None:
+            return
+        ref = model_artifact(path, sha256)
+        name, alias = ref.split(":")
+        keep = ("arch", "width", "num_classes", "dataset", "test_accuracy", "test_images", "train_images",
+                "seed", "train_seconds", "device", "classes", "mean", "std", "recipe", "versions")
+        artifact = t.wandb.Artifact(name, type="model", metadata={"sha256": sha256,
+                                                                  **{k: meta[k] for k in keep if k in meta}})
+
+        def log_model() -> None:
+            # immutable: W&B reads the file where it is (checkpoints are written whole, never changed)
+            artifact.add_file(path, name=Path(path).name, policy="immutable")
+            run.log_artifact(artifact, aliases=["latest", alias])
+
+        t._safely(log_model)
+        t._safely(run.summary.update, {"test_accuracy": meta.get("test_accuracy"), "checkpoint_sha256": sha256,
+                                       "checkpoint_artifact": ref})
+        t._safely(run.finish, exit_code=0)
+
+
+def _trial_metrics(run: Any) -> None:
+    run.define_metric("k", summary="none")
+    for name in (*POINT_METRICS, "feature_maps/*"):  # the summary describes the layer (finish_trial), not the
+        run.define_metric(name, step_metric="k", summary="none")  # last K
+
+
+def _train_metrics(run: Any) -> None:
+    run.define_metric("epoch")
+    for name in TRAIN_METRICS:
+        run.define_metric(name, step_metric="epoch")
+
+
+def make_tracker(tracking: Tracking) -> Tracker:
+    from dataclasses import replace
+
+    mode = resolve_mode(tracking.mode)
     if mode == "disabled":
         return NullTracker()
-    return WandbTracker(mode, project, entity, group, folder, config, feature_maps)
+    try:
+        return WandbTracker(replace(tracking, mode=mode))
+    except Exception as e:  # noqa: BLE001  a broken W&B install must not stop the sweep either
+        log.warning("W&B: cannot start (%s: %s); W&B logging is off for this sweep (results are still on disk)",
+                    type(e).__name__, first_line(e))
+        return NullTracker()

@@ -1,0 +1,81 @@
+"""The Python API, for notebooks: `sweep(grid)` runs the same job as `prune-sweep sweep` and returns its results;
+`load_results(folder)` reads a finished or partial output folder. Both return pandas DataFrames.
+
+    from runner import sweep, load_results
+    df = sweep("sweeps/demo.yaml")            # or a dict in the grid file's layout, or a runner.config.Grid
+    df = load_results("runs/demo")            # what is on disk, even while the sweep still runs
+
+Importing this module is cheap: the job (torch, Ray) is imported when `sweep` is called, pandas when a table is
+made.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Mapping
+
+if TYPE_CHECKING:
+    import pandas
+
+    from runner.config import Grid
+
+log = logging.getLogger(__name__)
+
+
+def sweep(grid: "str | Path | Mapping[str, Any] | Grid", *, output: str | None = None, resume: bool = False,
+          wandb_mode: str | None = None, address: str | None = None, overrides: tuple[str, ...] = ()
+          ) -> "pandas.DataFrame":
+    """Run a sweep (the same job as the command: outputs on disk, W&B runs, Ray Tune trials) and return its
+    results.csv as a DataFrame (see `load_results`). `grid` is a grid file, a dict in the grid file's layout
+    (relative paths are relative to the current directory) or a Grid. Bad input raises
+    runner.errors.InputError with the command's one-line message; trials that failed after their retries are
+    listed in the frame's `attrs["failed"]` (and logged), and their points are missing."""
+    from runner.config import apply_override, parse_grid
+    from runner.job.sweep import Options, run_sweep
+
+    if isinstance(grid, (str, Path)):
+        source: Any = str(grid)
+        sets = tuple(overrides)  # applied (and blamed) like --set
+    else:
+        source, sets = grid, ()
+        if isinstance(grid, Mapping) or overrides:
+            raw = dict(grid) if isinstance(grid, Mapping) else grid.as_dict()
+            for item in overrides:
+                raw = apply_override(raw, item)
+            source = parse_grid(raw, "sweep(dict)" if isinstance(grid, Mapping) else "sweep(grid)").resolved(Path.cwd())
+    outcome = run_sweep(Options(source, output, resume, wandb_mode, address, False, sets))
+    frame = load_results(outcome.folder)
+    frame.attrs.update(folder=str(outcome.folder), failed=list(outcome.failed), expected_points=outcome.expected,
+                       measured=outcome.measured)
+    if outcome.failed:
+        log.warning("%d trials failed after their retries: %s", len(outcome.failed), ", ".join(outcome.failed))
+    return frame
+
+
+def load_results(folder: str | Path, tune: bool = False) -> "pandas.DataFrame":
+    """The results of a finished or partial sweep (its results.csv: one row per point, numbers as numbers,
+    `per_class_accuracy` as a list of floats in percent). With tune=True, Tune's own per-trial table instead:
+    status, retries, error file and last reported point of every trial (Tune keeps only each trial's last
+    result; every point is in results.csv)."""
+    import pandas as pd
+
+    from runner.outputs.results import frame_of
+
+    folder = Path(folder)
+    if tune:
+        return pd.DataFrame(_tune_rows(folder))
+    return frame_of(folder / "results.csv")
+
+
+def _tune_rows(folder: Path) -> list[dict[str, Any]]:
+    import yaml
+
+    from runner.job.tuner import tune_table  # imports Ray (not started)
+
+    saved = folder / "config.yaml"
+    doc = yaml.safe_load(saved.read_text(encoding="utf-8")) if saved.is_file() else {}
+    storage = ((doc or {}).get("resources") or {}).get("tune_storage")
+    if storage:  # Tune's state kept elsewhere (a shared folder or a cloud URI): the experiment config.yaml names
+        return tune_table(folder, f"{storage.rstrip('/')}/{doc['name']}", [doc["tune_experiment"]])
+    return tune_table(folder)

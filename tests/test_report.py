@@ -1,0 +1,135 @@
+"""report.md from rows (runner.outputs.report): safe K from the interval's upper end, every criterion side by side,
+random as mean and spread, the eval set's size, and the plain words the numbers need."""
+
+from __future__ import annotations
+
+import pytest
+
+from runner.errors import InputError
+from runner.outputs import figures, report
+from runner.outputs.rankings import read_rankings, write_rankings
+
+N = 1000
+
+
+def row(layer: str, criterion: str, k: int, drop: float, high: float, repeat: int = 0, channels: int = 8,
+        baseline: float = 90.0) -> dict:
+    return {"layer": layer, "criterion": criterion, "k": k, "repeat": repeat, "fraction": k / channels,
+            "channels": channels, "accuracy": baseline - drop, "baseline_accuracy": baseline, "accuracy_drop": drop,
+            "drop_low": drop - 0.5, "drop_high": high, "device": "cpu", "dtype": "float32"}
+
+
+def meta(**kw) -> report.ReportMeta:
+    base = dict(name="t", eval_images=N, dataset="synthetic", calibration="100 held-out training images",
+                arch="resnet18", width=0.125, target="output", checkpoint="m.pt", checkpoint_sha256="0" * 64,
+                trained_accuracy="90.00%", versions={"torch": "x"}, wandb="off",
+                roles={"layer1.0.conv1": "conv1", "layer1.0.conv2": "conv2"}, criteria=("l1_norm", "random"),
+                random_repeats=3)
+    return report.ReportMeta(**{**base, **kw})
+
+
+# layer1.0.conv1 by l1_norm: the drop stays under 1 point up to K=4, but the upper end passes 1 at K=2
+ROWS = [row("layer1.0.conv1", "l1_norm", 1, 0.2, 0.7), row("layer1.0.conv1", "l1_norm", 2, 0.5, 1.1),
+        row("layer1.0.conv1", "l1_norm", 4, 0.9, 1.8), row("layer1.0.conv1", "l1_norm", 8, 30.0, 33.0)]
+# its random orders: three draws per K
+ROWS += [row("layer1.0.conv1", "random", k, d, d + 0.6, repeat=r) for k, draws in
+         ((1, (0.1, 0.2, 0.3)), (2, (0.3, 0.2, 0.7)), (4, (2.0, 4.0, 6.0)), (8, (30.0, 30.0, 30.0)))
+         for r, d in enumerate(draws)]
+ROWS += [row("layer1.0.conv2", c, k, 0.0, 0.4) for c in ("l1_norm", "random") for k in (1, 2, 4, 8)]
+
+
+def test_safe_k_uses_the_upper_end_of_the_interval():
+    pts = report.curves(ROWS)
+    l1 = next(v for t, v in pts.items() if t == ("layer1.0.conv1", "l1_norm"))
+    assert report.safe_k(l1, 1.0)["k"] == 1  # the drop alone would say 4
+    assert report.safe_k(l1, 5.0)["k"] == 4
+
+
+def test_random_draws_are_averaged_with_their_spread_and_safe_only_if_every_draw_is():
+    random = report.curves(ROWS)[("layer1.0.conv1", "random")]
+    assert [p["k"] for p in random] == [1, 2, 4, 8] and {p["draws"] for p in random} == {3}
+    k4 = random[2]
+    assert k4["accuracy_drop"] == pytest.approx(4.0) and k4["drop_sd"] == pytest.approx(2.0)
+    assert (k4["drop_min"], k4["drop_max"]) == (2.0, 6.0)
+    assert (k4["drop_low"], k4["drop_high"]) == (1.5, 6.6)  # the union of the draws' intervals
+    assert report.safe_k(random, 1.0)["k"] == 1  # K=2: one draw's upper end is 1.3
+
+
+def test_report_words_and_tables(tmp_path):
+    write_rankings(tmp_path / "rankings.json", {
+        "layer1.0.conv1/l1_norm": {"order": [5, 3, 1, 0, 2, 4, 6, 7], "scores": [0.0] * 8},
+        "layer1.0.conv2/l1_norm": {"order": [7, 6, 5, 4, 3, 2, 1, 0], "scores": [0.0] * 8},
+        "layer1.0.conv1/random": {"order": [list(range(8))] * 3, "scores": [[0.0] * 8] * 3, "seeds": [1, 2, 3]}})
+    text = report.write_report(ROWS, meta(holdout="unknown"), [], tmp_path, len(ROWS)).read_text(encoding="utf-8")
+    assert "Baseline accuracy **90.00%** (cpu, float32) on 1,000 synthetic test images" in text
+    assert "one image is worth 0.1 points" in text
+    assert "**upper end** of that interval" in text and "Newcombe" in text
+    # every criterion side by side; none picked per layer
+    assert "| layer | channels | mean drop (pts) | l1_norm: safe K < 1 / < 5 pts | random: safe K < 1 / < 5 pts |" \
+        in text
+    assert "best criterion" not in text
+    # mean drop over both criteria and every K: (0.2 + 0.5 + 0.9 + 30 + 0.2 + 0.4 + 4 + 30) / 8 = 8.275
+    assert "| `layer1.0.conv1` | 8 | 8.28 | 1 (12%) / 4 (50%) | 1 (12%) / 2 (25%) |" in text
+    assert "K=4: 4.00 ± 2.00 (2.00 to 6.00)" in text  # random: mean and spread per K
+    assert "`layer1.0.conv1`: l1_norm K=1: 5" in text  # the channels a safe K removes, from rankings.json
+    assert "`layer1.0.conv2`: l1_norm K=8: 7, 6, 5, 4, 3, 2, 1, 0" in text
+    assert "random K=" not in text  # its orders differ per draw
+    assert "**The calibration hold-out could not be checked**" in text
+    assert "scatters the narrower conv's output back into it with an index add" in text and "`layer1.0.conv2`)" in text
+    assert "mostly by BN's beta" not in text  # mean_activation is not swept here
+    assert "pruned channels are flat" in text
+
+
+@pytest.mark.parametrize("holdout, words", [
+    ("foreign", "**The checkpoint is foreign** (`checkpoint.foreign: true`)"),
+    ("checked", "among them (checked)"),
+])
+def test_report_says_where_the_calibration_images_come_from(tmp_path, holdout, words):
+    text = report.write_report(ROWS, meta(holdout=holdout), [], tmp_path, len(ROWS)).read_text(encoding="utf-8")
+    assert words in text
+
+
+def test_report_words_for_input_pruning_mean_activation_and_the_seed_criterion(tmp_path):
+    rows = [{**r, "criterion": "mean_activation"} for r in ROWS if r["criterion"] == "l1_norm"]
+    text = report.write_report(rows, meta(criteria=("mean_activation",)), [], tmp_path, 4).read_text(encoding="utf-8")
+    assert "it ranks channels mostly by BN's beta" in text
+    text = report.write_report(rows, meta(criteria=("mean_activation",), target="input", seed_procedure="x y"), [],
+                               tmp_path, 4).read_text(encoding="utf-8")
+    assert "mostly by BN's beta" not in text and "index add" not in text  # output pruning only
+    assert "input pruning leaves the layer's output channels all there, so none is flat" in text
+    assert "`criterion: seed` here is **not the report's procedure**: x y." in text
+
+
+def test_feature_map_captions_say_flat_only_for_output_pruning():
+    assert "pruned channels are flat" in figures.layer_caption("output")
+    assert "flat" not in figures.layer_caption("input").replace("no channel is flat", "")
+
+
+def test_rankings_json_is_checked_on_reading(tmp_path):
+    path = tmp_path / "rankings.json"
+    path.write_text("{not json", encoding="utf-8")
+    with pytest.raises(InputError, match=r"^rankings.json: not readable JSON \(JSONDecodeError\)"):
+        read_rankings(path)
+    path.write_text('{"conv1/l1_norm": {"order": [1, 0]}}', encoding="utf-8")
+    with pytest.raises(InputError, match=r"^rankings.json: conv1/l1_norm: not an entry"):
+        read_rankings(path)
+
+
+def test_the_seed_criterion_is_the_reports_procedure_only_on_the_test_images_with_half_normalisation(tmp_path):
+    from conftest import tiny_grid_dict
+
+    from model.checkpoint import Checkpoint
+    from runner.config import parse_grid
+    from runner.job.sweep import _seed_procedure
+
+    raw = tiny_grid_dict(tmp_path)
+    raw["sweep"].update(criteria=["seed"], target="input", layers=["layer2.1.conv2"])
+    half = Checkpoint(None, {"mean": [0.5] * 3, "std": [0.5] * 3}, "0" * 64, "m.pt")
+    stats = Checkpoint(None, {"mean": [0.4, 0.5, 0.5], "std": [0.2] * 3}, "0" * 64, "m.pt")
+    assert _seed_procedure(parse_grid({**raw, "sweep": {**raw["sweep"], "calibration": "test"}}, "g"), half) is None
+    assert _seed_procedure(parse_grid(raw, "g"), half) == (
+        "it ranks on held-out training images, while the report ranked on the test set (sweep.calibration: test)")
+    assert _seed_procedure(parse_grid({**raw, "sweep": {**raw["sweep"], "calibration": "test"}}, "g"), stats) == (
+        "the checkpoint is not normalised with mean = std = 0.5 as the report's was (recipe: seed)")
+    raw["sweep"].update(criteria=["l1_norm"])
+    assert _seed_procedure(parse_grid(raw, "g"), stats) is None  # not asked for

@@ -1,0 +1,212 @@
+"""W&B as its users use it (runner.outputs.tracking, in process, no run started): the mode W&B's own switch
+selects, settings this wandb has, run ids stable across --resume, and a trial run's summary that describes the
+layer rather than its last K. The runs themselves are read back from real sweeps in tests/test_sweep.py."""
+
+from __future__ import annotations
+
+import pytest
+
+from runner.outputs.report import fraction_label, trial_summary
+from runner.outputs.tracking import model_artifact, resolve_mode, run_id, usable_settings
+
+KEY = "0123456789abcdef0123456789abcdef01234567"
+
+
+@pytest.fixture
+def clean_env(monkeypatch, tmp_path):
+    for name in ("WANDB_MODE", "WANDB_DISABLED", "WANDB_API_KEY", "WANDB_BASE_URL"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path))  # no ~/.netrc
+    return monkeypatch
+
+
+@pytest.mark.parametrize("env, key, expected", [
+    ({}, False, "offline"), ({}, True, "online"),
+    ({"WANDB_MODE": "disabled"}, True, "disabled"), ({"WANDB_MODE": "offline"}, True, "offline"),
+    ({"WANDB_MODE": "dryrun"}, True, "offline"), ({"WANDB_MODE": "online"}, False, "online"),
+    ({"WANDB_MODE": "Disabled "}, True, "disabled"), ({"WANDB_DISABLED": "true"}, True, "disabled"),
+    ({"WANDB_MODE": "sometimes"}, True, "online")])  # a value W&B does not know: the key decides
+def test_auto_honours_wandb_mode(clean_env, env, key, expected):
+    for name, value in env.items():
+        clean_env.setenv(name, value)
+    if key:
+        clean_env.setenv("WANDB_API_KEY", KEY)
+    assert resolve_mode("auto") == expected
+
+
+@pytest.mark.parametrize("mode", ["online", "offline", "disabled"])
+def test_an_explicit_mode_is_kept(clean_env, mode):
+    clean_env.setenv("WANDB_MODE", "disabled" if mode != "disabled" else "online")
+    assert resolve_mode(mode) == mode
+
+
+def test_private_settings_only_where_wandb_has_them():
+    class Old:  # a wandb whose Settings lack one of the private settings
+        model_fields = {"console": None, "silent": None, "x_disable_stats": None}
+
+    values = {"console": "off", "silent": True, "x_disable_stats": True, "x_disable_meta": True}
+    assert usable_settings(Old, values) == {"console": "off", "silent": True, "x_disable_stats": True}
+    assert usable_settings(object, values) == {"console": "off", "silent": True}  # no field list: no private ones
+    import wandb
+
+    assert usable_settings(wandb.Settings, values) == values  # the installed wandb has them all
+
+
+def test_run_ids_are_stable_per_sweep_and_distinct_per_run():
+    names = ["layer1.0.conv1/l1_norm", "layer1.0.conv1/random", "layer1.0.conv2/l1_norm", "summary", "train"]
+    ids = [run_id("1a2b3c4d", n) for n in names]
+    assert ids == [run_id("1a2b3c4d", n) for n in names]  # the same every time
+    assert len(set(ids)) == len(ids) and len(set(ids) & {run_id("ffff0000", n) for n in names}) == 0
+    assert ids[-2:] == ["1a2b3c4d-summary", "1a2b3c4d-train"]
+    assert all(len(i) <= 64 and all(ch.isalnum() or ch == "-" for ch in i) for i in ids)
+    assert run_id(None, "summary") is None  # no sweep id: W&B makes a new one
+
+
+def test_model_artifact_name():
+    assert model_artifact("/x/checkpoints/cifar10 resnet18.pt", "ab" * 32) == \
+        "checkpoint-cifar10-resnet18:sha256-abababababab"
+
+
+def points(drops: list[float], channels: int = 8) -> list[dict]:
+    return [{"k": k, "fraction": k / channels, "accuracy": 90.0 - d, "accuracy_drop": d}
+            for k, d in zip((1, 2, 4, 8), drops)]
+
+
+def test_trial_summary_describes_the_layer_not_its_last_k():
+    s = trial_summary(points([0.2, 0.9, 3.0, 80.0]))
+    assert (s["safe_k_1pt"], s["safe_k_5pt"], s["safe_fraction_1pt"], s["safe_fraction_5pt"]) == (2, 4, 0.25, 0.5)
+    # trapezoids from (0, 0): 1/8 * 0.1 + 1/8 * 0.55 + 2/8 * 1.95 + 4/8 * 41.5
+    assert s["drop_auc"] == pytest.approx(0.0125 + 0.06875 + 0.4875 + 20.75)
+    assert {k: v for k, v in s.items() if k.startswith("accuracy_at_")} == {
+        "accuracy_at_12p5pct": 89.8, "accuracy_at_25pct": 89.1, "accuracy_at_50pct": 87.0, "accuracy_at_100pct": 10.0}
+    assert (s["points"], s["max_k"]) == (4, 8)
+    assert "accuracy" not in s  # the last K's accuracy (near chance) is not the layer's summary
+
+
+def test_trial_summary_when_even_the_smallest_k_hurts():
+    s = trial_summary(points([6.0, 9.0])[::-1])  # any order
+    assert (s["safe_k_1pt"], s["safe_k_5pt"], s["safe_fraction_5pt"]) == (0, 0, 0.0)
+
+
+@pytest.mark.parametrize("fraction, label", [(0.125, "12p5pct"), (0.25, "25pct"), (1.0, "100pct"),
+                                             (1 / 3, "33p33pct"), (0.0625, "6p25pct")])
+def test_fraction_label(fraction, label):
+    assert fraction_label(fraction) == label
+
+
+# ---- a W&B failure never stops a sweep (a stand-in for wandb whose server fails on artifacts) ----
+
+class FakeRun:
+    def __init__(self) -> None:
+        self.summary: dict = {}
+        self.logged: list = []
+        self.exit_code: int | None = None
+
+    def define_metric(self, *args, **kwargs) -> None:
+        pass
+
+    def log(self, data: dict) -> None:
+        self.logged.append(data)
+
+    def log_artifact(self, *args, **kwargs) -> None:
+        raise ConnectionError("server down")
+
+    def finish(self, exit_code: int = 0) -> None:
+        self.exit_code = exit_code
+
+
+class FakeWandb:
+    class Settings:
+        model_fields = {"console": None, "silent": None}
+
+        def __init__(self, **values) -> None:
+            self.values = values
+
+    class Artifact:
+        def __init__(self, name: str, type: str, metadata: dict | None = None) -> None:
+            self.files: list = []
+
+        def add_file(self, path: str, name: str | None = None, policy: str = "mutable") -> None:
+            self.files.append(name)
+
+    def __init__(self) -> None:
+        self.runs: list[tuple[dict, FakeRun]] = []
+
+    def init(self, **kwargs) -> FakeRun:
+        run = FakeRun()
+        self.runs.append((kwargs, run))
+        return run
+
+
+def test_an_artifact_that_cannot_be_logged_does_not_stop_the_sweep(tmp_path, caplog):
+    from runner.outputs.tracking import SUMMARY_RUN, TRAIN_RUN, RunSpec, Tracking, WandbTracker
+
+    (tmp_path / "results.csv").write_text("layer\n")
+    tracker = WandbTracker(Tracking("offline", "p", None, "g", tmp_path, {"seed": 0}, sweep_id="1a2b3c4d"))
+    tracker.wandb = fake = FakeWandb()
+    train = tracker.train_log(RunSpec(TRAIN_RUN, "train"))
+    train.start({"recipe": "standard"})
+    train.epoch({"epoch": 1, "loss": 2.0})
+    train.trained(str(tmp_path / "results.csv"), "ab" * 32, {"test_accuracy": 50.0})  # logging it fails
+    tracker.summary(RunSpec(SUMMARY_RUN, "summary"), [], 50.0, {}, [], [tmp_path / "results.csv"])
+    tracker.close()
+    (train_kwargs, train_run), = fake.runs  # offline failed too: W&B is off for the rest, the summary never started
+    assert train_kwargs["id"] == "1a2b3c4d-train" and train_kwargs["resume"] == "allow"
+    settings = train_kwargs["settings"].values
+    assert settings["console"] == "off" and not [k for k in settings if k.startswith("x_")]  # none it lacks
+    assert train_run.logged == [{"epoch": 1, "loss": 2.0}] and train_run.exit_code == 0
+    assert tracker.mode == "disabled"
+    told = [r.getMessage() for r in caplog.records if r.getMessage().startswith("W&B:")]
+    assert len(told) == 1 and "server down" in told[0] and "results are still on disk" in told[0]
+
+
+def test_runs_use_the_model_artifact_online_and_name_it_offline(tmp_path):
+    from runner.outputs.tracking import RunSpec, Tracking, WandbTracker
+
+    used: list = []
+
+    class UsingRun(FakeRun):
+        def use_artifact(self, ref: str, type: str | None = None) -> None:
+            used.append((ref, type))
+            if ref.startswith("checkpoint-missing"):
+                raise ValueError("artifact not found")
+
+    class UsingWandb(FakeWandb):
+        def init(self, **kwargs) -> FakeRun:
+            run = UsingRun()
+            self.runs.append((kwargs, run))
+            return run
+
+    tracker = WandbTracker(Tracking("offline", "p", None, "g", tmp_path, sweep_id="1a2b3c4d"))
+    tracker.wandb = fake = UsingWandb()
+    spec = RunSpec("conv1/l1_norm", "prune-eval", {"layer": "conv1"}, ("criterion:l1_norm",),
+                   uses="checkpoint-demo:sha256-0123456789ab")
+    tracker.log_point(spec, {"k": 1, **dict.fromkeys(("accuracy", "accuracy_drop", "loss", "fraction",
+                                                       "params_removed", "macs_removed"), 1)}, dict)
+    assert used == []  # offline: W&B cannot record use, the config names the artifact
+    assert fake.runs[0][0]["config"]["checkpoint_artifact"] == "checkpoint-demo:sha256-0123456789ab"
+    assert fake.runs[0][0]["tags"] == ["criterion:l1_norm"] and fake.runs[0][0]["name"] == "conv1/l1_norm"
+    tracker.mode = "online"
+    for name in ("a/x", "b/x"):
+        tracker.log_point(RunSpec(name, "prune-eval", uses=spec.uses), {"k": 1, **fake.runs[0][1].logged[0]}, dict)
+    missing = RunSpec("c/x", "prune-eval", uses="checkpoint-missing:sha256-0")
+    tracker.log_point(missing, {"k": 1, **fake.runs[0][1].logged[0]}, dict)
+    tracker.log_point(RunSpec("d/x", "prune-eval", uses=missing.uses), {"k": 1, **fake.runs[0][1].logged[0]}, dict)
+    assert used == [(spec.uses, "model"), (spec.uses, "model"), ("checkpoint-missing:sha256-0", "model")]
+    assert tracker.mode == "online"  # an artifact that is not there is not a W&B outage: asked once, then skipped
+
+
+def test_a_run_that_cannot_start_with_an_empty_error_falls_back(tmp_path, caplog):
+    from runner.outputs.tracking import RunSpec, Tracking, WandbTracker
+
+    class Broken(FakeWandb):
+        def init(self, **kwargs) -> FakeRun:
+            raise RuntimeError()  # no message at all
+
+    tracker = WandbTracker(Tracking("offline", "p", None, "g", tmp_path))
+    tracker.wandb = Broken()
+    tracker.log_point(RunSpec("conv1/l1_norm", "prune-eval"), {"k": 1}, dict)
+    assert tracker.mode == "disabled"
+    assert [r.getMessage() for r in caplog.records] == [
+        "W&B: starting a run failed (RuntimeError: ); W&B logging is off for the rest of this sweep (results are "
+        "still on disk)"]
