@@ -341,14 +341,15 @@ def _model_in(annotation: Any) -> type[BaseModel] | None:
                  and issubclass(a, BaseModel)), None)
 
 
-def _walk(loc: tuple, raw: Any) -> tuple[str, type[BaseModel] | None, FieldInfo | None]:
+def _walk(loc: tuple, raw: Any,
+          root: type[BaseModel] | None = None) -> tuple[str, type[BaseModel] | None, FieldInfo | None]:
     """Follow a pydantic error location through the sections: the key path in the grid file, the section
     reached and the last field passed.
 
     A location also names union members and validators, which are not keys of the file. Rather than match
     pydantic's names for them, keep only what the file has: a field of the section at hand, or an index into a
     list, and skip every other part."""
-    path, model, field, node = "", Grid, None, raw
+    path, model, field, node = "", root or Grid, None, raw
     for part in loc:
         if isinstance(part, int):
             path, node = f"{path}[{part}]", _child(node, part)
@@ -363,15 +364,16 @@ def _walk(loc: tuple, raw: Any) -> tuple[str, type[BaseModel] | None, FieldInfo 
 OUT_OF_RANGE = {"greater_than", "greater_than_equal", "less_than", "less_than_equal", "finite_number"}
 
 
-def _one_line(e: ValidationError, raw: Any, source: str) -> InputError:
-    """pydantic's first error as our one line: the key path, the value, the problem, what is allowed, the fix."""
+def _one_line(e: ValidationError, raw: Any, source: str, root: type[BaseModel] | None = None) -> InputError:
+    """pydantic's first error as our one line: the key path, the value, the problem, what is allowed, the fix.
+    `root`: the model that was validated (default the Grid)."""
     err = e.errors()[0]
     loc, kind, value = tuple(err["loc"]), err["type"], err.get("input")
     if kind == "extra_forbidden":
-        where, model, _ = _walk(loc[:-1], raw)
+        where, model, _ = _walk(loc[:-1], raw, root)
         return InputError(f"{where}.{loc[-1]}" if where else str(loc[-1]), loc[-1], "unknown key",
                           ", ".join(model.model_fields if model else ()), "remove it or correct its spelling", source)
-    field, _, info = _walk(loc, raw)
+    field, _, info = _walk(loc, raw, root)
     field = field or "(top level)"
     if kind == GRID_ERROR:
         ctx = err["ctx"]

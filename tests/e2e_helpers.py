@@ -191,10 +191,14 @@ def leet_records(run_dir: Path) -> list[dict[str, Any]]:
 
 
 def run_info(records: list[dict[str, Any]]) -> dict[str, Any]:
-    """The run record (display_name, run_group, job_type, config, ...)."""
+    """The run record (display_name, run_group, job_type, config, ...), its config with the later updates."""
     runs = [r["run"] for r in records if r.get("type") == "run"]
     assert runs, "no run record"
-    return runs[0]
+    info = runs[0]
+    for r in records:
+        if r.get("type") == "config":
+            info["config"]["update"].update(r["config"].get("update", {}))
+    return info
 
 
 def history(records: list[dict[str, Any]]) -> list[dict[str, Any]]:

@@ -152,8 +152,8 @@ def test_joining_a_cluster_started_without_our_environment(plain_cluster, sweep_
     side, env = plain_cluster
     assert "RAY_AUTH_MODE" not in env or env["RAY_AUTH_MODE"] == "token"  # never ours ("disabled")
     assert not on_loopback(side.address)  # the machine's address: the driver joins as it would a real cluster
-    grid = write_grid(tmp_path / "join.yaml", grid_dict(tmp_path, sweep_checkpoint, name="join", layers=[
-        "layer1.0.conv1", "layer2.0.conv2"], k=[1, 2], criteria=["l1_norm"]))
+    grid = write_grid(tmp_path / "join.yaml", grid_dict(tmp_path, e2e(sweep_checkpoint), name="join", sweep={
+        "layers": ["layer1.0.conv1", "layer2.0.conv2"], "k": [1, 2], "criteria": ["l1_norm"]}))
     run = run_cli(["--grid", str(grid), "--address", side.address], cwd=tmp_path, env=env, timeout=400)
     assert run.returncode == 0, run.explain()
     assert f"joined the Ray cluster at {side.address}: 2 node(s), 2 CPUs" in run.stderr, run.explain()

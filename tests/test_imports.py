@@ -25,11 +25,13 @@ ALLOWED = {
     "runner.outputs": ("runner.outputs", "runner.errors", "runner.storage", "runner.provenance"),
     "runner.inputs": ("model", "runner.engine", "runner.inputs", "runner.outputs.results", *BASICS),
     "runner.job": ("model", "runner.engine", "runner.inputs", "runner.outputs", "runner.job", *BASICS),
+    "runner.planning": ("model", "runner.engine", "runner.inputs", "runner.outputs", "runner.planning", *BASICS),
     "runner.cli": ("model", "runner"),
     # the notebook API, an entry point like the command: the job (inside `sweep`), results.csv as a table
     "runner.api": ("runner.job", "runner.outputs", "runner.config", "runner.errors"),
 }
 FORBIDDEN_THIRD_PARTY = {"runner.engine": ("ray", "wandb"), "runner.inputs": ("ray", "wandb"),
+                         "runner.planning": ("ray", "wandb"),
                          "runner.outputs": ("torch", "torchvision", "ray"), "model": ("ray", "wandb")}
 
 

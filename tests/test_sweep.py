@@ -205,7 +205,7 @@ def test_wandb_offline_runs(small_sweep):
     [results_artifact] = artifacts(leet_records(summaries[0]), "sweep-results")
     assert results_artifact["name"] == "sweep-results-small"
     assert manifest_paths(results_artifact) == ["config.yaml", "plots/accuracy_vs_k.png", "plots/sensitivity.png",
-                                                "report.md", "results.csv"]
+                                                "rankings.json", "report.md", "results.csv"]
 
 
 # ---- 2b. W&B lineage and --resume: the trained checkpoint, the sweep's results, the same runs continued ----
@@ -221,7 +221,8 @@ def lineage(ray_session, tmp_path_factory):
 
     tmp = tmp_path_factory.mktemp("lineage")
     checkpoint = tmp / "own.pt"  # missing: the sweep trains it
-    grid = grid_dict(tmp, checkpoint, name="lineage", layers=LINEAGE_LAYERS, k=[1], criteria=["l1_norm"])
+    grid = grid_dict(tmp, e2e(checkpoint), name="lineage",
+                     sweep={"layers": LINEAGE_LAYERS, "k": [1], "criteria": ["l1_norm"]})
     path = write_grid(tmp / "lineage.yaml", grid)
     first = run_sweep(Options(str(path)))
     grid["sweep"]["k"] = [1, 2]
@@ -274,12 +275,12 @@ def test_wandb_mode_disabled_with_a_key_writes_no_wandb_files(ray_session, sweep
 
     monkeypatch.setenv("WANDB_API_KEY", FAKE_KEY)  # auto would go online...
     monkeypatch.setenv("WANDB_MODE", "disabled")  # ...but W&B's own switch says no
-    grid = grid_dict(tmp_path, sweep_checkpoint, name="nowb", layers=["conv1"], k=[1], criteria=["l1_norm"],
-                     wandb_mode="auto")
+    grid = grid_dict(tmp_path, e2e(sweep_checkpoint), name="nowb",
+                     sweep={"layers": ["conv1"], "k": [1], "criteria": ["l1_norm"]}, wandb={"mode": "auto"})
     outcome = run_sweep(Options(str(write_grid(tmp_path / "g.yaml", grid))))
     assert outcome.points == 1
     assert sorted(p.name for p in outcome.folder.iterdir()) == [".lock", "config.yaml", "feature_maps", "plots",
-                                                               "report.md", "results.csv", "tune"]
+                                                               "rankings.json", "report.md", "results.csv", "tune"]
     assert [p for p in tmp_path.rglob("*") if "wandb" in p.name] == []
     assert "- W&B: off" in (outcome.folder / "report.md").read_text(encoding="utf-8")
 
@@ -503,13 +504,13 @@ def test_load_results_gives_tunes_per_trial_table(small_sweep):
     assert set(trials["results"]) == {2} and trials["error_file"].isna().all()  # two K each, reported to Tune
 
 
-def test_sweep_of_a_dict_returns_the_commands_numbers(ray_session, pair_offline, tmp_path):
+def test_sweep_of_a_dict_returns_the_commands_numbers(ray_session, script_sweep, tmp_path):
     from runner import sweep
 
-    run, folder = pair_offline  # the same grid through the command, in a subprocess
+    run, folder = script_sweep.run, script_sweep.folder  # the same grid through the command, in a subprocess
     assert run.returncode == 0, run.explain()
-    grid = yaml.safe_load((folder.parent.parent / "pair.yaml").read_text(encoding="utf-8"))
+    grid = yaml.safe_load((folder.parent.parent / "crash.yaml").read_text(encoding="utf-8"))
     grid["output"] = str(tmp_path / "api")
     frame = sweep(grid)
     assert {(r.layer, r.criterion, r.k): (r.accuracy, r.loss) for r in frame.itertuples()} == values(folder)
-    assert frame.attrs["failed"] == [] and frame.attrs["folder"] == str(tmp_path / "api" / "pair")
+    assert frame.attrs["failed"] == [] and frame.attrs["folder"] == str(tmp_path / "api" / "crash")

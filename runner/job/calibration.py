@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -33,10 +34,17 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class Calibrated:
-    """Every ranking the trials need, and how many of them came from rankings.json."""
+    """Every ranking the trials need, how many of them came from rankings.json, and what rankings.json should
+    hold now (None: nothing new to write; the sweep writes it once it holds the output folder)."""
 
     rankings: dict[tuple[str, str], Ranking]
     reused: int = 0
+    entries: dict[str, Any] | None = None
+
+    def save(self, folder: Path) -> None:
+        """rankings.json in the output folder, when this calibration ranked something new."""
+        if self.entries is not None:
+            write_rankings(folder / NAME, self.entries)
 
 
 def calibrate(grid: Grid, plan: TrialPlan, data: Dataset, loaded: Checkpoint, resume: bool = False) -> Calibrated:
@@ -53,11 +61,10 @@ def calibrate(grid: Grid, plan: TrialPlan, data: Dataset, loaded: Checkpoint, re
         rankings |= rank_trials(grid, plan, data, loaded, missing)
         entries |= {TrialId(*key).key: entry_of(rankings[key]) for key in
                     [(t.layer, t.criterion) for t in missing]}
-        write_rankings(path, entries)
     if reused:
         log.info("%d rankings read from %s%s", reused, path,
                  f"; {len(missing)} ranked now and added to it" if missing else "")
-    return Calibrated(rankings, reused)
+    return Calibrated(rankings, reused, entries if missing else None)
 
 
 def rank_trials(grid: Grid, plan: TrialPlan, data: Dataset, loaded: Checkpoint, trials: list[Trial] | None = None

@@ -36,6 +36,7 @@ log = logging.getLogger(__name__)
 DEFAULT_BASE_URL = "https://api.wandb.ai"
 POINT_METRICS = ("accuracy", "accuracy_drop", "drop_low", "drop_high", "loss", "fraction", "params_removed",
                  "macs_removed", "repeat")
+TRIAL_CONFIG = ("baseline_accuracy", "device", "dtype")  # a trial run's config, from its first row
 TRAIN_METRICS = ("loss", "train_accuracy", "lr", "seconds")
 # WANDB_MODE's values (W&B's own switch) -> our modes
 ENV_MODES = {"online": "online", "run": "online", "offline": "offline", "dryrun": "offline", "disabled": "disabled"}
@@ -259,18 +260,20 @@ class WandbTracker:
 
     # ---- trials ----
 
-    def _trial_run(self, spec: RunSpec) -> Any:
+    def _trial_run(self, spec: RunSpec, row: dict[str, Any]) -> Any:
         if spec.name not in self.runs:
             run = self._start(spec)
             if run is None:
                 return None
             self._safely(_trial_metrics, run)
+            # known once the trial has measured: its own baseline, on its own device and precision
+            self._safely(run.config.update, {k: row[k] for k in TRIAL_CONFIG if k in row}, allow_val_change=True)
             self.runs[spec.name] = run
         return self.runs[spec.name]
 
     def log_point(self, run: RunSpec, row: dict[str, Any], images: Callable[[], dict[str, np.ndarray]]) -> None:
         """One K of a trial's run; `images` renders the point's feature-map images (only called when logged)."""
-        wb = self._trial_run(run)
+        wb = self._trial_run(run, row)
         if wb is not None:
             self._safely(self._log_point, wb, run, row, images)
 
