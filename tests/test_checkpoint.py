@@ -224,22 +224,19 @@ def test_tagged_file_without_meta_mapping(tmp_path):
 
 # --- the calibration hold-out a checkpoint was trained without -------------------------------------------------
 
-def holdout_grid(tmp_path, **sweep_and_checkpoint):
-    from conftest import tiny_grid_dict
+def holdout_grid(tmp_path, **sections):
+    from e2e_helpers import grid_dict
 
     from runner.config import parse_grid
 
-    raw = tiny_grid_dict(tmp_path)
-    raw["sweep"].update(sweep_and_checkpoint.get("sweep", {}))
-    raw["checkpoint"].update(sweep_and_checkpoint.get("checkpoint", {}))
-    return parse_grid(raw, "tiny")
+    return parse_grid(grid_dict(tmp_path, **sections), "tiny")
 
 
 def test_check_holdout(tmp_path):
     from runner.inputs.data import Holdout
 
     grid = holdout_grid(tmp_path)
-    ours = Holdout.of(600, 100, 0)  # what tiny_grid_dict holds out: seed 0, 100 of 600 synthetic train images
+    ours = Holdout.of(600, 100, 0)  # what grid_dict holds out: seed 0, 100 of 600 synthetic train images
     trained = checkpoint.Checkpoint(model(), {**ARCH, "calibration_holdout": ours.as_dict()}, "0" * 64, "m.pt")
     assert checkpoints.check_holdout(grid, trained, ours) == "checked"
     other = Holdout.of(600, 100, 7)
