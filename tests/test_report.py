@@ -122,8 +122,7 @@ def test_the_seed_criterion_is_the_reports_procedure_only_on_the_test_images_wit
     from runner.config import parse_grid
     from runner.job.sweep import _seed_procedure
 
-    raw = grid_dict(tmp_path)
-    raw["sweep"].update(criteria=["seed"], target="input", layers=["layer2.1.conv2"])
+    raw = grid_dict(tmp_path, sweep={"criteria": ["seed"], "target": "input", "layers": ["layer2.1.conv2"]})
     half = Checkpoint(None, {"mean": [0.5] * 3, "std": [0.5] * 3}, "0" * 64, "m.pt")
     stats = Checkpoint(None, {"mean": [0.4, 0.5, 0.5], "std": [0.2] * 3}, "0" * 64, "m.pt")
     assert _seed_procedure(parse_grid({**raw, "sweep": {**raw["sweep"], "calibration": "test"}}, "g"), half) is None
