@@ -224,12 +224,12 @@ def test_tagged_file_without_meta_mapping(tmp_path):
 
 # --- the calibration hold-out a checkpoint was trained without -------------------------------------------------
 
-def holdout_grid(tmp_path, **sweep_and_checkpoint):
+def holdout_grid(tmp_path, **sections):
     from e2e_helpers import grid_dict
 
     from runner.config import parse_grid
 
-    return parse_grid(grid_dict(tmp_path, **sweep_and_checkpoint), "tiny")
+    return parse_grid(grid_dict(tmp_path, **sections), "tiny")
 
 
 def test_check_holdout(tmp_path):
