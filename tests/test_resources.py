@@ -164,7 +164,8 @@ def test_an_impossible_resource_request_exits_2_with_one_line_within_seconds(swe
     assert len(run.err_lines) == 1 and re.fullmatch(
         r"error: --set resources.gpus_per_trial=64: resources.gpus_per_trial: no node of the Ray cluster has that "
         r"many GPUs \(1 node\(s\), not autoscaling, at most \d+ CPUs and \d+ GPUs on a node\): got 64; allowed: "
-        r"(0 or auto \(no node has a GPU\)|at most \d+, or auto); fix: set resources.gpus_per_trial: auto, or join a cluster with GPUs \(--address\)", run.err_lines[0]), run.explain()
+        r"(0 or auto \(no node has a GPU\)|at most \d+, or auto); fix: set resources.gpus_per_trial: auto, or join a "
+        r"cluster with GPUs \(--address\)", run.err_lines[0]), run.explain()
     assert run.stdout == ""
     assert not (tmp_path / "runs").exists()  # refused before the output folder is made
 
