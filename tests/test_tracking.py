@@ -68,7 +68,9 @@ def test_model_artifact_name():
 
 
 def points(drops: list[float], channels: int = 8) -> list[dict]:
-    return [{"k": k, "fraction": k / channels, "accuracy": 90.0 - d, "accuracy_drop": d}
+    """Points of one trial with a zero-width interval (drop_low = drop_high = the drop)."""
+    return [{"layer": "conv1", "criterion": "l1_norm", "k": k, "fraction": k / channels, "channels": channels,
+             "baseline_accuracy": 90.0, "accuracy": 90.0 - d, "accuracy_drop": d, "drop_low": d, "drop_high": d}
             for k, d in zip((1, 2, 4, 8), drops)]
 
 
