@@ -194,29 +194,34 @@ def _base_read_later(mutated: fx.Node, writer: fx.Node, order: dict[fx.Node, int
 
 
 def _make_out_of_place(gm: fx.GraphModule, node: fx.Node) -> fx.Node | None:
-    """Rewrite one node if it mutates its first argument; returns that argument (the mutated value)."""
+    """Rewrite one node if it mutates its first argument; returns that argument (the mutated value).
+
+    node.meta["in_place"] keeps how to undo the rewrite (`_reinplace`) where nothing else reads the value."""
     first = node.args[0] if node.args and isinstance(node.args[0], fx.Node) else None
     if first is None:
         return None
     if node.op == "call_module":
         module = gm.get_submodule(node.target)
         if getattr(module, "inplace", False) is True:
+            original = "_in_place_" + node.target.replace(".", "_")
+            gm.add_submodule(original, module)  # kept for `_reinplace`; the graph calls the copy
             _replace_submodule(gm, node, _without_inplace(module))
+            node.meta["in_place"] = ("target", original)
             return first
     elif node.op == "call_function":
-        if node.target in _OUT_OF_PLACE_OPERATORS:
-            node.target = _OUT_OF_PLACE_OPERATORS[node.target]
-            return first
-        twin = _out_of_place_twin(node.target)
+        twin = _OUT_OF_PLACE_OPERATORS.get(node.target) or _out_of_place_twin(node.target)
         if twin is not None:
+            node.meta["in_place"] = ("target", node.target)
             node.target = twin
             return first
-        if _set_inplace_false(node):
+        if _set_inplace(node, False):
+            node.meta["in_place"] = ("inplace", True)
             return first
     elif node.op == "call_method":
         name = node.target
         if name.endswith("_") and not name.startswith("_"):
             if callable(getattr(Tensor, name[:-1], None)):
+                node.meta["in_place"] = ("target", name)
                 node.target = name[:-1]
             else:  # no out-of-place twin (fill_, zero_): mutate a copy instead
                 with gm.graph.inserting_before(node):
@@ -224,6 +229,21 @@ def _make_out_of_place(gm: fx.GraphModule, node: fx.Node) -> fx.Node | None:
                 node.replace_input_with(first, clone)
             return first
     return None
+
+
+def _reinplace(graph: fx.Graph) -> None:
+    """Undo the out-of-place rewrite where the mutated value was made in this graph and nothing else reads it
+    (not a later node, not the output, not through a view): the same ops, allocations and numbers as eager."""
+    for node in graph.nodes:
+        how = node.meta.get("in_place")
+        source = node.args[0] if node.args else None
+        if how is None or not isinstance(source, fx.Node) or source.op in ("placeholder", "get_attr") \
+                or len(source.users) != 1 or _is_view(source):
+            continue
+        if how[0] == "target":
+            node.target = how[1]
+        else:
+            _set_inplace(node, True)
 
 
 def _out_of_place_twin(fn: Any) -> Any:
@@ -238,8 +258,8 @@ def _out_of_place_twin(fn: Any) -> Any:
     return twin if callable(twin) else None
 
 
-def _set_inplace_false(node: fx.Node) -> bool:
-    """F.relu(x, inplace=True) and the like: call with inplace=False. True when the call was in place."""
+def _set_inplace(node: fx.Node, value: bool) -> bool:
+    """Call F.relu(x, inplace=...) and the like with `inplace=value`; True when it was `not value` before."""
     try:
         signature = inspect.signature(node.target)
     except (TypeError, ValueError):
@@ -251,9 +271,9 @@ def _set_inplace_false(node: fx.Node) -> bool:
     except TypeError:
         return False
     bound.apply_defaults()
-    if bound.arguments["inplace"] is not True:
+    if bound.arguments["inplace"] is value:
         return False
-    bound.arguments["inplace"] = False
+    bound.arguments["inplace"] = value
     node.args, node.kwargs = tuple(bound.args), dict(bound.kwargs)
     return True
 
@@ -544,6 +564,7 @@ def _prefix_module(gm: fx.GraphModule, plan: _Plan) -> fx.GraphModule:
         if node in needed or node.op == "placeholder":
             env[node] = graph.node_copy(node, env.__getitem__)
     graph.output(tuple(env[n] for n in plan.cached))
+    _reinplace(graph)
     return fx.GraphModule(gm, graph, "Prefix")
 
 
@@ -592,5 +613,6 @@ def _suffix_module(gm: fx.GraphModule, plan: _Plan, masked: bool) -> fx.GraphMod
     first_value = points[0][0]
     layer_value = env[layer] if layer is not None else read(first_value)
     graph.output((fx.node.map_arg(logits_arg, read), layer_value, read(final)))
+    _reinplace(graph)
     return fx.GraphModule(gm, graph, "Suffix")
 

@@ -10,11 +10,13 @@ from __future__ import annotations
 
 import functools
 import os
+from collections import Counter
 
 import pytest
 import torch
 import torchvision
 from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from model import layers
 from model.graph import Cut, ConvSite, MaskPoint, list_convs, trace
@@ -108,6 +110,7 @@ def test_cut_equals_masked_full_forward_bit_for_bit(name: str) -> None:
             for target in ("output", "input"):
                 cut = Cut(gm, site, target)
                 cache = cut.prefix(X)
+                kept = [t.clone() for t in cache]
                 assert torch.equal(cut.suffix(cache, None).logits, plain), (site.name, target)
                 channels = site.channels(target)
                 for k in ks(channels):
@@ -115,6 +118,7 @@ def test_cut_equals_masked_full_forward_bit_for_bit(name: str) -> None:
                     full = cut.full(X, mask)
                     assert torch.equal(cut.suffix(cache, mask).logits, full), (site.name, target, k)
                 assert not torch.equal(full, plain), (site.name, target)  # the mask did change something
+                assert all(torch.equal(a, b) for a, b in zip(cache, kept)), (site.name, target)  # cache intact
 
 
 def test_spread_covers_every_kind() -> None:
@@ -157,6 +161,34 @@ def test_tail_equals_the_hand_written_split() -> None:
                 a, b = split.suffix(split.prefix(X), mask), cut.suffix(cut.prefix(X), mask)
             assert torch.equal(a.logits, b.logits) and torch.equal(a.layer, b.layer), (conv.name, target)
             assert torch.equal(a.final, b.final), (conv.name, target)
+
+
+class _Ops(TorchDispatchMode):
+    def __init__(self) -> None:
+        super().__init__()
+        self.seen: Counter = Counter()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.seen[str(func)] += 1
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("name, target", [("conv1", "output"), ("layer2.0.conv1", "input"),
+                                          ("layer3.0.shortcut.conv", "output")])
+def test_suffix_runs_the_same_ops_as_the_hand_written_split(name: str, target: str) -> None:
+    """In place where the eager model was and nothing else reads the value: no extra allocations."""
+    model = build("ours")
+    conv = {c.name: c for c in layers.list_convs(model)}[name]
+    split, cut = Split(model, conv, target), Cut(model, {s.name: s for s in list_convs(model, 32)}[name], target)
+    mask = keep(conv.out_channels if target == "output" else conv.in_channels, 2, seed=0)
+    with torch.inference_mode():
+        a, b = split.prefix(X), cut.prefix(X)
+        with _Ops() as by_split:
+            split.suffix(a, mask)
+        with _Ops() as by_cut:
+            cut.suffix(b, mask)
+    assert by_cut.seen == by_split.seen
+    assert by_cut.seen["aten.relu_.default"] > 0
 
 
 @pytest.mark.parametrize("name, head", [("resnet18", "avgpool"), ("vgg11_bn", "avgpool"),
