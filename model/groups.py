@@ -12,6 +12,7 @@ only in the order of the additions.
 from __future__ import annotations
 
 import copy
+import logging
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Iterable, Iterator, Sequence
@@ -22,6 +23,8 @@ from torch import Tensor, nn
 from torch.utils.flop_counter import FlopCounterMode
 
 from model.graph import ConvSite, MaskPoint, eval_mode, list_convs, masked_points, trace
+
+log = logging.getLogger(__name__)
 
 KINDS = {nn.Conv2d: "conv", nn.BatchNorm2d: "bn", nn.Linear: "linear"}
 
@@ -75,8 +78,9 @@ def tp_group(graph: tp.DependencyGraph, conv: nn.Conv2d, idxs: Sequence[int]) ->
 
 
 def list_groups(model: nn.Module, image_size: int) -> list[Group]:
-    """Every prunable group, in the execution order of the convs that name them. Skipped: groups that reach
-    the network's output (a conv whose channels are the logits)."""
+    """Every prunable group, in the execution order of the convs that name them. Skipped (logged): groups
+    that reach the network's output (a conv whose channels are the logits), and groups with a grouped,
+    non-depthwise conv member (RegNet, ResNeXt): its channels cannot be removed one index at a time."""
     gm = trace(model)
     eager = getattr(gm, "eager", model)
     sites = list_convs(gm, image_size)
@@ -93,10 +97,19 @@ def list_groups(model: nn.Module, image_size: int) -> list[Group]:
         members = _members(found, names, graph)
         covered |= {m.name for m in members if m.kind == "conv" and m.dim == "out"}
         if any(item.dep.target.type == tp.ops.OPTYPE.OUTPUT for item in found.items):
+            log.info("group %s skipped: its channels are the network's output", site.name)
+            continue
+        grouped = [m.name for m in members if m.kind == "conv" and _grouped(eager.get_submodule(m.name))]
+        if grouped:
+            log.info("group %s skipped: grouped conv members %s", site.name, grouped)
             continue
         points = _mask_points(eager, site, members, sites, order)
         groups.append(Group(site.name, conv.out_channels, members, points))
     return groups
+
+
+def _grouped(conv: nn.Conv2d) -> bool:
+    return conv.groups > 1 and not (conv.groups == conv.in_channels == conv.out_channels)
 
 
 def _members(found: tp.dependency.Group, names: dict[nn.Module, str], graph: tp.DependencyGraph) \

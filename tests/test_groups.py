@@ -157,3 +157,14 @@ def test_group_cut_caches_every_member_point_it_cannot_reach_from_the_first() ->
             handle.remove()
     assert seen[0] == "layer2.1.conv1" and len(seen) == 12
     assert tail.layer[:, [0, 3]].abs().sum() == 0 and tail.layer[:, 1].abs().sum() > 0
+
+
+def test_groups_that_cannot_be_pruned_are_skipped() -> None:
+    """A conv whose channels are the logits; a grouped (not depthwise) conv, whose channels go by groups."""
+    fully_conv = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), torch.nn.BatchNorm2d(8), torch.nn.ReLU(),
+                                     torch.nn.Conv2d(8, 10, 1), torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten())
+    assert [g.name for g in list_groups(fully_conv.eval(), 16)] == ["0"]
+    regnet = [g.name for g in list_groups(build("regnet_y_400mf"), IMAGE)]
+    assert len(regnet) == 21 and "stem.0" in regnet
+    block = "trunk_output.block1.block1-0.f"
+    assert f"{block}.a.0" not in regnet and f"{block}.b.0" not in regnet and f"{block}.se.fc1" in regnet
