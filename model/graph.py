@@ -448,12 +448,8 @@ class Cut:
 
     @property
     def cached(self) -> tuple[str, ...]:
-        """Names of the graph values that make up the cache, in order."""
+        """Names of the graph values that make up the cache, in graph order."""
         return tuple(n.name for n in self._plan.cached)
-
-    @property
-    def suffix_code(self) -> str:
-        return self._suffix.code
 
     def prefix(self, x: Tensor) -> tuple[Any, ...]:
         """The values computed before the mask points that are read at or after them."""
@@ -481,7 +477,7 @@ class _Plan:
     cached: tuple  # fx nodes whose values the prefix returns, in graph order
     points: tuple  # the MaskPoints
     masked: dict  # MaskPoint index -> (value node, reader node or None)
-    outputs: tuple  # (logits arg, layer node or ('point', 0), final node)
+    outputs: tuple  # (logits arg, layer node or None = the first point's masked value, final node)
 
 
 def _plan(gm: fx.GraphModule, points: Sequence[MaskPoint], layer_module: str | None) -> _Plan:
