@@ -68,9 +68,10 @@ def test_model_artifact_name():
 
 
 def points(drops: list[float], channels: int = 8) -> list[dict]:
-    """Rows of one trial as results.csv has them, each drop's interval of zero width (safe K reads its upper end)."""
-    return [{"k": k, "fraction": k / channels, "accuracy": 90.0 - d, "accuracy_drop": d, "drop_low": d,
-             "drop_high": d} for k, d in zip((1, 2, 4, 8), drops)]
+    """Points of one trial with a zero-width interval (drop_low = drop_high = the drop)."""
+    return [{"layer": "conv1", "criterion": "l1_norm", "k": k, "fraction": k / channels, "channels": channels,
+             "baseline_accuracy": 90.0, "accuracy": 90.0 - d, "accuracy_drop": d, "drop_low": d, "drop_high": d}
+            for k, d in zip((1, 2, 4, 8), drops)]
 
 
 def test_trial_summary_describes_the_layer_not_its_last_k():
@@ -97,14 +98,8 @@ def test_fraction_label(fraction, label):
 
 # ---- a W&B failure never stops a sweep (a stand-in for wandb whose server fails on artifacts) ----
 
-class FakeConfig(dict):
-    def update(self, values: dict, allow_val_change: bool = False) -> None:  # type: ignore[override]
-        super().update(values)
-
-
 class FakeRun:
     def __init__(self) -> None:
-        self.config = FakeConfig()
         self.summary: dict = {}
         self.logged: list = []
         self.exit_code: int | None = None
@@ -168,7 +163,7 @@ def test_an_artifact_that_cannot_be_logged_does_not_stop_the_sweep(tmp_path, cap
 
 
 def test_runs_use_the_model_artifact_online_and_name_it_offline(tmp_path):
-    from runner.outputs.tracking import POINT_METRICS, RunSpec, Tracking, WandbTracker
+    from runner.outputs.tracking import RunSpec, Tracking, WandbTracker
 
     used: list = []
 
@@ -188,7 +183,8 @@ def test_runs_use_the_model_artifact_online_and_name_it_offline(tmp_path):
     tracker.wandb = fake = UsingWandb()
     spec = RunSpec("conv1/l1_norm", "prune-eval", {"layer": "conv1"}, ("criterion:l1_norm",),
                    uses="checkpoint-demo:sha256-0123456789ab")
-    tracker.log_point(spec, {"k": 1, **dict.fromkeys(POINT_METRICS, 1)}, dict)  # a row with every metric
+    tracker.log_point(spec, {"k": 1, **dict.fromkeys(("accuracy", "accuracy_drop", "loss", "fraction",
+                                                       "params_removed", "macs_removed"), 1)}, dict)
     assert used == []  # offline: W&B cannot record use, the config names the artifact
     assert fake.runs[0][0]["config"]["checkpoint_artifact"] == "checkpoint-demo:sha256-0123456789ab"
     assert fake.runs[0][0]["tags"] == ["criterion:l1_norm"] and fake.runs[0][0]["name"] == "conv1/l1_norm"

@@ -41,6 +41,12 @@ class Calibrated:
     reused: int = 0
     entries: dict[str, Any] | None = None
 
+    @property
+    def said(self) -> str:
+        """The calibration in one line, for the log."""
+        ranked = len(self.rankings) - self.reused
+        return f"{len(self.rankings)} rankings: {self.reused} read from {NAME}, {ranked} from one calibration pass"
+
     def save(self, folder: Path) -> None:
         """rankings.json in the output folder, when this calibration ranked something new."""
         if self.entries is not None:
@@ -62,7 +68,7 @@ def calibrate(grid: Grid, plan: TrialPlan, data: Dataset, loaded: Checkpoint, re
         entries |= {TrialId(*key).key: entry_of(rankings[key]) for key in
                     [(t.layer, t.criterion) for t in missing]}
     if reused:
-        log.info("%d rankings read from %s%s", reused, path,
+        log.debug("%d rankings read from %s%s", reused, path,
                  f"; {len(missing)} ranked now and added to it" if missing else "")
     return Calibrated(rankings, reused, entries if missing else None)
 
@@ -82,8 +88,9 @@ def rank_trials(grid: Grid, plan: TrialPlan, data: Dataset, loaded: Checkpoint, 
     started = time.time()
     rankings = rank_all(model, layers, criteria, plan.target, torch.cat(cal.inputs), torch.cat(cal.labels), bs,
                         grid.sweep.random_seed, grid.sweep.random_repeats)
-    log.info("%d rankings from one pass over %d %s images (%.1f s)", len(rankings), cal.count,
-             grid.sweep.calibration, time.time() - started)
+    # debug: a sweep ranks while Ray starts and says how it went only once its checks have passed (Calibrated.said)
+    log.debug("%d rankings from one pass over %d %s images (%.1f s)", len(rankings), cal.count,
+              grid.sweep.calibration, time.time() - started)
     loaded.model.cpu()  # the state_dict travels to the trials from host memory
     return {(t.layer, t.criterion): rankings[(t.layer, t.criterion)] for t in trials}
 

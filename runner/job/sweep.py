@@ -104,6 +104,7 @@ def run_sweep(opts: Options) -> Outcome:
                 existing = ensure_checkpoint(grid, given, None, tracker.train_log(RunSpec(TRAIN_RUN, "train")))
                 ready = pool.submit(_calibrated, grid, plan, given, existing, opts.resume, timeline)
             data, calibrated, holdout = ready.result()
+            log.info("%s", calibrated.said)
             calibrated.save(grid.folder)
             experiment, restore = _experiment(grid, plan, existing, opts.resume, tracking.sweep_id)
             trials = tuner.run_trials(grid, plan, data, existing, calibrated, experiment, restore, tracker,
