@@ -16,7 +16,9 @@ from typing import Any
 
 import torch
 
-from model.resnet import ResNet18, build
+from torch import nn
+
+from model.zoo import Spec, build
 
 FORMAT = "prune-sweep/checkpoint/1"
 
@@ -25,7 +27,7 @@ FORMAT = "prune-sweep/checkpoint/1"
 class Checkpoint:
     """A loaded checkpoint: the network (eval mode, CPU), its metadata, and the file's sha256."""
 
-    model: ResNet18
+    model: nn.Module
     meta: dict[str, Any]
     sha256: str
     path: str
@@ -88,18 +90,20 @@ def read(path: str | Path) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
     return blob["meta"], blob["state_dict"]
 
 
-def load(path: str | Path, arch: str, width: float, num_classes: int) -> Checkpoint:
+def load(path: str | Path, spec: Spec) -> Checkpoint:
     """Load and check a checkpoint against the architecture the grid asks for."""
     meta, state = read(path)
     path = str(path)
-    want = {"arch": arch, "width": float(width), "num_classes": num_classes}
+    want = {"arch": spec.arch, "width": float(spec.width), "num_classes": spec.num_classes}
+    if spec.arch != "resnet18":  # width is ours only
+        del want["width"]
     have = {k: meta.get(k) for k in want}
     if have != want:
         diff = ", ".join(f"{k} {have[k]!r} (grid: {want[k]!r})" for k in want if have[k] != want[k])
         raise CheckpointError(path, f"architecture mismatch: checkpoint has {diff}",
                               "a checkpoint trained with the grid's model section",
                               "point checkpoint.path at a matching file, or change model: to match it")
-    model = build(arch, width, num_classes)
+    model = build(spec, pretrained=False)
     try:
         model.load_state_dict(state, strict=True)
     except RuntimeError as e:

@@ -71,10 +71,26 @@ class Section(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
 
 
+MODEL_FORMS = "resnet18, torchvision:<builder>, timm:<name>, python:<module>:<callable>"
+
+
 class ModelConfig(Section):
-    arch: Literal["resnet18"] = "resnet18"
-    width: float = Field(1.0, gt=0, le=8)  # multiplier on every channel count
+    # where the network comes from (model.zoo): ours, torchvision, timm or the user's factory
+    arch: str = "resnet18"
+    width: float = Field(1.0, gt=0, le=8)  # resnet18 only: multiplier on every channel count
     num_classes: int = Field(10, ge=2, le=10_000)
+    kwargs: dict[str, Any] = {}  # torchvision, timm, python: keyword arguments of the builder
+    weights: str | None = None  # torchvision: a weights name such as IMAGENET1K_V1 (timm: any = pretrained)
+    python_path: str | None = None  # python: the folder its module is imported from; null = the grid file's
+
+    @field_validator("arch")
+    @classmethod
+    def _arch(cls, v: str) -> str:
+        source, sep, name = v.partition(":")
+        known = source in ("torchvision", "timm", "python") and sep and name
+        if v != "resnet18" and not known:
+            raise _invalid("not a known model source", MODEL_FORMS, "use one of those forms")
+        return v
 
 
 class DataConfig(Section):
@@ -240,10 +256,11 @@ class Grid(Section):
 
         data = self.data.model_copy(update={k: absolute(getattr(self.data, k)) for k in ("root", "train", "test")})
         checkpoint = self.checkpoint.model_copy(update={"path": absolute(self.checkpoint.path)})
+        model = self.model.model_copy(update={"python_path": absolute(self.model.python_path)})
         storage = self.resources.tune_storage
         resources = self.resources.model_copy(update={"tune_storage": storage if storage is None or "://" in storage
                                                       else absolute(storage)})
-        return self.model_copy(update={"data": data, "checkpoint": checkpoint, "output": absolute(self.output),
+        return self.model_copy(update={"model": model, "data": data, "checkpoint": checkpoint, "output": absolute(self.output),
                                        "resources": resources})
 
     @property
@@ -283,6 +300,9 @@ def load_grid(path: str | Path, overrides: list[str] = (), base: Path | None = N
                          "plain YAML (no Python tags)", "fix the syntax at that line") from None
     for item in overrides:
         raw = apply_override(raw, item)
+        if item.startswith("model.") and "python:" in item:
+            raise InputError("--set", item, "python: models run the user's code", "python: only in the grid "
+                             "file named by --grid", "write model.arch in the grid file")
     try:
         grid = parse_grid(raw, source)
     except InputError as e:
@@ -291,7 +311,11 @@ def load_grid(path: str | Path, overrides: list[str] = (), base: Path | None = N
             if e.field == key or e.field.startswith((key + ".", key + "[")):
                 e.source = f"--set {item}"
         raise
-    return grid.resolved(base or Path.cwd())
+    grid = grid.resolved(base or Path.cwd())
+    if grid.model.arch.startswith("python:") and grid.model.python_path is None:
+        grid = grid.model_copy(update={"model": grid.model.model_copy(
+            update={"python_path": str(path.parent.resolve())})})
+    return grid
 
 
 def _yaml_problem(e: Exception) -> str:

@@ -40,6 +40,7 @@ from runner.engine.prune import keep_mask, zero_weights
 from runner.engine.reference import seed_loop as reference_loop
 from runner.errors import EXIT_FAILED
 from runner.inputs import checkpoints
+from runner.inputs.models import spec_of
 from runner.inputs.data import Dataset, load_data
 from runner.inputs.train import ensure_checkpoint
 from runner.inputs.trials import plan_trials, select_layers
@@ -131,8 +132,7 @@ def prepare(grid_path: str, overrides: list[str], criterion: str, eval_size: int
 
 def _fresh_model(s: Setup) -> torch.nn.Module:
     """The network as read from the checkpoint file (what 'reload the weights' means)."""
-    g = s.grid.model
-    return place(checkpoints.load(s.path, g.arch, g.width, g.num_classes).model, s.device)
+    return place(checkpoints.load_spec(s.path, spec_of(s.grid.model)).model, s.device)
 
 
 def _rank_one(s: Setup, model: torch.nn.Module, conv: ConvInfo) -> tuple[int, ...]:

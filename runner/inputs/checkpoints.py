@@ -13,8 +13,10 @@ import torch
 
 from model import checkpoint as files
 from model.checkpoint import Checkpoint, CheckpointError
+from model.zoo import ModelError, Spec
 from runner.config import Grid
 from runner.errors import InputError
+from runner.inputs.models import spec_of
 from runner.storage import atomic_path
 
 FIELD = "checkpoint.path"
@@ -29,17 +31,24 @@ def save(path: str | Path, model: torch.nn.Module, meta: dict[str, Any]) -> str:
     return files.sha256(path)
 
 
-def load(path: str | Path, arch: str, width: float, num_classes: int) -> Checkpoint:
+def load(path: str | Path, arch: str, width: float = 1.0, num_classes: int = 10) -> Checkpoint:
+    """A checkpoint of one of our architectures (`load_spec` for any model)."""
+    return load_spec(path, Spec(arch, float(width), num_classes))
+
+
+def load_spec(path: str | Path, spec: Spec) -> Checkpoint:
     """`model.checkpoint.load`, with its problems as one-line input errors."""
     try:
-        return files.load(path, arch, width, num_classes)
+        return files.load(path, spec)
     except CheckpointError as e:
         raise InputError(FIELD, e.path, e.problem, e.allowed, e.fix) from None
+    except ModelError as e:
+        raise InputError(f"model.{e.field}", e.value, e.problem, e.allowed, e.fix) from None
 
 
 def load_for(grid: Grid) -> Checkpoint:
     """The grid's checkpoint, checked against its model section."""
-    return load(grid.checkpoint.path, grid.model.arch, grid.model.width, grid.model.num_classes)
+    return load_spec(grid.checkpoint.path, spec_of(grid.model))
 
 
 def existing(grid: Grid) -> Checkpoint | None:

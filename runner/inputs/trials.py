@@ -10,11 +10,11 @@ from dataclasses import dataclass
 import torch
 
 from model.layers import ConvInfo, list_convs
-from model.resnet import build
 from runner.config import MAX_POINTS, Grid, KSpec
 from runner.engine.criteria import CRITERIA
 from runner.engine.prune import channels_of
 from runner.errors import InputError
+from runner.inputs.models import build_for
 from runner.outputs.results import TrialId
 
 
@@ -111,7 +111,7 @@ def plan_trials(grid: Grid) -> TrialPlan:
     """Resolve and check the sweep section against the network; raises InputError on the first problem."""
     sweep = grid.sweep
     with torch.device("meta"):  # shapes only: no memory, no time
-        model = build(grid.model.arch, grid.model.width, grid.model.num_classes)
+        model = build_for(grid, pretrained=False)
     convs = list_convs(model)
     for i, name in enumerate(sweep.criteria):
         if name not in CRITERIA:

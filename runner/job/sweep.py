@@ -136,7 +136,8 @@ def dry_run(opts: Options) -> list[str]:
         data = f"npz, {sizes[0]:,} train and {sizes[1]:,} test images"
     else:
         data = grid.data.dataset
-    head = [f"sweep {grid.name}: {grid.model.arch} width {grid.model.width:g}, data {data}, output {grid.folder}",
+    arch = grid.model.arch + (f" width {grid.model.width:g}" if grid.model.arch == "resnet18" else "")
+    head = [f"sweep {grid.name}: {arch}, data {data}, output {grid.folder}",
             f"checkpoint {grid.checkpoint.path} ({state})"]
     return head + plan.describe()
 

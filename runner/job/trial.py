@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 from model.layers import ConvInfo
-from model.resnet import build
+from model.zoo import Spec, build
 from runner.engine.criteria import Ranking
 from runner.engine.device import place, tune_allocator
 from runner.engine.images import Images
@@ -32,9 +32,7 @@ CRASH_ENV = "PRUNE_SWEEP_CRASH_ONCE"  # tests: "<layer>/<criterion>:<marker file
 class Shared:
     """Everything every trial needs, put in the object store once."""
 
-    arch: str
-    width: float
-    num_classes: int
+    spec: Spec  # the network's source (model.zoo)
     state_dict: dict[str, torch.Tensor]
     mean: tuple[float, ...]
     std: tuple[float, ...]
@@ -85,9 +83,9 @@ def _network_and_data(shared: Shared, device: torch.device) -> tuple[torch.nn.Mo
     key = (shared.token, str(device))
     if key not in _READY:
         _READY.clear()  # one sweep's worth at a time
-        model = build(shared.arch, shared.width, shared.num_classes)
+        model = build(shared.spec, pretrained=False)
         model.load_state_dict(shared.state_dict)
-        evalset = EvalSet.build(shared.eval_images, shared.mean, shared.std, shared.num_classes, device,
+        evalset = EvalSet.build(shared.eval_images, shared.mean, shared.std, shared.spec.num_classes, device,
                                 shared.batch_size)
         _READY[key] = place(model, device), evalset
     return _READY[key]

@@ -15,6 +15,7 @@ from ray.tune.progress_reporter import TrialProgressCallback
 
 from model.checkpoint import Checkpoint
 from runner.config import Grid
+from runner.inputs.models import spec_of
 from runner.inputs.data import Dataset
 from runner.inputs.trials import TrialPlan
 from runner.job.calibration import Calibrated
@@ -48,7 +49,7 @@ def board_name(grid: Grid) -> str:
 def _shared(grid: Grid, plan: TrialPlan, data: Dataset, loaded: Checkpoint, rankings: dict) -> Shared:
     cache = None if grid.resources.cache_gb == "auto" else int(grid.resources.cache_gb * 2**30)
     mean, std = loaded.normalisation
-    return Shared(arch=grid.model.arch, width=grid.model.width, num_classes=grid.model.num_classes,
+    return Shared(spec=spec_of(grid.model),
                   state_dict=loaded.model.state_dict(), mean=mean, std=std, eval_images=data.test,
                   convs=plan.table, rankings=rankings,
                   ks={(t.layer, t.criterion): t.ks for t in plan.trials}, board=board_name(grid),
