@@ -28,7 +28,7 @@ from typing import Any, Callable, Iterator
 
 import torch
 
-from model.layers import ConvInfo
+from model.graph import ConvSite
 from model.split import Split
 from runner.cli import Parser, run_main
 from runner.config import Grid, load_grid
@@ -58,8 +58,8 @@ class Setup:
     data: Dataset
     path: str
     device: torch.device
-    convs: dict[str, ConvInfo]
-    layers: list[ConvInfo]
+    convs: dict[str, ConvSite]
+    layers: list[ConvSite]
     ks: dict[str, list[int]]
     criterion: str
     evalset: EvalSet
@@ -135,7 +135,7 @@ def _fresh_model(s: Setup) -> torch.nn.Module:
     return place(checkpoints.load_spec(s.path, spec_of(s.grid.model)).model, s.device)
 
 
-def _rank_one(s: Setup, model: torch.nn.Module, conv: ConvInfo) -> tuple[int, ...]:
+def _rank_one(s: Setup, model: torch.nn.Module, conv: ConvSite) -> tuple[int, ...]:
     cal = s.calibration
     with fast_math(s.device):
         r = rank_all(model, [conv], [s.criterion], "output", torch.cat(cal.inputs), torch.cat(cal.labels),

@@ -404,8 +404,10 @@ def test_dry_counts_of_the_tiny_grid(tiny_grid):
     assert {t.ks for t in plan.trials if t.channels == 8} == {(2, 4, 8)}
     assert [t.ks for t in plan.trials if t.layer == "layer4.1.conv2"] == [(16, 32, 64)] * 2
     lines = plan.describe()
-    assert lines[0] == "target: output   criteria: mean_activation, l1_norm"
-    assert lines[2] == "  conv1              3 -> 8    K: 2, 4, 8"
+    assert lines[0] == ("convs found in the graph: 20 (3 side branches: layer2.0.shortcut.conv, "
+                        "layer3.0.shortcut.conv, layer4.0.shortcut.conv)")
+    assert lines[1] == "target: output   criteria: mean_activation, l1_norm"
+    assert lines[3] == "  conv1              3 -> 8    K: 2, 4, 8"
     assert lines[-1] == "trials: 34 points: 102"
 
 

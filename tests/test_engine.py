@@ -12,9 +12,8 @@ import torch.nn.functional as F
 from conftest import scramble_bn
 
 from model.capture import capture
-from model.layers import list_convs
+from model.graph import Cut, list_convs
 from model.resnet import ResNet18
-from model.split import Split
 from runner.engine.criteria import rank_all
 from runner.engine.evaluate import Tally, evaluate
 from runner.engine.images import Images
@@ -24,7 +23,7 @@ from runner.engine.reference import seed_loop
 from runner.inputs.synthetic import generate
 
 MODEL = scramble_bn(ResNet18(width=0.125), seed=1)
-CONVS = list_convs(MODEL)
+CONVS = list_convs(MODEL, 32)
 BY_NAME = {c.name: c for c in CONVS}
 X = torch.randn(6, 3, 32, 32, generator=torch.Generator().manual_seed(0))
 # a block's conv1 and conv2, a shortcut conv, and the stem: every kind of cut
@@ -41,7 +40,7 @@ def _pruned(name: str, target: str) -> list[int]:
 @pytest.mark.parametrize("target", TARGETS)
 @pytest.mark.parametrize("name", [c.name for c in CONVS])
 def test_k0_suffix_gives_the_unpruned_logits_exactly(name: str, target: str) -> None:
-    split = Split(MODEL, BY_NAME[name], target)
+    split = Cut(MODEL, BY_NAME[name], target)
     with torch.inference_mode():
         full = MODEL(X)
         cache = split.prefix(X)
@@ -68,7 +67,7 @@ def test_mask_equals_weight_surgery(name: str, target: str) -> None:
 @pytest.mark.parametrize("name", KINDS)
 def test_cached_suffix_equals_full_masked_forward(name: str, target: str) -> None:
     conv, pruned = BY_NAME[name], _pruned(name, target)
-    split = Split(MODEL, conv, target)
+    split = Cut(MODEL, conv, target)
     with torch.inference_mode():
         with masked(MODEL, conv, target, pruned):
             full = MODEL(X)
@@ -235,7 +234,7 @@ def test_points_match_full_network_evaluation_and_carry_feature_maps() -> None:
 
 def test_savings_count_filter_bn_and_next_conv_input_slice() -> None:
     model = ResNet18(width=1.0)
-    convs = {c.name: c for c in list_convs(model)}
+    convs = {c.name: c for c in list_convs(model, 32)}
     c1 = convs["layer2.1.conv1"]  # 128 -> 128, 3x3, 16x16; consumer layer2.1.conv2 128 -> 128 at 16x16
     s = savings(c1, "output", 5, convs)
     assert s.params == 5 * 128 * 9 + 2 * 5 + 5 * 128 * 9

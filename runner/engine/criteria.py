@@ -17,15 +17,14 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from model.capture import watch
-from model.layers import ConvInfo
-from model.resnet import ResNet18
+from model.graph import ConvSite
 
 
 @dataclass(frozen=True)
 class View:
     """What a criterion may look at for one layer."""
 
-    conv: ConvInfo
+    conv: ConvSite
     target: str
     modules: dict[str, nn.Module]
     stats: dict[str, Tensor]  # the statistics this criterion asked for, per channel of the pruned dimension
@@ -44,10 +43,12 @@ class Criterion:
     targets: tuple[str, ...] = ("output", "input")
     help: str = ""
 
-    def problem(self, conv: ConvInfo, target: str) -> str | None:
+    def problem(self, conv: ConvSite, target: str) -> str | None:
         """Why this criterion cannot rank `conv` for `target`, or None when it can."""
         if target not in self.targets:
             return f"criterion {self.name} works only with target {' or '.join(self.targets)}"
+        if self.name == "bn_scale" and not conv.bn:
+            return f"criterion bn_scale needs a BatchNorm after the conv; {conv.name} has none"
         if self.name == "seed" and conv.in_channels != conv.out_channels:
             return (f"criterion seed ranks output channels and zeroes input channels, so it needs in == out "
                     f"channels; {conv.name} has {conv.in_channels} in, {conv.out_channels} out")
@@ -90,7 +91,7 @@ class Ranking:
     order: tuple[int, ...]  # channel indices, lowest score first: prune order[:K]
 
 
-def ranking_of(conv: ConvInfo, criterion: str, target: str, scores: Tensor) -> Ranking:
+def ranking_of(conv: ConvSite, criterion: str, target: str, scores: Tensor) -> Ranking:
     scores = scores.detach().double().cpu()
     order = torch.argsort(scores, stable=True)  # stable: ties keep channel order
     return Ranking(conv.name, criterion, target, tuple(scores.tolist()), tuple(order.tolist()))
@@ -112,7 +113,7 @@ class _Stats:
         return {k: (v / self.count[k]).cpu() for k, v in self.sums.items()}
 
 
-def _watchers(convs: list[ConvInfo], target: str, needs: dict[str, set[str]], stats: dict[str, _Stats]
+def _watchers(convs: list[ConvSite], target: str, needs: dict[str, set[str]], stats: dict[str, _Stats]
               ) -> dict[str, Callable]:
     """Forward watchers that fold each layer's activations into its statistics as batches go by."""
     watchers: dict[str, Callable] = {}
@@ -120,7 +121,7 @@ def _watchers(convs: list[ConvInfo], target: str, needs: dict[str, set[str]], st
         want, st = needs.get(conv.name, set()), stats[conv.name]
         at_mask = want & {"mean", "abs_mean", "taylor"}
         if at_mask:
-            module = conv.bn if target == "output" else conv.name
+            module = (conv.bn or conv.name) if target == "output" else conv.name
             watchers[module] = _mask_point_watcher(st, at_mask, target)
         if "seed" in want:  # the report: per-batch mean of the conv's raw output, averaged over batches
             watchers.setdefault(conv.name, lambda i, o: None)
@@ -153,7 +154,7 @@ def _mask_point_watcher(st: _Stats, want: set[str], target: str) -> Callable:
     return fold
 
 
-def rank_all(model: ResNet18, convs: list[ConvInfo], criteria: list[str], target: str,
+def rank_all(model: nn.Module, convs: list[ConvSite], criteria: list[str], target: str,
              images: Tensor, labels: Tensor, batch_size: int, seed: int) -> dict[tuple[str, str], Ranking]:
     """Rankings for every (layer, criterion) from one pass over the calibration images."""
     needs = {c.name: {CRITERIA[k].stat for k in criteria if CRITERIA[k].stat} for c in convs}

@@ -1,6 +1,6 @@
 """The layer sweep: for one (layer, criterion), every K evaluated on a cached prefix (DESIGN §7, §8).
 
-Everything before the mask point is computed once and kept on the device (the cut of `model.split`); each K
+Everything before the mask point is computed once and kept on the device (the cut of `model.graph`); each K
 then runs only what comes after it, accumulating mean feature maps in the same pass. When the cache would not
 fit in the memory allowed, the eval set is taken in chunks: each chunk is cached once and every K is tallied
 on it, which gives the same sums as one whole pass.
@@ -17,9 +17,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from model.layers import ConvInfo
-from model.resnet import ResNet18
-from model.split import Split
+from model.graph import ConvSite
+from model.graph import Cut, trace
 from runner.engine.criteria import Ranking
 from runner.engine.device import fast_math, free_memory_bytes, uses_channels_last
 from runner.engine.evaluate import Tally, evaluate
@@ -93,14 +92,24 @@ def _chunks(per_batch: int, batches: int, cache_bytes: int) -> list[range]:
     return [range(i, min(batches, i + per)) for i in range(0, batches, per)]
 
 
-def sweep_layer(model: ResNet18, conv: ConvInfo, target: str, ranking: Ranking, ks: Sequence[int],
-                evalset: EvalSet, convs: dict[str, ConvInfo], cache_bytes: int | None = None,
+_TRACED: list = []  # [(model, its graph)]: the last network traced (the graph holds the model)
+
+
+def traced(model: torch.nn.Module) -> torch.fx.GraphModule:
+    """The model's fx graph, traced once per model object: a worker sweeps many layers of one network."""
+    if not _TRACED or _TRACED[0][0] is not model:
+        _TRACED[:] = [(model, trace(model))]
+    return _TRACED[0][1]
+
+
+def sweep_layer(model: torch.nn.Module, conv: ConvSite, target: str, ranking: Ranking, ks: Sequence[int],
+                evalset: EvalSet, convs: dict[str, ConvSite], cache_bytes: int | None = None,
                 feature_maps: bool = True) -> Iterator[Point]:
     """Points for K in ascending order; each is yielded as soon as it is measured (after the last chunk when
     the cache had to be chunked)."""
     ks = sorted(ks)
     device = evalset.inputs[0].device
-    split = Split(model, conv, target)
+    split = Cut(traced(model), conv, target)
     channels = channels_of(conv, target)
     with torch.inference_mode(), fast_math(device):
         first = split.prefix(evalset.inputs[0])  # its size decides the chunking; it is kept as batch 0's cache
@@ -133,8 +142,8 @@ def sweep_layer(model: ResNet18, conv: ConvInfo, target: str, ranking: Ranking, 
         yield _point(conv, target, ranking, k, channels, tallies[k], seconds[k], convs)
 
 
-def _point(conv: ConvInfo, target: str, ranking: Ranking, k: int, channels: int, tally: Tally, seconds: float,
-           convs: dict[str, ConvInfo]) -> Point:
+def _point(conv: ConvSite, target: str, ranking: Ranking, k: int, channels: int, tally: Tally, seconds: float,
+           convs: dict[str, ConvSite]) -> Point:
     started = time.perf_counter()
     result = tally.result()  # the host sync: the point's time includes finishing its device work
     saved = savings(conv, target, k, convs)

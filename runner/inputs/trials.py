@@ -9,13 +9,15 @@ from dataclasses import dataclass
 
 import torch
 
-from model.layers import ConvInfo, list_convs
+from model.graph import ConvSite, list_convs
 from runner.config import MAX_POINTS, Grid, KSpec
 from runner.engine.criteria import CRITERIA
 from runner.engine.prune import channels_of
 from runner.errors import InputError
 from runner.inputs.models import build_for
 from runner.outputs.results import TrialId
+
+IMAGE_SIZE = 32  # the datasets' images (synthetic, cifar10, npz)
 
 
 @dataclass(frozen=True)
@@ -45,8 +47,8 @@ class Trial:
 
 @dataclass(frozen=True)
 class TrialPlan:
-    convs: tuple[ConvInfo, ...]  # every conv of the network
-    layers: tuple[ConvInfo, ...]  # the ones swept, in forward order
+    convs: tuple[ConvSite, ...]  # every conv of the network
+    layers: tuple[ConvSite, ...]  # the ones swept, in forward order
     criteria: tuple[str, ...]
     target: str
     trials: tuple[Trial, ...]
@@ -56,12 +58,15 @@ class TrialPlan:
         return sum(len(t.ks) for t in self.trials)
 
     @property
-    def table(self) -> dict[str, ConvInfo]:
+    def table(self) -> dict[str, ConvSite]:
         return {c.name: c for c in self.convs}
 
     def describe(self) -> list[str]:
         """Human-readable lines: the layers with channel counts and K values, criteria, totals."""
-        lines = [f"target: {self.target}   criteria: {', '.join(self.criteria)}", "layers:"]
+        side = [c.name for c in self.convs if c.shortcut]
+        lines = [f"convs found in the graph: {len(self.convs)}" + (f" ({len(side)} side branches: "
+                 f"{', '.join(side)})" if side else ""),
+                 f"target: {self.target}   criteria: {', '.join(self.criteria)}", "layers:"]
         width = max(len(c.name) for c in self.layers)
         ks = {t.layer: t.ks for t in self.trials}
         for c in self.layers:
@@ -72,7 +77,7 @@ class TrialPlan:
         return lines
 
 
-def select_layers(convs: list[ConvInfo], wanted: str | list[str], include_shortcuts: bool) -> list[ConvInfo]:
+def select_layers(convs: list[ConvSite], wanted: str | list[str], include_shortcuts: bool) -> list[ConvSite]:
     """Layers named by `all`, exact names or glob patterns, in forward order."""
     pool = [c for c in convs if include_shortcuts or not c.shortcut]
     if wanted == "all":
@@ -112,7 +117,7 @@ def plan_trials(grid: Grid) -> TrialPlan:
     sweep = grid.sweep
     with torch.device("meta"):  # shapes only: no memory, no time
         model = build_for(grid, pretrained=False)
-    convs = list_convs(model)
+    convs = list_convs(model, IMAGE_SIZE)
     for i, name in enumerate(sweep.criteria):
         if name not in CRITERIA:
             raise InputError(f"sweep.criteria[{i}]", name, "unknown criterion", ", ".join(CRITERIA),

@@ -17,7 +17,7 @@ from typing import Any, Iterator
 import numpy as np
 import torch
 
-from model.layers import ConvInfo
+from model.graph import ConvSite
 from model.zoo import Spec, build
 from runner.engine.criteria import Ranking
 from runner.engine.device import place, tune_allocator
@@ -37,7 +37,7 @@ class Shared:
     mean: tuple[float, ...]
     std: tuple[float, ...]
     eval_images: Images
-    convs: dict[str, ConvInfo]
+    convs: dict[str, ConvSite]
     rankings: dict[tuple[str, str], Ranking]
     ks: dict[tuple[str, str], tuple[int, ...]]  # per trial
     board: str  # name of the driver's ProgressBoard actor
