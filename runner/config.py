@@ -104,6 +104,12 @@ class DataConfig(Section):
     train_size: int | None = Field(None, ge=1)  # first N train images (after the calibration hold-out); null = all
     synthetic_train: int = Field(16_000, ge=100, le=1_000_000)  # synthetic: generated train images
     synthetic_test: int = Field(2_000, ge=100, le=1_000_000)  # synthetic: generated test images
+    # the normalisation, per channel in [0, 1] pixel units: required with a foreign checkpoint (a plain
+    # state_dict), otherwise it overrides the checkpoint's own
+    mean: Annotated[list[float] | None, Field(min_length=3, max_length=3), Allowed("three numbers (R, G, B)")] = None
+    std: Annotated[list[Annotated[float, Field(gt=0)]] | None, Field(min_length=3, max_length=3),
+                   Allowed("three numbers > 0 (R, G, B)")] = None
+    image_size: int | None = Field(None, ge=8, le=1024)  # side of the square images; null = 32 (our datasets)
 
     @field_validator("train", "test")
     @classmethod

@@ -99,3 +99,23 @@ def test_bad_source_form(arch):
         parse_grid({"model": {"arch": arch}}, "g.yaml")
     assert str(e.value).startswith(f"g.yaml: model.arch: not a known model source: got '{arch}'; allowed: resnet18, "
                                    "torchvision:<builder>, timm:<name>, python:<module>:<callable>")
+
+
+def test_untraceable_factory_is_one_line_at_the_plan(tmp_path):
+    from runner.inputs.trials import plan_trials
+
+    (tmp_path / "gated.py").write_text(textwrap.dedent("""
+        from torch import nn
+        class Gate(nn.Module):
+            def forward(self, x):
+                return x if x.sum() > 0 else -x
+        def net():
+            return nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), Gate(), nn.AdaptiveAvgPool2d(1),
+                                 nn.Flatten(), nn.Linear(4, 10))
+    """))
+    grid_file = tmp_path / "g.yaml"
+    grid_file.write_text("model: {arch: 'python:gated:net'}\n")
+    with pytest.raises(InputError) as e:
+        plan_trials(load_grid(grid_file, base=tmp_path))
+    line = str(e.value)
+    assert line.startswith("model.arch: cannot trace") and "'2' (Gate)" in line and "\n" not in line

@@ -6,6 +6,7 @@ naming `checkpoint.path`, and the grid decides whether a missing file is trained
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -47,8 +48,22 @@ def load_spec(path: str | Path, spec: Spec) -> Checkpoint:
 
 
 def load_for(grid: Grid) -> Checkpoint:
-    """The grid's checkpoint, checked against its model section."""
-    return load_spec(grid.checkpoint.path, spec_of(grid.model))
+    """The grid's checkpoint, checked against its model section; a foreign one (a plain state_dict) takes its
+    normalisation and image size from the grid's data section, which must then give them."""
+    loaded = load_spec(grid.checkpoint.path, spec_of(grid.model))
+    data = grid.data
+    if loaded.meta.get("foreign"):
+        need = [f"data.{k}" for k in ("mean", "std", "image_size") if getattr(data, k) is None]
+        if need:
+            raise InputError(need[0], None, "a plain state_dict carries no normalisation or image size",
+                             "per-channel mean and std in [0, 1] units, and the image side in pixels",
+                             f"add {', '.join(need)} to the grid (e.g. mean: [0.485, 0.456, 0.406], "
+                             "std: [0.229, 0.224, 0.225], image_size: 224)")
+    if data.mean is not None or data.std is not None:
+        meta = dict(loaded.meta)
+        meta.update({k: list(getattr(data, k)) for k in ("mean", "std") if getattr(data, k) is not None})
+        loaded = replace(loaded, meta=meta)
+    return loaded
 
 
 def existing(grid: Grid) -> Checkpoint | None:

@@ -159,7 +159,7 @@ def ensure_checkpoint(grid: Grid, data: Dataset, loaded: Checkpoint | None = Non
         train_checkpoint(grid, data)
         loaded = checkpoints.load_for(grid)
     trained_on = loaded.meta.get("dataset"), tuple(loaded.meta.get("classes", ()))
-    if trained_on != (data.name, data.classes):
+    if not loaded.meta.get("foreign") and trained_on != (data.name, data.classes):
         raise InputError(checkpoints.FIELD, grid.checkpoint.path, f"trained on {trained_on[0]} with classes "
                          f"{', '.join(trained_on[1][:3])}..., but the grid evaluates {data.name}",
                          "a checkpoint trained on the grid's dataset", "point checkpoint.path at one, or retrain")

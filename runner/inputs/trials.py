@@ -117,7 +117,12 @@ def plan_trials(grid: Grid) -> TrialPlan:
     sweep = grid.sweep
     with torch.device("meta"):  # shapes only: no memory, no time
         model = build_for(grid, pretrained=False)
-    convs = list_convs(model, IMAGE_SIZE)
+    try:
+        convs = list_convs(model, grid.data.image_size or IMAGE_SIZE)
+    except ValueError as e:  # model.graph words what cannot be traced or cut, and where
+        raise InputError("model.arch", grid.model.arch, str(e).splitlines()[0][:300], "a network torch.fx can "
+                         "trace, each conv called once", "make the forward traceable (no data-dependent Python "
+                         "control flow), or wrap that part in a leaf module") from None
     for i, name in enumerate(sweep.criteria):
         if name not in CRITERIA:
             raise InputError(f"sweep.criteria[{i}]", name, "unknown criterion", ", ".join(CRITERIA),
