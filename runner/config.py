@@ -184,7 +184,8 @@ class SweepConfig(Section):
     # all | [names] | glob patterns such as "layer*.conv2"; the list comes first so that its errors are reported
     layers: Annotated[Annotated[list[str], Field(min_length=1)] | Literal["all"],
                       Allowed(LAYERS, fix="write layers: all, or name at least one layer")] = "all"
-    include_shortcuts: bool = False  # `all` and globs: also the 1x1 shortcut convs
+    include_shortcuts: bool = False  # `all` and globs: also the side-branch convs (ResNet's 1x1 shortcuts)
+    unit: Literal["layer", "group"] = "layer"  # group: a coupled channel group (model.groups), masked everywhere
     k: KSpec = KSpec(fractions=[0.125, 0.25, 0.5, 0.75, 1.0])
     criteria: Annotated[list[str], Field(min_length=1), Distinct, Allowed("criterion names")] = [
         "mean_activation", "l1_norm", "random"]
@@ -193,6 +194,13 @@ class SweepConfig(Section):
     batch_size: int = Field(500, ge=1, le=65_536)  # evaluation and calibration batch
     retries: int = Field(2, ge=0, le=100)  # a crashed trial is retried this many times
     feature_map_points: int = Field(3, ge=0, le=100)  # K values per layer whose feature maps go to disk
+
+    @model_validator(mode="after")
+    def _group_output(self) -> "SweepConfig":
+        if self.unit == "group" and self.target != "output":
+            raise _invalid("unit: group masks its members' outputs", "target: output with unit: group",
+                           "set sweep.target: output, or sweep.unit: layer")
+        return self
 
     @field_validator("layers", mode="before")
     @classmethod

@@ -72,3 +72,35 @@ def test_plan_of_a_torchvision_grid(tmp_path):
     plan = plan_trials(parse_grid(raw, "g.yaml"))
     assert len(plan.convs) == 52 and plan.convs[0].name == "features.0.0"
     assert plan.describe()[0] == "convs found in the graph: 52"
+
+
+def test_group_sweep_equals_the_full_forward_with_the_group_masked(tmp_path):
+    """unit: group through the engine: the group's channels masked in every member, measured on the cached
+    suffix, give the accuracy and loss of the whole network run with the group masked by hooks."""
+    from model.groups import masked_group
+    from runner.engine.criteria import group_rankings, rank_all
+    from runner.engine.evaluate import evaluate
+    from runner.engine.measure import EvalSet, sweep_layer
+
+    raw = tiny_grid_dict(tmp_path)
+    raw["model"] = {"arch": "torchvision:mobilenet_v2", "kwargs": {"width_mult": 0.25}}
+    raw["sweep"].update(unit="group", criteria=["l1_norm", "random"], k=[1, 4])
+    plan = plan_trials(parse_grid(raw, "g.yaml"))
+    assert plan.unit == "group" and len(plan.groups) == len(plan.layers) > 10
+    torch.manual_seed(0)
+    model = scramble_bn(build(NETS["mobilenet_v2"]), seed=1).eval()
+    rankings = group_rankings(plan.groups, rank_all(model, list(plan.ranked), ["l1_norm", "random"], "output",
+                                                    X, torch.tensor([1, 2]), 2, 0))
+    y = torch.tensor([3, 5])
+    evalset = EvalSet([X], [y], 10)
+    convs = {c.name: c for c in plan.convs}
+    residual = next(g for g in plan.groups if sum(m.kind == "conv" and m.dim == "out" for m in g.members) > 1)
+    for group in (plan.groups[1], residual):
+        ranking = rankings[(group.name, "l1_norm")]
+        points = list(sweep_layer(model, plan.units[group.name], "output", ranking, [1, 4], evalset, convs,
+                                  feature_maps=False))
+        assert [p.unit for p in points] == ["group", "group"] and points[1].macs_removed > points[0].macs_removed > 0
+        for p in points:
+            with torch.inference_mode(), masked_group(model, group, ranking.order[:p.k]):
+                full = evaluate(model, [X], [y], 10).result()
+            assert (p.accuracy, p.loss) == (full.accuracy, full.loss), (group.name, p.k)

@@ -46,7 +46,7 @@ def plan_error(sweep: dict, width: float = 0.25) -> str:
      "modle: unknown key: got 'modle'; allowed: name, seed, model, data, checkpoint, sweep, resources, wandb, "
      "output; fix: remove it or correct its spelling"),
     ("unknown_key_nested.yaml",
-     "sweep.criterion: unknown key: got 'criterion'; allowed: layers, include_shortcuts, k, criteria, target, "
+     "sweep.criterion: unknown key: got 'criterion'; allowed: layers, include_shortcuts, unit, k, criteria, target, "
      "calibration, batch_size, retries, feature_map_points; fix: remove it or correct its spelling"),
     ("unknown_key_train.yaml",
      "checkpoint.train.learning_rate: unknown key: got 'learning_rate'; allowed: recipe, epochs, batch_size, "

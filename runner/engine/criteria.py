@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import zlib
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -18,6 +18,7 @@ from torch import Tensor, nn
 
 from model.capture import watch
 from model.graph import ConvSite
+from model.groups import Group
 
 
 @dataclass(frozen=True)
@@ -179,3 +180,26 @@ def rank_all(model: nn.Module, convs: list[ConvSite], criteria: list[str], targe
             view = View(conv, target, modules, means, seed)
             rankings[(conv.name, name)] = ranking_of(conv, name, target, CRITERIA[name].score(view))
     return rankings
+
+
+def group_rankings(groups: Sequence[Group], rankings: dict[tuple[str, str], Ranking]) -> dict[tuple[str, str], Ranking]:
+    """A group's ranking per criterion from its member convs' own (output-channel) rankings: each member's
+    scores are divided by their mean absolute value (members of any scale weigh the same), then a group
+    channel's score is the mean over the member conv channels that hold it."""
+    out = {}
+    criteria = sorted({c for _, c in rankings}, key=list(dict.fromkeys(c for _, c in rankings)).index)
+    for group in groups:
+        members = [m for m in group.members if m.kind == "conv" and m.dim == "out"]
+        for criterion in criteria:
+            total = torch.zeros(group.channels, dtype=torch.float64)
+            count = torch.zeros(group.channels, dtype=torch.float64)
+            for m in members:
+                scores = torch.tensor(rankings[(m.name, criterion)].scores, dtype=torch.float64)
+                scores = scores / scores.abs().mean().clamp_min(1e-30)
+                total.index_add_(0, torch.tensor(m.root), scores[list(m.idxs)])
+                count.index_add_(0, torch.tensor(m.root), torch.ones(len(m.root), dtype=torch.float64))
+            scores = total / count.clamp_min(1)
+            order = torch.argsort(scores, stable=True)
+            out[(group.name, criterion)] = Ranking(group.name, criterion, "output", tuple(scores.tolist()),
+                                                   tuple(order.tolist()))
+    return out

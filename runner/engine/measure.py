@@ -19,11 +19,12 @@ from torch import Tensor
 
 from model.graph import ConvSite
 from model.graph import Cut, trace
+from model.groups import Group, savings as group_savings
 from runner.engine.criteria import Ranking
 from runner.engine.device import fast_math, free_memory_bytes, uses_channels_last
 from runner.engine.evaluate import Tally, evaluate
 from runner.engine.images import Images, to_device
-from runner.engine.prune import channels_of, keep_mask, savings
+from runner.engine.prune import Savings, channels_of, keep_mask, savings
 
 log = logging.getLogger(__name__)
 
@@ -51,7 +52,7 @@ class EvalSet:
 
 @dataclass(frozen=True)
 class Point:
-    """One measured point: layer x criterion x K."""
+    """One measured point: layer (or group) x criterion x K."""
 
     layer: str
     criterion: str
@@ -65,6 +66,7 @@ class Point:
     macs_removed: int
     seconds: float
     maps: dict[str, np.ndarray] = field(default_factory=dict, repr=False)  # "layer", "final": mean maps
+    unit: str = "layer"  # layer | group
 
     @property
     def fraction(self) -> float:
@@ -136,18 +138,22 @@ def sweep_layer(model: torch.nn.Module, conv: ConvSite, target: str, ranking: Ra
                 tallies[k] = evaluate(lambda c: forward(c, k), cache, labels, evalset.num_classes, tallies.get(k))
             seconds[k] += time.perf_counter() - started
             if len(chunks) == 1:
-                yield _point(conv, target, ranking, k, channels, tallies.pop(k), seconds[k], convs)
+                yield _point(model, conv, target, ranking, k, channels, tallies.pop(k), seconds[k], convs)
         del cache
     for k in sorted(tallies):
-        yield _point(conv, target, ranking, k, channels, tallies[k], seconds[k], convs)
+        yield _point(model, conv, target, ranking, k, channels, tallies[k], seconds[k], convs)
 
 
-def _point(conv: ConvSite, target: str, ranking: Ranking, k: int, channels: int, tally: Tally, seconds: float,
+def _point(model: torch.nn.Module, conv: ConvSite | Group, target: str, ranking: Ranking, k: int, channels: int, tally: Tally, seconds: float,
            convs: dict[str, ConvSite]) -> Point:
     started = time.perf_counter()
     result = tally.result()  # the host sync: the point's time includes finishing its device work
-    saved = savings(conv, target, k, convs)
-    return Point(layer=conv.name, criterion=ranking.criterion, target=target, k=k, channels=channels,
+    if isinstance(conv, Group):
+        macs, params = group_savings(model, conv, ranking.order[:k], list(convs.values()))
+        saved = Savings(params, macs)
+    else:
+        saved = savings(conv, target, k, convs)
+    return Point(unit="group" if isinstance(conv, Group) else "layer", layer=conv.name, criterion=ranking.criterion, target=target, k=k, channels=channels,
                  accuracy=result.accuracy, loss=result.loss, per_class=result.per_class,
                  params_removed=saved.params, macs_removed=saved.macs,
                  seconds=round(seconds + time.perf_counter() - started, 4), maps=result.maps)

@@ -17,10 +17,13 @@ import torch
 from torch import Tensor, nn
 
 from model.graph import ConvSite
+from model.groups import Group
 
 
-def channels_of(conv: ConvSite, target: str) -> int:
-    """Size of the pruned dimension."""
+def channels_of(conv: ConvSite | Group, target: str) -> int:
+    """Size of the pruned dimension (a group's channels, for unit: group)."""
+    if isinstance(conv, Group):
+        return conv.channels
     return conv.out_channels if target == "output" else conv.in_channels
 
 

@@ -10,6 +10,7 @@ from dataclasses import dataclass
 import torch
 
 from model.graph import ConvSite, list_convs
+from model.groups import Group, list_groups
 from runner.config import MAX_POINTS, Grid, KSpec
 from runner.engine.criteria import CRITERIA
 from runner.engine.prune import channels_of
@@ -48,10 +49,25 @@ class Trial:
 @dataclass(frozen=True)
 class TrialPlan:
     convs: tuple[ConvSite, ...]  # every conv of the network
-    layers: tuple[ConvSite, ...]  # the ones swept, in forward order
+    layers: tuple[ConvSite, ...]  # the ones swept, in forward order (unit: group: the groups' naming convs)
     criteria: tuple[str, ...]
     target: str
     trials: tuple[Trial, ...]
+    unit: str = "layer"
+    groups: tuple[Group, ...] = ()  # unit: group: the swept groups, in the order of `layers`
+
+    @property
+    def units(self) -> dict[str, ConvSite | Group]:
+        """The swept units by name: convs, or groups (a group is named by its first conv)."""
+        return {g.name: g for g in self.groups} if self.unit == "group" else {c.name: c for c in self.layers}
+
+    @property
+    def ranked(self) -> tuple[ConvSite, ...]:
+        """The convs to rank: the swept ones, or every conv member of a swept group."""
+        if self.unit == "layer":
+            return self.layers
+        names = {m.name for g in self.groups for m in g.members if m.kind == "conv" and m.dim == "out"}
+        return tuple(c for c in self.convs if c.name in names)
 
     @property
     def points(self) -> int:
@@ -66,7 +82,9 @@ class TrialPlan:
         side = [c.name for c in self.convs if c.shortcut]
         lines = [f"convs found in the graph: {len(self.convs)}" + (f" ({len(side)} side branches: "
                  f"{', '.join(side)})" if side else ""),
-                 f"target: {self.target}   criteria: {', '.join(self.criteria)}", "layers:"]
+                 f"target: {self.target}   criteria: {', '.join(self.criteria)}"
+                 + (f"   unit: group ({len(self.groups)} groups, each named by its first conv)"
+                    if self.unit == "group" else ""), "groups:" if self.unit == "group" else "layers:"]
         width = max(len(c.name) for c in self.layers)
         ks = {t.layer: t.ks for t in self.trials}
         for c in self.layers:
@@ -117,8 +135,9 @@ def plan_trials(grid: Grid) -> TrialPlan:
     sweep = grid.sweep
     with torch.device("meta"):  # shapes only: no memory, no time
         model = build_for(grid, pretrained=False)
+    image_size = grid.data.image_size or IMAGE_SIZE
     try:
-        convs = list_convs(model, grid.data.image_size or IMAGE_SIZE)
+        convs = list_convs(model, image_size)
     except ValueError as e:  # model.graph words what cannot be traced or cut, and where
         raise InputError("model.arch", grid.model.arch, str(e).splitlines()[0][:300], "a network torch.fx can "
                          "trace, each conv called once", "make the forward traceable (no data-dependent Python "
@@ -127,10 +146,18 @@ def plan_trials(grid: Grid) -> TrialPlan:
         if name not in CRITERIA:
             raise InputError(f"sweep.criteria[{i}]", name, "unknown criterion", ", ".join(CRITERIA),
                              "use one of those names")
-    layers = select_layers(convs, sweep.layers, sweep.include_shortcuts)
+    groups: tuple[Group, ...] = ()
+    if sweep.unit == "group":  # Torch-Pruning's dependency graph needs real tensors: a CPU copy, not the plan's
+        found = {g.name: g for g in list_groups(build_for(grid, pretrained=False).eval(), image_size)}
+        pool = [c for c in convs if c.name in found]
+        layers = select_layers(pool, sweep.layers, sweep.include_shortcuts)
+        groups = tuple(found[c.name] for c in layers)
+    else:
+        layers = select_layers(convs, sweep.layers, sweep.include_shortcuts)
+    units = {g.name: g for g in groups}
     trials = []
     for conv in layers:
-        channels = channels_of(conv, sweep.target)
+        channels = channels_of(units.get(conv.name, conv), sweep.target)
         ks = ks_for(sweep.k, channels)
         if ks[-1] > channels:
             raise InputError("sweep.k", sweep.k.form(), f"K = {ks[-1]} is above the {channels} "
@@ -139,6 +166,11 @@ def plan_trials(grid: Grid) -> TrialPlan:
                              "use k: {fractions: [...]} to scale K per layer, or leave that layer out")
         for name in sweep.criteria:
             problem = CRITERIA[name].problem(conv, sweep.target)
+            if groups and not problem:
+                members = [c for c in convs if any(m.name == c.name and m.kind == "conv" and m.dim == "out"
+                                                   for m in units[conv.name].members)]
+                problem = "criterion seed does not apply to groups" if name == "seed" else next(
+                    (p for c in members if (p := CRITERIA[name].problem(c, sweep.target))), None)
             if problem:
                 raise InputError("sweep.criteria", name, problem, "criteria that apply to every swept layer",
                                  "change sweep.target, or sweep that criterion on other layers in its own grid")
@@ -147,4 +179,5 @@ def plan_trials(grid: Grid) -> TrialPlan:
     if points > MAX_POINTS:
         raise InputError("sweep", f"{points:,} points", "the grid is too large", f"at most {MAX_POINTS:,} points",
                          "use fewer layers, K values or criteria")
-    return TrialPlan(tuple(convs), tuple(layers), tuple(sweep.criteria), sweep.target, tuple(trials))
+    return TrialPlan(tuple(convs), tuple(layers), tuple(sweep.criteria), sweep.target, tuple(trials), sweep.unit,
+                     groups)

@@ -10,7 +10,7 @@ import torch
 
 from model.checkpoint import Checkpoint
 from runner.config import Grid
-from runner.engine.criteria import Ranking, rank_all
+from runner.engine.criteria import Ranking, group_rankings, rank_all
 from runner.engine.device import fast_math, pick_device, place
 from runner.engine.evaluate import evaluate
 from runner.engine.measure import EvalSet
@@ -41,8 +41,10 @@ def calibrate(grid: Grid, plan: TrialPlan, data: Dataset, loaded: Checkpoint) ->
     cal = EvalSet.build(calib, mean, std, len(data.classes), device, bs)
     started = time.time()
     with fast_math(device):
-        rankings = rank_all(model, list(plan.layers), list(plan.criteria), plan.target, torch.cat(cal.inputs),
+        rankings = rank_all(model, list(plan.ranked), list(plan.criteria), plan.target, torch.cat(cal.inputs),
                             torch.cat(cal.labels), bs, grid.seed)
+    if plan.unit == "group":  # members' rankings aggregated per group (criteria.group_rankings)
+        rankings = group_rankings(plan.groups, rankings)
     log.info("baseline accuracy %.2f%% on %d images; %d rankings from one pass over %d %s images (%.1f s)",
              baseline, evalset.count, len(rankings), cal.count, grid.sweep.calibration, time.time() - started)
     loaded.model.cpu()  # the state_dict travels to the trials from host memory

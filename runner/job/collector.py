@@ -139,7 +139,7 @@ class Collector(tune.Callback):
 
     def _row(self, result: dict[str, Any]) -> dict[str, Any]:
         c = self.context
-        row = {k: result[k] for k in ("layer", "criterion", "target", "k", "fraction", "channels", "accuracy",
+        row = {k: result[k] for k in ("unit", "layer", "criterion", "target", "k", "fraction", "channels", "accuracy",
                                       "loss", "params_removed", "macs_removed", "seconds", "node", "device",
                                       "per_class_accuracy")}
         row["baseline_accuracy"] = c.baseline

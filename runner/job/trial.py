@@ -37,7 +37,8 @@ class Shared:
     mean: tuple[float, ...]
     std: tuple[float, ...]
     eval_images: Images
-    convs: dict[str, ConvSite]
+    convs: dict[str, ConvSite]  # every conv by name
+    units: dict[str, Any]  # the swept units by name: ConvSites, or Groups (unit: group)
     rankings: dict[tuple[str, str], Ranking]
     ks: dict[tuple[str, str], tuple[int, ...]]  # per trial
     board: str  # name of the driver's ProgressBoard actor
@@ -50,7 +51,7 @@ class Shared:
 def point_metrics(point: Point) -> dict[str, Any]:
     """A point as Tune metrics: scalars, plus the mean feature maps as float16 arrays."""
     return {
-        "layer": point.layer, "criterion": point.criterion, "target": point.target, "k": point.k,
+        "unit": point.unit, "layer": point.layer, "criterion": point.criterion, "target": point.target, "k": point.k,
         "channels": point.channels, "fraction": point.fraction, "accuracy": point.accuracy, "loss": point.loss,
         "per_class_accuracy": list(point.per_class), "params_removed": point.params_removed,
         "macs_removed": point.macs_removed, "seconds": point.seconds,
@@ -110,7 +111,7 @@ def run_trial(config: dict[str, Any], shared: Shared) -> None:
         return
     model, evalset = _network_and_data(shared, device)
     node = ray.get_runtime_context().get_node_id()[:12]
-    points = sweep_layer(model, shared.convs[layer], config["target"], shared.rankings[(layer, criterion)], ks,
+    points = sweep_layer(model, shared.units[layer], config["target"], shared.rankings[(layer, criterion)], ks,
                          evalset, shared.convs, shared.cache_bytes, shared.feature_maps)
     for point in ahead(points):
         _maybe_crash(key, point.k)

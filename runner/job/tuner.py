@@ -51,7 +51,7 @@ def _shared(grid: Grid, plan: TrialPlan, data: Dataset, loaded: Checkpoint, rank
     mean, std = loaded.normalisation
     return Shared(spec=spec_of(grid.model),
                   state_dict=loaded.model.state_dict(), mean=mean, std=std, eval_images=data.test,
-                  convs=plan.table, rankings=rankings,
+                  convs=plan.table, units=plan.units, rankings=rankings,
                   ks={(t.layer, t.criterion): t.ks for t in plan.trials}, board=board_name(grid),
                   batch_size=grid.sweep.batch_size, cache_bytes=cache, feature_maps=True,
                   token=_token(loaded.sha256, data, mean, std, grid.sweep.batch_size))

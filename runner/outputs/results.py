@@ -8,7 +8,7 @@ import os
 from pathlib import Path
 from typing import Any, Iterable, NamedTuple
 
-COLUMNS = ("layer", "criterion", "target", "k", "fraction", "channels", "accuracy", "loss", "baseline_accuracy",
+COLUMNS = ("unit", "layer", "criterion", "target", "k", "fraction", "channels", "accuracy", "loss", "baseline_accuracy",
            "accuracy_drop", "params_removed", "macs_removed", "eval_images", "checkpoint_sha256", "seconds", "node",
            "device", "per_class_accuracy")
 INTS = {"k", "channels", "params_removed", "macs_removed", "eval_images"}
