@@ -94,8 +94,8 @@ class ModelConfig(Section):
 
 
 class DataConfig(Section):
-    dataset: Literal["synthetic", "cifar10", "npz"] = "synthetic"
-    root: str = "data"  # cifar10: torchvision's folder
+    dataset: Literal["synthetic", "cifar10", "npz", "imagefolder"] = "synthetic"
+    root: str = "data"  # cifar10: torchvision's folder; imagefolder: holds train/ and test/ (or val/)
     download: bool = True  # cifar10: allowed to download
     train: str | None = Field(None, validate_default=True)  # npz: train arrays file
     test: str | None = Field(None, validate_default=True)  # npz: test arrays file
@@ -110,6 +110,9 @@ class DataConfig(Section):
     std: Annotated[list[Annotated[float, Field(gt=0)]] | None, Field(min_length=3, max_length=3),
                    Allowed("three numbers > 0 (R, G, B)")] = None
     image_size: int | None = Field(None, ge=8, le=1024)  # side of the square images; null = 32 (our datasets)
+    resize: int | None = Field(None, ge=8, le=4096)  # imagefolder: shorter side before the center crop;
+    # null = image_size * 8 / 7 (256 for 224)
+    cache: str | None = None  # imagefolder: the decoded uint8 array file; null = next to the data
 
     @field_validator("train", "test")
     @classmethod
@@ -268,7 +271,8 @@ class Grid(Section):
         def absolute(p: str | None) -> str | None:
             return None if p is None else str((base / os.path.expanduser(p)).resolve())
 
-        data = self.data.model_copy(update={k: absolute(getattr(self.data, k)) for k in ("root", "train", "test")})
+        data = self.data.model_copy(update={k: absolute(getattr(self.data, k))
+                                            for k in ("root", "train", "test", "cache")})
         checkpoint = self.checkpoint.model_copy(update={"path": absolute(self.checkpoint.path)})
         model = self.model.model_copy(update={"python_path": absolute(self.model.python_path)})
         storage = self.resources.tune_storage

@@ -144,7 +144,7 @@ def test_yaml_syntax_error_names_the_line(tmp_path):
      "model.width: out of range: got 0; allowed: greater than 0; "
      "fix: change model.width in the grid file (or --set model.width=...)"),
     ({"data": {"dataset": "mnist"}},
-     "data.dataset: not allowed: got 'mnist'; allowed: 'synthetic', 'cifar10' or 'npz'; "
+     "data.dataset: not allowed: got 'mnist'; allowed: 'synthetic', 'cifar10', 'npz' or 'imagefolder'; "
      "fix: change data.dataset in the grid file (or --set data.dataset=...)"),
     ({"data": {"dataset": "npz", "test": "t.npz"}},
      "data.train: required when data.dataset is npz: got None; allowed: a path to an .npz file with images and "
