@@ -29,13 +29,13 @@ from typing import Any, Callable, Iterator
 import torch
 
 from model.graph import ConvSite
-from model.split import Split
+from model.graph import Cut
 from runner.cli import Parser, run_main
 from runner.config import Grid, load_grid
 from runner.engine.criteria import rank_all
 from runner.engine.device import fast_math, host_available_bytes, pick_device, place
 from runner.engine.evaluate import evaluate
-from runner.engine.measure import EvalSet, cache_nbytes, sweep_layer
+from runner.engine.measure import EvalSet, cache_nbytes, sweep_layer, traced
 from runner.engine.prune import keep_mask, zero_weights
 from runner.engine.reference import seed_loop as reference_loop
 from runner.errors import EXIT_FAILED
@@ -194,7 +194,7 @@ def floor(s: Setup, orders: dict[str, tuple[int, ...]]) -> Timing:
     t = Timing("d: floor")
     model = _fresh_model(s)
     for conv in s.layers:
-        split = Split(model, conv, "output")
+        split = Cut(traced(model), conv, "output")
         with torch.inference_mode(), fast_math(s.device):
             cache = [split.prefix(x) for x in s.evalset.inputs]
             for k in s.ks[conv.name]:
@@ -256,7 +256,7 @@ def _largest_cache(s: Setup) -> tuple[int, str]:
     sizes = {}
     with torch.inference_mode(), fast_math(s.device):
         for conv in s.layers:
-            first = Split(model, conv, "output").prefix(s.evalset.inputs[0])
+            first = Cut(traced(model), conv, "output").prefix(s.evalset.inputs[0])
             sizes[conv.name] = cache_nbytes(first) * s.evalset.count // len(s.evalset.labels[0])
     layer = max(sizes, key=sizes.get)
     return sizes[layer], layer

@@ -2,7 +2,7 @@
 
 `target: output` removes filter c of conv L and its BN channel: the channel is exactly zero after L's BN.
 `target: input` zeroes input channel c of L (`conv.weight[:, c] = 0`, the seed's operation). Pruning is a
-mask on activations applied inside a scope (`masked`) or at the cut (`model.split`); weights are never
+mask on activations applied inside a scope (`masked`) or at the cut (`model.graph.Cut`); weights are never
 edited per point. `surgery` is the weight-editing equivalent, kept to prove the two agree.
 """
 
