@@ -177,7 +177,8 @@ def dry_run(opts: Options) -> list[str]:
                 f"{loaded.meta.get('test_accuracy', float('nan')):.2f}%"
     else:
         state = "missing: it will be trained first"
-    head = [f"sweep {grid.name}: {grid.model.arch} width {grid.model.width:g}, data {data}, output {grid.folder}",
+    arch = grid.model.arch + (f" width {grid.model.width:g}" if grid.model.arch == "resnet18" else "")
+    head = [f"sweep {grid.name}: {arch}, data {data}, output {grid.folder}",
             f"checkpoint {grid.checkpoint.path} ({state})"]
     return head + plan.describe()
 

@@ -17,6 +17,7 @@ from ray.tune.progress_reporter import TrialProgressCallback
 from model.checkpoint import Checkpoint
 from model.layers import ConvInfo
 from runner.config import Grid
+from runner.inputs.models import spec_of
 from runner.inputs.data import Dataset
 from runner.inputs.trials import TrialPlan
 from runner.job.calibration import Calibrated
@@ -45,9 +46,9 @@ def board_name(grid: Grid) -> str:
 def _shared(grid: Grid, plan: TrialPlan, data: Dataset, loaded: Checkpoint, rankings: dict) -> Shared:
     cache = None if grid.resources.cache_gb == "auto" else int(grid.resources.cache_gb * 2**30)
     mean, std = loaded.normalisation
-    return Shared(arch=grid.model.arch, width=grid.model.width, num_classes=grid.model.num_classes,
+    return Shared(spec=spec_of(grid.model),
                   state_dict=loaded.model.state_dict(), mean=mean, std=std, eval_images=data.test,
-                  convs=plan.table, rankings=rankings,
+                  convs=plan.table, units=plan.units, rankings=rankings,
                   ks={(t.layer, t.criterion): t.ks for t in plan.trials}, board=board_name(grid),
                   batch_size=grid.sweep.batch_size, cache_bytes=cache, feature_maps=True,
                   token=_token(loaded.sha256, data, mean, std, grid.sweep.batch_size))
