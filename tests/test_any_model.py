@@ -5,7 +5,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import scramble_bn, tiny_grid_dict
+from conftest import scramble_bn
+from e2e_helpers import grid_dict
 
 from model.graph import list_convs
 from model.zoo import Spec, build
@@ -66,7 +67,7 @@ def test_side_branches_and_consumers_of_torchvision_resnet18():
 
 
 def test_plan_of_a_torchvision_grid(tmp_path):
-    raw = tiny_grid_dict(tmp_path)
+    raw = grid_dict(tmp_path)
     raw["model"] = {"arch": "torchvision:mobilenet_v2", "kwargs": {"width_mult": 0.25}}
     raw["sweep"]["include_shortcuts"] = True
     plan = plan_trials(parse_grid(raw, "g.yaml"))
@@ -82,7 +83,7 @@ def test_group_sweep_equals_the_full_forward_with_the_group_masked(tmp_path):
     from runner.engine.evaluate import evaluate
     from runner.engine.measure import EvalSet, sweep_layer
 
-    raw = tiny_grid_dict(tmp_path)
+    raw = grid_dict(tmp_path)
     raw["model"] = {"arch": "torchvision:mobilenet_v2", "kwargs": {"width_mult": 0.25}}
     raw["sweep"].update(unit="group", criteria=["l1_norm", "random"], k=[1, 4])
     plan = plan_trials(parse_grid(raw, "g.yaml"))
