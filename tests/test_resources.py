@@ -10,7 +10,7 @@ import re
 
 import pytest
 import yaml
-from e2e_helpers import e2e, grid_dict, refused, run_cli, write_grid
+from e2e_helpers import e2e, grid_dict, run_cli, write_grid
 
 from runner.config import ResourcesConfig
 from runner.errors import InputError
@@ -160,11 +160,13 @@ def test_an_impossible_resource_request_exits_2_with_one_line_within_seconds(swe
         "layers": ["conv1"], "k": [1], "criteria": ["l1_norm"]}))
     # a process of its own, with a time limit: Tune waiting forever for a node fails the test instead of hanging it
     run = run_cli(["--grid", str(grid), "--set", "resources.gpus_per_trial=64"], cwd=tmp_path, timeout=120)
-    assert re.fullmatch(
+    assert run.returncode == 2, run.explain()
+    assert len(run.err_lines) == 1 and re.fullmatch(
         r"error: --set resources.gpus_per_trial=64: resources.gpus_per_trial: no node of the Ray cluster has that "
         r"many GPUs \(1 node\(s\), not autoscaling, at most \d+ CPUs and \d+ GPUs on a node\): got 64; allowed: "
-        r"(0 or auto \(no node has a GPU\)|at most \d+, or auto); fix: set "
-        r"resources.gpus_per_trial: auto, or join a cluster with GPUs \(--address\)", refused(run)), run.explain()
+        r"(0 or auto \(no node has a GPU\)|at most \d+, or auto); fix: set resources.gpus_per_trial: auto, or join a "
+        r"cluster with GPUs \(--address\)", run.err_lines[0]), run.explain()
+    assert run.stdout == ""
     assert not (tmp_path / "runs").exists()  # refused before the output folder is made
 
 
