@@ -252,7 +252,7 @@ def test_plan_section_defaults_and_issue_example() -> None:
                       "fix: change plan.round_to in the grid file (or --set plan.round_to=...)"),
     ({"finetune": {"epoch": 2}}, "g.yaml: plan.finetune.epoch: unknown key: got 'epoch'; allowed: recipe, epochs, "
                                  "batch_size, optimizer, lr, momentum, nesterov, weight_decay, label_smoothing, "
-                                 "schedule; fix: remove it or correct its spelling"),
+                                 "schedule, normalise; fix: remove it or correct its spelling"),
 ])
 def test_plan_section_errors_are_one_line(raw: dict, message: str) -> None:
     with pytest.raises(InputError) as e:

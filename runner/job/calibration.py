@@ -40,6 +40,7 @@ class Calibrated:
     rankings: dict[tuple[str, str], Ranking]
     reused: int = 0
     entries: dict[str, Any] | None = None
+    note: str = ""  # what was ranked and read, in words: logged once the sweep holds its folder
 
     def save(self, folder: Path) -> None:
         """rankings.json in the output folder, when this calibration ranked something new."""
@@ -57,14 +58,16 @@ def calibrate(grid: Grid, plan: TrialPlan, data: Dataset, loaded: Checkpoint, re
                 for t in plan.trials if t.id.key in entries}
     reused = len(rankings)
     missing = [t for t in plan.trials if (t.layer, t.criterion) not in rankings]
+    notes = [f"{reused} rankings read from {path}"] if reused else []
     if missing:
+        started = time.time()
         rankings |= rank_trials(grid, plan, data, loaded, missing)
         entries |= {TrialId(*key).key: entry_of(rankings[key]) for key in
                     [(t.layer, t.criterion) for t in missing]}
-    if reused:
-        log.info("%d rankings read from %s%s", reused, path,
-                 f"; {len(missing)} ranked now and added to it" if missing else "")
-    return Calibrated(rankings, reused, entries if missing else None)
+        images = len(data.calibration if grid.sweep.calibration == "holdout" else data.test)
+        notes.append(f"{len(missing)} rankings from one pass over {images} {grid.sweep.calibration} images "
+                     f"({time.time() - started:.1f} s)")
+    return Calibrated(rankings, reused, entries if missing else None, "; ".join(notes))
 
 
 def rank_trials(grid: Grid, plan: TrialPlan, data: Dataset, loaded: Checkpoint, trials: list[Trial] | None = None
@@ -82,8 +85,8 @@ def rank_trials(grid: Grid, plan: TrialPlan, data: Dataset, loaded: Checkpoint, 
     started = time.time()
     rankings = rank_all(model, layers, criteria, plan.target, torch.cat(cal.inputs), torch.cat(cal.labels), bs,
                         grid.sweep.random_seed, grid.sweep.random_repeats)
-    log.info("%d rankings from one pass over %d %s images (%.1f s)", len(rankings), cal.count,
-             grid.sweep.calibration, time.time() - started)
+    log.debug("%d rankings from one pass over %d %s images (%.1f s)", len(rankings), cal.count,
+              grid.sweep.calibration, time.time() - started)
     loaded.model.cpu()  # the state_dict travels to the trials from host memory
     return {(t.layer, t.criterion): rankings[(t.layer, t.criterion)] for t in trials}
 

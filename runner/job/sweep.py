@@ -105,6 +105,10 @@ def run_sweep(opts: Options) -> Outcome:
                 ready = pool.submit(_calibrated, grid, plan, given, existing, opts.resume, timeline)
             data, calibrated, holdout = ready.result()
             calibrated.save(grid.folder)
+            log.info("%s", calibrated.note)  # said only now: a sweep refused its folder says nothing else
+            if holdout == "unknown":
+                log.warning("checkpoint %s does not record which training images it was trained without: the "
+                            "calibration hold-out cannot be checked (the report says so)", existing.path)
             experiment, restore = _experiment(grid, plan, existing, opts.resume, tracking.sweep_id)
             trials = tuner.run_trials(grid, plan, data, existing, calibrated, experiment, restore, tracker,
                                       tracking)
@@ -191,9 +195,6 @@ def _calibrated(grid: Grid, plan: TrialPlan, given: Dataset | None, loaded: Chec
     data = given or load_data(grid.data, grid.model.num_classes, grid.seed)
     ensure_checkpoint(grid, data, loaded)
     holdout = checkpoints.check_holdout(grid, loaded, data.holdout)
-    if holdout == "unknown":
-        log.warning("checkpoint %s does not record which training images it was trained without: the calibration "
-                    "hold-out cannot be checked (the report says so)", loaded.path)
     timeline.mark("data")
     calibrated = calibrate(grid, plan, data, loaded, resume)
     timeline.mark("calibration")
