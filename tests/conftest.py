@@ -86,7 +86,7 @@ def cli(monkeypatch, capsys):
     """`prune-sweep sweep ARGS` in this process: `cli(ARGS, cwd=FOLDER, env={...})` runs the command's own entry
     point in that folder, with the developer's W&B and Ray settings removed and `env` added, and returns its exit
     code and what it printed (a CliRun). Sweeps that get as far as Ray need the `ray_session` fixture too."""
-    from runner.cli import main
+    from runner.cli import OURS, main
 
     def run(args: list[str], *, cwd: Path, env: dict[str, str] | None = None) -> CliRun:
         monkeypatch.chdir(cwd)
@@ -94,16 +94,18 @@ def cli(monkeypatch, capsys):
             monkeypatch.delenv(key, raising=False)
         for key, value in (env or {}).items():
             monkeypatch.setenv(key, value)
-        root = logging.getLogger()
-        saved = root.handlers[:], root.level, logging.raiseExceptions
+        # the command configures logging for the process: the root logger's handlers and level, and its own
+        # loggers' levels (runner.cli.OURS); the session gets its own back afterwards
+        loggers = [logging.getLogger(), *(logging.getLogger(name) for name in OURS)]
+        handlers, levels, raise_exceptions = loggers[0].handlers[:], [g.level for g in loggers], logging.raiseExceptions
         capsys.readouterr()
         started = time.time()
         try:
             code = main(["sweep", *args])
         finally:
-            # the command configures logging for the process: give the test session its own back
-            root.handlers[:], logging.raiseExceptions = saved[0], saved[2]
-            root.setLevel(saved[1])
+            loggers[0].handlers[:], logging.raiseExceptions = handlers, raise_exceptions
+            for logger, level in zip(loggers, levels):
+                logger.setLevel(level)
         out, err = capsys.readouterr()
         return CliRun(code, out, err, time.time() - started)
 

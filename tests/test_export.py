@@ -14,7 +14,8 @@ import numpy as np
 import onnx
 import pytest
 import torch
-from conftest import ROOT, tiny_grid_dict
+from conftest import ROOT
+from e2e_helpers import grid_dict
 from test_removal import calibrated
 from torch import nn
 
@@ -158,7 +159,7 @@ def paired(base_right: torch.Tensor, right: torch.Tensor) -> Measured:
 
 @pytest.mark.slow
 def test_measured_curves_become_plans_csv(sweep_checkpoint, tmp_path) -> None:
-    grid = parse_grid(tiny_grid_dict(sweep_checkpoint.parent), "tiny")
+    grid = parse_grid(grid_dict(sweep_checkpoint.parent), "tiny")
     ckpt = load_for(grid)
     data = load_data(grid.data, grid.model.num_classes, grid.seed)
     mean, std = ckpt.normalisation

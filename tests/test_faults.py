@@ -215,7 +215,7 @@ def test_resume_identity_holds_the_random_draws(tmp_path, change, what):
     raw = grid_dict(tmp_path, name="draws", sweep={**PAIR_NO_CRITERIA, "criteria": ["random"]})
     grid = parse_grid(raw, "g")
     grid.folder.mkdir(parents=True)
-    write_config(grid, plan_trials(grid), Checkpoint(None, {}, "0" * 64, "m.pt"), "tune", "1a2b3c4d")
+    write_config(grid, plan_trials(grid), Checkpoint(None, {}, "0" * 64, "m.pt"), "tune", "sweep-id")
     assert resume_check(grid, plan_trials(grid), "0" * 64)[1] is False  # the same sweep
     raw["sweep"] = {**raw["sweep"], **change}
     changed = parse_grid(raw, "g")

@@ -68,10 +68,10 @@ def test_model_artifact_name():
 
 
 def points(drops: list[float], channels: int = 8) -> list[dict]:
-    """A trial's rows; each drop's 95% interval 0.05 points either side (safe K is judged by its upper end)."""
-    return [{"layer": "conv1", "criterion": "l1_norm", "k": k, "repeat": 0, "fraction": k / channels,
-             "channels": channels, "accuracy": 90.0 - d, "baseline_accuracy": 90.0, "accuracy_drop": d,
-             "drop_low": d - 0.05, "drop_high": d + 0.05} for k, d in zip((1, 2, 4, 8), drops)]
+    """Points of one trial with a zero-width interval (drop_low = drop_high = the drop)."""
+    return [{"layer": "conv1", "criterion": "l1_norm", "k": k, "fraction": k / channels, "channels": channels,
+             "baseline_accuracy": 90.0, "accuracy": 90.0 - d, "accuracy_drop": d, "drop_low": d, "drop_high": d}
+            for k, d in zip((1, 2, 4, 8), drops)]
 
 
 def test_trial_summary_describes_the_layer_not_its_last_k():

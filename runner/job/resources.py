@@ -46,9 +46,9 @@ def fits(request: dict[str, float], size: tuple[float, float]) -> bool:
 
 def _largest(sizes: Sequence[tuple[float, float]]) -> str:
     if not sizes:
-        return "no node"
+        return "no node at all"
     cpus, gpus = max(s[0] for s in sizes), max(s[1] for s in sizes)
-    return f"the largest node has {cpus:g} CPUs, the one with most GPUs {gpus:g} GPUs"
+    return f"at most {cpus:g} CPUs and {gpus:g} GPUs on a node"
 
 
 def shown_request(request: dict[str, float]) -> str:
@@ -62,7 +62,7 @@ def verdict(request: dict[str, float], nodes: Nodes, trials: int) -> str | None:
         return None
     can_grow = nodes.autoscaling and (nodes.node_types is None or any(fits(request, t) for t in nodes.node_types))
     if can_grow:
-        return (f"resources: no node of the cluster can run a trial yet ({len(nodes.sizes)} node(s); "
+        return (f"resources: no node of the cluster can run a trial yet ({len(nodes.sizes)} node(s), "
                 f"{_largest(nodes.sizes)}); the cluster autoscales, so the trials wait for it to add one: "
                 f"{trials} trial(s), each asking for {shown_request(request)} (`ray status` shows the request)")
     pool = list(nodes.sizes) + list(nodes.node_types or ())

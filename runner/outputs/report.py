@@ -126,10 +126,10 @@ def trial_summary(points: Sequence[dict[str, Any]]) -> dict[str, float | int]:
     """What describes one trial (a layer and criterion) as a whole, for W&B's runs table and parallel-coordinates
     view: the largest safe K under each drop threshold (0 when even the smallest K is past it), the area under
     the drop curve over the fraction pruned (percentage points x fraction, from no channel pruned), and the
-    accuracy at each fraction measured. Safe K as in the report (the interval's upper end); random draws as
-    their mean, and safe only where every draw is (`curve`)."""
+    accuracy at each fraction measured (random: the mean over its draws; safe K from the union of their
+    intervals, as in the report)."""
     pts = curve(points)
-    out: dict[str, float | int] = {"points": len(pts), "max_k": pts[-1]["k"] if pts else 0}
+    out: dict[str, float | int] = {"points": len(points), "max_k": pts[-1]["k"] if pts else 0}
     for t in THRESHOLDS:
         best = safe_k(pts, t)
         out[f"safe_k_{t:g}pt"] = best["k"] if best else 0

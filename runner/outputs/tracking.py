@@ -22,7 +22,7 @@ import os
 import re
 import socket
 import urllib.parse
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable, Protocol, Sequence
 
@@ -262,12 +262,11 @@ class WandbTracker:
 
     def _trial_run(self, spec: RunSpec, row: dict[str, Any]) -> Any:
         if spec.name not in self.runs:
-            run = self._start(spec)
+            # known once the trial has measured: its own baseline, on its own device and precision
+            run = self._start(replace(spec, config={**spec.config, **{k: row[k] for k in TRIAL_CONFIG if k in row}}))
             if run is None:
                 return None
             self._safely(_trial_metrics, run)
-            # known once the trial has measured: its own baseline, on its own device and precision
-            self._safely(run.config.update, {k: row[k] for k in TRIAL_CONFIG if k in row}, allow_val_change=True)
             self.runs[spec.name] = run
         return self.runs[spec.name]
 
@@ -279,7 +278,7 @@ class WandbTracker:
 
     def _log_point(self, wb: Any, run: RunSpec, row: dict[str, Any],
                    images: Callable[[], dict[str, np.ndarray]]) -> None:
-        data = {"k": row["k"], **{m: row[m] for m in POINT_METRICS}}
+        data = {"k": row["k"], **{m: row[m] for m in POINT_METRICS if m in row}}
         if self.t.feature_maps:
             for name, image in images().items():
                 data[f"feature_maps/{name}"] = self.wandb.Image(image, caption=f"{run.name} K={row['k']}")
