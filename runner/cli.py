@@ -2,6 +2,7 @@
 
     prune-sweep sweep --grid FILE [--output DIR] [--resume] [--wandb-mode M] [--address A] [--dry-run] [--set K=V]
     prune-sweep train --grid FILE [--set K=V]
+    prune-sweep prune --grid FILE [--output DIR] [--wandb-mode M] [--address A] [--dry-run] [--set K=V]
 """
 
 from __future__ import annotations
@@ -112,7 +113,18 @@ def parser() -> Parser:
     train = commands.add_parser("train", parents=[_common()], help="train the checkpoint a grid names",
                                 description="Train the grid's checkpoint with its checkpoint.train recipe.")
     train.set_defaults(run=_train)
-    top.commands = {"sweep": sweep, "train": train}
+    prune = commands.add_parser("prune", parents=[_common()], help="plan, prune, fine-tune and verify (DESIGN §10)",
+                                description="From the sweep's results in the same output folder (measuring missing "
+                                "points first): for each plan.budgets x plan.methods a plan, the channels removed "
+                                "for real, fine-tuned as Ray Tune trials, exported (pruned.pt, pruned.onnx) and "
+                                "verified; plans.csv and a report section in <output>/<name>/.")
+    prune.add_argument("--output", help="results folder (default: the grid's output key)")
+    prune.add_argument("--wandb-mode", choices=["online", "offline", "disabled", "auto"], help="override wandb.mode")
+    prune.add_argument("--address", help="join this Ray cluster (default: RAY_ADDRESS, else a local Ray)")
+    prune.add_argument("--dry-run", action="store_true", help="validate and print the grid and its plans; compute "
+                       "nothing")
+    prune.set_defaults(run=_prune)
+    top.commands = {"sweep": sweep, "train": train, "prune": prune}
     return top
 
 
@@ -131,6 +143,23 @@ def _sweep(args: argparse.Namespace) -> int:
         return EXIT_INTERRUPTED
     if outcome.failed:
         print(f"{len(outcome.failed)} trials failed: {', '.join(outcome.failed)}", file=sys.stderr)
+        return EXIT_FAILED
+    return EXIT_OK
+
+
+def _prune(args: argparse.Namespace) -> int:
+    from runner.job.prune import dry_run, run_prune
+    from runner.job.sweep import Options
+
+    opts = Options(args.grid, args.output, False, args.wandb_mode, args.address, args.dry_run, tuple(args.set))
+    if args.dry_run:
+        print("\n".join(dry_run(opts)))
+        return EXIT_OK
+    outcome = run_prune(opts)
+    print(f"{len(outcome.rows)} plans in {outcome.seconds:.0f} s; table: {outcome.folder / 'plans.csv'}, "
+          f"report: {outcome.folder / 'report.md'}")
+    if outcome.failed:
+        print(f"{len(outcome.failed)} plans failed: {', '.join(outcome.failed)}", file=sys.stderr)
         return EXIT_FAILED
     return EXIT_OK
 

@@ -247,6 +247,77 @@ class WandbConfig(Section):
     feature_maps: bool = True  # log feature-map images at every K
 
 
+FRACTION = "a fraction of the base model to keep, 0 < f < 1"
+PLAN_METHODS = ("knapsack", "threshold", "uniform")
+
+
+class Budget(Section):
+    """What a plan must reach: exactly one of `macs` or `params`, the fraction of the base model's to keep."""
+
+    macs: Annotated[float | None, Field(gt=0, lt=1), Allowed(FRACTION)] = None
+    params: Annotated[float | None, Field(gt=0, lt=1), Allowed(FRACTION)] = None
+
+    @model_validator(mode="after")
+    def _one_kind(self) -> "Budget":
+        if (self.macs is None) == (self.params is None):
+            raise _invalid("give exactly one of macs, params", "{macs: 0.5} or {params: 0.6}",
+                           "write one budget per list item")
+        return self
+
+    @property
+    def kind(self) -> str:
+        """macs or params."""
+        return "macs" if self.macs is not None else "params"
+
+    @property
+    def keep(self) -> float:
+        """The fraction of the base model's MACs or params the plan may keep."""
+        return self.macs if self.macs is not None else self.params
+
+    @property
+    def label(self) -> str:
+        """Its name in folders and tables: macs0.5, params0.6."""
+        return f"{self.kind}{self.keep:g}"
+
+
+class FinetuneConfig(TrainConfig):
+    """The fine-tuning recipe: the keys of checkpoint.train (unset keys from the named recipe); epochs 0 = none."""
+
+    epochs: int = Field(2, ge=0, le=10_000)
+    lr: float | None = Field(0.01, gt=0)
+    schedule: Literal["onecycle", "cosine", "seed"] | None = "cosine"  # from the trained model down: no warm-up
+
+
+class PlanConfig(Section):
+    """`prune-sweep prune` (DESIGN §10): budgets x methods, each a plan from the sweep's curves, removed for real,
+    fine-tuned and verified."""
+
+    budgets: Annotated[list[Budget], Field(min_length=1), Allowed("a list of {macs: f} or {params: f}")] = [
+        Budget(macs=0.5)]
+    methods: Annotated[list[Literal["knapsack", "threshold", "uniform"]], Field(min_length=1), Distinct,
+                       Allowed(", ".join(PLAN_METHODS))] = list(PLAN_METHODS)
+    # whose curves the plan reads and whose channel order it removes; null = the first of sweep.criteria that
+    # ranks channels (not random, not seed)
+    criterion: str | None = None
+    round_to: int = Field(1, ge=1, le=1024)  # channels kept per unit: a multiple of this (or the unit untouched)
+    min_keep: float = Field(0.1, ge=0, lt=1)  # never keep fewer than this fraction of a unit's channels (and >= 1)
+    finetune: FinetuneConfig = FinetuneConfig()
+    # which images give the final figures: eval = the sweep's eval images (the ones that chose the plan, so its
+    # figures are flattered: the report says so); test = the test images the sweep did not evaluate (those after
+    # data.eval_size), never seen by the plan
+    score_on: Literal["eval", "test"] = "eval"
+    max_corrections: int = Field(8, ge=0, le=1000)  # combined-plan corrections (one eval pass each); 0 = none
+
+    @field_validator("budgets")
+    @classmethod
+    def _distinct_budgets(cls, v: list[Budget]) -> list[Budget]:
+        labels = [b.label for b in v]
+        dup = next((x for x in labels if labels.count(x) > 1), None)
+        if dup:
+            raise _invalid(f"duplicate budget {dup}", "each budget once", "remove the duplicate")
+        return v
+
+
 class Grid(Section):
     name: str = "sweep"  # output folder name and W&B group
     seed: int = 0
@@ -256,6 +327,7 @@ class Grid(Section):
     sweep: SweepConfig = SweepConfig()
     resources: ResourcesConfig = ResourcesConfig()
     wandb: WandbConfig = WandbConfig()
+    plan: PlanConfig = PlanConfig()  # prune-sweep prune only (not part of a sweep's identity)
     output: str = "runs"
 
     @field_validator("name")

@@ -26,7 +26,7 @@ from runner.errors import InputError
 from runner.inputs.checkpoints import load_for
 from runner.inputs.data import load_data
 from runner.outputs.plans import plan_folder, read_plan_json, write_plan_json, write_plans_csv
-from runner.planning.config import Budget
+from runner.config import Budget
 from runner.planning.correction import Measured, correct
 from runner.planning.curves import curve
 from runner.planning.export import Normalised, export_onnx, load_pruned, onnx_logits, save_pruned

@@ -24,7 +24,8 @@ ALLOWED = {
     "runner.engine": ("model", "runner.engine", "runner.errors"),
     "runner.outputs": ("runner.outputs", "runner.errors", "runner.storage", "runner.provenance"),
     "runner.inputs": ("model", "runner.engine", "runner.inputs", "runner.outputs.results", *BASICS),
-    "runner.job": ("model", "runner.engine", "runner.inputs", "runner.outputs", "runner.job", *BASICS),
+    "runner.job": ("model", "runner.engine", "runner.inputs", "runner.outputs", "runner.planning", "runner.job",
+                   *BASICS),
     "runner.planning": ("model", "runner.engine", "runner.inputs", "runner.outputs", "runner.planning", *BASICS),
     "runner.cli": ("model", "runner"),
     # the notebook API, an entry point like the command: the job (inside `sweep`), results.csv as a table

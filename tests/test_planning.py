@@ -12,10 +12,10 @@ import pytest
 from runner.errors import InputError
 from runner.outputs.plans import COLUMNS, plan_folder, plans_table, read_plan_json, read_plans_csv, write_plan_json, \
     write_plans_csv
-from runner.planning.config import METHODS as config_methods
-from runner.planning.config import Budget, PlanConfig, check_plan, parse_plan
+from runner.config import PLAN_METHODS as config_methods
+from runner.config import Budget, PlanConfig, parse_grid
 from runner.planning.correction import Measured, accepts, correct
-from runner.planning.curves import Curve, Option, allowed_keeps, choices, curve
+from runner.planning.curves import Curve, Option, allowed_keeps, check_round_to, choices, curve
 from runner.planning.solve import METHODS, Plan, Planner, knapsack, threshold
 
 
@@ -226,6 +226,10 @@ def test_acceptance_is_measured_within_predicted_plus_the_interval() -> None:
 
 # --- the plan section -----------------------------------------------------------------------------------------
 
+def parse_plan(raw: dict, source: str) -> PlanConfig:
+    return parse_grid({"plan": raw}, source).plan
+
+
 def test_plan_section_defaults_and_issue_example() -> None:
     plan = parse_plan({"budgets": [{"macs": 0.5}, {"params": 0.6}], "methods": ["knapsack", "uniform"],
                        "round_to": 1, "min_keep": 0.1, "finetune": {"epochs": 2, "lr": 0.01}}, "g.yaml")
@@ -261,9 +265,9 @@ def test_plan_section_errors_are_one_line(raw: dict, message: str) -> None:
 
 
 def test_a_round_to_no_unit_can_use_is_refused() -> None:
-    check_plan(parse_plan({"round_to": 8}, "g"), {"a": 16, "b": 8})
+    check_round_to(8, 0.1, {"a": 16, "b": 8})
     with pytest.raises(InputError, match=r"plan.round_to: no unit can be pruned with this round_to and min_keep"):
-        check_plan(parse_plan({"round_to": 16}, "g"), {"a": 16, "b": 8})
+        check_round_to(16, 0.1, {"a": 16, "b": 8})
 
 
 # --- plans.csv and plan.json ----------------------------------------------------------------------------------

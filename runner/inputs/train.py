@@ -22,7 +22,7 @@ from model.checkpoint import Checkpoint
 from runner.config import Grid, TrainConfig
 from runner.engine.device import fast_math, pick_device, place, uses_channels_last
 from runner.engine.evaluate import evaluate
-from runner.engine.images import augment, to_device
+from runner.engine.images import Images, augment, to_device
 from runner.errors import InputError
 from runner.inputs import checkpoints
 from runner.inputs.data import Dataset, load_data
@@ -105,14 +105,22 @@ def _optimizer(model: torch.nn.Module, r: Recipe) -> torch.optim.Optimizer:
 def train_model(grid: Grid, data: Dataset, recipe: Recipe, device: torch.device, progress: bool = True,
                 log_to: TrainLog | None = None) -> tuple[torch.nn.Module, list[float]]:
     """Train a fresh network; returns it (eval mode) and the mean training loss of each epoch."""
-    log_to = log_to or NoLog()
     torch.manual_seed(grid.seed)
-    gen = torch.Generator(device="cpu").manual_seed(grid.seed)
     mean, std = normalisation(recipe, data)
+    return fit_model(build_for(grid), data.train, recipe, device, mean, std, grid.seed, progress, log_to)
+
+
+def fit_model(model: torch.nn.Module, train: Images, recipe: Recipe, device: torch.device,
+              mean: tuple[float, ...], std: tuple[float, ...], seed: int, progress: bool = True,
+              log_to: TrainLog | None = None) -> tuple[torch.nn.Module, list[float]]:
+    """Train `model` (a fresh network, or a pruned one being fine-tuned) on the `train` images with `recipe`,
+    inputs normalised with (mean, std); returns it on `device` in eval mode and the mean loss of each epoch."""
+    log_to = log_to or NoLog()
+    gen = torch.Generator(device="cpu").manual_seed(seed)
     channels_last = uses_channels_last(device)
-    model = place(build_for(grid), device)
-    x_all = to_device(data.train.images, mean, std, device, channels_last=channels_last)
-    y_all = torch.from_numpy(data.train.labels).to(device)
+    model = place(model, device)
+    x_all = to_device(train.images, mean, std, device, channels_last=channels_last)
+    y_all = torch.from_numpy(train.labels).to(device)
     opt = _optimizer(model, recipe)
     steps_per_epoch = math.ceil(len(y_all) / recipe.batch_size)
     total, step, losses = recipe.epochs * steps_per_epoch, 0, []

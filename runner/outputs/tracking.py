@@ -356,7 +356,7 @@ class WandbTrainLog:
     def start(self, config: dict[str, Any]) -> None:
         t = self.tracker
         self.run = t._start(RunSpec(self.spec.name, self.spec.job_type, {**self.spec.config, **config},
-                                    self.spec.tags))
+                                    self.spec.tags, self.spec.uses))
         if self.run is not None:
             t.runs[self.spec.name] = self.run  # closed as failed if training does not finish
             t._safely(_train_metrics, self.run)

@@ -1,8 +1,8 @@
 """From sensitivity curves to a smaller model (DESIGN §10): a plan under a MACs or params budget, the combined
 plan corrected, the channels removed for real (Torch-Pruning), counted, saved, exported and timed.
 
-    config      the grid's `plan` section (PlanConfig)
     curves      a unit's measured curve made monotone, and the K a plan may choose (round_to, min_keep)
+    units       the units a plan may prune (and why others are left out), their curves from results.csv
     solve       knapsack / threshold / uniform, and the re-plan that meets the budget counted on the real model
     correction  the combined plan measured with all masks at once, and corrected while it misses the prediction
     removal     Torch-Pruning groups, physical removal, the same plan as masks, MACs and params counted

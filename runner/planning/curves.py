@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Mapping, Sequence
+
+from runner.errors import InputError
 
 KINDS = ("macs", "params")
 
@@ -94,3 +96,13 @@ def choices(c: Curve, round_to: int = 1, min_keep: float = 0.0) -> tuple[Option,
             k = min(allowed, key=lambda a: (abs(a - p.k), a))
             out.setdefault(k, c.at(k))
     return tuple(out[k] for k in sorted(out))
+
+
+def check_round_to(round_to: int, min_keep: float, channels: Mapping[str, int]) -> None:
+    """Every plan needs a unit it may prune: raise (plan.round_to) when no unit has an allowed K besides 0 with
+    this round_to and min_keep."""
+    if channels and not any(allowed_keeps(c, round_to, min_keep) for c in channels.values()):
+        widest = max(channels.values())
+        raise InputError("plan.round_to", round_to, "no unit can be pruned with this round_to and min_keep",
+                         f"a round_to below the widest unit's channels ({widest})",
+                         "lower plan.round_to or plan.min_keep")

@@ -24,6 +24,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from model.zoo import ModelError, Spec, build
 from runner.errors import InputError
 from runner.planning.removal import Removal, check_removal, remove_channels
 from runner.storage import atomic_path
@@ -69,6 +70,31 @@ def _read(path: Path) -> dict[str, Any]:
     if not isinstance(removal, dict) or not all(isinstance(v, list) for v in removal.values()):
         raise bad("its plan is not {conv name: [channel indices]}")
     return payload
+
+
+def spec_meta(spec: Spec, image_size: int) -> dict[str, Any]:
+    """What pruned.pt's metadata must hold for `open_pruned` to rebuild the base architecture."""
+    return {"spec": {"arch": spec.arch, "width": spec.width, "num_classes": spec.num_classes,
+                     "kwargs": dict(spec.kwargs), "weights": spec.weights, "python_path": spec.python_path},
+            "image_size": image_size}
+
+
+def open_pruned(path: Path) -> Pruned:
+    """pruned.pt on its own: the base architecture its metadata names (`spec_meta`) built without weights, then
+    `load_pruned`. What a user calls in a fresh process: `open_pruned("runs/x/plans/macs0.5-knapsack/pruned.pt")`.
+    """
+    meta = _read(Path(path)).get("meta", {})
+    try:
+        spec = Spec(**meta["spec"])
+        image_size = int(meta["image_size"])
+    except (KeyError, TypeError, ValueError):
+        raise InputError("pruned.pt", str(path), "its metadata does not name the base architecture",
+                         "a file written by prune-sweep prune", REBUILD) from None
+    try:
+        base = build(spec, pretrained=False)
+    except ModelError as e:
+        raise InputError(f"pruned.pt: model.{e.field}", e.value, e.problem, e.allowed, e.fix) from None
+    return load_pruned(path, base, image_size)
 
 
 def load_pruned(path: Path, base: nn.Module, image_size: int) -> Pruned:
