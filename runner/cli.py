@@ -3,6 +3,7 @@
     prune-sweep sweep --grid FILE [--output DIR] [--resume] [--wandb-mode M] [--address A] [--dry-run] [--set K=V]
     prune-sweep train --grid FILE [--set K=V]
     prune-sweep prune --grid FILE [--output DIR] [--wandb-mode M] [--address A] [--dry-run] [--set K=V]
+    prune-sweep score --grid FILE --model plans/<budget>-<method>/pruned.pt|pruned.onnx [--set K=V]
 """
 
 from __future__ import annotations
@@ -124,7 +125,14 @@ def parser() -> Parser:
     prune.add_argument("--dry-run", action="store_true", help="validate and print the grid and its plans; compute "
                        "nothing")
     prune.set_defaults(run=_prune)
-    top.commands = {"sweep": sweep, "train": train, "prune": prune}
+    scorer = commands.add_parser("score", parents=[_common()], help="score a pruned.pt or pruned.onnx on its own",
+                                 description="Read a pruned model with prune-sweep's loader alone (pruned.pt: the "
+                                 "base architecture rebuilt, the plan's channels removed, the weights loaded) or run "
+                                 "it with onnxruntime alone (pruned.onnx), and print its accuracy on the images the "
+                                 "grid's plan scores plans on.")
+    scorer.add_argument("--model", required=True, help="plans/<budget>-<method>/pruned.pt or pruned.onnx")
+    scorer.set_defaults(run=_score)
+    top.commands = {"sweep": sweep, "train": train, "prune": prune, "score": scorer}
     return top
 
 
@@ -164,6 +172,14 @@ def _prune(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _score(args: argparse.Namespace) -> int:
+    from runner.job.prune import score_file
+    from runner.job.sweep import Options
+
+    print(score_file(Options(args.grid, overrides=tuple(args.set)), args.model))
+    return EXIT_OK
+
+
 def _train(args: argparse.Namespace) -> int:
     """Train the grid's checkpoint; with W&B on, as a `train` run that logs the checkpoint as a `model` artifact
     (its offline runs go to the sweep's folder, <output>/<name>/wandb)."""
@@ -196,3 +212,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def console() -> None:
     sys.exit(main())
+
+
+if __name__ == "__main__":  # python -m runner.cli
+    console()

@@ -83,12 +83,13 @@ def ray_session():
 
 @pytest.fixture
 def cli(monkeypatch, capsys):
-    """`prune-sweep sweep ARGS` in this process: `cli(ARGS, cwd=FOLDER, env={...})` runs the command's own entry
-    point in that folder, with the developer's W&B and Ray settings removed and `env` added, and returns its exit
-    code and what it printed (a CliRun). Sweeps that get as far as Ray need the `ray_session` fixture too."""
+    """`prune-sweep COMMAND ARGS` in this process: `cli(ARGS, cwd=FOLDER, env={...}, command="sweep")` runs the
+    command's own entry point in that folder, with the developer's W&B and Ray settings removed and `env` added, and
+    returns its exit code and what it printed (a CliRun). Sweeps that get as far as Ray need the `ray_session`
+    fixture too."""
     from runner.cli import OURS, main
 
-    def run(args: list[str], *, cwd: Path, env: dict[str, str] | None = None) -> CliRun:
+    def run(args: list[str], *, cwd: Path, env: dict[str, str] | None = None, command: str = "sweep") -> CliRun:
         monkeypatch.chdir(cwd)
         for key in SCRUB:
             monkeypatch.delenv(key, raising=False)
@@ -101,7 +102,7 @@ def cli(monkeypatch, capsys):
         capsys.readouterr()
         started = time.time()
         try:
-            code = main(["sweep", *args])
+            code = main([command, *args])
         finally:
             loggers[0].handlers[:], logging.raiseExceptions = handlers, raise_exceptions
             for logger, level in zip(loggers, levels):

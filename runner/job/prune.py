@@ -134,6 +134,35 @@ def dry_run(opts: Options) -> list[str]:
         f"round_to {p.round_to}, min_keep {p.min_keep:g}, fine-tuning {ft}, scored on {p.score_on}"]
 
 
+def score_file(opts: Options, path: str) -> str:
+    """`prune-sweep score`: a pruned.pt read with our loader alone (or a pruned.onnx run with onnxruntime alone),
+    scored on the images the grid's plan section scores plans on; returns the line to print."""
+    grid, _ = prepare(opts)
+    data = load_data(grid.data, grid.model.num_classes, grid.seed)
+    scored, words = _scoring_images(grid, data)
+    file = Path(path)
+    if not file.is_file():
+        raise InputError("--model", path, "no such file", "a pruned.pt or pruned.onnx written by prune-sweep prune",
+                         "check the path (plans/<budget>-<method>/ in the output folder)")
+    if file.suffix == ".onnx":
+        images = scored.images.astype(np.float32).transpose(0, 3, 1, 2) / 255
+        try:
+            predicted = np.concatenate([onnx_logits(file, images[i:i + 1000]).argmax(1)
+                                        for i in range(0, len(images), 1000)])
+        except Exception as e:  # noqa: BLE001  onnxruntime's errors have no common type
+            raise InputError("--model", path, f"onnxruntime cannot run it ({type(e).__name__})", "a pruned.onnx "
+                             "written by prune-sweep prune", "export it again with prune-sweep prune") from None
+        correct, how = predicted == scored.labels, "onnxruntime"
+    else:
+        opened = open_pruned(file)
+        mean, std = opened.meta.get("mean"), opened.meta.get("std")
+        device = pick_device()
+        evalset = EvalSet.build(scored, mean, std, grid.model.num_classes, device, grid.sweep.batch_size)
+        correct, how = score(place(opened.model, device), evalset).correct, "our loader"
+    return (f"{path} ({how}): accuracy {100 * float(correct.mean()):.2f}% on {len(correct):,} images "
+            f"({correct.sum():,} right): {words}")
+
+
 def _check_plannable(grid: Grid) -> str:
     """What a plan needs of the sweep section: output channels pruned, a criterion that ranks them."""
     if grid.sweep.target != "output":

@@ -1,0 +1,238 @@
+"""`prune-sweep prune` end to end, in process on the session's Ray: a tiny sweep by groups, three plans under a
+MACs budget, removal, fine-tuning trials, the files read back; then what the files say checked against
+independent recounts and reloads. Also the job's input checks, and `prune-sweep score`."""
+
+from __future__ import annotations
+
+import functools
+import json
+import subprocess
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+
+import pandas as pd
+import pytest
+import torch
+from e2e_helpers import artifacts, e2e, grid_dict, history, manifest_paths, runs_by_name, write_grid
+
+from model.resnet import ResNet18
+from runner.config import parse_grid
+from runner.errors import InputError
+from runner.planning import latency as latency_module
+from runner.planning.export import open_pruned
+from runner.planning.removal import counts
+from runner.planning.units import plan_criterion, plan_units, unit_curves
+
+BUDGET = 0.7
+
+
+@pytest.fixture(scope="module")
+def planned(ray_session, sweep_checkpoint, tmp_path_factory) -> SimpleNamespace:
+    """One prune job: 12 groups x 2 K, l1_norm; budget macs 0.7 by all three methods; one epoch of fine-tuning
+    on 200 images; scored on the 50 test images the sweep did not evaluate."""
+    import runner.job.prune as prune
+    from runner.job.sweep import Options
+
+    tmp = tmp_path_factory.mktemp("prune")
+    grid = grid_dict(tmp, e2e(sweep_checkpoint), name="planned",
+                     sweep={"layers": "all", "unit": "group", "k": {"fractions": [0.25, 0.5]},
+                            "criteria": ["l1_norm"]},
+                     plan={"budgets": [{"macs": BUDGET}], "max_corrections": 2, "score_on": "test",
+                           "finetune": {"epochs": 1, "batch_size": 100}})
+    grid["data"]["train_size"] = 200
+    path = write_grid(tmp / "planned.yaml", grid)
+    quick = functools.partial(latency_module.latency, warmup=1, min_runs=3, min_seconds=0.0)
+    original, prune.latency = prune.latency, quick  # timing is not what is tested here
+    try:
+        outcome = prune.run_prune(Options(str(path)))
+    finally:
+        prune.latency = original
+    return SimpleNamespace(outcome=outcome, folder=outcome.folder, path=path, grid=grid,
+                           table=pd.read_csv(outcome.folder / "plans.csv"))
+
+
+def test_every_plan_is_made_fine_tuned_and_verified(planned) -> None:
+    t = planned.table
+    assert planned.outcome.failed == []
+    assert sorted(t["method"]) == ["knapsack", "threshold", "uniform"] and set(t["budget"]) == {"macs0.7"}
+    assert (t["macs_kept"] <= BUDGET).all() and (t["macs_kept"] > 0).all()
+    # the masked plan and the physically pruned model agree image by image; pruned.pt read back by our loader
+    # gives the fine-tuned accuracy; the ONNX file predicts every image as torch does
+    assert (t["accuracy_masked"] == t["accuracy_removed"]).all() and (t["masked_vs_removed_differ"] == 0).all()
+    assert (t["accuracy_final"] == t["accuracy_finetuned"]).all()
+    assert (t["onnx_differ"] == 0).all() and (t["accuracy_onnx"] == t["accuracy_finetuned"]).all()
+    assert ((t["finetuned_low"] <= t["accuracy_finetuned"]) & (t["accuracy_finetuned"] <= t["finetuned_high"])).all()
+    assert (t["scored_images"] == 50).all()  # 200 test images, 150 evaluated by the sweep
+    others = t[t["method"] != "uniform"]
+    assert others["vs_uniform"].notna().all() and t[t["method"] == "uniform"]["vs_uniform"].isna().all()
+
+
+def test_counts_come_from_the_pruned_model_itself(planned) -> None:
+    base = counts(ResNet18(width=0.125).eval(), 32)
+    for row in planned.table.to_dict("records"):
+        opened = open_pruned(Path(row["folder"]) / "pruned.pt")
+        mine = counts(opened.model, 32)
+        assert (mine.macs, mine.params) == (row["macs"], row["params"])
+        assert row["macs_kept"] == pytest.approx(mine.macs / base.macs, rel=1e-12)
+        assert row["params_kept"] == pytest.approx(mine.params / base.params, rel=1e-12)
+
+
+def test_plan_json_says_what_each_unit_keeps_and_which_channels_went(planned) -> None:
+    for row in planned.table.to_dict("records"):
+        plan = json.loads((Path(row["folder"]) / "plan.json").read_text())
+        assert plan["method"] == row["method"] and plan["macs_kept"] == pytest.approx(row["macs_kept"])
+        assert plan["predicted_drop"] == pytest.approx(row["predicted_drop"])
+        assert "never evaluated" in plan["scored_on"] and "eval images" in plan["chosen_on"]
+        opened = open_pruned(Path(row["folder"]) / "pruned.pt")
+        for unit in plan["units"]:
+            assert 0 <= unit["k"] < unit["channels"] and unit["kept"] == unit["channels"] - unit["k"]
+            assert len(unit["removed"]) == unit["k"] == len(opened.removal.get(unit["unit"], []))
+        assert opened.meta["finetuned"] is True
+
+
+def test_the_report_gains_a_plans_section_and_plot(planned) -> None:
+    text = (planned.folder / "report.md").read_text()
+    assert text.count("## Plans: a smaller model under a budget") == 1
+    assert "## Which layers can I prune" in text  # the sweep's part is kept
+    assert "never evaluated" in text and "plots/plans.png" in text
+    assert (planned.folder / "plots" / "plans.png").stat().st_size > 10_000
+
+
+def test_fine_tuning_runs_are_w_and_b_runs_with_curves_and_the_model(planned) -> None:
+    runs = runs_by_name(planned.folder)
+    for method in ("knapsack", "threshold", "uniform"):
+        (run_dir, info, records), = runs[f"plan/macs0.7-{method}"]
+        assert info["job_type"] == "finetune" and info["run_group"] == "planned"
+        curves = [h for h in history(records) if "epoch" in h]
+        assert [h["epoch"] for h in curves] == [1] and curves[0]["loss"] > 0  # one epoch of fine-tuning
+        (model,) = artifacts(records, "model")
+        assert manifest_paths(model) == ["pruned.pt"]
+        assert info["config"]["update"]["checkpoint_artifact"].startswith("checkpoint-")  # the parent (lineage)
+
+
+def test_pruned_pt_in_a_fresh_process_and_onnx_give_the_reported_accuracy(planned, cli) -> None:
+    row = planned.table[planned.table["method"] == "knapsack"].iloc[0]
+    folder = Path(row["folder"])
+    # a fresh process: our loader alone, scored on the same images by the command
+    run = subprocess.run([sys.executable, "-m", "runner.cli", "score", "--grid", str(planned.path), "--model",
+                          str(folder / "pruned.pt")], capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr
+    assert f"accuracy {row['accuracy_finetuned']:.2f}% on 50 images" in run.stdout
+    onnx = cli(["--grid", str(planned.path), "--model", str(folder / "pruned.onnx")], cwd=planned.folder,
+               command="score")
+    assert onnx.returncode == 0 and f"accuracy {row['accuracy_finetuned']:.2f}% on 50 images" in onnx.stdout
+
+
+def test_a_tampered_plan_is_one_line_and_exit_2(planned, cli, tmp_path) -> None:
+    row = planned.table.iloc[0]
+    payload = torch.load(Path(row["folder"]) / "pruned.pt", weights_only=True)
+    payload["removal"]["layer1.0.conv1"] = list(range(9))  # 8 channels at width 0.125
+    torch.save(payload, tmp_path / "pruned.pt")
+    run = cli(["--grid", str(planned.path), "--model", str(tmp_path / "pruned.pt")], cwd=tmp_path, command="score")
+    assert run.returncode == 2 and run.err_lines == [
+        f"error: {tmp_path / 'pruned.pt'}: plan['layer1.0.conv1']: K larger than the unit's channels allow: got 9; "
+        "allowed: K from 0 to 7 (layer1.0.conv1 has 8 output channels; at least one must stay); fix: rebuild the "
+        "plan with prune-sweep prune (do not edit it by hand)"]
+
+
+# --- the job's inputs, without Ray -------------------------------------------------------------------------
+
+def test_layer_units_leave_out_what_cannot_be_removed_alone() -> None:
+    model = ResNet18(width=0.125).eval()
+    swept = {n: SimpleNamespace(out_channels=m.out_channels) for n, m in model.named_modules()
+             if isinstance(m, torch.nn.Conv2d) and "shortcut" not in n}
+    rankings = {f"{n}/l1_norm": {"order": list(reversed(range(s.out_channels))), "scores": []}
+                for n, s in swept.items()}
+    units = plan_units(model, swept, "layer", "l1_norm", rankings, 32)
+    assert sorted(units.channels) == sorted(n for n in swept if n.endswith("conv1") and n != "conv1")
+    assert "conv1" in units.left_out and "layer1.0.conv2" in units.left_out
+    assert "plan it as a group" in units.left_out["layer2.0.conv2"]
+    assert units.orders["layer1.0.conv1"] == list(reversed(range(8)))
+
+
+def test_curves_come_from_the_plan_criterion_and_first_repeat() -> None:
+    rows = [{"layer": "a", "criterion": "l1_norm", "repeat": 0, "k": k, "accuracy_drop": d, "macs_removed": 10 * k,
+             "params_removed": k} for k, d in ((2, 3.0), (1, 1.0))]
+    rows += [{"layer": "a", "criterion": "random", "repeat": 1, "k": 1, "accuracy_drop": 50.0, "macs_removed": 10,
+              "params_removed": 1}]
+    (c,) = unit_curves(rows, {"a": 4}, "l1_norm")
+    assert [(p.k, p.drop, p.macs) for p in c.points] == [(0, 0.0, 0), (1, 1.0, 10), (2, 3.0, 20)]
+    with pytest.raises(InputError, match="results.csv: no measured point of criterion l1_norm"):
+        unit_curves(rows, {"a": 4, "b": 4}, "l1_norm")
+
+
+def test_the_plan_criterion_is_one_that_ranks_channels() -> None:
+    draws = {"random": True, "l1_norm": False, "mean_activation": False, "seed": False}
+    assert plan_criterion(None, ["random", "mean_activation", "l1_norm"], draws) == "mean_activation"
+    assert plan_criterion("l1_norm", ["random", "mean_activation", "l1_norm"], draws) == "l1_norm"
+    with pytest.raises(InputError) as e:
+        plan_criterion("random", ["random", "l1_norm"], draws)
+    assert str(e.value) == ("plan.criterion: not a swept criterion a plan can use: got 'random'; allowed: l1_norm; "
+                            "fix: choose one of those, or add it to sweep.criteria")
+    with pytest.raises(InputError, match="plan.criterion: no swept criterion ranks channels"):
+        plan_criterion(None, ["random"], draws)
+
+
+@pytest.mark.parametrize("sets, message", [
+    (["sweep.target=input"], "sweep.target: a plan removes output channels for real: got 'input'; allowed: "
+                             "output; fix: sweep with target: output (the default) to plan from it"),
+    (["plan.criterion=random", "sweep.criteria=[l1_norm, random]"],
+     "plan.criterion: not a swept criterion a plan can use: got 'random'"),
+    (["plan.budgets=[{macs: 0.5, params: 0.5}]"], "plan.budgets[0]: give exactly one of macs, params"),
+])
+def test_bad_plan_input_is_one_line_and_exit_2(tmp_path, cli, sets, message) -> None:
+    path = write_grid(tmp_path / "g.yaml", grid_dict(tmp_path))
+    run = cli(["--grid", str(path), "--dry-run", *(x for s in sets for x in ("--set", s))], cwd=tmp_path,
+              command="prune")
+    assert run.returncode == 2 and len(run.err_lines) == 1 and message in run.err_lines[0], run.stderr
+
+
+def test_score_on_test_needs_unseen_test_images(tmp_path, cli) -> None:
+    path = write_grid(tmp_path / "g.yaml", grid_dict(tmp_path, plan={"score_on": "test"}))
+    run = cli(["--grid", str(path), "--model", str(tmp_path / "x.pt")], cwd=tmp_path, command="score")
+    assert run.returncode == 2 and run.err_lines == [
+        "error: plan.score_on: the sweep evaluated all 200 test images, so none is left unseen: got 'test'; "
+        "allowed: eval, or test with data.eval_size below the test split; fix: set data.eval_size (e.g. 100) "
+        "before sweeping, or plan.score_on: eval"]
+
+
+def test_prune_dry_run_describes_the_plans(tmp_path, cli) -> None:
+    path = write_grid(tmp_path / "g.yaml", grid_dict(tmp_path, sweep={"unit": "group", "criteria": ["l1_norm"]}))
+    run = cli(["--grid", str(path), "--dry-run"], cwd=tmp_path, command="prune")
+    assert run.returncode == 0, run.stderr
+    assert "plans: budgets macs0.5 x methods knapsack, threshold, uniform (3 plans), criterion l1_norm, unit group" \
+        in run.stdout
+
+
+def test_plan_defaults() -> None:
+    plan = parse_grid({}, "g").plan
+    assert plan.finetune.schedule == "cosine" and plan.finetune.epochs == 2 and plan.criterion is None
+    assert [b.label for b in plan.budgets] == ["macs0.5"] and plan.score_on == "eval"
+
+
+@pytest.mark.slow
+def test_mobilenet_v2_goes_through_sweep_plan_removal_and_fine_tuning(ray_session, tmp_path) -> None:
+    """torchvision's mobilenet_v2 (width 0.25, synthetic images): trained, swept by groups, planned by the three
+    methods, removed, fine-tuned and verified, in one prune job."""
+    import runner.job.prune as prune
+    from runner.job.sweep import Options
+
+    grid = grid_dict(tmp_path, name="mobile", data={"eval_size": 100},
+                     sweep={"layers": "all", "unit": "group", "k": {"fractions": [0.25, 0.5]}, "criteria": ["l1_norm"],
+                            "batch_size": 100},
+                     plan={"budgets": [{"macs": 0.8}], "max_corrections": 1, "score_on": "test",
+                           "finetune": {"epochs": 1, "batch_size": 100}}, wandb={"mode": "disabled"})
+    grid["model"] = {"arch": "torchvision:mobilenet_v2", "num_classes": 10, "kwargs": {"width_mult": 0.25}}
+    path = write_grid(tmp_path / "mobile.yaml", grid)
+    quick = functools.partial(latency_module.latency, warmup=1, min_runs=3, min_seconds=0.0)
+    original, prune.latency = prune.latency, quick
+    try:
+        outcome = prune.run_prune(Options(str(path)))
+    finally:
+        prune.latency = original
+    t = pd.read_csv(outcome.folder / "plans.csv")
+    assert outcome.failed == [] and sorted(t["method"]) == ["knapsack", "threshold", "uniform"]
+    assert (t["macs_kept"] <= 0.8).all() and (t["units_pruned"] > 0).all()
+    assert (t["masked_vs_removed_differ"] == 0).all() and (t["onnx_differ"] == 0).all()
+    assert (t["accuracy_final"] == t["accuracy_finetuned"]).all()
