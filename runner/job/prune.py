@@ -40,7 +40,7 @@ from runner.outputs import plans as plan_files
 from runner.outputs.rankings import NAME as RANKINGS, read_rankings
 from runner.outputs.results import key_of, read_rows
 from runner.outputs.tracking import RunSpec, Tracking, make_tracker, model_artifact
-from runner.planning.correction import Corrected, Measured, correct
+from runner.planning.correction import Corrected, Measured, Move, correct
 from runner.planning.curves import Curve, check_round_to
 from runner.planning.export import export_onnx, onnx_logits, open_pruned, save_pruned, spec_meta
 from runner.planning.latency import latency
@@ -106,8 +106,10 @@ def run_prune(opts: Options) -> PruneOutcome:
                     failed.append(name)
                 else:
                     rows[name] = row
+                    plan_files.write_plans_csv(grid.folder, rows.values())  # as plans are made
         if rows and grid.plan.finetune.epochs:
             failed += _finetune(opts, s, rows)
+            plan_files.write_plans_csv(grid.folder, rows.values())
         for name, row in rows.items():
             failed += verify(s, name, row)
         _versus_uniform(rows, "finetuned" if grid.plan.finetune.epochs else "removed")
@@ -175,7 +177,7 @@ def _sweep_missing(opts: Options, grid: Grid, trials: TrialPlan) -> None:
     """Measure the points the grid asks for that results.csv lacks: the sweep, resumed in its folder (or run
     fresh when there is none)."""
     have = {key_of(r) for r in read_rows(grid.folder / "results.csv")}
-    missing = len(points_of(trials) - {k for k in have})
+    missing = len(points_of(trials) - have)
     if not missing and (grid.folder / RANKINGS).is_file():
         log.info("the sweep in %s has all %d points", grid.folder, trials.points)
         return
@@ -249,7 +251,15 @@ def make_plan(s: Setting, budget: Budget, method: str, count: Callable[[Mapping[
         with masked(s.on_device, removal_from(candidate.ks, s.units.orders), s.image_size):
             return paired_drop(s.base_eval, score(s.on_device, s.evalset))
 
-    corrected = correct(plan, lambda caps: planner.fit(count, caps), measure, p.max_corrections)
+    moves: list[Move] = []
+
+    def moved(move: Move, now: Plan) -> None:
+        moves.append(move)
+        log.info("%s: correction %d of at most %d: %s K %d -> %d; predicted drop %.2f, measured %.2f [%.2f, %.2f]",
+                 name, len(moves), p.max_corrections, move.unit, move.k_from, move.k_to, now.predicted_drop,
+                 move.measured.drop, move.measured.low, move.measured.high)
+
+    corrected = correct(plan, lambda caps: planner.fit(count, caps), measure, p.max_corrections, moved)
     final = corrected.plan
     removal = removal_from(final.ks, s.units.orders)
     with masked(s.on_device, removal, s.image_size):
@@ -288,9 +298,10 @@ def make_plan(s: Setting, budget: Budget, method: str, count: Callable[[Mapping[
         if t.device != "cpu":
             row[f"{t.device}_latency_ms_b{t.batch}"] = t.pruned_ms
             row[f"{t.device}_base_latency_ms_b{t.batch}"] = t.base_ms
-    log.info("%s: MACs kept %.3f, params kept %.3f, predicted drop %.2f, measured %.2f [%.2f, %.2f] after %d "
-             "corrections, accuracy %.2f%% (base %.2f%%)", name, record["macs_kept"], record["params_kept"],
-             final.predicted_drop, corrected.measured.drop, corrected.measured.low, corrected.measured.high,
+    log.info("%s: MACs kept %.3f, params kept %.3f; predicted drop %.2f, measured %.2f [%.2f, %.2f] (first plan: "
+             "%.2f predicted, %.2f measured; %d corrections); accuracy before fine-tuning %.2f%% (base %.2f%%)", name,
+             record["macs_kept"], record["params_kept"], final.predicted_drop, corrected.measured.drop,
+             corrected.measured.low, corrected.measured.high, plan.predicted_drop, corrected.first.drop,
              len(corrected.moves), removed_eval.accuracy, s.base_score.accuracy)
     return row
 

@@ -56,11 +56,12 @@ def accepts(plan: Plan, m: Measured) -> bool:
 
 
 def correct(plan: Plan, replan: Callable[[Mapping[str, int]], Plan | None], measure: Callable[[Plan], Measured],
-            max_moves: int = 8) -> Corrected:
+            max_moves: int = 8, on_move: Callable[[Move, Plan], None] | None = None) -> Corrected:
     """Measure `plan`; while not accepted, take the move whose re-plan measures least (module docstring).
 
     `replan(caps)`: the same method and budget with every unit's K at most caps[unit] (None when the budget
-    cannot be met); `measure(plan)`: the drop with all of the plan's masks at once."""
+    cannot be met); `measure(plan)`: the drop with all of the plan's masks at once; `on_move(move, plan)`: told
+    of every move taken (progress)."""
     seen: dict[tuple, Measured] = {}
 
     def measured(p: Plan) -> Measured:
@@ -84,5 +85,7 @@ def correct(plan: Plan, replan: Callable[[Mapping[str, int]], Plan | None], meas
         _, _, unit, cand, caps = min(candidates, key=lambda c: c[:3])
         m = measured(cand)
         moves.append(Move(unit, plan.ks[unit], cand.ks[unit], cand.predicted_drop, m))
+        if on_move is not None:
+            on_move(moves[-1], cand)
         plan = cand
     return Corrected(plan, m, accepts(plan, m), tuple(moves), first)
