@@ -210,6 +210,31 @@ def test_correction_takes_the_move_whose_replan_measures_least() -> None:
     assert math.isclose(out.first.drop, 5.4) and math.isclose(out.measured.drop, 2.6)
 
 
+def test_correction_keeps_the_plan_that_measured_least_on_the_way() -> None:
+    def plan(a: int, b: int, predicted: float, caps: dict) -> Plan:
+        return Plan("knapsack", "macs", 0.0, {"a": Option(a, predicted / 2, 0, 0), "b": Option(b, predicted / 2, 0, 0)},
+                    caps=caps)
+
+    first = plan(8, 8, 1.0, {})
+    replans = {(("a", 7),): plan(4, 12, 2.0, {"a": 7}), (("b", 7),): plan(12, 4, 2.0, {"b": 7}),
+               (("a", 3),): plan(3, 13, 3.0, {"a": 3}), (("a", 7), ("b", 11)): plan(5, 11, 3.0, {"a": 7, "b": 11})}
+    drops = {(8, 8): 10.0, (4, 12): 3.0, (12, 4): 4.0, (3, 13): 3.4, (5, 11): 5.0}
+
+    def replan(caps):
+        return replans.get(tuple(sorted(caps.items())))
+
+    def measure(p: Plan) -> Measured:
+        d = drops[(p.ks["a"], p.ks["b"])]
+        return Measured(d, d - 0.5, d + 0.5)
+
+    out = correct(first, replan, measure)
+    # first 10 > 1 + 0.5: move a (3.0, not accepted: 3.0 > 2 + 0.5); then a again (3.4 <= 3 + 0.5: accepted).
+    # Kept: (4, 12), which measured 3.0, less than the accepted (3, 13)
+    assert [(m.unit, m.k_from, m.k_to) for m in out.moves] == [("a", 8, 4), ("a", 4, 3)]
+    assert out.accepted and out.last.ks == {"a": 3, "b": 13} and out.measured_plans == 5
+    assert out.plan.ks == {"a": 4, "b": 12} and out.measured.drop == 3.0 and out.first.drop == 10.0
+
+
 def test_correction_stops_when_no_move_is_left() -> None:
     a = linear("a", 16, [8], [0.4], 100)
     b = linear("b", 16, [8], [0.5], 100)

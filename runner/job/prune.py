@@ -278,7 +278,8 @@ def make_plan(s: Setting, budget: Budget, method: str, count: Callable[[Mapping[
     np.save(folder / CORRECT.format("removed"), removed_eval.correct)
     record = plan_record(final, budget.label, budget.keep, s.units.channels, removal, pruned_counts, s.base_counts,
                          corrected, s.units.left_out)
-    record.update(criterion=s.criterion, chosen_on=s.chosen_on, scored_on=s.scored_on,
+    record.update(first_plan={"ks": plan.ks, "predicted_drop": plan.predicted_drop},
+                  criterion=s.criterion, chosen_on=s.chosen_on, scored_on=s.scored_on,
                   scored=_scored(s, masked_eval, removed_eval), masked_vs_removed_differ=differ,
                   latency=[vars(t) for t in timed])
     plan_files.write_plan_json(folder, record)
@@ -308,7 +309,7 @@ def make_plan(s: Setting, budget: Budget, method: str, count: Callable[[Mapping[
 
 def _measured_columns(c: Corrected) -> dict[str, Any]:
     return {"measured_drop": c.measured.drop, "measured_low": c.measured.low, "measured_high": c.measured.high,
-            "corrections": len(c.moves), "accepted": c.accepted}
+            "corrections": len(c.moves), "accepted": c.accepted, "measured_plans": c.measured_plans}
 
 
 def _scored(s: Setting, masked_eval: Evaluation, removed_eval: Evaluation) -> dict[str, Any]:

@@ -28,8 +28,8 @@ COLUMNS = ("budget", "method", "macs_kept", "params_kept", "latency_ms_b1", "lat
            "baseline_accuracy")
 # written after COLUMNS when a row has them
 OPTIONAL = ("vs_uniform", "vs_uniform_low", "vs_uniform_high", "measured_drop", "measured_low", "measured_high",
-            "corrections", "accepted", "accuracy_final", "final_low", "final_high", "accuracy_onnx", "onnx_differ",
-            "masked_vs_removed_differ", "finetuned_drop", "finetuned_drop_low", "finetuned_drop_high",
+            "corrections", "accepted", "measured_plans", "accuracy_final", "final_low", "final_high", "accuracy_onnx",
+            "onnx_differ", "masked_vs_removed_differ", "finetuned_drop", "finetuned_drop_low", "finetuned_drop_high",
             "base_latency_ms_b1", "base_latency_ms_b64", "macs", "params", "units", "units_pruned", "criterion",
             "scored_images", "chosen_on", "scored_on", "finetune_epochs", "folder")
 
@@ -134,7 +134,8 @@ def plans_section(table: pd.DataFrame, words: Mapping[str, Any]) -> list[str]:
               "How to read it: *predicted drop* is the sum of the units' drops measured one at a time; *measured "
               "drop* is the whole plan measured at once on the images that chose it, with its paired 95% interval "
               "(a plan whose measured drop exceeded the prediction by more than the interval was corrected: budget "
-              "moved away from the unit whose move measured best, *corrections* counts the moves). *masked* and "
+              "moved away from the unit whose move measured best, *corrections* counts the moves, and the plan kept is the "
+              "one that measured least of all the plans measured on the way). *masked* and "
               "*removed* are the same plan as masks and as a physically smaller network (they agree image by "
               "image); *fine-tuned* carries its 95% interval (Wilson); *vs uniform* is the paired difference from "
               "the uniform plan of the same budget on the same images (positive: better than uniform). Latency: "

@@ -13,6 +13,12 @@ together measures low. Caps accumulate, so budget moves away from the units whos
 ends when a plan is accepted, when no move is left (every pruned unit capped to where the budget can no longer
 be met), or after `max_moves` moves. Cost: one eval pass per candidate (plans seen before are not measured
 again), at most 1 + max_moves x (units pruned) passes.
+
+The plan kept is the one that measured the least drop of every plan measured on the way (the path's plans and
+every candidate: each meets the budget), ties to the lower predicted drop: usually the last, accepted one, but a
+later move can measure worse than an earlier candidate (its prediction rose more than its measurement fell), and
+measuring is what the loop is for. All of it happens on the images that choose the plan; the final figures come
+from the scoring images (`plan.score_on`).
 """
 
 from __future__ import annotations
@@ -43,11 +49,13 @@ class Move:
 
 @dataclass(frozen=True)
 class Corrected:
-    plan: Plan
+    plan: Plan  # the plan kept: the least measured drop of all plans measured (module docstring)
     measured: Measured
-    accepted: bool
+    accepted: bool  # whether the loop ended on an accepted plan
     moves: tuple[Move, ...]
     first: Measured  # the uncorrected plan's measurement
+    measured_plans: int = 1  # plans measured (one eval pass each)
+    last: Plan | None = None  # where the moves ended (the kept plan unless an earlier one measured less)
 
 
 def accepts(plan: Plan, m: Measured) -> bool:
@@ -62,13 +70,13 @@ def correct(plan: Plan, replan: Callable[[Mapping[str, int]], Plan | None], meas
     `replan(caps)`: the same method and budget with every unit's K at most caps[unit] (None when the budget
     cannot be met); `measure(plan)`: the drop with all of the plan's masks at once; `on_move(move, plan)`: told
     of every move taken (progress)."""
-    seen: dict[tuple, Measured] = {}
+    seen: dict[tuple, tuple[Plan, Measured]] = {}
 
     def measured(p: Plan) -> Measured:
         key = tuple(sorted(p.ks.items()))
         if key not in seen:
-            seen[key] = measure(p)
-        return seen[key]
+            seen[key] = (p, measure(p))
+        return seen[key][1]
 
     first = m = measured(plan)
     moves: list[Move] = []
@@ -88,4 +96,6 @@ def correct(plan: Plan, replan: Callable[[Mapping[str, int]], Plan | None], meas
         if on_move is not None:
             on_move(moves[-1], cand)
         plan = cand
-    return Corrected(plan, m, accepts(plan, m), tuple(moves), first)
+    accepted = accepts(plan, m)
+    kept, kept_m = min(seen.values(), key=lambda pm: (pm[1].drop, pm[0].predicted_drop))
+    return Corrected(kept, kept_m, accepted, tuple(moves), first, len(seen), plan)

@@ -29,7 +29,10 @@ def plan_record(plan: Plan, budget: str, keep: float, channels: Mapping[str, int
         "predicted_drop": plan.predicted_drop,
         "measured": _measured(corrected.measured if corrected else None),
         "first_measured": _measured(corrected.first if corrected else None),
-        "accepted": corrected.accepted if corrected else None,
+        "accepted": corrected.accepted if corrected else None,  # the correction loop ended on an accepted plan
+        "measured_plans": corrected.measured_plans if corrected else 0,
+        "last_corrected": ({u: o.k for u, o in corrected.last.choice.items()}
+                           if corrected and corrected.last is not None else None),
         "corrections": moves, "caps": dict(plan.caps),
         "macs": counted.macs, "params": counted.params, "base_macs": base.macs, "base_params": base.params,
         "macs_kept": counted.macs / base.macs, "params_kept": counted.params / base.params,
