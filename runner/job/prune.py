@@ -405,8 +405,9 @@ def verify(s: Setting, name: str, row: dict[str, Any]) -> list[str]:
     expected = np.load(folder / CORRECT.format(final))
     problems = []
     if not np.array_equal(result.correct, expected):
-        problems.append(f"pruned.pt read back gives {result.accuracy:.2f}% ({int(np.count_nonzero(result.correct != expected))} "
-                        f"images differ from the {final} model)")
+        differ = int(np.count_nonzero(result.correct != expected))
+        problems.append(f"pruned.pt read back gives {result.accuracy:.2f}% ({differ} images differ from the {final} "
+                        "model)")
     mean, std = s.loaded.normalisation
     export_onnx(folder / "pruned.onnx", opened.model.cpu(), mean, std, s.image_size)
     images = s.scored.images.astype(np.float32).transpose(0, 3, 1, 2) / 255
