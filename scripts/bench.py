@@ -8,6 +8,11 @@
 (d) the floor: the same cached prefix and suffix forward passes and nothing else.
 All four run in one process on the same checkpoint, data, layers, K values and criterion; (a), (b) and (c)
 must give identical accuracies at every point.
+
+`--resnet50`: the same question on a network that is not ours: torchvision's resnet50 (random init, 10 classes,
+64x64 random images labelled by the unpruned network's own predictions), one conv per stage x K = 1/4 and 1/2
+of its channels, measured (cached) by the engine's `sweep_layer` (prefix once per layer, suffix per K) and
+(full) by a whole masked forward per point through `evaluate`; both must give identical accuracies.
 """
 
 from __future__ import annotations
@@ -26,17 +31,20 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
+import numpy as np
 import torch
 
 from model.graph import ConvSite
 from model.graph import Cut
+from model.graph import list_convs
 from runner.cli import Parser, run_main
 from runner.config import Grid, load_grid
-from runner.engine.criteria import rank_all
+from runner.engine.criteria import Ranking, rank_all
 from runner.engine.device import fast_math, host_available_bytes, pick_device, place
 from runner.engine.evaluate import evaluate
+from runner.engine.images import Images
 from runner.engine.measure import EvalSet, cache_nbytes, sweep_layer, traced
-from runner.engine.prune import keep_mask, zero_weights
+from runner.engine.prune import keep_mask, masked, zero_weights
 from runner.engine.reference import seed_loop as reference_loop
 from runner.errors import EXIT_FAILED
 from runner.inputs import checkpoints
@@ -50,6 +58,9 @@ from runner.outputs.results import read_rows
 log = logging.getLogger(__name__)
 
 FRACTIONS = (0.125, 0.25, 0.375, 0.5, 0.625, 0.75, 0.875, 1.0)  # 8 K values per layer
+R50_LAYERS = ("layer1.0.conv2", "layer2.1.conv2", "layer3.2.conv2", "layer4.1.conv2")  # --resnet50: one per stage
+R50_FRACTIONS = (0.25, 0.5)
+R50_SIZE, R50_BATCH, R50_CLASSES, R50_IMAGES = 64, 64, 10, 256
 
 
 @dataclass
@@ -74,6 +85,7 @@ class Timing:
     seconds: float = 0.0
     peak_bytes: int = 0
     accuracies: dict[tuple[str, int], float] = field(default_factory=dict)
+    point_seconds: float = 0.0  # --resnet50's cached side: its per-K suffix passes alone (sum of Point.seconds)
 
 
 class _PeakMemory:
@@ -206,12 +218,12 @@ def floor(s: Setup, orders: dict[str, tuple[int, ...]]) -> Timing:
     return t
 
 
-def _timed(s: Setup, fn: Callable[[], Timing]) -> Timing:
-    peak = _PeakMemory(s.device)
+def _timed(device: torch.device, fn: Callable[[], Timing]) -> Timing:
+    peak = _PeakMemory(device)
     started = time.perf_counter()
     with peak.measure():
         t = fn()
-        if s.device.type == "cuda":
+        if device.type == "cuda":
             torch.cuda.synchronize()
     t.seconds, t.peak_bytes = time.perf_counter() - started, peak.peak
     log.info("%s: %.1f s", t.name, t.seconds)
@@ -228,10 +240,10 @@ def run_bench(s: Setup, skip_seed: bool = False) -> dict[str, Any]:
     warm = _fresh_model(s)
     for conv in s.layers:
         orders[conv.name] = _rank_one(s, warm, conv)
-    c = _timed(s, lambda: engine(s))
-    d = _timed(s, lambda: floor(s, orders))
-    b = _timed(s, lambda: usual_loop(s))
-    a = None if skip_seed else _timed(s, lambda: seed_loop(s))
+    c = _timed(s.device, lambda: engine(s))
+    d = _timed(s.device, lambda: floor(s, orders))
+    b = _timed(s.device, lambda: usual_loop(s))
+    a = None if skip_seed else _timed(s.device, lambda: seed_loop(s))
     mismatches = [(key, v, c.accuracies.get(key)) for t in (x for x in (a, b) if x) for key, v in t.accuracies.items()
                   if v != c.accuracies.get(key)]
     timings = [x for x in (a, b, c, d) if x]
@@ -274,6 +286,152 @@ def table(result: dict[str, Any]) -> list[str]:
                  f"{result['calibration_images']} calibration images, {result['device']}; accuracies of a, b, c "
                  f"{'identical at every point' if result['identical_accuracies'] else 'DIFFER: ' + str(result['mismatches'])}")
     return lines + [f"{k} {v:.2f}" for k, v in result["ratios"].items()]
+
+
+# --- --resnet50: cached suffix against full masked forwards on torchvision's resnet50 ---------------------------
+
+@dataclass
+class R50Setup:
+    model: torch.nn.Module
+    device: torch.device
+    convs: dict[str, ConvSite]
+    layers: list[ConvSite]
+    ks: dict[str, list[int]]
+    orders: dict[str, tuple[int, ...]]
+    rankings: dict[tuple[str, str], Ranking]
+    criterion: str
+    evalset: EvalSet
+
+
+def _settle_bn(model: torch.nn.Module, images: torch.Tensor) -> None:
+    """BN running statistics set to those of one train-mode forward of `images` (momentum None for that pass:
+    the cumulative average of one batch is the batch's own statistics), so that every channel carries signal
+    and pruning any of them changes the outputs."""
+    bns = [m for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    momenta = [m.momentum for m in bns]
+    for m in bns:
+        m.reset_running_stats()
+        m.momentum = None
+    model.train()
+    with torch.no_grad():
+        model(images)
+    for m, momentum in zip(bns, momenta):
+        m.momentum = momentum
+    model.eval()
+
+
+def prepare_resnet50(images: int, layers: list[str], criterion: str, device: str,
+                     fractions: tuple[float, ...] = R50_FRACTIONS, seed: int = 0) -> R50Setup:
+    """torchvision's resnet50 with random weights and settled BN, `images` random 64x64 images labelled by the
+    unpruned network's predictions (baseline accuracy 100%), the chosen convs, their K values and rankings.
+    The network is traced here, outside the timings (a worker traces its network once)."""
+    from torchvision.models import resnet50
+
+    torch.manual_seed(seed)
+    model = resnet50(num_classes=R50_CLASSES)
+    _settle_bn(model, torch.randn(R50_BATCH, 3, R50_SIZE, R50_SIZE, generator=torch.Generator().manual_seed(seed)))
+    sites = list_convs(model, R50_SIZE)
+    chosen = select_layers(sites, layers, include_shortcuts=False)
+    dev = pick_device(device)
+    model = place(model, dev)
+    rng = np.random.default_rng(seed)
+    pixels = rng.integers(0, 256, (images, R50_SIZE, R50_SIZE, 3), dtype=np.uint8)
+    unlabelled = EvalSet.build(Images(pixels, np.zeros(images, np.int64)), (0.5,) * 3, (0.25,) * 3, R50_CLASSES,
+                               dev, R50_BATCH)
+    with torch.inference_mode(), fast_math(dev):
+        labels = [model(x).argmax(1) for x in unlabelled.inputs]
+    evalset = EvalSet(unlabelled.inputs, labels, R50_CLASSES)
+    ks = {c.name: sorted({max(1, round(f * c.out_channels)) for f in fractions}) for c in chosen}
+    with fast_math(dev):
+        rankings = rank_all(model, chosen, [criterion], "output", torch.cat(evalset.inputs), torch.cat(labels),
+                            R50_BATCH, seed)
+    traced(model)
+    return R50Setup(model, dev, {c.name: c for c in sites}, chosen, ks,
+                    {c.name: rankings[(c.name, criterion)].order for c in chosen}, rankings, criterion, evalset)
+
+
+def r50_cached(s: R50Setup, conv: ConvSite) -> Timing:
+    """The engine on one conv: one cached prefix, its baseline and one suffix pass per K (no feature maps: the
+    same forward work as the full side plus the prefix and the baseline). `point_seconds`: the K passes alone."""
+    t = Timing(f"cached {conv.name}")
+    for p in sweep_layer(s.model, conv, "output", s.rankings[(conv.name, s.criterion)], s.ks[conv.name], s.evalset,
+                         s.convs, feature_maps=False):
+        t.accuracies[(conv.name, p.k)] = p.accuracy
+        t.point_seconds += p.seconds
+    return t
+
+
+def r50_full(s: R50Setup, conv: ConvSite) -> Timing:
+    """Per point of one conv, the whole network's forward with the same channels masked, through `evaluate`."""
+    t = Timing(f"full {conv.name}")
+    ev = s.evalset
+    for k in s.ks[conv.name]:
+        with masked(s.model, conv, "output", s.orders[conv.name][:k]), fast_math(s.device):
+            t.accuracies[(conv.name, k)] = evaluate(s.model, ev.inputs, ev.labels, ev.num_classes).result().accuracy
+    return t
+
+
+def run_resnet50(s: R50Setup, repeat: int = 3) -> dict[str, Any]:
+    """Both timings, in one process on the same network, images, convs, K values and orders, and the check on
+    every run. The two sides alternate conv by conv, `repeat` times; a side's time is the sum over convs of its
+    fastest run: on a shared machine another process's load only ever adds time (2 cores: one 8-point run took
+    4.4 s, the next 53.8 s), and alternating per conv gives a passing load to both sides alike."""
+    points = sum(len(v) for v in s.ks.values())
+    log.info("resnet50: %d convs, %d points, criterion %s, %d images of %dx%d on %s (%d threads), %d runs each",
+             len(s.layers), points, s.criterion, s.evalset.count, R50_SIZE, R50_SIZE, s.device,
+             torch.get_num_threads(), repeat)
+    ev = s.evalset
+    with fast_math(s.device):  # warm-up: the first pass pays one-off kernel set-up costs
+        baseline = evaluate(s.model, ev.inputs, ev.labels, ev.num_classes).result().accuracy
+    runs: dict[str, dict[str, list[Timing]]] = {"cached": {}, "full": {}}
+    for _ in range(max(1, repeat)):
+        for conv in s.layers:
+            for side, fn in (("cached", r50_cached), ("full", r50_full)):
+                runs[side].setdefault(conv.name, []).append(_timed(s.device, lambda fn=fn, conv=conv: fn(s, conv)))
+    mismatches: list[tuple[Any, ...]] = []
+    for conv in s.layers:
+        for c, f in zip(runs["cached"][conv.name], runs["full"][conv.name]):
+            want = [(conv.name, k) for k in s.ks[conv.name]]
+            mismatches += [(key, f.accuracies.get(key), c.accuracies.get(key)) for key in want
+                           if key not in f.accuracies or f.accuracies.get(key) != c.accuracies.get(key)]
+    if mismatches:
+        log.error("resnet50: cached and full accuracies differ (point, full, cached): %s", mismatches[:10])
+    best = {side: {layer: min(ts, key=lambda t: t.seconds) for layer, ts in per.items()} for side, per in runs.items()}
+    seconds = {side: sum(t.seconds for t in b.values()) for side, b in best.items()}
+    first = {side: {key: a for ts in per.values() for key, a in ts[0].accuracies.items()} for side, per in runs.items()}
+    return {
+        "model": "torchvision resnet50", "image_size": R50_SIZE, "images": ev.count, "batch_size": R50_BATCH,
+        "device": str(s.device), "threads": torch.get_num_threads(), "criterion": s.criterion,
+        "layers": [x.name for x in s.layers], "ks": s.ks, "points": points, "baseline_accuracy": baseline,
+        "repeat": max(1, repeat),
+        "timings": {side: {"seconds": round(seconds[side], 3), "seconds_per_point": round(seconds[side] / points, 4),
+                           "runs": {layer: [round(t.seconds, 3) for t in ts] for layer, ts in runs[side].items()},
+                           "peak_bytes": max(t.peak_bytes for ts in runs[side].values() for t in ts)}
+                    for side in runs},
+        "cached_k_passes_seconds": round(sum(t.point_seconds for t in best["cached"].values()), 3),
+        "full/cached": seconds["full"] / seconds["cached"],
+        "accuracies": [{"layer": layer, "k": k, "full": a, "cached": first["cached"].get((layer, k))}
+                       for (layer, k), a in first["full"].items()],
+        "identical_accuracies": not mismatches,
+        "mismatches": [list(map(str, m)) for m in mismatches[:10]],
+    }
+
+
+def resnet50_lines(result: dict[str, Any]) -> list[str]:
+    """--resnet50's printed result: the timing line, how it was taken, and the check with every accuracy."""
+    t = result["timings"]
+    ks = {len(v) for v in result["ks"].values()}
+    per = f" x {ks.pop()} K" if len(ks) == 1 else ""
+    check = ("accuracies identical at every point" if result["identical_accuracies"]
+             else f"accuracies DIFFER: {result['mismatches']}")
+    points = ", ".join(f"{a['layer']} K={a['k']} {a['full']:.1f}" for a in result["accuracies"])
+    size = f"{result['image_size']}x{result['image_size']}"
+    line = (f"torchvision resnet50 {size}: {result['points']} points ({len(result['layers'])} convs{per}), "
+            f"{result['images']} images, {result['device']}: cached {t['cached']['seconds']:.1f} s, "
+            f"full {t['full']['seconds']:.1f} s, full/cached {result['full/cached']:.1f}")
+    detail = (f"per conv the best of {result['repeat']} runs, the sides alternated conv by conv; cached = per conv "
+              f"a prefix, a baseline and the K suffixes (these alone {result['cached_k_passes_seconds']:.1f} s)")
+    return [line, detail, f"{check}; accuracy % (baseline {result['baseline_accuracy']:.1f}): {points}"]
 
 
 def engine_alone(grid_path: str, overrides: list[str]) -> int:
@@ -351,23 +509,36 @@ def main() -> int:
     p = Parser(description=__doc__)
     p.add_argument("--grid", default="sweeps/demo.yaml", help="grid whose model, data and checkpoint to use")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override one grid key")
-    p.add_argument("--criterion", default="mean_activation")
-    p.add_argument("--layers", nargs="+", default=None, help="layer names or patterns (default: all 17 main-path)")
-    p.add_argument("--eval-size", type=int, default=1000, help="eval images")
+    p.add_argument("--criterion", default=None, help="default mean_activation; --resnet50: l1_norm")
+    p.add_argument("--layers", nargs="+", default=None, help="layer names or patterns (default: all 17 main-path; "
+                   f"--resnet50: {' '.join(R50_LAYERS)})")
+    p.add_argument("--eval-size", type=int, default=None,
+                   help=f"eval images (default 1000; --resnet50: {R50_IMAGES}, in batches of {R50_BATCH})")
     p.add_argument("--calibration-size", type=int, default=1000, help="calibration images")
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
     p.add_argument("--skip-seed", action="store_true", help="leave out (a), the slowest")
     p.add_argument("--end-to-end", action="store_true", help="time the whole sweep.py run against the engine alone")
-    p.add_argument("--repeat", type=int, default=2, help="--end-to-end: alternated pairs of runs")
+    p.add_argument("--resnet50", action="store_true", help="torchvision resnet50 at 64x64, random weights: the "
+                   "engine's cached suffix against full masked forwards, same points (CPU unless --device)")
+    p.add_argument("--fractions", type=float, nargs="+", default=list(R50_FRACTIONS),
+                   help="--resnet50: K values per conv, as fractions of its channels")
+    p.add_argument("--repeat", type=int, default=None,
+                   help="--end-to-end: alternated pairs of runs (default 2); --resnet50: runs per conv (default 3)")
     p.add_argument("--engine-alone", action="store_true", help=argparse.SUPPRESS)  # the timed half of --end-to-end
     p.add_argument("--json", help="write every figure to this file")
     args = p.parse_args()
     if args.engine_alone:
         print(f"{engine_alone(args.grid, args.set)} points")
         return 0
-    if args.end_to_end:
+    if args.resnet50:
+        images = R50_IMAGES if args.eval_size is None else args.eval_size
+        r50 = prepare_resnet50(images, args.layers or list(R50_LAYERS), args.criterion or "l1_norm",
+                               "cpu" if args.device == "auto" else args.device, tuple(args.fractions))
+        result = run_resnet50(r50, 3 if args.repeat is None else args.repeat)
+        print("\n".join(resnet50_lines(result)))
+    elif args.end_to_end:
         with tempfile.TemporaryDirectory() as work:
-            result = end_to_end(args.grid, args.set, Path(work), args.repeat)
+            result = end_to_end(args.grid, args.set, Path(work), 2 if args.repeat is None else args.repeat)
         print(f"sweep.py {' + '.join(map(str, result['sweep_seconds']))} s, engine alone "
               f"{' + '.join(map(str, result['engine_seconds']))} s, {result['points']} points in {result['trials']} "
               "trials")
@@ -376,8 +547,9 @@ def main() -> int:
                   f"(fixed {t['fixed']} s); phases " + ", ".join(f"{k} {v}" for k, v in t["phases"].items()))
         print(f"e2e {result['e2e']:.2f}")
     else:
-        setup = prepare(args.grid, args.set, args.criterion, args.eval_size, args.calibration_size,
-                              args.layers or "all", args.device)
+        setup = prepare(args.grid, args.set, args.criterion or "mean_activation",
+                        1000 if args.eval_size is None else args.eval_size, args.calibration_size,
+                        args.layers or "all", args.device)
         result = run_bench(setup, skip_seed=args.skip_seed)
         print("\n".join(table(result)))
     if args.json:
