@@ -306,7 +306,8 @@ class PlanConfig(Section):
     # figures are flattered: the report says so); test = the test images the sweep did not evaluate (those after
     # data.eval_size), never seen by the plan
     score_on: Literal["eval", "test"] = "eval"
-    max_corrections: int = Field(8, ge=0, le=1000)  # combined-plan corrections (one eval pass each); 0 = none
+    # knapsack and threshold: moves of the combined-plan correction (runner.planning.correction); 0 = none
+    max_corrections: int = Field(8, ge=0, le=1000)
 
     @field_validator("budgets")
     @classmethod

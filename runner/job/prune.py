@@ -259,7 +259,10 @@ def make_plan(s: Setting, budget: Budget, method: str, count: Callable[[Mapping[
                  name, len(moves), p.max_corrections, move.unit, move.k_from, move.k_to, now.predicted_drop,
                  move.measured.drop, move.measured.low, move.measured.high)
 
-    corrected = correct(plan, lambda caps: planner.fit(count, caps), measure, p.max_corrections, moved)
+    # uniform takes one ratio whatever the curves say: there is no prediction to correct, and a corrected uniform
+    # plan would no longer be the baseline it stands for; it is measured all the same
+    limit = 0 if method == "uniform" else p.max_corrections
+    corrected = correct(plan, lambda caps: planner.fit(count, caps), measure, limit, moved)
     final = corrected.plan
     removal = removal_from(final.ks, s.units.orders)
     with masked(s.on_device, removal, s.image_size):
