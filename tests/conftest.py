@@ -140,12 +140,14 @@ def small_sweep(ray_session, sweep_checkpoint, tmp_path_factory) -> SimpleNamesp
 
 @pytest.fixture(scope="session")
 def script_sweep(sweep_checkpoint, tmp_path_factory) -> SimpleNamespace:
-    """`python scripts/sweep.py` on a 4-point grid (2 trials, W&B offline), once per session, in a process of its
-    own: its own Ray, whose workers see what the environment brings: a W&B key (tests/test_security.py), and a
-    fault that makes trial layer2.0.conv2/l1_norm crash once (tests/test_sweep.py)."""
+    """`python scripts/sweep.py` on a 4-point grid (2 trials), once per session, in a process of its own: its own
+    Ray, whose workers see what the environment brings: a W&B key with W&B on auto (so online) and no server there,
+    so offline runs after all (tests/test_security.py), and a fault that makes trial layer2.0.conv2/l1_norm crash
+    once (tests/test_sweep.py)."""
     tmp = tmp_path_factory.mktemp("script")
     grid = write_grid(tmp / "crash.yaml", grid_dict(tmp, e2e(sweep_checkpoint), name="crash", sweep={
-        "layers": ["layer1.0.conv1", "layer2.0.conv2"], "k": [1, 2], "criteria": ["l1_norm"]}))
+        "layers": ["layer1.0.conv1", "layer2.0.conv2"], "k": [1, 2], "criteria": ["l1_norm"]},
+        wandb={"mode": "auto"}))
     key, marker = secrets.token_hex(20), tmp / "crashed"  # a key of 40 characters, like a real one
     env = cli_env(PRUNE_SWEEP_CRASH_ONCE=f"layer2.0.conv2/l1_norm:{marker}", WANDB_API_KEY=key,
                   WANDB_BASE_URL="http://127.0.0.1:9")

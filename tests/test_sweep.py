@@ -270,21 +270,6 @@ def test_resume_continues_the_same_runs(lineage):
     assert leet_summary(summaries[-1][0])["summary"]["points"] == 4
 
 
-def test_wandb_mode_disabled_with_a_key_writes_no_wandb_files(ray_session, sweep_checkpoint, tmp_path, monkeypatch):
-    from runner.job.sweep import Options, run_sweep
-
-    monkeypatch.setenv("WANDB_API_KEY", FAKE_KEY)  # auto would go online...
-    monkeypatch.setenv("WANDB_MODE", "disabled")  # ...but W&B's own switch says no
-    grid = grid_dict(tmp_path, e2e(sweep_checkpoint), name="nowb",
-                     sweep={"layers": ["conv1"], "k": [1], "criteria": ["l1_norm"]}, wandb={"mode": "auto"})
-    outcome = run_sweep(Options(str(write_grid(tmp_path / "g.yaml", grid))))
-    assert outcome.points == 1
-    assert sorted(p.name for p in outcome.folder.iterdir()) == [".lock", "config.yaml", "feature_maps", "plots",
-                                                               "rankings.json", "report.md", "results.csv", "tune"]
-    assert [p for p in tmp_path.rglob("*") if "wandb" in p.name] == []
-    assert "- W&B: off" in (outcome.folder / "report.md").read_text(encoding="utf-8")
-
-
 # ---- 3. interrupted (Ctrl-C), then --resume ----
 
 BIG_KS = [1, 3, 8]
@@ -504,13 +489,23 @@ def test_load_results_gives_tunes_per_trial_table(small_sweep):
     assert set(trials["results"]) == {2} and trials["error_file"].isna().all()  # two K each, reported to Tune
 
 
-def test_sweep_of_a_dict_returns_the_commands_numbers(ray_session, script_sweep, tmp_path):
+def test_sweep_of_a_dict_returns_the_commands_numbers(ray_session, script_sweep, tmp_path, monkeypatch):
+    """The notebook API on the script's grid (conftest.py) gives the command's numbers. And W&B's own switch wins:
+    the grid says auto and a key is there, so W&B would go online, but WANDB_MODE=disabled says no."""
     from runner import sweep
 
     run, folder = script_sweep.run, script_sweep.folder  # the same grid through the command, in a subprocess
     assert run.returncode == 0, run.explain()
     grid = yaml.safe_load((folder.parent.parent / "crash.yaml").read_text(encoding="utf-8"))
+    assert grid["wandb"]["mode"] == "auto"
     grid["output"] = str(tmp_path / "api")
+    monkeypatch.setenv("WANDB_API_KEY", FAKE_KEY)  # auto would go online...
+    monkeypatch.setenv("WANDB_MODE", "disabled")  # ...but W&B's own switch says no
     frame = sweep(grid)
     assert {(r.layer, r.criterion, r.k): (r.accuracy, r.loss) for r in frame.itertuples()} == values(folder)
-    assert frame.attrs["failed"] == [] and frame.attrs["folder"] == str(tmp_path / "api" / "crash")
+    out = tmp_path / "api" / "crash"
+    assert frame.attrs["failed"] == [] and frame.attrs["folder"] == str(out)
+    assert sorted(p.name for p in out.iterdir()) == [".lock", "config.yaml", "feature_maps", "plots", "rankings.json",
+                                                     "report.md", "results.csv", "tune"]
+    assert [p for p in tmp_path.rglob("*") if "wandb" in p.name] == []
+    assert "- W&B: off" in (out / "report.md").read_text(encoding="utf-8")
