@@ -16,7 +16,9 @@ from typing import Any
 
 import torch
 
-from model.resnet import ResNet18, build
+from torch import nn
+
+from model.zoo import Spec, build
 
 FORMAT = "prune-sweep/checkpoint/1"
 
@@ -25,7 +27,7 @@ FORMAT = "prune-sweep/checkpoint/1"
 class Checkpoint:
     """A loaded checkpoint: the network (eval mode, CPU), its metadata, and the file's sha256."""
 
-    model: ResNet18
+    model: nn.Module
     meta: dict[str, Any]
     sha256: str
     path: str
@@ -62,8 +64,29 @@ def payload(model: torch.nn.Module, meta: dict[str, Any]) -> dict[str, Any]:
     return {"format": FORMAT, "meta": meta, "state_dict": state}
 
 
-def read(path: str | Path) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
-    """The file's metadata and state_dict, loaded with weights_only=True (no code from the file ever runs)."""
+STATE_KEYS = ("state_dict", "model", "model_state_dict")  # where other code keeps the state_dict
+# the widely used CIFAR ResNet-18 code names a block's shortcut conv and BN by position
+RENAMES = {"resnet18": ((".shortcut.0.", ".shortcut.conv."), (".shortcut.1.", ".shortcut.bn."))}
+
+
+def _state(blob: Any) -> dict[str, torch.Tensor] | None:
+    """A foreign file's state_dict: the file itself, or under one of STATE_KEYS; `module.` prefixes removed."""
+    if isinstance(blob, dict):
+        for key in STATE_KEYS:
+            if isinstance(blob.get(key), dict):
+                blob = blob[key]
+                break
+    if not isinstance(blob, dict) or not blob or not all(isinstance(k, str) and isinstance(v, torch.Tensor)
+                                                         for k, v in blob.items()):
+        return None
+    return {k.removeprefix("module."): v for k, v in blob.items()}
+
+
+def read(path: str | Path, foreign: bool = False) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    """The file's metadata and state_dict, loaded with weights_only=True (no code from the file ever runs).
+
+    With `foreign`, a plain state_dict file (or a dict holding one under state_dict, model or
+    model_state_dict) is accepted too; its metadata is {"foreign": True}."""
     path = str(path)
     retrain = "delete it and run scripts/train.py --grid FILE (or the sweep, with a checkpoint.train section)"
     if not os.path.isfile(path):
@@ -82,24 +105,54 @@ def read(path: str | Path) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
         raise _bad(path, f"not a prune-sweep checkpoint ({what})", retrain) from None
     except (RuntimeError, EOFError, OSError, ValueError, zipfile.BadZipFile) as e:
         raise _bad(path, f"truncated or corrupt ({type(e).__name__})", retrain) from None
+    if foreign and not (isinstance(blob, dict) and blob.get("format") == FORMAT):
+        state = _state(blob)
+        if state is None:
+            raise CheckpointError(path, "holds no state_dict (tensors by name, or under state_dict, model or "
+                                  "model_state_dict)", "a prune-sweep checkpoint or a state_dict file",
+                                  "save the network with torch.save(model.state_dict(), path)")
+        return {"foreign": True}, state
     if not isinstance(blob, dict) or blob.get("format") != FORMAT or not isinstance(blob.get("state_dict"), dict) \
             or not isinstance(blob.get("meta"), dict):
         raise _bad(path, "not a prune-sweep checkpoint (no format tag, metadata or state_dict)", retrain)
     return blob["meta"], blob["state_dict"]
 
 
-def load(path: str | Path, arch: str, width: float, num_classes: int) -> Checkpoint:
-    """Load and check a checkpoint against the architecture the grid asks for."""
-    meta, state = read(path)
+def load(path: str | Path, spec: Spec) -> Checkpoint:
+    """Load and check a checkpoint against the architecture the grid asks for: ours, or a foreign state_dict
+    (meta {"foreign": True}; its normalisation comes from the grid)."""
+    meta, state = read(path, foreign=True)
     path = str(path)
-    want = {"arch": arch, "width": float(width), "num_classes": num_classes}
+    if meta.get("foreign"):
+        model = build(spec, pretrained=False)
+        for old, new in RENAMES.get(spec.arch, ()):
+            state = {k.replace(old, new): v for k, v in state.items()}
+        _check_keys(path, model.state_dict(), state)
+        return _finish(path, model, state, meta)
+    want = {"arch": spec.arch, "width": float(spec.width), "num_classes": spec.num_classes}
+    if spec.arch != "resnet18":  # width is ours only
+        del want["width"]
     have = {k: meta.get(k) for k in want}
     if have != want:
         diff = ", ".join(f"{k} {have[k]!r} (grid: {want[k]!r})" for k in want if have[k] != want[k])
         raise CheckpointError(path, f"architecture mismatch: checkpoint has {diff}",
                               "a checkpoint trained with the grid's model section",
                               "point checkpoint.path at a matching file, or change model: to match it")
-    model = build(arch, width, num_classes)
+    return _finish(path, build(spec, pretrained=False), state, meta)
+
+
+def _check_keys(path: str, want: dict[str, torch.Tensor], have: dict[str, torch.Tensor]) -> None:
+    missing = [k for k in want if k not in have]
+    unexpected = [k for k in have if k not in want]
+    if missing or unexpected:
+        parts = [f"{len(names)} {what} keys (first: {', '.join(names[:3])})"
+                 for what, names in (("missing", missing), ("unexpected", unexpected)) if names]
+        raise CheckpointError(path, f"does not fit the grid's model: {'; '.join(parts)}",
+                              "a state_dict of the grid's model", "set model: to the network the file was saved "
+                              "from, or rename its keys")
+
+
+def _finish(path: str, model: nn.Module, state: dict[str, torch.Tensor], meta: dict[str, Any]) -> Checkpoint:
     try:
         model.load_state_dict(state, strict=True)
     except RuntimeError as e:

@@ -317,6 +317,16 @@ class ConvSite:
     out_hw: tuple[int, int]
     readers: tuple[str, ...]  # what reads the value at the output mask point (module paths or op names)
     input_readers: tuple[str, ...]  # what else reads the conv's input (unmasked by target: input)
+    # the ungrouped conv that alone reads the output mask point, through activations only (a block's conv1 ->
+    # its conv2): removing an output channel also removes that conv's input slice
+    consumer: str | None = None
+    # a side branch: a conv whose input an earlier conv already read (ResNet's 1x1 shortcut/downsample conv,
+    # an Inception branch after the first): the sweep leaves these out unless include_shortcuts
+    side: bool = False
+
+    @property
+    def shortcut(self) -> bool:
+        return self.side
 
     @property
     def depthwise(self) -> bool:
@@ -339,10 +349,11 @@ def list_convs(model: nn.Module, image_size: int) -> list[ConvSite]:
     gm = trace(model)
     calls = _module_calls(gm)
     shapes = _shapes(model, gm, image_size)
-    sites = []
+    sites: list[ConvSite] = []
     for node in gm.graph.nodes:
         if node.op != "call_module" or not isinstance(gm.get_submodule(node.target), nn.Conv2d):
             continue
+        earlier = {s.name for s in sites}
         _only_once(calls, node.target)
         conv: nn.Conv2d = gm.get_submodule(node.target)
         bn = _own_bn(gm, node, calls)
@@ -353,8 +364,30 @@ def list_convs(model: nn.Module, image_size: int) -> list[ConvSite]:
             out_channels=conv.out_channels, groups=conv.groups, kernel_size=tuple(conv.kernel_size),
             stride=tuple(conv.stride), in_hw=shapes[node.target][0], out_hw=shapes[node.target][1],
             readers=tuple(_describe(gm, u) for u in at_point.users),
-            input_readers=tuple(_describe(gm, u) for u in source.users if u is not node)))
+            input_readers=tuple(_describe(gm, u) for u in source.users if u is not node),
+            consumer=_consumer(gm, at_point, calls),
+            side=any(_describe(gm, u) in earlier for u in source.users if u is not node)))
     return sites
+
+
+ACTIVATIONS = (nn.ReLU, nn.ReLU6, nn.Hardswish, nn.SiLU, nn.GELU, nn.LeakyReLU, nn.Identity, nn.Dropout)
+ACTIVATION_FNS = {"relu", "relu6", "hardswish", "silu", "gelu", "leaky_relu", "dropout"}
+
+
+def _consumer(gm: fx.GraphModule, node: fx.Node, calls: dict[str, list[fx.Node]]) -> str | None:
+    """The ungrouped conv that alone reads `node`, through elementwise activations only; else None."""
+    while len(node.users) == 1:
+        (node,) = node.users
+        if node.op == "call_module":
+            module = gm.get_submodule(node.target)
+            if isinstance(module, nn.Conv2d):
+                return node.target if module.groups == 1 and len(calls[node.target]) == 1 else None
+            if not isinstance(module, ACTIVATIONS):
+                return None
+        elif node.op not in ("call_function", "call_method") or \
+                getattr(node.target, "__name__", str(node.target)).rstrip("_") not in ACTIVATION_FNS:
+            return None
+    return None
 
 
 def _module_calls(gm: fx.GraphModule) -> dict[str, list[fx.Node]]:

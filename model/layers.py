@@ -1,4 +1,7 @@
-"""The prunable convolutions of a network, in forward order, with what pruning needs to know about each."""
+"""The prunable convolutions of a network, in forward order, with what pruning needs to know about each.
+Not used by the runner any more (it uses `model.graph`): kept as the independent, hand-written reference
+that tests/test_graph.py and tests/test_model.py check the graph code against.
+"""
 
 from __future__ import annotations
 

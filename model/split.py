@@ -4,6 +4,9 @@ The mask point of conv L is its input (`target: input`) or the output of its BN 
 prefix runs every unit before L's unit, then L's unit up to the mask point on L's path and all the way on
 the unit's other paths (the shortcut, or the main path when L is a shortcut conv): that tuple is the cache.
 The suffix applies the mask, finishes L's unit and runs the rest of the network.
+
+Not used by the runner any more (it uses `model.graph`): kept as the independent, hand-written reference
+that tests/test_graph.py and tests/test_model.py check the graph code against.
 """
 
 from __future__ import annotations

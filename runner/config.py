@@ -71,15 +71,31 @@ class Section(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
 
 
+MODEL_FORMS = "resnet18, torchvision:<builder>, timm:<name>, python:<module>:<callable>"
+
+
 class ModelConfig(Section):
-    arch: Literal["resnet18"] = "resnet18"
-    width: float = Field(1.0, gt=0, le=8)  # multiplier on every channel count
+    # where the network comes from (model.zoo): ours, torchvision, timm or the user's factory
+    arch: str = "resnet18"
+    width: float = Field(1.0, gt=0, le=8)  # resnet18 only: multiplier on every channel count
     num_classes: int = Field(10, ge=2, le=10_000)
+    kwargs: dict[str, Any] = {}  # torchvision, timm, python: keyword arguments of the builder
+    weights: str | None = None  # torchvision: a weights name such as IMAGENET1K_V1 (timm: any = pretrained)
+    python_path: str | None = None  # python: the folder its module is imported from; null = the grid file's
+
+    @field_validator("arch")
+    @classmethod
+    def _arch(cls, v: str) -> str:
+        source, sep, name = v.partition(":")
+        known = source in ("torchvision", "timm", "python") and sep and name
+        if v != "resnet18" and not known:
+            raise _invalid("not a known model source", MODEL_FORMS, "use one of those forms")
+        return v
 
 
 class DataConfig(Section):
-    dataset: Literal["synthetic", "cifar10", "npz"] = "synthetic"
-    root: str = "data"  # cifar10: torchvision's folder
+    dataset: Literal["synthetic", "cifar10", "npz", "imagefolder"] = "synthetic"
+    root: str = "data"  # cifar10: torchvision's folder; imagefolder: holds train/ and test/ (or val/)
     download: bool = True  # cifar10: allowed to download
     train: str | None = Field(None, validate_default=True)  # npz: train arrays file
     test: str | None = Field(None, validate_default=True)  # npz: test arrays file
@@ -88,6 +104,15 @@ class DataConfig(Section):
     train_size: int | None = Field(None, ge=1)  # first N train images (after the calibration hold-out); null = all
     synthetic_train: int = Field(16_000, ge=100, le=1_000_000)  # synthetic: generated train images
     synthetic_test: int = Field(2_000, ge=100, le=1_000_000)  # synthetic: generated test images
+    # the normalisation, per channel in [0, 1] pixel units: required with a foreign checkpoint (a plain
+    # state_dict), otherwise it overrides the checkpoint's own
+    mean: Annotated[list[float] | None, Field(min_length=3, max_length=3), Allowed("three numbers (R, G, B)")] = None
+    std: Annotated[list[Annotated[float, Field(gt=0)]] | None, Field(min_length=3, max_length=3),
+                   Allowed("three numbers > 0 (R, G, B)")] = None
+    image_size: int | None = Field(None, ge=8, le=1024)  # side of the square images; null = 32 (our datasets)
+    resize: int | None = Field(None, ge=8, le=4096)  # imagefolder: shorter side before the center crop;
+    # null = image_size * 8 / 7 (256 for 224)
+    cache: str | None = None  # imagefolder: the decoded uint8 array file; null = next to the data
 
     @field_validator("train", "test")
     @classmethod
@@ -166,7 +191,8 @@ class SweepConfig(Section):
     # all | [names] | glob patterns such as "layer*.conv2"; the list comes first so that its errors are reported
     layers: Annotated[Annotated[list[str], Field(min_length=1)] | Literal["all"],
                       Allowed(LAYERS, fix="write layers: all, or name at least one layer")] = "all"
-    include_shortcuts: bool = False  # `all` and globs: also the 1x1 shortcut convs
+    include_shortcuts: bool = False  # `all` and globs: also the side-branch convs (ResNet's 1x1 shortcuts)
+    unit: Literal["layer", "group"] = "layer"  # group: a coupled channel group (model.groups), masked everywhere
     k: KSpec = KSpec(fractions=[0.125, 0.25, 0.5, 0.75, 1.0])
     criteria: Annotated[list[str], Field(min_length=1), Distinct, Allowed("criterion names")] = [
         "mean_activation", "l1_norm", "random"]
@@ -177,6 +203,13 @@ class SweepConfig(Section):
     batch_size: int = Field(500, ge=1, le=65_536)  # evaluation and calibration batch
     retries: int = Field(2, ge=0, le=100)  # a crashed trial is retried this many times
     feature_map_points: int = Field(3, ge=0, le=100)  # K values per layer whose feature maps go to disk
+
+    @model_validator(mode="after")
+    def _group_output(self) -> "SweepConfig":
+        if self.unit == "group" and self.target != "output":
+            raise _invalid("unit: group masks its members' outputs", "target: output with unit: group",
+                           "set sweep.target: output, or sweep.unit: layer")
+        return self
 
     @field_validator("layers", mode="before")
     @classmethod
@@ -244,12 +277,14 @@ class Grid(Section):
         def absolute(p: str | None) -> str | None:
             return None if p is None else str((base / os.path.expanduser(p)).resolve())
 
-        data = self.data.model_copy(update={k: absolute(getattr(self.data, k)) for k in ("root", "train", "test")})
+        data = self.data.model_copy(update={k: absolute(getattr(self.data, k))
+                                            for k in ("root", "train", "test", "cache")})
         checkpoint = self.checkpoint.model_copy(update={"path": absolute(self.checkpoint.path)})
+        model = self.model.model_copy(update={"python_path": absolute(self.model.python_path)})
         storage = self.resources.tune_storage
         resources = self.resources.model_copy(update={"tune_storage": storage if storage is None or "://" in storage
                                                       else absolute(storage)})
-        return self.model_copy(update={"data": data, "checkpoint": checkpoint, "output": absolute(self.output),
+        return self.model_copy(update={"model": model, "data": data, "checkpoint": checkpoint, "output": absolute(self.output),
                                        "resources": resources})
 
     @property
@@ -289,6 +324,9 @@ def load_grid(path: str | Path, overrides: list[str] = (), base: Path | None = N
                          "plain YAML (no Python tags)", "fix the syntax at that line") from None
     for item in overrides:
         raw = apply_override(raw, item)
+        if item.startswith("model.") and "python:" in item:
+            raise InputError("--set", item, "python: models run the user's code", "python: only in the grid "
+                             "file named by --grid", "write model.arch in the grid file")
     try:
         grid = parse_grid(raw, source)
     except InputError as e:
@@ -297,7 +335,11 @@ def load_grid(path: str | Path, overrides: list[str] = (), base: Path | None = N
             if e.field == key or e.field.startswith((key + ".", key + "[")):
                 e.source = f"--set {item}"
         raise
-    return grid.resolved(base or Path.cwd())
+    grid = grid.resolved(base or Path.cwd())
+    if grid.model.arch.startswith("python:") and grid.model.python_path is None:
+        grid = grid.model_copy(update={"model": grid.model.model_copy(
+            update={"python_path": str(path.parent.resolve())})})
+    return grid
 
 
 def _yaml_problem(e: Exception) -> str:

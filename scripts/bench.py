@@ -28,18 +28,19 @@ from typing import Any, Callable, Iterator
 
 import torch
 
-from model.layers import ConvInfo
-from model.split import Split
+from model.graph import ConvSite
+from model.graph import Cut
 from runner.cli import Parser, run_main
 from runner.config import Grid, load_grid
 from runner.engine.criteria import rank_all
 from runner.engine.device import fast_math, host_available_bytes, pick_device, place
 from runner.engine.evaluate import evaluate
-from runner.engine.measure import EvalSet, cache_nbytes, sweep_layer
+from runner.engine.measure import EvalSet, cache_nbytes, sweep_layer, traced
 from runner.engine.prune import keep_mask, zero_weights
 from runner.engine.reference import seed_loop as reference_loop
 from runner.errors import EXIT_FAILED
 from runner.inputs import checkpoints
+from runner.inputs.models import spec_of
 from runner.inputs.data import Dataset, load_data
 from runner.inputs.train import ensure_checkpoint
 from runner.inputs.trials import plan_trials, select_layers
@@ -57,8 +58,8 @@ class Setup:
     data: Dataset
     path: str
     device: torch.device
-    convs: dict[str, ConvInfo]
-    layers: list[ConvInfo]
+    convs: dict[str, ConvSite]
+    layers: list[ConvSite]
     ks: dict[str, list[int]]
     criterion: str
     evalset: EvalSet
@@ -131,11 +132,10 @@ def prepare(grid_path: str, overrides: list[str], criterion: str, eval_size: int
 
 def _fresh_model(s: Setup) -> torch.nn.Module:
     """The network as read from the checkpoint file (what 'reload the weights' means)."""
-    g = s.grid.model
-    return place(checkpoints.load(s.path, g.arch, g.width, g.num_classes).model, s.device)
+    return place(checkpoints.load_spec(s.path, spec_of(s.grid.model)).model, s.device)
 
 
-def _rank_one(s: Setup, model: torch.nn.Module, conv: ConvInfo) -> tuple[int, ...]:
+def _rank_one(s: Setup, model: torch.nn.Module, conv: ConvSite) -> tuple[int, ...]:
     cal = s.calibration
     with fast_math(s.device):
         r = rank_all(model, [conv], [s.criterion], "output", torch.cat(cal.inputs), torch.cat(cal.labels),
@@ -194,7 +194,7 @@ def floor(s: Setup, orders: dict[str, tuple[int, ...]]) -> Timing:
     t = Timing("d: floor")
     model = _fresh_model(s)
     for conv in s.layers:
-        split = Split(model, conv, "output")
+        split = Cut(traced(model), conv, "output")
         with torch.inference_mode(), fast_math(s.device):
             cache = [split.prefix(x) for x in s.evalset.inputs]
             for k in s.ks[conv.name]:
@@ -256,7 +256,7 @@ def _largest_cache(s: Setup) -> tuple[int, str]:
     sizes = {}
     with torch.inference_mode(), fast_math(s.device):
         for conv in s.layers:
-            first = Split(model, conv, "output").prefix(s.evalset.inputs[0])
+            first = Cut(traced(model), conv, "output").prefix(s.evalset.inputs[0])
             sizes[conv.name] = cache_nbytes(first) * s.evalset.count // len(s.evalset.labels[0])
     layer = max(sizes, key=sizes.get)
     return sizes[layer], layer

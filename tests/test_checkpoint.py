@@ -15,6 +15,7 @@ from conftest import scramble_bn
 
 from model import checkpoint
 from model.resnet import ResNet18, build
+from runner.config import parse_grid
 from runner.errors import InputError
 from runner.inputs import checkpoints
 
@@ -160,11 +161,64 @@ def test_zip_that_is_not_a_torch_file(tmp_path):
     assert "truncated or corrupt (RuntimeError)" in load_error(path)
 
 
-def test_plain_state_dict_is_not_a_prune_sweep_checkpoint(tmp_path):
+# --- foreign checkpoints: a plain state_dict, from other code --------------------------------------------------
+
+def foreign_grid(tmp_path, path, **data):
+    raw = {"model": {"width": 0.125}, "checkpoint": {"path": str(path)},
+           "data": {"mean": [0.5, 0.5, 0.5], "std": [0.25, 0.25, 0.25], "image_size": 32, **data}}
+    raw["data"] = {k: v for k, v in raw["data"].items() if v is not None}
+    return parse_grid(raw, "g.yaml")
+
+
+def foreign_error(tmp_path, path, **data) -> str:
+    with pytest.raises(InputError) as err:
+        checkpoints.load_for(foreign_grid(tmp_path, path, **data))
+    assert "\n" not in str(err.value)
+    return str(err.value)
+
+
+@pytest.mark.parametrize("wrap", [None, "state_dict", "model", "model_state_dict"])
+@pytest.mark.parametrize("prefix", ["", "module."])
+def test_plain_state_dict_loads_with_the_grids_normalisation(tmp_path, wrap, prefix):
+    net = model(3)
+    state = {prefix + k: v for k, v in net.state_dict().items()}
     path = tmp_path / "m.pt"
-    torch.save(model().state_dict(), path)
-    assert load_error(path) == (
-        f"checkpoint.path: not a prune-sweep checkpoint (no format tag, metadata or state_dict): got '{path}'; {RETRAIN}")
+    torch.save(state if wrap is None else {wrap: state, "epoch": 3}, path)
+    ck = checkpoints.load_for(foreign_grid(tmp_path, path))
+    assert ck.meta["foreign"] and ck.normalisation == ((0.5,) * 3, (0.25,) * 3)
+    assert all(torch.equal(a, b) for a, b in zip(ck.model.state_dict().values(), net.state_dict().values()))
+
+
+def test_cifar_resnet18_code_checkpoint_loads(tmp_path):
+    """The widely used CIFAR ResNet-18 code: shortcut as shortcut.0 / shortcut.1, head `linear`."""
+    net = model(3)
+    state = {k.replace(".shortcut.conv.", ".shortcut.0.").replace(".shortcut.bn.", ".shortcut.1."): v
+             for k, v in net.state_dict().items()}
+    assert any(".shortcut.0." in k for k in state) and "linear.weight" in state
+    path = tmp_path / "m.pt"
+    torch.save({"net": 0, "model": state}, path)
+    ck = checkpoints.load_for(foreign_grid(tmp_path, path))
+    assert torch.equal(ck.model.layer2[0].shortcut.conv.weight, net.layer2[0].shortcut.conv.weight)
+
+
+def test_foreign_missing_key_wrong_shape_and_normalisation_are_one_line(tmp_path):
+    state = model().state_dict()
+    path = tmp_path / "m.pt"
+    torch.save({k: v for k, v in state.items() if not k.startswith("linear.")}, path)
+    assert foreign_error(tmp_path, path).startswith(
+        f"checkpoint.path: does not fit the grid's model: 2 missing keys (first: linear.weight, linear.bias): "
+        f"got '{path}'")
+    torch.save({**state, "extra.weight": torch.zeros(1)}, path)
+    assert "1 unexpected keys (first: extra.weight)" in foreign_error(tmp_path, path)
+    torch.save({**state, "linear.weight": torch.zeros(3, 64)}, path)
+    assert foreign_error(tmp_path, path).startswith("checkpoint.path: shape mismatch (size mismatch for linear.weight")
+    torch.save(state, path)
+    assert foreign_error(tmp_path, path, mean=None, std=None) == (
+        "data.mean: a plain state_dict carries no normalisation or image size: got None; allowed: per-channel "
+        "mean and std in [0, 1] units, and the image side in pixels; fix: add data.mean, data.std to the grid "
+        "(e.g. mean: [0.485, 0.456, 0.406], std: [0.229, 0.224, 0.225], image_size: 224)")
+    torch.save({"epoch": 3, "optimizer": {}}, path)
+    assert "holds no state_dict" in foreign_error(tmp_path, path)
 
 
 def test_shape_mismatch(tmp_path):

@@ -24,8 +24,8 @@ LAYER_NAMES = ("conv1, layer1.0.conv1, layer1.0.conv2, layer1.1.conv1, layer1.1.
 BAD = {
     "unknown_key": (
         "e2e_bad_unknown_key.yaml", [],
-        "error: {grid}: sweep.layer: unknown key: got 'layer'; allowed: layers, include_shortcuts, k, criteria, "
-        "target, calibration, random_repeats, random_seed, batch_size, retries, feature_map_points; "
+        "error: {grid}: sweep.layer: unknown key: got 'layer'; allowed: layers, include_shortcuts, unit, k, "
+        "criteria, target, calibration, random_repeats, random_seed, batch_size, retries, feature_map_points; "
         "fix: remove it or correct its spelling"),
     "wrong_type": (
         "e2e_bad_wrong_type.yaml", [],

@@ -46,8 +46,8 @@ def plan_error(sweep: dict, width: float = 0.25) -> str:
      "modle: unknown key: got 'modle'; allowed: name, seed, model, data, checkpoint, sweep, resources, wandb, "
      "output; fix: remove it or correct its spelling"),
     ("unknown_key_nested.yaml",
-     "sweep.criterion: unknown key: got 'criterion'; allowed: layers, include_shortcuts, k, criteria, target, "
-     "calibration, random_repeats, random_seed, batch_size, retries, feature_map_points; "
+     "sweep.criterion: unknown key: got 'criterion'; allowed: layers, include_shortcuts, unit, k, criteria, "
+     "target, calibration, random_repeats, random_seed, batch_size, retries, feature_map_points; "
      "fix: remove it or correct its spelling"),
     ("unknown_key_train.yaml",
      "checkpoint.train.learning_rate: unknown key: got 'learning_rate'; allowed: recipe, epochs, batch_size, "
@@ -146,7 +146,7 @@ def test_yaml_syntax_error_names_the_line(tmp_path):
      "model.width: out of range: got 0; allowed: greater than 0; "
      "fix: change model.width in the grid file (or --set model.width=...)"),
     ({"data": {"dataset": "mnist"}},
-     "data.dataset: not allowed: got 'mnist'; allowed: 'synthetic', 'cifar10' or 'npz'; "
+     "data.dataset: not allowed: got 'mnist'; allowed: 'synthetic', 'cifar10', 'npz' or 'imagefolder'; "
      "fix: change data.dataset in the grid file (or --set data.dataset=...)"),
     ({"data": {"dataset": "npz", "test": "t.npz"}},
      "data.train: required when data.dataset is npz: got None; allowed: a path to an .npz file with images and "
@@ -409,8 +409,10 @@ def test_dry_counts_of_the_tiny_grid(tiny_grid):
     assert {t.ks for t in plan.trials if t.channels == 8} == {(2, 4, 8)}
     assert [t.ks for t in plan.trials if t.layer == "layer4.1.conv2"] == [(16, 32, 64)] * 2
     lines = plan.describe()
-    assert lines[0] == "target: output   criteria: mean_activation, l1_norm"
-    assert lines[2] == "  conv1              3 -> 8    K: 2, 4, 8"
+    assert lines[0] == ("convs found in the graph: 20 (3 side branches: layer2.0.shortcut.conv, "
+                        "layer3.0.shortcut.conv, layer4.0.shortcut.conv)")
+    assert lines[1] == "target: output   criteria: mean_activation, l1_norm"
+    assert lines[3] == "  conv1              3 -> 8    K: 2, 4, 8"
     assert lines[-1] == "trials: 34 points: 102"
 
 

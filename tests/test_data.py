@@ -315,3 +315,44 @@ def test_cifar10_npz_load_data(cifar_dir):
     assert (len(data.train), len(data.calibration), len(data.test)) == (49_000, 1000, 500)
     assert data.classes == CIFAR10_CLASSES
     assert isinstance(data.test, Images) and data.test.labels[0] == 3
+
+
+def _folder(root, sizes):
+    from PIL import Image
+
+    for part in ("train", "val"):
+        for c, colour in (("cat", (200, 10, 10)), ("dog", (10, 200, 10))):
+            (root / part / c).mkdir(parents=True)
+            for i, (w, h) in enumerate(sizes):
+                Image.new("RGB", (w, h), colour).save(root / part / c / f"{i}.png")
+
+
+def test_imagefolder_decoded_once_resized_and_cropped(tmp_path):
+    from runner.config import DataConfig
+    from runner.inputs.data import load_data
+
+    _folder(tmp_path / "d", [(40, 30), (30, 60), (16, 16)])
+    cfg = DataConfig(dataset="imagefolder", root=str(tmp_path / "d"), image_size=16, calibration_size=1,
+                     cache=str(tmp_path / "cache"))
+    data = load_data(cfg, 2, 0)
+    assert data.classes == ("cat", "dog") and len(data.test) == 6
+    assert data.test.images.shape == (6, 16, 16, 3) and data.test.images.dtype == np.uint8
+    assert data.test.images[0, 8, 8].tolist() == [200, 10, 10] and data.test.labels.tolist() == [0, 0, 0, 1, 1, 1]
+    cached = sorted(p.name for p in (tmp_path / "cache").iterdir())
+    assert len(cached) == 2
+    again = load_data(cfg, 2, 0)  # from the cache
+    assert np.array_equal(again.test.images, data.test.images)
+
+
+def test_imagefolder_unreadable_image_names_the_file(tmp_path):
+    from runner.config import DataConfig
+    from runner.inputs.data import load_data
+
+    _folder(tmp_path / "d", [(20, 20)])
+    bad = tmp_path / "d" / "train" / "dog" / "broken.jpg"
+    bad.write_bytes(b"not an image")
+    cfg = DataConfig(dataset="imagefolder", root=str(tmp_path / "d"), image_size=16, calibration_size=1)
+    with pytest.raises(InputError) as e:
+        load_data(cfg, 2, 0)
+    assert str(e.value) == (f"data.root: unreadable image {bad} (UnidentifiedImageError): got 'broken.jpg'; allowed: image "
+                            "files PIL can read; fix: remove or replace that file")

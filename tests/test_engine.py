@@ -12,21 +12,26 @@ import torch.nn.functional as F
 from conftest import scramble_bn
 
 from model.capture import capture
-from model.layers import list_convs
+from model.graph import Cut, list_convs
 from model.resnet import ResNet18
 from model.split import Split
+from model.layers import list_convs as resnet_layers
 from runner.engine.criteria import draw_seed, rank_all
 from runner.engine.evaluate import Tally, evaluate
 from runner.engine.images import Images
 from runner.engine.measure import EvalSet, sweep_layer
 from runner.engine.dead import Savings, alive, savings
 from runner.engine.prune import keep_mask, masked, surgery, zero_weights
+from runner.engine.prune import savings as consumer_savings
 from runner.engine.reference import seed_loop
 from runner.inputs.synthetic import generate
 
 MODEL = scramble_bn(ResNet18(width=0.125), seed=1)
-CONVS = list_convs(MODEL)
+CONVS = list_convs(MODEL, 32)
 BY_NAME = {c.name: c for c in CONVS}
+# the project ResNet-18's own listing (model.layers), read by runner.engine.dead and model.split
+LAYERS = resnet_layers(MODEL)
+LAYER_BY_NAME = {c.name: c for c in LAYERS}
 X = torch.randn(6, 3, 32, 32, generator=torch.Generator().manual_seed(0))
 # a block's conv1 and conv2, a shortcut conv, and the stem: every kind of cut
 KINDS = ["conv1", "layer2.1.conv1", "layer2.1.conv2", "layer3.0.shortcut.conv", "layer4.0.conv1"]
@@ -42,7 +47,7 @@ def _pruned(name: str, target: str) -> list[int]:
 @pytest.mark.parametrize("target", TARGETS)
 @pytest.mark.parametrize("name", [c.name for c in CONVS])
 def test_k0_suffix_gives_the_unpruned_logits_exactly(name: str, target: str) -> None:
-    split = Split(MODEL, BY_NAME[name], target)
+    split = Cut(MODEL, BY_NAME[name], target)
     with torch.inference_mode():
         full = MODEL(X)
         cache = split.prefix(X)
@@ -69,7 +74,7 @@ def test_mask_equals_weight_surgery(name: str, target: str) -> None:
 @pytest.mark.parametrize("name", KINDS)
 def test_cached_suffix_equals_full_masked_forward(name: str, target: str) -> None:
     conv, pruned = BY_NAME[name], _pruned(name, target)
-    split = Split(MODEL, conv, target)
+    split = Cut(MODEL, conv, target)
     with torch.inference_mode():
         with masked(MODEL, conv, target, pruned):
             full = MODEL(X)
@@ -177,10 +182,10 @@ def test_taylor_matches_autograd_by_hand() -> None:
 
 def _taylor_through_the_suffix(conv_name: str, images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """Input-target Taylor scores computed apart from the criteria code: cut the network at the conv's input
-    (`Split`), treat the cached tensor at the cut as the only variable (the unit's other paths are cached
+    (`model.split.Split`), treat the cached tensor at the cut as the only variable (the unit's other paths are cached
     constants), so that dL/da is the gradient through conv L alone; |mean over H, W of a * dL/da| per image,
     averaged over images."""
-    split = Split(MODEL, BY_NAME[conv_name], "input")
+    split = Split(MODEL, LAYER_BY_NAME[conv_name], "input")
     with torch.no_grad():
         cache = split.prefix(images)
     a = cache[0].detach().requires_grad_(True)
@@ -317,7 +322,7 @@ def test_points_match_full_network_evaluation_and_carry_feature_maps() -> None:
         assert seen["layer4"].shape[1:] == point.maps["final"].shape
 
 
-FULL = {c.name: c for c in list_convs(ResNet18(width=1.0))}  # the seed's widths: 64, 128, 256, 512
+FULL = {c.name: c for c in resnet_layers(ResNet18(width=1.0))}  # the seed's widths: 64, 128, 256, 512
 
 
 def _saved(name: str, target: str, k: int) -> Savings:
@@ -375,15 +380,15 @@ DEAD_CASES = [("conv1", "output", 3), ("conv1", "output", 8), ("layer2.1.conv2",
 def test_what_savings_call_dead_really_is_dead(name: str, target: str, k: int) -> None:
     """Zeroing every weight the graph calls dead leaves the pruned network's logits unchanged, and the count of
     zeroed parameters is the savings."""
-    conv = BY_NAME[name]
+    conv, layer = BY_NAME[name], LAYER_BY_NAME[name]
     pruned = list(range(0, 2 * k, 2))[:k] if k * 2 <= (conv.out_channels if target == "output" else
                                                         conv.in_channels) else list(range(k))
-    live = alive(CONVS, conv, target, pruned)
+    live = alive(LAYERS, layer, target, pruned)
     edited = copy.deepcopy(MODEL)
     mods = dict(edited.named_modules())
     removed = 0
     with torch.no_grad():
-        for c in CONVS:
+        for c in LAYERS:
             w, bn = mods[c.name].weight, mods[c.bn]
             keep = torch.zeros_like(w, dtype=torch.bool)
             keep[sorted(live.outputs[c.name])] = True
@@ -402,7 +407,7 @@ def test_what_savings_call_dead_really_is_dead(name: str, target: str, k: int) -
         with masked(edited, conv, target, pruned):
             got = edited(X)
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
-    assert removed == savings(CONVS, conv, target, pruned, 10).params > 0
+    assert removed == savings(LAYERS, layer, target, pruned, 10).params > 0
 
 
 def test_crediting_a_live_residual_channel_would_change_the_logits() -> None:
@@ -419,7 +424,22 @@ def test_crediting_a_live_residual_channel_would_change_the_logits() -> None:
             got = edited(X)
     with pytest.raises(AssertionError):  # the tolerance of the check above
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
-    assert 0 in alive(CONVS, BY_NAME["conv1"], "output", [0]).outputs["layer1.0.conv2"]
+    assert 0 in alive(LAYERS, LAYER_BY_NAME["conv1"], "output", [0]).outputs["layer1.0.conv2"]
+
+
+def test_consumer_savings_count_filter_bn_and_next_conv_input_slice() -> None:
+    model = ResNet18(width=1.0)
+    convs = {c.name: c for c in list_convs(model, 32)}
+    c1 = convs["layer2.1.conv1"]  # 128 -> 128, 3x3, 16x16; consumer layer2.1.conv2 128 -> 128 at 16x16
+    s = consumer_savings(c1, "output", 5, convs)
+    assert s.params == 5 * 128 * 9 + 2 * 5 + 5 * 128 * 9
+    assert s.macs == 2 * (5 * 128 * 9 * 16 * 16)
+    c2 = convs["layer2.1.conv2"]
+    assert consumer_savings(c2, "output", 5, convs).params == 5 * 128 * 9 + 10
+    assert consumer_savings(c2, "input", 5, convs).macs == 5 * 128 * 9 * 16 * 16
+    sc = convs["layer3.0.shortcut.conv"]  # 128 -> 256, 1x1, 8x8
+    assert consumer_savings(sc, "output", 4, convs) == consumer_savings(sc, "output", 4, convs)
+    assert consumer_savings(sc, "output", 4, convs).macs == 4 * 128 * 8 * 8
 
 
 def test_zero_weights_removes_a_whole_output_channel_with_its_bn() -> None:

@@ -11,22 +11,22 @@ from __future__ import annotations
 import hashlib
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Callable, Iterator
+from typing import Callable, Iterator, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from model.capture import watch
-from model.layers import ConvInfo
-from model.resnet import ResNet18
+from model.graph import ConvSite
+from model.groups import Group
 
 
 @dataclass(frozen=True)
 class View:
     """What a criterion may look at for one layer."""
 
-    conv: ConvInfo
+    conv: ConvSite
     target: str
     modules: dict[str, nn.Module]
     stats: dict[str, Tensor]  # the statistics this criterion asked for, per channel of the pruned dimension
@@ -46,10 +46,12 @@ class Criterion:
     help: str = ""
     draws: bool = False  # a random order: drawn `repeats` times, each its own seed
 
-    def problem(self, conv: ConvInfo, target: str) -> str | None:
+    def problem(self, conv: ConvSite, target: str) -> str | None:
         """Why this criterion cannot rank `conv` for `target`, or None when it can."""
         if target not in self.targets:
             return f"criterion {self.name} works only with target {' or '.join(self.targets)}"
+        if self.name == "bn_scale" and not conv.bn:
+            return f"criterion bn_scale needs a BatchNorm after the conv; {conv.name} has none"
         if self.name == "seed" and conv.in_channels != conv.out_channels:
             return (f"criterion seed ranks output channels and zeroes input channels, so it needs in == out "
                     f"channels; {conv.name} has {conv.in_channels} in, {conv.out_channels} out")
@@ -125,7 +127,7 @@ def order_of(scores: Tensor) -> tuple[int, ...]:
     return tuple(torch.argsort(scores.detach().double().cpu(), stable=True).tolist())
 
 
-def ranking_of(conv: ConvInfo, criterion: str, target: str, scores: list[Tensor], seeds: tuple[int, ...] = ()
+def ranking_of(conv: ConvSite, criterion: str, target: str, scores: list[Tensor], seeds: tuple[int, ...] = ()
                ) -> Ranking:
     return Ranking(conv.name, criterion, target, tuple(tuple(s.detach().double().cpu().tolist()) for s in scores),
                    tuple(order_of(s) for s in scores), seeds)
@@ -147,7 +149,7 @@ class _Stats:
         return {k: (v / self.count[k]).cpu() for k, v in self.sums.items()}
 
 
-def _watchers(convs: list[ConvInfo], target: str, needs: dict[str, set[str]], stats: dict[str, _Stats]
+def _watchers(convs: list[ConvSite], target: str, needs: dict[str, set[str]], stats: dict[str, _Stats]
               ) -> dict[str, Callable]:
     """Forward watchers that fold each layer's activations into its statistics as batches go by."""
     watchers: dict[str, Callable] = {}
@@ -155,7 +157,7 @@ def _watchers(convs: list[ConvInfo], target: str, needs: dict[str, set[str]], st
         want, st = needs.get(conv.name, set()), stats[conv.name]
         at_mask = want & {"mean", "abs_mean", "taylor"}
         if at_mask:
-            module = conv.bn if target == "output" else conv.name
+            module = (conv.bn or conv.name) if target == "output" else conv.name
             watchers[module] = _mask_point_watcher(st, at_mask, target)
         if "seed" in want:  # the report: per-batch mean of the conv's raw output, averaged over batches
             watchers.setdefault(conv.name, lambda i, o: None)
@@ -209,7 +211,7 @@ def _own_inputs(model: nn.Module, names: list[str]) -> Iterator[None]:
             handle.remove()
 
 
-def rank_all(model: ResNet18, convs: list[ConvInfo], criteria: list[str], target: str,
+def rank_all(model: nn.Module, convs: list[ConvSite], criteria: list[str], target: str,
              images: Tensor, labels: Tensor, batch_size: int, random_seed: int, repeats: int = 1
              ) -> dict[tuple[str, str], Ranking]:
     """Rankings for every (layer, criterion) from one pass over the calibration images; a criterion that draws
@@ -240,3 +242,30 @@ def rank_all(model: ResNet18, convs: list[ConvInfo], criteria: list[str], target
             scores = [crit.score(View(conv, target, modules, means, s)) for s in seeds]
             rankings[(conv.name, name)] = ranking_of(conv, name, target, scores, seeds if crit.draws else ())
     return rankings
+
+
+def group_rankings(groups: Sequence[Group], rankings: dict[tuple[str, str], Ranking]) -> dict[tuple[str, str], Ranking]:
+    """A group's ranking per criterion from its member convs' own (output-channel) rankings: each member's
+    scores are divided by their mean absolute value (members of any scale weigh the same), then a group
+    channel's score is the mean over the member conv channels that hold it; for a criterion that draws, per
+    repeat (repeat r of the group from repeat r of every member)."""
+    out = {}
+    criteria = sorted({c for _, c in rankings}, key=list(dict.fromkeys(c for _, c in rankings)).index)
+    for group in groups:
+        members = [m for m in group.members if m.kind == "conv" and m.dim == "out"]
+        for criterion in criteria:
+            first = rankings[(members[0].name, criterion)]
+            all_scores = []
+            for r in range(first.repeats):
+                total = torch.zeros(group.channels, dtype=torch.float64)
+                count = torch.zeros(group.channels, dtype=torch.float64)
+                for m in members:
+                    scores = torch.tensor(rankings[(m.name, criterion)].all_scores[r], dtype=torch.float64)
+                    scores = scores / scores.abs().mean().clamp_min(1e-30)
+                    total.index_add_(0, torch.tensor(m.root), scores[list(m.idxs)])
+                    count.index_add_(0, torch.tensor(m.root), torch.ones(len(m.root), dtype=torch.float64))
+                all_scores.append(total / count.clamp_min(1))
+            out[(group.name, criterion)] = Ranking(
+                group.name, criterion, "output", tuple(tuple(s.tolist()) for s in all_scores),
+                tuple(order_of(s) for s in all_scores), first.seeds)
+    return out

@@ -1,11 +1,15 @@
 """The layer sweep: for one (layer, criterion), every K evaluated on a cached prefix (DESIGN §7, §8).
 
-Everything before the mask point is computed once and kept on the device (the cut of `model.split`); the
+Everything before the mask point is computed once and kept on the device (the cut of `model.graph`); the
 baseline (K = 0) and then each K run only what comes after it, accumulating mean feature maps in the same pass.
 The baseline goes through the same suffix, on the same device and in the same precision as the points, so a
 point's drop and its paired interval (`runner.engine.paired`) compare like with like, image by image. When the
 cache would not fit in the memory allowed, the eval set is taken in chunks: each chunk is cached once and every
 K is tallied on it, which gives the same sums as one whole pass.
+
+What a point saves: for the project's ResNet-18, the dead channels it leaves (`runner.engine.dead`, on the
+`model.layers` listing); for other networks, the pruned conv and its consumer (`runner.engine.prune.savings`);
+for a group, its members' slices (`model.groups.savings`).
 """
 
 from __future__ import annotations
@@ -19,16 +23,17 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from model.layers import ConvInfo
+from model.graph import ConvSite, Cut, trace
+from model.groups import Group, savings as group_savings
+from model.layers import ConvInfo, list_convs as resnet_layers
 from model.resnet import ResNet18
-from model.split import Split
 from runner.engine.criteria import Ranking
-from runner.engine.dead import savings
+from runner.engine.dead import savings as dead_savings
 from runner.engine.device import compute_dtype, fast_math, free_memory_bytes, uses_channels_last
 from runner.engine.evaluate import Evaluation, Tally, evaluate
 from runner.engine.images import Images, to_device
 from runner.engine.paired import drop_interval
-from runner.engine.prune import channels_of, keep_mask
+from runner.engine.prune import Savings, channels_of, keep_mask, savings as consumer_savings
 
 log = logging.getLogger(__name__)
 
@@ -55,7 +60,7 @@ class EvalSet:
 
 @dataclass(frozen=True)
 class Point:
-    """One measured point: layer x criterion x K (x repeat, for random orders), with its own baseline."""
+    """One measured point: layer (or group) x criterion x K (x repeat, for random orders), with its own baseline."""
 
     layer: str
     criterion: str
@@ -76,6 +81,7 @@ class Point:
     macs_removed: int
     seconds: float
     maps: dict[str, np.ndarray] = field(default_factory=dict, repr=False)  # "layer", "final": mean maps
+    unit: str = "layer"  # layer | group
 
     @property
     def fraction(self) -> float:
@@ -110,8 +116,23 @@ def _chunks(per_batch: int, batches: int, cache_bytes: int) -> list[range]:
 BASELINE = (0, 0)  # (K, repeat) of the unpruned network
 
 
-def sweep_layer(model: ResNet18, conv: ConvInfo, target: str, ranking: Ranking, ks: Sequence[int],
-                evalset: EvalSet, convs: dict[str, ConvInfo], cache_bytes: int | None = None,
+_TRACED: list = []  # [(model, its graph, its model.layers listing or None)]: the last network traced
+
+
+def _traced(model: torch.nn.Module) -> tuple[torch.fx.GraphModule, dict[str, ConvInfo] | None]:
+    if not _TRACED or _TRACED[0][0] is not model:
+        layers = {c.name: c for c in resnet_layers(model)} if isinstance(model, ResNet18) else None
+        _TRACED[:] = [(model, trace(model), layers)]
+    return _TRACED[0][1], _TRACED[0][2]
+
+
+def traced(model: torch.nn.Module) -> torch.fx.GraphModule:
+    """The model's fx graph, traced once per model object: a worker sweeps many layers of one network."""
+    return _traced(model)[0]
+
+
+def sweep_layer(model: torch.nn.Module, conv: ConvSite | Group, target: str, ranking: Ranking, ks: Sequence[int],
+                evalset: EvalSet, convs: dict[str, ConvSite], cache_bytes: int | None = None,
                 feature_maps: bool = True, done: Collection[tuple[int, int]] = ()) -> Iterator[Point]:
     """Points for K in ascending order, each K's repeats in turn, skipping the (K, repeat) pairs in `done`; each
     is yielded as soon as it is measured (after the last chunk when the cache had to be chunked). The baseline
@@ -121,7 +142,7 @@ def sweep_layer(model: ResNet18, conv: ConvInfo, target: str, ranking: Ranking, 
     if not todo:
         return
     device = evalset.inputs[0].device
-    split = Split(model, conv, target)
+    split = Cut(traced(model), conv, target)
     channels = channels_of(conv, target)
     with torch.inference_mode(), fast_math(device):
         first = split.prefix(evalset.inputs[0])  # its size decides the chunking; it is kept as batch 0's cache
@@ -155,25 +176,34 @@ def sweep_layer(model: ResNet18, conv: ConvInfo, target: str, ranking: Ranking, 
                 continue
             seconds[key] += time.perf_counter() - started
             if len(chunks) == 1:
-                yield _point(conv, target, ranking, key, channels, tallies.pop(key), baseline, seconds[key], convs)
+                yield _point(model, conv, target, ranking, key, channels, tallies.pop(key), baseline, seconds[key],
+                             convs)
         del cache
     if tallies:
         baseline = tallies.pop(BASELINE).result()
     for key in sorted(tallies):
-        yield _point(conv, target, ranking, key, channels, tallies[key], baseline, seconds[key], convs)
+        yield _point(model, conv, target, ranking, key, channels, tallies[key], baseline, seconds[key], convs)
 
 
-def _point(conv: ConvInfo, target: str, ranking: Ranking, key: tuple[int, int], channels: int, tally: Tally,
-           baseline: Evaluation, seconds: float, convs: dict[str, ConvInfo]) -> Point:
+def _point(model: torch.nn.Module, conv: ConvSite | Group, target: str, ranking: Ranking, key: tuple[int, int],
+           channels: int, tally: Tally, baseline: Evaluation, seconds: float, convs: dict[str, ConvSite]) -> Point:
     started = time.perf_counter()
     result = tally.result()  # the host sync: the point's time includes finishing its device work
     k, repeat = key
     pruned = ranking.orders[repeat][:k]
-    saved = savings(list(convs.values()), conv, target, pruned, len(result.per_class))
+    layers = _traced(model)[1]
+    if isinstance(conv, Group):
+        macs, params = group_savings(model, conv, pruned, list(convs.values()))
+        saved = Savings(params, macs)
+    elif layers is not None:  # the project's ResNet-18: everything the pruned channels leave dead
+        saved = dead_savings(list(layers.values()), layers[conv.name], target, pruned, len(result.per_class))
+    else:
+        saved = consumer_savings(conv, target, k, convs)
     lost = int(np.count_nonzero(baseline.correct & ~result.correct))
     gained = int(np.count_nonzero(~baseline.correct & result.correct))
     low, high = drop_interval(result.count, int(np.count_nonzero(baseline.correct)), lost, gained)
-    return Point(layer=conv.name, criterion=ranking.criterion, target=target, k=k, repeat=repeat, channels=channels,
+    return Point(unit="group" if isinstance(conv, Group) else "layer", layer=conv.name, criterion=ranking.criterion,
+                 target=target, k=k, repeat=repeat, channels=channels,
                  accuracy=result.accuracy, loss=result.loss, per_class=result.per_class,
                  baseline_accuracy=baseline.accuracy, right_to_wrong=lost, wrong_to_right=gained, drop_low=low,
                  drop_high=high, eval_images=result.count, params_removed=saved.params, macs_removed=saved.macs,

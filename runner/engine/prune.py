@@ -2,25 +2,29 @@
 
 `target: output` removes filter c of conv L and its BN channel: the channel is exactly zero after L's BN.
 `target: input` zeroes input channel c of L (`conv.weight[:, c] = 0`, the seed's operation). Pruning is a
-mask on activations applied inside a scope (`masked`) or at the cut (`model.split`); weights are never
+mask on activations applied inside a scope (`masked`) or at the cut (`model.graph.Cut`); weights are never
 edited per point. `surgery` is the weight-editing equivalent, kept to prove the two agree. What removing the
-channels for real would save is `runner.engine.dead`.
+channels for real would save is `runner.engine.dead` for the project's ResNet-18, `savings` below elsewhere.
 """
 
 from __future__ import annotations
 
 import copy
 from contextlib import contextmanager
+from dataclasses import dataclass
 from typing import Iterator, Sequence
 
 import torch
 from torch import Tensor, nn
 
-from model.layers import ConvInfo
+from model.graph import ConvSite
+from model.groups import Group
 
 
-def channels_of(conv: ConvInfo, target: str) -> int:
-    """Size of the pruned dimension."""
+def channels_of(conv: ConvSite | Group, target: str) -> int:
+    """Size of the pruned dimension (a group's channels, for unit: group)."""
+    if isinstance(conv, Group):
+        return conv.channels
     return conv.out_channels if target == "output" else conv.in_channels
 
 
@@ -32,13 +36,13 @@ def keep_mask(channels: int, pruned: Sequence[int], device: torch.device | str =
 
 
 @contextmanager
-def masked(model: nn.Module, conv: ConvInfo, target: str, pruned: Sequence[int]) -> Iterator[None]:
+def masked(model: nn.Module, conv: ConvSite, target: str, pruned: Sequence[int]) -> Iterator[None]:
     """Inside the block, every forward of `model` runs with the channels pruned (hooks removed on exit)."""
     modules = dict(model.named_modules())
     if target == "output":
         def after_bn(module: nn.Module, inputs: tuple, out: Tensor) -> Tensor:
             return out * keep_mask(out.shape[1], pruned, out.device).view(1, -1, 1, 1).to(out.dtype)
-        handle = modules[conv.bn].register_forward_hook(after_bn)
+        handle = modules[conv.bn or conv.name].register_forward_hook(after_bn)
     else:
         def before_conv(module: nn.Module, inputs: tuple) -> tuple:
             x = inputs[0]
@@ -50,21 +54,50 @@ def masked(model: nn.Module, conv: ConvInfo, target: str, pruned: Sequence[int])
         handle.remove()
 
 
-def zero_weights(model: nn.Module, conv: ConvInfo, target: str, pruned: Sequence[int]) -> None:
+def zero_weights(model: nn.Module, conv: ConvSite, target: str, pruned: Sequence[int]) -> None:
     """Edit weights in place so that the channels are removed (the weight-surgery form of the mask)."""
     modules = dict(model.named_modules())
     idx = torch.as_tensor(list(pruned), dtype=torch.long)
     with torch.no_grad():
         if target == "output":
             modules[conv.name].weight[idx] = 0
-            modules[conv.bn].weight[idx] = 0
-            modules[conv.bn].bias[idx] = 0
+            if modules[conv.name].bias is not None:
+                modules[conv.name].bias[idx] = 0
+            if conv.bn:
+                modules[conv.bn].weight[idx] = 0
+                modules[conv.bn].bias[idx] = 0
         else:
             modules[conv.name].weight[:, idx] = 0
 
 
-def surgery(model: nn.Module, conv: ConvInfo, target: str, pruned: Sequence[int]) -> nn.Module:
+def surgery(model: nn.Module, conv: ConvSite, target: str, pruned: Sequence[int]) -> nn.Module:
     """A copy of `model` with the channels removed by editing weights."""
     edited = copy.deepcopy(model)
     zero_weights(edited, conv, target, pruned)
     return edited
+
+
+@dataclass(frozen=True)
+class Savings:
+    params: int
+    macs: int  # multiply-accumulates per image
+
+
+def savings(conv: ConvSite, target: str, k: int, convs: dict[str, ConvSite]) -> Savings:
+    """What physically removing k channels would save: in L, and for output pruning, the matching input slice
+    of the conv that alone reads L's output (`ConvSite.consumer`: a block's first conv -> its second). BN's
+    gamma and beta count as parameters; grouped convs count their per-group weights."""
+    kk = conv.kernel_size[0] * conv.kernel_size[1]
+    h, w = conv.out_hw
+    if target == "input":  # a weight slice of every output channel's group (depthwise: one filter each)
+        per = conv.out_channels // conv.groups
+        return Savings(params=k * per * kk, macs=k * per * kk * h * w)
+    fan_in = conv.in_channels // conv.groups
+    params = k * fan_in * kk + (2 * k if conv.bn else 0)
+    macs = k * fan_in * kk * h * w
+    if conv.consumer:
+        nxt = convs[conv.consumer]
+        nk = nxt.kernel_size[0] * nxt.kernel_size[1]
+        params += k * nxt.out_channels * nk
+        macs += k * nxt.out_channels * nk * nxt.out_hw[0] * nxt.out_hw[1]
+    return Savings(params, macs)

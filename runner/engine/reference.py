@@ -10,13 +10,13 @@ from typing import Callable, Sequence, TypeVar
 
 from torch import nn
 
-from model.layers import ConvInfo
+from model.graph import ConvSite
 from runner.engine.prune import zero_weights
 
 T = TypeVar("T")
 
 
-def seed_loop(fresh: Callable[[], nn.Module], conv: ConvInfo, target: str, ks: Sequence[int],
+def seed_loop(fresh: Callable[[], nn.Module], conv: ConvSite, target: str, ks: Sequence[int],
               rank: Callable[[nn.Module], Sequence[int]], score: Callable[[nn.Module], T]) -> list[T]:
     """`score` of the network with the `rank` order's first K channels zeroed, for every K, from scratch."""
     out = []

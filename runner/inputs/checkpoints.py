@@ -6,6 +6,7 @@ naming `checkpoint.path`, and the grid decides whether a missing file is trained
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -13,9 +14,11 @@ import torch
 
 from model import checkpoint as files
 from model.checkpoint import Checkpoint, CheckpointError
+from model.zoo import ModelError, Spec
 from runner.config import Grid
 from runner.errors import InputError
 from runner.inputs.data import Holdout
+from runner.inputs.models import spec_of
 from runner.storage import atomic_path
 
 FIELD = "checkpoint.path"
@@ -30,17 +33,38 @@ def save(path: str | Path, model: torch.nn.Module, meta: dict[str, Any]) -> str:
     return files.sha256(path)
 
 
-def load(path: str | Path, arch: str, width: float, num_classes: int) -> Checkpoint:
+def load(path: str | Path, arch: str, width: float = 1.0, num_classes: int = 10) -> Checkpoint:
+    """A checkpoint of one of our architectures (`load_spec` for any model)."""
+    return load_spec(path, Spec(arch, float(width), num_classes))
+
+
+def load_spec(path: str | Path, spec: Spec) -> Checkpoint:
     """`model.checkpoint.load`, with its problems as one-line input errors."""
     try:
-        return files.load(path, arch, width, num_classes)
+        return files.load(path, spec)
     except CheckpointError as e:
         raise InputError(FIELD, e.path, e.problem, e.allowed, e.fix) from None
+    except ModelError as e:
+        raise InputError(f"model.{e.field}", e.value, e.problem, e.allowed, e.fix) from None
 
 
 def load_for(grid: Grid) -> Checkpoint:
-    """The grid's checkpoint, checked against its model section."""
-    return load(grid.checkpoint.path, grid.model.arch, grid.model.width, grid.model.num_classes)
+    """The grid's checkpoint, checked against its model section; a foreign one (a plain state_dict) takes its
+    normalisation and image size from the grid's data section, which must then give them."""
+    loaded = load_spec(grid.checkpoint.path, spec_of(grid.model))
+    data = grid.data
+    if loaded.meta.get("foreign"):
+        need = [f"data.{k}" for k in ("mean", "std", "image_size") if getattr(data, k) is None]
+        if need:
+            raise InputError(need[0], None, "a plain state_dict carries no normalisation or image size",
+                             "per-channel mean and std in [0, 1] units, and the image side in pixels",
+                             f"add {', '.join(need)} to the grid (e.g. mean: [0.485, 0.456, 0.406], "
+                             "std: [0.229, 0.224, 0.225], image_size: 224)")
+    if data.mean is not None or data.std is not None:
+        meta = dict(loaded.meta)
+        meta.update({k: list(getattr(data, k)) for k in ("mean", "std") if getattr(data, k) is not None})
+        loaded = replace(loaded, meta=meta)
+    return loaded
 
 
 def existing(grid: Grid) -> Checkpoint | None:

@@ -1,7 +1,7 @@
 """Datasets as uint8 arrays with train / calibration / test splits, and their device-resident tensors.
 
-Three kinds (DESIGN §3): `synthetic` (embedded, no download), `cifar10` (torchvision's folder) and `npz`
-(your arrays). The calibration split is held out of train (seeded) and never trained on. Everything after
+Four kinds (DESIGN §3): `synthetic` (embedded, no download), `cifar10` (torchvision's folder), `npz`
+(your arrays) and `imagefolder` (class subfolders of image files, decoded once into an array cache). The calibration split is held out of train (seeded) and never trained on. Everything after
 loading works on tensors: normalisation and augmentation run on the device, no per-sample PIL transforms.
 """
 
@@ -9,17 +9,20 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import sys
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
 import numpy as np
+from tqdm import tqdm
 
 from runner.config import DataConfig
 from runner.engine.images import Images
 from runner.errors import InputError
 from runner.inputs import synthetic
+from runner.storage import atomic_path
 
 log = logging.getLogger(__name__)
 
@@ -100,10 +103,74 @@ def _npz(cfg: DataConfig, seed: int) -> tuple[Images, Images, tuple[str, ...]]:
     return train, test, classes or test_classes
 
 
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".gif", ".tif", ".tiff"}
+
+
+def _imagefolder(cfg: DataConfig, seed: int) -> tuple[Images, Images, tuple[str, ...]]:
+    """train/ and test/ (or val/) folders of class subfolders, decoded once into a uint8 array cache."""
+    root = Path(cfg.root)
+    train_dir = Path(cfg.train) if cfg.train else root / "train"
+    test_dir = Path(cfg.test) if cfg.test else next((root / n for n in ("test", "val") if (root / n).is_dir()),
+                                                    root / "test")
+    for key, folder in (("train", train_dir), ("test", test_dir)):
+        if not folder.is_dir():
+            raise InputError(f"data.{key}" if getattr(cfg, key) else "data.root", str(folder), "no such folder",
+                             "a folder of class subfolders of images (root/train, root/test or root/val)",
+                             "fix data.root, or give data.train and data.test")
+    classes = tuple(sorted(d.name for d in train_dir.iterdir() if d.is_dir()))
+    if not classes:
+        raise InputError("data.root", str(train_dir), "no class subfolders", "train/<class>/<image files>",
+                         "put each class's images in a subfolder named after it")
+    size = cfg.image_size or IMAGE_SHAPE[0]
+    resize = cfg.resize or round(size * 8 / 7)
+    return (_decoded(train_dir, classes, size, resize, cfg.cache, "train"),
+            _decoded(test_dir, classes, size, resize, cfg.cache, "test"), classes)
+
+
+def _decoded(folder: Path, classes: tuple[str, ...], size: int, resize: int, cache: str | None, part: str) -> Images:
+    files = [(f, i) for i, c in enumerate(classes) if (folder / c).is_dir()
+             for f in sorted((folder / c).iterdir()) if f.suffix.lower() in IMAGE_SUFFIXES]
+    key = hashlib.sha256(repr((size, resize, [(str(f), f.stat().st_size, f.stat().st_mtime_ns, i)
+                                              for f, i in files])).encode()).hexdigest()[:16]
+    path = Path(cache) / f"{part}-{key}.npz" if cache else folder.parent / f".prune-sweep-{part}-{key}.npz"
+    if path.is_file():
+        with np.load(path, allow_pickle=False) as npz:
+            return Images(npz["images"], npz["labels"])
+    images = np.empty((len(files), size, size, 3), np.uint8)
+    for n, (f, _) in enumerate(tqdm(files, desc=f"decoding {part}", unit="img", disable=not sys.stderr.isatty())):
+        images[n] = _decode(f, size, resize)
+    labels = np.array([i for _, i in files], np.int64)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_path(path) as tmp:
+        with open(tmp, "wb") as out:
+            np.savez(out, images=images, labels=labels)
+    log.info("decoded %d %s images into %s", len(files), part, path)
+    return Images(images, labels)
+
+
+def _decode(f: Path, size: int, resize: int) -> np.ndarray:
+    """Shorter side to `resize` (bilinear, antialiased), then the center `size` x `size` crop, RGB."""
+    from PIL import Image
+
+    try:
+        with Image.open(f) as im:
+            im = im.convert("RGB")
+            w, h = im.size
+            scale = resize / min(w, h)
+            im = im.resize((max(size, round(w * scale)), max(size, round(h * scale))), Image.BILINEAR)
+            w, h = im.size
+            left, top = (w - size) // 2, (h - size) // 2
+            return np.asarray(im.crop((left, top, left + size, top + size)), np.uint8)
+    except (OSError, ValueError, SyntaxError) as e:
+        raise InputError("data.root", f.name, f"unreadable image {f} ({type(e).__name__})", "image files PIL can "
+                         "read", "remove or replace that file") from None
+
+
 LOADERS: dict[str, Callable[[DataConfig, int], tuple[Images, Images, tuple[str, ...]]]] = {
     "synthetic": _synthetic,
     "cifar10": _cifar10,
     "npz": _npz,
+    "imagefolder": _imagefolder,
 }
 
 

@@ -19,7 +19,6 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from model.checkpoint import Checkpoint
-from model.resnet import build
 from runner.config import Grid, TrainConfig
 from runner.engine.device import fast_math, pick_device, place, uses_channels_last
 from runner.engine.evaluate import evaluate
@@ -27,6 +26,7 @@ from runner.engine.images import augment, to_device
 from runner.errors import InputError
 from runner.inputs import checkpoints
 from runner.inputs.data import Dataset, load_data
+from runner.inputs.models import build_for
 from runner.provenance import versions
 
 log = logging.getLogger(__name__)
@@ -110,7 +110,7 @@ def train_model(grid: Grid, data: Dataset, recipe: Recipe, device: torch.device,
     gen = torch.Generator(device="cpu").manual_seed(grid.seed)
     mean, std = normalisation(recipe, data)
     channels_last = uses_channels_last(device)
-    model = place(build(grid.model.arch, grid.model.width, grid.model.num_classes), device)
+    model = place(build_for(grid), device)
     x_all = to_device(data.train.images, mean, std, device, channels_last=channels_last)
     y_all = torch.from_numpy(data.train.labels).to(device)
     opt = _optimizer(model, recipe)
@@ -205,7 +205,7 @@ def ensure_checkpoint(grid: Grid, data: Dataset, loaded: Checkpoint | None = Non
         train_checkpoint(grid, data, log_to=log_to)
         loaded = checkpoints.load_for(grid)
     trained_on = loaded.meta.get("dataset"), tuple(loaded.meta.get("classes", ()))
-    if trained_on != (data.name, data.classes):
+    if not loaded.meta.get("foreign") and trained_on != (data.name, data.classes):
         raise InputError(checkpoints.FIELD, grid.checkpoint.path, f"trained on {trained_on[0]} with classes "
                          f"{', '.join(trained_on[1][:3])}..., but the grid evaluates {data.name}",
                          "a checkpoint trained on the grid's dataset", "point checkpoint.path at one, or retrain")

@@ -9,13 +9,16 @@ from dataclasses import dataclass
 
 import torch
 
-from model.layers import ConvInfo, list_convs
-from model.resnet import build
+from model.graph import ConvSite, list_convs
+from model.groups import Group, list_groups
 from runner.config import MAX_POINTS, Grid, KSpec
 from runner.engine.criteria import CRITERIA
 from runner.engine.prune import channels_of
 from runner.errors import InputError
+from runner.inputs.models import build_for
 from runner.outputs.results import TrialId
+
+IMAGE_SIZE = 32  # the datasets' images (synthetic, cifar10, npz)
 
 
 @dataclass(frozen=True)
@@ -52,23 +55,43 @@ class Trial:
 
 @dataclass(frozen=True)
 class TrialPlan:
-    convs: tuple[ConvInfo, ...]  # every conv of the network
-    layers: tuple[ConvInfo, ...]  # the ones swept, in forward order
+    convs: tuple[ConvSite, ...]  # every conv of the network
+    layers: tuple[ConvSite, ...]  # the ones swept, in forward order (unit: group: the groups' naming convs)
     criteria: tuple[str, ...]
     target: str
     trials: tuple[Trial, ...]
+    unit: str = "layer"
+    groups: tuple[Group, ...] = ()  # unit: group: the swept groups, in the order of `layers`
+
+    @property
+    def units(self) -> dict[str, ConvSite | Group]:
+        """The swept units by name: convs, or groups (a group is named by its first conv)."""
+        return {g.name: g for g in self.groups} if self.unit == "group" else {c.name: c for c in self.layers}
+
+    @property
+    def ranked(self) -> tuple[ConvSite, ...]:
+        """The convs to rank: the swept ones, or every conv member of a swept group."""
+        if self.unit == "layer":
+            return self.layers
+        names = {m.name for g in self.groups for m in g.members if m.kind == "conv" and m.dim == "out"}
+        return tuple(c for c in self.convs if c.name in names)
 
     @property
     def points(self) -> int:
         return sum(len(t.points) for t in self.trials)
 
     @property
-    def table(self) -> dict[str, ConvInfo]:
+    def table(self) -> dict[str, ConvSite]:
         return {c.name: c for c in self.convs}
 
     def describe(self) -> list[str]:
         """Human-readable lines: the layers with channel counts and K values, criteria, totals."""
-        lines = [f"target: {self.target}   criteria: {', '.join(self.criteria)}", "layers:"]
+        side = [c.name for c in self.convs if c.shortcut]
+        lines = [f"convs found in the graph: {len(self.convs)}" + (f" ({len(side)} side branches: "
+                 f"{', '.join(side)})" if side else ""),
+                 f"target: {self.target}   criteria: {', '.join(self.criteria)}"
+                 + (f"   unit: group ({len(self.groups)} groups, each named by its first conv)"
+                    if self.unit == "group" else ""), "groups:" if self.unit == "group" else "layers:"]
         width = max(len(c.name) for c in self.layers)
         ks = {t.layer: t.ks for t in self.trials}
         for c in self.layers:
@@ -83,7 +106,7 @@ class TrialPlan:
         return lines
 
 
-def select_layers(convs: list[ConvInfo], wanted: str | list[str], include_shortcuts: bool) -> list[ConvInfo]:
+def select_layers(convs: list[ConvSite], wanted: str | list[str], include_shortcuts: bool) -> list[ConvSite]:
     """Layers named by `all`, exact names or glob patterns, in forward order."""
     pool = [c for c in convs if include_shortcuts or not c.shortcut]
     if wanted == "all":
@@ -122,16 +145,30 @@ def plan_trials(grid: Grid) -> TrialPlan:
     """Resolve and check the sweep section against the network; raises InputError on the first problem."""
     sweep = grid.sweep
     with torch.device("meta"):  # shapes only: no memory, no time
-        model = build(grid.model.arch, grid.model.width, grid.model.num_classes)
-    convs = list_convs(model)
+        model = build_for(grid, pretrained=False)
+    image_size = grid.data.image_size or IMAGE_SIZE
+    try:
+        convs = list_convs(model, image_size)
+    except ValueError as e:  # model.graph words what cannot be traced or cut, and where
+        raise InputError("model.arch", grid.model.arch, str(e).splitlines()[0][:300], "a network torch.fx can "
+                         "trace, each conv called once", "make the forward traceable (no data-dependent Python "
+                         "control flow), or wrap that part in a leaf module") from None
     for i, name in enumerate(sweep.criteria):
         if name not in CRITERIA:
             raise InputError(f"sweep.criteria[{i}]", name, "unknown criterion", ", ".join(CRITERIA),
                              "use one of those names")
-    layers = select_layers(convs, sweep.layers, sweep.include_shortcuts)
+    groups: tuple[Group, ...] = ()
+    if sweep.unit == "group":  # Torch-Pruning's dependency graph needs real tensors: a CPU copy, not the plan's
+        found = {g.name: g for g in list_groups(build_for(grid, pretrained=False).eval(), image_size)}
+        pool = [c for c in convs if c.name in found]
+        layers = select_layers(pool, sweep.layers, sweep.include_shortcuts)
+        groups = tuple(found[c.name] for c in layers)
+    else:
+        layers = select_layers(convs, sweep.layers, sweep.include_shortcuts)
+    units = {g.name: g for g in groups}
     trials = []
     for conv in layers:
-        channels = channels_of(conv, sweep.target)
+        channels = channels_of(units.get(conv.name, conv), sweep.target)
         ks = ks_for(sweep.k, channels)
         if ks[-1] > channels:
             raise InputError("sweep.k", sweep.k.form(), f"K = {ks[-1]} is above the {channels} "
@@ -140,6 +177,11 @@ def plan_trials(grid: Grid) -> TrialPlan:
                              "use k: {fractions: [...]} to scale K per layer, or leave that layer out")
         for name in sweep.criteria:
             problem = CRITERIA[name].problem(conv, sweep.target)
+            if groups and not problem:
+                members = [c for c in convs if any(m.name == c.name and m.kind == "conv" and m.dim == "out"
+                                                   for m in units[conv.name].members)]
+                problem = "criterion seed does not apply to groups" if name == "seed" else next(
+                    (p for c in members if (p := CRITERIA[name].problem(c, sweep.target))), None)
             if problem:
                 raise InputError("sweep.criteria", name, problem, "criteria that apply to every swept layer",
                                  "change sweep.target, or sweep that criterion on other layers in its own grid")
@@ -149,4 +191,5 @@ def plan_trials(grid: Grid) -> TrialPlan:
     if points > MAX_POINTS:
         raise InputError("sweep", f"{points:,} points", "the grid is too large", f"at most {MAX_POINTS:,} points",
                          "use fewer layers, K values or criteria")
-    return TrialPlan(tuple(convs), tuple(layers), tuple(sweep.criteria), sweep.target, tuple(trials))
+    return TrialPlan(tuple(convs), tuple(layers), tuple(sweep.criteria), sweep.target, tuple(trials), sweep.unit,
+                     groups)

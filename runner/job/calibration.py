@@ -17,9 +17,10 @@ from typing import Any
 import torch
 
 from model.checkpoint import Checkpoint
-from model.layers import ConvInfo
+from model.graph import ConvSite
+from model.groups import Group
 from runner.config import Grid
-from runner.engine.criteria import CRITERIA, Ranking, rank_all
+from runner.engine.criteria import CRITERIA, Ranking, group_rankings, rank_all
 from runner.engine.device import pick_device, place
 from runner.engine.measure import EvalSet
 from runner.engine.prune import channels_of
@@ -57,7 +58,7 @@ def calibrate(grid: Grid, plan: TrialPlan, data: Dataset, loaded: Checkpoint, re
     """Every ranking: read from rankings.json on --resume, the others from one calibration pass."""
     path = grid.folder / NAME
     entries = read_rankings(path) if resume and path.is_file() else {}
-    table = plan.table
+    table = plan.units
     rankings = {(t.layer, t.criterion): ranking_from_entry(entries[t.id.key], table[t.layer], t.criterion, t.target,
                                                             t.repeats)
                 for t in plan.trials if t.id.key in entries}
@@ -86,8 +87,15 @@ def rank_trials(grid: Grid, plan: TrialPlan, data: Dataset, loaded: Checkpoint, 
     layers = [c for c in plan.layers if any(t.layer == c.name for t in trials)]
     criteria = [c for c in plan.criteria if any(t.criterion == c for t in trials)]
     started = time.time()
+    if plan.unit == "group":  # members' rankings aggregated per group (criteria.group_rankings)
+        wanted = {t.layer for t in trials}
+        groups = [g for g in plan.groups if g.name in wanted]
+        members = {m.name for g in groups for m in g.members if m.kind == "conv" and m.dim == "out"}
+        layers = [c for c in plan.ranked if c.name in members]
     rankings = rank_all(model, layers, criteria, plan.target, torch.cat(cal.inputs), torch.cat(cal.labels), bs,
                         grid.sweep.random_seed, grid.sweep.random_repeats)
+    if plan.unit == "group":
+        rankings = group_rankings(groups, rankings)
     # debug: a sweep ranks while Ray starts and says how it went only once its checks have passed (Calibrated.said)
     log.debug("%d rankings from one pass over %d %s images (%.1f s)", len(rankings), cal.count,
               grid.sweep.calibration, time.time() - started)
@@ -103,7 +111,8 @@ def entry_of(ranking: Ranking) -> dict[str, Any]:
     return {"order": list(ranking.order), "scores": list(ranking.scores)}
 
 
-def ranking_from_entry(entry: dict[str, Any], conv: ConvInfo, criterion: str, target: str, repeats: int) -> Ranking:
+def ranking_from_entry(entry: dict[str, Any], conv: ConvSite | Group, criterion: str, target: str, repeats: int
+                       ) -> Ranking:
     """A rankings.json entry, checked against the layer: every order a permutation of its channels."""
     draws = CRITERIA[criterion].draws
     orders, scores = (entry["order"], entry["scores"]) if draws else ([entry["order"]], [entry["scores"]])

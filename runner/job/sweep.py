@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from model.checkpoint import Checkpoint
+from model.graph import ConvSite
 from runner.config import Grid, load_grid
 from runner.errors import InputError
 from runner.inputs import checkpoints
@@ -177,7 +178,8 @@ def dry_run(opts: Options) -> list[str]:
                 f"{loaded.meta.get('test_accuracy', float('nan')):.2f}%"
     else:
         state = "missing: it will be trained first"
-    head = [f"sweep {grid.name}: {grid.model.arch} width {grid.model.width:g}, data {data}, output {grid.folder}",
+    arch = grid.model.arch + (f" width {grid.model.width:g}" if grid.model.arch == "resnet18" else "")
+    head = [f"sweep {grid.name}: {arch}, data {data}, output {grid.folder}",
             f"checkpoint {grid.checkpoint.path} ({state})"]
     return head + plan.describe()
 
@@ -238,6 +240,14 @@ def finish(grid: Grid, plan: TrialPlan, data: Dataset, loaded: Checkpoint, holdo
     return rows
 
 
+def role_of(conv: ConvSite) -> str:
+    """stem | conv1 | conv2 | shortcut, read from the graph and the conv's name (ResNet's names; other convs get
+    their own last name part)."""
+    if conv.shortcut:
+        return "shortcut"
+    return "stem" if conv.index == 0 else conv.name.rsplit(".", 1)[-1]
+
+
 def _report_meta(grid: Grid, plan: TrialPlan, data: Dataset, loaded: Checkpoint, holdout: str,
                  wandb_mode: str) -> report.ReportMeta:
     runs = grid.folder / "wandb"
@@ -250,7 +260,7 @@ def _report_meta(grid: Grid, plan: TrialPlan, data: Dataset, loaded: Checkpoint,
         name=grid.name, eval_images=len(data.test), dataset=data.name, calibration=calibration,
         arch=grid.model.arch, width=grid.model.width, target=plan.target, checkpoint=loaded.path,
         checkpoint_sha256=loaded.sha256, trained_accuracy=f"{loaded.meta.get('test_accuracy', 0):.2f}%",
-        versions=versions(), wandb=wandb_where, holdout=holdout, roles={c.name: c.role for c in plan.layers},
+        versions=versions(), wandb=wandb_where, holdout=holdout, roles={c.name: role_of(c) for c in plan.layers},
         criteria=plan.criteria, random_repeats=grid.sweep.random_repeats, random_seed=grid.sweep.random_seed,
         seed_procedure=_seed_procedure(grid, loaded))
 

@@ -19,8 +19,8 @@ from typing import Any, Iterator
 import numpy as np
 import torch
 
-from model.layers import ConvInfo
-from model.resnet import build
+from model.graph import ConvSite
+from model.zoo import Spec, build
 from runner.engine.criteria import Ranking
 from runner.engine.device import compute_dtype, place, tune_allocator
 from runner.engine.images import Images
@@ -34,14 +34,13 @@ CRASH_ENV = "PRUNE_SWEEP_CRASH_ONCE"  # tests: "<layer>/<criterion>:<marker file
 class Shared:
     """Everything every trial needs, put in the object store once."""
 
-    arch: str
-    width: float
-    num_classes: int
+    spec: Spec  # the network's source (model.zoo)
     state_dict: dict[str, torch.Tensor]
     mean: tuple[float, ...]
     std: tuple[float, ...]
     eval_images: Images
-    convs: dict[str, ConvInfo]
+    convs: dict[str, ConvSite]  # every conv by name
+    units: dict[str, Any]  # the swept units by name: ConvSites, or Groups (unit: group)
     rankings: dict[tuple[str, str], Ranking]
     ks: dict[tuple[str, str], tuple[int, ...]]  # per trial (each measured for every order of its ranking)
     board: str  # name of the driver's ProgressBoard actor
@@ -54,7 +53,7 @@ class Shared:
 def point_metrics(point: Point) -> dict[str, Any]:
     """A point as Tune metrics: scalars, plus the mean feature maps as float16 arrays."""
     return {
-        "layer": point.layer, "criterion": point.criterion, "target": point.target, "k": point.k,
+        "unit": point.unit, "layer": point.layer, "criterion": point.criterion, "target": point.target, "k": point.k,
         "repeat": point.repeat, "channels": point.channels, "fraction": point.fraction, "accuracy": point.accuracy,
         "loss": point.loss, "baseline_accuracy": point.baseline_accuracy, "accuracy_drop": point.accuracy_drop,
         "drop_low": point.drop_low, "drop_high": point.drop_high, "right_to_wrong": point.right_to_wrong,
@@ -90,9 +89,9 @@ def _network_and_data(shared: Shared, device: torch.device) -> tuple[torch.nn.Mo
     key = (shared.token, str(device))
     if key not in _READY:
         _READY.clear()  # one sweep's worth at a time
-        model = build(shared.arch, shared.width, shared.num_classes)
+        model = build(shared.spec, pretrained=False)
         model.load_state_dict(shared.state_dict)
-        evalset = EvalSet.build(shared.eval_images, shared.mean, shared.std, shared.num_classes, device,
+        evalset = EvalSet.build(shared.eval_images, shared.mean, shared.std, shared.spec.num_classes, device,
                                 shared.batch_size)
         _READY[key] = place(model, device), evalset
     return _READY[key]
@@ -119,7 +118,7 @@ def run_trial(config: dict[str, Any], shared: Shared) -> None:
     model, evalset = _network_and_data(shared, device)
     where = {"node": ray.get_runtime_context().get_node_id()[:12], "device": str(device),
              "dtype": str(compute_dtype(device)).removeprefix("torch.")}
-    points = sweep_layer(model, shared.convs[layer], config["target"], ranking, ks, evalset, shared.convs,
+    points = sweep_layer(model, shared.units[layer], config["target"], ranking, ks, evalset, shared.convs,
                          shared.cache_bytes, shared.feature_maps, done=done_before)
     for point in ahead(points):
         _maybe_crash(key, point.k)

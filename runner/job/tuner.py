@@ -15,9 +15,9 @@ from ray import tune
 from ray.tune.progress_reporter import TrialProgressCallback
 
 from model.checkpoint import Checkpoint
-from model.layers import ConvInfo
 from runner.config import Grid
 from runner.inputs.data import Dataset
+from runner.inputs.models import spec_of
 from runner.inputs.trials import TrialPlan
 from runner.job.calibration import Calibrated
 from runner.job.collector import Collector, Context
@@ -45,9 +45,9 @@ def board_name(grid: Grid) -> str:
 def _shared(grid: Grid, plan: TrialPlan, data: Dataset, loaded: Checkpoint, rankings: dict) -> Shared:
     cache = None if grid.resources.cache_gb == "auto" else int(grid.resources.cache_gb * 2**30)
     mean, std = loaded.normalisation
-    return Shared(arch=grid.model.arch, width=grid.model.width, num_classes=grid.model.num_classes,
+    return Shared(spec=spec_of(grid.model),
                   state_dict=loaded.model.state_dict(), mean=mean, std=std, eval_images=data.test,
-                  convs=plan.table, rankings=rankings,
+                  convs=plan.table, units=plan.units, rankings=rankings,
                   ks={(t.layer, t.criterion): t.ks for t in plan.trials}, board=board_name(grid),
                   batch_size=grid.sweep.batch_size, cache_bytes=cache, feature_maps=True,
                   token=_token(loaded.sha256, data, mean, std, grid.sweep.batch_size))
@@ -61,9 +61,10 @@ def _token(checkpoint_sha: str, data: Dataset, mean: tuple, std: tuple, batch_si
     return digest.hexdigest()
 
 
-def stage_of(conv: ConvInfo) -> int:
-    """The stage a conv belongs to: 0 for the stem, n for layer<n>."""
-    found = re.fullmatch(r"layer(\d+)", conv.block.split(".")[0])
+def stage_of(name: str) -> int:
+    """The stage a conv belongs to, from its module path: n for layer<n>.*, 0 otherwise (the stem, or a network
+    without ResNet's stage names)."""
+    found = re.fullmatch(r"layer(\d+)", name.split(".")[0])
     return int(found[1]) if found else 0
 
 
@@ -75,12 +76,13 @@ def trial_runs(plan: TrialPlan, loaded: Checkpoint) -> dict[str, RunSpec]:
     runs = {}
     for t in plan.trials:
         conv = plan.table[t.layer]
-        macs = conv.in_channels * conv.out_channels * conv.kernel_size ** 2 * conv.out_hw[0] * conv.out_hw[1]
-        config = {"layer": t.layer, "criterion": t.criterion, "target": t.target, "unit": "layer",
-                  "layer_index": index[t.layer], "stage": stage_of(conv), "channels": t.channels, "macs": macs,
+        macs = (conv.in_channels // conv.groups * conv.out_channels * conv.kernel_size[0] * conv.kernel_size[1]
+                * conv.out_hw[0] * conv.out_hw[1])
+        config = {"layer": t.layer, "criterion": t.criterion, "target": t.target, "unit": plan.unit,
+                  "layer_index": index[t.layer], "stage": stage_of(t.layer), "channels": t.channels, "macs": macs,
                   "checkpoint_sha256": loaded.sha256}
         runs[t.id.key] = RunSpec(t.id.key, "prune-eval", config,
-                                 (f"criterion:{t.criterion}", f"target:{t.target}", "unit:layer"), uses)
+                                 (f"criterion:{t.criterion}", f"target:{t.target}", f"unit:{plan.unit}"), uses)
     return runs
 
 

@@ -15,14 +15,15 @@ from typing import TYPE_CHECKING, Any, Iterable, NamedTuple
 if TYPE_CHECKING:
     import pandas
 
-COLUMNS = ("layer", "criterion", "target", "k", "repeat", "fraction", "channels", "accuracy", "loss",
+COLUMNS = ("unit", "layer", "criterion", "target", "k", "repeat", "fraction", "channels", "accuracy", "loss",
            "baseline_accuracy", "accuracy_drop", "drop_low", "drop_high", "right_to_wrong", "wrong_to_right",
            "params_removed", "macs_removed", "eval_images", "checkpoint_sha256", "seconds", "node", "device", "dtype",
            "per_class_accuracy")
 INTS = {"k", "repeat", "channels", "params_removed", "macs_removed", "eval_images", "right_to_wrong",
         "wrong_to_right"}
 FLOATS = {"fraction", "accuracy", "loss", "baseline_accuracy", "accuracy_drop", "drop_low", "drop_high", "seconds"}
-TEXTS = {"layer", "criterion", "target", "checkpoint_sha256", "node", "device", "dtype"}  # ids that may look like numbers
+# ids that may look like numbers
+TEXTS = {"unit", "layer", "criterion", "target", "checkpoint_sha256", "node", "device", "dtype"}
 
 Key = tuple[str, str, int, int]  # layer, criterion, k, repeat
 

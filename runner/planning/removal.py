@@ -28,6 +28,7 @@ import torch_pruning as tp
 from torch import Tensor, nn
 from torch.utils.flop_counter import FlopCounterMode
 
+from model.graph import eval_mode
 from runner.errors import InputError
 
 Removal = Mapping[str, Sequence[int]]  # conv name -> output channels (base model indices) to remove
@@ -44,24 +45,13 @@ class Counts:
         return getattr(self, kind) / getattr(base, kind)
 
 
-@contextmanager
-def _eval(model: nn.Module) -> Iterator[nn.Module]:
-    flags = [(m, m.training) for m in model.modules()]
-    model.eval()
-    try:
-        yield model
-    finally:
-        for m, training in flags:
-            m.training = training
-
-
 def _zeros(model: nn.Module, image_size: int) -> Tensor:
     return torch.zeros(1, 3, image_size, image_size, device=next(model.parameters()).device)
 
 
 def counts(model: nn.Module, image_size: int) -> Counts:
     """MACs per image (FlopCounterMode's FLOPs / 2: convs and linears) and the number of parameters."""
-    with _eval(model), torch.no_grad(), FlopCounterMode(display=False) as flops:
+    with eval_mode(model), torch.no_grad(), FlopCounterMode(display=False) as flops:
         model(_zeros(model, image_size))
     return Counts(flops.get_total_flops() // 2, sum(p.numel() for p in model.parameters()))
 
@@ -69,7 +59,7 @@ def counts(model: nn.Module, image_size: int) -> Counts:
 def dependency_graph(model: nn.Module, image_size: int) -> tp.DependencyGraph:
     """Torch-Pruning's dependency graph, traced in eval mode (a forward in train mode would move BN statistics)
     with autograd on (it traces through autograd's graph), also when called under torch.no_grad()."""
-    with _eval(model), torch.enable_grad():
+    with eval_mode(model), torch.enable_grad():
         return tp.DependencyGraph().build_dependency(model, example_inputs=_zeros(model, image_size), verbose=False)
 
 
