@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from runner.config import load_grid
 from runner.inputs.data import load_data
 from runner.inputs.synthetic import generate
-from runner.inputs.train import recipe_of, train_model
+from runner.inputs.train import normalisation, recipe_of, train_model
 from runner.inputs.train import (
     test_accuracy as accuracy_on_test,  # (a name pytest would collect)
 )
@@ -43,10 +43,12 @@ def test_a_linear_classifier_on_raw_pixels_stays_far_below_the_cnn() -> None:
 def test_the_demo_recipe_reaches_90_percent_and_pruning_hurts() -> None:
     grid = load_grid(ROOT / "sweeps" / "demo.yaml")
     data = load_data(grid.data, grid.model.num_classes, grid.seed)
-    model, losses = train_model(grid, data, recipe_of(grid.checkpoint.train), torch.device("cpu"), progress=False)
-    accuracy = accuracy_on_test(model, data, torch.device("cpu"))
+    recipe = recipe_of(grid.checkpoint.train)
+    model, losses = train_model(grid, data, recipe, torch.device("cpu"), progress=False)
+    stats = normalisation(recipe, data)  # what the recipe trained with
+    accuracy = accuracy_on_test(model, data, torch.device("cpu"), *stats)
     assert accuracy >= 90
     with torch.no_grad():
         model.layer2[0].bn1.weight[:16] = 0  # half of one layer's channels removed
         model.layer2[0].bn1.bias[:16] = 0
-    assert accuracy_on_test(model, data, torch.device("cpu")) < accuracy - 5
+    assert accuracy_on_test(model, data, torch.device("cpu"), *stats) < accuracy - 5
