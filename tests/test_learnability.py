@@ -45,10 +45,10 @@ def test_the_demo_recipe_reaches_90_percent_and_pruning_hurts() -> None:
     data = load_data(grid.data, grid.model.num_classes, grid.seed)
     recipe = recipe_of(grid.checkpoint.train)
     model, losses = train_model(grid, data, recipe, torch.device("cpu"), progress=False)
-    stats = normalisation(recipe, data)  # what the recipe trained with
-    accuracy = accuracy_on_test(model, data, torch.device("cpu"), *stats)
+    norm = normalisation(recipe, data)
+    accuracy = accuracy_on_test(model, data, torch.device("cpu"), *norm)
     assert accuracy >= 90
     with torch.no_grad():
         model.layer2[0].bn1.weight[:16] = 0  # half of one layer's channels removed
         model.layer2[0].bn1.bias[:16] = 0
-    assert accuracy_on_test(model, data, torch.device("cpu"), *stats) < accuracy - 5
+    assert accuracy_on_test(model, data, torch.device("cpu"), *norm) < accuracy - 5

@@ -132,3 +132,10 @@ def test_the_seed_criterion_is_the_reports_procedure_only_on_the_test_images_wit
         "the checkpoint is not normalised with mean = std = 0.5 as the report's was (recipe: seed)")
     raw["sweep"].update(criteria=["l1_norm"])
     assert _seed_procedure(parse_grid(raw, "g"), stats) is None  # not asked for
+
+
+def test_trial_summary_takes_random_draws_as_their_mean_and_safe_only_where_every_draw_is():
+    random = [r for r in ROWS if (r["layer"], r["criterion"]) == ("layer1.0.conv1", "random")]
+    s = report.trial_summary(random)
+    assert (s["points"], s["safe_k_1pt"], s["safe_k_5pt"]) == (12, 1, 2)  # 4 K x 3 draws; K=2: a draw reaches 1.3
+    assert s["accuracy_at_50pct"] == pytest.approx(90.0 - 4.0)  # the mean of the three draws at K=4

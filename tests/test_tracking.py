@@ -90,6 +90,23 @@ def test_trial_summary_when_even_the_smallest_k_hurts():
     assert (s["safe_k_1pt"], s["safe_k_5pt"], s["safe_fraction_5pt"]) == (0, 0, 0.0)
 
 
+def drawn(drops: list[float], margin: float, repeat: int) -> list[dict]:
+    """One draw of a random order: its points, with an interval of drop +- margin."""
+    return [{**p, "criterion": "random", "repeat": repeat, "drop_low": p["drop_low"] - margin,
+             "drop_high": p["drop_high"] + margin} for p in points(drops)]
+
+
+def test_trial_summary_uses_the_intervals_upper_end_and_the_mean_of_random_draws():
+    """As the report does: a safe K is safe at the interval's upper end, for every draw of a random order; the
+    rest describes the mean curve over the draws."""
+    assert trial_summary(drawn([0.2, 0.9, 3.0, 80.0], 0.5, 0))["safe_k_1pt"] == 1  # K=2: 0.9, but up to 1.4
+    s = trial_summary(drawn([0.2, 0.6, 3.0, 80.0], 0.1, 0) + drawn([0.4, 1.4, 5.0, 82.0], 0.1, 1))
+    assert (s["points"], s["max_k"]) == (8, 8)  # points measured: 4 K x 2 draws
+    assert s["accuracy_at_25pct"] == pytest.approx(90.0 - 1.0)  # the mean of 0.6 and 1.4
+    assert (s["safe_k_1pt"], s["safe_k_5pt"]) == (1, 2)  # draw 1 crosses 1 point at K=2, 5 points at K=4
+    assert s["drop_auc"] == pytest.approx(trial_summary(points([0.3, 1.0, 4.0, 81.0]))["drop_auc"])
+
+
 @pytest.mark.parametrize("fraction, label", [(0.125, "12p5pct"), (0.25, "25pct"), (1.0, "100pct"),
                                              (1 / 3, "33p33pct"), (0.0625, "6p25pct")])
 def test_fraction_label(fraction, label):

@@ -148,15 +148,16 @@ def sweep_id(grid: Grid, resume: bool) -> str:
     return uuid.uuid4().hex[:8]
 
 
-def write_config(grid: Grid, plan: TrialPlan, loaded: Checkpoint, experiment: str, sweep: str) -> None:
+def write_config(grid: Grid, plan: TrialPlan, loaded: Checkpoint, experiment: str,
+                 sweep: str | None = None) -> None:
     """config.yaml: the resolved grid, its provenance and identity, the Tune experiment it runs in, and the
-    sweep's id (W&B run ids)."""
+    sweep's id (W&B run ids; by default the one config.yaml holds, or a new one)."""
     doc = {**grid.as_dict(), "provenance": {
         "checkpoint_sha256": loaded.sha256, "checkpoint_meta": {k: v for k, v in loaded.meta.items()
                                                                 if k not in ("epoch_losses",)},
         "versions": versions(), "started": datetime.now(timezone.utc).isoformat(),
         "trials": len(plan.trials), "points": plan.points}, "identity": identity(grid, loaded.sha256),
-        "tune_experiment": experiment, "sweep_id": sweep}
+        "tune_experiment": experiment, "sweep_id": sweep or sweep_id(grid, resume=True)}
     storage.write_text(grid.folder / "config.yaml", yaml.safe_dump(doc, sort_keys=False))
 
 

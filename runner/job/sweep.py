@@ -107,6 +107,9 @@ def run_sweep(opts: Options) -> Outcome:
             data, calibrated, holdout = ready.result()
             log.info("%s", calibrated.said)
             calibrated.save(grid.folder)
+            if holdout == "unknown":
+                log.warning("checkpoint %s does not record which training images it was trained without: the "
+                            "calibration hold-out cannot be checked (the report says so)", existing.path)
             experiment, restore = _experiment(grid, plan, existing, opts.resume, tracking.sweep_id)
             trials = tuner.run_trials(grid, plan, data, existing, calibrated, experiment, restore, tracker,
                                       tracking)
@@ -194,9 +197,6 @@ def _calibrated(grid: Grid, plan: TrialPlan, given: Dataset | None, loaded: Chec
     data = given or load_data(grid.data, grid.model.num_classes, grid.seed)
     ensure_checkpoint(grid, data, loaded)
     holdout = checkpoints.check_holdout(grid, loaded, data.holdout)
-    if holdout == "unknown":
-        log.warning("checkpoint %s does not record which training images it was trained without: the calibration "
-                    "hold-out cannot be checked (the report says so)", loaded.path)
     timeline.mark("data")
     calibrated = calibrate(grid, plan, data, loaded, resume)
     timeline.mark("calibration")
