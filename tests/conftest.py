@@ -13,7 +13,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from e2e_helpers import SCRUB, CliRun, cli_env, e2e, grid_dict, run_cli, write_grid
+from e2e_helpers import SCRUB, CliRun, cli_env, closed_port, e2e, grid_dict, run_cli, write_grid
 
 from runner.config import Grid, parse_grid
 from runner.engine.device import tune_allocator
@@ -141,15 +141,18 @@ def small_sweep(ray_session, sweep_checkpoint, tmp_path_factory) -> SimpleNamesp
 
 @pytest.fixture(scope="session")
 def script_sweep(sweep_checkpoint, tmp_path_factory) -> SimpleNamespace:
-    """`python scripts/sweep.py` on a 4-point grid (2 trials, W&B offline), once per session, in a process of its
-    own: its own Ray, whose workers see what the environment brings: a W&B key (tests/test_security.py), and a
-    fault that makes trial layer2.0.conv2/l1_norm crash once (tests/test_sweep.py)."""
+    """`python scripts/sweep.py` on a 4-point grid (2 trials), once per session, in a process of its own: its own
+    Ray, whose workers see what the environment brings. W&B: the grid says offline, --wandb-mode says auto, a key
+    is there (so online) and no server listens where W&B_BASE_URL points (so offline runs after all): read by
+    tests/test_security.py (the key) and tests/test_sweep.py (the fallback). And a fault that makes trial
+    layer2.0.conv2/l1_norm crash once (tests/test_sweep.py)."""
     tmp = tmp_path_factory.mktemp("script")
     grid = write_grid(tmp / "crash.yaml", grid_dict(tmp, e2e(sweep_checkpoint), name="crash", sweep={
         "layers": ["layer1.0.conv1", "layer2.0.conv2"], "k": [1, 2], "criteria": ["l1_norm"]}))
     key, marker = secrets.token_hex(20), tmp / "crashed"  # a key of 40 characters, like a real one
-    env = cli_env(PRUNE_SWEEP_CRASH_ONCE=f"layer2.0.conv2/l1_norm:{marker}", WANDB_API_KEY=key,
-                  WANDB_BASE_URL="http://127.0.0.1:9")
+    url = f"http://127.0.0.1:{closed_port()}"
+    env = cli_env(PRUNE_SWEEP_CRASH_ONCE=f"layer2.0.conv2/l1_norm:{marker}", WANDB_API_KEY=key, WANDB_BASE_URL=url)
     started = time.time()
-    run = run_cli(["--grid", str(grid)], cwd=tmp, env=env)
-    return SimpleNamespace(run=run, folder=tmp / "runs" / "crash", crashed=marker, key=key, started=started)
+    run = run_cli(["--grid", str(grid), "--wandb-mode", "auto"], cwd=tmp, env=env)
+    return SimpleNamespace(run=run, folder=tmp / "runs" / "crash", crashed=marker, key=key, wandb_url=url,
+                           started=started)

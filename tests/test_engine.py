@@ -26,7 +26,12 @@ from runner.engine.prune import savings as consumer_savings
 from runner.engine.reference import seed_loop
 from runner.inputs.synthetic import generate
 
-MODEL = scramble_bn(ResNet18(width=0.125), seed=1)
+with torch.random.fork_rng(devices=[]):
+    # the same weights every run: a few tests below check the size of an effect, not only an equality (crediting a
+    # live residual channel moved the logits by 1.5e-5 to 8e-3 over 20 random initialisations, sometimes within the
+    # check's tolerance: the test failed in 2 of 5 runs)
+    torch.manual_seed(0)
+    MODEL = scramble_bn(ResNet18(width=0.125), seed=1)
 CONVS = list_convs(MODEL, 32)
 BY_NAME = {c.name: c for c in CONVS}
 # the project ResNet-18's own listing (model.layers), read by runner.engine.dead and model.split

@@ -135,14 +135,16 @@ def pair_grid(tmp: Path, checkpoint: Path, **sections) -> dict:
 
 @pytest.fixture(scope="module")
 def finished_pair_once(ray_session, sweep_checkpoint, tmp_path_factory) -> Path:
-    """A finished 4-point sweep on a checkpoint of its own (so that a test can change it), run once in this
-    process; tests get copies of it (`finished_pair`: what --resume checks is the grid, the checkpoint and
-    results.csv, none of which names the folder)."""
+    """A finished 4-point sweep on a checkpoint of its own (so that a test can change it), Tune's state in a folder
+    of its own (shared/), run once in this process. Tests that change it get copies (`finished_pair`: what --resume
+    checks is the grid, the checkpoint and results.csv, none of which names the folder); the one that restores Tune's
+    state resumes it where it is (that state names the folders it was made for)."""
     from runner.job.sweep import Options, run_sweep
 
     tmp = tmp_path_factory.mktemp("pair")
     shutil.copy(sweep_checkpoint, tmp / "own.pt")
-    outcome = run_sweep(Options(str(write_grid(tmp / "pair.yaml", pair_grid(tmp, tmp / "own.pt")))))
+    grid = pair_grid(tmp, tmp / "own.pt", resources={"tune_storage": str(tmp / "shared")})
+    outcome = run_sweep(Options(str(write_grid(tmp / "pair.yaml", grid))))
     assert (outcome.points, outcome.measured, outcome.failed) == (4, 4, [])
     return tmp
 
@@ -293,17 +295,16 @@ def test_a_full_disk_stops_the_sweep_cleanly_and_resume_finishes_it(fault_grid, 
 
 # ---- Tune's state elsewhere (a cluster's shared folder or a cloud URI): resume reads it from there ----
 
-def test_tune_state_in_its_own_storage_and_resume_restores_from_it(cli, ray_session, sweep_checkpoint, tmp_path):
-    """(A sweep of its own: Tune's saved state names the folders it was made for, so a copy would not do.)"""
-    path = write_grid(tmp_path / "pair.yaml", pair_grid(tmp_path, sweep_checkpoint,
-                                                        resources={"tune_storage": str(tmp_path / "shared")}))
-    first = cli(["--grid", str(path)], cwd=tmp_path)
-    assert first.returncode == 0, first.explain()
-    folder = tmp_path / "runs" / "pair"
-    experiments = sorted((tmp_path / "shared" / "pair").glob("tune-*"))
-    assert len(experiments) == 1 and list(experiments[0].glob("experiment_state-*.json")), first.explain()
+def test_tune_state_in_its_own_storage_and_resume_restores_from_it(cli, finished_pair_once):
+    """The module's finished sweep keeps Tune's state in shared/, and is resumed where it is: it measures nothing and
+    changes no result, so the copies other tests make of it stay a finished sweep."""
+    folder = finished_pair_once / "runs" / "pair"
+    experiments = sorted((finished_pair_once / "shared" / "pair").glob("tune-*"))
+    assert len(experiments) == 1 and list(experiments[0].glob("experiment_state-*.json"))
     assert not list(folder.glob("tune*"))  # nothing of Tune's in the output folder
-    again = cli(["--grid", str(path), "--resume"], cwd=tmp_path)
+    before = (folder / "results.csv").read_bytes()
+    again = cli(["--grid", str(finished_pair_once / "pair.yaml"), "--resume"], cwd=finished_pair_once)
     assert again.returncode == 0, again.explain()
     assert f"resuming from Tune's state in {experiments[0]}" in again.stderr, again.explain()
     assert measured(again) == (4, 4, 0)
+    assert (folder / "results.csv").read_bytes() == before

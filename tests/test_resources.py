@@ -7,10 +7,11 @@ from __future__ import annotations
 
 import logging
 import re
+import threading
 
 import pytest
 import yaml
-from e2e_helpers import e2e, grid_dict, run_cli, write_grid
+from e2e_helpers import CliRun, e2e, grid_dict, write_grid
 
 from runner.config import ResourcesConfig
 from runner.errors import InputError
@@ -155,11 +156,19 @@ def test_tune_warnings_reach_the_console_but_not_its_per_trial_chatter():
 
 # ---- the command ----
 
-def test_an_impossible_resource_request_exits_2_with_one_line_within_seconds(sweep_checkpoint, tmp_path):
+def test_an_impossible_resource_request_exits_2_with_one_line_within_seconds(cli, ray_session, sweep_checkpoint,
+                                                                            tmp_path):
     grid = write_grid(tmp_path / "g.yaml", grid_dict(tmp_path, e2e(sweep_checkpoint), name="gpu", sweep={
         "layers": ["conv1"], "k": [1], "criteria": ["l1_norm"]}))
-    # a process of its own, with a time limit: Tune waiting forever for a node fails the test instead of hanging it
-    run = run_cli(["--grid", str(grid), "--set", "resources.gpus_per_trial=64"], cwd=tmp_path, timeout=120)
+    # the command against the session's Ray, in a thread with a time limit: Tune waiting for a node that never comes
+    # fails the test instead of hanging the run
+    done: list[CliRun] = []
+    command = threading.Thread(target=lambda: done.append(cli(
+        ["--grid", str(grid), "--set", "resources.gpus_per_trial=64"], cwd=tmp_path)), daemon=True)
+    command.start()
+    command.join(timeout=120)
+    assert done, "no answer in 120 s: the sweep waits for resources no node has"
+    [run] = done
     assert run.returncode == 2, run.explain()
     assert len(run.err_lines) == 1 and re.fullmatch(
         r"error: --set resources.gpus_per_trial=64: resources.gpus_per_trial: no node of the Ray cluster has that "
