@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 EXIT_OK, EXIT_FAILED, EXIT_BAD_INPUT, EXIT_INTERRUPTED = 0, 1, 2, 130
 
 
-def shown(value: Any, limit: int = 80) -> str:
-    """A value as it appears in a message: repr, on one line, shortened."""
-    text = " ".join(repr(value).split())
+def shown(value: Any, limit: int = 80, path_limit: int = 4096) -> str:
+    """A value as it appears in a message: repr, on one line, shortened; a path (a string or path with a
+    separator in it) is named in full, however deep its folder (up to `path_limit` characters)."""
+    text = " ".join(repr(str(value) if isinstance(value, os.PathLike) else value).split())
+    if isinstance(value, (str, os.PathLike)) and os.sep in str(value):
+        limit = path_limit
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
