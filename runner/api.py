@@ -5,6 +5,9 @@
     df = sweep("sweeps/demo.yaml")            # or a dict in the grid file's layout, or a runner.config.Grid
     df = load_results("runs/demo")            # what is on disk, even while the sweep still runs
 
+    from runner.api import prune
+    plans = prune("sweeps/plan.yaml")         # the same job as `prune-sweep prune`: plans.csv as a DataFrame
+
 Importing this module is cheap: the job (torch, Ray) is imported when `sweep` is called, pandas when a table is
 made.
 """
@@ -79,3 +82,23 @@ def _tune_rows(folder: Path) -> list[dict[str, Any]]:
     if storage:  # Tune's state kept elsewhere (a shared folder or a cloud URI): the experiment config.yaml names
         return tune_table(folder, f"{storage.rstrip('/')}/{doc['name']}", [doc["tune_experiment"]])
     return tune_table(folder)
+
+
+def prune(grid: "str | Path", *, output: str | None = None, wandb_mode: str | None = None, address: str | None = None,
+          overrides: tuple[str, ...] = ()) -> "pandas.DataFrame":
+    """Plan, prune, fine-tune and verify (the same job as `prune-sweep prune`, the sweep's missing points
+    measured first) and return plans.csv as a DataFrame; plans that failed are in `attrs["failed"]`. Bad input
+    raises runner.errors.InputError with the command's one-line message."""
+    import pandas as pd
+
+    from runner.job.prune import run_prune
+    from runner.job.sweep import Options
+    from runner.outputs.plans import CSV
+
+    outcome = run_prune(Options(str(grid), output, False, wandb_mode, address, False, tuple(overrides)))
+    path = outcome.folder / CSV
+    frame = pd.read_csv(path) if path.is_file() else pd.DataFrame()
+    frame.attrs.update(folder=str(outcome.folder), failed=list(outcome.failed), seconds=outcome.seconds)
+    if outcome.failed:
+        log.warning("%d plans failed: %s", len(outcome.failed), ", ".join(outcome.failed))
+    return frame

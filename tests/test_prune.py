@@ -32,7 +32,7 @@ def planned(ray_session, sweep_checkpoint, tmp_path_factory) -> SimpleNamespace:
     """One prune job: 12 groups x 2 K, l1_norm; budget macs 0.7 by all three methods; one epoch of fine-tuning
     on 200 images; scored on the 50 test images the sweep did not evaluate."""
     import runner.job.prune as prune
-    from runner.job.sweep import Options
+    from runner.api import prune as prune_api
 
     tmp = tmp_path_factory.mktemp("prune")
     grid = grid_dict(tmp, e2e(sweep_checkpoint), name="planned",
@@ -45,16 +45,17 @@ def planned(ray_session, sweep_checkpoint, tmp_path_factory) -> SimpleNamespace:
     quick = functools.partial(latency_module.latency, warmup=1, min_runs=3, min_seconds=0.0)
     original, prune.latency = prune.latency, quick  # timing is not what is tested here
     try:
-        outcome = prune.run_prune(Options(str(path)))
+        table = prune_api(path)  # the notebook API: the same job as the command, plans.csv as a DataFrame
     finally:
         prune.latency = original
-    return SimpleNamespace(outcome=outcome, folder=outcome.folder, path=path, grid=grid,
-                           table=pd.read_csv(outcome.folder / "plans.csv"))
+    folder = Path(table.attrs["folder"])
+    return SimpleNamespace(failed=table.attrs["failed"], folder=folder, path=path, grid=grid, table=table)
 
 
 def test_every_plan_is_made_fine_tuned_and_verified(planned) -> None:
     t = planned.table
-    assert planned.outcome.failed == []
+    assert planned.failed == []
+    assert planned.table.equals(pd.read_csv(planned.folder / "plans.csv"))
     assert sorted(t["method"]) == ["knapsack", "threshold", "uniform"] and set(t["budget"]) == {"macs0.7"}
     assert (t["macs_kept"] <= BUDGET).all() and (t["macs_kept"] > 0).all()
     # the masked plan and the physically pruned model agree image by image; pruned.pt read back by our loader
