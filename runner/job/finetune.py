@@ -18,15 +18,15 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
 from ray import tune
 
 from model.zoo import Spec, build
 from runner.config import TrainConfig
-from runner.engine.device import place, tune_allocator
+from runner.engine.device import place
 from runner.engine.images import Images
 from runner.engine.measure import EvalSet
 from runner.inputs.train import fit_model
+from runner.job.trial import trial_device
 from runner.planning.export import load_pruned, save_pruned
 from runner.planning.scoring import score
 from runner.outputs.tracking import RunSpec, Tracker
@@ -67,13 +67,7 @@ class EpochReport:
 
 def finetune_trial(config: dict[str, Any], shared: FinetuneShared) -> None:
     """The Tune trainable of one plan: load, fine-tune, score, write back."""
-    import ray
-
-    tune_allocator()
-    context = tune.get_context()
-    cpus = int(context.get_trial_resources().required_resources.get("CPU", 1)) if context else 1
-    torch.set_num_threads(max(1, cpus))
-    device = torch.device("cuda") if ray.get_gpu_ids() and torch.cuda.is_available() else torch.device("cpu")
+    device = trial_device()
     folder = Path(shared.folders[config["plan"]])
     pruned = load_pruned(folder / "pruned.pt", build(shared.spec, pretrained=False), shared.image_size)
     started = time.time()

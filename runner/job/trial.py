@@ -97,17 +97,25 @@ def _network_and_data(shared: Shared, device: torch.device) -> tuple[torch.nn.Mo
     return _READY[key]
 
 
-def run_trial(config: dict[str, Any], shared: Shared) -> None:
-    """The Tune trainable."""
+def trial_device() -> torch.device:
+    """Inside a Tune trial: the allocator tuned, torch's threads set to the trial's CPUs, and its device (the GPU
+    Ray gave the trial, else the CPU)."""
+    import ray
     from ray import tune
 
     tune_allocator()
     context = tune.get_context()
     cpus = int(context.get_trial_resources().required_resources.get("CPU", 1)) if context else 1
     torch.set_num_threads(max(1, cpus))
+    return torch.device("cuda") if ray.get_gpu_ids() and torch.cuda.is_available() else torch.device("cpu")
+
+
+def run_trial(config: dict[str, Any], shared: Shared) -> None:
+    """The Tune trainable."""
+    from ray import tune
     import ray
 
-    device = torch.device("cuda") if ray.get_gpu_ids() and torch.cuda.is_available() else torch.device("cpu")
+    device = trial_device()
     layer, criterion = config["layer"], config["criterion"]
     key = TrialId(layer, criterion).key
     ranking = shared.rankings[(layer, criterion)]
