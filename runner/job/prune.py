@@ -69,6 +69,7 @@ class Setting:
 
     grid: Grid
     loaded: Checkpoint
+    data: Dataset  # the sweep's splits: train (fine-tuning), test (the sweep's eval images)
     criterion: str
     units: Units
     curves: list[Curve]
@@ -214,7 +215,7 @@ def _setting(grid: Grid, trials: TrialPlan, criterion: str) -> Setting:
     base_eval = score(on_device, evalset)
     base_score = base_eval if scoreset is evalset else score(on_device, scoreset)
     chosen_on = f"the sweep's {len(data.test):,} eval images ({data.name} test images 1-{len(data.test):,})"
-    return Setting(grid, loaded, criterion, units, curves, image_size, base, on_device, evalset, scoreset, scored,
+    return Setting(grid, loaded, data, criterion, units, curves, image_size, base, on_device, evalset, scoreset, scored,
                    scored_on, chosen_on, counts(base, image_size), base_eval, base_score)
 
 
@@ -357,8 +358,7 @@ def _finetune(opts: Options, s: Setting, rows: dict[str, dict[str, Any]]) -> lis
     from runner.job.ray_env import cluster_address, set_ray_env
     from runner.job.tuner import trial_resources
 
-    grid = s.grid
-    data = load_data(grid.data, grid.model.num_classes, grid.seed)
+    grid, data = s.grid, s.data
     mean, std = s.loaded.normalisation
     recipe = recipe_of(grid.plan.finetune)
     folders = {name: row["folder"] for name, row in rows.items()}
