@@ -31,16 +31,6 @@ IMAGE = 32
 X = torch.randn(2, 3, IMAGE, IMAGE, generator=torch.Generator().manual_seed(0))
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Batch-2, 32x32 work gains nothing from a second thread, and on a shared 2-core machine the threads'
-    spin-waits made these tests up to 4x slower (measured)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def calibrated(model: nn.Module, seed: int = 1) -> nn.Module:
     """Random BN affine terms, running statistics from one batch of noise: activations of order 1 all the way
     through. (conftest's scramble_bn shrinks activations of a deep random network into denormal floats, which

@@ -8,7 +8,7 @@ import functools
 
 import pytest
 import torch
-from test_graph import build, one_thread  # noqa: F401  (one_thread: autouse fixture)
+from test_graph import build
 
 from model.graph import Cut, list_convs, trace
 from model.groups import count, dependency_graph, list_groups, masked_group, remove_group, savings, tp_group

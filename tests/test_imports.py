@@ -23,7 +23,8 @@ ALLOWED = {
     "runner.config": ("runner.errors",),
     "runner.engine": ("model", "runner.engine", "runner.errors"),
     "runner.outputs": ("runner.outputs", "runner.errors", "runner.storage", "runner.provenance"),
-    "runner.inputs": ("model", "runner.engine", "runner.inputs", "runner.outputs.results", *BASICS),
+    "runner.inputs": ("model", "runner.engine", "runner.inputs", "runner.outputs.results",
+                      "runner.outputs.tracking", *BASICS),  # tracking: the TrainLog that training reports to
     "runner.job": ("model", "runner.engine", "runner.inputs", "runner.outputs", "runner.planning", "runner.job",
                    *BASICS),
     "runner.planning": ("model", "runner.engine", "runner.inputs", "runner.outputs", "runner.planning", *BASICS),

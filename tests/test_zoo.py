@@ -5,7 +5,6 @@ from __future__ import annotations
 import textwrap
 
 import pytest
-import torch
 from torch import nn
 
 from model.resnet import ResNet18
@@ -13,14 +12,6 @@ from model.zoo import Spec
 from runner.config import load_grid, parse_grid
 from runner.errors import InputError
 from runner.inputs.models import build, spec_of
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def error(spec: Spec) -> str:

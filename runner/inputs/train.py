@@ -1,7 +1,8 @@
 """Training the shared checkpoint that a grid file names (DESIGN §2, `scripts/train.py`).
 
 Training reports to a TrainLog that the caller passes in (the job layer's W&B train run, which logs the curves
-and the checkpoint as a `model` artifact); this layer never imports W&B.
+and the checkpoint as a `model` artifact; the protocol and its do-nothing form live in
+runner.outputs.tracking); this layer never imports W&B.
 """
 
 from __future__ import annotations
@@ -12,7 +13,6 @@ import sys
 import time
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Protocol
 
 import torch
 import torch.nn.functional as F
@@ -27,32 +27,10 @@ from runner.errors import InputError
 from runner.inputs import checkpoints
 from runner.inputs.data import Dataset, load_data
 from runner.inputs.models import build_for
+from runner.outputs.tracking import NullTrainLog, TrainLog
 from runner.provenance import versions
 
 log = logging.getLogger(__name__)
-
-
-class TrainLog(Protocol):
-    """Where training reports: started with its config, one call per epoch, and the checkpoint written."""
-
-    def start(self, config: dict[str, Any]) -> None: ...
-
-    def epoch(self, values: dict[str, float]) -> None: ...
-
-    def trained(self, path: str, sha256: str, meta: dict[str, Any]) -> None: ...
-
-
-class NoLog:
-    """A TrainLog that keeps nothing."""
-
-    def start(self, config: dict[str, Any]) -> None:
-        pass
-
-    def epoch(self, values: dict[str, float]) -> None:
-        pass
-
-    def trained(self, path: str, sha256: str, meta: dict[str, Any]) -> None:
-        pass
 
 
 Recipe = TrainConfig  # a full recipe: a TrainConfig with every field set (RECIPES, recipe_of)
@@ -115,7 +93,7 @@ def fit_model(model: torch.nn.Module, train: Images, recipe: Recipe, device: tor
               log_to: TrainLog | None = None) -> tuple[torch.nn.Module, list[float]]:
     """Train `model` (a fresh network, or a pruned one being fine-tuned) on the `train` images with `recipe`,
     inputs normalised with (mean, std); returns it on `device` in eval mode and the mean loss of each epoch."""
-    log_to = log_to or NoLog()
+    log_to = log_to or NullTrainLog()
     gen = torch.Generator(device="cpu").manual_seed(seed)
     channels_last = uses_channels_last(device)
     model = place(model, device)
@@ -180,7 +158,7 @@ def train_checkpoint(grid: Grid, data: Dataset | None = None, device: torch.devi
     recipe = recipe_of(grid.checkpoint.train)
     log.info("training %s width %g on %s (%d images, %s) for %d epochs", grid.model.arch, grid.model.width,
              data.name, len(data.train), device, recipe.epochs)
-    log_to = log_to or NoLog()
+    log_to = log_to or NullTrainLog()
     log_to.start({"recipe": recipe.model_dump(), "device": str(device), "train_images": len(data.train)})
     started = time.time()
     model, losses = train_model(grid, data, recipe, device, progress, log_to)
