@@ -10,6 +10,7 @@ import gc
 import json
 import logging
 import os
+import sys
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator
@@ -87,6 +88,22 @@ def ray_session(address: str | None, dashboard: bool = False, resources: Resourc
             stop_ray()
 
 
+def _stop_monitor() -> None:
+    """Kill the autoscaler monitor of a Ray this process started: it ignores SIGTERM, and ray.shutdown() waits
+    a full second for it before killing it anyway (measured: 1.0 of the 1.3-2.0 s a sweep spent stopping Ray).
+    A local Ray has nothing to autoscale and the monitor keeps no state. Ray's private node API: if it moves,
+    the shutdown is just a second slower."""
+    node = getattr(sys.modules.get("ray._private.worker"), "_global_node", None)
+    processes = getattr(node, "all_processes", None) or {}
+    for info in processes.get("monitor", ()):
+        try:
+            if info.process.poll() is None:
+                info.process.kill()
+                info.process.wait(timeout=5)
+        except Exception as e:  # noqa: BLE001  ray.shutdown() stops it the slow way
+            log.debug("could not stop Ray's monitor early: %s", e)
+
+
 def stop_ray() -> None:
     """ray.shutdown(), safe while other threads of the driver run (the report is written while Ray stops).
 
@@ -99,6 +116,7 @@ def stop_ray() -> None:
     gc.collect()
     gc.disable()
     try:
+        _stop_monitor()
         ray.shutdown()
     finally:
         gc.enable()
