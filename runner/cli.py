@@ -9,10 +9,13 @@
 from __future__ import annotations
 
 import argparse
+import atexit
 import errno
 import logging
+import os
 import sys
-from typing import Callable, Sequence
+import threading
+from typing import Callable, NoReturn, Sequence
 
 from runner.errors import EXIT_BAD_INPUT, EXIT_FAILED, EXIT_INTERRUPTED, EXIT_OK, InputError
 
@@ -211,7 +214,24 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def console() -> None:
-    sys.exit(main())
+    leave(main())
+
+
+def leave(code: int) -> NoReturn:
+    """End a command's process with `code` (the console script and scripts/*.py). With no other thread left:
+    the exit handlers run (Ray's shutdown, W&B's teardown, temporary folders), the streams are flushed, and the
+    process ends at once, skipping Python's teardown of torch's and Ray's modules (0.45 s of every command,
+    measured; issue 14). With another thread still running, the usual exit, which waits for it."""
+    if any(t.is_alive() and not t.daemon for t in threading.enumerate() if t is not threading.main_thread()):
+        sys.exit(code)
+    atexit._run_exitfuncs()
+    logging.shutdown()
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):  # a closed pipe (`| head`): nothing more to say
+            pass
+    os._exit(code)
 
 
 if __name__ == "__main__":  # python -m runner.cli

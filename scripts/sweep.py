@@ -1,7 +1,7 @@
 """Run a pruning-sensitivity sweep: python scripts/sweep.py --grid sweeps/demo.yaml (= prune-sweep sweep ...)."""
 import sys
 
-from runner.cli import main
+from runner.cli import leave, main
 
 if __name__ == "__main__":
-    sys.exit(main(["sweep", *sys.argv[1:]]))
+    leave(main(["sweep", *sys.argv[1:]]))

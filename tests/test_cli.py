@@ -183,3 +183,29 @@ def test_a_checkpoint_trained_without_other_images_is_refused(cli, sweep_checkpo
     for allowed in ("checkpoint.foreign=true", "sweep.calibration=test"):
         assert dry_run(Options(str(grid), overrides=("data.calibration_size=120", allowed)))[-1] == \
             "trials: 1 points: 1"
+
+
+# ---- the process's exit (runner.cli.leave) ----
+
+LEAVE = """
+import atexit, sys, threading, time
+from runner.cli import leave
+atexit.register(lambda: print("exit handler ran", flush=True))
+print("unflushed line", end="")
+sys.stderr.write("to stderr")
+if sys.argv[1] == "thread":  # a thread still working: the usual exit waits for it
+    threading.Thread(target=lambda: (time.sleep(0.3), print(" thread done", end=""))).start()
+leave(int(sys.argv[2]))
+"""
+
+
+@pytest.mark.parametrize("mode, code", [("alone", 0), ("alone", 3), ("thread", 2)])
+def test_leave_runs_the_exit_handlers_flushes_and_exits_with_the_code(tmp_path, mode, code):
+    import subprocess
+    import sys
+
+    done = subprocess.run([sys.executable, "-c", LEAVE, mode, str(code)], capture_output=True, text=True, timeout=60)
+    assert done.returncode == code, done.stderr
+    expected = "unflushed line" + (" thread done" if mode == "thread" else "") + "exit handler ran\n"
+    assert done.stdout == expected
+    assert done.stderr == "to stderr"
