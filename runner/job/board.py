@@ -27,12 +27,14 @@ class ProgressBoard:
         for layer, criterion, k, repeat in done:
             self.done.setdefault((layer, criterion), set()).add((k, repeat))
 
-    def record(self, layer: str, criterion: str, k: int, repeat: int, when: float) -> None:
-        """A point (K, repeat) was measured (perhaps again, by a retried trial) and reached the driver at `when`."""
-        self.done.setdefault((layer, criterion), set()).add((k, repeat))
-        self.measured += 1
-        self.first = self.first or when
-        self.last = when
+    def record(self, points: list[tuple[str, str, int, int, float]]) -> None:
+        """Points (layer, criterion, K, repeat) measured (perhaps again, by a retried trial), each with the time
+        it reached the driver, in order. The collector sends them in batches (see Collector.flush)."""
+        for layer, criterion, k, repeat, when in points:
+            self.done.setdefault((layer, criterion), set()).add((k, repeat))
+            self.measured += 1
+            self.first = self.first or when
+            self.last = when
 
     def stats(self) -> BoardStats:
         return BoardStats(self.measured, self.first, self.last)

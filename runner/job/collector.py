@@ -108,6 +108,7 @@ class Live:
     first: float = 0.0  # when the first new point arrived
     new: int = 0  # points added to results.csv in this run
     busy: float = 0.0  # seconds Tune's loop spent here (the rows): the trials' steps wait for it
+    unsent: list[tuple[str, str, int, int, float]] = field(default_factory=list)  # points not yet on the board
     backlog: Backlog = field(default_factory=Backlog)  # W&B steps and figures, in their own thread
 
 
@@ -131,9 +132,21 @@ class Collector(tune.Callback):
         self.live = Live(ResultsTable(folder / "results.csv"), make_tracker(c.tracking), ray.get_actor(c.board))
         (folder / "feature_maps").mkdir(parents=True, exist_ok=True)
 
+    def flush(self) -> None:
+        """Send the points measured since the last flush to the progress board, in one actor call. The board is
+        read only by a trial that starts again (a retry, a resumed sweep) and by the driver at the end, so it
+        is brought up to date when a trial ends, fails or is retried and when the experiment ends, not once per
+        point (one call per point cost the driver and the board's process 2-3 s of CPU in the demo, taken from
+        the trials)."""
+        live = self.live
+        if live is not None and live.unsent:
+            live.board.record.remote(live.unsent)
+            live.unsent = []
+
     def on_experiment_end(self, trials: list, **info: Any) -> None:
         if self.live is not None:
             live = self.live
+            self.flush()
             try:
                 live.backlog.close()
             finally:
@@ -158,10 +171,10 @@ class Collector(tune.Callback):
 
     def _record(self, result: dict) -> None:
         live = self.live
-        maps = result.pop("maps", None) or {}  # in place: keeps the arrays out of Tune's experiment state
+        maps = getattr(result.pop("maps", None), "arrays", {})  # in place: keeps them out of Tune's state
         row = self._row(result)
         # every point measured, those a retried trial measures again too
-        live.board.record.remote(row["layer"], row["criterion"], row["k"], row["repeat"], time.time())
+        live.unsent.append((row["layer"], row["criterion"], row["k"], row["repeat"], time.time()))
         if not live.table.add(row):
             return  # already recorded (a retried or resumed trial repeating a point)
         live.new += 1
@@ -208,6 +221,7 @@ class Collector(tune.Callback):
             log.info("points %d/%d (%.0f%%)%s", done, total, 100 * done / total, left)
 
     def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        self.flush()
         trial_id = _trial_id(trial)
         rows = by_trial(self.live.table.rows).get(trial_id, [])
         self.live.backlog.submit(self.live.tracker.finish_trial, trial_id.key, rows)
@@ -217,9 +231,11 @@ class Collector(tune.Callback):
         log.info("trial done: %-40s %s", trial_id.key, shown)
 
     def on_trial_recover(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        self.flush()  # before the trial starts again and asks the board what it has measured
         log.warning("trial %s failed; retrying from its last finished K", _trial_id(trial).key)
 
     def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        self.flush()
         trial_id = _trial_id(trial)
         key = trial_id.key
         rows = by_trial(self.live.table.rows).get(trial_id, [])
