@@ -25,7 +25,7 @@ from runner.engine.criteria import Ranking
 from runner.engine.device import compute_dtype, place, tune_allocator
 from runner.engine.images import Images
 from runner.engine.measure import EvalSet, Point, sweep_layer
-from runner.outputs.results import TrialId
+from runner.outputs.results import FeatureMaps, TrialId
 
 CRASH_ENV = "PRUNE_SWEEP_CRASH_ONCE"  # tests: "<layer>/<criterion>:<marker file>" makes that trial fail once
 
@@ -51,7 +51,7 @@ class Shared:
 
 
 def point_metrics(point: Point) -> dict[str, Any]:
-    """A point as Tune metrics: scalars, plus the mean feature maps as float16 arrays."""
+    """A point as Tune metrics: scalars, plus the mean feature maps as float16 arrays (one FeatureMaps value)."""
     return {
         "unit": point.unit, "layer": point.layer, "criterion": point.criterion, "target": point.target, "k": point.k,
         "repeat": point.repeat, "channels": point.channels, "fraction": point.fraction, "accuracy": point.accuracy,
@@ -60,7 +60,7 @@ def point_metrics(point: Point) -> dict[str, Any]:
         "wrong_to_right": point.wrong_to_right, "eval_images": point.eval_images,
         "per_class_accuracy": list(point.per_class), "params_removed": point.params_removed,
         "macs_removed": point.macs_removed, "seconds": point.seconds,
-        "maps": {name: m.astype(np.float16) for name, m in point.maps.items()},
+        "maps": FeatureMaps({name: m.astype(np.float16) for name, m in point.maps.items()}),
     }
 
 
