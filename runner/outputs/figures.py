@@ -5,6 +5,7 @@ Nothing here computes results; it draws what the engine measured.
 
 from __future__ import annotations
 
+import functools
 import math
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -119,6 +120,15 @@ def wrap(text: str, width: int, measure: Callable[[str], float]) -> list[str]:
     return lines
 
 
+@functools.lru_cache(maxsize=4096)
+def _text_width(text: str) -> float:
+    """The caption font's width of `text` in pixels. Cached: every point's caption repeats most of the text of
+    the one before (measuring was half the cost of a caption, and a sweep captions two images per point)."""
+    from PIL import Image, ImageDraw
+
+    return ImageDraw.Draw(Image.new("RGB", (1, 1))).textlength(text, font=_font())
+
+
 def _captioned(image: np.ndarray, title: str, cmap: str, lo: float, hi: float) -> np.ndarray:
     """The grid with a colour bar (drawn as an array) labelled with its limits, a line stating the image's one
     colour scale, and the title wrapped to the image's width below it."""
@@ -126,8 +136,8 @@ def _captioned(image: np.ndarray, title: str, cmap: str, lo: float, hi: float) -
 
     font = _font()
     width = max(image.shape[1], CAPTION_WIDTH)
-    measure = ImageDraw.Draw(Image.new("RGB", (1, 1))).textlength
-    lines = [scale_note(cmap, lo, hi)] + wrap(title, width - 20, lambda t: measure(t, font=font))
+    measure = _text_width
+    lines = [scale_note(cmap, lo, hi)] + wrap(title, width - 20, measure)
     step = FONT_SIZE + 5
     bar_top = image.shape[0] + 6
     text_top = bar_top + 12 + step + 4
@@ -139,7 +149,7 @@ def _captioned(image: np.ndarray, title: str, cmap: str, lo: float, hi: float) -
     draw = ImageDraw.Draw(pil)
     ends = f"{lo:.3g}", f"{hi:.3g}"
     draw.text((10, bar_top + 14), ends[0], fill=(0, 0, 0), font=font)
-    draw.text((width - 10 - measure(ends[1], font=font), bar_top + 14), ends[1], fill=(0, 0, 0), font=font)
+    draw.text((width - 10 - measure(ends[1]), bar_top + 14), ends[1], fill=(0, 0, 0), font=font)
     for i, line in enumerate(lines):
         draw.text((10, text_top + step * i), line, fill=(0, 0, 0), font=font)
     return np.asarray(pil)
