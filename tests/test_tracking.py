@@ -229,3 +229,32 @@ def test_a_run_that_cannot_start_with_an_empty_error_falls_back(tmp_path, caplog
     assert [r.getMessage() for r in caplog.records] == [
         "W&B: starting a run failed (RuntimeError: ); W&B logging is off for the rest of this sweep (results are "
         "still on disk)"]
+
+
+def test_every_point_is_logged_and_images_only_for_the_first_random_order(tmp_path):
+    from runner.outputs.tracking import RunSpec, Tracking, WandbTracker
+
+    class Images(FakeWandb):
+        @staticmethod
+        def Image(image, caption: str) -> str:
+            return f"image {image} {caption}"
+
+    tracker = WandbTracker(Tracking("offline", "p", None, "g", tmp_path, feature_maps=True))
+    tracker.wandb = fake = Images()
+    rendered = []
+
+    def images(repeat: int):
+        def render() -> dict:
+            rendered.append(repeat)
+            return {"pruned_layer": f"layer{repeat}", "final_stage": f"final{repeat}"}
+        return render
+
+    spec = RunSpec("conv1/random", "prune-eval")
+    for repeat in (0, 1, 2):
+        tracker.log_point(spec, {"k": 4, "accuracy": 50.0 + repeat, "repeat": repeat}, images(repeat))
+    logged = fake.runs[0][1].logged
+    assert [(d["k"], d["repeat"], d["accuracy"]) for d in logged] == [(4, 0, 50.0), (4, 1, 51.0), (4, 2, 52.0)]
+    assert logged[0]["feature_maps/pruned_layer"] == "image layer0 conv1/random K=4"
+    assert logged[0]["feature_maps/final_stage"] == "image final0 conv1/random K=4"
+    assert not any(key.startswith("feature_maps/") for d in logged[1:] for key in d)
+    assert rendered == [0]  # the other draws' pictures are not even rendered
