@@ -25,10 +25,6 @@ log = logging.getLogger(__name__)
 
 CHECKOUT = Path(__file__).resolve().parents[2]  # holds the `model` and `runner` packages
 
-# Run in every worker of a Ray we start, as it starts: imports what trials need (torch, the engine) while the
-# driver is still calibrating, instead of when the first trial arrives.
-WARM_UP = "runner.job.trial.warm_up"
-
 # Tune's per-trial chatter, which the collector replaces with one line per retry or failure (Tune's other
 # warnings, such as "no trial has started: the cluster lacks resources", stay on the console).
 TUNE_CHATTER = {
@@ -135,7 +131,7 @@ def start_ray(address: str | None, dashboard: bool = False) -> str | None:
     try:
         # "local": a new Ray of our own, never one that `ray start` (or a test cluster) left registered in
         # /tmp/ray/ray_current_cluster, which a bare ray.init() would silently join
-        context = ray.init(address="local", runtime_env={"worker_process_setup_hook": WARM_UP}, **board, **quiet)
+        context = ray.init(address="local", **board, **quiet)
     except Exception as e:
         if dashboard and "missing packages" in str(e):
             raise InputError("resources.ray_dashboard", True, "Ray's dashboard needs packages that are not "

@@ -32,8 +32,7 @@ LOCAL_RAY_ENV = {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
 # Only for the Ray this process starts itself: no token file in ~/.ray for a local, loopback-only instance (a
 # cluster we join keeps whatever authentication it was started with); and no task workers started in advance:
 # Ray never hands a task worker to an actor and a sweep runs nothing but actors (the trials, the progress
-# board), so those two workers, each importing torch (runner.job.cluster.WARM_UP), only took CPU from the
-# driver and the trials while the sweep started.
+# board), so those two workers only took CPU from the driver and the trials while the sweep started.
 OWN_RAY_ENV = {"RAY_AUTH_MODE": "disabled", "RAY_prestart_worker_first_driver": "0"}
 
 

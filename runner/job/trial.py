@@ -75,11 +75,6 @@ def _maybe_crash(key: str, k: int) -> None:
         raise RuntimeError(f"injected failure in {key} at K={k}")
 
 
-def warm_up() -> None:
-    """Ray's worker set-up hook (runner.job.cluster.WARM_UP): importing this module is the work."""
-    tune_allocator()
-
-
 _READY: dict[tuple[str, str], tuple[torch.nn.Module, EvalSet]] = {}
 
 
