@@ -1,5 +1,9 @@
 """The progress board: the driver's record of finished points, as a named Ray actor that trials on any node
-can ask. Kept free of torch and of the engine: the actor's process imports only this module."""
+can ask. Kept free of torch and of the engine: the actor's process imports only this module.
+
+A board exists only where a trial can find points of its own already measured: from the start of a resumed
+sweep, and from a new sweep's first retried trial on. A sweep that retries nothing never starts one (its
+process took CPU from the trials while they started)."""
 
 from __future__ import annotations
 
@@ -11,6 +15,8 @@ from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 @dataclass(frozen=True)
 class BoardStats:
+    """What the driver's collector counted (runner.job.collector.measured)."""
+
     measured: int  # points measured in this run, measured again by a retried trial included
     first: float  # wall-clock time the first point reached the driver (0: none)
     last: float  # ... and the last one
@@ -22,22 +28,14 @@ class ProgressBoard:
 
     def __init__(self, done: list[tuple[str, str, int, int]]) -> None:
         self.done: dict[tuple[str, str], set[tuple[int, int]]] = {}
-        self.measured = 0  # points measured in this run, measured again by a retried trial included
-        self.first = self.last = 0.0  # wall-clock times of the first and the last point measured in this run
         for layer, criterion, k, repeat in done:
             self.done.setdefault((layer, criterion), set()).add((k, repeat))
 
     def record(self, points: list[tuple[str, str, int, int, float]]) -> None:
-        """Points (layer, criterion, K, repeat) measured (perhaps again, by a retried trial), each with the time
-        it reached the driver, in order. The collector sends them in batches (see Collector.flush)."""
-        for layer, criterion, k, repeat, when in points:
+        """Points (layer, criterion, K, repeat, when it reached the driver) measured since the last call
+        (perhaps again, by a retried trial). The collector sends them in batches (Collector.flush)."""
+        for layer, criterion, k, repeat, _ in points:
             self.done.setdefault((layer, criterion), set()).add((k, repeat))
-            self.measured += 1
-            self.first = self.first or when
-            self.last = when
-
-    def stats(self) -> BoardStats:
-        return BoardStats(self.measured, self.first, self.last)
 
     def finished(self, layer: str, criterion: str) -> list[tuple[int, int]]:
         """(K, repeat) of the trial's points already in results.csv."""
@@ -45,12 +43,29 @@ class ProgressBoard:
 
 
 def board_actor(name: str, done: list[tuple[str, str, int, int]]) -> ray.actor.ActorHandle:
-    """Start the named board (replacing one left by an earlier driver of the same sweep), on the driver's own
-    node: losing another node of a cluster then costs only the trials that ran there."""
-    try:
-        ray.kill(ray.get_actor(name))
-    except ValueError:
-        pass
+    """Start the named board with the points `done`, on the driver's own node: losing another node of a cluster
+    then costs only the trials that ran there."""
     here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
     return ray.remote(num_cpus=0)(ProgressBoard).options(name=name, lifetime=None,
                                                          scheduling_strategy=here).remote(done)
+
+
+def find_board(name: str) -> ray.actor.ActorHandle | None:
+    try:
+        return ray.get_actor(name)
+    except ValueError:
+        return None
+
+
+def kill_board(name: str) -> None:
+    """Stop the named board, if there is one (this driver's, or one an earlier driver of the sweep left)."""
+    board = find_board(name)
+    if board is not None:
+        ray.kill(board)
+
+
+def finished(name: str, layer: str, criterion: str) -> set[tuple[int, int]]:
+    """In a trial: (K, repeat) of its points already in results.csv. A sweep has a board only once points can be
+    measured twice (a resumed sweep, a retried trial: see runner.job.collector); with none, nothing is."""
+    board = find_board(name)
+    return set() if board is None else {tuple(p) for p in ray.get(board.finished.remote(layer, criterion))}

@@ -15,8 +15,10 @@ from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
+import ray
 from ray import tune
 
+from runner.job.board import BoardStats, board_actor, find_board
 from runner.outputs import figures
 from runner.outputs.results import COLUMNS, ResultsTable, TrialId, by_trial
 from runner.outputs.tracking import RunSpec, Tracker, Tracking, make_tracker
@@ -103,19 +105,34 @@ class Live:
 
     table: ResultsTable
     tracker: Tracker
-    board: Any  # the ProgressBoard actor's handle
+    board: Any  # the ProgressBoard actor's handle: None until one is needed (runner.job.board)
     last_note: float = 0.0  # when progress was last logged
     first: float = 0.0  # when the first new point arrived
     new: int = 0  # points added to results.csv in this run
     busy: float = 0.0  # seconds Tune's loop spent here (the rows): the trials' steps wait for it
     unsent: list[tuple[str, str, int, int, float]] = field(default_factory=list)  # points not yet on the board
+    measured: int = 0  # points measured in this run, those a retried trial measured again included
+    first_at: float = 0.0  # wall-clock times the first and the last of them arrived
+    last_at: float = 0.0
     backlog: Backlog = field(default_factory=Backlog)  # W&B steps and figures, in their own thread
+
+
+# The collectors set up in this driver process, by board name: Tune may run a copy of the Collector it was
+# given (a restored experiment unpickles its own), so the driver reads the numbers it needs afterwards here.
+_LIVE: dict[str, Live] = {}
+
+
+def measured(board: str) -> BoardStats:
+    """Points measured by the sweep whose board is named `board`, and when the first and the last arrived (after
+    its Tuner.fit returned; forgets them)."""
+    live = _LIVE.pop(board, None)
+    return BoardStats(live.measured, live.first_at, live.last_at) if live else BoardStats(0, 0.0, 0.0)
 
 
 class Collector(tune.Callback):
     """Tune pickles its callbacks with the experiment and restores them on --resume, so everything live is
     made in `setup` (which runs in the driver) and closed in `on_experiment_end`; what the driver needs
-    afterwards (points measured) it asks the progress board."""
+    afterwards (points measured) it reads with `measured`."""
 
     def __init__(self, context: Context) -> None:
         self.context = context
@@ -125,23 +142,24 @@ class Collector(tune.Callback):
         return {"context": self.context, "live": None}  # open files and W&B runs never travel
 
     def setup(self, **info: Any) -> None:
-        import ray
-
         c = self.context
         folder = Path(c.folder)
-        self.live = Live(ResultsTable(folder / "results.csv"), make_tracker(c.tracking), ray.get_actor(c.board))
+        self.live = _LIVE[c.board] = Live(ResultsTable(folder / "results.csv"), make_tracker(c.tracking),
+                                           find_board(c.board))  # a resumed sweep's, else None
         (folder / "feature_maps").mkdir(parents=True, exist_ok=True)
 
-    def flush(self) -> None:
-        """Send the points measured since the last flush to the progress board, in one actor call. The board is
-        read only by a trial that starts again (a retry, a resumed sweep) and by the driver at the end, so it
-        is brought up to date when a trial ends, fails or is retried and when the experiment ends, not once per
-        point (one call per point cost the driver and the board's process 2-3 s of CPU in the demo, taken from
-        the trials)."""
+    def flush(self, wait: bool = False) -> None:
+        """Send the points measured since the last flush to the progress board (if the sweep has one), in one
+        actor call. The board is read only by a trial that starts again (a retry, a resumed sweep), so it is
+        brought up to date when a trial ends, fails or is retried, not once per point (one call per point cost
+        the driver and the board's process 2-3 s of CPU in the demo, taken from the trials). `wait`: until the
+        board has them."""
         live = self.live
-        if live is not None and live.unsent:
-            live.board.record.remote(live.unsent)
+        if live is not None and live.board is not None and live.unsent:
+            sent = live.board.record.remote(live.unsent)
             live.unsent = []
+            if wait:
+                ray.get(sent)
 
     def on_experiment_end(self, trials: list, **info: Any) -> None:
         if self.live is not None:
@@ -174,7 +192,11 @@ class Collector(tune.Callback):
         maps = getattr(result.pop("maps", None), "arrays", {})  # in place: keeps them out of Tune's state
         row = self._row(result)
         # every point measured, those a retried trial measures again too
-        live.unsent.append((row["layer"], row["criterion"], row["k"], row["repeat"], time.time()))
+        now = time.time()
+        live.measured += 1
+        live.first_at, live.last_at = live.first_at or now, now
+        if live.board is not None:
+            live.unsent.append((row["layer"], row["criterion"], row["k"], row["repeat"], now))
         if not live.table.add(row):
             return  # already recorded (a retried or resumed trial repeating a point)
         live.new += 1
@@ -231,7 +253,15 @@ class Collector(tune.Callback):
         log.info("trial done: %-40s %s", trial_id.key, shown)
 
     def on_trial_recover(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
-        self.flush()  # before the trial starts again and asks the board what it has measured
+        """Before the trial starts again and asks the board what it has measured (Tune restarts it after this
+        returns): the board holds every point so far, made now with all of results.csv if this is the sweep's
+        first retry."""
+        live = self.live
+        if live.board is None:
+            live.board = board_actor(self.context.board, sorted(live.table.keys))
+            ray.get(live.board.finished.remote("", ""))  # it is up (and named) before the trial restarts
+        else:
+            self.flush(wait=True)
         log.warning("trial %s failed; retrying from its last finished K", _trial_id(trial).key)
 
     def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:

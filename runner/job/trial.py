@@ -25,6 +25,7 @@ from runner.engine.criteria import Ranking
 from runner.engine.device import compute_dtype, place, tune_allocator
 from runner.engine.images import Images
 from runner.engine.measure import EvalSet, Point, sweep_layer
+from runner.job.board import finished
 from runner.outputs.results import FeatureMaps, TrialId
 
 CRASH_ENV = "PRUNE_SWEEP_CRASH_ONCE"  # tests: "<layer>/<criterion>:<marker file>" makes that trial fail once
@@ -43,7 +44,7 @@ class Shared:
     units: dict[str, Any]  # the swept units by name: ConvSites, or Groups (unit: group)
     rankings: dict[tuple[str, str], Ranking]
     ks: dict[tuple[str, str], tuple[int, ...]]  # per trial (each measured for every order of its ranking)
-    board: str  # name of the driver's ProgressBoard actor
+    board: str  # name of the driver's ProgressBoard actor (runner.job.board: there is one only when needed)
     batch_size: int
     cache_bytes: int | None
     feature_maps: bool
@@ -114,7 +115,7 @@ def run_trial(config: dict[str, Any], shared: Shared) -> None:
     layer, criterion = config["layer"], config["criterion"]
     key = TrialId(layer, criterion).key
     ranking = shared.rankings[(layer, criterion)]
-    done_before = {tuple(p) for p in ray.get(ray.get_actor(shared.board).finished.remote(layer, criterion))}
+    done_before = finished(shared.board, layer, criterion)
     ks = shared.ks[(layer, criterion)]
     if all((k, r) in done_before for k in ks for r in range(ranking.repeats)):
         return

@@ -20,9 +20,9 @@ from runner.inputs.data import Dataset
 from runner.inputs.models import spec_of
 from runner.inputs.trials import TrialPlan
 from runner.job.calibration import Calibrated
-from runner.job.collector import Collector, Context
+from runner.job.collector import Collector, Context, measured
 from runner.job.resources import trial_request
-from runner.job.board import BoardStats, board_actor
+from runner.job.board import BoardStats, board_actor, kill_board
 from runner.job.trial import Shared, run_trial
 from runner.outputs.results import TrialId, key_of, read_rows
 from runner.outputs.tracking import RunSpec, Tracker, Tracking, model_artifact
@@ -123,7 +123,10 @@ def run_trials(grid: Grid, plan: TrialPlan, data: Dataset, loaded: Checkpoint, c
     an unreachable server); the collector's tracker starts in the mode it settled on, so a fallback is reported
     once."""
     done = [key_of(r) for r in read_rows(grid.folder / "results.csv")]
-    board = board_actor(board_name(grid), done)  # kept alive while the trials run
+    name = board_name(grid)
+    kill_board(name)  # one an earlier driver of this sweep left
+    if done:  # a resumed sweep: its trials ask the board from the start (a new sweep makes one at its first retry)
+        board_actor(name, done)
     shared = _shared(grid, plan, data, loaded, calibrated.rankings)
     trainable = tune.with_resources(tune.with_parameters(run_trial, shared=shared), trial_resources(grid))
     path = f"{grid.tune_root}/{experiment}"
@@ -135,9 +138,8 @@ def run_trials(grid: Grid, plan: TrialPlan, data: Dataset, loaded: Checkpoint, c
         tuner = _new_tuner(grid, plan, context, trainable, experiment)
     results = tuner.fit()
     failed = sorted(TrialId(r.config["layer"], r.config["criterion"]).key for r in results if r.error)
-    stats = ray.get(board.stats.remote())  # after every record() the collector sent (same caller)
-    ray.kill(board)
-    return TrialsOutcome(failed, stats)
+    kill_board(name)
+    return TrialsOutcome(failed, measured(name))
 
 
 def _new_tuner(grid: Grid, plan: TrialPlan, context: Context, trainable: Any, experiment: str) -> tune.Tuner:
