@@ -125,8 +125,9 @@ def run_trials(grid: Grid, plan: TrialPlan, data: Dataset, loaded: Checkpoint, c
     done = [key_of(r) for r in read_rows(grid.folder / "results.csv")]
     name = board_name(grid)
     kill_board(name)  # one an earlier driver of this sweep left
-    if done:  # a resumed sweep: its trials ask the board from the start (a new sweep makes one at its first retry)
-        board_actor(name, done)
+    # a resumed sweep's trials ask the board from the start (a new sweep makes one at its first retry); held
+    # here: Ray ends an actor nobody holds a handle to
+    board = board_actor(name, done) if done else None
     shared = _shared(grid, plan, data, loaded, calibrated.rankings)
     trainable = tune.with_resources(tune.with_parameters(run_trial, shared=shared), trial_resources(grid))
     path = f"{grid.tune_root}/{experiment}"
@@ -139,6 +140,7 @@ def run_trials(grid: Grid, plan: TrialPlan, data: Dataset, loaded: Checkpoint, c
     results = tuner.fit()
     failed = sorted(TrialId(r.config["layer"], r.config["criterion"]).key for r in results if r.error)
     kill_board(name)
+    del board  # held until here
     return TrialsOutcome(failed, measured(name))
 
 
