@@ -232,12 +232,14 @@ def test_a_run_that_cannot_start_with_an_empty_error_falls_back(tmp_path, caplog
 
 
 def test_every_point_is_logged_and_images_only_for_the_first_random_order(tmp_path):
+    import numpy as np
+
     from runner.outputs.tracking import RunSpec, Tracking, WandbTracker
 
     class Images(FakeWandb):
         @staticmethod
-        def Image(image, caption: str) -> str:
-            return f"image {image} {caption}"
+        def Image(image, caption: str) -> tuple:
+            return np.asarray(image)[0, 0, 0], caption
 
     tracker = WandbTracker(Tracking("offline", "p", None, "g", tmp_path, feature_maps=True))
     tracker.wandb = fake = Images()
@@ -246,7 +248,8 @@ def test_every_point_is_logged_and_images_only_for_the_first_random_order(tmp_pa
     def images(repeat: int):
         def render() -> dict:
             rendered.append(repeat)
-            return {"pruned_layer": f"layer{repeat}", "final_stage": f"final{repeat}"}
+            return {"pruned_layer": np.full((2, 2, 3), 10 + repeat, np.uint8),
+                    "final_stage": np.full((2, 2, 3), 20 + repeat, np.uint8)}
         return render
 
     spec = RunSpec("conv1/random", "prune-eval")
@@ -254,7 +257,36 @@ def test_every_point_is_logged_and_images_only_for_the_first_random_order(tmp_pa
         tracker.log_point(spec, {"k": 4, "accuracy": 50.0 + repeat, "repeat": repeat}, images(repeat))
     logged = fake.runs[0][1].logged
     assert [(d["k"], d["repeat"], d["accuracy"]) for d in logged] == [(4, 0, 50.0), (4, 1, 51.0), (4, 2, 52.0)]
-    assert logged[0]["feature_maps/pruned_layer"] == "image layer0 conv1/random K=4"
-    assert logged[0]["feature_maps/final_stage"] == "image final0 conv1/random K=4"
+    assert logged[0]["feature_maps/pruned_layer"] == (10, "conv1/random K=4")
+    assert logged[0]["feature_maps/final_stage"] == (20, "conv1/random K=4")
     assert not any(key.startswith("feature_maps/") for d in logged[1:] for key in d)
     assert rendered == [0]  # the other draws' pictures are not even rendered
+
+
+def test_feature_map_pngs_are_encoded_fast_and_lossless():
+    """W&B saves the PIL image it is given with its own parameters; the image's encoderinfo asks for zlib level 1
+    (the zlib header's FLEVEL 0: fastest) and the pixels come back unchanged."""
+    import io
+    import struct
+    import zlib
+
+    import numpy as np
+    from PIL import Image
+
+    from runner.outputs.tracking import fast_png
+
+    rng = np.random.default_rng(0)
+    image = (rng.random((40, 60, 3)) * 255).astype(np.uint8)
+    image[:20] = 255  # some white, as the captions have
+    buffer = io.BytesIO()
+    fast_png(image).save(buffer, format="PNG", transparency=None)  # as wandb.Image saves it
+    data = buffer.getvalue()
+    idat = data.index(b"IDAT")
+    length = struct.unpack(">I", data[idat - 4:idat])[0]
+    stream = data[idat + 4:idat + 4 + length]
+    assert stream[1] >> 6 == 0  # FLEVEL: the fastest compression
+    assert np.array_equal(np.asarray(Image.open(io.BytesIO(data))), image)
+    default = io.BytesIO()
+    Image.fromarray(image).save(default, format="PNG")
+    assert default.getvalue()[default.getvalue().index(b"IDAT") + 5] >> 6 == 2  # Pillow's default: level 6
+    assert zlib.decompress(stream)  # a whole zlib stream
