@@ -438,8 +438,10 @@ def engine_alone(grid_path: str, overrides: list[str]) -> int:
     """The grid's points computed by the engine alone, in this process: data, checkpoint, one calibration pass,
     then every trial's layer sweep with its own baseline (no Ray, no W&B, nothing written). Returns the points."""
     grid = load_grid(grid_path, overrides)
-    data = load_data(grid.data, grid.model.num_classes, grid.seed)
-    loaded = ensure_checkpoint(grid, data)
+    loaded = checkpoints.existing(grid)
+    # loaded as the sweep loads it: the training images only when the checkpoint is to be trained
+    data = load_data(grid.data, grid.model.num_classes, grid.seed, training=loaded is None)
+    loaded = ensure_checkpoint(grid, data, loaded)
     plan = plan_trials(grid)
     rankings = rank_trials(grid, plan, data, loaded)
     device = pick_device()

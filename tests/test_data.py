@@ -356,3 +356,19 @@ def test_imagefolder_unreadable_image_names_the_file(tmp_path):
         load_data(cfg, 2, 0)
     assert str(e.value) == (f"data.root: unreadable image {bad} (UnidentifiedImageError): got 'broken.jpg'; allowed: image "
                             "files PIL can read; fix: remove or replace that file")
+
+
+def test_a_sweep_without_training_draws_only_the_hold_out_and_gets_the_same_images(tiny_grid):
+    """training=False (a sweep whose checkpoint exists): no training images kept, synthetic data draws only the
+    calibration hold-out; hold-out, test images, classes and the hold-out's record equal the full load's."""
+    full = load_data(tiny_grid.data, 10, tiny_grid.seed)
+    lean = load_data(tiny_grid.data, 10, tiny_grid.seed, training=False)
+    assert len(full.train) > 0 and len(lean.train) == 0
+    for part in ("calibration", "test"):
+        a, b = getattr(full, part), getattr(lean, part)
+        assert np.array_equal(a.images, b.images) and np.array_equal(a.labels, b.labels), part
+    assert (lean.holdout, lean.classes, lean.name) == (full.holdout, full.classes, full.name)
+    rows = np.array([5, 0, 599, 17])  # any rows, in any order: the full set's bytes
+    images, labels = synthetic.generate(600, seed=1000, rows=rows)
+    every = synthetic.generate(600, seed=1000)
+    assert np.array_equal(images, every[0][rows]) and np.array_equal(labels, every[1][rows])

@@ -58,8 +58,10 @@ def _hsv_to_rgb(h: np.ndarray, s: np.ndarray, v: np.ndarray) -> np.ndarray:
     return rgb
 
 
-def generate(n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """`n` images (uint8 [n, 32, 32, 3]) and labels (int64 [n]), a pure function of (n, seed)."""
+def generate(n: int, seed: int, rows: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """`n` images (uint8 [n, 32, 32, 3]) and labels (int64 [n]), a pure function of (n, seed); with `rows`
+    (indices into the n), only those images, the same bytes as the full set's rows (every draw, the pixel noise
+    included, is still made for all n in the same order; only the drawing is skipped)."""
     rng = np.random.default_rng(seed)
     labels = rng.integers(0, len(CLASSES), n)
     draws = {  # every random number an image uses, drawn for all images up front (per-image order)
@@ -76,13 +78,28 @@ def generate(n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
         "blob_rgb": _hsv_to_rgb(rng.uniform(0, 1, n), rng.uniform(0.2, 0.8, n), rng.uniform(0.3, 0.9, n)),
     }
     noise_seed = rng.integers(0, 2**63)
-    images = np.empty((n, SIZE, SIZE, 3), np.uint8)
+    index = np.arange(n) if rows is None else np.asarray(rows, dtype=np.int64)
+    images = np.empty((len(index), SIZE, SIZE, 3), np.uint8)
     for c in range(len(CLASSES)):
-        rows = np.flatnonzero(labels == c)
-        images[rows] = _draw(c, {k: v[rows] for k, v in draws.items()})
-    noise = np.random.default_rng(noise_seed).normal(0, 0.05 * 255, images.shape).astype(np.float32)
+        at = np.flatnonzero(labels[index] == c)
+        images[at] = _draw(c, {k: v[index[at]] for k, v in draws.items()})
+    noise = _noise(noise_seed, n, index)
     images = np.clip(images + noise, 0, 255).round().astype(np.uint8)
-    return images, labels.astype(np.int64)
+    return images, labels[index].astype(np.int64)
+
+
+def _noise(seed: int, n: int, index: np.ndarray, chunk: int = 1024) -> np.ndarray:
+    """The pixel noise of images `index` out of one stream for all `n` (drawn in order, a chunk of images at a
+    time: the same numbers as one draw of all of it), as float32."""
+    rng = np.random.default_rng(seed)
+    if len(index) == n and np.array_equal(index, np.arange(n)):
+        return rng.normal(0, 0.05 * 255, (n, SIZE, SIZE, 3)).astype(np.float32)
+    out = np.empty((len(index), SIZE, SIZE, 3), np.float32)
+    for start in range(0, n, chunk):
+        block = rng.normal(0, 0.05 * 255, (min(chunk, n - start), SIZE, SIZE, 3))
+        wanted = np.flatnonzero((index >= start) & (index < start + len(block)))
+        out[wanted] = block[index[wanted] - start]
+    return out
 
 
 def _draw(label: int, d: dict[str, np.ndarray]) -> np.ndarray:

@@ -79,7 +79,9 @@ def run_sweep(opts: Options) -> Outcome:
     address = cluster_address(opts.address)
     if address:
         check_reachable(address)
-    given = None if grid.data.dataset == "synthetic" else load_data(grid.data, grid.model.num_classes, grid.seed)
+    # the training images are kept only when the checkpoint is to be trained first
+    given = None if grid.data.dataset == "synthetic" else load_data(grid.data, grid.model.num_classes, grid.seed,
+                                                                     training=existing is None)
     if existing is not None:
         checkpoints.check_holdout(grid, existing, given.holdout if given else planned_holdout(grid.data, grid.seed))
     timeline.mark("input checks")
@@ -194,7 +196,7 @@ def _calibrated(grid: Grid, plan: TrialPlan, given: Dataset | None, loaded: Chec
     (read back from rankings.json on --resume); W&B's slow import too. Returns the hold-out check's verdict."""
     if resolve_mode(grid.wandb.mode) != "disabled":
         import wandb  # noqa: F401
-    data = given or load_data(grid.data, grid.model.num_classes, grid.seed)
+    data = given or load_data(grid.data, grid.model.num_classes, grid.seed, training=False)
     ensure_checkpoint(grid, data, loaded)
     holdout = checkpoints.check_holdout(grid, loaded, data.holdout)
     timeline.mark("data")
