@@ -6,7 +6,10 @@ per-trial chatter does not."""
 from __future__ import annotations
 
 import logging
+import os
 import re
+import subprocess
+import sys
 import threading
 
 import pytest
@@ -200,3 +203,56 @@ def test_code_is_shipped_to_the_nodes_unless_the_job_already_ships_py_modules(mo
     assert code_env()["py_modules"]  # ours is added to the job's working_dir
     monkeypatch.setenv("RAY_JOB_CONFIG_JSON_ENV_VAR", '{"runtime_env": {"py_modules": ["pkg"]}}')
     assert code_env() == {}  # Ray refuses two py_modules: the job's wins
+
+
+# ---- one malloc arena per process: a trial computes in a thread of Tune's ----
+
+ARENAS = """
+import ctypes, os, sys, tempfile, threading
+import numpy as np
+{setup}
+t = threading.Thread(target=lambda: np.ones(250_000))  # 2 MB, allocated and freed in a thread of its own
+t.start()
+t.join()
+libc = ctypes.CDLL("libc.so.6")
+libc.fopen.restype = ctypes.c_void_p
+fd, path = tempfile.mkstemp()
+f = ctypes.c_void_p(libc.fopen(path.encode(), b"w"))
+libc.malloc_info(0, f)
+libc.fclose(f)
+print(open(path).read().count("<heap nr="))  # glibc's arenas in use
+os.remove(path)
+"""
+
+
+def arenas(setup: str, env: dict[str, str]) -> int:
+    """glibc's arenas in a fresh Python process after `setup` and one thread's allocation."""
+    done = subprocess.run([sys.executable, "-c", ARENAS.format(setup=setup)], capture_output=True, text=True, env=env, timeout=120)
+    assert done.returncode == 0, done.stderr
+    return int(done.stdout)
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's allocator")
+def test_threads_allocate_from_the_one_main_arena():
+    env = {k: v for k, v in os.environ.items() if k != "MALLOC_ARENA_MAX"}
+    tuned = "from runner.engine.device import tune_allocator\nassert tune_allocator()"
+    assert arenas("", env) == 2  # glibc's default: the thread got an arena of its own
+    assert arenas(tuned, env) == 1
+    assert arenas("", env | {"MALLOC_ARENA_MAX": "1"}) == 1  # what a Ray the sweep starts gives its workers
+
+
+def test_a_ray_the_sweep_starts_gives_its_workers_one_arena(ray_session):
+    import ray
+
+    from runner.job.ray_env import ray_env
+
+    assert ray_env(None)["MALLOC_ARENA_MAX"] == "1"
+    assert "MALLOC_ARENA_MAX" not in ray_env("10.0.0.5:6379")  # a cluster we join keeps its own environment
+
+    @ray.remote(num_cpus=0)
+    def environment() -> str | None:
+        import os
+
+        return os.environ.get("MALLOC_ARENA_MAX")
+
+    assert ray.get(environment.remote()) == "1"
