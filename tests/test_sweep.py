@@ -499,3 +499,29 @@ def test_sweep_of_a_dict_returns_the_commands_numbers(ray_session, script_sweep,
                                                      "report.md", "results.csv", "tune"]
     assert [p for p in tmp_path.rglob("*") if "wandb" in p.name] == []
     assert "- W&B: off" in (out / "report.md").read_text(encoding="utf-8")
+
+
+# ---- the timeline a sweep logs at -v (runner.job.timeline) ----
+
+def test_timeline_phases_and_fixed_part():
+    from runner.job.timeline import Timeline
+
+    t = Timeline(start=100.0)
+    for phase, when in [("imports", 101.5), ("input checks", 102.25), ("first point", 106.0),
+                        ("last point", 150.0), ("report", 151.5)]:
+        t.mark(phase, when)
+    assert t.phases() == {"imports": 1.5, "input checks": 0.75, "first point": 3.75, "last point": 44.0,
+                          "report": 1.5}
+    assert t.fixed_seconds() == 7.5  # 6.0 to the first point + 1.5 after the last
+
+
+def test_process_start_is_when_the_process_started():
+    import subprocess
+    import sys
+
+    spawned = time.time()
+    done = subprocess.run([sys.executable, "-c", "import time; from runner.job.timeline import process_start; "
+                           "print(process_start(), time.time())"], capture_output=True, text=True, check=True)
+    started, answered = map(float, done.stdout.split())
+    assert spawned - 0.02 <= started <= answered  # to the clock tick (10 ms), not the whole second of btime
+    assert started - spawned < 0.5
