@@ -63,17 +63,10 @@ def list_convs(model: ResNet18) -> list[ConvInfo]:
 
 
 def _shapes(model: ResNet18, names: list[str]) -> dict[str, tuple[tuple[int, int], tuple[int, int]]]:
-    """Input and output spatial sizes of the named convs, from one forward of zeros through an uninitialised copy
-    on the CPU (a forward on meta tensors would import torch._dynamo: 0.7 s of a trial worker's first trial)."""
-    probe = _empty_copy(model)  # never the caller's model: the probe runs in eval mode
+    """Input and output spatial sizes of the named convs, from one forward of zeros through a new copy on the CPU
+    (a forward on meta tensors would import torch._dynamo: 0.7 s of a trial worker's first trial)."""
+    probe = type(model)(width=model.width, num_classes=model.num_classes)  # never the caller's: it runs in eval mode
     x = torch.zeros(1, 3, IMAGE_SIZE, IMAGE_SIZE)
     with capture(probe, names, "input") as ins, capture(probe, names, "output") as outs:
         probe.eval()(x)
     return {n: (tuple(ins[n].shape[-2:]), tuple(outs[n].shape[-2:])) for n in names}
-
-
-def _empty_copy(model: ResNet18) -> ResNet18:
-    """The same network on the CPU, its memory allocated but never initialised (the values are never read)."""
-    with torch.device("meta"):
-        copy = type(model)(width=model.width, num_classes=model.num_classes)
-    return copy.to_empty(device="cpu")
