@@ -156,6 +156,7 @@ def test_wandb_offline_runs(small_sweep):
     assert sorted(trials) == sorted(f"{layer}/{c}" for layer in SMALL_LAYERS for c in SMALL_CRITERIA)
 
     layer_index = {"layer1.0.conv1": 1, "layer2.0.conv2": 6, "layer3.1.conv1": 13}  # of the 20 convs, shortcuts too
+    same_files: list[Path] = []
     for name, (run_dir, info, hist) in trials.items():
         layer, criterion = name.split("/")
         config = info["config"]["update"]
@@ -184,11 +185,16 @@ def test_wandb_offline_runs(small_sweep):
             row = rows[(layer, criterion, h["k"])]
             assert h["accuracy"] == pytest.approx(row["accuracy"], abs=1e-6), (name, h["k"])
             assert h["accuracy_drop"] == pytest.approx(row["accuracy_drop"], abs=1e-5), (name, h["k"])
-            for image in ("feature_maps/pruned_layer", "feature_maps/final_stage"):
+            for image, suffix in (("feature_maps/pruned_layer", "layer"), ("feature_maps/final_stage", "final")):
                 assert h.get(f"{image}._type") == "image-file", (name, h["k"], image)
                 png = run_dir / "files" / h[f"{image}.path"]
                 assert png.read_bytes().startswith(b"\x89PNG"), png
+                disk = folder / "feature_maps" / layer / f"{criterion}_k{h['k']:04d}_{suffix}.png"
+                if disk.is_file():  # a figure K: W&B got the file written to disk, encoded once
+                    assert png.read_bytes() == disk.read_bytes(), (png, disk)
+                    same_files.append(disk)
 
+    assert len(same_files) == 2 * len(list(folder.glob("feature_maps/*/*_maps.npz"))) > 0  # every figure
     assert len(summaries) == 1
     summary = leet_summary(summaries[0])
     assert summary["name"] == "summary" and summary["exit_code"] == 0

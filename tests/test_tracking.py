@@ -290,3 +290,68 @@ def test_feature_map_pngs_are_encoded_fast_and_lossless():
     Image.fromarray(image).save(default, format="PNG")
     assert default.getvalue()[default.getvalue().index(b"IDAT") + 5] >> 6 == 2  # Pillow's default: level 6
     assert zlib.decompress(stream)  # a whole zlib stream
+
+
+def test_a_figure_point_gives_wandb_the_png_files_it_wrote(tmp_path):
+    """A K whose figures go to disk: the PNGs are encoded once, and W&B gets those files; another K: W&B gets the
+    rendered pixels (encoded by W&B)."""
+    import numpy as np
+    from PIL import Image
+
+    from runner.job.collector import Collector, Context, Live
+    from runner.outputs.results import ResultsTable, TrialId
+    from runner.outputs.tracking import NullTracker, RunSpec, Tracking
+
+    class Recording(NullTracker):
+        def __init__(self) -> None:
+            self.pictures: list[dict] = []
+
+        def log_point(self, run, row, images) -> None:
+            self.pictures.append(images())
+
+    trial = TrialId("layer1.0.conv1", "l1_norm")
+    context = Context(folder=str(tmp_path), sweep="s", checkpoint_sha256="ab" * 32, eval_images=10,
+                      tracking=Tracking("disabled", "p", None, "g", tmp_path), runs={trial.key: RunSpec(trial.key, "x")},
+                      figure_ks={trial.key: (2,)}, total_points=2, board="b")
+    collector = Collector(context)
+    tracker = Recording()
+    collector.live = Live(ResultsTable(tmp_path / "results.csv"), tracker, None)
+    rng = np.random.default_rng(0)
+    maps = {"layer": rng.normal(size=(16, 8, 8)).astype(np.float16),
+            "final": rng.normal(size=(64, 2, 2)).astype(np.float16)}
+    for k in (2, 4):
+        row = {"layer": trial.layer, "criterion": trial.criterion, "target": "output", "k": k, "repeat": 0,
+               "channels": 16, "accuracy": 50.0}
+        collector._write(trial, row, maps)
+    figure, other = tracker.pictures
+    assert figure == {"pruned_layer": tmp_path / "feature_maps" / trial.layer / "l1_norm_k0002_layer.png",
+                      "final_stage": tmp_path / "feature_maps" / trial.layer / "l1_norm_k0002_final.png"}
+    assert sorted(other) == ["final_stage", "pruned_layer"]
+    assert all(isinstance(image, np.ndarray) and image.dtype == np.uint8 for image in other.values())
+    # the file holds the picture W&B would otherwise have been given (the same rendering, K aside)
+    on_disk = np.asarray(Image.open(figure["final_stage"]))
+    assert on_disk.shape == other["final_stage"].shape and on_disk.dtype == np.uint8
+    assert not (tmp_path / "feature_maps" / trial.layer / "l1_norm_k0004_layer.png").exists()
+
+
+def test_wandb_is_given_a_png_file_by_path_and_pixels_as_a_fast_png(tmp_path):
+    import numpy as np
+
+    from runner.outputs.tracking import RunSpec, Tracking, WandbTracker
+
+    given = []
+
+    class Images(FakeWandb):
+        @staticmethod
+        def Image(image, caption: str) -> str:
+            given.append(image)
+            return caption
+
+    tracker = WandbTracker(Tracking("offline", "p", None, "g", tmp_path, feature_maps=True))
+    tracker.wandb = Images()
+    png = tmp_path / "a.png"
+    pixels = np.zeros((2, 2, 3), np.uint8)
+    tracker.log_point(RunSpec("conv1/l1_norm", "prune-eval"), {"k": 1, "repeat": 0},
+                      lambda: {"pruned_layer": png, "final_stage": pixels})
+    assert given[0] == str(png)  # W&B copies the file
+    assert given[1].encoderinfo["compress_level"] == 1 and np.array_equal(np.asarray(given[1]), pixels)

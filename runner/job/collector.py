@@ -205,29 +205,32 @@ class Collector(tune.Callback):
         self._progress()
 
     def _write(self, trial_id: TrialId, row: dict[str, Any], maps: dict[str, np.ndarray]) -> None:
-        """A point's W&B step, and its figures when its K is one of the trial's figure K (in the backlog)."""
-        rendered: dict[str, dict[str, np.ndarray]] = {}
+        """A point's figures when its K is one of the trial's figure K, and its W&B step (in the backlog). A point
+        with figures gives W&B their PNG files: encoded once, the same bytes in both places."""
+        def images() -> dict[str, np.ndarray]:  # rendered only when W&B logs them
+            return feature_map_images(row, maps) if maps else {}
 
-        def images() -> dict[str, np.ndarray]:  # rendered once, and only when W&B logs them or they go to disk
-            if "images" not in rendered:
-                rendered["images"] = feature_map_images(row, maps) if maps else {}
-            return rendered["images"]
-
-        self.live.tracker.log_point(self.context.runs[trial_id.key], row, images)
         if maps and row["repeat"] == 0 and row["k"] in self.context.figure_ks.get(trial_id.key, ()):
-            self._save_figures(row, images(), maps)
+            files = self._save_figures(row, images(), maps)
+            self.live.tracker.log_point(self.context.runs[trial_id.key], row, lambda: files)
+        else:
+            self.live.tracker.log_point(self.context.runs[trial_id.key], row, images)
 
     def _save_figures(self, row: dict[str, Any], images: dict[str, np.ndarray],
-                      maps: dict[str, np.ndarray]) -> None:
-        """The two images (as logged to W&B), and the raw mean maps (for the report's figures)."""
+                      maps: dict[str, np.ndarray]) -> dict[str, Path]:
+        """The two images (the pictures W&B gets), and the raw mean maps (for the report's figures); returns the
+        images' files."""
         folder = Path(self.context.folder) / "feature_maps" / row["layer"]
         folder.mkdir(parents=True, exist_ok=True)
         stem = f"{row['criterion']}_k{row['k']:04d}"
+        files = {}
         for name, suffix in (("pruned_layer", "layer"), ("final_stage", "final")):
             if name in images:
-                figures.save_png(images[name], folder / f"{stem}_{suffix}.png")
+                files[name] = folder / f"{stem}_{suffix}.png"
+                figures.save_png(images[name], files[name])
         with atomic_path(folder / f"{stem}_maps.npz") as tmp:
             np.savez_compressed(tmp, **maps)
+        return files
 
     def _progress(self) -> None:
         """A line every 10 s: points done, rate, time left (from the rate since the first point arrived)."""
