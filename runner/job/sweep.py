@@ -32,7 +32,7 @@ from runner.job.timeline import Timeline
 from runner.outputs import report
 from runner.outputs.results import read_rows
 from runner.outputs.tracking import (SUMMARY_RUN, TRAIN_RUN, RunSpec, Tracker, Tracking, make_tracker,
-    model_artifact)
+    model_artifact, resolve_mode)
 from runner.provenance import versions
 
 log = logging.getLogger(__name__)
@@ -193,15 +193,17 @@ def _calibrated(grid: Grid, plan: TrialPlan, given: Dataset | None, loaded: Chec
                 timeline: Timeline) -> tuple[Dataset, Calibrated, str]:
     """The data (unless already loaded: synthetic data is a pure function of the grid, nothing to validate
     first), checked against the checkpoint (its classes and its calibration hold-out), then every ranking
-    (read back from rankings.json on --resume). Returns the hold-out check's verdict. W&B is imported by the
-    main thread, which makes the tracker once Ray is up: Ray's start takes less time than the data and the
-    rankings, so the import no longer waits for them."""
+    (read back from rankings.json on --resume), then W&B's slow import (the main thread makes its tracker once Ray
+    is up: the import comes last, as Ray starts in about the time the data and the rankings take). Returns the
+    hold-out check's verdict."""
     data = given or load_data(grid.data, grid.model.num_classes, grid.seed, training=False)
     ensure_checkpoint(grid, data, loaded)
     holdout = checkpoints.check_holdout(grid, loaded, data.holdout)
     timeline.mark("data")
     calibrated = calibrate(grid, plan, data, loaded, resume)
     timeline.mark("calibration")
+    if resolve_mode(grid.wandb.mode) != "disabled":
+        import wandb  # noqa: F401  (the main thread's tracker needs it once Ray is up)
     return data, calibrated, holdout
 
 
