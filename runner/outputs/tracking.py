@@ -38,9 +38,8 @@ POINT_METRICS = ("accuracy", "accuracy_drop", "drop_low", "drop_high", "loss", "
                  "macs_removed", "repeat")
 TRIAL_CONFIG = ("baseline_accuracy", "device", "dtype")  # a trial run's config, from its first row
 TRAIN_METRICS = ("loss", "train_accuracy", "lr", "seconds")
-# WANDB_MODE's values (W&B's own switch) -> our modes
 Picture = np.ndarray | Path  # a feature-map image: uint8 RGB pixels, or a PNG file of them
-
+# WANDB_MODE's values (W&B's own switch) -> our modes
 ENV_MODES = {"online": "online", "run": "online", "offline": "offline", "dryrun": "offline", "disabled": "disabled"}
 SUMMARY_RUN, TRAIN_RUN = "summary", "train"
 
