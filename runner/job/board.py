@@ -31,10 +31,10 @@ class ProgressBoard:
         for layer, criterion, k, repeat in done:
             self.done.setdefault((layer, criterion), set()).add((k, repeat))
 
-    def record(self, points: list[tuple[str, str, int, int, float]]) -> None:
-        """Points (layer, criterion, K, repeat, when it reached the driver) measured since the last call
-        (perhaps again, by a retried trial). The collector sends them in batches (Collector.flush)."""
-        for layer, criterion, k, repeat, _ in points:
+    def record(self, points: list[tuple[str, str, int, int]]) -> None:
+        """Points (layer, criterion, K, repeat) measured since the last call (perhaps again, by a retried trial).
+        The collector sends them in batches (Collector.flush)."""
+        for layer, criterion, k, repeat in points:
             self.done.setdefault((layer, criterion), set()).add((k, repeat))
 
     def finished(self, layer: str, criterion: str) -> list[tuple[int, int]]:

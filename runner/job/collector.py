@@ -110,7 +110,7 @@ class Live:
     first: float = 0.0  # when the first new point arrived
     new: int = 0  # points added to results.csv in this run
     busy: float = 0.0  # seconds Tune's loop spent here (the rows): the trials' steps wait for it
-    unsent: list[tuple[str, str, int, int, float]] = field(default_factory=list)  # points not yet on the board
+    unsent: list[tuple[str, str, int, int]] = field(default_factory=list)  # points not yet on the board
     measured: int = 0  # points measured in this run, those a retried trial measured again included
     first_at: float = 0.0  # wall-clock times the first and the last of them arrived
     last_at: float = 0.0
@@ -196,7 +196,7 @@ class Collector(tune.Callback):
         live.measured += 1
         live.first_at, live.last_at = live.first_at or now, now
         if live.board is not None:
-            live.unsent.append((row["layer"], row["criterion"], row["k"], row["repeat"], now))
+            live.unsent.append((row["layer"], row["criterion"], row["k"], row["repeat"]))
         if not live.table.add(row):
             return  # already recorded (a retried or resumed trial repeating a point)
         live.new += 1

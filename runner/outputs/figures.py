@@ -8,9 +8,7 @@ from __future__ import annotations
 import functools
 import math
 from pathlib import Path
-from typing import Any, Callable, Sequence
-
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 import matplotlib
 
