@@ -257,3 +257,48 @@ def test_a_ray_the_sweep_starts_gives_its_processes_one_arena(ray_session):
         return {key: os.environ.get(key) for key in ours}
 
     assert ray.get(environment.remote()) == ours
+
+
+# ---- which pending trial an actor that finished its trial takes (runner.job.tuner.StartedStay) ----
+
+def fake_controller(placed: set[str], statuses: dict[str, str]):
+    """What StartedStay reads of Tune's controller: its trials in order, each trial's actor, and the actors Ray
+    has placed on a node."""
+    from types import SimpleNamespace
+
+    class FakeTrial:  # hashable by identity, as Tune's trials are
+        def __init__(self, name: str, status: str) -> None:
+            self.name, self.status = name, status
+
+    trials = [FakeTrial(name, status) for name, status in statuses.items()]
+    actors = {t: f"actor-{t.name}" for t in trials if t.status != "TERMINATED"}
+    live = {f"actor-{name}": object() for name in placed}
+    return SimpleNamespace(get_trials=lambda: trials, _trial_to_actor=actors,
+                           _actor_manager=SimpleNamespace(_live_actors_to_ray_actors_resources=live))
+
+
+def test_a_trial_whose_actor_is_starting_on_a_node_is_left_to_it():
+    from runner.job.tuner import StartedStay
+
+    chosen = StartedStay().choose_trial_to_run
+    # a and b finished or run; c's and d's actors are starting on nodes; e's waits for a CPU: e is handed over
+    controller = fake_controller({"b", "c", "d"}, {"a": "TERMINATED", "b": "RUNNING", "c": "PENDING",
+                                                   "d": "PENDING", "e": "PENDING", "f": "PENDING"})
+    assert chosen(controller).name == "e"
+    assert chosen(fake_controller({"c"}, {"c": "PENDING", "d": "PAUSED"})).name == "d"
+    assert chosen(fake_controller({"c"}, {"c": "PENDING"})) is None  # nothing to hand over: c's actor starts it
+    # Tune's plain FIFO order where nothing is placed yet
+    assert chosen(fake_controller(set(), {"a": "RUNNING", "c": "PENDING", "d": "PENDING"})).name == "c"
+
+
+def test_tune_keeps_the_fields_started_stay_reads():
+    """StartedStay reads two of Tune's private fields; if a Ray release moves them it quietly becomes Tune's own
+    FIFO order again, so this fails first."""
+    import inspect
+
+    from ray.air.execution._internal import RayActorManager
+    from ray.tune.execution.tune_controller import TuneController
+
+    assert "self._trial_to_actor" in inspect.getsource(TuneController.__init__)
+    assert "self._actor_manager" in inspect.getsource(TuneController.__init__)
+    assert "self._live_actors_to_ray_actors_resources" in inspect.getsource(RayActorManager.__init__)

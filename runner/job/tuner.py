@@ -12,7 +12,9 @@ from typing import Any
 
 import ray
 from ray import tune
+from ray.tune.experiment import Trial
 from ray.tune.progress_reporter import TrialProgressCallback
+from ray.tune.schedulers import FIFOScheduler
 
 from model.checkpoint import Checkpoint
 from runner.config import Grid
@@ -105,6 +107,36 @@ class QuietProgress(TrialProgressCallback):
         log.debug("tune: %s", msg)
 
 
+class StartedStay(FIFOScheduler):
+    """Tune's FIFO order, except that a pending trial whose actor Ray has already placed on a node (its worker
+    starting there) is left to that actor.
+
+    With reuse_actors, Tune hands an actor that finished its trial the first pending trial, and when that trial's
+    own actor was already starting on another node, Tune kills it (TuneController._maybe_reuse_cached_actor,
+    "Removing ORIGINAL ACTOR"). Where a trial takes less time than a worker takes to start (short trials, a node
+    slower to start), a node's actors were killed one after another as they came up, and the node ran nothing
+    (the 3-node test cluster: 1 run in 5, every point on one node). Here the finished actor takes the first
+    pending trial that has no actor on a node yet. Reads two of Tune's private fields; should they move, this is
+    Tune's own FIFO order (tests/test_resources.py checks that they are there)."""
+
+    def choose_trial_to_run(self, tune_controller: Any) -> Trial | None:
+        placed = placed_trials(tune_controller)
+        for status in (Trial.PENDING, Trial.PAUSED):
+            for trial in tune_controller.get_trials():
+                if trial.status == status and trial not in placed:
+                    return trial
+        return None
+
+
+def placed_trials(controller: Any) -> set:
+    """Trials whose actor Ray has placed on a node (starting or started), from Tune's private state."""
+    try:
+        live = controller._actor_manager._live_actors_to_ray_actors_resources
+        return {trial for trial, actor in controller._trial_to_actor.items() if actor in live}
+    except AttributeError:
+        return set()
+
+
 @dataclass
 class TrialsOutcome:
     failed: list[str]  # trials that failed after their retries
@@ -151,6 +183,7 @@ def _new_tuner(grid: Grid, plan: TrialPlan, context: Context, trainable: Any, ex
     return tune.Tuner(
         trainable, param_space=space,
         tune_config=tune.TuneConfig(max_concurrent_trials=grid.resources.max_concurrent, reuse_actors=True,
+                                    scheduler=StartedStay(),
                                     trial_name_creator=trial_name, trial_dirname_creator=trial_name),
         run_config=tune.RunConfig(
             name=experiment, storage_path=grid.tune_root, verbose=0,
