@@ -484,6 +484,10 @@ def test_load_results_gives_tunes_per_trial_table(small_sweep):
     assert sorted(zip(trials["layer"], trials["criterion"])) == sorted(
         (layer, c) for layer in SMALL_LAYERS for c in SMALL_CRITERIA)
     assert set(trials["results"]) == {2} and trials["error_file"].isna().all()  # two K each, reported to Tune
+    # Tune made the deepest layer's trials first (their first point comes soonest), then the others in forward
+    # order (the longest first); its trial ids count up in the order it made them
+    made = trials.sort_values("trial_id")
+    assert list(made["layer"]) == ["layer3.1.conv1"] * 2 + ["layer1.0.conv1"] * 2 + ["layer2.0.conv2"] * 2
 
 
 def test_sweep_of_a_dict_returns_the_commands_numbers(ray_session, script_sweep, tmp_path, monkeypatch):
