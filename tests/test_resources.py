@@ -241,12 +241,13 @@ def test_threads_allocate_from_the_one_main_arena():
     assert arenas("", env | {"MALLOC_ARENA_MAX": "1"}) == 1  # what a Ray the sweep starts gives its workers
 
 
-def test_a_ray_the_sweep_starts_gives_its_processes_one_arena(ray_session):
+def test_a_ray_the_sweep_starts_gives_its_processes_one_arena_and_quick_socket_retries(ray_session):
     import ray
 
     from runner.job.ray_env import ray_env
 
-    ours = {"MALLOC_ARENA_MAX": "1"}
+    ours = {"MALLOC_ARENA_MAX": "1", "RAY_raylet_client_connect_timeout_milliseconds": "100",
+            "RAY_raylet_client_num_connect_attempts": "100"}
     assert ours.items() <= ray_env(None).items()
     assert not set(ours) & set(ray_env("10.0.0.5:6379"))  # a cluster we join keeps its own environment
 

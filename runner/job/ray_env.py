@@ -35,11 +35,16 @@ LOCAL_RAY_ENV = {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
 # board), so those two workers only took CPU from the driver and the trials while the sweep started; and one
 # malloc arena per process (glibc reads it at a process's start; Ray's processes inherit it): a trial computes in
 # a thread of Tune's, and in a thread's own arena glibc unmaps and faults in its activations again and again
-# (runner.engine.device.tune_allocator; measured on the demo: the trials' CPU time 8% lower, the sweep 63 -> 60 s).
-# (Not set, tried: RAY_raylet_client_connect_timeout_milliseconds=50 with 200 attempts took the second out of
-# the one ray.init in three that waits for the raylet's object store, but under load Ray's workers lost their
-# raylet connection and exited right after starting: a node of the slow cluster tests ran no trial.)
-OWN_RAY_ENV = {"RAY_AUTH_MODE": "disabled", "RAY_prestart_worker_first_driver": "0", "MALLOC_ARENA_MAX": "1"}
+# (runner.engine.device.tune_allocator; measured on the demo: the trials' CPU time 8% lower, the sweep 63 -> 60 s);
+# and Unix-socket connections to Ray's processes retried every 100 ms instead of every second (100 attempts: the
+# same 10 s in all): the raylet connects to its object store as it starts, and when the store was not listening yet
+# (a race between two of the raylet's threads) ray.init took a second longer (measured alone, `ray.init` 6 times:
+# 4 took 2.7 s instead of 1.7 s; the raylet's log shows the second between the store's start and the object
+# manager's). Ray sleeps this long between attempts (ConnectSocketRetry), and between a worker's requests for the
+# system config. (A slow cluster test that failed with 50 ms, and so had this reverted once, failed as often
+# without it: Tune killed actors that were still starting, fixed by runner.job.tuner.StartedStay.)
+OWN_RAY_ENV = {"RAY_AUTH_MODE": "disabled", "RAY_prestart_worker_first_driver": "0", "MALLOC_ARENA_MAX": "1",
+               "RAY_raylet_client_connect_timeout_milliseconds": "100", "RAY_raylet_client_num_connect_attempts": "100"}
 
 
 def cluster_address(flag: str | None) -> str | None:
