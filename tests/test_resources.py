@@ -292,14 +292,33 @@ def test_a_trial_whose_actor_is_starting_on_a_node_is_left_to_it():
     assert chosen(fake_controller(set(), {"a": "RUNNING", "c": "PENDING", "d": "PENDING"})).name == "c"
 
 
+def test_started_stay_reads_past_the_wrapper_tune_hands_a_scheduler(monkeypatch):
+    """Tune wraps its controller for a scheduler and warns on the console when a private field is read through
+    the wrapper: StartedStay reads the controller inside."""
+    from ray.tune.execution import tune_controller
+
+    from runner.job.tuner import StartedStay
+
+    warned = []
+    monkeypatch.setattr(tune_controller.logger, "warning", lambda msg, *a, **k: warned.append(msg))
+    monkeypatch.setattr(tune_controller, "log_once", lambda key: True)  # every time, not once per process
+    inner = fake_controller({"c"}, {"c": "PENDING", "d": "PENDING"})
+    wrapped = tune_controller.TrialRunnerWrapper(inner, trial_executor=None, runner_whitelist_attr={"get_trials"})
+    wrapped._actor_manager  # noqa: B018  read through the wrapper: warned
+    assert len(warned) == 1 and "restricted" in warned[0]
+    assert StartedStay().choose_trial_to_run(wrapped).name == "d"
+    assert len(warned) == 1  # StartedStay read nothing through it
+
+
 def test_tune_keeps_the_fields_started_stay_reads():
     """StartedStay reads two of Tune's private fields; if a Ray release moves them it quietly becomes Tune's own
     FIFO order again, so this fails first."""
     import inspect
 
     from ray.air.execution._internal import RayActorManager
-    from ray.tune.execution.tune_controller import TuneController
+    from ray.tune.execution.tune_controller import TrialRunnerWrapper, TuneController
 
+    assert "self._tune_controller = tune_controller" in inspect.getsource(TrialRunnerWrapper.__init__)
     assert "self._trial_to_actor" in inspect.getsource(TuneController.__init__)
     assert "self._actor_manager" in inspect.getsource(TuneController.__init__)
     assert "self._live_actors_to_ray_actors_resources" in inspect.getsource(RayActorManager.__init__)

@@ -129,10 +129,13 @@ class StartedStay(FIFOScheduler):
 
 
 def placed_trials(controller: Any) -> set:
-    """Trials whose actor Ray has placed on a node (starting or started), from Tune's private state."""
+    """Trials whose actor Ray has placed on a node (starting or started), from Tune's private state. A scheduler
+    is handed the controller in a wrapper that warns on the console when a private field is read through it:
+    read past it."""
+    inner = vars(controller).get("_tune_controller", controller)
     try:
-        live = controller._actor_manager._live_actors_to_ray_actors_resources
-        return {trial for trial, actor in controller._trial_to_actor.items() if actor in live}
+        live = inner._actor_manager._live_actors_to_ray_actors_resources
+        return {trial for trial, actor in inner._trial_to_actor.items() if actor in live}
     except AttributeError:
         return set()
 
