@@ -20,7 +20,6 @@ from typing import Iterable, Iterator, Sequence
 import torch
 import torch_pruning as tp
 from torch import Tensor, nn
-from torch.utils.flop_counter import FlopCounterMode
 
 from model.graph import ConvSite, MaskPoint, eval_mode, list_convs, masked_points, trace
 
@@ -180,6 +179,9 @@ def remove_group(model: nn.Module, group: Group, idxs: Sequence[int], image_size
 
 def count(model: nn.Module, image_size: int) -> tuple[int, int]:
     """(MACs per image, parameters): MACs = FLOPs / 2 as FlopCounterMode counts them (convs and linears)."""
+    from torch.utils.flop_counter import FlopCounterMode  # here: its import loads triton (60 ms), and the
+    # sweep's driver and trial workers import this module but never count
+
     x = torch.zeros(1, 3, image_size, image_size, device=_device(model))
     counter = FlopCounterMode(display=False)
     with eval_mode(model), torch.no_grad(), counter:

@@ -154,14 +154,17 @@ def test_import_runner_is_cheap_and_the_api_is_there() -> None:
 def test_planning_a_sweep_and_listing_layers_import_no_compiler() -> None:
     """Shapes come from CPU forwards, not meta ones: a forward on meta tensors imports torch._dynamo (0.7 s of
     every sweep's start, before anything else could begin, and of every trial worker's first trial), and moving
-    meta tensors to the CPU imports sympy (0.15 s)."""
+    meta tensors to the CPU imports sympy (0.15 s). Nor does the trials' module load triton, as
+    torch.utils.flop_counter does (60 ms of the sweep's input checks and of every trial worker's start): MACs are
+    counted only by the commands that count them."""
     import subprocess
 
     code = ("import sys; from runner.config import load_grid; from runner.inputs.trials import plan_trials; "
-            "from model.layers import list_convs; from model.resnet import ResNet18; "
+            "from model.layers import list_convs; from model.resnet import ResNet18; import runner.job.trial; "
             "plan = plan_trials(load_grid('sweeps/demo.yaml', [])); "
             "layers = {c.name: c for c in list_convs(ResNet18(width=0.125, num_classes=10))}; "
-            "print(any(m in sys.modules for m in ('torch._dynamo', 'sympy')), plan.table['layer2.0.conv1'].in_hw, plan.table['layer2.0.conv1'].out_hw, "
+            "print(any(m in sys.modules for m in ('torch._dynamo', 'sympy', 'triton', 'torch.utils.flop_counter')), "
+            "plan.table['layer2.0.conv1'].in_hw, plan.table['layer2.0.conv1'].out_hw, "
             "layers['layer3.0.conv2'].in_hw, layers['layer3.0.conv2'].out_hw)")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=120)
     assert done.returncode == 0, done.stderr
