@@ -96,3 +96,25 @@ def test_captioned_image_states_its_one_colour_scale_and_wraps_its_title():
     assert figures.scale_note("RdBu_r", lo, hi) == f"one colour scale for every tile: {lo:.3g} (blue) to {hi:.3g} " \
                                                    "(red), 0 = white"
     assert figures.scale_note("viridis", 0.0, 2.5) == "one colour scale for every tile: 0 (purple) to 2.5 (yellow)"
+
+
+def test_grid_colours_are_the_colour_maps_floats_times_255_and_the_gaps_white():
+    """The image looks colours up in the map's uint8 table; the same pixels as converting its float colours (the
+    way the figures were first drawn), tile by tile, and in the caption's colour bar."""
+    import numpy as np
+    from matplotlib import colormaps
+
+    values = np.array([-1.0, 0.0, 0.5, 1.0], np.float32)  # RdBu_r, symmetric: lo = -1, hi = 1
+    maps = values[:, None, None] * np.ones((4, 2, 2), np.float32)
+    image = figures.grid_image(maps)
+    expected = (colormaps["RdBu_r"]((values + 1) / 2)[:, :3] * 255).astype(np.uint8)
+    gap, tile = 2, 2 * figures.MIN_TILE // 2  # 2x2 layout of 32-pixel tiles, 2-pixel gaps
+    for i, colour in enumerate(expected):
+        r, c = divmod(i, 2)
+        y, x = gap + r * (tile + gap), gap + c * (tile + gap)
+        assert (image[y:y + tile, x:x + tile] == colour).all(), (i, image[y, x], colour)
+    assert (image[:gap] == 255).all() and (image[:, :gap] == 255).all()
+    captioned = figures.grid_image(maps, title="t")
+    bar = captioned[image.shape[0] + 6, 10:figures.CAPTION_WIDTH - 10]
+    ramp = (colormaps["RdBu_r"](np.linspace(0, 1, figures.CAPTION_WIDTH - 20))[:, :3] * 255).astype(np.uint8)
+    assert np.array_equal(bar, ramp)

@@ -23,9 +23,9 @@ if TYPE_CHECKING:
     from matplotlib.figure import Figure
 
 
-def _pyplot() -> Any:
-    """matplotlib.pyplot, imported when a plot is drawn: the feature-map images need only colour maps, and
-    pyplot took 0.15 s of every sweep's start."""
+def pyplot() -> Any:
+    """matplotlib.pyplot, imported when a plot is drawn (or ahead, by a sweep's thread that waits for Ray): the
+    feature-map images need only colour maps, and pyplot took 0.15 s of every sweep's start."""
     import matplotlib.pyplot as plt
 
     return plt
@@ -81,14 +81,31 @@ def _style(maps: np.ndarray, final: bool) -> tuple[np.ndarray, str, tuple[float,
     return maps, "RdBu_r", _limits(maps, True)
 
 
+@functools.lru_cache(maxsize=None)
+def _colormap(name: str) -> Any:
+    """A colour map, made once per name: matplotlib's registry hands out a fresh copy on every lookup, whose
+    lookup table is then built again (measured: a tenth of a feature-map image's cost)."""
+    return colormaps[name]
+
+
+@functools.lru_cache(maxsize=16)
+def _colour_bar(cmap: str, width: int) -> np.ndarray:
+    """A caption's colour bar, one pixel high, as uint8 RGB: the same for every image of a colour map and width."""
+    bar = np.ascontiguousarray(_colormap(cmap)(np.linspace(0, 1, width), bytes=True)[:, :3])
+    bar.flags.writeable = False
+    return bar
+
+
 def grid_image(maps: np.ndarray, final: bool = False, title: str | None = None) -> np.ndarray:
     """A map grid as one uint8 RGB image, colour-mapped with array operations (cheap enough for every K).
     With a title, a caption and a colour bar with its limits are added below the grid."""
     maps, cmap, (lo, hi) = _style(np.asarray(maps, dtype=np.float32), final)
     canvas = tiled(maps)
-    rgb = colormaps[cmap](np.clip((np.nan_to_num(canvas) - lo) / (hi - lo), 0, 1))[..., :3]
-    rgb[np.isnan(canvas)] = 1.0  # white gaps between tiles
-    image = (rgb * 255).astype(np.uint8)
+    # bytes=True: the map's table as uint8 (its floats x 255, truncated), looked up directly: the same pixels as
+    # converting the float colours, without the float image
+    scaled = np.clip((np.nan_to_num(canvas) - lo) / (hi - lo), 0, 1)
+    image = np.ascontiguousarray(_colormap(cmap)(scaled, bytes=True)[..., :3])
+    image[np.isnan(canvas)] = 255  # white gaps between tiles
     return image if title is None else _captioned(image, title, cmap, lo, hi)
 
 
@@ -153,8 +170,7 @@ def _captioned(image: np.ndarray, title: str, cmap: str, lo: float, hi: float) -
     text_top = bar_top + 12 + step + 4
     out = np.full((text_top + step * len(lines) + 6, width, 3), 255, np.uint8)
     out[:image.shape[0], :image.shape[1]] = image
-    out[bar_top:bar_top + 12, 10:width - 10] = (colormaps[cmap](np.linspace(0, 1, width - 20))[:, :3]
-                                                 * 255).astype(np.uint8)[None]
+    out[bar_top:bar_top + 12, 10:width - 10] = _colour_bar(cmap, width - 20)[None]
     pil = Image.fromarray(out)
     draw = ImageDraw.Draw(pil)
     ends = f"{lo:.3g}", f"{hi:.3g}"
@@ -170,7 +186,7 @@ def _save(fig: Figure, path: Path, dpi: int = 100) -> None:
         with atomic_path(path) as tmp:
             fig.savefig(tmp, dpi=dpi, bbox_inches="tight")
     finally:
-        _pyplot().close(fig)
+        pyplot().close(fig)
 
 
 def save_png(image: np.ndarray, path: Path) -> None:
@@ -216,7 +232,7 @@ def accuracy_vs_k(rows: Sequence[dict], baseline: float, path: Path) -> None:
     layers = list(dict.fromkeys(r["layer"] for r in rows))
     trials = by_trial(rows)
     groups = [layers] if len(layers) <= LEGEND_LINES else stages(layers)
-    fig, axes = _pyplot().subplots(len(groups), len(criteria), figsize=(4.6 * len(criteria) + 1.6, 3.2 * len(groups)),
+    fig, axes = pyplot().subplots(len(groups), len(criteria), figsize=(4.6 * len(criteria) + 1.6, 3.2 * len(groups)),
                              squeeze=False, sharex=True, sharey=True)
     cmap = colormaps["tab10"]
     for row, group in enumerate(groups):
@@ -256,7 +272,7 @@ def sensitivity_heatmap(rows: Sequence[dict], path: Path) -> None:
     criteria = sorted({r["criterion"] for r in rows})
     layers = list(dict.fromkeys(r["layer"] for r in rows))
     trials = by_trial(rows)
-    fig, axes = _pyplot().subplots(1, len(criteria), figsize=(1.6 + 4.2 * len(criteria), 1.4 + 0.26 * len(layers)),
+    fig, axes = pyplot().subplots(1, len(criteria), figsize=(1.6 + 4.2 * len(criteria), 1.4 + 0.26 * len(layers)),
                              squeeze=False, sharey=True)
     vmax = max(1.0, max(r["accuracy_drop"] for r in rows))
     image = None
@@ -285,7 +301,7 @@ def plans_figure(table: Any, baseline: float, path: Path) -> None:
     """Accuracy against MACs kept, one colour and marker per method: hollow before fine-tuning (channels
     removed), filled after, with the fine-tuned accuracy's 95% interval; the base model as a dashed line.
     `table` is plans.csv as a DataFrame."""
-    fig, ax = _pyplot().subplots(figsize=(7, 4.5))
+    fig, ax = pyplot().subplots(figsize=(7, 4.5))
     for method, rows in table.groupby("method", sort=False):
         colour, marker = METHOD_STYLE.get(method, ("black", "x"))
         x = rows["macs_kept"].to_numpy(float)
