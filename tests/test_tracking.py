@@ -355,3 +355,19 @@ def test_wandb_is_given_a_png_file_by_path_and_pixels_as_a_fast_png(tmp_path):
                       lambda: {"pruned_layer": png, "final_stage": pixels})
     assert given[0] == str(png)  # W&B copies the file
     assert given[1].encoderinfo["compress_level"] == 1 and np.array_equal(np.asarray(given[1]), pixels)
+
+
+def test_preload_imports_what_every_wandb_init_imports():
+    """The sweep imports W&B's Launch inputs module ahead (runner.outputs.tracking.preload) because every
+    `wandb.init` imports it; if a W&B release stops doing so, the preload is wasted startup time: this fails."""
+    import inspect
+    import sys
+
+    from runner.outputs.tracking import preload
+    import wandb.sdk.wandb_run as wandb_run
+
+    assert "self._detect_and_apply_job_inputs()" in inspect.getsource(wandb_run.Run._on_ready)
+    assert "from wandb.sdk.launch.inputs.internal import" in \
+        inspect.getsource(wandb_run.Run._detect_and_apply_job_inputs)
+    preload("offline")
+    assert "wandb.sdk.launch.inputs.internal" in sys.modules
