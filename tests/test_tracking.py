@@ -4,6 +4,8 @@ layer rather than its last K. The runs themselves are read back from real sweeps
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from runner.outputs.report import fraction_label, trial_summary
@@ -238,8 +240,10 @@ def test_every_point_is_logged_and_images_only_for_the_first_random_order(tmp_pa
 
     class Images(FakeWandb):
         @staticmethod
-        def Image(image, caption: str) -> tuple:
-            return np.asarray(image)[0, 0, 0], caption
+        def Image(path: str, caption: str) -> tuple:
+            from PIL import Image
+
+            return np.asarray(Image.open(path))[0, 0, 0], caption
 
     tracker = WandbTracker(Tracking("offline", "p", None, "g", tmp_path, feature_maps=True))
     tracker.wandb = fake = Images()
@@ -263,9 +267,9 @@ def test_every_point_is_logged_and_images_only_for_the_first_random_order(tmp_pa
     assert rendered == [0]  # the other draws' pictures are not even rendered
 
 
-def test_feature_map_pngs_are_encoded_fast_and_lossless():
-    """W&B saves the PIL image it is given with its own parameters; the image's encoderinfo asks for zlib level 1
-    (the zlib header's FLEVEL 0: fastest) and the pixels come back unchanged."""
+def test_feature_map_pngs_are_valid_fast_and_lossless():
+    """runner.outputs.figures.png, read back two ways: chunk by chunk by hand (signature, IHDR, CRCs, one zlib
+    stream at the fastest level, every row unfiltered, the pixels) and by Pillow (the same pixels)."""
     import io
     import struct
     import zlib
@@ -273,28 +277,34 @@ def test_feature_map_pngs_are_encoded_fast_and_lossless():
     import numpy as np
     from PIL import Image
 
-    from runner.outputs.tracking import fast_png
+    from runner.outputs.figures import png
 
     rng = np.random.default_rng(0)
     image = (rng.random((40, 60, 3)) * 255).astype(np.uint8)
     image[:20] = 255  # some white, as the captions have
-    buffer = io.BytesIO()
-    fast_png(image).save(buffer, format="PNG", transparency=None)  # as wandb.Image saves it
-    data = buffer.getvalue()
-    idat = data.index(b"IDAT")
-    length = struct.unpack(">I", data[idat - 4:idat])[0]
-    stream = data[idat + 4:idat + 4 + length]
+    data = png(image)
+    assert data[:8] == b"\x89PNG\r\n\x1a\n"
+    chunks, at = [], 8
+    while at < len(data):
+        length, kind = struct.unpack(">I4s", data[at:at + 8])
+        body = data[at + 8:at + 8 + length]
+        assert struct.unpack(">I", data[at + 8 + length:at + 12 + length])[0] == zlib.crc32(kind + body)
+        chunks.append((kind, body))
+        at += 12 + length
+    assert [kind for kind, _ in chunks] == [b"IHDR", b"IDAT", b"IEND"]
+    assert struct.unpack(">IIBBBBB", chunks[0][1]) == (60, 40, 8, 2, 0, 0, 0)  # 8-bit RGB, not interlaced
+    stream = chunks[1][1]
     assert stream[1] >> 6 == 0  # FLEVEL: the fastest compression
+    rows = np.frombuffer(zlib.decompress(stream), np.uint8).reshape(40, 1 + 60 * 3)
+    assert (rows[:, 0] == 0).all() and np.array_equal(rows[:, 1:].reshape(40, 60, 3), image)
     assert np.array_equal(np.asarray(Image.open(io.BytesIO(data))), image)
-    default = io.BytesIO()
-    Image.fromarray(image).save(default, format="PNG")
-    assert default.getvalue()[default.getvalue().index(b"IDAT") + 5] >> 6 == 2  # Pillow's default: level 6
-    assert zlib.decompress(stream)  # a whole zlib stream
+    with pytest.raises(ValueError, match="RGB uint8"):
+        png(image.astype(np.float32))
 
 
 def test_a_figure_point_gives_wandb_the_png_files_it_wrote(tmp_path):
     """A K whose figures go to disk: the PNGs are encoded once, and W&B gets those files; another K: W&B gets the
-    rendered pixels (encoded by W&B)."""
+    rendered pixels (encoded by the tracker)."""
     import numpy as np
     from PIL import Image
 
@@ -334,8 +344,13 @@ def test_a_figure_point_gives_wandb_the_png_files_it_wrote(tmp_path):
     assert not (tmp_path / "feature_maps" / trial.layer / "l1_norm_k0004_layer.png").exists()
 
 
-def test_wandb_is_given_a_png_file_by_path_and_pixels_as_a_fast_png(tmp_path):
+def test_wandb_is_given_png_files_and_the_scratch_ones_are_removed(tmp_path):
+    """A figure's PNG file is given as it is; pixels are encoded into a scratch PNG file, given by path, and
+    removed once logged (the scratch folder with the tracker)."""
+    import io
+
     import numpy as np
+    from PIL import Image
 
     from runner.outputs.tracking import RunSpec, Tracking, WandbTracker
 
@@ -343,18 +358,23 @@ def test_wandb_is_given_a_png_file_by_path_and_pixels_as_a_fast_png(tmp_path):
 
     class Images(FakeWandb):
         @staticmethod
-        def Image(image, caption: str) -> str:
-            given.append(image)
+        def Image(path, caption: str) -> str:
+            given.append((path, Path(path).read_bytes()))  # W&B copies the file while logging
             return caption
 
     tracker = WandbTracker(Tracking("offline", "p", None, "g", tmp_path, feature_maps=True))
     tracker.wandb = Images()
-    png = tmp_path / "a.png"
-    pixels = np.zeros((2, 2, 3), np.uint8)
+    figure = tmp_path / "a.png"
+    figure.write_bytes(b"a figure's png")
+    pixels = np.arange(2 * 3 * 3, dtype=np.uint8).reshape(2, 3, 3)
     tracker.log_point(RunSpec("conv1/l1_norm", "prune-eval"), {"k": 1, "repeat": 0},
-                      lambda: {"pruned_layer": png, "final_stage": pixels})
-    assert given[0] == str(png)  # W&B copies the file
-    assert given[1].encoderinfo["compress_level"] == 1 and np.array_equal(np.asarray(given[1]), pixels)
+                      lambda: {"pruned_layer": figure, "final_stage": pixels})
+    assert given[0] == (str(figure), b"a figure's png")
+    scratch, data = given[1]
+    assert np.array_equal(np.asarray(Image.open(io.BytesIO(data))), pixels)
+    assert not Path(scratch).exists() and Path(scratch).parent == tracker.scratch
+    tracker.close()
+    assert tracker.scratch is None and not Path(scratch).parent.exists()
 
 
 def test_preload_imports_what_every_wandb_init_imports():
