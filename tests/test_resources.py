@@ -322,3 +322,31 @@ def test_tune_keeps_the_fields_started_stay_reads():
     assert "self._trial_to_actor" in inspect.getsource(TuneController.__init__)
     assert "self._actor_manager" in inspect.getsource(TuneController.__init__)
     assert "self._live_actors_to_ray_actors_resources" in inspect.getsource(RayActorManager.__init__)
+
+
+def test_the_heap_is_frozen_for_the_trials_and_unfrozen_after():
+    """runner.job.cluster.heap_frozen: what exists on entry is out of the collector's scans (stop_ray's full
+    collection then scans only what the trials made) and back in them afterwards, also when the block fails;
+    garbage made inside is still collected. A process that froze objects itself keeps them frozen."""
+    import gc
+
+    from runner.job.cluster import heap_frozen
+
+    gc.unfreeze()
+    with pytest.raises(RuntimeError):
+        with heap_frozen():
+            assert gc.get_freeze_count() > 0
+            cycle: list = []
+            cycle.append(cycle)
+            del cycle
+            assert gc.collect() >= 1  # made inside the block: collected
+            raise RuntimeError("a failed sweep")
+    assert gc.get_freeze_count() == 0
+    gc.freeze()  # the process's own
+    try:
+        frozen = gc.get_freeze_count()
+        with heap_frozen():
+            pass
+        assert gc.get_freeze_count() == frozen
+    finally:
+        gc.unfreeze()

@@ -113,6 +113,7 @@ def run_sweep(opts: Options) -> Outcome:
                 log.warning("checkpoint %s does not record which training images it was trained without: the "
                             "calibration hold-out cannot be checked (the report says so)", existing.path)
             experiment, restore = _experiment(grid, plan, existing, opts.resume, tracking.sweep_id)
+            held.enter_context(cluster.heap_frozen())  # until Ray has stopped (see there)
             trials = tuner.run_trials(grid, plan, data, existing, calibrated, experiment, restore, tracker,
                                       tracking)
             timeline.mark("trials end")
