@@ -373,6 +373,7 @@ def test_wandb_is_given_png_files_and_the_scratch_ones_are_removed(tmp_path):
     scratch, data = given[1]
     assert np.array_equal(np.asarray(Image.open(io.BytesIO(data))), pixels)
     assert not Path(scratch).exists() and Path(scratch).parent == tracker.scratch
+    assert tracker.scratch.parent == tmp_path  # in the W&B folder
     tracker.close()
     assert tracker.scratch is None and not Path(scratch).parent.exists()
 

@@ -321,9 +321,10 @@ class WandbTracker:
                 path.unlink(missing_ok=True)
 
     def _scratch_png(self, image: np.ndarray) -> Path:
-        """The image as a PNG file in this tracker's scratch folder (made on first use, removed at close)."""
+        """The image as a PNG file in this tracker's scratch folder (made on first use in the W&B folder, beside
+        W&B's own `wandb/`, and removed at close)."""
         if self.scratch is None:
-            self.scratch = Path(tempfile.mkdtemp(prefix="prune-sweep-images-"))
+            self.scratch = Path(tempfile.mkdtemp(prefix=".wandb-images-", dir=self.t.folder))
         self.made += 1
         path = self.scratch / f"{self.made}.png"
         path.write_bytes(png(image))
