@@ -2,7 +2,7 @@
 
 `trace` turns the model into a GraphModule that shares the model's weights and has no in-place operations, so
 that values kept from one call can be read by later calls unchanged. `list_convs` reads every conv off that
-graph. `Cut` splits the graph at one or more mask points (DESIGN §6, §7): the nodes downstream of a mask point
+graph. `Cut` splits the graph at one or more mask points: the nodes downstream of a mask point
 are the suffix; every value the suffix reads that is not downstream, plus the values at the mask points, is the
 cache; the prefix computes only those. Prefix and suffix are generated Python code (GraphModules), not
 interpreted node by node. `Cut.full` is the plain masked forward of the eager model, to compare against.

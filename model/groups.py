@@ -1,4 +1,4 @@
-"""Coupled channel groups (DESIGN §6, `unit: group`), found by Torch-Pruning's dependency graph.
+"""Coupled channel groups (`sweep.unit: group`), found by Torch-Pruning's dependency graph.
 
 A group is a set of channels that must be removed together to leave a working, smaller network: joined by
 residual additions, concatenations or depthwise convs. Each is named by its first conv in execution order
@@ -179,8 +179,8 @@ def remove_group(model: nn.Module, group: Group, idxs: Sequence[int], image_size
 
 def count(model: nn.Module, image_size: int) -> tuple[int, int]:
     """(MACs per image, parameters): MACs = FLOPs / 2 as FlopCounterMode counts them (convs and linears)."""
-    from torch.utils.flop_counter import FlopCounterMode  # here: its import loads triton (60 ms), and the
-    # sweep's driver and trial workers import this module but never count
+    from torch.utils.flop_counter import FlopCounterMode  # here: its import loads triton, and the sweep's
+    # driver and trial workers import this module but never count
 
     x = torch.zeros(1, 3, image_size, image_size, device=_device(model))
     counter = FlopCounterMode(display=False)

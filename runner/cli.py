@@ -1,4 +1,4 @@
-"""The `prune-sweep` command (and the scripts, which call it): arguments, logging, exit codes (DESIGN §2).
+"""The `prune-sweep` command (and the scripts, which call it): arguments, logging, exit codes.
 
     prune-sweep sweep --grid FILE [--output DIR] [--resume] [--wandb-mode M] [--address A] [--dry-run] [--set K=V]
     prune-sweep train --grid FILE [--set K=V]
@@ -90,7 +90,7 @@ def _storage_error(e: BaseException | None) -> OSError | None:
 def _common() -> argparse.ArgumentParser:
     """Flags every command takes."""
     p = argparse.ArgumentParser(add_help=False)
-    p.add_argument("--grid", required=True, help="grid file (YAML): see sweeps/ and the README")
+    p.add_argument("--grid", required=True, help="grid file (YAML): see sweeps/ and docs/grid.md")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override one key of the grid file (a YAML value), e.g. --set sweep.criteria=[l1_norm]")
     talk = p.add_mutually_exclusive_group()
@@ -117,7 +117,7 @@ def parser() -> Parser:
     train = commands.add_parser("train", parents=[_common()], help="train the checkpoint a grid names",
                                 description="Train the grid's checkpoint with its checkpoint.train recipe.")
     train.set_defaults(run=_train)
-    prune = commands.add_parser("prune", parents=[_common()], help="plan, prune, fine-tune and verify (DESIGN §10)",
+    prune = commands.add_parser("prune", parents=[_common()], help="plan, prune, fine-tune and verify (docs/numbers.md)",
                                 description="From the sweep's results in the same output folder (measuring missing "
                                 "points first): for each plan.budgets x plan.methods a plan, the channels removed "
                                 "for real, fine-tuned as Ray Tune trials, exported (pruned.pt, pruned.onnx) and "
@@ -220,8 +220,8 @@ def console() -> None:
 def leave(code: int) -> NoReturn:
     """End a command's process with `code` (the console script and scripts/*.py). With no other thread left:
     the exit handlers run (Ray's shutdown, W&B's teardown, temporary folders), the streams are flushed, and the
-    process ends at once, skipping Python's teardown of torch's and Ray's modules (0.45 s of every command,
-    measured; issue 14). With another thread still running, the usual exit, which waits for it."""
+    process ends at once, skipping Python's slow teardown of torch's and Ray's modules (docs/benchmarks.md).
+    With another thread still running, the usual exit, which waits for it."""
     if any(t.is_alive() and not t.daemon for t in threading.enumerate() if t is not threading.main_thread()):
         sys.exit(code)
     atexit._run_exitfuncs()

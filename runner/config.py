@@ -1,4 +1,4 @@
-"""The grid file: frozen, validated configuration with defaults in code (DESIGN §3).
+"""The grid file: frozen, validated configuration with defaults in code (every key: docs/grid.md).
 
 YAML only overrides the defaults. Unknown keys, wrong types and out-of-range values are rejected with the
 key's full path; what needs the network (layer names, K against channel counts, criteria that cannot apply)
@@ -196,7 +196,7 @@ class SweepConfig(Section):
     k: KSpec = KSpec(fractions=[0.125, 0.25, 0.5, 0.75, 1.0])
     criteria: Annotated[list[str], Field(min_length=1), Distinct, Allowed("criterion names")] = [
         "mean_activation", "l1_norm", "random"]
-    target: Literal["output", "input"] = "output"  # DESIGN §6
+    target: Literal["output", "input"] = "output"  # docs/numbers.md#criteria-and-targets
     calibration: Literal["holdout", "test"] = "holdout"  # test = the seed's leaky choice
     random_repeats: int = Field(3, ge=1, le=100)  # random: orders drawn per layer, each measured at every K
     random_seed: int = Field(0, ge=0, le=2**63 - 1)  # random: seeds the draws (the grid's seed splits the data)
@@ -289,7 +289,7 @@ class FinetuneConfig(TrainConfig):
 
 
 class PlanConfig(Section):
-    """`prune-sweep prune` (DESIGN §10): budgets x methods, each a plan from the sweep's curves, removed for real,
+    """`prune-sweep prune`: budgets x methods, each a plan from the sweep's curves, removed for real,
     fine-tuned and verified."""
 
     budgets: Annotated[list[Budget], Field(min_length=1), Allowed("a list of {macs: f} or {params: f}")] = [

@@ -1,4 +1,4 @@
-"""Side-by-side timings of the ways to measure one layer sweep (DESIGN §8, `scripts/bench.py`).
+"""Side-by-side timings of the ways to measure one layer sweep (docs/benchmarks.md).
 
 (a) the seed's loop: per point reload the weights, rank on the calibration images, zero weights, full eval;
 (b) the usual tool's loop (Distiller / NNI style): rank once per layer; per point zero weights, full eval,

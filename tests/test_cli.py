@@ -1,4 +1,4 @@
-"""The command line (DESIGN §2, §3, §9), its entry point called in this process: --dry-run computes nothing, bad
+"""The command line, its entry point called in this process: --dry-run computes nothing, bad
 input (grid file, checkpoint, data, flags) is exit 2 with one exact line, and an output folder is never
 overwritten (nor resumed when there is nothing to resume). That `python scripts/sweep.py` reaches this entry point
 and exits with its code is proved once, in a subprocess, by tests/test_sweep.py.
@@ -86,7 +86,7 @@ BAD = {
 
 @pytest.mark.parametrize("case", list(BAD))
 def test_bad_input_is_one_exact_line_exit_2_and_leaves_nothing_behind(cli, tmp_path_factory, case):
-    """DESIGN §2: bad input gives ONE line, exit code 2. §3/§9: it is caught before any work starts: no output
+    """Bad input gives ONE line, exit code 2, and it is caught before any work starts: no output
     folder, no checkpoint."""
     tmp = tmp_path_factory.mktemp(case)
     (tmp / "not_npz.npz").write_text("these are not arrays\n", encoding="utf-8")

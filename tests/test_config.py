@@ -259,9 +259,9 @@ def test_suggested_set_key_is_usable():
     apply_override({}, f"{key}=[1, 2]")
 
 
-# --- defaults, the DESIGN example, resolution ------------------------------------------------------------------
+# --- defaults, the example grid, resolution --------------------------------------------------------------------
 
-def test_design_example_loads(tmp_path):
+def test_the_example_grid_loads(tmp_path):
     grid = load_grid(GRIDS / "demo.yaml", base=tmp_path)
     assert grid.name == "demo" and grid.seed == 0
     assert (grid.model.arch, grid.model.width, grid.model.num_classes) == ("resnet18", 0.25, 10)

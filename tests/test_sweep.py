@@ -1,4 +1,4 @@
-"""End-to-end sweeps (DESIGN §4, §5, §9): the outputs of a real sweep, its W&B runs read back with W&B's own
+"""End-to-end sweeps: the outputs of a real sweep, its W&B runs read back with W&B's own
 CLI, interruption and --resume, a crashed trial retried, and W&B pointed at a server that is not there.
 
 Every sweep is tiny (width 0.125, a few hundred synthetic images, one shared checkpoint trained once per

@@ -1,4 +1,4 @@
-"""Channel-ranking criteria (DESIGN §6) and the one calibration pass that ranks every (layer, criterion).
+"""Channel-ranking criteria (docs/numbers.md#criteria-and-targets) and the one calibration pass that ranks every (layer, criterion).
 
 A criterion scores every channel of the pruned dimension (output channels for `target: output`, input
 channels for `target: input`); the K lowest scores are pruned, ties broken by channel index. Data criteria

@@ -1,4 +1,4 @@
-"""What physically removing pruned channels saves, read from the graph of dead channels (DESIGN §6).
+"""What physically removing pruned channels saves, read from the graph of dead channels (docs/numbers.md#savings).
 
 A mask makes some channels exactly zero for every image. Forward, the zeros spread: ReLU keeps a zero a zero, a
 residual sum is zero only where every addend is, a conv's output channel is zero only where all of its input

@@ -1,4 +1,4 @@
-"""The layer sweep: for one (layer, criterion), every K evaluated on a cached prefix (DESIGN §7, §8).
+"""The layer sweep: for one (layer, criterion), every K evaluated on a cached prefix (docs/design.md#the-engine).
 
 Everything before the mask point is computed once and kept on the device (the cut of `model.graph`); the
 baseline (K = 0) and then each K run only what comes after it, accumulating mean feature maps in the same pass.

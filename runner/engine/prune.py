@@ -1,4 +1,4 @@
-"""Pruning semantics (DESIGN §6): channel masks and their weight-surgery equivalent.
+"""Pruning semantics (docs/numbers.md#criteria-and-targets): channel masks and their weight-surgery equivalent.
 
 `target: output` removes filter c of conv L and its BN channel: the channel is exactly zero after L's BN.
 `target: input` zeroes input channel c of L (`conv.weight[:, c] = 0`, the seed's operation). Pruning is a

@@ -1,6 +1,6 @@
 """Datasets as uint8 arrays with train / calibration / test splits, and their device-resident tensors.
 
-Four kinds (DESIGN §3): `synthetic` (embedded, no download), `cifar10` (torchvision's folder), `npz`
+Four kinds (docs/grid.md): `synthetic` (embedded, no download), `cifar10` (torchvision's folder), `npz`
 (your arrays) and `imagefolder` (class subfolders of image files, decoded once into an array cache). The calibration split is held out of train (seeded) and never trained on. Everything after
 loading works on tensors: normalisation and augmentation run on the device, no per-sample PIL transforms.
 """
@@ -235,7 +235,7 @@ def load_data(cfg: DataConfig, num_classes: int, seed: int, training: bool = Tru
 
     `training=False` (a sweep whose checkpoint exists: it ranks and evaluates, it does not train): the training
     images other than the hold-out are not kept (`Dataset.train` is empty), and synthetic data does not even
-    draw them (the demo's data in 0.5 instead of 1.7 s); the hold-out and the test images are the same."""
+    draw them; the hold-out and the test images are the same."""
     held_only = cfg.dataset == "synthetic" and not training
     train, test, classes = (_synthetic_holdout if held_only else LOADERS[cfg.dataset])(cfg, seed)
     total = cfg.synthetic_train if held_only else len(train)

@@ -1,4 +1,4 @@
-"""Training the shared checkpoint that a grid file names (DESIGN §2, `scripts/train.py`).
+"""Training the shared checkpoint that a grid file names (`scripts/train.py`).
 
 Training reports to a TrainLog that the caller passes in (the job layer's W&B train run, which logs the curves
 and the checkpoint as a `model` artifact; the protocol and its do-nothing form live in

@@ -1,5 +1,5 @@
 """The grid resolved against the network: which layers, which K per layer, which criteria; all checked
-before any work starts (DESIGN §3)."""
+before any work starts."""
 
 from __future__ import annotations
 
@@ -142,9 +142,7 @@ def ks_for(spec: KSpec, channels: int) -> tuple[int, ...]:
 def plan_trials(grid: Grid) -> TrialPlan:
     """Resolve and check the sweep section against the network; raises InputError on the first problem."""
     sweep = grid.sweep
-    # the shapes come from one forward of zeros on the CPU: on meta tensors that forward imports torch._dynamo and
-    # moving them to the CPU imports sympy, 0.7 s and 0.15 s of every sweep's start (initialising the weights: 6 ms
-    # for the demo's network, 0.14 s for torchvision's resnet50)
+    # the shapes come from one forward of zeros on the CPU: meta tensors would import torch._dynamo and sympy
     model = build_for(grid, pretrained=False)
     image_size = grid.data.image_size or IMAGE_SIZE
     try:

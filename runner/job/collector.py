@@ -151,9 +151,8 @@ class Collector(tune.Callback):
     def flush(self, wait: bool = False) -> None:
         """Send the points measured since the last flush to the progress board (if the sweep has one), in one
         actor call. The board is read only by a trial that starts again (a retry, a resumed sweep), so it is
-        brought up to date when a trial ends, fails or is retried, not once per point (one call per point cost
-        the driver and the board's process 2-3 s of CPU in the demo, taken from the trials). `wait`: until the
-        board has them."""
+        brought up to date when a trial ends, fails or is retried, not once per point (each call takes CPU from
+        the trials). `wait`: until the board has them."""
         live = self.live
         if live is not None and live.board is not None and live.unsent:
             sent = live.board.record.remote(live.unsent)

@@ -1,4 +1,4 @@
-"""Fine-tuning the pruned models as Ray Tune trials (DESIGN §10): one trial per plan, in parallel, with the
+"""Fine-tuning the pruned models as Ray Tune trials: one trial per plan, in parallel, with the
 sweep's resources per trial (fractional GPUs when there are GPUs).
 
 A trial reads its plan's `pruned.pt` with our loader (the base architecture rebuilt, the plan's channels removed,

@@ -1,4 +1,4 @@
-"""The prune job (DESIGN §10): the sweep's curves -> a plan per budget x method -> the combined plan measured and
+"""The prune job (docs/design.md#the-jobs-stories): the sweep's curves -> a plan per budget x method -> the combined plan measured and
 corrected -> channels removed for real -> counted, timed, saved -> fine-tuned as Ray Tune trials -> verified
 (pruned.pt read back with our loader, pruned.onnx with onnxruntime alone) -> plans.csv and the report.
 

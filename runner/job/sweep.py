@@ -1,4 +1,4 @@
-"""The main job (DESIGN §2, §7): grid -> checkpoint -> data -> rankings -> Ray Tune trials -> results, plots,
+"""The main job (docs/design.md#the-jobs-stories): grid -> checkpoint -> data -> rankings -> Ray Tune trials -> results, plots,
 report, W&B summary.
 
 Everything the user gave is validated before Ray starts, the checkpoint's calibration hold-out included. The
@@ -195,9 +195,8 @@ def _calibrated(grid: Grid, plan: TrialPlan, given: Dataset | None, loaded: Chec
     """The data (unless already loaded: synthetic data is a pure function of the grid, nothing to validate
     first), checked against the checkpoint (its classes and its calibration hold-out), then every ranking
     (read back from rankings.json on --resume), then the slow imports of later steps: W&B's (the main thread
-    makes its tracker once Ray is up) and pyplot's (the plots at the end, where it was 0.15 s of the time after
-    the last point). They come last, as Ray starts in about the time the data and the rankings take (measured:
-    the first point came no later with them here). Returns the hold-out check's verdict."""
+    makes its tracker once Ray is up) and pyplot's (the plots at the end, after the last point). They come
+    last: Ray starts in about the time the data and the rankings take, so they delay no point. Returns the hold-out check's verdict."""
     data = given or load_data(grid.data, grid.model.num_classes, grid.seed, training=False)
     ensure_checkpoint(grid, data, loaded)
     holdout = checkpoints.check_holdout(grid, loaded, data.holdout)

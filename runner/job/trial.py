@@ -1,4 +1,4 @@
-"""One Ray Tune trial: a (layer, criterion), its K values as steps (DESIGN §7).
+"""One Ray Tune trial: a (layer, criterion), its K values as steps.
 
 The checkpoint, the eval images and the rankings arrive once through the object store
 (`tune.with_parameters`). The trial builds the network on its device, caches the activations at the mask

@@ -182,8 +182,7 @@ def run_trials(grid: Grid, plan: TrialPlan, data: Dataset, loaded: Checkpoint, c
 def start_order(units: list[str]) -> list[str]:
     """The swept units (in forward order) in the order Tune makes their trials: the deepest first, then the
     others in forward order. The deepest unit's baseline and first K run through the shortest suffix of the
-    network, so the sweep's first point arrives soonest (the demo's stem measures its first point through the
-    whole network twice: 0.93 s, the last conv 0.47 s). After it, an early unit's every point runs through most of
+    network, so the sweep's first point arrives soonest. After it, an early unit's every point runs through most of
     the network: the longest trials start first and the last to start are short, so no long trial is left alone
     on one CPU at the end."""
     return units[-1:] + units[:-1]

@@ -1,4 +1,4 @@
-"""The sweep's report: plots and report.md, written from results.csv and rankings.json (DESIGN §4).
+"""The sweep's report: plots and report.md, written from results.csv and rankings.json (docs/outputs.md).
 
 It answers "which layers can I prune, and how far?": layers ranked by sensitivity, and for every criterion side
 by side the largest K that keeps the drop under 1 and 5 points, judged by the upper end of each point's paired

@@ -42,8 +42,7 @@ class TrialId(NamedTuple):
 
 class FeatureMaps(NamedTuple):
     """A point's mean feature maps (name -> float16 array) as one opaque value of its Tune result: Tune neither
-    flattens it nor prints the arrays (Tune formats every result into a debug message, whatever the log level:
-    half a second of the driver's CPU in the demo when the arrays were plain values)."""
+    flattens it nor prints the arrays (Tune formats every result into a debug message, whatever the log level)."""
 
     arrays: dict[str, Any]
 

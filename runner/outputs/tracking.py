@@ -1,4 +1,4 @@
-"""Experiment tracking: Weights & Biases runs (DESIGN §5), or a tracker that does nothing.
+"""Experiment tracking: Weights & Biases runs (docs/outputs.md#weights--biases), or a tracker that does nothing.
 
 No other module asks whether W&B is on: the sweep holds a Tracker and calls it. A W&B failure (no network,
 bad key, server down) never stops or loses a sweep: the tracker says so once, falls back to offline runs
@@ -185,7 +185,7 @@ def model_artifact(checkpoint: str | Path, sha256: str) -> str:
 def preload(mode: str) -> None:
     """Import what W&B's runs need ahead of the first one, in a thread that would otherwise wait (the sweep's
     calibration thread waits for Ray): wandb itself, and the W&B Launch package that every `wandb.init` imports
-    to apply staged Launch inputs (0.2 s of CPU on a sweep's first trial run, otherwise taken from the trials).
+    to apply staged Launch inputs (otherwise imported on a sweep's first trial run, with CPU taken from the trials).
     That package's path is W&B's own: if a release moves it, its import is just not done ahead."""
     if resolve_mode(mode) == "disabled":
         return
@@ -237,8 +237,7 @@ class WandbTracker:
 
     def _start(self, spec: RunSpec, lean: bool = True) -> Any:
         """A run (resumed when this sweep logged it before). Lean runs skip W&B's per-run scans (installed
-        packages, git, machine info): 5x faster to start (measured 0.15 -> 0.03 s offline), which matters at
-        one run per trial; the summary run keeps them, and every run's config carries the library versions and
+        packages, git, machine info): several times faster to start, which matters at one run per trial; the summary run keeps them, and every run's config carries the library versions and
         checkpoint sha256."""
         settings = dict(console="off", x_disable_stats=True, silent=True)
         if lean:
@@ -294,13 +293,12 @@ class WandbTracker:
     def log_point(self, run: RunSpec, row: dict[str, Any], images: Callable[[], dict[str, Picture]]) -> None:
         """One K of a trial's run; `images` gives the point's feature-map images (only called when logged): RGB
         arrays, or the PNG files the collector already wrote for the figures on disk. W&B is given a PNG file
-        either way, which it copies as it is: the pixels are encoded here (runner.outputs.figures.png: 1.65 instead
-        of 2.45 ms per image, W&B's work included, than handing W&B the pixels for Pillow to encode), into a
-        scratch file removed once logged; the same bytes on disk and on W&B.
+        either way, which it copies as it is: the pixels are encoded here (runner.outputs.figures.png, faster than
+        Pillow's encoder), into a scratch file removed once logged; the same bytes on disk and on W&B.
 
         Every point's numbers are logged; the images only for the first order of a random criterion (repeat 0),
-        as on disk: the other draws picture the same layer with other random channels zeroed, and rendering and
-        encoding them was 40% of the demo's W&B work, taken from the trials' CPUs (issue 14)."""
+        as on disk: the other draws picture the same layer with other random channels zeroed, and rendering them
+        would take a large share of the W&B work from the trials' CPUs."""
         wb = self._trial_run(run, row)
         if wb is not None:
             self._safely(self._log_point, wb, run, row, images)

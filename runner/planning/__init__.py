@@ -1,4 +1,4 @@
-"""From sensitivity curves to a smaller model (DESIGN §10): a plan under a MACs or params budget, the combined
+"""From sensitivity curves to a smaller model (docs/numbers.md): a plan under a MACs or params budget, the combined
 plan corrected, the channels removed for real (Torch-Pruning), counted, saved, exported and timed.
 
     curves      a unit's measured curve made monotone, and the K a plan may choose (round_to, min_keep)

@@ -10,7 +10,7 @@ removed at once: every unit's group is taken from the unpruned model, then each 
 `dependency_graph`, `tp_group` and `counts` have the signatures of model/groups.py's `dependency_graph`,
 `tp_group` and `count` (branch `graph`); once that lands, these three become imports from there.
 
-`masked` is the same removal as masks (DESIGN §6): the group's channels are zeroed at the output of every
+`masked` is the same removal as masks: the group's channels are zeroed at the output of every
 conv and BN that loses them, so a masked forward equals the pruned model's forward (tests check it).
 `counts` counts MACs (FLOPs / 2 of convs and linears, `torch.utils.flop_counter`) and params on a model as it
 is: the pruned model's numbers are counted on the pruned model, never computed from the plan.
