@@ -164,7 +164,7 @@ def seed_loop(s: Setup) -> Timing:
     t = Timing("a: seed loop")
     for conv in s.layers:  # per point: reload, rank, zero, evaluate everything
         ks = s.ks[conv.name]
-        accuracies = reference_loop(lambda: _fresh_model(s), conv, "output", ks, lambda m: _rank_one(s, m, conv),
+        accuracies = reference_loop(lambda: _fresh_model(s), conv, "output", ks, lambda m, c=conv: _rank_one(s, m, c),
                                     lambda m: _full_eval(s, m))
         t.accuracies.update({(conv.name, k): a for k, a in zip(ks, accuracies)})
     return t

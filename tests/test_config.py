@@ -256,7 +256,8 @@ def test_ints_are_accepted_where_floats_are_required():
 def test_suggested_set_key_is_usable():
     message = grid_error({"sweep": {"k": [1, 2.5]}})
     key = re.search(r"--set ([^=]+)=", message).group(1)
-    apply_override({}, f"{key}=[1, 2]")
+    assert key == "sweep.k"
+    assert parse_grid(apply_override({}, f"{key}=[1, 2]"), "grid.yaml").sweep.k.values == [1, 2]
 
 
 # --- defaults, the example grid, resolution --------------------------------------------------------------------

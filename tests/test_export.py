@@ -200,7 +200,7 @@ def test_measured_curves_become_plans_csv(sweep_checkpoint, tmp_path) -> None:
         planner = Planner(curves, budget.kind, budget.keep, base_counts.macs, method, round_to=2, min_keep=0.1)
         plan = planner.fit(kept)
         assert plan.counted_kept <= 0.75 * base_counts.macs
-        fixed = None if method == "uniform" else correct(plan, lambda caps: planner.fit(kept, caps), measure)
+        fixed = None if method == "uniform" else correct(plan, lambda caps, p=planner: p.fit(kept, caps), measure)
         plan = fixed.plan if fixed else plan
         removal = removal_from(plan.ks, orders)
         with masked(model, removal, 32):

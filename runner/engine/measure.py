@@ -168,7 +168,7 @@ def sweep_layer(model: torch.nn.Module, conv: ConvSite | Group, target: str, ran
         for key in [BASELINE, *todo]:
             started = time.perf_counter()
             with fast_math(device):
-                tallies[key] = evaluate(lambda c: forward(c, key), cache, labels, evalset.num_classes,
+                tallies[key] = evaluate(lambda c, key=key: forward(c, key), cache, labels, evalset.num_classes,
                                         tallies.get(key))
             if key == BASELINE:
                 if len(chunks) == 1:

@@ -436,7 +436,7 @@ def verify(s: Setting, name: str, row: dict[str, Any]) -> list[str]:
 def _versus_uniform(rows: dict[str, dict[str, Any]], final: str) -> None:
     """Each plan against the uniform plan of its budget, image by image on the scored images (paired 95%
     interval): the columns vs_uniform, vs_uniform_low, vs_uniform_high."""
-    for name, row in rows.items():
+    for row in rows.values():
         uniform = rows.get(f"{row['budget']}-uniform")
         if uniform is None or row["method"] == "uniform":
             continue

@@ -142,7 +142,7 @@ def _blamed(opts: Options) -> Iterator[None]:
             key = item.partition("=")[0]
             if e.field == key or e.field.startswith(key + "."):
                 e.source = f"--set {item}"
-        raise e.at(str(opts.grid) if not isinstance(opts.grid, Grid) else "sweep(grid)")
+        raise e.at(str(opts.grid) if not isinstance(opts.grid, Grid) else "sweep(grid)") from None
 
 
 def _tracking(grid: Grid, sweep: str) -> Tracking:
@@ -160,7 +160,7 @@ def prepare(opts: Options) -> tuple[Grid, TrialPlan]:
     try:
         return grid, plan_trials(grid)
     except InputError as e:
-        raise e.at(opts.grid if isinstance(opts.grid, str) else "sweep(grid)")
+        raise e.at(opts.grid if isinstance(opts.grid, str) else "sweep(grid)") from None
 
 
 def dry_run(opts: Options) -> list[str]:

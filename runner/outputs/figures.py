@@ -15,11 +15,11 @@ from typing import TYPE_CHECKING, Any, Callable, Sequence
 import matplotlib
 
 matplotlib.use("Agg")  # files only; never a window
-import numpy as np  # noqa: E402
-from matplotlib import colormaps  # noqa: E402
+import numpy as np
+from matplotlib import colormaps
 
-from runner.outputs.results import TrialId, by_trial  # noqa: E402
-from runner.storage import atomic_path  # noqa: E402
+from runner.outputs.results import TrialId, by_trial
+from runner.storage import atomic_path
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure

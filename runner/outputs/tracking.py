@@ -189,10 +189,10 @@ def preload(mode: str) -> None:
     That package's path is W&B's own: if a release moves it, its import is just not done ahead."""
     if resolve_mode(mode) == "disabled":
         return
-    import wandb  # noqa: F401
+    import wandb
 
     try:
-        import wandb.sdk.launch.inputs.internal  # noqa: F401
+        import wandb.sdk.launch.inputs.internal  # noqa: F401  loaded ahead: see the docstring
     except ImportError:
         log.debug("W&B: no wandb.sdk.launch.inputs.internal to import ahead")
 
