@@ -12,7 +12,7 @@ import pytest
 from conftest import ROOT
 
 PACKAGES = ("model", "runner")
-BASICS = {"runner.errors", "runner.storage", "runner.provenance", "runner.config"}
+BASICS = {"runner.basics", "runner.errors", "runner.storage", "runner.provenance", "runner.config"}
 # layer -> the prefixes of the project's modules it may import (besides itself)
 ALLOWED = {
     "model": ("model",),
@@ -22,9 +22,9 @@ ALLOWED = {
     "runner.provenance": (),
     "runner.config": ("runner.errors",),
     "runner.engine": ("model", "runner.engine", "runner.errors"),
-    "runner.outputs": ("runner.outputs", "runner.errors", "runner.storage", "runner.provenance"),
-    "runner.inputs": ("model", "runner.engine", "runner.inputs", "runner.outputs.results",
-                      "runner.outputs.tracking", *BASICS),  # tracking: the TrainLog that training reports to
+    "runner.basics": (),
+    "runner.outputs": ("runner.outputs", "runner.basics", "runner.errors", "runner.storage", "runner.provenance"),
+    "runner.inputs": ("model", "runner.engine", "runner.inputs", *BASICS),
     "runner.job": ("model", "runner.engine", "runner.inputs", "runner.outputs", "runner.planning", "runner.job",
                    *BASICS),
     "runner.planning": ("model", "runner.engine", "runner.inputs", "runner.outputs", "runner.planning", *BASICS),

@@ -1,8 +1,8 @@
 """Training the shared checkpoint that a grid file names (`scripts/train.py`).
 
 Training reports to a TrainLog that the caller passes in (the job layer's W&B train run, which logs the curves
-and the checkpoint as a `model` artifact; the protocol and its do-nothing form live in
-runner.outputs.tracking); this layer never imports W&B.
+and the checkpoint as a `model` artifact; the protocol and its do-nothing form live in runner.basics); this
+layer never imports W&B.
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from model.checkpoint import Checkpoint
+from runner.basics import NullTrainLog, TrainLog
 from runner.config import Grid, TrainConfig
 from runner.engine.device import fast_math, pick_device, place, uses_channels_last
 from runner.engine.evaluate import evaluate
@@ -27,7 +28,6 @@ from runner.errors import InputError
 from runner.inputs import checkpoints
 from runner.inputs.data import Dataset, load_data
 from runner.inputs.models import build_for
-from runner.outputs.tracking import NullTrainLog, TrainLog
 from runner.provenance import versions
 
 log = logging.getLogger(__name__)

@@ -9,12 +9,12 @@ from dataclasses import dataclass
 
 from model.graph import ConvSite, list_convs
 from model.groups import Group, list_groups
+from runner.basics import TrialId
 from runner.config import MAX_POINTS, Grid, KSpec
 from runner.engine.criteria import CRITERIA
 from runner.engine.prune import channels_of
 from runner.errors import InputError
 from runner.inputs.models import build_for
-from runner.outputs.results import TrialId
 
 IMAGE_SIZE = 32  # the datasets' images (synthetic, cifar10, npz)
 

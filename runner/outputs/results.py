@@ -12,6 +12,8 @@ import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterable, NamedTuple
 
+from runner.basics import TrialId
+
 if TYPE_CHECKING:
     import pandas
 
@@ -26,18 +28,6 @@ FLOATS = {"fraction", "accuracy", "loss", "baseline_accuracy", "accuracy_drop", 
 TEXTS = {"unit", "layer", "criterion", "target", "checkpoint_sha256", "node", "device", "dtype"}
 
 Key = tuple[str, str, int, int]  # layer, criterion, k, repeat
-
-
-class TrialId(NamedTuple):
-    """One trial: a (layer, criterion)."""
-
-    layer: str
-    criterion: str
-
-    @property
-    def key(self) -> str:
-        """Its name: the W&B run name and the rankings.json key."""
-        return f"{self.layer}/{self.criterion}"
 
 
 class FeatureMaps(NamedTuple):

@@ -30,6 +30,7 @@ from typing import Any, Callable, Protocol, Sequence
 
 import numpy as np
 
+from runner.basics import NullTrainLog, TrainLog
 from runner.outputs.figures import png
 from runner.outputs.report import trial_summary
 from runner.outputs.results import by_trial
@@ -72,14 +73,6 @@ class RunSpec:
     uses: str | None = None  # "name:alias" of the model artifact it reads (recorded online only)
 
 
-class TrainLog(Protocol):
-    def start(self, config: dict[str, Any]) -> None: ...
-
-    def epoch(self, values: dict[str, float]) -> None: ...
-
-    def trained(self, path: str, sha256: str, meta: dict[str, Any]) -> None: ...
-
-
 class Tracker(Protocol):
     mode: str
 
@@ -93,17 +86,6 @@ class Tracker(Protocol):
                 failed: Sequence[str], files: Sequence[Path]) -> None: ...
 
     def close(self) -> None: ...
-
-
-class NullTrainLog:
-    def start(self, config: dict[str, Any]) -> None:
-        pass
-
-    def epoch(self, values: dict[str, float]) -> None:
-        pass
-
-    def trained(self, path: str, sha256: str, meta: dict[str, Any]) -> None:
-        pass
 
 
 class NullTracker:
