@@ -35,7 +35,8 @@ def sweep(grid: "str | Path | Mapping[str, Any] | Grid", *, output: str | None =
     runner.errors.InputError with the command's one-line message; trials that failed after their retries are
     listed in the frame's `attrs["failed"]` (and logged), and their points are missing."""
     from runner.config import apply_override, parse_grid
-    from runner.job.sweep import Options, run_sweep
+    from runner.job.options import Options
+    from runner.job.sweep import run_sweep
 
     if isinstance(grid, (str, Path)):
         source: Any = str(grid)
@@ -92,7 +93,7 @@ def prune(grid: "str | Path", *, output: str | None = None, wandb_mode: str | No
     import pandas as pd
 
     from runner.job.prune import run_prune
-    from runner.job.sweep import Options
+    from runner.job.options import Options
     from runner.outputs.plans import CSV
 
     outcome = run_prune(Options(str(grid), output, False, wandb_mode, address, False, tuple(overrides)))

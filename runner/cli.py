@@ -140,7 +140,8 @@ def parser() -> Parser:
 
 
 def _sweep(args: argparse.Namespace) -> int:
-    from runner.job.sweep import Options, dry_run, run_sweep
+    from runner.job.options import Options
+    from runner.job.sweep import dry_run, run_sweep
 
     opts = Options(args.grid, args.output, args.resume, args.wandb_mode, args.address, args.dry_run, tuple(args.set))
     if args.dry_run:
@@ -159,8 +160,8 @@ def _sweep(args: argparse.Namespace) -> int:
 
 
 def _prune(args: argparse.Namespace) -> int:
+    from runner.job.options import Options
     from runner.job.prune import dry_run, run_prune
-    from runner.job.sweep import Options
 
     opts = Options(args.grid, args.output, False, args.wandb_mode, args.address, args.dry_run, tuple(args.set))
     if args.dry_run:
@@ -176,8 +177,8 @@ def _prune(args: argparse.Namespace) -> int:
 
 
 def _score(args: argparse.Namespace) -> int:
+    from runner.job.options import Options
     from runner.job.prune import score_file
-    from runner.job.sweep import Options
 
     print(score_file(Options(args.grid, overrides=tuple(args.set)), args.model))
     return EXIT_OK

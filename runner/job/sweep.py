@@ -27,6 +27,7 @@ from runner.inputs.train import ensure_checkpoint
 from runner.inputs.trials import TrialPlan, plan_trials
 from runner.job.calibration import Calibrated, calibrate
 from runner.job.folder import check_folder, folder_lock, next_experiment, resume_check, sweep_id, write_config
+from runner.job.options import Options
 from runner.job.ray_env import check_reachable, cluster_address, set_ray_env
 from runner.job.timeline import Timeline
 from runner.outputs import figures, report
@@ -38,17 +39,6 @@ from runner.provenance import versions
 log = logging.getLogger(__name__)
 
 RESULT_FILES = ("results.csv", "rankings.json", "report.md", "config.yaml")  # + plots: the sweep-results artifact
-
-
-@dataclass(frozen=True)
-class Options:
-    grid: str | Grid  # a grid file, or a Grid already loaded (the Python API)
-    output: str | None = None
-    resume: bool = False
-    wandb_mode: str | None = None
-    address: str | None = None
-    dry_run: bool = False
-    overrides: tuple[str, ...] = ()
 
 
 @dataclass
