@@ -185,19 +185,10 @@ def _score(args: argparse.Namespace) -> int:
 
 
 def _train(args: argparse.Namespace) -> int:
-    """Train the grid's checkpoint; with W&B on, as a `train` run that logs the checkpoint as a `model` artifact
-    (its offline runs go to the sweep's folder, <output>/<name>/wandb)."""
-    from contextlib import closing
+    from runner.job.options import Options
+    from runner.job.train import run_train
 
-    from runner.config import load_grid
-    from runner.inputs.train import train_checkpoint
-    from runner.outputs.tracking import TRAIN_RUN, RunSpec, Tracking, make_tracker
-
-    grid = load_grid(args.grid, args.set)
-    tracking = Tracking(grid.wandb.mode, grid.wandb.project, grid.wandb.entity, grid.name, grid.folder,
-                        grid.as_dict(), grid.wandb.feature_maps)
-    with closing(make_tracker(tracking)) as tracker:
-        print(train_checkpoint(grid, log_to=tracker.train_log(RunSpec(TRAIN_RUN, "train"))))
+    print(run_train(Options(args.grid, overrides=tuple(args.set))))
     return EXIT_OK
 
 
