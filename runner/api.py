@@ -10,6 +10,8 @@
 
 Importing this module is cheap: the job (torch, Ray) is imported when `sweep` is called, pandas when a table is
 made.
+
+May import: `runner.job`, `runner.outputs`, `runner.config`, `runner.errors`.
 """
 
 from __future__ import annotations

@@ -4,6 +4,8 @@
     prune-sweep train --grid FILE [--set K=V]
     prune-sweep prune --grid FILE [--output DIR] [--wandb-mode M] [--address A] [--dry-run] [--set K=V]
     prune-sweep score --grid FILE --model plans/<budget>-<method>/pruned.pt|pruned.onnx [--set K=V]
+
+May import: `runner.job` (the jobs), `runner.engine.device` (the allocator, set first), `runner.errors`.
 """
 
 from __future__ import annotations

@@ -8,6 +8,8 @@ pydantic finds every problem and records where it is (its error `loc`); `_one_li
 our one line. Bounds and lengths are pydantic constraints (`Field`), with `Allowed` saying in words what the
 field takes; what pydantic cannot express (duplicates, one form of K, a sane range) is a validator that
 raises `_invalid(problem, allowed, fix)`.
+
+May import: `runner.errors`.
 """
 
 from __future__ import annotations

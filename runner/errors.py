@@ -1,4 +1,7 @@
-"""Bad input: one line that names the field, the value seen, what is allowed and the fix (exit code 2)."""
+"""Bad input: one line that names the field, the value seen, what is allowed and the fix (exit code 2).
+
+May import: nothing of the project.
+"""
 
 from __future__ import annotations
 
