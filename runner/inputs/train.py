@@ -11,6 +11,7 @@ import logging
 import math
 import sys
 import time
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -26,7 +27,7 @@ from runner.engine.evaluate import evaluate
 from runner.engine.images import Images, augment, to_device
 from runner.errors import InputError
 from runner.inputs import checkpoints
-from runner.inputs.data import Dataset, load_data
+from runner.inputs.data import Dataset, Holdout, load_data
 from runner.inputs.models import build_for
 from runner.provenance import versions
 
@@ -196,3 +197,35 @@ def ensure_checkpoint(grid: Grid, data: Dataset, loaded: Checkpoint | None = Non
                          f"{', '.join(trained_on[1][:3])}..., but the grid evaluates {data.name}",
                          "a checkpoint trained on the grid's dataset", "point checkpoint.path at one, or retrain")
     return loaded
+
+
+@dataclass
+class SweepCheckpoint:
+    """The sweep's checkpoint, owned in one place: opened once (its hold-out checked before anything starts),
+    trained when missing, and checked once against the data it is evaluated on."""
+
+    grid: Grid
+    loaded: Checkpoint | None  # None until trained
+    holdout: str = "unknown"  # the hold-out verdict (checkpoints.check_holdout)
+    checked: bool = False  # against the data's classes
+
+    @classmethod
+    def open(cls, grid: Grid) -> "SweepCheckpoint":
+        """The checkpoint on disk, if any (None: to be trained)."""
+        return cls(grid, checkpoints.existing(grid))
+
+    def check_holdout(self, holdout: Holdout | None) -> None:
+        """An existing checkpoint's calibration hold-out against the sweep's, before anything starts."""
+        if self.loaded is not None:
+            self.holdout = checkpoints.check_holdout(self.grid, self.loaded, holdout)
+
+    def ready(self, data: Dataset, log_to: TrainLog | None = None) -> Checkpoint:
+        """The checkpoint, trained first when missing (its hold-out then checked against `data`'s), checked
+        against `data`'s classes once."""
+        if self.loaded is None:
+            self.loaded = ensure_checkpoint(self.grid, data, None, log_to)
+            self.holdout = checkpoints.check_holdout(self.grid, self.loaded, data.holdout)
+        elif not self.checked:
+            ensure_checkpoint(self.grid, data, self.loaded)
+        self.checked = True
+        return self.loaded

@@ -23,7 +23,7 @@ from runner.config import Grid, load_grid
 from runner.errors import InputError
 from runner.inputs import checkpoints
 from runner.inputs.data import Dataset, Holdout, check_labels, load_data, planned_holdout, read_npz
-from runner.inputs.train import ensure_checkpoint
+from runner.inputs.train import SweepCheckpoint
 from runner.inputs.trials import TrialPlan, plan_trials
 from runner.job.calibration import Calibrated, calibrate
 from runner.job.folder import check_folder, folder_lock, next_experiment, resume_check, sweep_id, write_config
@@ -63,22 +63,21 @@ def run_sweep(opts: Options) -> Outcome:
     grid, plan = prepare(opts)
     # every input checked before anything is created or started: folder, checkpoint, the user's data files
     check_folder(grid, opts.resume)
-    existing = checkpoints.existing(grid)
-    if opts.resume and existing is not None:
-        resume_check(grid, plan, existing.sha256)
+    checkpoint = SweepCheckpoint.open(grid)
+    if opts.resume and checkpoint.loaded is not None:
+        resume_check(grid, plan, checkpoint.loaded.sha256)
     address = cluster_address(opts.address)
     if address:
         check_reachable(address)
     # the training images are kept only when the checkpoint is to be trained first
     given = None if grid.data.dataset == "synthetic" else load_data(grid.data, grid.model.num_classes, grid.seed,
-                                                                     training=existing is None)
-    if existing is not None:
-        checkpoints.check_holdout(grid, existing, given.holdout if given else planned_holdout(grid.data, grid.seed))
+                                                                     training=checkpoint.loaded is None)
+    checkpoint.check_holdout(given.holdout if given else planned_holdout(grid.data, grid.seed))
     timeline.mark("input checks")
     with ThreadPoolExecutor(1) as pool, ExitStack() as held:
         # the driver's own work (data, rankings) runs while Ray starts
-        ready = pool.submit(_calibrated, grid, plan, given, existing, opts.resume, timeline) \
-            if existing is not None else None
+        ready = pool.submit(_calibrated, grid, plan, given, checkpoint, opts.resume, timeline) \
+            if checkpoint.loaded is not None else None
         set_ray_env(address)
         from runner.job import cluster, tuner  # import Ray: only once the grid is known to be good
 
@@ -94,9 +93,10 @@ def run_sweep(opts: Options) -> Outcome:
             tracker = held.enter_context(closing(make_tracker(tracking)))
             if ready is None:  # training is long: in this thread, so that Ctrl-C stops it at once
                 given = given or load_data(grid.data, grid.model.num_classes, grid.seed)
-                existing = ensure_checkpoint(grid, given, None, tracker.train_log(RunSpec(TRAIN_RUN, "train")))
-                ready = pool.submit(_calibrated, grid, plan, given, existing, opts.resume, timeline)
-            data, calibrated, holdout = ready.result()
+                checkpoint.ready(given, tracker.train_log(RunSpec(TRAIN_RUN, "train")))
+                ready = pool.submit(_calibrated, grid, plan, given, checkpoint, opts.resume, timeline)
+            data, calibrated = ready.result()
+            existing, holdout = checkpoint.loaded, checkpoint.holdout
             log.info("%s", calibrated.said)
             calibrated.save(grid.folder)
             if holdout == "unknown":
@@ -180,22 +180,21 @@ def dry_run(opts: Options) -> list[str]:
     return head + plan.describe()
 
 
-def _calibrated(grid: Grid, plan: TrialPlan, given: Dataset | None, loaded: Checkpoint, resume: bool,
-                timeline: Timeline) -> tuple[Dataset, Calibrated, str]:
+def _calibrated(grid: Grid, plan: TrialPlan, given: Dataset | None, checkpoint: SweepCheckpoint, resume: bool,
+                timeline: Timeline) -> tuple[Dataset, Calibrated]:
     """The data (unless already loaded: synthetic data is a pure function of the grid, nothing to validate
-    first), checked against the checkpoint (its classes and its calibration hold-out), then every ranking
+    first), checked against the checkpoint's classes, then every ranking
     (read back from rankings.json on --resume), then the slow imports of later steps: W&B's (the main thread
     makes its tracker once Ray is up) and pyplot's (the plots at the end, after the last point). They come
-    last: Ray starts in about the time the data and the rankings take, so they delay no point. Returns the hold-out check's verdict."""
+    last: Ray starts in about the time the data and the rankings take, so they delay no point."""
     data = given or load_data(grid.data, grid.model.num_classes, grid.seed, training=False)
-    ensure_checkpoint(grid, data, loaded)
-    holdout = checkpoints.check_holdout(grid, loaded, data.holdout)
+    loaded = checkpoint.ready(data)
     timeline.mark("data")
     calibrated = calibrate(grid, plan, data, loaded, resume)
     timeline.mark("calibration")
     preload(grid.wandb.mode)
     figures.pyplot()
-    return data, calibrated, holdout
+    return data, calibrated
 
 
 def _experiment(grid: Grid, plan: TrialPlan, loaded: Checkpoint, resume: bool, sweep: str) -> tuple[str, bool]:
