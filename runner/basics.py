@@ -42,3 +42,11 @@ class NullTrainLog:
 
     def trained(self, path: str, sha256: str, meta: dict[str, Any]) -> None:
         pass
+
+
+SHORT_ID = 12  # characters of a hex digest or a Ray node id shown or used as a short name
+
+
+def short(hexdigest: str) -> str:
+    """The first SHORT_ID characters: how a sha256, a run-id hash or a node id is named in logs and tables."""
+    return hexdigest[:SHORT_ID]

@@ -18,6 +18,7 @@ from typing import Callable
 import numpy as np
 from tqdm import tqdm
 
+from runner.basics import short
 from runner.config import DataConfig
 from runner.engine.images import Images
 from runner.errors import InputError
@@ -50,7 +51,7 @@ class Holdout:
         return {"seed": self.seed, "size": self.size, "total": self.total, "sha256": self.sha256}
 
     def describe(self) -> str:
-        return f"seed {self.seed}, {self.size:,} of {self.total:,} train images (indices sha256 {self.sha256[:12]})"
+        return f"seed {self.seed}, {self.size:,} of {self.total:,} train images (indices sha256 {short(self.sha256)})"
 
 
 def holdout_index(total: int, size: int, seed: int) -> np.ndarray:

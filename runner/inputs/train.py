@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from model.checkpoint import Checkpoint
-from runner.basics import NullTrainLog, TrainLog
+from runner.basics import NullTrainLog, TrainLog, short
 from runner.config import Grid, TrainConfig
 from runner.engine.device import fast_math, pick_device, place, uses_channels_last
 from runner.engine.evaluate import evaluate
@@ -177,7 +177,7 @@ def train_checkpoint(grid: Grid, data: Dataset | None = None, device: torch.devi
     }
     digest = checkpoints.save(grid.checkpoint.path, model.cpu(), meta)
     log.info("test accuracy %.2f%% after %.0f s; wrote %s (sha256 %s)", accuracy, seconds,
-             grid.checkpoint.path, digest[:12])
+             grid.checkpoint.path, short(digest))
     log_to.trained(str(grid.checkpoint.path), digest, meta)
     return str(Path(grid.checkpoint.path))
 

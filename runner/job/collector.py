@@ -47,12 +47,12 @@ def point_title(row: dict[str, Any]) -> str:
             f"accuracy {row['accuracy']:.2f}%")
 
 
-FINAL_CAPTION = "final stage output: the 64 channels with the highest mean"
+FINAL_CAPTION = f"final stage output: the {figures.FINAL_TILES} channels with the highest mean"
 
 
 def feature_map_images(row: dict[str, Any], maps: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     """The two images of a point, each with its caption and colour scale: the pruned layer's output channels,
-    and the final stage (top 64). The same pictures go to W&B and, for a few K, to disk."""
+    and the final stage (its strongest channels). The same pictures go to W&B and, for a few K, to disk."""
     out = {}
     if "layer" in maps:
         out["pruned_layer"] = figures.grid_image(maps["layer"], title=f"{point_title(row)}\n{figures.layer_caption(row['target'])}")

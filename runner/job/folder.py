@@ -17,6 +17,7 @@ import yaml
 
 from model.checkpoint import Checkpoint
 from runner import storage
+from runner.basics import short
 from runner.config import Grid, parse_grid
 from runner.errors import InputError
 from runner.inputs.trials import TrialPlan, plan_trials
@@ -114,7 +115,7 @@ def resume_check(grid: Grid, plan: TrialPlan, sha: str) -> tuple[dict[str, Any],
     refuse = "restore them, or start a new sweep under another name or --output"
     if before.get("checkpoint_sha256") != sha:
         raise InputError("--resume", str(grid.folder), "the checkpoint changed since this sweep started (sha256 "
-                         f"{str(before.get('checkpoint_sha256', '?'))[:12]} then, {sha[:12]} now)",
+                         f"{short(str(before.get('checkpoint_sha256', '?')))} then, {short(sha)} now)",
                          "the checkpoint the sweep started with", refuse)
     changes = changed_keys(before, now)
     fixed = [c for c in changes if not (c[0].startswith("sweep.") and c[0].split(".")[1] in ADDABLE)]

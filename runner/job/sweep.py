@@ -19,6 +19,7 @@ from typing import Any, Iterator
 
 from model.checkpoint import Checkpoint
 from model.graph import ConvSite
+from runner.basics import short
 from runner.config import Grid, load_grid
 from runner.errors import InputError
 from runner.inputs import checkpoints
@@ -170,7 +171,7 @@ def dry_run(opts: Options) -> list[str]:
         data = grid.data.dataset
     if loaded is not None:
         checkpoints.check_holdout(grid, loaded, holdout)
-        state = f"sha256 {loaded.sha256[:12]}, trained on {loaded.meta.get('dataset')} to " \
+        state = f"sha256 {short(loaded.sha256)}, trained on {loaded.meta.get('dataset')} to " \
                 f"{loaded.meta.get('test_accuracy', float('nan')):.2f}%"
     else:
         state = "missing: it will be trained first"

@@ -21,6 +21,7 @@ import torch
 
 from model.graph import ConvSite
 from model.zoo import Spec, build
+from runner.basics import short
 from runner.engine.criteria import Ranking
 from runner.engine.device import compute_dtype, place, tune_allocator
 from runner.engine.images import Images
@@ -120,7 +121,7 @@ def run_trial(config: dict[str, Any], shared: Shared) -> None:
     if all((k, r) in done_before for k in ks for r in range(ranking.repeats)):
         return
     model, evalset = _network_and_data(shared, device)
-    where = {"node": ray.get_runtime_context().get_node_id()[:12], "device": str(device),
+    where = {"node": short(ray.get_runtime_context().get_node_id()), "device": str(device),
              "dtype": str(compute_dtype(device)).removeprefix("torch.")}
     points = sweep_layer(model, shared.units[layer], config["target"], ranking, ks, evalset, shared.convs,
                          shared.cache_bytes, shared.feature_maps, done=done_before)

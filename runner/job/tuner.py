@@ -17,6 +17,7 @@ from ray.tune.progress_reporter import TrialProgressCallback
 from ray.tune.schedulers import FIFOScheduler
 
 from model.checkpoint import Checkpoint
+from runner.basics import short
 from runner.config import Grid
 from runner.inputs.data import Dataset
 from runner.inputs.models import spec_of
@@ -41,7 +42,7 @@ def trial_name(trial: Any) -> str:
 
 
 def board_name(grid: Grid) -> str:
-    return "prune-sweep-progress-" + hashlib.sha1(str(grid.folder).encode()).hexdigest()[:12]
+    return "prune-sweep-progress-" + short(hashlib.sha1(str(grid.folder).encode()).hexdigest())
 
 
 def _shared(grid: Grid, plan: TrialPlan, data: Dataset, loaded: Checkpoint, rankings: dict) -> Shared:

@@ -36,9 +36,10 @@ MIN_TILE = 32  # pixels: every feature-map tile is upscaled (nearest) to at leas
 CAPTION_WIDTH = 480  # pixels: the narrowest captioned image (its text wraps to this)
 FONT_SIZE = 13  # pixels
 CMAP_WORDS = {"RdBu_r": ("blue", "red"), "viridis": ("purple", "yellow")}  # colours at the low and high ends
+FINAL_TILES = 64  # the final stage's channels pictured: the strongest by mean, as the seed's figure
 
 
-def top_channels(maps: np.ndarray, count: int = 64) -> np.ndarray:
+def top_channels(maps: np.ndarray, count: int = FINAL_TILES) -> np.ndarray:
     """Indices of the `count` channels with the highest mean, highest first (the seed's figure)."""
     means = maps.reshape(len(maps), -1).mean(1)
     return np.argsort(-means, kind="stable")[:count]
@@ -76,7 +77,7 @@ def _limits(maps: np.ndarray, symmetric: bool) -> tuple[float, float]:
 
 def _style(maps: np.ndarray, final: bool) -> tuple[np.ndarray, str, tuple[float, float]]:
     """What to draw and how: the pruned layer with a diverging scale centred on zero (a pruned channel is a
-    flat white tile); the final stage as the seed drew it, its 64 highest-mean channels on one scale."""
+    flat white tile); the final stage as the seed drew it, its FINAL_TILES highest-mean channels on one scale."""
     if final:
         maps = maps[top_channels(maps)]
         return maps, "viridis", _limits(maps, False)

@@ -346,7 +346,7 @@ def write_report(rows: Sequence[dict[str, Any]], meta: ReportMeta, failed: Seque
               "over its draws, around their mean).", "",
               "![sensitivity](plots/sensitivity.png)", "",
               f"Feature maps for a few K per layer are in [feature_maps/](feature_maps/) (pruned layer's BN output: "
-              f"{maps}; final stage: top 64 channels by mean).", "",
+              f"{maps}; final stage: top {figures.FINAL_TILES} channels by mean).", "",
               "## Provenance", "",
               f"- checkpoint: `{meta.checkpoint}` (sha256 `{meta.checkpoint_sha256}`)",
               f"- checkpoint test accuracy when trained: {meta.trained_accuracy}",

@@ -30,7 +30,7 @@ from typing import Any, Callable, Protocol, Sequence
 
 import numpy as np
 
-from runner.basics import NullTrainLog, TrainLog
+from runner.basics import NullTrainLog, TrainLog, short
 from runner.outputs.figures import png
 from runner.outputs.report import trial_summary
 from runner.outputs.results import by_trial
@@ -155,13 +155,13 @@ def run_id(sweep_id: str | None, name: str) -> str | None:
     if sweep_id is None:
         return None
     return f"{sweep_id}-{name}" if name in (SUMMARY_RUN, TRAIN_RUN) else \
-        f"{sweep_id}-{hashlib.sha1(name.encode()).hexdigest()[:12]}"
+        f"{sweep_id}-{short(hashlib.sha1(name.encode()).hexdigest())}"
 
 
 def model_artifact(checkpoint: str | Path, sha256: str) -> str:
     """The checkpoint's `model` artifact, as name:alias ("checkpoint-demo:sha256-0123456789ab")."""
     stem = re.sub(r"[^A-Za-z0-9._-]", "-", Path(checkpoint).stem)
-    return f"checkpoint-{stem}:sha256-{sha256[:12]}"
+    return f"checkpoint-{stem}:sha256-{short(sha256)}"
 
 
 def preload(mode: str) -> None:
