@@ -22,6 +22,7 @@ import torch_pruning as tp
 from torch import Tensor, nn
 
 from model.graph import ConvSite, MaskPoint, eval_mode, list_convs, masked_points, trace
+from model.savings import Savings, conv_macs
 
 log = logging.getLogger(__name__)
 
@@ -189,9 +190,9 @@ def count(model: nn.Module, image_size: int) -> tuple[int, int]:
     return counter.get_total_flops() // 2, sum(p.numel() for p in model.parameters())
 
 
-def savings(model: nn.Module, group: Group, idxs: Sequence[int], sites: Sequence[ConvSite]) -> tuple[int, int]:
-    """(MACs per image, parameters) that removing the group's channels `idxs` saves, from the members' shapes
-    (no removal done): every member loses its slices; a depthwise conv loses whole filters."""
+def savings(model: nn.Module, group: Group, idxs: Sequence[int], sites: Sequence[ConvSite]) -> Savings:
+    """What removing the group's channels `idxs` saves, from the members' shapes (no removal done): every
+    member loses its slices; a depthwise conv loses whole filters."""
     removed = {(m.name, m.dim): len(m.local(idxs)) for m in group.members}
     hw = {s.name: s.out_hw for s in sites}
     macs = params = 0
@@ -199,10 +200,9 @@ def savings(model: nn.Module, group: Group, idxs: Sequence[int], sites: Sequence
         module = model.get_submodule(name)
         k_out, k_in = removed.get((name, "out"), 0), removed.get((name, "in"), 0)
         before, after = _size(module, 0, 0), _size(module, k_out, k_in)
-        spatial = hw[name][0] * hw[name][1] if isinstance(module, nn.Conv2d) else 1
-        macs += (before[0] - after[0]) * spatial
+        macs += conv_macs(before[0] - after[0], hw[name]) if isinstance(module, nn.Conv2d) else before[0] - after[0]
         params += before[1] - after[1]
-    return macs, params
+    return Savings(params, macs)
 
 
 def _size(module: nn.Module, k_out: int, k_in: int) -> tuple[int, int]:

@@ -12,6 +12,7 @@ from test_graph import build
 
 from model.graph import Cut, list_convs, trace
 from model.groups import count, dependency_graph, list_groups, masked_group, remove_group, savings, tp_group
+from model.savings import Savings
 
 IMAGE = 32
 X = torch.randn(8, 3, IMAGE, IMAGE, generator=torch.Generator().manual_seed(2))
@@ -115,7 +116,7 @@ def test_masked_group_equals_removed_channels_and_counts(name: str, group_name: 
         assert torch.equal(masked.argmax(1), removed.argmax(1)), (group_name, k)
         torch.testing.assert_close(removed, masked, atol=1e-5, rtol=1e-4)
         macs, params = count(smaller, IMAGE)
-        assert savings(model, group, pruned, sites) == (base[0] - macs, base[1] - params), (group_name, k)
+        assert savings(model, group, pruned, sites) == Savings(base[1] - params, base[0] - macs), (group_name, k)
         assert params < base[1] and macs < base[0]
         assert smaller.get_submodule(group_name).out_channels == group.channels - k
 

@@ -33,7 +33,7 @@ from runner.engine.device import compute_dtype, fast_math, free_memory_bytes, us
 from runner.engine.evaluate import Evaluation, Tally, evaluate
 from runner.engine.images import Images, to_device
 from runner.engine.paired import drop_interval
-from runner.engine.prune import Savings, channels_of, keep_mask, savings as consumer_savings
+from runner.engine.prune import channels_of, keep_mask, savings as consumer_savings
 
 log = logging.getLogger(__name__)
 
@@ -193,8 +193,7 @@ def _point(model: torch.nn.Module, conv: ConvSite | Group, target: str, ranking:
     pruned = ranking.orders[repeat][:k]
     layers = _traced(model)[1]
     if isinstance(conv, Group):
-        macs, params = group_savings(model, conv, pruned, list(convs.values()))
-        saved = Savings(params, macs)
+        saved = group_savings(model, conv, pruned, list(convs.values()))
     elif layers is not None:  # the project's ResNet-18: everything the pruned channels leave dead
         saved = dead_savings(list(layers.values()), layers[conv.name], target, pruned, len(result.per_class))
     else:

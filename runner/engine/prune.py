@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import copy
 from contextlib import contextmanager
-from dataclasses import dataclass
 from typing import Iterator, Sequence
 
 import torch
@@ -19,6 +18,7 @@ from torch import Tensor, nn
 
 from model.graph import ConvSite
 from model.groups import Group
+from model.savings import Savings, conv_macs
 
 
 def channels_of(conv: ConvSite | Group, target: str) -> int:
@@ -77,27 +77,20 @@ def surgery(model: nn.Module, conv: ConvSite, target: str, pruned: Sequence[int]
     return edited
 
 
-@dataclass(frozen=True)
-class Savings:
-    params: int
-    macs: int  # multiply-accumulates per image
-
-
 def savings(conv: ConvSite, target: str, k: int, convs: dict[str, ConvSite]) -> Savings:
     """What physically removing k channels would save: in L, and for output pruning, the matching input slice
     of the conv that alone reads L's output (`ConvSite.consumer`: a block's first conv -> its second). BN's
     gamma and beta count as parameters; grouped convs count their per-group weights."""
     kk = conv.kernel_size[0] * conv.kernel_size[1]
-    h, w = conv.out_hw
     if target == "input":  # a weight slice of every output channel's group (depthwise: one filter each)
         per = conv.out_channels // conv.groups
-        return Savings(params=k * per * kk, macs=k * per * kk * h * w)
+        return Savings(params=k * per * kk, macs=conv_macs(k * per * kk, conv.out_hw))
     fan_in = conv.in_channels // conv.groups
     params = k * fan_in * kk + (2 * k if conv.bn else 0)
-    macs = k * fan_in * kk * h * w
+    macs = conv_macs(k * fan_in * kk, conv.out_hw)
     if conv.consumer:
         nxt = convs[conv.consumer]
         nk = nxt.kernel_size[0] * nxt.kernel_size[1]
         params += k * nxt.out_channels * nk
-        macs += k * nxt.out_channels * nk * nxt.out_hw[0] * nxt.out_hw[1]
+        macs += conv_macs(k * nxt.out_channels * nk, nxt.out_hw)
     return Savings(params, macs)
