@@ -45,7 +45,6 @@ from runner.engine.evaluate import evaluate
 from runner.engine.images import Images
 from runner.engine.measure import EvalSet, cache_nbytes, sweep_layer, traced
 from runner.engine.prune import keep_mask, masked, zero_weights
-from runner.engine.reference import seed_loop as reference_loop
 from runner.errors import EXIT_FAILED
 from runner.inputs import checkpoints
 from runner.inputs.models import spec_of
@@ -54,6 +53,9 @@ from runner.inputs.train import ensure_checkpoint
 from runner.inputs.trials import plan_trials, select_layers
 from runner.job.calibration import rank_trials
 from runner.outputs.results import read_rows
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))  # the seed's loop lives with the tests
+from seed_loop import seed_loop as reference_loop
 
 log = logging.getLogger(__name__)
 
