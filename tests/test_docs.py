@@ -104,3 +104,10 @@ def test_every_named_docs_page_exists(where: str, page: str, anchor: str) -> Non
     if anchor:
         assert anchor[1:] in anchors(path), f"{where} names docs/{page}{anchor}, a section docs/{page} lacks"
 
+
+
+def test_every_results_column_is_in_docs_outputs_md() -> None:
+    from runner.outputs.results import COLUMNS
+
+    named = set(re.findall(r"`([\w*]+)`", (ROOT / "docs" / "outputs.md").read_text(encoding="utf-8")))
+    assert len(COLUMNS) == 25 and [c for c in COLUMNS if c not in named] == []

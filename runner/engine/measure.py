@@ -70,7 +70,7 @@ class Point:
     channels: int
     accuracy: float
     loss: float
-    per_class: tuple[float, ...]
+    per_class_accuracy: tuple[float, ...]
     baseline_accuracy: float  # K = 0 through the same suffix, device and precision
     right_to_wrong: int  # images right at baseline and wrong at K
     wrong_to_right: int  # images wrong at baseline and right at K
@@ -203,7 +203,7 @@ def _point(model: torch.nn.Module, conv: ConvSite | Group, target: str, ranking:
     low, high = drop_interval(result.count, int(np.count_nonzero(baseline.correct)), lost, gained)
     return Point(unit="group" if isinstance(conv, Group) else "layer", layer=conv.name, criterion=ranking.criterion,
                  target=target, k=k, repeat=repeat, channels=channels,
-                 accuracy=result.accuracy, loss=result.loss, per_class=result.per_class,
+                 accuracy=result.accuracy, loss=result.loss, per_class_accuracy=result.per_class,
                  baseline_accuracy=baseline.accuracy, right_to_wrong=lost, wrong_to_right=gained, drop_low=low,
                  drop_high=high, eval_images=result.count, params_removed=saved.params, macs_removed=saved.macs,
                  seconds=round(seconds + time.perf_counter() - started, 4), maps=result.maps)

@@ -27,7 +27,7 @@ from runner.engine.device import compute_dtype, place, tune_allocator
 from runner.engine.images import Images
 from runner.engine.measure import EvalSet, Point, sweep_layer
 from runner.job.board import finished
-from runner.outputs.results import FeatureMaps, TrialId
+from runner.outputs.results import COLUMNS, FeatureMaps, TrialId
 
 CRASH_ENV = "PRUNE_SWEEP_CRASH_ONCE"  # tests: "<layer>/<criterion>:<marker file>" makes that trial fail once
 
@@ -53,17 +53,12 @@ class Shared:
 
 
 def point_metrics(point: Point) -> dict[str, Any]:
-    """A point as Tune metrics: scalars, plus the mean feature maps as float16 arrays (one FeatureMaps value)."""
-    return {
-        "unit": point.unit, "layer": point.layer, "criterion": point.criterion, "target": point.target, "k": point.k,
-        "repeat": point.repeat, "channels": point.channels, "fraction": point.fraction, "accuracy": point.accuracy,
-        "loss": point.loss, "baseline_accuracy": point.baseline_accuracy, "accuracy_drop": point.accuracy_drop,
-        "drop_low": point.drop_low, "drop_high": point.drop_high, "right_to_wrong": point.right_to_wrong,
-        "wrong_to_right": point.wrong_to_right, "eval_images": point.eval_images,
-        "per_class_accuracy": list(point.per_class), "params_removed": point.params_removed,
-        "macs_removed": point.macs_removed, "seconds": point.seconds,
-        "maps": FeatureMaps({name: m.astype(np.float16) for name, m in point.maps.items()}),
-    }
+    """A point as Tune metrics: the results.csv columns the engine measured (the others, node, device, dtype and
+    the checkpoint, are the trial's and the driver's), plus the mean feature maps as float16 arrays."""
+    metrics = {c: getattr(point, c) for c in COLUMNS if hasattr(point, c)}
+    metrics["per_class_accuracy"] = list(point.per_class_accuracy)
+    metrics["maps"] = FeatureMaps({name: m.astype(np.float16) for name, m in point.maps.items()})
+    return metrics
 
 
 def _maybe_crash(key: str, k: int) -> None:

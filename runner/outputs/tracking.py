@@ -33,13 +33,12 @@ import numpy as np
 from runner.basics import NullTrainLog, TrainLog, short
 from runner.outputs.figures import png
 from runner.outputs.report import trial_summary
-from runner.outputs.results import by_trial
+from runner.outputs.results import STEP_METRICS, by_trial
 
 log = logging.getLogger(__name__)
 
 DEFAULT_BASE_URL = "https://api.wandb.ai"
-POINT_METRICS = ("accuracy", "accuracy_drop", "drop_low", "drop_high", "loss", "fraction", "params_removed",
-                 "macs_removed", "repeat")
+POINT_METRICS = STEP_METRICS  # logged at every K of a trial's run
 TRIAL_CONFIG = ("baseline_accuracy", "device", "dtype")  # a trial run's config, from its first row
 TRAIN_METRICS = ("loss", "train_accuracy", "lr", "seconds")
 Picture = np.ndarray | Path  # a feature-map image: uint8 RGB pixels, or a PNG file of them
