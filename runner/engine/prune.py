@@ -16,6 +16,7 @@ from typing import Iterator, Sequence
 import torch
 from torch import Tensor, nn
 
+from model.capture import hooked
 from model.graph import ConvSite
 from model.groups import Group
 from model.savings import Savings, conv_macs
@@ -42,16 +43,14 @@ def masked(model: nn.Module, conv: ConvSite, target: str, pruned: Sequence[int])
     if target == "output":
         def after_bn(module: nn.Module, inputs: tuple, out: Tensor) -> Tensor:
             return out * keep_mask(out.shape[1], pruned, out.device).view(1, -1, 1, 1).to(out.dtype)
-        handle = modules[conv.bn or conv.name].register_forward_hook(after_bn)
+        hook = (modules[conv.bn or conv.name], after_bn, False)
     else:
         def before_conv(module: nn.Module, inputs: tuple) -> tuple:
             x = inputs[0]
             return (x * keep_mask(x.shape[1], pruned, x.device).view(1, -1, 1, 1).to(x.dtype),)
-        handle = modules[conv.name].register_forward_pre_hook(before_conv)
-    try:
+        hook = (modules[conv.name], before_conv, True)
+    with hooked([hook]):
         yield
-    finally:
-        handle.remove()
 
 
 def zero_weights(model: nn.Module, conv: ConvSite, target: str, pruned: Sequence[int]) -> None:
