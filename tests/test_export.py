@@ -140,6 +140,19 @@ def test_onnx_takes_unit_images_and_predicts_what_torch_does(tmp_path, pruned) -
     np.testing.assert_array_equal(wrapped, want)
 
 
+def test_onnx_predictions_score_uint8_images_in_batches(tmp_path, pruned, monkeypatch) -> None:
+    """onnx_predictions takes the datasets' uint8 NHWC images and scores them ONNX_BATCH at a time: the same
+    classes as the logits of the whole set converted by hand."""
+    from runner.planning import export
+
+    path = tmp_path / "pruned.onnx"
+    export_onnx(path, pruned, MEAN, STD, image_size=32)
+    images = np.random.default_rng(0).integers(0, 256, (70, 32, 32, 3), dtype=np.uint8)
+    want = onnx_logits(path, images.astype(np.float32).transpose(0, 3, 1, 2) / 255).argmax(1)
+    monkeypatch.setattr(export, "ONNX_BATCH", 32)  # 32 + 32 + 6
+    assert np.array_equal(export.onnx_predictions(path, images), want) and len(set(want.tolist())) > 1
+
+
 def test_latency_returns_medians_for_both_models_at_each_batch(base, pruned) -> None:
     got = latency(base, pruned, (3, 32, 32), batches=(1, 4), warmup=1, min_runs=3, min_seconds=0.0)
     assert [g.batch for g in got] == [1, 4] and all(g.runs == 3 for g in got)

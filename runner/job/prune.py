@@ -42,7 +42,7 @@ from runner.outputs.results import key_of, read_rows
 from runner.outputs.tracking import RunSpec, Tracking, make_tracker, model_artifact
 from runner.planning.correction import Corrected, Measured, Move, correct
 from runner.planning.curves import Curve, check_round_to
-from runner.planning.export import export_onnx, onnx_logits, open_pruned, save_pruned, spec_meta
+from runner.planning.export import export_onnx, onnx_predictions, open_pruned, save_pruned, spec_meta
 from runner.planning.latency import latency
 from runner.planning.record import plan_record
 from runner.planning.removal import Counts, counter, counts, masked, pruned_copy, removal_from
@@ -148,10 +148,8 @@ def score_file(opts: Options, path: str) -> str:
         raise InputError("--model", path, "no such file", "a pruned.pt or pruned.onnx written by prune-sweep prune",
                          "check the path (plans/<budget>-<method>/ in the output folder)")
     if file.suffix == ".onnx":
-        images = scored.images.astype(np.float32).transpose(0, 3, 1, 2) / 255
         try:
-            predicted = np.concatenate([onnx_logits(file, images[i:i + 1000]).argmax(1)
-                                        for i in range(0, len(images), 1000)])
+            predicted = onnx_predictions(file, scored.images)
         except Exception as e:  # noqa: BLE001  onnxruntime's errors have no common type
             raise InputError("--model", path, f"onnxruntime cannot run it ({type(e).__name__})", "a pruned.onnx "
                              "written by prune-sweep prune", "export it again with prune-sweep prune") from None
@@ -413,9 +411,7 @@ def verify(s: Setting, name: str, row: dict[str, Any]) -> list[str]:
                         "model)")
     mean, std = s.loaded.normalisation
     export_onnx(folder / "pruned.onnx", opened.model.cpu(), mean, std, s.image_size)
-    images = s.scored.images.astype(np.float32).transpose(0, 3, 1, 2) / 255
-    predicted = np.concatenate([onnx_logits(folder / "pruned.onnx", images[i:i + 1000]).argmax(1)
-                                for i in range(0, len(images), 1000)])
+    predicted = onnx_predictions(folder / "pruned.onnx", s.scored.images)
     onnx_correct = predicted == s.scored.labels
     torch_predicted = _predictions(opened.model, s.scoreset)
     onnx_differ = int(np.count_nonzero(predicted != torch_predicted))

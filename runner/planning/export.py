@@ -147,6 +147,15 @@ def export_onnx(path: Path, model: nn.Module, mean: Sequence[float], std: Sequen
                           dynamic_axes={"images": {0: "batch"}, "logits": {0: "batch"}})
 
 
+ONNX_BATCH = 1000  # images per onnxruntime call when scoring a whole set
+
+
+def onnx_predictions(path: Path, images: np.ndarray) -> np.ndarray:
+    """The class onnxruntime alone predicts for each uint8 NHWC image (as the datasets hold them)."""
+    x = images.astype(np.float32).transpose(0, 3, 1, 2) / 255
+    return np.concatenate([onnx_logits(path, x[i:i + ONNX_BATCH]).argmax(1) for i in range(0, len(x), ONNX_BATCH)])
+
+
 def onnx_logits(path: Path, images: np.ndarray) -> np.ndarray:
     """Logits from onnxruntime alone (CPU) for float32 NCHW images in [0, 1]."""
     import onnxruntime  # only where an ONNX file is checked
