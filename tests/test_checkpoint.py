@@ -211,7 +211,9 @@ def test_foreign_missing_key_wrong_shape_and_normalisation_are_one_line(tmp_path
     torch.save({**state, "extra.weight": torch.zeros(1)}, path)
     assert "1 unexpected keys (first: extra.weight)" in foreign_error(tmp_path, path)
     torch.save({**state, "linear.weight": torch.zeros(3, 64)}, path)
-    assert foreign_error(tmp_path, path).startswith("checkpoint.path: shape mismatch (size mismatch for linear.weight")
+    assert foreign_error(tmp_path, path).startswith(
+        "checkpoint.path: 1 tensor differs in shape from the grid's model (first: linear.weight is [3, 64] in the "
+        "file, [10, 64] in the model)")
     torch.save(state, path)
     assert foreign_error(tmp_path, path, mean=None, std=None) == (
         "data.mean: a plain state_dict carries no normalisation or image size: got None; allowed: per-channel "
@@ -224,9 +226,12 @@ def test_foreign_missing_key_wrong_shape_and_normalisation_are_one_line(tmp_path
 def test_shape_mismatch(tmp_path):
     path = write(tmp_path / "m.pt", model(width=0.25))  # meta says 0.125, tensors are 0.25's
     message = load_error(path)
-    assert message.startswith("checkpoint.path: shape mismatch (size mismatch for conv1.weight: copying a param "
-                              "with shape torch.Size([16, 3, 3, 3]) from checkpoint")
-    assert message.endswith("allowed: tensors of the grid's model; fix: retrain the checkpoint for this model")
+    assert message.startswith("checkpoint.path: 101 tensors differ in shape from the grid's model (first: "
+                              "conv1.weight is [16, 3, 3, 3] in the file, [8, 3, 3, 3] in the model)")
+    assert message.endswith("allowed: tensors of the network the model section builds; fix: make model.arch and "
+                            "model.kwargs build the network the checkpoint was trained as (check model.kwargs for a "
+                            "misspelt argument: some builders ignore unknown ones), or point checkpoint.path at a "
+                            "checkpoint of this model")
 
 
 def test_missing_tensor(tmp_path):

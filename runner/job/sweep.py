@@ -20,10 +20,10 @@ from typing import Any, Iterator
 from model.checkpoint import Checkpoint
 from model.graph import ConvSite
 from runner.config import Grid, load_grid
-from runner.errors import InputError
+from runner.errors import InputError, plural
 from runner.inputs import checkpoints
-from runner.inputs.data import Dataset, Holdout, check_labels, load_data, planned_holdout, read_npz
-from runner.inputs.train import ensure_checkpoint
+from runner.inputs.data import Dataset, Holdout, checked_shape, load_data, planned_holdout
+from runner.inputs.train import check_trained_on, ensure_checkpoint
 from runner.inputs.trials import TrialPlan, plan_trials
 from runner.job.calibration import Calibrated, calibrate
 from runner.job.folder import check_folder, folder_lock, next_experiment, resume_check, sweep_id, write_config
@@ -68,11 +68,17 @@ class Outcome:
 
 def run_sweep(opts: Options) -> Outcome:
     """The job, start to end: check every input, then calibrate on the driver, run the trials on Ray, report."""
+    with blamed(opts):
+        return _run(opts)
+
+
+def _run(opts: Options) -> Outcome:
     started, timeline = time.time(), Timeline()
     timeline.mark("imports")
     grid, plan = prepare(opts)
     # every input checked before anything is created or started: folder, checkpoint, the user's data files
     check_folder(grid, opts.resume)
+    unlogged = _unlogged(grid, opts.resume)
     existing = checkpoints.existing(grid)
     if opts.resume and existing is not None:
         resume_check(grid, plan, existing.sha256)
@@ -82,8 +88,11 @@ def run_sweep(opts: Options) -> Outcome:
     # the training images are kept only when the checkpoint is to be trained first
     given = None if grid.data.dataset == "synthetic" else load_data(grid.data, grid.model.num_classes, grid.seed,
                                                                      training=existing is None)
+    shape = checked_shape(grid.data, grid.model.num_classes) if given is None else None  # synthetic: from the grid
     if existing is not None:
         checkpoints.check_holdout(grid, existing, given.holdout if given else planned_holdout(grid.data, grid.seed))
+        check_trained_on(grid, existing, grid.data.dataset,
+                         given.classes if given else shape.names(grid.model.num_classes))
     timeline.mark("input checks")
     with ThreadPoolExecutor(1) as pool, ExitStack() as held:
         # the driver's own work (data, rankings) runs while Ray starts
@@ -93,7 +102,7 @@ def run_sweep(opts: Options) -> Outcome:
         from runner.job import cluster, tuner  # import Ray: only once the grid is known to be good
 
         # Ray first: what every trial asks for is checked against the cluster before the output folder is made
-        with _blamed(opts), cluster.ray_session(address, grid.resources.ray_dashboard, grid.resources,
+        with cluster.ray_session(address, grid.resources.ray_dashboard, grid.resources,
                                                  len(plan.trials)) as ray_line:
             held.enter_context(folder_lock(grid.folder))  # until the report is written, after Ray stops
             check_folder(grid, opts.resume)  # again, now that no other sweep can be writing there
@@ -118,7 +127,7 @@ def run_sweep(opts: Options) -> Outcome:
                                       tracking)
             timeline.mark("trials end")
             # plots, report and the W&B summary are made while Ray stops
-            reported = pool.submit(finish, grid, plan, data, existing, holdout, trials.failed, tracker)
+            reported = pool.submit(finish, grid, plan, data, existing, holdout, trials.failed, tracker, unlogged)
         timeline.mark("ray stop")
         rows = reported.result()
     if trials.board.first:
@@ -129,20 +138,25 @@ def run_sweep(opts: Options) -> Outcome:
     return Outcome(grid.folder, len(rows), plan.points, trials.failed, time.time() - started, trials.board.measured)
 
 
+GRID_KEYS = ("name", "seed", "model", "data", "checkpoint", "sweep", "resources", "wandb", "plan")
+
+
 @contextmanager
-def _blamed(opts: Options) -> Iterator[None]:
-    """An input error about resources found once Ray runs names where the value came from: a --set flag, or the
-    grid file (the other input errors of the block name their own source)."""
+def blamed(opts: Options, on_file: bool = False) -> Iterator[None]:
+    """An input error about a grid key given by a --set flag names that flag. Otherwise errors of the plan
+    (`on_file`) and of resources found once Ray runs name the grid file (or the Python API's grid); the others
+    name their own field alone, as they are."""
     try:
         yield
     except InputError as e:
-        if not e.field.startswith("resources"):
-            raise
-        for item in opts.overrides:
-            key = item.partition("=")[0]
-            if e.field == key or e.field.startswith(key + "."):
-                e.source = f"--set {item}"
-        raise e.at(str(opts.grid) if not isinstance(opts.grid, Grid) else "sweep(grid)")
+        if e.source is None and e.field.partition(".")[0].partition("[")[0] in GRID_KEYS:
+            for item in opts.overrides:
+                key = item.partition("=")[0]
+                if e.field == key or e.field.startswith((key + ".", key + "[")):
+                    e.source = f"--set {item}"
+            if on_file or e.field.startswith("resources"):
+                e.at(str(opts.grid) if not isinstance(opts.grid, Grid) else "sweep(grid)")
+        raise
 
 
 def _tracking(grid: Grid, sweep: str) -> Tracking:
@@ -157,33 +171,32 @@ def prepare(opts: Options) -> tuple[Grid, TrialPlan]:
         grid = grid.model_copy(update={"output": str(Path(opts.output).resolve())})
     if opts.wandb_mode:
         grid = grid.model_copy(update={"wandb": grid.wandb.model_copy(update={"mode": opts.wandb_mode})})
-    try:
+    with blamed(opts, on_file=True):
         return grid, plan_trials(grid)
-    except InputError as e:
-        raise e.at(opts.grid if isinstance(opts.grid, str) else "sweep(grid)")
 
 
 def dry_run(opts: Options) -> list[str]:
-    """What the sweep would do, computing nothing: the grid, and the checkpoint and data files checked."""
+    """What the sweep would do, computing nothing: every check the run makes on its inputs (the grid, the data's
+    sizes and classes, the checkpoint against the model, the data and the calibration hold-out), then the plan."""
+    with blamed(opts):
+        return _dry_run(opts)
+
+
+def _dry_run(opts: Options) -> list[str]:
     grid, plan = prepare(opts)
     loaded = checkpoints.existing(grid)
-    holdout = planned_holdout(grid.data, grid.seed)
-    if grid.data.dataset == "npz":  # files the user gave: check them now (the others are generated or downloaded)
-        sizes = []
-        for key in ("train", "test"):
-            part = read_npz(getattr(grid.data, key), f"data.{key}")[0]
-            check_labels(part, grid.model.num_classes, f"data.{key}")
-            sizes.append(len(part))
-        data = f"npz, {sizes[0]:,} train and {sizes[1]:,} test images"
-        holdout = Holdout.of(sizes[0], grid.data.calibration_size, grid.seed)
-    else:
-        data = grid.data.dataset
+    n = grid.model.num_classes
+    shape = checked_shape(grid.data, n)
     if loaded is not None:
-        checkpoints.check_holdout(grid, loaded, holdout)
+        checkpoints.check_holdout(grid, loaded, Holdout.of(shape.train, grid.data.calibration_size, grid.seed))
+        check_trained_on(grid, loaded, grid.data.dataset, shape.names(n))
         state = f"sha256 {loaded.sha256[:12]}, trained on {loaded.meta.get('dataset')} to " \
                 f"{loaded.meta.get('test_accuracy', float('nan')):.2f}%"
     else:
         state = "missing: it will be trained first"
+    evaluated = f", {grid.data.eval_size:,} evaluated" if grid.data.eval_size else ""
+    data = f"{grid.data.dataset}, {shape.train:,} train and {shape.test:,} test images{evaluated}, " \
+           f"{plural(len(shape.names(n)), 'class', 'classes')}"
     arch = grid.model.arch + (f" width {grid.model.width:g}" if grid.model.arch == "resnet18" else "")
     head = [f"sweep {grid.name}: {arch}, data {data}, output {grid.folder}",
             f"checkpoint {grid.checkpoint.path} ({state})"]
@@ -225,17 +238,25 @@ def _experiment(grid: Grid, plan: TrialPlan, loaded: Checkpoint, resume: bool, s
     return experiment, False
 
 
+def _unlogged(grid: Grid, resume: bool) -> int:
+    """Points in results.csv that no W&B run holds: those of a resumed sweep whose earlier runs had W&B off
+    (W&B, offline or online, leaves its run folders in <output>/<name>/wandb)."""
+    if not resume or any((grid.folder / "wandb").glob("*run-*")):
+        return 0
+    return len(read_rows(grid.folder / "results.csv"))
+
+
 def finish(grid: Grid, plan: TrialPlan, data: Dataset, loaded: Checkpoint, holdout: str, failed: list[str],
-           tracker: Tracker) -> list[dict[str, Any]]:
+           tracker: Tracker, unlogged: int = 0) -> list[dict[str, Any]]:
     """Plots, report.md and the W&B summary run (with the sweep-results artifact), from results.csv (and
-    rankings.json); closes the tracker."""
+    rankings.json); closes the tracker. `unlogged`: points measured before --resume with W&B off."""
     order = {c.name: i for i, c in enumerate(plan.convs)}
     rows = sorted(read_rows(grid.folder / "results.csv"),
                   key=lambda r: (order[r["layer"]], r["criterion"], r["k"], r["repeat"]))
     baseline = report.reference_baseline(rows)
     plots = report.write_plots(rows, baseline, grid.folder)
-    path = report.write_report(rows, _report_meta(grid, plan, data, loaded, holdout, tracker.mode), failed,
-                               grid.folder, plan.points)
+    meta = _report_meta(grid, plan, data, loaded, holdout, tracker.mode, unlogged)
+    path = report.write_report(rows, meta, failed, grid.folder, plan.points)
     outputs = [grid.folder / name for name in RESULT_FILES] + sorted(plots.values())
     with closing(tracker):
         tracker.summary(RunSpec(SUMMARY_RUN, "summary", {"checkpoint_sha256": loaded.sha256,
@@ -255,11 +276,14 @@ def role_of(conv: ConvSite) -> str:
 
 
 def _report_meta(grid: Grid, plan: TrialPlan, data: Dataset, loaded: Checkpoint, holdout: str,
-                 wandb_mode: str) -> report.ReportMeta:
+                 wandb_mode: str, unlogged: int = 0) -> report.ReportMeta:
     runs = grid.folder / "wandb"
     wandb_where = {"disabled": "off",
                    "offline": f"offline runs in {runs} (upload: `wandb sync {runs}/offline-run-*`)",
                    "online": f"project {grid.wandb.project}, group {grid.name}"}[wandb_mode]
+    if unlogged and wandb_mode != "disabled":
+        wandb_where += (f"; only what was measured after --resume and the summary run: the "
+                        f"{plural(unlogged, 'point')} measured before were measured with W&B off")
     calibration = f"{len(data.calibration):,} held-out training images" if grid.sweep.calibration == "holdout" \
         else "the test images themselves (the seed's leaky choice)"
     return report.ReportMeta(

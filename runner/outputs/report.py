@@ -302,6 +302,12 @@ def _baselines(rows: Sequence[dict[str, Any]]) -> str:
         f"{where})"
 
 
+def _points(value: float) -> str:
+    """Accuracy points as words: `1 point`, `0.5 points`."""
+    shown = f"{value:.3g}"
+    return f"{shown} point" if shown == "1" else f"{shown} points"
+
+
 def write_report(rows: Sequence[dict[str, Any]], meta: ReportMeta, failed: Sequence[str], folder: Path,
                  expected_points: int) -> Path:
     """report.md in `folder`; `meta` holds the provenance (see runner.job.sweep)."""
@@ -310,8 +316,9 @@ def write_report(rows: Sequence[dict[str, Any]], meta: ReportMeta, failed: Seque
     lines = [f"# Pruning sensitivity: {meta.name}", ""]
     start = _baselines(rows) if rows else "No points measured yet"
     lines += [f"{start} on {meta.eval_images:,} {meta.dataset} test images, measured by every trial through its "
-              f"own cached network; one image is worth {meta.image_points:.3g} points. Channels ranked on "
-              f"{meta.calibration}. Model {meta.arch} width {meta.width:g}, target `{meta.target}` "
+              f"own cached network; one image is worth {_points(meta.image_points)}. Channels ranked on "
+              f"{meta.calibration}. Model {meta.arch}{f' width {meta.width:g}' if meta.arch == 'resnet18' else ''}, "
+              f"target `{meta.target}` "
               f"({meta.target_meaning}).", ""]
     for note in _notes(meta, criteria):
         lines += [note, ""]
