@@ -147,7 +147,7 @@ def _check_keys(path: str, want: dict[str, torch.Tensor], have: dict[str, torch.
     missing = [k for k in want if k not in have]
     unexpected = [k for k in have if k not in want]
     if missing or unexpected:
-        parts = [f"{len(names)} {what} keys (first: {', '.join(names[:3])})"
+        parts = [f"{len(names)} {what} key{'' if len(names) == 1 else 's'} (first: {', '.join(names[:3])})"
                  for what, names in (("missing", missing), ("unexpected", unexpected)) if names]
         raise CheckpointError(path, f"does not fit the grid's model: {'; '.join(parts)}",
                               "a state_dict of the grid's model", "set model: to the network the file was saved "
@@ -156,6 +156,7 @@ def _check_keys(path: str, want: dict[str, torch.Tensor], have: dict[str, torch.
 
 def _finish(path: str, model: nn.Module, state: dict[str, torch.Tensor], meta: dict[str, Any]) -> Checkpoint:
     want = model.state_dict()
+    _check_keys(path, want, state)
     differ = [k for k, v in state.items() if k in want and v.shape != want[k].shape]
     if differ:
         first = differ[0]

@@ -209,7 +209,7 @@ def test_foreign_missing_key_wrong_shape_and_normalisation_are_one_line(tmp_path
         f"checkpoint.path: does not fit the grid's model: 2 missing keys (first: linear.weight, linear.bias): "
         f"got '{path}'")
     torch.save({**state, "extra.weight": torch.zeros(1)}, path)
-    assert "1 unexpected keys (first: extra.weight)" in foreign_error(tmp_path, path)
+    assert "1 unexpected key (first: extra.weight)" in foreign_error(tmp_path, path)
     torch.save({**state, "linear.weight": torch.zeros(3, 64)}, path)
     assert foreign_error(tmp_path, path).startswith(
         "checkpoint.path: 1 tensor differs in shape from the grid's model (first: linear.weight is [3, 64] in the "
@@ -238,7 +238,7 @@ def test_missing_tensor(tmp_path):
     state = {k: v for k, v in model().state_dict().items() if k != "linear.bias"}
     path = tmp_path / "m.pt"
     torch.save({"format": checkpoint.FORMAT, "meta": ARCH, "state_dict": state}, path)
-    assert 'shape mismatch (Missing key(s) in state_dict: "linear.bias".)' in load_error(path)
+    assert "does not fit the grid's model: 1 missing key (first: linear.bias)" in load_error(path)
 
 
 @pytest.mark.parametrize("tensor, value", [
