@@ -49,7 +49,7 @@ def refused_line(cli, tmp_path: Path, grid: dict, *flags: str) -> str:
 def test_missing_key_is_one_line_and_exit_2(tmp_path, cli) -> None:
     torch.save(state(**{"fc.weight": None}), tmp_path / "m.pt")
     line = refused_line(cli, tmp_path, foreign_grid(tmp_path, tmp_path / "m.pt"), "--dry-run")
-    assert "checkpoint.path: does not fit the grid's model: 1 missing keys (first: fc.weight)" in line
+    assert "checkpoint.path: does not fit the grid's model: 1 missing key (first: fc.weight)" in line
 
 
 def test_wrong_shape_is_one_line_and_exit_2(tmp_path, cli) -> None:
