@@ -20,6 +20,7 @@ from typing import Any, Iterator
 from model.checkpoint import Checkpoint
 from model.graph import ConvSite
 from runner.config import Grid, load_grid
+from runner.engine.criteria import CRITERIA
 from runner.errors import InputError, plural
 from runner.inputs import checkpoints
 from runner.inputs.data import Dataset, Holdout, checked_shape, load_data, planned_holdout
@@ -33,6 +34,7 @@ from runner.outputs import figures, report
 from runner.outputs.results import read_rows
 from runner.outputs.tracking import (SUMMARY_RUN, TRAIN_RUN, RunSpec, Tracker, Tracking, make_tracker,
     model_artifact, preload)
+from runner.planning.units import plan_criterion
 from runner.provenance import versions
 
 log = logging.getLogger(__name__)
@@ -194,12 +196,13 @@ def _dry_run(opts: Options) -> list[str]:
                 f"{loaded.meta.get('test_accuracy', float('nan')):.2f}%"
     else:
         state = "missing: it will be trained first"
+    warning = report.near_chance(loaded.meta.get("test_accuracy", float("nan")), n) if loaded else None
     evaluated = f", {grid.data.eval_size:,} evaluated" if grid.data.eval_size else ""
     data = f"{grid.data.dataset}, {shape.train:,} train and {shape.test:,} test images{evaluated}, " \
            f"{plural(len(shape.names(n)), 'class', 'classes')}"
     arch = grid.model.arch + (f" width {grid.model.width:g}" if grid.model.arch == "resnet18" else "")
     head = [f"sweep {grid.name}: {arch}, data {data}, output {grid.folder}",
-            f"checkpoint {grid.checkpoint.path} ({state})"]
+            f"checkpoint {grid.checkpoint.path} ({state})"] + ([f"warning: {warning}"] if warning else [])
     return head + plan.describe()
 
 
@@ -254,6 +257,9 @@ def finish(grid: Grid, plan: TrialPlan, data: Dataset, loaded: Checkpoint, holdo
     rows = sorted(read_rows(grid.folder / "results.csv"),
                   key=lambda r: (order[r["layer"]], r["criterion"], r["k"], r["repeat"]))
     baseline = report.reference_baseline(rows)
+    warning = report.near_chance(baseline, len(data.classes))
+    if warning:
+        log.warning("%s", warning)
     plots = report.write_plots(rows, baseline, grid.folder)
     meta = _report_meta(grid, plan, data, loaded, holdout, tracker.mode, unlogged)
     path = report.write_report(rows, meta, failed, grid.folder, plan.points)
@@ -262,7 +268,8 @@ def finish(grid: Grid, plan: TrialPlan, data: Dataset, loaded: Checkpoint, holdo
         tracker.summary(RunSpec(SUMMARY_RUN, "summary", {"checkpoint_sha256": loaded.sha256,
                                                          "baseline_accuracy": baseline},
                                 uses=model_artifact(loaded.path, loaded.sha256)), rows, baseline, plots, failed,
-                        outputs)
+                        outputs, {"near_chance": warning is not None, "chance_accuracy": 100 / len(data.classes),
+                                  **({"warning": warning} if warning else {})})
     log.info("wrote %s, %s and %s", grid.folder / "results.csv", path, grid.folder / "plots")
     return rows
 
@@ -292,7 +299,15 @@ def _report_meta(grid: Grid, plan: TrialPlan, data: Dataset, loaded: Checkpoint,
         checkpoint_sha256=loaded.sha256, trained_accuracy=f"{loaded.meta.get('test_accuracy', 0):.2f}%",
         versions=versions(), wandb=wandb_where, holdout=holdout, roles={c.name: role_of(c) for c in plan.layers},
         criteria=plan.criteria, random_repeats=grid.sweep.random_repeats, random_seed=grid.sweep.random_seed,
-        seed_procedure=_seed_procedure(grid, loaded))
+        seed_procedure=_seed_procedure(grid, loaded), order_by=_plan_criterion(grid), classes=len(data.classes))
+
+
+def _plan_criterion(grid: Grid) -> str | None:
+    """The criterion `prune` would plan with (the report sorts its layer table by it), None when none can."""
+    try:
+        return plan_criterion(grid.plan.criterion, grid.sweep.criteria, {n: CRITERIA[n].draws for n in CRITERIA})
+    except InputError:
+        return None
 
 
 def _seed_procedure(grid: Grid, loaded: Checkpoint) -> str | None:
