@@ -106,7 +106,8 @@ def list_groups(model: nn.Module, image_size: int) -> list[Group]:
         points = _mask_points(eager, site, members, sites, order)
         groups.append(Group(site.name, conv.out_channels, members, points))
     if any(skipped.values()):  # one line, however many: the dry run's own lines follow it
-        log.info("%d groups skipped (%s)", sum(map(len, skipped.values())), "; ".join(
+        total = sum(map(len, skipped.values()))
+        log.info("%d group%s skipped (%s)", total, "" if total == 1 else "s", "; ".join(
             f"{len(names)} {why}, first {names[0]}" for why, names in skipped.items() if names))
     return groups
 

@@ -313,3 +313,29 @@ def test_check_holdout(tmp_path):
     assert checkpoints.check_holdout(holdout_grid(tmp_path, sweep={"calibration": "test"}), trained, other) == "test"
     old = checkpoint.Checkpoint(model(), dict(ARCH), "0" * 64, "m.pt")
     assert checkpoints.check_holdout(grid, old, other) == "unknown"
+
+
+def test_a_misspelt_kwarg_is_named_by_the_checkpoints_own_record(tmp_path):
+    """torchvision's mobilenet_v3_small drops an unknown keyword argument silently: a checkpoint trained here
+    records its kwargs, so the typo is named; an older file without that record gets the first tensor whose shape
+    differs, both shapes, and model.kwargs in the fix."""
+    from model.zoo import Spec, build as build_spec
+
+    arch = "torchvision:mobilenet_v3_small"
+    net = build_spec(Spec(arch, num_classes=10, kwargs={"width_mult": 0.5}))
+    typo = Spec(arch, num_classes=10, kwargs={"widht_mult": 0.5})
+    checkpoints.save(tmp_path / "m.pt", net, {"arch": arch, "width": 1.0, "num_classes": 10,
+                                              "kwargs": {"width_mult": 0.5}})
+    with pytest.raises(InputError) as err:
+        checkpoints.load_spec(tmp_path / "m.pt", typo)
+    assert str(err.value).startswith("checkpoint.path: architecture mismatch: checkpoint has kwargs {'width_mult': "
+                                     "0.5} (grid: {'widht_mult': 0.5})")
+    checkpoints.save(tmp_path / "old.pt", net, {"arch": arch, "width": 1.0, "num_classes": 10})
+    with pytest.raises(InputError) as err:
+        checkpoints.load_spec(tmp_path / "old.pt", typo)
+    ours, theirs = net.state_dict(), build_spec(typo).state_dict()
+    differ = sum(ours[k].shape != theirs[k].shape for k in ours)  # counted here, from the two state_dicts
+    assert str(err.value).startswith(f"checkpoint.path: {differ} tensors differ in shape from the grid's model "
+                                     "(first: features.0.0.weight is [8, 3, 3, 3] in the file, [16, 3, 3, 3] in the "
+                                     "model)")
+    assert "check model.kwargs for a misspelt argument" in str(err.value)

@@ -185,3 +185,12 @@ def test_a_base_accuracy_near_chance_is_a_warning_in_the_report(tmp_path):
     assert f"**Warning: {words}.**" in text
     text = report.write_report(ROWS, meta(classes=10), [], tmp_path, len(ROWS)).read_text(encoding="utf-8")
     assert "Warning" not in text  # 90% on 10 classes
+
+
+def test_plurals_say_one_point_and_one_epoch(tmp_path):
+    from runner.errors import plural
+
+    assert [plural(1, "point"), plural(2, "point"), plural(1_000, "image"), plural(1, "class", "classes"),
+            plural(10, "class", "classes")] == ["1 point", "2 points", "1,000 images", "1 class", "10 classes"]
+    text = report.write_report(ROWS, meta(eval_images=100), [], tmp_path, len(ROWS)).read_text(encoding="utf-8")
+    assert "one image is worth 1 point. " in text

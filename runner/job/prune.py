@@ -145,13 +145,13 @@ def score_file(opts: Options, path: str) -> str:
     classes, the image size) is that of the grid; returns the line to print."""
     with blamed(opts):
         grid, _ = prepare(opts)
+        data = load_data(grid.data, grid.model.num_classes, grid.seed, training=False)
+        scored, words = _scoring_images(grid, data)
         file = Path(path)
         if not file.is_file():
             raise InputError("--model", path, "no such file", "a pruned.pt or pruned.onnx written by prune-sweep "
                              "prune", "check the path (plans/<budget>-<method>/ in the output folder)")
-        data = load_data(grid.data, grid.model.num_classes, grid.seed, training=False)
         check_lineage(grid, data, file)
-        scored, words = _scoring_images(grid, data)
     if file.suffix == ".onnx":
         images = scored.images.astype(np.float32).transpose(0, 3, 1, 2) / 255
         try:

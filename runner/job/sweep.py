@@ -284,13 +284,7 @@ def role_of(conv: ConvSite) -> str:
 
 def _report_meta(grid: Grid, plan: TrialPlan, data: Dataset, loaded: Checkpoint, holdout: str,
                  wandb_mode: str, unlogged: int = 0) -> report.ReportMeta:
-    runs = grid.folder / "wandb"
-    wandb_where = {"disabled": "off",
-                   "offline": f"offline runs in {runs} (upload: `wandb sync {runs}/offline-run-*`)",
-                   "online": f"project {grid.wandb.project}, group {grid.name}"}[wandb_mode]
-    if unlogged and wandb_mode != "disabled":
-        wandb_where += (f"; only what was measured after --resume and the summary run: the "
-                        f"{plural(unlogged, 'point')} measured before were measured with W&B off")
+    wandb_where = wandb_words(grid, wandb_mode, unlogged)
     calibration = f"{len(data.calibration):,} held-out training images" if grid.sweep.calibration == "holdout" \
         else "the test images themselves (the seed's leaky choice)"
     return report.ReportMeta(
@@ -300,6 +294,19 @@ def _report_meta(grid: Grid, plan: TrialPlan, data: Dataset, loaded: Checkpoint,
         versions=versions(), wandb=wandb_where, holdout=holdout, roles={c.name: role_of(c) for c in plan.layers},
         criteria=plan.criteria, random_repeats=grid.sweep.random_repeats, random_seed=grid.sweep.random_seed,
         seed_procedure=_seed_procedure(grid, loaded), order_by=_plan_criterion(grid), classes=len(data.classes))
+
+
+def wandb_words(grid: Grid, mode: str, unlogged: int = 0) -> str:
+    """Where the sweep's W&B runs are, for the report; `unlogged` points (measured before --resume with W&B
+    off) are in no W&B run."""
+    runs = grid.folder / "wandb"
+    words = {"disabled": "off",
+             "offline": f"offline runs in {runs} (upload: `wandb sync {runs}/offline-run-*`)",
+             "online": f"project {grid.wandb.project}, group {grid.name}"}[mode]
+    if unlogged and mode != "disabled":
+        words += (f"; they hold what was measured after --resume and the summary run, not the "
+                  f"{plural(unlogged, 'point')} measured before with W&B off")
+    return words
 
 
 def _plan_criterion(grid: Grid) -> str | None:
