@@ -49,8 +49,10 @@ def sweep(grid: "str | Path | Mapping[str, Any] | Grid", *, output: str | None =
             for item in overrides:
                 raw = apply_override(raw, item)
             source = parse_grid(raw, "sweep(dict)" if isinstance(grid, Mapping) else "sweep(grid)").resolved(Path.cwd())
+    from runner.outputs.results import frame_of
+
     outcome = run_sweep(Options(source, output, resume, wandb_mode, address, False, sets))
-    frame = load_results(outcome.folder)
+    frame = frame_of(outcome.folder / "results.csv")  # a sweep whose every trial failed: an empty frame
     frame.attrs.update(folder=str(outcome.folder), failed=list(outcome.failed), expected_points=outcome.expected,
                        measured=outcome.measured)
     if outcome.failed:

@@ -190,6 +190,23 @@ def test_dry_run_checks_an_image_folders_classes_against_the_model(cli, tmp_path
     assert not list(tmp_path.rglob("*.npz"))  # nothing decoded
 
 
+def test_dry_run_warns_of_a_checkpoint_near_chance(cli, tmp_path):
+    """The checkpoint's own test accuracy, 11% on 10 classes: within 5 points of chance (10%)."""
+    from model.resnet import ResNet18
+    from runner.inputs import checkpoints, synthetic
+
+    checkpoints.save(tmp_path / "weak.pt", ResNet18(width=0.125), {
+        "arch": "resnet18", "width": 0.125, "num_classes": 10, "dataset": "synthetic",
+        "classes": list(synthetic.CLASSES), "mean": [0.5] * 3, "std": [0.25] * 3, "test_accuracy": 11.0})
+    grid = write_grid(tmp_path / "g.yaml", grid_dict(tmp_path, {"checkpoint": {"path": str(tmp_path / "weak.pt")}}))
+    result = cli(["--grid", str(grid), "--dry-run"], cwd=tmp_path)
+    assert result.returncode == 0, result.explain()
+    assert result.out_lines[2] == (
+        "warning: the base accuracy 11.00% is within 5 points of chance (10.00% for 10 classes): the network has "
+        "learnt little, so its curves say little about a trained one; train the checkpoint further "
+        "(checkpoint.train.epochs) or point checkpoint.path at a trained one")
+
+
 def test_version(cli, capsys):
     from importlib.metadata import version
 
