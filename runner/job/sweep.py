@@ -88,9 +88,10 @@ def _run(opts: Options) -> Outcome:
     if address:
         check_reachable(address)
     # the training images are kept only when the checkpoint is to be trained first
+    # sizes and classes first, without decoding (npz: load_data reads the arrays and checks them anyway)
+    shape = checked_shape(grid.data, grid.model.num_classes) if grid.data.dataset != "npz" else None
     given = None if grid.data.dataset == "synthetic" else load_data(grid.data, grid.model.num_classes, grid.seed,
                                                                      training=existing is None)
-    shape = checked_shape(grid.data, grid.model.num_classes) if given is None else None  # synthetic: from the grid
     if existing is not None:
         checkpoints.check_holdout(grid, existing, given.holdout if given else planned_holdout(grid.data, grid.seed))
         check_trained_on(grid, existing, grid.data.dataset,
