@@ -131,8 +131,8 @@ def dry_run(opts: Options) -> list[str]:
     grid, _ = prepare(opts)
     criterion = _check_plannable(grid)
     p = grid.plan
-    ft = f"{plural(p.finetune.epochs, 'epoch')} ({p.finetune.recipe} recipe, lr {p.finetune.lr:g})" if p.finetune.epochs \
-        else "none"
+    ft = f"{plural(p.finetune.epochs, 'epoch')} ({p.finetune.recipe} recipe, lr {p.finetune.lr:g})" \
+        if p.finetune.epochs else "none"
     return sweep_dry_run(opts) + [
         f"plans: budgets {', '.join(b.label for b in p.budgets)} x methods {', '.join(p.methods)} "
         f"({len(p.budgets) * len(p.methods)} plans), criterion {criterion}, unit {grid.sweep.unit}",

@@ -87,9 +87,9 @@ def _run(opts: Options) -> Outcome:
     address = cluster_address(opts.address)
     if address:
         check_reachable(address)
-    # the training images are kept only when the checkpoint is to be trained first
     # sizes and classes first, without decoding (npz: load_data reads the arrays and checks them anyway)
     shape = checked_shape(grid.data, grid.model.num_classes) if grid.data.dataset != "npz" else None
+    # the training images are kept only when the checkpoint is to be trained first
     given = None if grid.data.dataset == "synthetic" else load_data(grid.data, grid.model.num_classes, grid.seed,
                                                                      training=existing is None)
     if existing is not None:
@@ -106,7 +106,7 @@ def _run(opts: Options) -> Outcome:
 
         # Ray first: what every trial asks for is checked against the cluster before the output folder is made
         with cluster.ray_session(address, grid.resources.ray_dashboard, grid.resources,
-                                                 len(plan.trials)) as ray_line:
+                                 len(plan.trials)) as ray_line:
             held.enter_context(folder_lock(grid.folder))  # until the report is written, after Ray stops
             check_folder(grid, opts.resume)  # again, now that no other sweep can be writing there
             if ray_line:
