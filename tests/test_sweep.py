@@ -200,6 +200,9 @@ def test_wandb_offline_runs(small_sweep):
     assert summary["name"] == "summary" and summary["exit_code"] == 0
     s = summary["summary"]
     assert s["baseline_accuracy"] == pytest.approx(baseline, abs=1e-6)
+    # the near-chance rule (runner.outputs.report.near_chance): at most 5 points above 100 / 10 classes
+    assert s["chance_accuracy"] == 10.0 and s["near_chance"] is (baseline <= 15.0)
+    assert ("warning" in s) is (baseline <= 15.0)
     assert s["results"]["_type"] == "table-file" and s["results"]["nrows"] == 12
     table = json.loads((summaries[0] / "files" / s["results"]["path"]).read_text(encoding="utf-8"))
     col = {c: i for i, c in enumerate(table["columns"])}
