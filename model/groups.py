@@ -89,6 +89,7 @@ def list_groups(model: nn.Module, image_size: int) -> list[Group]:
     order = {n.target: i for i, n in enumerate(gm.graph.nodes) if n.op == "call_module"}
     covered: set[str] = set()
     groups = []
+    skipped: dict[str, list[str]] = {"whose channels are the network's output": [], "with a grouped conv member": []}
     for site in sites:
         if site.name in covered:
             continue
@@ -97,14 +98,18 @@ def list_groups(model: nn.Module, image_size: int) -> list[Group]:
         members = _members(found, names, graph)
         covered |= {m.name for m in members if m.kind == "conv" and m.dim == "out"}
         if any(item.dep.target.type == tp.ops.OPTYPE.OUTPUT for item in found.items):
-            log.info("group %s skipped: its channels are the network's output", site.name)
+            skipped["whose channels are the network's output"].append(site.name)
             continue
         grouped = [m.name for m in members if m.kind == "conv" and _grouped(eager.get_submodule(m.name))]
         if grouped:
-            log.info("group %s skipped: grouped conv members %s", site.name, grouped)
+            skipped["with a grouped conv member"].append(site.name)
             continue
         points = _mask_points(eager, site, members, sites, order)
         groups.append(Group(site.name, conv.out_channels, members, points))
+    if any(skipped.values()):  # one line, however many: the dry run's own lines follow it
+        total = sum(map(len, skipped.values()))
+        log.info("%d group%s skipped (%s)", total, "" if total == 1 else "s", "; ".join(
+            f"{len(names)} {why}, first {names[0]}" for why, names in skipped.items() if names))
     return groups
 
 

@@ -19,7 +19,7 @@ import sys
 import threading
 from typing import Callable, NoReturn, Sequence
 
-from runner.errors import EXIT_BAD_INPUT, EXIT_FAILED, EXIT_INTERRUPTED, EXIT_OK, InputError
+from runner.errors import EXIT_BAD_INPUT, EXIT_FAILED, EXIT_INTERRUPTED, EXIT_OK, InputError, plural
 
 log = logging.getLogger("prune-sweep")
 
@@ -101,11 +101,22 @@ def _common() -> argparse.ArgumentParser:
     return p
 
 
+def version() -> str:
+    """The installed package's version ("unknown" when run from a checkout that was never installed)."""
+    from importlib.metadata import PackageNotFoundError, version as installed
+
+    try:
+        return installed(PROG)
+    except PackageNotFoundError:
+        return "unknown"
+
+
 def parser() -> Parser:
     top = Parser(prog=PROG, description="Measure how sensitive each layer of a trained CNN is to channel pruning, "
                  "on Ray Tune, tracked in Weights & Biases.",
                  epilog="Exit codes: 0 done, 1 failed, 2 bad input (one line says what and how to fix it), "
                  "130 interrupted (continue with --resume).")
+    top.add_argument("--version", action="version", version=f"{PROG} {version()}")
     commands = top.add_subparsers(dest="command", required=True, metavar="COMMAND")
     sweep = commands.add_parser("sweep", parents=[_common()], help="run a sensitivity sweep (the main job)",
                                 description="Run the grid's prune-and-evaluate trials; results, plots and report "
@@ -156,7 +167,7 @@ def _sweep(args: argparse.Namespace) -> int:
         print("interrupted: continue with the same command and --resume", file=sys.stderr)
         return EXIT_INTERRUPTED
     if outcome.failed:
-        print(f"{len(outcome.failed)} trials failed: {', '.join(outcome.failed)}", file=sys.stderr)
+        print(f"{plural(len(outcome.failed), 'trial')} failed: {', '.join(outcome.failed)}", file=sys.stderr)
         return EXIT_FAILED
     return EXIT_OK
 
@@ -170,10 +181,10 @@ def _prune(args: argparse.Namespace) -> int:
         print("\n".join(dry_run(opts)))
         return EXIT_OK
     outcome = run_prune(opts)
-    print(f"{len(outcome.rows)} plans in {outcome.seconds:.0f} s; table: {outcome.folder / 'plans.csv'}, "
+    print(f"{plural(len(outcome.rows), 'plan')} in {outcome.seconds:.0f} s; table: {outcome.folder / 'plans.csv'}, "
           f"report: {outcome.folder / 'report.md'}")
     if outcome.failed:
-        print(f"{len(outcome.failed)} plans failed: {', '.join(outcome.failed)}", file=sys.stderr)
+        print(f"{plural(len(outcome.failed), 'plan')} failed: {', '.join(outcome.failed)}", file=sys.stderr)
         return EXIT_FAILED
     return EXIT_OK
 

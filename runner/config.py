@@ -94,6 +94,16 @@ class ModelConfig(Section):
             raise _invalid("not a known model source", MODEL_FORMS, "use one of those forms")
         return v
 
+    @field_validator("width")
+    @classmethod
+    def _width(cls, v: float, info: ValidationInfo) -> float:
+        arch = info.data.get("arch")  # validated before width: it is declared first
+        if v != 1 and arch not in (None, "resnet18"):
+            raise _invalid(f"scales arch resnet18 only, not {arch}", "1 (the default) with this arch",
+                           "remove model.width, and give the builder's own width argument in model.kwargs "
+                           "(e.g. kwargs: {width_mult: 0.5} for torchvision:mobilenet_v2)")
+        return v
+
 
 class DataConfig(Section):
     dataset: Literal["synthetic", "cifar10", "npz", "imagefolder"] = "synthetic"

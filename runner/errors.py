@@ -20,6 +20,11 @@ def shown(value: Any, limit: int = 80, path_limit: int = 4096) -> str:
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
+def plural(count: int, one: str, many: str | None = None) -> str:
+    """`1 point`, `2 points`, `1,000 images` (`many` when adding an s is wrong: class -> classes)."""
+    return f"{count:,} {one if count == 1 else (many or one + 's')}"
+
+
 class InputError(Exception):
     """A problem with what the user gave us (grid file, flags, checkpoint, data) that they can fix."""
 

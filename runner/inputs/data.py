@@ -117,6 +117,15 @@ IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".gif", ".tif", ".ti
 
 def _imagefolder(cfg: DataConfig, seed: int) -> tuple[Images, Images, tuple[str, ...]]:
     """train/ and test/ (or val/) folders of class subfolders, decoded once into a uint8 array cache."""
+    train_dir, test_dir, classes = _image_folders(cfg)
+    size = cfg.image_size or IMAGE_SHAPE[0]
+    resize = cfg.resize or round(size * 8 / 7)
+    return (_decoded(train_dir, classes, size, resize, cfg.cache, "train"),
+            _decoded(test_dir, classes, size, resize, cfg.cache, "test"), classes)
+
+
+def _image_folders(cfg: DataConfig) -> tuple[Path, Path, tuple[str, ...]]:
+    """The train and test folders of an image folder dataset, checked, and its classes (the subfolder names)."""
     root = Path(cfg.root)
     train_dir = Path(cfg.train) if cfg.train else root / "train"
     test_dir = Path(cfg.test) if cfg.test else next((root / n for n in ("test", "val") if (root / n).is_dir()),
@@ -130,15 +139,16 @@ def _imagefolder(cfg: DataConfig, seed: int) -> tuple[Images, Images, tuple[str,
     if not classes:
         raise InputError("data.root", str(train_dir), "no class subfolders", "train/<class>/<image files>",
                          "put each class's images in a subfolder named after it")
-    size = cfg.image_size or IMAGE_SHAPE[0]
-    resize = cfg.resize or round(size * 8 / 7)
-    return (_decoded(train_dir, classes, size, resize, cfg.cache, "train"),
-            _decoded(test_dir, classes, size, resize, cfg.cache, "test"), classes)
+    return train_dir, test_dir, classes
+
+
+def _image_files(folder: Path, classes: tuple[str, ...]) -> list[tuple[Path, int]]:
+    return [(f, i) for i, c in enumerate(classes) if (folder / c).is_dir()
+            for f in sorted((folder / c).iterdir()) if f.suffix.lower() in IMAGE_SUFFIXES]
 
 
 def _decoded(folder: Path, classes: tuple[str, ...], size: int, resize: int, cache: str | None, part: str) -> Images:
-    files = [(f, i) for i, c in enumerate(classes) if (folder / c).is_dir()
-             for f in sorted((folder / c).iterdir()) if f.suffix.lower() in IMAGE_SUFFIXES]
+    files = _image_files(folder, classes)
     key = hashlib.sha256(repr((size, resize, [(str(f), f.stat().st_size, f.stat().st_mtime_ns, i)
                                               for f, i in files])).encode()).hexdigest()[:16]
     path = Path(cache) / f"{part}-{key}.npz" if cache else folder.parent / f".prune-sweep-{part}-{key}.npz"
@@ -240,26 +250,70 @@ def load_data(cfg: DataConfig, num_classes: int, seed: int, training: bool = Tru
     held_only = cfg.dataset == "synthetic" and not training
     train, test, classes = (_synthetic_holdout if held_only else LOADERS[cfg.dataset])(cfg, seed)
     total = cfg.synthetic_train if held_only else len(train)
-    if classes and len(classes) != num_classes:
-        raise InputError("model.num_classes", num_classes, f"the data has {len(classes)} classes",
-                         f"{len(classes)}", f"set model.num_classes: {len(classes)}")
+    check_shape(cfg, num_classes, Shape(total, len(test), classes))
     for name, part in (("train", train), ("test", test)):
         check_labels(part, num_classes, f"data.{name}")
-    if cfg.calibration_size >= total:
-        raise InputError("data.calibration_size", cfg.calibration_size, "not smaller than the train split",
-                         f"1 .. {total - 1}", "hold out fewer images")
-    if cfg.eval_size is not None and cfg.eval_size > len(test):
-        raise InputError("data.eval_size", cfg.eval_size, "larger than the test split",
-                         f"1 .. {len(test)}, or null for all", f"set data.eval_size: {len(test)} or null")
     if held_only:
         calibration, train = train, train.take(slice(0))
     else:
         held = holdout_index(total, cfg.calibration_size, seed)
         kept = np.setdiff1d(np.arange(total), held)[: cfg.train_size] if training else slice(0)
         train, calibration = train.take(kept), train.take(held)
-    names = classes or tuple(f"class{i}" for i in range(num_classes))
+    names = Shape(total, len(test), classes).names(num_classes)
     return Dataset(cfg.dataset, train, calibration, test.take(slice(cfg.eval_size)), names,
                    Holdout.of(total, cfg.calibration_size, seed))
+
+
+@dataclass(frozen=True)
+class Shape:
+    """What the checks need of a dataset, known without decoding it: the split sizes and the class names."""
+
+    train: int
+    test: int
+    classes: tuple[str, ...]
+
+    def names(self, num_classes: int) -> tuple[str, ...]:
+        """The class names a loaded Dataset gets (class0, class1, ... when the data names none)."""
+        return self.classes or tuple(f"class{i}" for i in range(num_classes))
+
+
+CIFAR10_SIZES = (50_000, 10_000)
+
+
+def data_shape(cfg: DataConfig, num_classes: int) -> Shape:
+    """The dataset's sizes and classes, read without decoding or downloading (npz files are read and their
+    labels checked), for the dry run and the checks made before Ray starts."""
+    if cfg.dataset == "synthetic":
+        return Shape(cfg.synthetic_train, cfg.synthetic_test, synthetic.CLASSES)
+    if cfg.dataset == "cifar10":
+        return Shape(*CIFAR10_SIZES, CIFAR10_CLASSES)
+    if cfg.dataset == "npz":
+        train, test, classes = _npz(cfg, 0)
+        for name, part in (("train", train), ("test", test)):
+            check_labels(part, num_classes, f"data.{name}")
+        return Shape(len(train), len(test), classes)
+    train_dir, test_dir, classes = _image_folders(cfg)
+    return Shape(len(_image_files(train_dir, classes)), len(_image_files(test_dir, classes)), classes)
+
+
+def check_shape(cfg: DataConfig, num_classes: int, shape: Shape) -> None:
+    """The data against the grid: its class count, the calibration hold-out and the eval images it asks for."""
+    if shape.classes and len(shape.classes) != num_classes:
+        raise InputError("model.num_classes", num_classes, f"the data has {len(shape.classes)} classes",
+                         f"{len(shape.classes)}", f"set model.num_classes: {len(shape.classes)}")
+    if cfg.calibration_size >= shape.train:
+        raise InputError("data.calibration_size", cfg.calibration_size, "not smaller than the train split",
+                         f"1 .. {shape.train - 1}", "hold out fewer images")
+    if cfg.eval_size is not None and cfg.eval_size > shape.test:
+        raise InputError("data.eval_size", cfg.eval_size, "larger than the test split",
+                         f"1 .. {shape.test}, or null for all", f"set data.eval_size: {shape.test} or null")
+
+
+def checked_shape(cfg: DataConfig, num_classes: int) -> Shape:
+    """`data_shape`, checked by `check_shape`: every check `load_data` makes, without loading."""
+    shape = data_shape(cfg, num_classes)
+    check_shape(cfg, num_classes, shape)
+    return shape
 
 
 def planned_holdout(cfg: DataConfig, seed: int) -> Holdout | None:

@@ -25,7 +25,7 @@ from runner.config import Grid, TrainConfig
 from runner.engine.device import fast_math, pick_device, place, uses_channels_last
 from runner.engine.evaluate import evaluate
 from runner.engine.images import Images, augment, to_device
-from runner.errors import InputError
+from runner.errors import InputError, plural
 from runner.inputs import checkpoints
 from runner.inputs.data import Dataset, Holdout, load_data
 from runner.inputs.models import build_for
@@ -157,8 +157,9 @@ def train_checkpoint(grid: Grid, data: Dataset | None = None, device: torch.devi
     data = data or load_data(grid.data, grid.model.num_classes, grid.seed)
     device = device or pick_device()
     recipe = recipe_of(grid.checkpoint.train)
-    log.info("training %s width %g on %s (%d images, %s) for %d epochs", grid.model.arch, grid.model.width,
-             data.name, len(data.train), device, recipe.epochs)
+    arch = grid.model.arch + (f" width {grid.model.width:g}" if grid.model.arch == "resnet18" else "")
+    log.info("training %s on %s (%d images, %s) for %s", arch, data.name, len(data.train), device,
+             plural(recipe.epochs, "epoch"))
     log_to = log_to or NullTrainLog()
     log_to.start({"recipe": recipe.model_dump(), "device": str(device), "train_images": len(data.train)})
     started = time.time()
@@ -168,6 +169,7 @@ def train_checkpoint(grid: Grid, data: Dataset | None = None, device: torch.devi
     accuracy = test_accuracy(model, data, device, mean, std)
     meta = {
         "arch": grid.model.arch, "width": float(grid.model.width), "num_classes": grid.model.num_classes,
+        "kwargs": dict(grid.model.kwargs),
         "classes": list(data.classes), "mean": list(mean), "std": list(std), "dataset": data.name,
         "train_images": len(data.train), "calibration_images": len(data.calibration),
         "calibration_holdout": data.holdout.as_dict() if data.holdout else None,
@@ -191,11 +193,7 @@ def ensure_checkpoint(grid: Grid, data: Dataset, loaded: Checkpoint | None = Non
         log.info("checkpoint %s is missing: training it first", grid.checkpoint.path)
         train_checkpoint(grid, data, log_to=log_to)
         loaded = checkpoints.load_for(grid)
-    trained_on = loaded.meta.get("dataset"), tuple(loaded.meta.get("classes", ()))
-    if not loaded.meta.get("foreign") and trained_on != (data.name, data.classes):
-        raise InputError(checkpoints.FIELD, grid.checkpoint.path, f"trained on {trained_on[0]} with classes "
-                         f"{', '.join(trained_on[1][:3])}..., but the grid evaluates {data.name}",
-                         "a checkpoint trained on the grid's dataset", "point checkpoint.path at one, or retrain")
+    check_trained_on(grid, loaded, data.name, data.classes)
     return loaded
 
 
@@ -229,3 +227,10 @@ class SweepCheckpoint:
             ensure_checkpoint(self.grid, data, self.loaded)
         self.checked = True
         return self.loaded
+def check_trained_on(grid: Grid, loaded: Checkpoint, dataset: str, classes: tuple[str, ...]) -> None:
+    """A checkpoint of ours must have been trained on the dataset and classes the grid evaluates."""
+    trained_on = loaded.meta.get("dataset"), tuple(loaded.meta.get("classes", ()))
+    if not loaded.meta.get("foreign") and trained_on != (dataset, tuple(classes)):
+        raise InputError(checkpoints.FIELD, grid.checkpoint.path, f"trained on {trained_on[0]} with classes "
+                         f"{', '.join(trained_on[1][:3])}..., but the grid evaluates {dataset}",
+                         "a checkpoint trained on the grid's dataset", "point checkpoint.path at one, or retrain")

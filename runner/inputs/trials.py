@@ -123,6 +123,9 @@ def select_layers(convs: list[ConvSite], wanted: str | list[str], include_shortc
             raise InputError(f"sweep.layers[{i}]", pattern, "matches only shortcut convs",
                              "shortcut convs by exact name, or by pattern with include_shortcuts: true",
                              "set sweep.include_shortcuts: true")
+        if not hits and any(c in pattern for c in "*?["):
+            raise InputError(f"sweep.layers[{i}]", pattern, "the pattern matches no layer", ", ".join(names),
+                             "correct the pattern so that it matches some of those names")
         if not hits:
             raise InputError(f"sweep.layers[{i}]", pattern, "no such layer", ", ".join(names),
                              "use one of those names or a glob pattern such as \"layer*.conv2\"")

@@ -32,6 +32,7 @@ SAVED_EXTRAS = ("provenance", "identity", "tune_experiment", "sweep_id")  # conf
 def folder_lock(folder: Path) -> Iterator[None]:
     """One sweep at a time per output folder: a second one is refused (the lock dies with its process)."""
     path = folder / ".lock"
+    created = not folder.exists()
     try:
         folder.mkdir(parents=True, exist_ok=True)
         f = open(path, "a+")
@@ -50,6 +51,11 @@ def folder_lock(folder: Path) -> Iterator[None]:
         f.flush()
         try:
             yield
+        except InputError:  # a refused run leaves no folder behind when it made it and wrote nothing else there
+            if created and [p.name for p in folder.iterdir()] == [path.name]:
+                path.unlink()
+                folder.rmdir()
+            raise
         finally:
             fcntl.flock(f, fcntl.LOCK_UN)
 

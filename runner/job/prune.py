@@ -11,6 +11,7 @@ the sweep did not evaluate), and plan.json, plans.csv and the report say which.
 from __future__ import annotations
 
 import copy
+import json
 import logging
 import time
 from contextlib import closing
@@ -21,6 +22,7 @@ from typing import Any, Callable, Mapping
 import numpy as np
 import torch
 
+from model import checkpoint as model_files
 from model.checkpoint import Checkpoint
 from runner.config import Budget, Grid
 from runner.engine.criteria import CRITERIA
@@ -28,21 +30,21 @@ from runner.engine.device import pick_device, place
 from runner.engine.evaluate import Evaluation
 from runner.engine.images import Images
 from runner.engine.measure import EvalSet
-from runner.errors import InputError
+from runner.errors import InputError, plural
 from runner.inputs import checkpoints
 from runner.inputs.data import Dataset, load_data
 from runner.inputs.models import spec_of
 from runner.inputs.train import recipe_of
 from runner.inputs.trials import IMAGE_SIZE, TrialPlan
 from runner.job.folder import folder_lock, points_of
-from runner.job.sweep import Options, prepare, run_sweep
+from runner.job.sweep import Options, blamed, prepare, run_sweep
 from runner.outputs import plans as plan_files
 from runner.outputs.rankings import NAME as RANKINGS, read_rankings
 from runner.outputs.results import key_of, read_rows
 from runner.outputs.tracking import RunSpec, Tracking, make_tracker, model_artifact
 from runner.planning.correction import Corrected, Measured, Move, correct
 from runner.planning.curves import Curve, check_round_to
-from runner.planning.export import export_onnx, onnx_predictions, open_pruned, save_pruned, spec_meta
+from runner.planning.export import export_onnx, onnx_predictions, open_pruned, pruned_meta, save_pruned, spec_meta
 from runner.planning.latency import latency
 from runner.planning.record import plan_record
 from runner.planning.removal import Counts, counter, counts, masked, pruned_copy, removal_from
@@ -129,8 +131,8 @@ def dry_run(opts: Options) -> list[str]:
     grid, _ = prepare(opts)
     criterion = _check_plannable(grid)
     p = grid.plan
-    ft = f"{p.finetune.epochs} epochs ({p.finetune.recipe} recipe, lr {p.finetune.lr:g})" if p.finetune.epochs \
-        else "none"
+    ft = f"{plural(p.finetune.epochs, 'epoch')} ({p.finetune.recipe} recipe, lr {p.finetune.lr:g})" \
+        if p.finetune.epochs else "none"
     return sweep_dry_run(opts) + [
         f"plans: budgets {', '.join(b.label for b in p.budgets)} x methods {', '.join(p.methods)} "
         f"({len(p.budgets) * len(p.methods)} plans), criterion {criterion}, unit {grid.sweep.unit}",
@@ -139,14 +141,17 @@ def dry_run(opts: Options) -> list[str]:
 
 def score_file(opts: Options, path: str) -> str:
     """`prune-sweep score`: a pruned.pt read with our loader alone (or a pruned.onnx run with onnxruntime alone),
-    scored on the images the grid's plan section scores plans on; returns the line to print."""
-    grid, _ = prepare(opts)
-    data = load_data(grid.data, grid.model.num_classes, grid.seed)
-    scored, words = _scoring_images(grid, data)
-    file = Path(path)
-    if not file.is_file():
-        raise InputError("--model", path, "no such file", "a pruned.pt or pruned.onnx written by prune-sweep prune",
-                         "check the path (plans/<budget>-<method>/ in the output folder)")
+    scored on the images the grid's plan section scores plans on, once its lineage (the base checkpoint, the
+    classes, the image size) is that of the grid; returns the line to print."""
+    with blamed(opts):
+        grid, _ = prepare(opts)
+        data = load_data(grid.data, grid.model.num_classes, grid.seed, training=False)
+        scored, words = _scoring_images(grid, data)
+        file = Path(path)
+        if not file.is_file():
+            raise InputError("--model", path, "no such file", "a pruned.pt or pruned.onnx written by prune-sweep "
+                             "prune", "check the path (plans/<budget>-<method>/ in the output folder)")
+        check_lineage(grid, data, file)
     if file.suffix == ".onnx":
         try:
             predicted = onnx_predictions(file, scored.images)
@@ -161,7 +166,50 @@ def score_file(opts: Options, path: str) -> str:
         evalset = EvalSet.build(scored, mean, std, grid.model.num_classes, device, grid.sweep.batch_size)
         correct, how = score(place(opened.model, device), evalset).correct, "our loader"
     return (f"{path} ({how}): accuracy {100 * float(correct.mean()):.2f}% on {len(correct):,} images "
-            f"({correct.sum():,} right): {words}")
+            f"({correct.sum():,} right): {_score_words(grid, data, file, words)}")
+
+
+def check_lineage(grid: Grid, data: Dataset, file: Path) -> None:
+    """The pruned model (pruned.pt's metadata; for pruned.onnx, the pruned.pt beside it) must come from the grid's
+    checkpoint, classes and image size; the first difference is one line."""
+    meta = pruned_meta(file.with_name("pruned.pt") if file.suffix == ".onnx" else file)
+    checkpoint = Path(grid.checkpoint.path)
+    ours = model_files.sha256(checkpoint) if checkpoint.is_file() else None
+    size = grid.data.image_size or IMAGE_SIZE
+    fix = "score it with the grid that planned it (config.yaml in that sweep's output folder)"
+    if meta.get("base_checkpoint_sha256") != ours:
+        theirs = str(meta.get("base_checkpoint_sha256") or "none recorded")[:12]
+        raise InputError("--model", str(file), f"planned from the checkpoint with sha256 {theirs} "
+                         f"({meta.get('base_checkpoint', 'unknown path')}), not from the grid's checkpoint.path "
+                         f"{checkpoint} ({ours[:12] if ours else 'missing'})", "a pruned model planned from the "
+                         "grid's checkpoint", fix)
+    if list(meta.get("classes") or []) != list(data.classes):
+        raise InputError("--model", str(file), f"its classes ({', '.join(meta.get('classes') or [])[:60]}) differ "
+                         f"from the grid's data ({', '.join(data.classes)[:60]})", "a model of the grid's classes",
+                         fix)
+    if meta.get("image_size") != size:
+        raise InputError("--model", str(file), f"planned at image size {meta.get('image_size')}, the grid's data "
+                         f"is {size}", "a model planned at the grid's image size", fix)
+
+
+def _score_words(grid: Grid, data: Dataset, file: Path, words: str) -> str:
+    """What the scored images are, and whether they chose the plan: plan.json beside the model says which images
+    chose it; without one, the scored images are only named."""
+    record = file.with_name(plan_files.PLAN_JSON)
+    chosen = _chosen_on(grid, data)
+    if grid.plan.score_on == "test":
+        return words
+    n = len(data.test)
+    named = f"{data.name} test images 1-{n:,}"
+    if not record.is_file():
+        return f"{named} (the grid's {n:,} eval images; no {plan_files.PLAN_JSON} beside the model says which " \
+               "images chose its plan)"
+    said = json.loads(record.read_text(encoding="utf-8")).get("chosen_on")
+    return words if said == chosen else f"{named} (the grid's eval images; its plan was chosen on {said})"
+
+
+def _chosen_on(grid: Grid, data: Dataset) -> str:
+    return f"the sweep's {len(data.test):,} eval images ({data.name} test images 1-{len(data.test):,})"
 
 
 def _check_plannable(grid: Grid) -> str:
@@ -212,7 +260,7 @@ def _setting(grid: Grid, trials: TrialPlan, criterion: str) -> Setting:
     on_device = place(copy.deepcopy(base), device)
     base_eval = score(on_device, evalset)
     base_score = base_eval if scoreset is evalset else score(on_device, scoreset)
-    chosen_on = f"the sweep's {len(data.test):,} eval images ({data.name} test images 1-{len(data.test):,})"
+    chosen_on = _chosen_on(grid, data)
     return Setting(grid, loaded, data, criterion, units, curves, image_size, base, on_device, evalset, scoreset, scored,
                    scored_on, chosen_on, counts(base, image_size), base_eval, base_score)
 
@@ -371,8 +419,8 @@ def _finetune(opts: Options, s: Setting, rows: dict[str, dict[str, Any]]) -> lis
                                                          "macs_kept": row["macs_kept"],
                                                          "accuracy_removed": row["accuracy_removed"]},
                            uses=parent) for name, row in rows.items()}
-    log.info("fine-tuning %d pruned models for %d epochs (%s, lr %g) on %d train images", len(rows),
-             recipe.epochs, recipe.optimizer, recipe.lr, len(data.train))
+    log.info("fine-tuning %s for %s (%s, lr %g) on %s", plural(len(rows), "pruned model"),
+             plural(recipe.epochs, "epoch"), recipe.optimizer, recipe.lr, plural(len(data.train), "train image"))
     with closing(make_tracker(tracking)) as tracker, \
             cluster.ray_session(address, grid.resources.ray_dashboard, grid.resources, len(rows)):
         results, failed = run_finetuning(shared, trial_resources(grid), grid.resources.max_concurrent,

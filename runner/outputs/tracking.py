@@ -82,7 +82,7 @@ class Tracker(Protocol):
     def finish_trial(self, name: str, rows: Sequence[dict[str, Any]], failed: bool = False) -> None: ...
 
     def summary(self, run: RunSpec, rows: Sequence[dict[str, Any]], baseline: float, figures: dict[str, Path],
-                failed: Sequence[str], files: Sequence[Path]) -> None: ...
+                failed: Sequence[str], files: Sequence[Path], extra: dict[str, Any] | None = None) -> None: ...
 
     def close(self) -> None: ...
 
@@ -102,7 +102,7 @@ class NullTracker:
         pass
 
     def summary(self, run: RunSpec, rows: Sequence[dict[str, Any]], baseline: float, figures: dict[str, Path],
-                failed: Sequence[str], files: Sequence[Path]) -> None:
+                failed: Sequence[str], files: Sequence[Path], extra: dict[str, Any] | None = None) -> None:
         pass
 
     def close(self) -> None:
@@ -321,7 +321,8 @@ class WandbTracker:
     # ---- the summary run ----
 
     def summary(self, run: RunSpec, rows: Sequence[dict[str, Any]], baseline: float, figures: dict[str, Path],
-                failed: Sequence[str], files: Sequence[Path]) -> None:
+                failed: Sequence[str], files: Sequence[Path], extra: dict[str, Any] | None = None) -> None:
+        """`extra`: more keys for the run's summary (the near-chance warning)."""
         wb = self._start(run, lean=False)
         if wb is None:
             return
@@ -347,7 +348,7 @@ class WandbTracker:
                          if path.is_file()})
             self._safely(wb.log, data)
         self._safely(wb.summary.update, {"baseline_accuracy": baseline, "failed_trials": list(failed),
-                                         "points": len(rows)})
+                                         "points": len(rows), **(extra or {})})
         self._safely(self._log_results, wb, files)
         self._safely(wb.finish, exit_code=1 if failed else 0)
 

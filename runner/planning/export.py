@@ -79,6 +79,11 @@ def spec_meta(spec: Spec, image_size: int) -> dict[str, Any]:
             "image_size": image_size}
 
 
+def pruned_meta(path: Path) -> dict[str, Any]:
+    """pruned.pt's metadata alone (what it was planned from: `base_checkpoint_sha256`, `classes`, `image_size`)."""
+    return dict(_read(Path(path)).get("meta", {}))
+
+
 def open_pruned(path: Path) -> Pruned:
     """pruned.pt on its own: the base architecture its metadata names (`spec_meta`) built without weights, then
     `load_pruned`. What a user calls in a fresh process: `open_pruned("runs/x/plans/macs0.5-knapsack/pruned.pt")`.
