@@ -13,7 +13,7 @@ import logging
 import time
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import ExitStack, closing, contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -22,7 +22,8 @@ from model.graph import ConvSite
 from runner.config import Grid, load_grid
 from runner.errors import InputError
 from runner.inputs import checkpoints
-from runner.inputs.data import Dataset, Holdout, check_labels, load_data, planned_holdout, read_npz
+from runner.inputs.data import (Dataset, Holdout, check_labels, check_order, class_words, folder_labels,
+    load_data, planned_holdout, read_npz)
 from runner.inputs.train import ensure_checkpoint
 from runner.inputs.trials import TrialPlan, plan_trials
 from runner.job.calibration import Calibrated, calibrate
@@ -81,7 +82,7 @@ def run_sweep(opts: Options) -> Outcome:
         check_reachable(address)
     # the training images are kept only when the checkpoint is to be trained first
     given = None if grid.data.dataset == "synthetic" else load_data(grid.data, grid.model.num_classes, grid.seed,
-                                                                     training=existing is None)
+                                                                     existing is None, grid.plan.score_on == "test")
     if existing is not None:
         checkpoints.check_holdout(grid, existing, given.holdout if given else planned_holdout(grid.data, grid.seed))
     timeline.mark("input checks")
@@ -107,6 +108,7 @@ def run_sweep(opts: Options) -> Outcome:
                 existing = ensure_checkpoint(grid, given, None, tracker.train_log(RunSpec(TRAIN_RUN, "train")))
                 ready = pool.submit(_calibrated, grid, plan, given, existing, opts.resume, timeline)
             data, calibrated, holdout = ready.result()
+            tracking = replace(tracking, config={**tracking.config, "data_subsets": data.subsets()})
             log.info("%s", calibrated.said)
             calibrated.save(grid.folder)
             if holdout == "unknown":
@@ -168,16 +170,22 @@ def dry_run(opts: Options) -> list[str]:
     grid, plan = prepare(opts)
     loaded = checkpoints.existing(grid)
     holdout = planned_holdout(grid.data, grid.seed)
+    scored = grid.plan.score_on == "test"
     if grid.data.dataset == "npz":  # files the user gave: check them now (the others are generated or downloaded)
-        sizes = []
+        parts = []
         for key in ("train", "test"):
-            part = read_npz(getattr(grid.data, key), f"data.{key}")[0]
-            check_labels(part, grid.model.num_classes, f"data.{key}")
-            sizes.append(len(part))
-        data = f"npz, {sizes[0]:,} train and {sizes[1]:,} test images"
-        holdout = Holdout.of(sizes[0], grid.data.calibration_size, grid.seed)
+            parts.append(read_npz(getattr(grid.data, key), f"data.{key}")[0])
+            check_labels(parts[-1], grid.model.num_classes, f"data.{key}")
+        check_order(grid.data, parts[1].labels, parts[0].labels, grid.seed, scored)
+        data = f"npz, {len(parts[0]):,} train and {len(parts[1]):,} test images"
+        holdout = Holdout.of(len(parts[0]), grid.data.calibration_size, grid.seed)
+    elif grid.data.dataset == "imagefolder" and grid.data.resolved_order == "given":  # its labels, from file names
+        train, test = folder_labels(grid.data)
+        check_order(grid.data, test, train, grid.seed, scored)
+        data = f"imagefolder, {len(train):,} train and {len(test):,} test images"
     else:
         data = grid.data.dataset
+    data += f", subsets in data.order {grid.data.resolved_order}"
     if loaded is not None:
         checkpoints.check_holdout(grid, loaded, holdout)
         state = f"sha256 {loaded.sha256[:12]}, trained on {loaded.meta.get('dataset')} to " \
@@ -239,7 +247,8 @@ def finish(grid: Grid, plan: TrialPlan, data: Dataset, loaded: Checkpoint, holdo
     outputs = [grid.folder / name for name in RESULT_FILES] + sorted(plots.values())
     with closing(tracker):
         tracker.summary(RunSpec(SUMMARY_RUN, "summary", {"checkpoint_sha256": loaded.sha256,
-                                                         "baseline_accuracy": baseline},
+                                                         "baseline_accuracy": baseline,
+                                                         "data_subsets": data.subsets()},
                                 uses=model_artifact(loaded.path, loaded.sha256)), rows, baseline, plots, failed,
                         outputs)
     log.info("wrote %s, %s and %s", grid.folder / "results.csv", path, grid.folder / "plots")
@@ -260,10 +269,11 @@ def _report_meta(grid: Grid, plan: TrialPlan, data: Dataset, loaded: Checkpoint,
     wandb_where = {"disabled": "off",
                    "offline": f"offline runs in {runs} (upload: `wandb sync {runs}/offline-run-*`)",
                    "online": f"project {grid.wandb.project}, group {grid.name}"}[wandb_mode]
-    calibration = f"{len(data.calibration):,} held-out training images" if grid.sweep.calibration == "holdout" \
-        else "the test images themselves (the seed's leaky choice)"
+    calibration = f"{len(data.calibration):,} held-out training images ({class_words(data.calibration.labels)})" \
+        if grid.sweep.calibration == "holdout" else "the test images themselves (the seed's leaky choice)"
     return report.ReportMeta(
         name=grid.name, eval_images=len(data.test), dataset=data.name, calibration=calibration,
+        eval_classes=data.eval_words(),
         arch=grid.model.arch, width=grid.model.width, target=plan.target, checkpoint=loaded.path,
         checkpoint_sha256=loaded.sha256, trained_accuracy=f"{loaded.meta.get('test_accuracy', 0):.2f}%",
         versions=versions(), wandb=wandb_where, holdout=holdout, roles={c.name: role_of(c) for c in plan.layers},

@@ -66,6 +66,7 @@ class ReportMeta:
     random_repeats: int = 1
     random_seed: int = 0
     seed_procedure: str | None = None  # how `criterion: seed` differs from the report's procedure, if it does
+    eval_classes: str = ""  # which test images the eval images are, and of how many classes, in words
 
     @property
     def target_meaning(self) -> str:
@@ -309,7 +310,8 @@ def write_report(rows: Sequence[dict[str, Any]], meta: ReportMeta, failed: Seque
         sorted({r["criterion"] for r in rows})
     lines = [f"# Pruning sensitivity: {meta.name}", ""]
     start = _baselines(rows) if rows else "No points measured yet"
-    lines += [f"{start} on {meta.eval_images:,} {meta.dataset} test images, measured by every trial through its "
+    which = f" ({meta.eval_classes})" if meta.eval_classes else ""
+    lines += [f"{start} on {meta.eval_images:,} {meta.dataset} test images{which}, measured by every trial through its "
               f"own cached network; one image is worth {meta.image_points:.3g} points. Channels ranked on "
               f"{meta.calibration}. Model {meta.arch} width {meta.width:g}, target `{meta.target}` "
               f"({meta.target_meaning}).", ""]
