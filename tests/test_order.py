@@ -46,12 +46,16 @@ def within_one(labels: np.ndarray, split: np.ndarray) -> None:
 
 # ---- the order itself ----
 
-@pytest.mark.parametrize("counts", [[4, 4, 4], [1, 9], [7, 3, 5, 1], [50, 2, 2, 2, 30], [13, 8, 21, 5, 3, 1]])
+@pytest.mark.parametrize("counts", [[4, 4, 4], [1, 9], [7, 3, 5, 1], [50, 2, 2, 2, 30], [13, 8, 21, 5, 3, 1],
+                                    [300] + [1, 2, 3, 4] * 5])
 def test_every_prefix_of_the_stratified_order_holds_each_class_within_one_image_of_its_share(counts):
     labels = sorted_labels(dict(enumerate(counts)))
     order = stratified(labels, seed=3, split="test")
     assert sorted(order.tolist()) == list(range(len(labels)))  # a permutation
-    for m in range(1, len(labels) + 1):
+    held = np.cumsum(labels[order][:, None] == np.arange(len(counts)), axis=0)  # prefix m: images of each class
+    share = np.arange(1, len(labels) + 1)[:, None] * np.array(counts) / len(labels)
+    assert np.abs(held - share).max() <= 1 - 1 / (2 * (len(counts) - 1)) + 1e-12  # Tijdeman's bound
+    for m in (1, 7, len(labels) // 2, len(labels) - 1):
         within_one(labels[order[:m]], labels)
 
 

@@ -1,14 +1,14 @@
 """The order a split's subsets are taken in (`data.order`, docs/data.md), and the check that refuses a subset
 taken in a file's own order when that order is by class.
 
-`given` keeps the file's order. `stratified` interleaves the classes: position m (1, 2, ... N) goes to the class
-furthest behind its share of the split (the largest m * n_c / N minus the images of class c already placed,
-ties to the lower class index), so every prefix holds each class within one image of its share; within a
-class, images come in a seeded shuffle. A split's subsets are its first N images in that order.
+`given` keeps the file's order. `stratified` interleaves the classes so that every prefix holds each class
+within one image of its share of the split (`turns`); within a class, images come in a seeded shuffle. A split's
+subsets are its first N images in that order.
 """
 
 from __future__ import annotations
 
+import heapq
 from dataclasses import dataclass
 
 import numpy as np
@@ -19,17 +19,38 @@ STREAMS = {"test": 1, "train": 2}  # each split shuffles its classes with a gene
 
 
 def turns(counts: np.ndarray) -> np.ndarray:
-    """The class (an index into `counts`) that takes each position of the stratified order."""
-    counts = np.asarray(counts, np.int64)
-    total = int(counts.sum())
-    behind = np.zeros(len(counts), np.int64)  # m * n_c - N * placed_c: exact in integers
-    out = np.empty(total, np.int64)
-    for m in range(total):
-        behind += counts
-        c = int(behind.argmax())  # the first of equals: the lower class index
-        out[m] = c
-        behind[c] -= total
-    return out
+    """The class (an index into `counts`) that takes each position of the stratified order: Tijdeman's
+    algorithm for the chairman assignment problem (Discrete Mathematics 32, 1980), whose every prefix of length
+    m holds class c within 1 - 1/(2(K-1)) of m * n_c / N (K classes, N images).
+
+    Position m goes to a class at least 1/(2(K-1)) of an image behind its share (eligible), the one with the
+    earliest deadline, the position where it would fall 1 - 1/(2(K-1)) behind; ties to the lower class index.
+    Both depend only on the images a class has placed: heaps of eligible and waiting classes, O(N log K)."""
+    counts = [int(n) for n in counts]
+    k, total = len(counts), sum(counts)
+    if k < 2:
+        return np.zeros(total, np.int64)
+    placed, out = [0] * k, []
+
+    def eligible_from(c: int) -> int:  # the first m with 2(K-1)(m n_c - N placed_c) >= N
+        return -(-total * (1 + 2 * (k - 1) * placed[c]) // (2 * (k - 1) * counts[c]))
+
+    def deadline(c: int) -> float:
+        return ((2 * k - 2) * placed[c] + 2 * k - 3) / counts[c]
+
+    waiting = [(eligible_from(c), c) for c in range(k) if counts[c]]
+    heapq.heapify(waiting)
+    ready: list[tuple[float, int]] = []
+    for m in range(1, total + 1):
+        while waiting and waiting[0][0] <= m:
+            c = heapq.heappop(waiting)[1]
+            heapq.heappush(ready, (deadline(c), c))
+        c = heapq.heappop(ready)[1]  # never empty: the theorem
+        out.append(c)
+        placed[c] += 1
+        if placed[c] < counts[c]:
+            heapq.heappush(waiting, (eligible_from(c), c))
+    return np.array(out, np.int64)
 
 
 def stratified(labels: np.ndarray, seed: int, split: str) -> np.ndarray:
