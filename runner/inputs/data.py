@@ -288,7 +288,7 @@ def load_data(cfg: DataConfig, num_classes: int, seed: int, training: bool = Tru
     if cfg.eval_size is not None and cfg.eval_size > len(test):
         raise InputError("data.eval_size", cfg.eval_size, "larger than the test split",
                          f"1 .. {len(test)}, or null for all", f"set data.eval_size: {len(test)} or null")
-    check_order(cfg, test.labels, None if held_only or not training else train.labels, seed, scored)
+    check_order(cfg, test.labels, None if held_only else train.labels, seed, scored)
     if held_only:
         calibration, train = train, train.take(slice(0))
     else:
@@ -328,7 +328,7 @@ def check_order(cfg: DataConfig, test_labels: np.ndarray, train_labels: np.ndarr
                 scored: bool = False) -> None:
     """In `data.order: given`, refuse an eval, score or train subset whose labels come grouped by class
     (runner.inputs.order.grouped): one line naming the key, what was seen and the fix. `train_labels`: the whole
-    train split's (None: no train subset is taken)."""
+    train split's (None: not at hand, as synthetic data without its training images)."""
     if cfg.resolved_order != "given":
         return
     subsets, n = [], cfg.eval_size
