@@ -227,3 +227,19 @@ def test_a_class_sorted_image_folder_gives_subsets_of_every_class_by_default(tmp
         "data.eval_size: with data.order: given, the first 6 test images come in class order and hold 1 of 3 "
         "classes: got 6; allowed: a subset that is not in class order, taken from a shuffled file or in data.order: "
         "stratified; fix: set data.order: stratified (or null, an image folder's default)")
+
+
+def test_the_reports_first_paragraph_says_which_images_of_how_many_classes(tmp_path):
+    from runner.outputs import report
+
+    meta = report.ReportMeta(
+        name="t", eval_images=6, dataset="imagefolder", calibration="3 held-out training images (3 classes, 1 per "
+        "class)", arch="resnet18", width=0.125, target="output", checkpoint="m.pt", checkpoint_sha256="0" * 64,
+        trained_accuracy="90.00%", versions={}, wandb="off",
+        eval_classes="the first 6 of 18 in data.order: stratified; 3 classes, 2 per class")
+    row = {"layer": "l", "criterion": "l1_norm", "k": 1, "repeat": 0, "fraction": 0.5, "channels": 2,
+           "accuracy": 50.0, "baseline_accuracy": 50.0, "accuracy_drop": 0.0, "drop_low": -1.0, "drop_high": 1.0}
+    text = report.write_report([row], meta, [], tmp_path, 1).read_text(encoding="utf-8")
+    assert "on 6 imagefolder test images (the first 6 of 18 in data.order: stratified; 3 classes, 2 per class), " \
+        "measured by every trial" in text
+    assert "Channels ranked on 3 held-out training images (3 classes, 1 per class)." in text
