@@ -35,7 +35,7 @@ def turns(counts: np.ndarray) -> np.ndarray:
     def eligible_from(c: int) -> int:  # the first m with 2(K-1)(m n_c - N placed_c) >= N
         return -(-total * (1 + 2 * (k - 1) * placed[c]) // (2 * (k - 1) * counts[c]))
 
-    def deadline(c: int) -> float:
+    def deadline(c: int) -> float:  # (placed_c + 1 - 1/(2(K-1))) N / n_c, in units of N / (2(K-1))
         return ((2 * k - 2) * placed[c] + 2 * k - 3) / counts[c]
 
     waiting = [(eligible_from(c), c) for c in range(k) if counts[c]]
@@ -56,7 +56,7 @@ def turns(counts: np.ndarray) -> np.ndarray:
 def stratified(labels: np.ndarray, seed: int, split: str) -> np.ndarray:
     """Indices into `labels` in the stratified order (module docstring), drawn with `seed` for `split`."""
     rng = np.random.default_rng((seed, STREAMS[split]))
-    classes, counts = np.unique(labels, return_counts=True)
+    counts = np.unique(labels, return_counts=True)[1]
     by_class = np.split(np.argsort(labels, kind="stable"), np.cumsum(counts)[:-1])
     shuffled = np.concatenate([members[rng.permutation(len(members))] for members in by_class])
     out = np.empty(len(labels), np.int64)
