@@ -112,8 +112,11 @@ class DataConfig(Section):
     train: str | None = Field(None, validate_default=True)  # npz: train arrays file
     test: str | None = Field(None, validate_default=True)  # npz: test arrays file
     calibration_size: int = Field(1000, ge=1)  # images held out of train to rank channels; never trained on
-    eval_size: int | None = Field(None, ge=1)  # first N test images; null = all
+    eval_size: int | None = Field(None, ge=1)  # first N test images (in `order`); null = all
     train_size: int | None = Field(None, ge=1)  # first N train images (after the calibration hold-out); null = all
+    # the order eval_size, train_size and plan.score_on: test take their images in (docs/data.md); null =
+    # stratified for imagefolder (its order is only file names), given for the others
+    order: Literal["given", "stratified"] | None = None
     synthetic_train: int = Field(16_000, ge=100, le=1_000_000)  # synthetic: generated train images
     synthetic_test: int = Field(2_000, ge=100, le=1_000_000)  # synthetic: generated test images
     # the normalisation, per channel in [0, 1] pixel units: required with a foreign checkpoint (a plain
@@ -134,6 +137,11 @@ class DataConfig(Section):
             raise _invalid("required when data.dataset is npz", "a path to an .npz file with images and labels "
                            "arrays", f"set data.{info.field_name}: path/to/{info.field_name}.npz")
         return v
+
+    @property
+    def resolved_order(self) -> str:
+        """`order` with null resolved for this dataset."""
+        return self.order or ("stratified" if self.dataset == "imagefolder" else "given")
 
 
 class TrainConfig(Section):

@@ -65,6 +65,7 @@ def test_every_plan_is_made_fine_tuned_and_verified(planned) -> None:
     assert (t["onnx_differ"] == 0).all() and (t["accuracy_onnx"] == t["accuracy_finetuned"]).all()
     assert ((t["finetuned_low"] <= t["accuracy_finetuned"]) & (t["accuracy_finetuned"] <= t["finetuned_high"])).all()
     assert (t["scored_images"] == 50).all()  # 200 test images, 150 evaluated by the sweep
+    assert (t["scored_classes"] == 10).all()  # every class among them
     assert (t[t["method"] == "uniform"]["corrections"] == 0).all()  # the baseline is never corrected
     others = t[t["method"] != "uniform"]
     assert others["vs_uniform"].notna().all() and t[t["method"] == "uniform"]["vs_uniform"].isna().all()

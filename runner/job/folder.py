@@ -87,7 +87,8 @@ def identity(grid: Grid, sha: str) -> dict[str, Any]:
     """What makes two runs the same sweep: the measured grid and the checkpoint (not paths, W&B or resources)."""
     d = grid.as_dict()
     return {"checkpoint_sha256": sha, "model": d["model"],
-            "data": {k: v for k, v in d["data"].items() if k not in ("root", "download")},
+            "data": {**{k: v for k, v in d["data"].items() if k not in ("root", "download")},
+                     "order": grid.data.resolved_order},
             "sweep": {k: v for k, v in d["sweep"].items() if k not in ("retries", "batch_size")}, "seed": d["seed"]}
 
 
@@ -116,6 +117,8 @@ def resume_check(grid: Grid, plan: TrialPlan, sha: str) -> tuple[dict[str, Any],
     that changes what the recorded points mean or drops any of them; the refusal names the key that changed."""
     saved = yaml.safe_load((grid.folder / "config.yaml").read_text(encoding="utf-8"))
     before, now = saved.get("identity", {}), identity(grid, sha)
+    if isinstance(before.get("data"), dict):  # a sweep recorded before data.order took its subsets as given
+        before["data"].setdefault("order", "given")
     if before == now:
         return saved, False
     refuse = "restore them, or start a new sweep under another name or --output"

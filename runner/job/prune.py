@@ -32,7 +32,7 @@ from runner.engine.images import Images
 from runner.engine.measure import EvalSet
 from runner.errors import InputError, plural
 from runner.inputs import checkpoints
-from runner.inputs.data import Dataset, load_data
+from runner.inputs.data import Dataset, class_counts, class_words, load_data, test_span, unseen
 from runner.inputs.models import spec_of
 from runner.inputs.train import recipe_of
 from runner.inputs.trials import IMAGE_SIZE, TrialPlan
@@ -145,7 +145,8 @@ def score_file(opts: Options, path: str) -> str:
     classes, the image size) is that of the grid; returns the line to print."""
     with blamed(opts):
         grid, _ = prepare(opts)
-        data = load_data(grid.data, grid.model.num_classes, grid.seed, training=False)
+        data = load_data(grid.data, grid.model.num_classes, grid.seed, training=False,
+                         scored=grid.plan.score_on == "test")
         scored, words = _scoring_images(grid, data)
         file = Path(path)
         if not file.is_file():
@@ -209,7 +210,7 @@ def _score_words(grid: Grid, data: Dataset, file: Path, words: str) -> str:
 
 
 def _chosen_on(grid: Grid, data: Dataset) -> str:
-    return f"the sweep's {len(data.test):,} eval images ({data.name} test images 1-{len(data.test):,})"
+    return f"the sweep's {len(data.test):,} eval images ({data.eval_words()})"
 
 
 def _check_plannable(grid: Grid) -> str:
@@ -239,7 +240,7 @@ def _sweep_missing(opts: Options, grid: Grid, trials: TrialPlan) -> None:
 
 def _setting(grid: Grid, trials: TrialPlan, criterion: str) -> Setting:
     loaded = checkpoints.load_for(grid)
-    data = load_data(grid.data, grid.model.num_classes, grid.seed)
+    data = load_data(grid.data, grid.model.num_classes, grid.seed, scored=grid.plan.score_on == "test")
     scored, scored_on = _scoring_images(grid, data)
     image_size = grid.data.image_size or IMAGE_SIZE
     base = loaded.model.cpu().eval()
@@ -271,13 +272,13 @@ def _scoring_images(grid: Grid, data: Dataset) -> tuple[Images, str]:
     if grid.plan.score_on == "eval":
         return data.test, (f"the same {n:,} eval images that chose the plan (its figures are flattered: set "
                            "plan.score_on: test with data.eval_size below the test split for unseen images)")
-    rest = load_data(grid.data.model_copy(update={"eval_size": None}), grid.model.num_classes, grid.seed).test
-    if len(rest) <= n:
-        raise InputError("plan.score_on", "test", f"the sweep evaluated all {len(rest):,} test images, so none is "
+    rest, total = unseen(grid.data, grid.seed)
+    if not len(rest):
+        raise InputError("plan.score_on", "test", f"the sweep evaluated all {total:,} test images, so none is "
                          "left unseen", "eval, or test with data.eval_size below the test split",
-                         f"set data.eval_size (e.g. {len(rest) // 2}) before sweeping, or plan.score_on: eval")
-    return rest.take(slice(n, None)), (f"{len(rest) - n:,} test images the sweep never evaluated ({data.name} test "
-                                       f"images {n + 1:,}-{len(rest):,})")
+                         f"set data.eval_size (e.g. {total // 2}) before sweeping, or plan.score_on: eval")
+    return rest, (f"{len(rest):,} test images the sweep never evaluated ({test_span(grid.data, n, total)}; "
+                  f"{class_words(rest.labels)})")
 
 
 def make_plan(s: Setting, budget: Budget, method: str, count: Callable[[Mapping[str, int]], float]
@@ -343,7 +344,8 @@ def make_plan(s: Setting, budget: Budget, method: str, count: Callable[[Mapping[
            "base_latency_ms_b1": by_batch[1].base_ms, "base_latency_ms_b64": by_batch[64].base_ms,
            "macs": pruned_counts.macs, "params": pruned_counts.params, "units": len(s.units.channels),
            "units_pruned": sum(1 for k in final.ks.values() if k), "criterion": s.criterion,
-           "scored_images": removed_eval.count, "finetune_epochs": s.grid.plan.finetune.epochs,
+           "scored_images": removed_eval.count, "scored_classes": len(np.unique(s.scored.labels)),
+           "finetune_epochs": s.grid.plan.finetune.epochs,
            "masked_vs_removed_differ": differ, "folder": str(folder)}
     for t in timed:
         if t.device != "cpu":
@@ -413,7 +415,8 @@ def _finetune(opts: Options, s: Setting, rows: dict[str, dict[str, Any]]) -> lis
     address = cluster_address(opts.address)
     set_ray_env(address)
     tracking = Tracking(grid.wandb.mode, grid.wandb.project, grid.wandb.entity, grid.name, grid.folder,
-                        grid.as_dict(), False)
+                        {**grid.as_dict(), "data_subsets": {**data.subsets(), "scored": class_counts(s.scored.labels)}},
+                        False)
     parent = model_artifact(s.loaded.path, s.loaded.sha256)
     specs = {name: RunSpec(f"plan/{name}", "finetune", {"plan": name, "recipe": recipe.model_dump(),
                                                          "macs_kept": row["macs_kept"],

@@ -13,7 +13,7 @@ import logging
 import time
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import ExitStack, closing, contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -24,7 +24,8 @@ from runner.config import Grid, load_grid
 from runner.engine.criteria import CRITERIA
 from runner.errors import InputError, plural
 from runner.inputs import checkpoints
-from runner.inputs.data import Dataset, Holdout, checked_shape, load_data, planned_holdout
+from runner.inputs.data import (Dataset, Holdout, check_order, checked_shape, class_words, folder_labels, load_data,
+                                planned_holdout, read_npz)
 from runner.inputs.train import SweepCheckpoint, check_trained_on
 from runner.inputs.trials import TrialPlan, plan_trials
 from runner.job.calibration import Calibrated, calibrate
@@ -82,7 +83,8 @@ def _run(opts: Options) -> Outcome:
     shape = checked_shape(grid.data, grid.model.num_classes) if grid.data.dataset != "npz" else None
     # the training images are kept only when the checkpoint is to be trained first
     given = None if grid.data.dataset == "synthetic" else load_data(grid.data, grid.model.num_classes, grid.seed,
-                                                                     training=checkpoint.loaded is None)
+                                                                     training=checkpoint.loaded is None,
+                                                                     scored=grid.plan.score_on == "test")
     checkpoint.check_holdout(given.holdout if given else planned_holdout(grid.data, grid.seed))
     if checkpoint.loaded is not None:
         check_trained_on(grid, checkpoint.loaded, grid.data.dataset,
@@ -111,6 +113,7 @@ def _run(opts: Options) -> Outcome:
                 ready = pool.submit(_calibrated, grid, plan, given, checkpoint, opts.resume, timeline)
             data, calibrated = ready.result()
             existing, holdout = checkpoint.loaded, checkpoint.holdout
+            tracking = replace(tracking, config={**tracking.config, "data_subsets": data.subsets()})
             log.info("%s", calibrated.said)
             calibrated.save(grid.folder)
             if holdout == "unknown":
@@ -182,6 +185,13 @@ def _dry_run(opts: Options) -> list[str]:
     loaded = checkpoints.existing(grid)
     n = grid.model.num_classes
     shape = checked_shape(grid.data, n)
+    scored = grid.plan.score_on == "test"
+    if grid.data.dataset == "npz":  # the user's files: subsets in their order are refused now, as the run would
+        train, test = (read_npz(getattr(grid.data, key), f"data.{key}")[0] for key in ("train", "test"))
+        check_order(grid.data, test.labels, train.labels, grid.seed, scored)
+    elif grid.data.dataset == "imagefolder" and grid.data.resolved_order == "given":  # labels from file names
+        train_labels, test_labels = folder_labels(grid.data)
+        check_order(grid.data, test_labels, train_labels, grid.seed, scored)
     if loaded is not None:
         checkpoints.check_holdout(grid, loaded, Holdout.of(shape.train, grid.data.calibration_size, grid.seed))
         check_trained_on(grid, loaded, grid.data.dataset, shape.names(n))
@@ -192,7 +202,7 @@ def _dry_run(opts: Options) -> list[str]:
     warning = report.near_chance(loaded.meta.get("test_accuracy", float("nan")), n) if loaded else None
     evaluated = f", {grid.data.eval_size:,} evaluated" if grid.data.eval_size else ""
     data = f"{grid.data.dataset}, {shape.train:,} train and {shape.test:,} test images{evaluated}, " \
-           f"{plural(len(shape.names(n)), 'class', 'classes')}"
+           f"{plural(len(shape.names(n)), 'class', 'classes')}, subsets in data.order {grid.data.resolved_order}"
     arch = grid.model.arch + (f" width {grid.model.width:g}" if grid.model.arch == "resnet18" else "")
     head = [f"sweep {grid.name}: {arch}, data {data}, output {grid.folder}",
             f"checkpoint {grid.checkpoint.path} ({state})"] + ([f"warning: {warning}"] if warning else [])
@@ -257,7 +267,8 @@ def finish(grid: Grid, plan: TrialPlan, data: Dataset, loaded: Checkpoint, holdo
     outputs = [grid.folder / name for name in RESULT_FILES] + sorted(plots.values())
     with closing(tracker):
         tracker.summary(RunSpec(SUMMARY_RUN, "summary", {"checkpoint_sha256": loaded.sha256,
-                                                         "baseline_accuracy": baseline},
+                                                         "baseline_accuracy": baseline,
+                                                         "data_subsets": data.subsets()},
                                 uses=model_artifact(loaded.path, loaded.sha256)), rows, baseline, plots, failed,
                         outputs, {"near_chance": warning is not None, "chance_accuracy": 100 / len(data.classes),
                                   **({"warning": warning} if warning else {})})
@@ -276,10 +287,11 @@ def role_of(conv: ConvSite) -> str:
 def _report_meta(grid: Grid, plan: TrialPlan, data: Dataset, loaded: Checkpoint, holdout: str,
                  wandb_mode: str, unlogged: int = 0) -> report.ReportMeta:
     wandb_where = wandb_words(grid, wandb_mode, unlogged)
-    calibration = f"{len(data.calibration):,} held-out training images" if grid.sweep.calibration == "holdout" \
-        else "the test images themselves (the seed's leaky choice)"
+    calibration = f"{len(data.calibration):,} held-out training images ({class_words(data.calibration.labels)})" \
+        if grid.sweep.calibration == "holdout" else "the test images themselves (the seed's leaky choice)"
     return report.ReportMeta(
         name=grid.name, eval_images=len(data.test), dataset=data.name, calibration=calibration,
+        eval_classes=data.eval_words(),
         arch=grid.model.arch, width=grid.model.width, target=plan.target, checkpoint=loaded.path,
         checkpoint_sha256=loaded.sha256, trained_accuracy=f"{loaded.meta.get('test_accuracy', 0):.2f}%",
         versions=versions(), wandb=wandb_where, holdout=holdout, roles={c.name: role_of(c) for c in plan.layers},

@@ -70,6 +70,7 @@ class ReportMeta:
     seed_procedure: str | None = None  # how `criterion: seed` differs from the report's procedure, if it does
     order_by: str | None = None  # the criterion the layer table is sorted by (the plan's); None: the first swept
     classes: int = 0  # the model's classes: chance accuracy is 100 / classes (0: not known)
+    eval_classes: str = ""  # which test images the eval images are, and of how many classes, in words
 
     @property
     def target_meaning(self) -> str:
@@ -363,8 +364,9 @@ def write_report(rows: Sequence[dict[str, Any]], meta: ReportMeta, failed: Seque
         sorted({r["criterion"] for r in rows})
     lines = [f"# Pruning sensitivity: {meta.name}", ""]
     start = _baselines(rows) if rows else "No points measured yet"
-    lines += [f"{start} on {meta.eval_images:,} {meta.dataset} test images, measured by every trial through its "
-              f"own cached network; one image is worth {_points(meta.image_points)}. Channels ranked on "
+    which = f" ({meta.eval_classes})" if meta.eval_classes else ""
+    lines += [f"{start} on {meta.eval_images:,} {meta.dataset} test images{which}, measured by every trial through "
+              f"its own cached network; one image is worth {_points(meta.image_points)}. Channels ranked on "
               f"{meta.calibration}. Model {meta.arch}{f' width {meta.width:g}' if meta.arch == 'resnet18' else ''}, "
               f"target `{meta.target}` "
               f"({meta.target_meaning}).", ""]
