@@ -111,3 +111,8 @@ def test_every_results_column_is_in_docs_outputs_md() -> None:
 
     named = set(re.findall(r"`([\w*]+)`", (ROOT / "docs" / "outputs.md").read_text(encoding="utf-8")))
     assert len(COLUMNS) == 25 and [c for c in COLUMNS if c not in named] == []
+
+
+def test_the_readme_pictures_exist() -> None:
+    pictures = re.findall(r"!\[[^\]]*\]\(([^)]+)\)", (ROOT / "README.md").read_text(encoding="utf-8"))
+    assert pictures and [p for p in pictures if not (ROOT / p).is_file()] == []
