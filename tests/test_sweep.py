@@ -533,6 +533,8 @@ def test_the_reports_wandb_line_after_a_resume_whose_first_run_had_wandb_off(tmp
 
 
 def test_load_results_gives_tunes_per_trial_table(small_sweep):
+    import pandas as pd
+
     from runner import load_results
 
     trials = load_results(small_sweep.folder, tune=True)
@@ -540,7 +542,7 @@ def test_load_results_gives_tunes_per_trial_table(small_sweep):
     assert sorted(zip(trials["layer"], trials["criterion"])) == sorted(
         (layer, c) for layer in SMALL_LAYERS for c in SMALL_CRITERIA)
     assert set(trials["results"]) == {2} and trials["error_file"].isna().all()  # two K each, reported to Tune
-    assert str(trials["ended"].dtype) == "datetime64[ns, UTC]"  # when each trial reported last, a datetime
+    assert isinstance(trials["ended"].dtype, pd.DatetimeTZDtype) and str(trials["ended"].dt.tz) == "UTC"
     started = datetime.fromtimestamp((small_sweep.folder / "config.yaml").stat().st_mtime, timezone.utc)
     assert all(abs((t - started).total_seconds()) < 3600 for t in trials["ended"])
     # Tune made the deepest layer's trials first (their first point comes soonest), then the others in forward
