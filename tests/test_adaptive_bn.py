@@ -137,3 +137,45 @@ def test_the_engine_reaches_the_layers_the_mask_changes():
     keep[:3] = 0
     by_hooks = reached_by_hooks(model, [site.mask_point("output")], keep)
     assert sorted(downstream_norms(model, [site.bn])) == by_hooks == ["layer4.0.bn2", "layer4.1.bn1", "layer4.1.bn2"]
+
+
+@pytest.mark.parametrize("residual", [False, True])
+def test_a_plan_scored_with_adaptive_bn_equals_the_sweep_point_of_its_one_group(residual):
+    """The prune job's adaptive BN (masks of the physical removal, on the whole network) and the sweep's
+    (a group's mask points, on the cached suffix) agree on a plan that prunes one group, image by image."""
+    from runner.planning.adaptive import score_recalibrated
+
+    model = NETS["resnet18"]
+    groups = list_groups(model, 32)
+    group = next(g for g in groups[1:] if (sum(m.kind == "conv" and m.dim == "out" for m in g.members) > 1)
+                 == residual)
+    evalset, recal = _sets()
+    order = _order(group.channels)
+    ranking = Ranking(group.name, "l1_norm", "output", (tuple(float(i) for i in range(group.channels)),), (order,))
+    convs = {c.name: c for c in list_convs(model, 32)}
+    (point,) = sweep_layer(model, group, "output", ranking, [group.channels // 2], evalset, convs,
+                           feature_maps=False, recalibration=recal)
+    removal = {group.name: sorted(group.member(group.name, "out").local(order[:point.k]))}
+    scored = score_recalibrated(model, removal, 32, recal, evalset)
+    assert np.array_equal(scored.correct, point.recalibrated.correct)
+    assert scored.loss == pytest.approx(point.recalibrated.loss, rel=1e-5)
+    assert point.recalibrated.loss != point.loss
+
+
+def test_grid_checks_of_adaptive_bn(tmp_path):
+    from e2e_helpers import grid_dict
+
+    from runner.config import parse_grid
+    from runner.errors import InputError
+    from runner.inputs.trials import plan_trials
+    from runner.job.prune import _check_plannable
+
+    with pytest.raises(InputError) as e:
+        plan_trials(parse_grid(grid_dict(tmp_path, sweep={"bn_recalibration": 101}), "g.yaml"))
+    assert str(e.value) == ("sweep.bn_recalibration: more images than the calibration hold-out has (100): "
+                            "got 101; allowed: 0 .. 100; fix: lower it, or raise data.calibration_size")
+    with pytest.raises(InputError) as e:
+        _check_plannable(parse_grid(grid_dict(tmp_path, plan={"curves": "recalibrated"}), "g.yaml"))
+    assert e.value.field == "plan.curves" and "sweep.bn_recalibration" in str(e.value)
+    grid = parse_grid(grid_dict(tmp_path, sweep={"bn_recalibration": 100}, plan={"curves": "recalibrated"}), "g.yaml")
+    assert _check_plannable(grid) == "mean_activation" and len(plan_trials(grid).trials) > 0
