@@ -281,7 +281,7 @@ def accuracy_vs_k(rows: Sequence[dict], baseline: float, path: Path, title: str 
                 ax.set_ylabel("accuracy (%)")
         axes[row][-1].legend(fontsize=7, loc="center left", bbox_to_anchor=(1.02, 0.5), frameon=False)
     if title:
-        fig.suptitle(title, fontsize=10)
+        fig.suptitle(title, fontsize=10, y=1.04)
     _save(fig, path)
 
 
