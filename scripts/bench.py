@@ -282,9 +282,9 @@ def engine_pass(s: Setup, recalibration: EvalSet | None = None, stop_drop: float
     return t
 
 
-def run_variant(s: Setup, adaptive_bn: int = 0, stop_drop: float | None = None) -> dict[str, Any]:
-    """The engine alone against the engine with adaptive BN or with stop_drop, alternated twice; the fastest of
-    each, and what the second one adds (or saves)."""
+def run_variant(s: Setup, adaptive_bn: int = 0, stop_drop: float | None = None, repeat: int = 2) -> dict[str, Any]:
+    """The engine alone against the engine with adaptive BN or with stop_drop, alternated `repeat` times; the
+    fastest of each, and what the second one adds (or saves)."""
     recalibration = None
     if adaptive_bn:
         mean, std = s.mean, s.std
@@ -292,7 +292,7 @@ def run_variant(s: Setup, adaptive_bn: int = 0, stop_drop: float | None = None) 
                                       s.device, s.grid.sweep.batch_size)
     _full_eval(s, _fresh_model(s))  # warm-up
     plain, other = [], []
-    for _ in range(2):
+    for _ in range(repeat):
         plain.append(_timed(s.device, lambda: engine_pass(s)))
         other.append(_timed(s.device, lambda: engine_pass(s, recalibration, stop_drop)))
     a, b = min(plain, key=lambda t: t.seconds), min(other, key=lambda t: t.seconds)
@@ -579,7 +579,8 @@ def main() -> int:
     p.add_argument("--fractions", type=float, nargs="+", default=list(R50_FRACTIONS),
                    help="--resnet50: K values per conv, as fractions of its channels")
     p.add_argument("--repeat", type=int, default=None,
-                   help="--end-to-end: alternated pairs of runs (default 2); --resnet50: runs per conv (default 3)")
+                   help="--end-to-end, --adaptive-bn, --stop-drop: alternated pairs of runs (default 2); --resnet50: "
+                   "runs per conv (default 3)")
     p.add_argument("--engine-alone", action="store_true", help=argparse.SUPPRESS)  # the timed half of --end-to-end
     p.add_argument("--adaptive-bn", type=int, default=0, metavar="N",
                    help="time the engine with adaptive BN on N calibration images against the engine alone")
@@ -600,7 +601,7 @@ def main() -> int:
         setup = prepare(args.grid, args.set, args.criterion or "l1_norm",
                         1000 if args.eval_size is None else args.eval_size, args.calibration_size,
                         args.layers or "all", args.device)
-        result = run_variant(setup, args.adaptive_bn, args.stop_drop)
+        result = run_variant(setup, args.adaptive_bn, args.stop_drop, 2 if args.repeat is None else args.repeat)
         print(variant_line(result))
     elif args.end_to_end:
         with tempfile.TemporaryDirectory() as work:

@@ -179,3 +179,35 @@ def test_grid_checks_of_adaptive_bn(tmp_path):
     assert e.value.field == "plan.curves" and "sweep.bn_recalibration" in str(e.value)
     grid = parse_grid(grid_dict(tmp_path, sweep={"bn_recalibration": 100}, plan={"curves": "recalibrated"}), "g.yaml")
     assert _check_plannable(grid) == "mean_activation" and len(plan_trials(grid).trials) > 0
+
+
+@pytest.mark.slow
+def test_a_sweep_with_adaptive_bn_writes_both_curves_and_resumes_with_nothing_to_do(ray_session, sweep_checkpoint,
+                                                                                    tmp_path):
+    """Through Ray Tune: every row carries both curves and N, the report and plots show both and name them, and
+    a resumed sweep measures nothing again (skipped points count as done)."""
+    from e2e_helpers import e2e, grid_dict, write_grid
+
+    from runner.job.sweep import Options, run_sweep
+    from runner.outputs.results import read_rows
+
+    grid = grid_dict(tmp_path, e2e(sweep_checkpoint), name="adaptive", sweep={
+        "layers": ["conv1", "layer2.0.conv1"], "k": {"fractions": [0.25, 0.5, 1.0]}, "criteria": ["l1_norm"],
+        "bn_recalibration": 60, "stop_drop": 1.0})
+    path = write_grid(tmp_path / "adaptive.yaml", grid)
+    outcome = run_sweep(Options(str(path)))
+    every = read_rows(outcome.folder / "results.csv", skipped=True)
+    assert outcome.points == outcome.expected == len(every) == 6 and not outcome.failed
+    measured = [r for r in every if not r["skipped"]]
+    assert measured and all(r["bn_recalibrated"] == 60 and r["accuracy_recalibrated"] is not None for r in measured)
+    for r in measured:
+        assert r["accuracy_drop_recalibrated"] == pytest.approx(r["baseline_accuracy"] - r["accuracy_recalibrated"])
+    for r in every:  # a curve stops only after a point whose lower end passed 1 point (either curve)
+        if r["skipped"]:
+            before = [m for m in measured if m["layer"] == r["layer"] and m["k"] < r["k"]]
+            assert any(min(m["drop_low"], m["drop_low_recalibrated"]) > 1.0 for m in before)
+    text = (outcome.folder / "report.md").read_text()
+    assert "## After adaptive BN: the recalibrated curves" in text and "*Plain*" in text
+    assert (outcome.folder / "plots" / "accuracy_vs_k_recalibrated.png").is_file()
+    again = run_sweep(Options(str(path), resume=True))
+    assert again.measured == 0 and again.points == 6
