@@ -42,6 +42,7 @@ from runner.outputs import plans as plan_files
 from runner.outputs.rankings import NAME as RANKINGS, read_rankings
 from runner.outputs.results import key_of, read_rows
 from runner.outputs.tracking import RunSpec, Tracking, make_tracker, model_artifact
+from runner.planning.adaptive import score_recalibrated
 from runner.planning.correction import Corrected, Measured, Move, correct
 from runner.planning.curves import Curve, check_round_to
 from runner.planning.export import export_onnx, onnx_predictions, open_pruned, pruned_meta, save_pruned, spec_meta
@@ -86,6 +87,7 @@ class Setting:
     base_counts: Counts
     base_eval: Evaluation  # the base model on evalset
     base_score: Evaluation  # the base model on scoreset
+    recalibration: EvalSet | None = None  # plan.curves: recalibrated: adaptive BN's images for the correction
 
 
 def run_prune(opts: Options) -> PruneOutcome:
@@ -218,13 +220,17 @@ def _check_plannable(grid: Grid) -> str:
     if grid.sweep.target != "output":
         raise InputError("sweep.target", grid.sweep.target, "a plan removes output channels for real",
                          "output", "sweep with target: output (the default) to plan from it")
+    if grid.plan.curves == "recalibrated" and not grid.sweep.bn_recalibration:
+        raise InputError("plan.curves", "recalibrated", "the sweep measures no recalibrated curves "
+                         "(sweep.bn_recalibration: 0)", "plain, or recalibrated with sweep.bn_recalibration > 0",
+                         "set sweep.bn_recalibration (e.g. 512), or plan.curves: plain")
     return plan_criterion(grid.plan.criterion, grid.sweep.criteria, {n: CRITERIA[n].draws for n in CRITERIA})
 
 
 def _sweep_missing(opts: Options, grid: Grid, trials: TrialPlan) -> None:
     """Measure the points the grid asks for that results.csv lacks: the sweep, resumed in its folder (or run
     fresh when there is none)."""
-    have = {key_of(r) for r in read_rows(grid.folder / "results.csv")}
+    have = {key_of(r) for r in read_rows(grid.folder / "results.csv", skipped=True)}
     missing = len(points_of(trials) - have)
     if not missing and (grid.folder / RANKINGS).is_file():
         log.info("the sweep in %s has all %d points", grid.folder, trials.points)
@@ -252,7 +258,8 @@ def _setting(grid: Grid, trials: TrialPlan, criterion: str) -> Setting:
                          f"{first[1]})", "unit: group, or layers whose channels are theirs alone",
                          "sweep with unit: group to plan every coupled group")
     check_round_to(grid.plan.round_to, grid.plan.min_keep, units.channels)
-    curves = unit_curves(read_rows(grid.folder / "results.csv"), units.channels, criterion)
+    curves = unit_curves(read_rows(grid.folder / "results.csv", skipped=True), units.channels, criterion,
+                         grid.plan.curves)
     device = pick_device()
     mean, std = loaded.normalisation
     evalset = EvalSet.build(data.test, mean, std, grid.model.num_classes, device, grid.sweep.batch_size)
@@ -262,8 +269,11 @@ def _setting(grid: Grid, trials: TrialPlan, criterion: str) -> Setting:
     base_eval = score(on_device, evalset)
     base_score = base_eval if scoreset is evalset else score(on_device, scoreset)
     chosen_on = _chosen_on(grid, data)
+    n = grid.sweep.bn_recalibration if grid.plan.curves == "recalibrated" else 0
+    recalibration = EvalSet.build(data.calibration.take(slice(n)), mean, std, grid.model.num_classes, device,
+                                  grid.sweep.batch_size) if n else None
     return Setting(grid, loaded, data, criterion, units, curves, image_size, base, on_device, evalset, scoreset, scored,
-                   scored_on, chosen_on, counts(base, image_size), base_eval, base_score)
+                   scored_on, chosen_on, counts(base, image_size), base_eval, base_score, recalibration)
 
 
 def _scoring_images(grid: Grid, data: Dataset) -> tuple[Images, str]:
@@ -296,7 +306,11 @@ def make_plan(s: Setting, budget: Budget, method: str, count: Callable[[Mapping[
         return None
 
     def measure(candidate: Plan) -> Measured:
-        with masked(s.on_device, removal_from(candidate.ks, s.units.orders), s.image_size):
+        removal = removal_from(candidate.ks, s.units.orders)
+        if s.recalibration is not None:  # recalibrated curves: the plan measured with adaptive BN too
+            return paired_drop(s.base_eval, score_recalibrated(s.on_device, removal, s.image_size, s.recalibration,
+                                                               s.evalset))
+        with masked(s.on_device, removal, s.image_size):
             return paired_drop(s.base_eval, score(s.on_device, s.evalset))
 
     moves: list[Move] = []

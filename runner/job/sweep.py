@@ -127,7 +127,8 @@ def _run(opts: Options) -> Outcome:
             # plots, report and the W&B summary are made while Ray stops
             reported = pool.submit(finish, grid, plan, data, existing, holdout, trials.failed, tracker, unlogged)
         timeline.mark("ray stop")
-        rows = reported.result()
+        reported.result()
+    rows = read_rows(grid.folder / "results.csv", skipped=True)  # stop_drop's skipped points are done too
     if trials.board.first:
         timeline.mark("first point", trials.board.first)
         timeline.mark("last point", trials.board.last)
