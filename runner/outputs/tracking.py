@@ -92,6 +92,9 @@ class Tracker(Protocol):
     def summary(self, run: RunSpec, rows: Sequence[dict[str, Any]], baseline: float, figures: dict[str, Path],
                 failed: Sequence[str], files: Sequence[Path]) -> None: ...
 
+    def record(self, run: RunSpec, values: dict[str, Any], figures: dict[str, Path],
+               rows: Sequence[dict[str, Any]]) -> None: ...
+
     def close(self) -> None: ...
 
 
@@ -122,6 +125,10 @@ class NullTracker:
 
     def summary(self, run: RunSpec, rows: Sequence[dict[str, Any]], baseline: float, figures: dict[str, Path],
                 failed: Sequence[str], files: Sequence[Path]) -> None:
+        pass
+
+    def record(self, run: RunSpec, values: dict[str, Any], figures: dict[str, Path],
+               rows: Sequence[dict[str, Any]]) -> None:
         pass
 
     def close(self) -> None:
@@ -371,6 +378,23 @@ class WandbTracker:
                                          "points": len(rows)})
         self._safely(self._log_results, wb, files)
         self._safely(wb.finish, exit_code=1 if failed else 0)
+
+    def record(self, run: RunSpec, values: dict[str, Any], figures: dict[str, Path],
+               rows: Sequence[dict[str, Any]]) -> None:
+        """A run that records a finished job's numbers (the validation's): its rows as a table, its figures,
+        and `values` in its summary."""
+        wb = self._start(run, lean=False)
+        if wb is None:
+            return
+        data: dict[str, Any] = {}
+        if rows:
+            columns = list(rows[0])
+            data["table"] = self.wandb.Table(columns=columns, data=[[r.get(c) for c in columns] for r in rows])
+        data.update({f"plots/{name}": self.wandb.Image(str(path)) for name, path in figures.items() if path.is_file()})
+        if data:
+            self._safely(wb.log, data)
+        self._safely(wb.summary.update, values)
+        self._safely(wb.finish, exit_code=0)
 
     def _log_results(self, run: Any, files: Sequence[Path]) -> None:
         """The sweep's outputs as one artifact (copied by W&B: results.csv may grow on a later --resume)."""
