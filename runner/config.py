@@ -204,6 +204,12 @@ class SweepConfig(Section):
     batch_size: int = Field(500, ge=1, le=65_536)  # evaluation and calibration batch
     retries: int = Field(2, ge=0, le=100)  # a crashed trial is retried this many times
     feature_map_points: int = Field(3, ge=0, le=100)  # K values per layer whose feature maps go to disk
+    # adaptive BN: images of the calibration hold-out that re-estimate the BatchNorm statistics a mask reaches
+    # before each point is scored a second time (docs/adaptive-bn.md); 0 = off
+    bn_recalibration: int = Field(0, ge=0, le=1_000_000)
+    # a curve stops once a point's drop is above this many points beyond doubt (its interval's lower end); the
+    # larger K are recorded as skipped; null = every K measured
+    stop_drop: Annotated[float | None, Field(gt=0, le=100), Allowed("null, or points of accuracy, 0 < D <= 100")] = None
 
     @model_validator(mode="after")
     def _group_output(self) -> "SweepConfig":
@@ -310,6 +316,9 @@ class PlanConfig(Section):
     score_on: Literal["eval", "test"] = "eval"
     # knapsack and threshold: moves of the combined-plan correction (runner.planning.correction); 0 = none
     max_corrections: int = Field(8, ge=0, le=1000)
+    # which curves plan: plain (the trained BatchNorm statistics) or recalibrated (after adaptive BN, which needs
+    # sweep.bn_recalibration > 0; the correction then measures with adaptive BN too): docs/adaptive-bn.md
+    curves: Literal["plain", "recalibrated"] = "plain"
 
     @field_validator("budgets")
     @classmethod

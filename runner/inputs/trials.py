@@ -142,6 +142,10 @@ def ks_for(spec: KSpec, channels: int) -> tuple[int, ...]:
 def plan_trials(grid: Grid) -> TrialPlan:
     """Resolve and check the sweep section against the network; raises InputError on the first problem."""
     sweep = grid.sweep
+    if sweep.bn_recalibration > grid.data.calibration_size:
+        raise InputError("sweep.bn_recalibration", sweep.bn_recalibration, "more images than the calibration "
+                         f"hold-out has ({grid.data.calibration_size})", f"0 .. {grid.data.calibration_size}",
+                         "lower it, or raise data.calibration_size")
     # the shapes come from one forward of zeros on the CPU: on meta tensors that forward imports torch._dynamo and
     # moving them to the CPU imports sympy, 0.7 s and 0.15 s of every sweep's start (initialising the weights: 6 ms
     # for the demo's network, 0.14 s for torchvision's resnet50)

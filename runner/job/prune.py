@@ -40,6 +40,7 @@ from runner.outputs import plans as plan_files
 from runner.outputs.rankings import NAME as RANKINGS, read_rankings
 from runner.outputs.results import key_of, read_rows
 from runner.outputs.tracking import RunSpec, Tracking, make_tracker, model_artifact
+from runner.planning.adaptive import score_recalibrated
 from runner.planning.correction import Corrected, Measured, Move, correct
 from runner.planning.curves import Curve, check_round_to
 from runner.planning.export import export_onnx, onnx_logits, open_pruned, save_pruned, spec_meta
@@ -85,6 +86,7 @@ class Setting:
     base_counts: Counts
     base_eval: Evaluation  # the base model on evalset
     base_score: Evaluation  # the base model on scoreset
+    recalibration: EvalSet | None = None  # plan.curves: recalibrated: adaptive BN's images for the correction
     methods: tuple[str, ...] = ()  # plan.methods less those skipped
     skipped: Mapping[str, str] = field(default_factory=dict)  # plan methods skipped -> why (said in the report)
 
@@ -182,13 +184,17 @@ def _check_plannable(grid: Grid) -> str:
     if grid.sweep.target != "output":
         raise InputError("sweep.target", grid.sweep.target, "a plan removes output channels for real",
                          "output", "sweep with target: output (the default) to plan from it")
+    if grid.plan.curves == "recalibrated" and not grid.sweep.bn_recalibration:
+        raise InputError("plan.curves", "recalibrated", "the sweep measures no recalibrated curves "
+                         "(sweep.bn_recalibration: 0)", "plain, or recalibrated with sweep.bn_recalibration > 0",
+                         "set sweep.bn_recalibration (e.g. 512), or plan.curves: plain")
     return plan_criterion(grid.plan.criterion, grid.sweep.criteria, {n: CRITERIA[n].draws for n in CRITERIA})
 
 
 def _sweep_missing(opts: Options, grid: Grid, trials: TrialPlan) -> None:
     """Measure the points the grid asks for that results.csv lacks: the sweep, resumed in its folder (or run
     fresh when there is none)."""
-    have = {key_of(r) for r in read_rows(grid.folder / "results.csv")}
+    have = {key_of(r) for r in read_rows(grid.folder / "results.csv", skipped=True)}
     missing = len(points_of(trials) - have)
     if not missing and (grid.folder / RANKINGS).is_file():
         log.info("the sweep in %s has all %d points", grid.folder, trials.points)
@@ -216,7 +222,8 @@ def _setting(grid: Grid, trials: TrialPlan, criterion: str) -> Setting:
                          f"{first[1]})", "unit: group, or layers whose channels are theirs alone",
                          "sweep with unit: group to plan every coupled group")
     check_round_to(grid.plan.round_to, grid.plan.min_keep, units.channels)
-    curves = unit_curves(read_rows(grid.folder / "results.csv"), units.channels, criterion)
+    curves = unit_curves(read_rows(grid.folder / "results.csv", skipped=True), units.channels, criterion,
+                         grid.plan.curves)
     device = pick_device()
     mean, std = loaded.normalisation
     evalset = EvalSet.build(data.test, mean, std, grid.model.num_classes, device, grid.sweep.batch_size)
@@ -226,8 +233,11 @@ def _setting(grid: Grid, trials: TrialPlan, criterion: str) -> Setting:
     base_eval = score(on_device, evalset)
     base_score = base_eval if scoreset is evalset else score(on_device, scoreset)
     chosen_on = f"the sweep's {len(data.test):,} eval images ({data.name} test images 1-{len(data.test):,})"
+    n = grid.sweep.bn_recalibration if grid.plan.curves == "recalibrated" else 0
+    recalibration = EvalSet.build(data.calibration.take(slice(n)), mean, std, grid.model.num_classes, device,
+                                  grid.sweep.batch_size) if n else None
     return Setting(grid, loaded, data, criterion, units, curves, image_size, base, on_device, evalset, scoreset, scored,
-                   scored_on, chosen_on, counts(base, image_size), base_eval, base_score)
+                   scored_on, chosen_on, counts(base, image_size), base_eval, base_score, recalibration)
 
 
 def _scoring_images(grid: Grid, data: Dataset) -> tuple[Images, str]:
@@ -307,13 +317,11 @@ def choose_plan(s: Setting, budget: Budget, method: str, count: Callable[[Mappin
     name = f"{budget.label}-{method}"
     p = s.grid.plan
     if method == "global":
-        def measure_removal(removal: Mapping[str, Any]) -> Measured:
-            with masked(s.on_device, removal, s.image_size):
-                return paired_drop(s.base_eval, score(s.on_device, s.evalset))
-
+        gradients = calibration_gradients(s.data.calibration, *s.loaded.normalisation, s.grid.sweep.batch_size) \
+            if s.criterion in NEEDS_GRADIENTS else None
         return global_choice(s.base, s.criterion, budget.kind, budget.keep, s.image_size, s.curves,
-                             list(s.units.channels), getattr(s.base_counts, budget.kind), measure_removal,
-                             calibration_gradients(s.data.calibration, *s.loaded.normalisation, s.grid.sweep.batch_size) if s.criterion in NEEDS_GRADIENTS else None)
+                             list(s.units.channels), getattr(s.base_counts, budget.kind),
+                             lambda removal: _measure_removal(s, removal), gradients)
     planner = Planner(s.curves, budget.kind, budget.keep, getattr(s.base_counts, budget.kind), method, p.round_to,
                       p.min_keep)
     plan = planner.fit(count)
@@ -323,8 +331,7 @@ def choose_plan(s: Setting, budget: Budget, method: str, count: Callable[[Mappin
         return None
 
     def measure(candidate: Plan) -> Measured:
-        with masked(s.on_device, removal_from(candidate.ks, s.units.orders), s.image_size):
-            return paired_drop(s.base_eval, score(s.on_device, s.evalset))
+        return _measure_removal(s, removal_from(candidate.ks, s.units.orders))
 
     moves: list[Move] = []
 
@@ -339,6 +346,16 @@ def choose_plan(s: Setting, budget: Budget, method: str, count: Callable[[Mappin
     limit = 0 if method == "uniform" else p.max_corrections
     corrected = correct(plan, lambda caps: planner.fit(count, caps), measure, limit, moved)
     return plan, corrected, removal_from(corrected.plan.ks, s.units.orders)
+
+
+def _measure_removal(s: Setting, removal: Mapping[str, Any]) -> Measured:
+    """A whole plan's drop on the images that choose plans, with all its masks at once (and adaptive BN when the
+    plan reads recalibrated curves)."""
+    if s.recalibration is not None:
+        return paired_drop(s.base_eval, score_recalibrated(s.on_device, removal, s.image_size, s.recalibration,
+                                                           s.evalset))
+    with masked(s.on_device, removal, s.image_size):
+        return paired_drop(s.base_eval, score(s.on_device, s.evalset))
 
 
 def _measured_columns(c: Corrected) -> dict[str, Any]:

@@ -120,7 +120,8 @@ def run_sweep(opts: Options) -> Outcome:
             # plots, report and the W&B summary are made while Ray stops
             reported = pool.submit(finish, grid, plan, data, existing, holdout, trials.failed, tracker)
         timeline.mark("ray stop")
-        rows = reported.result()
+        reported.result()
+    rows = read_rows(grid.folder / "results.csv", skipped=True)  # stop_drop's skipped points are done too
     if trials.board.first:
         timeline.mark("first point", trials.board.first)
         timeline.mark("last point", trials.board.last)

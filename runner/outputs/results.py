@@ -15,13 +15,20 @@ from typing import TYPE_CHECKING, Any, Iterable, NamedTuple
 if TYPE_CHECKING:
     import pandas
 
+# the point after adaptive BN (sweep.bn_recalibration > 0; empty cells otherwise): the same numbers as the
+# plain point's, against the same baseline, and the images its statistics were estimated on
+RECALIBRATED = ("accuracy_recalibrated", "loss_recalibrated", "accuracy_drop_recalibrated", "drop_low_recalibrated",
+                "drop_high_recalibrated", "right_to_wrong_recalibrated", "wrong_to_right_recalibrated",
+                "bn_recalibrated")
 COLUMNS = ("unit", "layer", "criterion", "target", "k", "repeat", "fraction", "channels", "accuracy", "loss",
            "baseline_accuracy", "accuracy_drop", "drop_low", "drop_high", "right_to_wrong", "wrong_to_right",
-           "params_removed", "macs_removed", "eval_images", "checkpoint_sha256", "seconds", "node", "device", "dtype",
-           "per_class_accuracy")
+           *RECALIBRATED, "params_removed", "macs_removed", "eval_images", "skipped", "checkpoint_sha256", "seconds",
+           "node", "device", "dtype", "per_class_accuracy")
 INTS = {"k", "repeat", "channels", "params_removed", "macs_removed", "eval_images", "right_to_wrong",
-        "wrong_to_right"}
-FLOATS = {"fraction", "accuracy", "loss", "baseline_accuracy", "accuracy_drop", "drop_low", "drop_high", "seconds"}
+        "wrong_to_right", "right_to_wrong_recalibrated", "wrong_to_right_recalibrated", "bn_recalibrated", "skipped"}
+FLOATS = {"fraction", "accuracy", "loss", "baseline_accuracy", "accuracy_drop", "drop_low", "drop_high", "seconds",
+          "accuracy_recalibrated", "loss_recalibrated", "accuracy_drop_recalibrated", "drop_low_recalibrated",
+          "drop_high_recalibrated"}
 # ids that may look like numbers
 TEXTS = {"unit", "layer", "criterion", "target", "checkpoint_sha256", "node", "device", "dtype"}
 
@@ -67,8 +74,14 @@ def key_of(row: dict[str, Any]) -> Key:
     return row["layer"], row["criterion"], int(row["k"]), int(row.get("repeat") or 0)
 
 
-def read_rows(path: Path) -> list[dict[str, Any]]:
-    """Rows of a results file, typed; a last line cut short by a crash is ignored."""
+def is_skipped(row: dict[str, Any]) -> bool:
+    """A point the trial did not measure (sweep.stop_drop): recorded, so that nothing measures it as missing."""
+    return bool(row.get("skipped"))
+
+
+def read_rows(path: Path, skipped: bool = False) -> list[dict[str, Any]]:
+    """Rows of a results file, typed; a last line cut short by a crash is ignored. The measured points only,
+    unless `skipped` (then the points stop_drop skipped too, with empty numbers)."""
     if not path.is_file():
         return []
     text = path.read_text(encoding="utf-8")
@@ -81,7 +94,8 @@ def read_rows(path: Path) -> list[dict[str, Any]]:
             row[c] = int(row[c]) if row[c] != "" else None
         for c in FLOATS & row.keys():
             row[c] = float(row[c]) if row[c] != "" else None
-        rows.append(row)
+        if skipped or not is_skipped(row):
+            rows.append(row)
     return rows
 
 
@@ -95,8 +109,8 @@ def frame_of(path: Path) -> "pandas.DataFrame":
     columns = list(rows[0]) if rows else list(COLUMNS)
     frame = pd.DataFrame.from_records(rows, columns=columns)
     for c in columns:
-        if c in INTS:
-            frame[c] = frame[c].astype("int64")
+        if c in INTS:  # an empty cell (nothing measured there) makes the column float, with nan
+            frame[c] = frame[c].astype("int64" if frame[c].notna().all() else "float64")
         elif c in FLOATS:
             frame[c] = frame[c].astype("float64")
         elif c == "per_class_accuracy":
@@ -125,12 +139,20 @@ class ResultsTable:
 
     def __init__(self, path: Path) -> None:
         self.path = path
-        self.rows = read_rows(path)
+        self.rows = read_rows(path, skipped=True)
         self.keys = {key_of(r) for r in self.rows}
+        self.columns = COLUMNS
         if self.path.is_file():
             self._trim_partial_line()
+            with open(self.path, encoding="utf-8") as f:  # a file begun by another version keeps its own columns
+                self.columns = tuple(next(csv.reader(f), COLUMNS)) or COLUMNS
         else:
             self._append(",".join(COLUMNS) + "\n")
+
+    @property
+    def measured(self) -> list[dict[str, Any]]:
+        """The rows of measured points (not those stop_drop skipped)."""
+        return [r for r in self.rows if not is_skipped(r)]
 
     def _trim_partial_line(self) -> None:
         data = self.path.read_bytes()
@@ -144,7 +166,7 @@ class ResultsTable:
         if key in self.keys:
             return False
         line = io.StringIO()
-        csv.writer(line, lineterminator="\n").writerow([_cell(row.get(c, "")) for c in COLUMNS])
+        csv.writer(line, lineterminator="\n").writerow([_cell(row.get(c, "")) for c in self.columns])
         self._append(line.getvalue())
         self.keys.add(key)
         self.rows.append(row)
@@ -167,6 +189,10 @@ class ResultsTable:
 
 
 def _cell(value: Any) -> Any:
+    if value is None or (isinstance(value, float) and value != value):  # not measured: an empty cell
+        return ""
+    if isinstance(value, bool):
+        return int(value)
     if isinstance(value, float):
         return repr(round(value, 6))
     if isinstance(value, (list, tuple)):

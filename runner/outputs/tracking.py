@@ -38,7 +38,8 @@ log = logging.getLogger(__name__)
 
 DEFAULT_BASE_URL = "https://api.wandb.ai"
 POINT_METRICS = ("accuracy", "accuracy_drop", "drop_low", "drop_high", "loss", "fraction", "params_removed",
-                 "macs_removed", "repeat")
+                 "macs_removed", "repeat", "accuracy_recalibrated", "accuracy_drop_recalibrated",
+                 "drop_low_recalibrated", "drop_high_recalibrated")  # *_recalibrated: after adaptive BN, when on
 TRIAL_CONFIG = ("baseline_accuracy", "device", "dtype")  # a trial run's config, from its first row
 TRAIN_METRICS = ("loss", "train_accuracy", "lr", "seconds")
 Picture = np.ndarray | Path  # a feature-map image: uint8 RGB pixels, or a PNG file of them
@@ -358,19 +359,11 @@ class WandbTracker:
             columns = [c for c in rows[0] if c != "per_class_accuracy"]
             table = wandb.Table(columns=columns, data=[[r[c] for c in columns] for r in rows])
             trials = by_trial(rows)
-            series = sorted(trials)
-            xs, ys = [], []
-            for t in series:
-                by_k: dict[int, list[float]] = {}  # random: the mean over its draws
-                for r in trials[t]:
-                    by_k.setdefault(r["k"], []).append(r["accuracy"])
-                xs.append(list(by_k))
-                ys.append([sum(v) / len(v) for v in by_k.values()])
-            data: dict[str, Any] = {
-                "results": table,
-                "accuracy_vs_k": wandb.plot.line_series(xs=xs, ys=ys, keys=[t.key for t in series],
-                                                        title="accuracy vs K", xname="K (channels pruned)"),
-            }
+            data: dict[str, Any] = {"results": table, "accuracy_vs_k": self._series(
+                trials, "accuracy", "accuracy vs K (plain: the trained BatchNorm statistics)")}
+            if rows[0].get("accuracy_recalibrated") is not None:
+                data["accuracy_vs_k_recalibrated"] = self._series(
+                    trials, "accuracy_recalibrated", "accuracy vs K after adaptive BN (recalibrated)")
             data.update({f"plots/{name}": wandb.Image(str(path)) for name, path in figures.items()
                          if path.is_file()})
             self._safely(wb.log, data)
@@ -395,6 +388,19 @@ class WandbTracker:
             self._safely(wb.log, data)
         self._safely(wb.summary.update, values)
         self._safely(wb.finish, exit_code=0)
+
+    def _series(self, trials: dict, column: str, title: str) -> Any:
+        """One line per trial of `column` against K (random: the mean over its draws)."""
+        series = sorted(trials)
+        xs, ys = [], []
+        for t in series:
+            by_k: dict[int, list[float]] = {}
+            for r in trials[t]:
+                by_k.setdefault(r["k"], []).append(r[column])
+            xs.append(list(by_k))
+            ys.append([sum(v) / len(v) for v in by_k.values()])
+        return self.wandb.plot.line_series(xs=xs, ys=ys, keys=[t.key for t in series], title=title,
+                                           xname="K (channels pruned)")
 
     def _log_results(self, run: Any, files: Sequence[Path]) -> None:
         """The sweep's outputs as one artifact (copied by W&B: results.csv may grow on a later --resume)."""
