@@ -1,7 +1,8 @@
 """The validate job (docs/validation.md): does the sweep predict? For each budget, `validate.random_plans` random
 plans that meet it and the plan methods' plans; for each plan its predicted drop from the plain and from the
-recalibrated curves, its one-shot accuracy masked and after adaptive BN (on the sweep's eval images, which
-choose plans), and its accuracy after the plan section's fine-tuning (Ray Tune trials in parallel, W&B runs of
+recalibrated curves, its one-shot accuracy masked and after adaptive BN (the BatchNorm layers its masks reach
+re-estimated on validate.bn_images calibration hold-out images, as the sweep's points are; both on the sweep's
+eval images, which choose plans), and its accuracy after the plan section's fine-tuning (Ray Tune trials in parallel, W&B runs of
 job type `validate`) on `plan.score_on`'s images. Outputs: validation.csv, plots/validation.png, the report's
 validation section with each predictor's rank correlations over the random plans, and a W&B `validation` run.
 
@@ -12,7 +13,6 @@ finetuned.json) is not fine-tuned again.
 
 from __future__ import annotations
 
-import copy
 import json
 import logging
 import time
@@ -24,7 +24,6 @@ from typing import Any, Mapping
 import numpy as np
 
 from runner.config import Budget
-from runner.engine.device import place
 from runner.engine.evaluate import Evaluation
 from runner.engine.measure import EvalSet
 from runner.errors import InputError
@@ -41,13 +40,14 @@ from runner.planning.export import save_pruned
 from runner.planning.removal import counter, counts, masked, pruned_copy, removal_from
 from runner.planning.scoring import accuracy_interval, difference, score
 from runner.planning.units import unit_curves
-from runner.planning.validation import draw_ratios, predicted_drop, random_plan, recalibrate_bn
+from runner.planning.adaptive import score_recalibrated
+from runner.planning.global_plan import quick_counter
+from runner.planning.validation import draw_ratios, predicted_drop, random_plan
 from runner.storage import write_text
 
 log = logging.getLogger(__name__)
 
 MEASURED, FINETUNED = "measured.json", "finetuned.json"
-RECALIBRATED = "accuracy_drop_recalibrated"  # results.csv's column of the adaptive-BN curves
 
 
 @dataclass
@@ -98,10 +98,12 @@ def run_validate(opts: Options) -> ValidateOutcome:
     _check(grid, grid.data.calibration_size)
     criterion = _check_plannable(grid)
     methods, skipped = plan_methods_of(grid, criterion)
+    swept = time.time()
     _sweep_missing(opts, grid, trials)
+    wall = {"sweep of missing points": time.time() - swept}
     s = replace(_setting(grid, trials, criterion), methods=tuple(methods), skipped=skipped)
-    recal = _recalibrated_curves(s)
-    cpu: dict[str, float] = {"setup": time.process_time() - cpu0}
+    plain, recal = _curves_of(s)
+    cpu: dict[str, float] = {"setup and sweep (driver)": time.process_time() - cpu0}
     mean, std = s.loaded.normalisation
     calibration = EvalSet.build(s.data.calibration.take(slice(0, grid.validate.bn_images)), mean, std,
                                 grid.model.num_classes, s.evalset.inputs[0].device, grid.sweep.batch_size)
@@ -109,10 +111,11 @@ def run_validate(opts: Options) -> ValidateOutcome:
     rows: dict[str, dict[str, Any]] = {}
     failed: list[str] = []
     with folder_lock(grid.folder):
-        t = time.process_time()
+        t, w = time.process_time(), time.time()
         for b, budget in enumerate(grid.plan.budgets):
             count = counter(s.base, s.units.orders, budget.kind, s.image_size)
-            for name, method, make in _plans(s, b, budget, count):
+            quick = quick_counter(s.base, s.units.orders, budget.kind, s.image_size)
+            for name, method, make in _plans(s, b, budget, count, quick):
                 folder = root / name
                 row = _read_json(folder / MEASURED)
                 if row is None:
@@ -120,32 +123,40 @@ def run_validate(opts: Options) -> ValidateOutcome:
                     if made is None:
                         failed.append(name)
                         continue
-                    row = _measure(s, name, budget, method, made, recal, calibration, folder)
+                    row = _measure(s, name, budget, method, made, (plain, recal), calibration, folder)
                 rows[name] = row
         cpu["plans and one-shot measurements"] = time.process_time() - t
-        todo = {n: r for n, r in rows.items() if not (Path(r["folder"]) / CORRECT.format("finetuned")).is_file()}
-        t = time.process_time()
+        wall["plans and one-shot measurements"] = time.time() - w
+        for row in rows.values():
+            row.update(accuracy_finetuned=float("nan"), accuracy_finetuned_low=float("nan"),
+                       accuracy_finetuned_high=float("nan"))
+        out.write_validation_csv(grid.folder, rows.values())  # the predictors, before the long part
+        # the methods' plans first: their comparison is read even when the job is stopped before the end
+        todo = {n: r for n, r in sorted(rows.items(), key=lambda nr: nr[1]["method"] == out.RANDOM)
+                if not (Path(r["folder"]) / CORRECT.format("finetuned")).is_file()}
+        t, w = time.process_time(), time.time()
         if todo:
             failed += _finetune(opts, s, todo)
         cpu["fine-tuning (driver)"] = time.process_time() - t
+        wall["fine-tuning"] = time.time() - w
         cpu["fine-tuning (trials)"] = 0.0
-        for name, row in rows.items():
-            done = _read_json(Path(row["folder"]) / FINETUNED)
+        for row in rows.values():
             correct = Path(row["folder"]) / CORRECT.format("finetuned")
-            if done is None or not correct.is_file():
-                row.update(accuracy_finetuned=float("nan"), accuracy_finetuned_low=float("nan"),
-                           accuracy_finetuned_high=float("nan"))
+            if not correct.is_file():
                 continue
             verdicts = np.load(correct)
             low, high = _wilson(verdicts)
+            done = _read_json(Path(row["folder"]) / FINETUNED) or {}
             row.update(accuracy_finetuned=100 * float(verdicts.mean()), accuracy_finetuned_low=low,
                        accuracy_finetuned_high=high, finetune_cpu_seconds=done.get("cpu_seconds", float("nan")))
             cpu["fine-tuning (trials)"] += float(done.get("cpu_seconds") or 0.0)
         table = out.write_validation_csv(grid.folder, rows.values())
         corr = out.correlations(table, grid.validate.seed)
         versus = _versus(rows, methods)
-        out.write_validation_section(grid.folder, table, corr, versus, _words(s, cpu))
+        out.write_validation_section(grid.folder, table, corr, versus, _words(s, cpu, wall))
         _record(s, table, corr, versus, cpu)
+    log.info("CPU seconds: %s; wall seconds: %s", ", ".join(f"{k} {v:.0f}" for k, v in cpu.items()),
+             ", ".join(f"{k} {v:.0f}" for k, v in wall.items()))
     log.info("wrote %s, %s and the validation section of %s", grid.folder / out.CSV, grid.folder / out.FIGURE,
              grid.folder / "report.md")
     for c in corr:
@@ -155,32 +166,31 @@ def run_validate(opts: Options) -> ValidateOutcome:
     return ValidateOutcome(grid.folder, list(rows.values()), corr, sorted(set(failed)), time.time() - started, cpu)
 
 
-def _recalibrated_curves(s: Setting) -> list | None:
-    """The units' curves from results.csv's recalibrated drops, when the sweep measured them."""
-    rows = read_rows(s.grid.folder / "results.csv")
-    usable = [r for r in rows if str(r.get(RECALIBRATED, "")).strip() not in ("", "nan", "None")]
-    if not usable:
-        return None
-    try:
-        return unit_curves([{**r, "accuracy_drop": r[RECALIBRATED]} for r in usable], s.units.channels, s.criterion)
-    except InputError:
-        log.warning("results.csv lacks recalibrated points of some units: predicted_drop_recalibrated left empty")
-        return None
+def _curves_of(s: Setting) -> tuple[list, list | None]:
+    """The units' plain curves, and their recalibrated ones when the sweep measured them (sweep.bn_recalibration)."""
+    rows = read_rows(s.grid.folder / "results.csv", skipped=True)
+    plain = unit_curves(rows, s.units.channels, s.criterion, "plain")
+    recal = unit_curves(rows, s.units.channels, s.criterion, "recalibrated") if s.grid.sweep.bn_recalibration \
+        else None
+    return plain, recal
 
 
-def _plans(s: Setting, b: int, budget: Budget, count: Any) -> list[tuple[str, str, Any]]:
-    """(name, method, make) per plan of the budget: `make()` returns (ks or None, removal) or None."""
+def _plans(s: Setting, b: int, budget: Budget, count: Any, quick: Any) -> list[tuple[str, str, Any]]:
+    """(name, method, make) per plan of the budget: `make()` returns (ks, removal) or None. Random plans are
+    fitted with `quick` (quick_counts) and checked with `count`, which the methods use."""
     v, p = s.grid.validate, s.grid.plan
     target = getattr(s.base_counts, budget.kind) * budget.keep
     plans = []
     for i in range(v.random_plans):
         def make(i: int = i) -> tuple[dict[str, int], dict[str, list[int]]] | None:
             ratios = draw_ratios(v.seed, b, i, len(s.curves))
-            ks = random_plan(s.curves, ratios, target, count, p.round_to, p.min_keep)
+            ks = random_plan(s.curves, ratios, target, quick, p.round_to, p.min_keep)
             if ks is None:
                 log.warning("%s: even every unit at its largest measured K misses the budget",
                             out_name(budget, i))
                 return None
+            if count(ks) != quick(ks):
+                raise RuntimeError(f"{out_name(budget, i)}: quick_counts {quick(ks)} != counts {count(ks)}")
             return ks, removal_from(ks, s.units.orders)
         plans.append((out_name(budget, i), out.RANDOM, make))
     for method in s.methods:
@@ -203,22 +213,22 @@ def _wilson(correct: np.ndarray) -> tuple[float, float]:
 
 
 def _measure(s: Setting, name: str, budget: Budget, method: str, made: tuple[dict[str, int], dict[str, list[int]]],
-             recal: list | None, calibration: EvalSet, folder: Path) -> dict[str, Any]:
+             curves: tuple[list, list | None], calibration: EvalSet, folder: Path) -> dict[str, Any]:
     """One plan's predictions and one-shot accuracies; its pruned model saved for fine-tuning."""
     ks, removal = made
+    plain, recal = curves
     with masked(s.on_device, removal, s.image_size):
         masked_eval = score(s.on_device, s.evalset)
     pruned = pruned_copy(s.base, removal, s.image_size)
     kept = counts(pruned, s.image_size)
-    adapted = recalibrate_bn(place(copy.deepcopy(pruned), calibration.inputs[0].device), calibration.inputs)
-    recal_eval = score(adapted, s.evalset)
+    recal_eval = score_recalibrated(s.on_device, removal, s.image_size, calibration, s.evalset)
     folder.mkdir(parents=True, exist_ok=True)
     save_pruned(folder / "pruned.pt", pruned, removal, _pruned_meta(s, name, float("nan")))
     m_low, m_high = accuracy_interval(masked_eval)
     r_low, r_high = accuracy_interval(recal_eval)
     row = {"plan": name, "budget": budget.label, "method": method,
            "macs_kept": kept.macs / s.base_counts.macs, "params_kept": kept.params / s.base_counts.params,
-           "predicted_drop_plain": predicted_drop(ks, s.curves),
+           "predicted_drop_plain": predicted_drop(ks, plain),
            "predicted_drop_recalibrated": predicted_drop(ks, recal) if recal is not None else float("nan"),
            "accuracy_masked": masked_eval.accuracy, "accuracy_masked_low": m_low, "accuracy_masked_high": m_high,
            "accuracy_recalibrated": recal_eval.accuracy, "accuracy_recalibrated_low": r_low,
@@ -296,12 +306,12 @@ def _versus(rows: Mapping[str, dict[str, Any]], methods: list[str]) -> list[dict
     return pairs
 
 
-def _words(s: Setting, cpu: Mapping[str, float]) -> dict[str, Any]:
+def _words(s: Setting, cpu: Mapping[str, float], wall: Mapping[str, float]) -> dict[str, Any]:
     recipe = recipe_of(s.grid.plan.finetune)
     return {"random_plans": s.grid.validate.random_plans, "criterion": s.criterion, "chosen_on": s.chosen_on,
             "scored_on": s.scored_on, "bn_images": s.grid.validate.bn_images,
             "finetune": f"{recipe.epochs} epochs, {recipe.optimizer}, lr {recipe.lr:g}, {recipe.schedule}",
-            "cpu": dict(cpu)}
+            "cpu": dict(cpu), "wall": dict(wall)}
 
 
 def _record(s: Setting, table: Any, corr: list[dict[str, Any]], versus: list[dict[str, Any]],

@@ -211,6 +211,10 @@ def validation_section(table: pd.DataFrame, corr: Sequence[Mapping[str, Any]], v
                      f"{_f(r['predicted_drop_recalibrated'], 1)} | {_f(r['accuracy_masked'], 1)} | "
                      f"{_f(r['accuracy_recalibrated'], 1)} | {_f(r['accuracy_finetuned'])} "
                      f"[{_f(r['accuracy_finetuned_low'])}, {_f(r['accuracy_finetuned_high'])}] |")
+    if words.get("cpu"):
+        lines += ["", "Cost: CPU seconds " + ", ".join(f"{k} {v:,.0f}" for k, v in words["cpu"].items())
+                  + "; wall seconds " + ", ".join(f"{k} {v:,.0f}" for k, v in (words.get("wall") or {}).items())
+                  + "."]
     lines += ["", f"![fine-tuned accuracy vs each predictor]({FIGURE})", "",
               "How to read it: docs/validation.md.", "", END]
     return lines

@@ -5,7 +5,7 @@ Its importance is Torch-Pruning's own that matches the plan criterion (`IMPORTAN
 (mean_activation, ...) has no global plan. It prunes every coupled group Torch-Pruning finds (conv output
 channels; linear layers and the network's output layer are left alone), whatever `sweep.unit` is. Its one knob,
 the global pruning ratio, is bisected until the budget is met, counted on the pruned model: the smallest ratio
-whose model keeps at most the budget's MACs (or params).
+whose model keeps at most the budget's MACs (or params), the first found scanning up from 0.
 
 The channels it removes come back as our removal ({conv name: base model channel indices}, each group named by
 a plan unit's conv when it holds one), so the plan is saved, masked, fine-tuned and verified like every other;
@@ -58,6 +58,46 @@ class GlobalPlan:
     removal: dict[str, list[int]]  # conv name -> base model channels removed
     counted: Counts  # the pruned model's
     tries: int  # pruned models counted while bisecting the ratio
+
+
+def quick_counts(model: nn.Module, image_size: int) -> Counts:
+    """`removal.counts` without FlopCounterMode's overhead, for searches that count many candidate models:
+    a conv's MACs are its output elements times (input channels / groups) x kernel area, a linear's its input
+    times output features, read on the model as it is (its shapes, one forward for the output sizes). Tests hold
+    it equal to `counts`; what a job reports is counted with `counts`."""
+    total = [0]
+
+    def add(m: nn.Module, args: tuple, out: torch.Tensor) -> None:
+        if isinstance(m, nn.Conv2d):
+            total[0] += out[0].numel() * (m.in_channels // m.groups) * m.kernel_size[0] * m.kernel_size[1]
+        else:
+            total[0] += out[0].numel() * m.in_features
+
+    hooks = [m.register_forward_hook(add) for m in model.modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
+    try:
+        with eval_mode(model), torch.no_grad():
+            model(torch.zeros(1, 3, image_size, image_size, device=next(model.parameters()).device))
+    finally:
+        for h in hooks:
+            h.remove()
+    return Counts(total[0], sum(p.numel() for p in model.parameters()))
+
+
+def quick_counter(model: nn.Module, orders: Mapping[str, Sequence[int]], kind: str,
+                  image_size: int) -> Callable[[Mapping[str, int]], float]:
+    """`removal.counter` with `quick_counts`: a plan's physically pruned model, counted (memoised)."""
+    from runner.planning.removal import removal_from
+
+    seen: dict[tuple, float] = {}
+
+    def kept(ks: Mapping[str, int]) -> float:
+        key = tuple(sorted(ks.items()))
+        if key not in seen:
+            seen[key] = getattr(quick_counts(pruned_copy(model, removal_from(ks, orders), image_size),
+                                             image_size), kind)
+        return seen[key]
+
+    return kept
 
 
 def _ignored(model: nn.Module, image_size: int) -> list[nn.Module]:
@@ -123,8 +163,9 @@ def fit_global(base: nn.Module, criterion: str, kind: str, keep: float, image_si
                gradients: Gradients | None = None, units: Sequence[str] = (), tolerance: float = 1e-4,
                max_tries: int = 30) -> GlobalPlan | None:
     """The smallest global pruning ratio whose pruned model keeps at most `keep` of the base model's MACs or
-    params (bisected on the counted model); None when even the largest ratio tried misses the budget."""
-    base_total = getattr(counts(base, image_size), kind)
+    params (found on a scan in steps of 0.1, then bisected, each ratio counted on its pruned model); None when no
+    ratio up to 0.9 meets the budget."""
+    base_total = getattr(quick_counts(base, image_size), kind)
     target = keep * base_total
     tried: dict[float, tuple[dict[str, list[int]], Counts]] = {}
 
@@ -132,11 +173,19 @@ def fit_global(base: nn.Module, criterion: str, kind: str, keep: float, image_si
         if ratio not in tried:
             model = copy.deepcopy(base)
             removal = prune_globally(model, criterion, ratio, image_size, gradients)
-            tried[ratio] = (removal, counts(model, image_size))
+            tried[ratio] = (removal, quick_counts(model, image_size))
         return tried[ratio]
 
-    low, high = 0.0, 0.99  # low misses the budget (nothing pruned), high is checked first
-    if getattr(attempt(high)[1], kind) > target:
+    # pruning more channels does not always shrink the model: a group whose every channel falls under the global
+    # threshold is skipped whole by Torch-Pruning, so the first ratio that fits is found on a coarse scan upward
+    # and then bisected against the one below it
+    low, high = 0.0, None
+    for step in range(1, 10):
+        if getattr(attempt(step / 10)[1], kind) <= target:
+            high = step / 10
+            break
+        low = step / 10
+    if high is None:
         return None
     while high - low > tolerance and len(tried) < max_tries:
         mid = (low + high) / 2
@@ -149,7 +198,7 @@ def fit_global(base: nn.Module, criterion: str, kind: str, keep: float, image_si
     check = counts(pruned_copy(base, removal, image_size), image_size)
     if check != counted:
         raise RuntimeError(f"the removal read back from Torch-Pruning's global pruning counts {check}, its model "
-                           f"{counted}")
+                           f"{counted} (quick_counts)")
     return GlobalPlan(high, removal, counted, len(tried))
 
 
