@@ -1,5 +1,6 @@
 """The global baseline (Torch-Pruning's global pruning as a plan) and `prune-sweep validate`'s parts: random plans
-fitted to a budget, predicted drops, the rank correlations against scipy, validation.csv; the job's input checks and dry run; and (slow) the job end to end."""
+fitted to a budget, predicted drops, the rank correlations against scipy, validation.csv; the job's input checks
+and dry run; and (slow) the job end to end."""
 
 from __future__ import annotations
 
@@ -193,6 +194,15 @@ def test_correlations_flip_drops_and_come_with_bootstrap_intervals(tmp_path) -> 
         out.validation_table([{k: v for k, v in rows[0].items() if k != "accuracy_finetuned"}])
 
 
+def test_the_adaptive_bn_gain_counts_points_that_prune_at_least_half_a_unit() -> None:
+    rows = [{"criterion": "l1_norm", "fraction": f, "accuracy": a, "accuracy_recalibrated": r}
+            for f, a, r in [(0.25, 80.0, 10.0), (0.5, 20.0, 60.0), (0.75, 10.0, 40.0), (1.0, 10.0, 5.0)]]
+    rows += [{"criterion": "random", "fraction": 0.5, "accuracy": 10.0, "accuracy_recalibrated": 90.0},
+             {"criterion": "l1_norm", "fraction": 0.75, "accuracy": 10.0, "accuracy_recalibrated": None}]
+    assert out.bn_gain(rows, "l1_norm") == {"mean_gain": 65 / 3, "points": 3, "raised": 2 / 3, "least": 0.5}
+    assert out.bn_gain(rows[:1], "l1_norm", 0.5) is None
+
+
 # --- the job --------------------------------------------------------------------------------------------------
 
 def test_validate_dry_run_says_what_it_would_run(tmp_path, cli) -> None:
@@ -263,4 +273,5 @@ def test_validate_end_to_end(ray_session, sweep_checkpoint, tmp_path) -> None:
     assert {c["predictor"] for c in outcome.correlations} == set(out.PREDICTORS)
     again = run_validate(Options(str(path)))  # resumed: nothing measured or fine-tuned again
     assert again.cpu["fine-tuning (driver)"] < 1.0
-    assert pd.read_csv(again.folder / "validation.csv")["accuracy_finetuned"].tolist() == t["accuracy_finetuned"].tolist()
+    tuned = pd.read_csv(again.folder / "validation.csv")["accuracy_finetuned"]
+    assert tuned.tolist() == t["accuracy_finetuned"].tolist()

@@ -2,8 +2,8 @@
 plans that meet it and the plan methods' plans; for each plan its predicted drop from the plain and from the
 recalibrated curves, its one-shot accuracy masked and after adaptive BN (the BatchNorm layers its masks reach
 re-estimated on validate.bn_images calibration hold-out images, as the sweep's points are; both on the sweep's
-eval images, which choose plans), and its accuracy after the plan section's fine-tuning (Ray Tune trials in parallel, W&B runs of
-job type `validate`) on `plan.score_on`'s images. Outputs: validation.csv, plots/validation.png, the report's
+eval images, which choose plans), and its accuracy after the plan section's fine-tuning (Ray Tune trials in
+parallel, W&B runs of job type `validate`) on `plan.score_on`'s images. Outputs: validation.csv, plots/validation.png, the report's
 validation section with each predictor's rank correlations over the random plans, and a W&B `validation` run.
 
 Like `prune`, it trains and sweeps first what is missing. It resumes: a plan measured before
@@ -153,8 +153,9 @@ def run_validate(opts: Options) -> ValidateOutcome:
         table = out.write_validation_csv(grid.folder, rows.values())
         corr = out.correlations(table, grid.validate.seed)
         versus = _versus(rows, methods)
-        out.write_validation_section(grid.folder, table, corr, versus, _words(s, cpu, wall))
-        _record(s, table, corr, versus, cpu)
+        gain = out.bn_gain(read_rows(grid.folder / "results.csv"), s.criterion)
+        out.write_validation_section(grid.folder, table, corr, versus, {**_words(s, cpu, wall), "bn_gain": gain})
+        _record(s, table, corr, versus, cpu, gain)
     log.info("CPU seconds: %s; wall seconds: %s", ", ".join(f"{k} {v:.0f}" for k, v in cpu.items()),
              ", ".join(f"{k} {v:.0f}" for k, v in wall.items()))
     log.info("wrote %s, %s and the validation section of %s", grid.folder / out.CSV, grid.folder / out.FIGURE,
@@ -315,7 +316,7 @@ def _words(s: Setting, cpu: Mapping[str, float], wall: Mapping[str, float]) -> d
 
 
 def _record(s: Setting, table: Any, corr: list[dict[str, Any]], versus: list[dict[str, Any]],
-            cpu: Mapping[str, float]) -> None:
+            cpu: Mapping[str, float], gain: Mapping[str, float] | None) -> None:
     """The W&B `validation` run (job type validate): the table, the figure, the correlations in its summary."""
     grid = s.grid
     tracking = Tracking(grid.wandb.mode, grid.wandb.project, grid.wandb.entity, grid.name, grid.folder,
@@ -323,6 +324,7 @@ def _record(s: Setting, table: Any, corr: list[dict[str, Any]], versus: list[dic
     values: dict[str, Any] = out.summary_values(corr)
     values.update({f"{v['plan']}-minus-{v['other']}": v["difference"] for v in versus})
     values.update({f"cpu_seconds/{k}": round(v, 1) for k, v in cpu.items()})
+    values.update({f"adaptive_bn/{k}": v for k, v in (gain or {}).items()})
     rows = [{k: (v if not isinstance(v, float) or v == v else None) for k, v in r.items()}
             for r in table.to_dict("records")]
     with closing(make_tracker(tracking)) as tracker:

@@ -135,6 +135,24 @@ def correlations(table: pd.DataFrame, seed: int = 0) -> list[dict[str, Any]]:
     return out
 
 
+def bn_gain(rows: Iterable[Mapping[str, Any]], criterion: str, least: float = 0.5) -> dict[str, float] | None:
+    """What adaptive BN does to the sweep's one-shot accuracy over its points that prune at least `least` of a
+    unit (results.csv rows of the plan criterion): mean of accuracy_recalibrated - accuracy (points), how many
+    points, and the share it raised. None when the sweep has no recalibrated points."""
+    diffs = []
+    for r in rows:
+        try:
+            plain, recal, fraction = float(r["accuracy"]), float(r["accuracy_recalibrated"]), float(r["fraction"])
+        except (KeyError, TypeError, ValueError):
+            continue
+        if r.get("criterion") == criterion and fraction >= least and plain == plain and recal == recal:
+            diffs.append(recal - plain)
+    if not diffs:
+        return None
+    d = np.asarray(diffs)
+    return {"mean_gain": float(d.mean()), "points": len(d), "raised": float((d > 0).mean()), "least": least}
+
+
 def summary_values(corr: Sequence[Mapping[str, Any]]) -> dict[str, float]:
     """The correlations as flat W&B summary keys: <budget>/<predictor>/spearman, ..._low, ..._high, kendall."""
     out = {}
@@ -211,6 +229,11 @@ def validation_section(table: pd.DataFrame, corr: Sequence[Mapping[str, Any]], v
                      f"{_f(r['predicted_drop_recalibrated'], 1)} | {_f(r['accuracy_masked'], 1)} | "
                      f"{_f(r['accuracy_recalibrated'], 1)} | {_f(r['accuracy_finetuned'])} "
                      f"[{_f(r['accuracy_finetuned_low'])}, {_f(r['accuracy_finetuned_high'])}] |")
+    gain = words.get("bn_gain")
+    if gain:
+        lines += ["", f"Adaptive BN on the sweep's points that prune at least {gain['least']:g} of a unit "
+                  f"({gain['points']} points): one-shot accuracy {gain['mean_gain']:+.2f} points on average "
+                  f"(raised at {100 * gain['raised']:.0f}% of them)."]
     if words.get("cpu"):
         lines += ["", "Cost: CPU seconds " + ", ".join(f"{k} {v:,.0f}" for k, v in words["cpu"].items())
                   + "; wall seconds " + ", ".join(f"{k} {v:,.0f}" for k, v in (words.get("wall") or {}).items())

@@ -4,8 +4,8 @@ predicted drop read from a set of curves. Plain Python: no torch.
 - Random plans: each unit draws a ratio r_u in [0, 1) (seeded per budget and plan); at scale t the unit removes
   K_u(t) = the largest allowed K (round_to, min_keep) at most min(1, t * r_u) x its cap, the cap being its largest
   allowed K within the measured range. K_u grows with t, so the counted model shrinks with t: t is bisected over
-  the scales where some K steps up, to the smallest whose pruned model meets the budget. The channels removed are the plan criterion's order, as for
-  every plan.
+  the scales where some K steps up, to the smallest whose pruned model meets the budget. The channels removed are
+  the plan criterion's order, as for every plan.
 - Predicted drop: the sum of the units' curve drops at their K (a K beyond a curve's measured range reads the
   largest measured K's drop), over the units that have a curve.
 
