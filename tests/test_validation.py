@@ -194,6 +194,28 @@ def test_correlations_flip_drops_and_come_with_bootstrap_intervals(tmp_path) -> 
         out.validation_table([{k: v for k, v in rows[0].items() if k != "accuracy_finetuned"}])
 
 
+def test_the_report_section_and_figure_say_what_was_measured(tmp_path) -> None:
+    rows = _rows()
+    rows.append({**rows[0], "plan": "macs0.5-global", "method": "global"})
+    table = out.validation_table(rows)
+    corr = out.correlations(table)
+    versus = [{"plan": "macs0.5-knapsack", "other": "macs0.5-global", "difference": 0.5, "low": -0.25, "high": 1.25}]
+    words = {"random_plans": 12, "criterion": "l1_norm", "finetune": "1 epochs", "chosen_on": "eval images",
+             "scored_on": "test images", "bn_images": 512, "cpu": {"fine-tuning (trials)": 1234.0},
+             "wall": {"fine-tuning": 99.0}, "bn_gain": {"mean_gain": 31.5, "points": 40, "raised": 0.95, "least": 0.5}}
+    (tmp_path / "report.md").write_text("# the sweep\n")
+    out.write_validation_section(tmp_path, table, corr, versus, words)
+    out.write_validation_section(tmp_path, table, corr, versus, words)  # replaced, not appended
+    text = (tmp_path / "report.md").read_text()
+    assert text.startswith("# the sweep") and text.count("## Validation") == 1
+    assert "| macs0.5 | predicted drop, recalibrated curves (`predicted_drop_recalibrated`) | 12 | +1.00 [+1.00, " \
+        "+1.00] | +1.00 [+1.00, +1.00] |" in text
+    assert "- macs0.5-knapsack minus macs0.5-global: +0.50 [-0.25, +1.25]" in text
+    assert "(40 points): one-shot accuracy +31.50 points on average (raised at 95% of them)" in text
+    assert "CPU seconds fine-tuning (trials) 1,234" in text
+    assert (tmp_path / "plots" / "validation.png").stat().st_size > 10_000
+
+
 def test_the_adaptive_bn_gain_counts_points_that_prune_at_least_half_a_unit() -> None:
     rows = [{"criterion": "l1_norm", "fraction": f, "accuracy": a, "accuracy_recalibrated": r}
             for f, a, r in [(0.25, 80.0, 10.0), (0.5, 20.0, 60.0), (0.75, 10.0, 40.0), (1.0, 10.0, 5.0)]]
