@@ -209,8 +209,8 @@ def validation_section(table: pd.DataFrame, corr: Sequence[Mapping[str, Any]], v
              f"{words['random_plans']} random plans per budget (random per-unit ratios scaled to the budget on the "
              f"counted model, channels in the `{words['criterion']}` order) and the methods' plans, each fine-tuned "
              f"by the same recipe ({words['finetune']}). Predictors on {words['chosen_on']}; fine-tuned accuracy on "
-             f"{words['scored_on']}. Adaptive BN: every BatchNorm re-estimated on {words['bn_images']} calibration "
-             "hold-out images. Coefficients over the random plans, bootstrap 95% intervals; drops are sign-flipped "
+             f"{words['scored_on']}. Adaptive BN: the BatchNorm layers each plan's masks reach re-estimated on "
+             f"{words['bn_images']} calibration hold-out images. Coefficients over the random plans, bootstrap 95% intervals; drops are sign-flipped "
              "so that +1 always means the predictor orders the plans exactly as fine-tuning does.", "",
              "| budget | predictor | plans | Spearman [95%] | Kendall [95%] |", "|---|---|---|---|---|"]
     for c in corr:
