@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import os
 import re
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -274,7 +275,7 @@ class WandbConfig(Section):
 
 
 FRACTION = "a fraction of the base model to keep, 0 < f < 1"
-PLAN_METHODS = ("knapsack", "threshold", "uniform")
+PLAN_METHODS = ("knapsack", "threshold", "uniform", "global")
 
 
 class Budget(Section):
@@ -320,7 +321,8 @@ class PlanConfig(Section):
 
     budgets: Annotated[list[Budget], Field(min_length=1), Allowed("a list of {macs: f} or {params: f}")] = [
         Budget(macs=0.5)]
-    methods: Annotated[list[Literal["knapsack", "threshold", "uniform"]], Field(min_length=1), Distinct,
+    # global: Torch-Pruning's global pruning, the baseline a user has without sweeping (docs/validation.md)
+    methods: Annotated[list[Literal["knapsack", "threshold", "uniform", "global"]], Field(min_length=1), Distinct,
                        Allowed(", ".join(PLAN_METHODS))] = list(PLAN_METHODS)
     # whose curves the plan reads and whose channel order it removes; null = the first of sweep.criteria that
     # ranks channels (not random, not seed)
@@ -348,6 +350,19 @@ class PlanConfig(Section):
         return v
 
 
+class ValidateConfig(Section):
+    """`prune-sweep validate` (docs/validation.md): random plans per budget next to the methods' plans, each
+    predicted, measured one-shot and fine-tuned with the plan section's recipe."""
+
+    random_plans: int = Field(16, ge=3, le=1000)  # random plans per budget (rank correlations need >= 3)
+    seed: int = Field(0, ge=0, le=2**63 - 1)  # seeds the random plans' draws
+    bn_images: int = Field(512, ge=1, le=1_000_000)  # calibration hold-out images for a plan's adaptive-BN accuracy
+
+
+# the section is named like its command; the BaseModel.validate it shadows is pydantic's deprecated classmethod
+warnings.filterwarnings("ignore", message='Field name "validate" in "Grid" shadows', category=UserWarning)
+
+
 class Grid(Section):
     name: str = "sweep"  # output folder name and W&B group
     seed: int = 0
@@ -358,6 +373,7 @@ class Grid(Section):
     resources: ResourcesConfig = ResourcesConfig()
     wandb: WandbConfig = WandbConfig()
     plan: PlanConfig = PlanConfig()  # prune-sweep prune only (not part of a sweep's identity)
+    validate: ValidateConfig = ValidateConfig()  # prune-sweep validate only
     output: str = "runs"
 
     @field_validator("name")

@@ -70,7 +70,7 @@ def finetune_trial(config: dict[str, Any], shared: FinetuneShared) -> None:
     device = trial_device()
     folder = Path(shared.folders[config["plan"]])
     pruned = load_pruned(folder / "pruned.pt", build(shared.spec, pretrained=False), shared.image_size)
-    started = time.time()
+    started, cpu = time.time(), time.process_time()
     model, _ = fit_model(pruned.model, shared.train, shared.recipe, device, shared.mean, shared.std, shared.seed,
                          progress=False, log_to=EpochReport())
     evalset = EvalSet.build(shared.scored, shared.mean, shared.std, shared.spec.num_classes, device,
@@ -81,7 +81,7 @@ def finetune_trial(config: dict[str, Any], shared: FinetuneShared) -> None:
             "finetune_seconds": round(time.time() - started, 1), "accuracy_finetuned": result.accuracy}
     save_pruned(folder / "pruned.pt", model.cpu(), pruned.removal, meta)
     tune.report({"done": True, "accuracy_finetuned": result.accuracy, "scored_images": result.count,
-                 "device": str(device)})
+                 "device": str(device), "cpu_seconds": round(time.process_time() - cpu, 1)})
 
 
 class FinetuneRuns(tune.Callback):
@@ -106,7 +106,8 @@ class FinetuneRuns(tune.Callback):
         name = trial.config["plan"]
         run = self._log(name)
         if result.get("done"):
-            self.results[name] = {k: result[k] for k in ("accuracy_finetuned", "scored_images", "device")}
+            self.results[name] = {k: result[k] for k in ("accuracy_finetuned", "scored_images", "device",
+                                                         "cpu_seconds") if k in result}
             log.info("fine-tuned %s: accuracy %.2f%%", name, result["accuracy_finetuned"])
         elif run is not None and "epoch" in result:
             run.epoch({k: result[k] for k in ("epoch", "loss", "train_accuracy", "lr", "seconds") if k in result})

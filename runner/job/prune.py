@@ -46,6 +46,7 @@ from runner.planning.adaptive import score_recalibrated
 from runner.planning.correction import Corrected, Measured, Move, correct
 from runner.planning.curves import Curve, check_round_to
 from runner.planning.export import export_onnx, onnx_predictions, open_pruned, pruned_meta, save_pruned, spec_meta
+from runner.planning.global_plan import NEEDS_GRADIENTS, calibration_gradients, global_choice, plan_methods
 from runner.planning.latency import latency
 from runner.planning.record import plan_record
 from runner.planning.removal import Counts, counter, counts, masked, pruned_copy, removal_from
@@ -88,6 +89,8 @@ class Setting:
     base_eval: Evaluation  # the base model on evalset
     base_score: Evaluation  # the base model on scoreset
     recalibration: EvalSet | None = None  # plan.curves: recalibrated: adaptive BN's images for the correction
+    methods: tuple[str, ...] = ()  # plan.methods less those skipped
+    skipped: Mapping[str, str] = field(default_factory=dict)  # plan methods skipped -> why (said in the report)
 
 
 def run_prune(opts: Options) -> PruneOutcome:
@@ -95,8 +98,9 @@ def run_prune(opts: Options) -> PruneOutcome:
     started = time.time()
     grid, trials = prepare(opts)
     criterion = _check_plannable(grid)
+    methods, skipped = plan_methods_of(grid, criterion)
     _sweep_missing(opts, grid, trials)
-    s = _setting(grid, trials, criterion)
+    s = replace(_setting(grid, trials, criterion), methods=tuple(methods), skipped=skipped)
     log.info("planning %d units (criterion %s) of %s; %d left out%s", len(s.units.channels), criterion,
              grid.model.arch, len(s.units.left_out), f": {', '.join(s.units.left_out)}" if s.units.left_out else "")
     rows: dict[str, dict[str, Any]] = {}
@@ -104,7 +108,7 @@ def run_prune(opts: Options) -> PruneOutcome:
     with folder_lock(grid.folder):
         for budget in grid.plan.budgets:
             count = counter(s.base, s.units.orders, budget.kind, s.image_size)
-            for method in grid.plan.methods:
+            for method in s.methods:
                 name = f"{budget.label}-{method}"
                 row = make_plan(s, budget, method, count)
                 if row is None:
@@ -132,12 +136,14 @@ def dry_run(opts: Options) -> list[str]:
 
     grid, _ = prepare(opts)
     criterion = _check_plannable(grid)
+    methods, skipped = plan_methods_of(grid, criterion)
     p = grid.plan
     ft = f"{plural(p.finetune.epochs, 'epoch')} ({p.finetune.recipe} recipe, lr {p.finetune.lr:g})" \
         if p.finetune.epochs else "none"
     return sweep_dry_run(opts) + [
-        f"plans: budgets {', '.join(b.label for b in p.budgets)} x methods {', '.join(p.methods)} "
-        f"({len(p.budgets) * len(p.methods)} plans), criterion {criterion}, unit {grid.sweep.unit}",
+        f"plans: budgets {', '.join(b.label for b in p.budgets)} x methods {', '.join(methods)} "
+        f"({len(p.budgets) * len(methods)} plans), criterion {criterion}, unit {grid.sweep.unit}",
+        *(f"skipped: {m}: {why}" for m, why in skipped.items()),
         f"round_to {p.round_to}, min_keep {p.min_keep:g}, fine-tuning {ft}, scored on {p.score_on}"]
 
 
@@ -213,6 +219,11 @@ def _score_words(grid: Grid, data: Dataset, file: Path, words: str) -> str:
 
 def _chosen_on(grid: Grid, data: Dataset) -> str:
     return f"the sweep's {len(data.test):,} eval images ({data.eval_words()})"
+
+
+def plan_methods_of(grid: Grid, criterion: str) -> tuple[list[str], dict[str, str]]:
+    """plan.methods less those this criterion cannot run (`global_plan.plan_methods`), and why."""
+    return plan_methods(grid.plan.methods, "methods" in grid.plan.model_fields_set, criterion)
 
 
 def _check_plannable(grid: Grid) -> str:
@@ -296,37 +307,11 @@ def make_plan(s: Setting, budget: Budget, method: str, count: Callable[[Mapping[
     """One budget x method: plan, correct, remove, count, time, save. Returns its plans.csv row (None when the
     budget is out of reach)."""
     name = f"{budget.label}-{method}"
-    p = s.grid.plan
-    planner = Planner(s.curves, budget.kind, budget.keep, getattr(s.base_counts, budget.kind), method, p.round_to,
-                      p.min_keep)
-    plan = planner.fit(count)
-    if plan is None:
-        log.warning("%s: no plan keeps at most %s of the %s with the measured K (prune more: larger K in "
-                    "sweep.k, or more units)", name, f"{budget.keep:g}", budget.kind)
+    chosen = choose_plan(s, budget, method, count)
+    if chosen is None:
         return None
-
-    def measure(candidate: Plan) -> Measured:
-        removal = removal_from(candidate.ks, s.units.orders)
-        if s.recalibration is not None:  # recalibrated curves: the plan measured with adaptive BN too
-            return paired_drop(s.base_eval, score_recalibrated(s.on_device, removal, s.image_size, s.recalibration,
-                                                               s.evalset))
-        with masked(s.on_device, removal, s.image_size):
-            return paired_drop(s.base_eval, score(s.on_device, s.evalset))
-
-    moves: list[Move] = []
-
-    def moved(move: Move, now: Plan) -> None:
-        moves.append(move)
-        log.info("%s: correction %d of at most %d: %s K %d -> %d; predicted drop %.2f, measured %.2f [%.2f, %.2f]",
-                 name, len(moves), p.max_corrections, move.unit, move.k_from, move.k_to, now.predicted_drop,
-                 move.measured.drop, move.measured.low, move.measured.high)
-
-    # uniform takes one ratio whatever the curves say: there is no prediction to correct, and a corrected uniform
-    # plan would no longer be the baseline it stands for; it is measured all the same
-    limit = 0 if method == "uniform" else p.max_corrections
-    corrected = correct(plan, lambda caps: planner.fit(count, caps), measure, limit, moved)
+    plan, corrected, removal = chosen
     final = corrected.plan
-    removal = removal_from(final.ks, s.units.orders)
     with masked(s.on_device, removal, s.image_size):
         masked_eval = score(s.on_device, s.scoreset)
     pruned = pruned_copy(s.base, removal, s.image_size)
@@ -371,6 +356,54 @@ def make_plan(s: Setting, budget: Budget, method: str, count: Callable[[Mapping[
              corrected.measured.low, corrected.measured.high, plan.predicted_drop, corrected.first.drop,
              len(corrected.moves), removed_eval.accuracy, s.base_score.accuracy)
     return row
+
+
+def choose_plan(s: Setting, budget: Budget, method: str, count: Callable[[Mapping[str, int]], float]
+                ) -> tuple[Plan, Corrected, dict[str, list[int]]] | None:
+    """One budget x method's plan as first made, as corrected, and the channels it removes (None when the budget
+    is out of reach)."""
+    name = f"{budget.label}-{method}"
+    p = s.grid.plan
+    if method == "global":
+        gradients = calibration_gradients(s.data.calibration, *s.loaded.normalisation, s.grid.sweep.batch_size) \
+            if s.criterion in NEEDS_GRADIENTS else None
+        return global_choice(s.base, s.criterion, budget.kind, budget.keep, s.image_size, s.curves,
+                             list(s.units.channels), getattr(s.base_counts, budget.kind),
+                             lambda removal: _measure_removal(s, removal), gradients)
+    planner = Planner(s.curves, budget.kind, budget.keep, getattr(s.base_counts, budget.kind), method, p.round_to,
+                      p.min_keep)
+    plan = planner.fit(count)
+    if plan is None:
+        log.warning("%s: no plan keeps at most %s of the %s with the measured K (prune more: larger K in "
+                    "sweep.k, or more units)", name, f"{budget.keep:g}", budget.kind)
+        return None
+
+    def measure(candidate: Plan) -> Measured:
+        return _measure_removal(s, removal_from(candidate.ks, s.units.orders))
+
+    moves: list[Move] = []
+
+    def moved(move: Move, now: Plan) -> None:
+        moves.append(move)
+        log.info("%s: correction %d of at most %d: %s K %d -> %d; predicted drop %.2f, measured %.2f [%.2f, %.2f]",
+                 name, len(moves), p.max_corrections, move.unit, move.k_from, move.k_to, now.predicted_drop,
+                 move.measured.drop, move.measured.low, move.measured.high)
+
+    # uniform takes one ratio whatever the curves say: there is no prediction to correct, and a corrected uniform
+    # plan would no longer be the baseline it stands for; it is measured all the same
+    limit = 0 if method == "uniform" else p.max_corrections
+    corrected = correct(plan, lambda caps: planner.fit(count, caps), measure, limit, moved)
+    return plan, corrected, removal_from(corrected.plan.ks, s.units.orders)
+
+
+def _measure_removal(s: Setting, removal: Mapping[str, Any]) -> Measured:
+    """A whole plan's drop on the images that choose plans, with all its masks at once (and adaptive BN when the
+    plan reads recalibrated curves)."""
+    if s.recalibration is not None:
+        return paired_drop(s.base_eval, score_recalibrated(s.on_device, removal, s.image_size, s.recalibration,
+                                                           s.evalset))
+    with masked(s.on_device, removal, s.image_size):
+        return paired_drop(s.base_eval, score(s.on_device, s.evalset))
 
 
 def _measured_columns(c: Corrected) -> dict[str, Any]:
@@ -520,6 +553,6 @@ def _predictions(model: torch.nn.Module, evalset: EvalSet) -> np.ndarray:
 def _words(s: Setting) -> dict[str, Any]:
     """What the report says about the plans besides plans.csv."""
     return {"criterion": s.criterion, "unit": s.grid.sweep.unit, "chosen_on": s.chosen_on, "scored_on": s.scored_on,
-            "left_out": dict(s.units.left_out), "units": len(s.units.channels),
+            "left_out": dict(s.units.left_out), "units": len(s.units.channels), "skipped": dict(s.skipped),
             "finetune": recipe_of(s.grid.plan.finetune).model_dump() if s.grid.plan.finetune.epochs else None,
             "base_macs": s.base_counts.macs, "base_params": s.base_counts.params}

@@ -137,7 +137,7 @@ def _run(opts: Options) -> Outcome:
     return Outcome(grid.folder, len(rows), plan.points, trials.failed, time.time() - started, trials.board.measured)
 
 
-GRID_KEYS = ("name", "seed", "model", "data", "checkpoint", "sweep", "resources", "wandb", "plan")
+GRID_KEYS = ("name", "seed", "model", "data", "checkpoint", "sweep", "resources", "wandb", "plan", "validate")
 
 
 @contextmanager

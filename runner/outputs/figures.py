@@ -316,7 +316,8 @@ def sensitivity_heatmap(rows: Sequence[dict], path: Path) -> None:
     _save(fig, path)
 
 
-METHOD_STYLE = {"knapsack": ("tab:blue", "o"), "threshold": ("tab:orange", "s"), "uniform": ("tab:gray", "^")}
+METHOD_STYLE = {"knapsack": ("tab:blue", "o"), "threshold": ("tab:orange", "s"), "uniform": ("tab:gray", "^"),
+                "global": ("tab:green", "D")}
 
 
 def plans_figure(table: Any, baseline: float, path: Path) -> None:

@@ -84,6 +84,9 @@ class Tracker(Protocol):
     def summary(self, run: RunSpec, rows: Sequence[dict[str, Any]], baseline: float, figures: dict[str, Path],
                 failed: Sequence[str], files: Sequence[Path], extra: dict[str, Any] | None = None) -> None: ...
 
+    def record(self, run: RunSpec, values: dict[str, Any], figures: dict[str, Path],
+               rows: Sequence[dict[str, Any]]) -> None: ...
+
     def close(self) -> None: ...
 
 
@@ -103,6 +106,10 @@ class NullTracker:
 
     def summary(self, run: RunSpec, rows: Sequence[dict[str, Any]], baseline: float, figures: dict[str, Path],
                 failed: Sequence[str], files: Sequence[Path], extra: dict[str, Any] | None = None) -> None:
+        pass
+
+    def record(self, run: RunSpec, values: dict[str, Any], figures: dict[str, Path],
+               rows: Sequence[dict[str, Any]]) -> None:
         pass
 
     def close(self) -> None:
@@ -343,6 +350,23 @@ class WandbTracker:
                                          "points": len(rows), **(extra or {})})
         self._safely(self._log_results, wb, files)
         self._safely(wb.finish, exit_code=1 if failed else 0)
+
+    def record(self, run: RunSpec, values: dict[str, Any], figures: dict[str, Path],
+               rows: Sequence[dict[str, Any]]) -> None:
+        """A run that records a finished job's numbers (the validation's): its rows as a table, its figures,
+        and `values` in its summary."""
+        wb = self._start(run, lean=False)
+        if wb is None:
+            return
+        data: dict[str, Any] = {}
+        if rows:
+            columns = list(rows[0])
+            data["table"] = self.wandb.Table(columns=columns, data=[[r.get(c) for c in columns] for r in rows])
+        data.update({f"plots/{name}": self.wandb.Image(str(path)) for name, path in figures.items() if path.is_file()})
+        if data:
+            self._safely(wb.log, data)
+        self._safely(wb.summary.update, values)
+        self._safely(wb.finish, exit_code=0)
 
     def _series(self, trials: dict, column: str, title: str) -> Any:
         """One line per trial of `column` against K (random: the mean over its draws)."""
