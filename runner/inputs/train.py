@@ -91,13 +91,17 @@ def train_model(grid: Grid, data: Dataset, recipe: Recipe, device: torch.device,
 
 def fit_model(model: torch.nn.Module, train: Images, recipe: Recipe, device: torch.device,
               mean: tuple[float, ...], std: tuple[float, ...], seed: int, progress: bool = True,
-              log_to: TrainLog | None = None) -> tuple[torch.nn.Module, list[float]]:
+              log_to: TrainLog | None = None, channels_last: bool | None = None
+              ) -> tuple[torch.nn.Module, list[float]]:
     """Train `model` (a fresh network, or a pruned one being fine-tuned) on the `train` images with `recipe`,
-    inputs normalised with (mean, std); returns it on `device` in eval mode and the mean loss of each epoch."""
+    inputs normalised with (mean, std); returns it on `device` in eval mode and the mean loss of each epoch.
+    `channels_last`: the memory layout (default: the device's fastest)."""
     log_to = log_to or NullTrainLog()
     gen = torch.Generator(device="cpu").manual_seed(seed)
-    channels_last = uses_channels_last(device)
+    channels_last = uses_channels_last(device) if channels_last is None else channels_last
     model = place(model, device)
+    if not channels_last:
+        model = model.to(memory_format=torch.contiguous_format)
     x_all = to_device(train.images, mean, std, device, channels_last=channels_last)
     y_all = torch.from_numpy(train.labels).to(device)
     opt = _optimizer(model, recipe)
