@@ -520,7 +520,7 @@ def test_the_reports_wandb_line_after_a_resume_whose_first_run_had_wandb_off(tmp
 
     grid = parse_grid(grid_dict(tmp_path), "g")
     grid.folder.mkdir(parents=True)
-    row = {c: 1 for c in COLUMNS} | {"per_class_accuracy": "50.0"}
+    row = {c: 1 for c in COLUMNS} | {"per_class_accuracy": "50.0", "skipped": 0}
     lines = [",".join(COLUMNS)] + [",".join(str(row[c]) for c in COLUMNS)] * 2
     (grid.folder / "results.csv").write_text("\n".join(lines) + "\n", encoding="utf-8")
     assert _unlogged(grid, resume=False) == 0 and _unlogged(grid, resume=True) == 2

@@ -365,7 +365,7 @@ def write_plots(rows: Sequence[dict[str, Any]], baseline: float, folder: Path) -
     return paths
 
 
-def _recalibrated_section(rows: Sequence[dict[str, Any]], criteria: list[str]) -> list[str]:
+def _recalibrated_section(rows: Sequence[dict[str, Any]], criteria: list[str], order_by: str) -> list[str]:
     """The curves after adaptive BN: what they are, and the sensitivity table again from them."""
     again = recalibrated_rows(rows)
     if not again:
@@ -380,7 +380,7 @@ def _recalibrated_section(rows: Sequence[dict[str, Any]], criteria: list[str]) -
              "pruned networks closer to their accuracy after fine-tuning). Both drops are against the same unpruned "
              f"baseline. Mean drop over every point: plain {plain:.2f}, recalibrated {recal:.2f} points.")
     return (["", "## After adaptive BN: the recalibrated curves", "", words, ""]
-            + _sensitivity_table(layer_summary(again), criteria)
+            + _sensitivity_table(layer_summary(again, order_by), criteria, order_by)
             + ["", "![accuracy vs K, recalibrated](plots/accuracy_vs_k_recalibrated.png)", "",
                "![sensitivity, recalibrated](plots/sensitivity_recalibrated.png)"])
 
@@ -448,7 +448,7 @@ def write_report(rows: Sequence[dict[str, Any]], meta: ReportMeta, failed: Seque
         lines += ["", "## Criteria compared", ""] + _criteria_table(rows, summary)
         lines += _random_table(rows, summary, meta)
         lines += _channels(summary, folder)
-        lines += _recalibrated_section(rows, criteria)
+        lines += _recalibrated_section(rows, criteria, order_by)
     maps = "pruned channels are flat" if meta.target == "output" else \
         "input pruning leaves the layer's output channels all there, so none is flat"
     lines += ["", "## Plots", "", "![accuracy vs K](plots/accuracy_vs_k.png)", "",
