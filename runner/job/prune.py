@@ -517,7 +517,7 @@ def verify(s: Setting, name: str, row: dict[str, Any]) -> list[str]:
         problems.append(f"pruned.onnx predicts {onnx_differ} images differently from torch")
     low, high = accuracy_interval(result)
     row.update(accuracy_final=result.accuracy, final_low=low, final_high=high,
-               accuracy_onnx=100 * float(onnx_correct.mean()), onnx_differ=onnx_differ)
+               accuracy_onnx=100 * float(onnx_correct.sum()) / len(onnx_correct), onnx_differ=onnx_differ)
     if final == "finetuned":
         row.update(finetuned_low=low, finetuned_high=high)
         drop = paired_drop(s.base_score, result)
