@@ -31,7 +31,7 @@ BUDGET = 0.7
 def planned(ray_session, sweep_checkpoint, tmp_path_factory) -> SimpleNamespace:
     """One prune job: 12 groups x 2 K, l1_norm; budget macs 0.7 by all three methods; one epoch of fine-tuning
     on 200 images; scored on the 50 test images the sweep did not evaluate."""
-    import runner.job.prune as prune
+    import runner.job.plan as prune
     from runner.api import prune as prune_api
 
     tmp = tmp_path_factory.mktemp("prune")
@@ -217,7 +217,8 @@ def test_plan_defaults() -> None:
 def test_mobilenet_v2_goes_through_sweep_plan_removal_and_fine_tuning(ray_session, tmp_path) -> None:
     """torchvision's mobilenet_v2 (width 0.25, synthetic images): trained, swept by groups, planned by the three
     methods, removed, fine-tuned and verified, in one prune job."""
-    import runner.job.prune as prune
+    import runner.job.plan as plan
+    from runner.job.prune import run_prune
     from runner.job.sweep import Options
 
     grid = grid_dict(tmp_path, name="mobile", data={"eval_size": 100},
@@ -228,13 +229,96 @@ def test_mobilenet_v2_goes_through_sweep_plan_removal_and_fine_tuning(ray_sessio
     grid["model"] = {"arch": "torchvision:mobilenet_v2", "num_classes": 10, "kwargs": {"width_mult": 0.25}}
     path = write_grid(tmp_path / "mobile.yaml", grid)
     quick = functools.partial(latency_module.latency, warmup=1, min_runs=3, min_seconds=0.0)
-    original, prune.latency = prune.latency, quick
+    original, plan.latency = plan.latency, quick
     try:
-        outcome = prune.run_prune(Options(str(path)))
+        outcome = run_prune(Options(str(path)))
     finally:
-        prune.latency = original
+        plan.latency = original
     t = pd.read_csv(outcome.folder / "plans.csv")
     assert outcome.failed == [] and sorted(t["method"]) == ["knapsack", "threshold", "uniform"]
     assert (t["macs_kept"] <= 0.8).all() and (t["units_pruned"] > 0).all()
     assert (t["masked_vs_removed_differ"] == 0).all() and (t["onnx_differ"] == 0).all()
     assert (t["accuracy_final"] == t["accuracy_finetuned"]).all()
+
+
+# --- a job stopped at a chosen stage, then resumed --------------------------------------------------------
+
+TIMING = ("latency_ms_b1", "latency_ms_b64", "base_latency_ms_b1", "base_latency_ms_b64", "folder")
+SWEEP_FILES = ("results.csv", "rankings.json", "config.yaml", "report.md")
+
+
+def comparable(table: pd.DataFrame) -> pd.DataFrame:
+    """plans.csv without what differs between two runs of the same job: timings, latency, the folder."""
+    return table.drop(columns=[c for c in table.columns if c in TIMING or "latency" in c])
+
+
+def fingerprints(folder: Path) -> dict[str, tuple[int, int, str]]:
+    """Each plan.json: (inode, mtime in ns, sha256): a file written again changes at least one of them."""
+    import hashlib
+
+    return {p.parent.name: (p.stat().st_ino, p.stat().st_mtime_ns, hashlib.sha256(p.read_bytes()).hexdigest())
+            for p in sorted(folder.glob("plans/*/plan.json"))}
+
+
+def test_a_job_stopped_while_planning_and_while_fine_tuning_resumes_to_the_same_plans(planned, tmp_path, monkeypatch,
+                                                                                       caplog) -> None:
+    """The `planned` job again in a copy of its sweep's folder: stopped by an injected failure after its first
+    plan, refused without --resume, resumed and stopped again after the first fine-tuning epoch reached the
+    driver, resumed to the end: the same plans.csv as the uninterrupted job, the first plan.json never written
+    again, no epoch fine-tuned twice."""
+    import runner.job.finetune as finetune
+    import runner.job.plan as plan
+    import runner.job.prune as prune
+    from runner.api import prune as prune_api
+
+    folder = tmp_path / "planned"
+    folder.mkdir()
+    for name in SWEEP_FILES:
+        (folder / name).write_bytes((planned.folder / name).read_bytes())
+    path = write_grid(tmp_path / "planned.yaml", {**planned.grid, "output": str(tmp_path)})
+    monkeypatch.setattr(plan, "latency", functools.partial(latency_module.latency, warmup=1, min_runs=3,
+                                                           min_seconds=0.0))
+    made, real = [], prune.make_plan
+
+    def first_only(*args, **kwargs):
+        if made:
+            raise KeyboardInterrupt("injected: stopped after the first plan")
+        made.append(real(*args, **kwargs))
+        return made[-1]
+
+    monkeypatch.setattr(prune, "make_plan", first_only)
+    with pytest.raises(KeyboardInterrupt):
+        prune_api(path)
+    first = fingerprints(folder)
+    assert list(first) == ["macs0.7-knapsack"] and len(pd.read_csv(folder / "plans.csv")) == 1
+    monkeypatch.setattr(prune, "make_plan", real)
+
+    with pytest.raises(InputError, match=r"already holds plans of a prune job.*--resume"):
+        prune_api(path)
+
+    epoch_results, on_result = [], finetune.FinetuneRuns.on_trial_result
+
+    def stop_after_first_epoch(self, iteration, trials, trial, result, **info):
+        on_result(self, iteration, trials, trial, result, **info)
+        if "epoch" in result and not result.get("done"):
+            epoch_results.append(trial.config["plan"])
+            raise KeyboardInterrupt("injected: stopped during fine-tuning")
+
+    monkeypatch.setattr(finetune.FinetuneRuns, "on_trial_result", stop_after_first_epoch)
+    caplog.set_level("INFO", logger="runner")
+    with pytest.raises(KeyboardInterrupt):
+        prune_api(path, resume=True)
+    assert len(list(folder.glob("plans/*/plan.json"))) == 3 and not list(folder.glob("plans/*/verified.json"))
+    assert epoch_results and len(list(folder.glob("plans/*/correct_finetuned.npy"))) < 3
+    monkeypatch.setattr(finetune.FinetuneRuns, "on_trial_result", on_result)
+
+    table = prune_api(path, resume=True)
+    assert table.attrs["failed"] == []
+    assert {k: v for k, v in fingerprints(folder).items() if k in first} == first  # never written again
+    ours, theirs = comparable(table), comparable(planned.table)
+    pd.testing.assert_frame_equal(ours, theirs)
+    lines = [r.getMessage() for r in caplog.records]
+    epochs = [m.split(",")[0] for m in lines if m.startswith("fine-tuning macs0.7-") and ": epoch " in m]
+    assert len(epochs) == len(set(epochs)), epochs  # no epoch fine-tuned (and reported) twice
+    assert any("continued after epoch 1" in m for m in lines) or len(epochs) == 3, lines
+    assert "## Plans: a smaller model under a budget" in (folder / "report.md").read_text()
