@@ -6,15 +6,19 @@ from __future__ import annotations
 
 import functools
 import json
+import os
+import re
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 from types import SimpleNamespace
 
 import pandas as pd
 import pytest
 import torch
-from e2e_helpers import artifacts, e2e, grid_dict, history, manifest_paths, runs_by_name, write_grid
+from e2e_helpers import artifacts, cli_env, e2e, grid_dict, history, manifest_paths, runs_by_name, write_grid
 
 from model.resnet import ResNet18
 from runner.config import parse_grid
@@ -243,6 +247,7 @@ def test_mobilenet_v2_goes_through_sweep_plan_removal_and_fine_tuning(ray_sessio
 
 # --- a job stopped at a chosen stage, then resumed --------------------------------------------------------
 
+EPOCH_LINE = ": epoch 1 of 1,"
 TIMING = ("latency_ms_b1", "latency_ms_b64", "base_latency_ms_b1", "base_latency_ms_b64", "folder")
 SWEEP_FILES = ("results.csv", "rankings.json", "config.yaml", "report.md")
 
@@ -260,13 +265,13 @@ def fingerprints(folder: Path) -> dict[str, tuple[int, int, str]]:
             for p in sorted(folder.glob("plans/*/plan.json"))}
 
 
-def test_a_job_stopped_while_planning_and_while_fine_tuning_resumes_to_the_same_plans(planned, tmp_path, monkeypatch,
-                                                                                       caplog) -> None:
+def test_a_job_stopped_while_planning_and_killed_while_fine_tuning_resumes_to_the_same_plans(
+        planned, tmp_path, monkeypatch, caplog) -> None:
     """The `planned` job again in a copy of its sweep's folder: stopped by an injected failure after its first
-    plan, refused without --resume, resumed and stopped again after the first fine-tuning epoch reached the
-    driver, resumed to the end: the same plans.csv as the uninterrupted job, the first plan.json never written
-    again, no epoch fine-tuned twice."""
-    import runner.job.finetune as finetune
+    plan, refused without --resume, resumed and stopped before fine-tuning, resumed as a command whose process
+    group is SIGKILLed once the first fine-tuning epoch is logged, resumed to the end: the same plans.csv as the
+    uninterrupted job, no plan.json written again, no epoch fine-tuned twice (each finished epoch logs one
+    line)."""
     import runner.job.plan as plan
     import runner.job.prune as prune
     from runner.api import prune as prune_api
@@ -282,43 +287,54 @@ def test_a_job_stopped_while_planning_and_while_fine_tuning_resumes_to_the_same_
 
     def first_only(*args, **kwargs):
         if made:
-            raise KeyboardInterrupt("injected: stopped after the first plan")
+            raise RuntimeError("injected: stopped after the first plan")
         made.append(real(*args, **kwargs))
         return made[-1]
 
     monkeypatch.setattr(prune, "make_plan", first_only)
-    with pytest.raises(KeyboardInterrupt):
+    with pytest.raises(RuntimeError, match="injected"):
         prune_api(path)
     first = fingerprints(folder)
     assert list(first) == ["macs0.7-knapsack"] and len(pd.read_csv(folder / "plans.csv")) == 1
     monkeypatch.setattr(prune, "make_plan", real)
-
     with pytest.raises(InputError, match=r"already holds plans of a prune job.*--resume"):
         prune_api(path)
 
-    epoch_results, on_result = [], finetune.FinetuneRuns.on_trial_result
+    def stop(*args, **kwargs):
+        raise RuntimeError("injected: stopped before fine-tuning")
 
-    def stop_after_first_epoch(self, iteration, trials, trial, result, **info):
-        on_result(self, iteration, trials, trial, result, **info)
-        if "epoch" in result and not result.get("done"):
-            epoch_results.append(trial.config["plan"])
-            raise KeyboardInterrupt("injected: stopped during fine-tuning")
-
-    monkeypatch.setattr(finetune.FinetuneRuns, "on_trial_result", stop_after_first_epoch)
-    caplog.set_level("INFO", logger="runner")
-    with pytest.raises(KeyboardInterrupt):
+    finetune = prune._finetune
+    monkeypatch.setattr(prune, "_finetune", stop)  # the other plans made here, where timing is quick
+    with pytest.raises(RuntimeError, match="injected"):
         prune_api(path, resume=True)
-    assert len(list(folder.glob("plans/*/plan.json"))) == 3 and not list(folder.glob("plans/*/verified.json"))
-    assert epoch_results and len(list(folder.glob("plans/*/correct_finetuned.npy"))) < 3
-    monkeypatch.setattr(finetune.FinetuneRuns, "on_trial_result", on_result)
+    monkeypatch.setattr(prune, "_finetune", finetune)
+    assert len(fingerprints(folder)) == 3 and fingerprints(folder)["macs0.7-knapsack"] == first["macs0.7-knapsack"]
 
+    log = tmp_path / "killed.log"
+    with open(log, "w") as out:
+        proc = subprocess.Popen([sys.executable, "-m", "runner.cli", "prune", "--grid", str(path), "--resume"],
+                                cwd=tmp_path, env=cli_env(), stdout=out, stderr=subprocess.STDOUT,
+                                start_new_session=True)
+    try:
+        deadline = time.time() + 600
+        while EPOCH_LINE not in log.read_text() and proc.poll() is None and time.time() < deadline:
+            time.sleep(0.1)
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    killed = log.read_text()
+    assert EPOCH_LINE in killed, killed[-3000:]
+    second = fingerprints(folder)
+    assert len(second) == 3 and {k: second[k] for k in first} == first
+    assert not list(folder.glob("plans/*/verified.json"))
+
+    caplog.set_level("INFO", logger="runner")
     table = prune_api(path, resume=True)
     assert table.attrs["failed"] == []
-    assert {k: v for k, v in fingerprints(folder).items() if k in first} == first  # never written again
-    ours, theirs = comparable(table), comparable(planned.table)
-    pd.testing.assert_frame_equal(ours, theirs)
-    lines = [r.getMessage() for r in caplog.records]
-    epochs = [m.split(",")[0] for m in lines if m.startswith("fine-tuning macs0.7-") and ": epoch " in m]
-    assert len(epochs) == len(set(epochs)), epochs  # no epoch fine-tuned (and reported) twice
-    assert any("continued after epoch 1" in m for m in lines) or len(epochs) == 3, lines
+    assert fingerprints(folder) == second  # no plan.json written again
+    pd.testing.assert_frame_equal(comparable(table), comparable(planned.table), check_exact=True)
+    resumed = "\n".join(r.getMessage() for r in caplog.records)
+    assert resumed.count("made by an earlier run") == 3
+    epochs = re.findall(r"fine-tuning (\S+): epoch (\d+) of", killed + "\n" + resumed)
+    assert len(epochs) == len(set(epochs)), epochs
     assert "## Plans: a smaller model under a budget" in (folder / "report.md").read_text()

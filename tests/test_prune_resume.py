@@ -27,12 +27,12 @@ EPOCH = re.compile(r"fine-tuning (\S+): epoch (\d+) of (\d+),")
 
 
 def scenario_grid(tmp: Path) -> dict:
-    """The demo's data and model, 3,000 training images, swept by groups (2 K, l1_norm); budget macs 0.6 by
-    knapsack, threshold and uniform; 3 epochs of fine-tuning."""
+    """The demo's data and model (its checkpoint trained for one epoch), 3,000 training images, swept by groups
+    (2 K, l1_norm); budget macs 0.6 by knapsack, threshold and uniform; 3 epochs of fine-tuning."""
     demo = yaml.safe_load((ROOT / "sweeps" / "demo.yaml").read_text(encoding="utf-8"))
     return {**demo, "name": "resumed", "output": str(tmp / "sweep"),
             "data": {**demo["data"], "train_size": 3000},
-            "checkpoint": {**demo["checkpoint"], "path": str(tmp / "demo.pt")},
+            "checkpoint": {"path": str(tmp / "demo.pt"), "train": {**demo["checkpoint"]["train"], "epochs": 1}},
             "sweep": {"layers": "all", "unit": "group", "k": {"fractions": [0.25, 0.5]}, "criteria": ["l1_norm"]},
             "plan": {"budgets": [{"macs": 0.6}], "methods": ["knapsack", "threshold", "uniform"],
                      "finetune": {"epochs": 3}},
