@@ -338,3 +338,23 @@ def test_a_job_stopped_while_planning_and_killed_while_fine_tuning_resumes_to_th
     epochs = re.findall(r"fine-tuning (\S+): epoch (\d+) of", killed + "\n" + resumed)
     assert len(epochs) == len(set(epochs)), epochs
     assert "## Plans: a smaller model under a budget" in (folder / "report.md").read_text()
+
+
+def test_a_resume_that_changes_the_plan_section_names_the_key_and_both_values(tmp_path) -> None:
+    from runner.job.prune import _check_resume, job_identity
+
+    base = grid_dict(tmp_path, plan={"budgets": [{"macs": 0.6}], "methods": ["knapsack", "uniform"]})
+    before = job_identity(parse_grid(base, "g"), "abc")
+
+    def now(**plan) -> dict:
+        return job_identity(parse_grid({**base, "plan": {**base["plan"], **plan}}, "g"), "abc")
+
+    _check_resume(parse_grid(base, "g"), before, now(budgets=[{"macs": 0.6}, {"macs": 0.8}]))  # adds a budget
+    _check_resume(parse_grid(base, "g"), before, now(methods=["knapsack", "uniform", "threshold"]))  # a method
+    for change, words in (({"max_corrections": 2}, "plan.max_corrections: 8 then, 2 now"),
+                          ({"budgets": [{"macs": 0.8}]}, "plan.budgets: ['macs0.6'] then, ['macs0.8'] now"),
+                          ({"methods": ["uniform"]}, "plan.methods: ['knapsack', 'uniform'] then, ['uniform'] now"),
+                          ({"finetune": {"epochs": 3}}, "plan.finetune.epochs: 2 then, 3 now")):
+        with pytest.raises(InputError) as e:
+            _check_resume(parse_grid(base, "g"), before, now(**change))
+        assert words in str(e.value) and "--resume" in str(e.value) and "\n" not in str(e.value)
