@@ -69,6 +69,7 @@ def test_every_plan_is_made_fine_tuned_and_verified(planned) -> None:
     assert (t["onnx_differ"] == 0).all() and (t["accuracy_onnx"] == t["accuracy_finetuned"]).all()
     assert ((t["finetuned_low"] <= t["accuracy_finetuned"]) & (t["accuracy_finetuned"] <= t["finetuned_high"])).all()
     assert (t["scored_images"] == 50).all()  # 200 test images, 150 evaluated by the sweep
+    assert (t["scored_classes"] == 10).all()  # every class among them
     assert (t[t["method"] == "uniform"]["corrections"] == 0).all()  # the baseline is never corrected
     others = t[t["method"] != "uniform"]
     assert others["vs_uniform"].notna().all() and t[t["method"] == "uniform"]["vs_uniform"].isna().all()
@@ -203,12 +204,49 @@ def test_score_on_test_needs_unseen_test_images(tmp_path, cli) -> None:
         "before sweeping, or plan.score_on: eval"]
 
 
+def test_score_checks_the_models_lineage_against_the_grid(sweep_checkpoint, tmp_path, cli) -> None:
+    """A pruned.pt planned from checkpoint A, scored with a grid whose checkpoint is another trained file: one
+    line, exit 2. With A's grid it is scored, and the words say what is known of the images."""
+    from model.zoo import Spec
+    from runner.inputs import checkpoints
+    from runner.planning.export import save_pruned, spec_meta
+    from runner.planning.removal import pruned_copy
+
+    base = checkpoints.load(sweep_checkpoint, "resnet18", 0.125, 10)
+    other = tmp_path / "other.pt"
+    other_sha = checkpoints.save(other, base.model, {**base.meta, "seed": 1})  # the same network, another file
+    removal = {"layer1.0.conv1": [0, 3]}
+    meta = {**spec_meta(Spec("resnet18", 0.125, 10), 32), "mean": base.meta["mean"], "std": base.meta["std"],
+            "plan": "macs0.7-knapsack", "base_checkpoint": str(sweep_checkpoint),
+            "base_checkpoint_sha256": base.sha256, "classes": list(base.meta["classes"])}
+    save_pruned(tmp_path / "pruned.pt", pruned_copy(base.model, removal, 32), removal, meta)
+    grid_b = write_grid(tmp_path / "b.yaml", grid_dict(tmp_path, {"checkpoint": {"path": str(other)}}))
+    run = cli(["--grid", str(grid_b), "--model", str(tmp_path / "pruned.pt")], cwd=tmp_path, command="score")
+    assert run.returncode == 2 and run.err_lines == [
+        f"error: --model: planned from the checkpoint with sha256 {base.sha256[:12]} ({sweep_checkpoint}), not from "
+        f"the grid's checkpoint.path {other} ({other_sha[:12]}): got '{tmp_path / 'pruned.pt'}'; allowed: a pruned "
+        "model planned from the grid's checkpoint; fix: score it with the grid that planned it (config.yaml in that "
+        "sweep's output folder)"], run.stderr
+    grid_a = write_grid(tmp_path / "a.yaml", grid_dict(tmp_path, {"checkpoint": {"path": str(sweep_checkpoint)}}))
+    run = cli(["--grid", str(grid_a), "--model", str(tmp_path / "pruned.pt")], cwd=tmp_path, command="score")
+    assert run.returncode == 0, run.stderr
+    assert run.out_lines[0].endswith(" right): synthetic test images 1-200 (the grid's 200 eval images; no plan.json "
+                                     "beside the model says which images chose its plan)")
+    meta["classes"] = ["cat", "dog"]
+    save_pruned(tmp_path / "pruned.pt", pruned_copy(base.model, removal, 32), removal, meta)
+    run = cli(["--grid", str(grid_a), "--model", str(tmp_path / "pruned.pt")], cwd=tmp_path, command="score")
+    assert run.returncode == 2 and len(run.err_lines) == 1
+    assert run.err_lines[0].startswith("error: --model: its classes (cat, dog) differ from the grid's data (")
+
+
 def test_prune_dry_run_describes_the_plans(tmp_path, cli) -> None:
     path = write_grid(tmp_path / "g.yaml", grid_dict(tmp_path, sweep={"unit": "group", "criteria": ["l1_norm"]}))
     run = cli(["--grid", str(path), "--dry-run"], cwd=tmp_path, command="prune")
     assert run.returncode == 0, run.stderr
     assert "plans: budgets macs0.5 x methods knapsack, threshold, uniform (3 plans), criterion l1_norm, unit group" \
         in run.stdout
+    run = cli(["--grid", str(path), "--dry-run", "--set", "plan.finetune.epochs=1"], cwd=tmp_path, command="prune")
+    assert run.returncode == 0 and ", fine-tuning 1 epoch (" in run.stdout, run.stderr
 
 
 def test_plan_defaults() -> None:

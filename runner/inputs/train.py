@@ -1,8 +1,8 @@
-"""Training the shared checkpoint that a grid file names (DESIGN §2, `scripts/train.py`).
+"""Training the shared checkpoint that a grid file names (`scripts/train.py`).
 
 Training reports to a TrainLog that the caller passes in (the job layer's W&B train run, which logs the curves
-and the checkpoint as a `model` artifact; the protocol and its do-nothing form live in
-runner.outputs.tracking); this layer never imports W&B.
+and the checkpoint as a `model` artifact; the protocol and its do-nothing form live in runner.basics); this
+layer never imports W&B.
 """
 
 from __future__ import annotations
@@ -21,15 +21,15 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from model.checkpoint import Checkpoint
+from runner.basics import NullTrainLog, TrainLog, short
 from runner.config import Grid, TrainConfig
 from runner.engine.device import fast_math, pick_device, place, uses_channels_last
 from runner.engine.evaluate import evaluate
 from runner.engine.images import Images, augment, to_device
-from runner.errors import InputError
+from runner.errors import InputError, plural
 from runner.inputs import checkpoints
-from runner.inputs.data import Dataset, load_data
+from runner.inputs.data import Dataset, Holdout, load_data
 from runner.inputs.models import build_for
-from runner.outputs.tracking import NullTrainLog, TrainLog
 from runner.provenance import versions
 
 log = logging.getLogger(__name__)
@@ -197,8 +197,9 @@ def train_checkpoint(grid: Grid, data: Dataset | None = None, device: torch.devi
     data = data or load_data(grid.data, grid.model.num_classes, grid.seed)
     device = device or pick_device()
     recipe = recipe_of(grid.checkpoint.train)
-    log.info("training %s width %g on %s (%d images, %s) for %d epochs", grid.model.arch, grid.model.width,
-             data.name, len(data.train), device, recipe.epochs)
+    arch = grid.model.arch + (f" width {grid.model.width:g}" if grid.model.arch == "resnet18" else "")
+    log.info("training %s on %s (%d images, %s) for %s", arch, data.name, len(data.train), device,
+             plural(recipe.epochs, "epoch"))
     log_to = log_to or NullTrainLog()
     log_to.start({"recipe": recipe.model_dump(), "device": str(device), "train_images": len(data.train)})
     started = time.time()
@@ -208,6 +209,7 @@ def train_checkpoint(grid: Grid, data: Dataset | None = None, device: torch.devi
     accuracy = test_accuracy(model, data, device, mean, std)
     meta = {
         "arch": grid.model.arch, "width": float(grid.model.width), "num_classes": grid.model.num_classes,
+        "kwargs": dict(grid.model.kwargs),
         "classes": list(data.classes), "mean": list(mean), "std": list(std), "dataset": data.name,
         "train_images": len(data.train), "calibration_images": len(data.calibration),
         "calibration_holdout": data.holdout.as_dict() if data.holdout else None,
@@ -217,7 +219,7 @@ def train_checkpoint(grid: Grid, data: Dataset | None = None, device: torch.devi
     }
     digest = checkpoints.save(grid.checkpoint.path, model.cpu(), meta)
     log.info("test accuracy %.2f%% after %.0f s; wrote %s (sha256 %s)", accuracy, seconds,
-             grid.checkpoint.path, digest[:12])
+             grid.checkpoint.path, short(digest))
     log_to.trained(str(grid.checkpoint.path), digest, meta)
     return str(Path(grid.checkpoint.path))
 
@@ -231,9 +233,44 @@ def ensure_checkpoint(grid: Grid, data: Dataset, loaded: Checkpoint | None = Non
         log.info("checkpoint %s is missing: training it first", grid.checkpoint.path)
         train_checkpoint(grid, data, log_to=log_to)
         loaded = checkpoints.load_for(grid)
-    trained_on = loaded.meta.get("dataset"), tuple(loaded.meta.get("classes", ()))
-    if not loaded.meta.get("foreign") and trained_on != (data.name, data.classes):
-        raise InputError(checkpoints.FIELD, grid.checkpoint.path, f"trained on {trained_on[0]} with classes "
-                         f"{', '.join(trained_on[1][:3])}..., but the grid evaluates {data.name}",
-                         "a checkpoint trained on the grid's dataset", "point checkpoint.path at one, or retrain")
+    check_trained_on(grid, loaded, data.name, data.classes)
     return loaded
+
+
+@dataclass
+class SweepCheckpoint:
+    """The sweep's checkpoint, owned in one place: opened once (its hold-out checked before anything starts),
+    trained when missing, and checked once against the data it is evaluated on."""
+
+    grid: Grid
+    loaded: Checkpoint | None  # None until trained
+    holdout: str = "unknown"  # the hold-out verdict (checkpoints.check_holdout)
+    checked: bool = False  # against the data's classes
+
+    @classmethod
+    def open(cls, grid: Grid) -> "SweepCheckpoint":
+        """The checkpoint on disk, if any (None: to be trained)."""
+        return cls(grid, checkpoints.existing(grid))
+
+    def check_holdout(self, holdout: Holdout | None) -> None:
+        """An existing checkpoint's calibration hold-out against the sweep's, before anything starts."""
+        if self.loaded is not None:
+            self.holdout = checkpoints.check_holdout(self.grid, self.loaded, holdout)
+
+    def ready(self, data: Dataset, log_to: TrainLog | None = None) -> Checkpoint:
+        """The checkpoint, trained first when missing (its hold-out then checked against `data`'s), checked
+        against `data`'s classes once."""
+        if self.loaded is None:
+            self.loaded = ensure_checkpoint(self.grid, data, None, log_to)
+            self.holdout = checkpoints.check_holdout(self.grid, self.loaded, data.holdout)
+        elif not self.checked:
+            ensure_checkpoint(self.grid, data, self.loaded)
+        self.checked = True
+        return self.loaded
+def check_trained_on(grid: Grid, loaded: Checkpoint, dataset: str, classes: tuple[str, ...]) -> None:
+    """A checkpoint of ours must have been trained on the dataset and classes the grid evaluates."""
+    trained_on = loaded.meta.get("dataset"), tuple(loaded.meta.get("classes", ()))
+    if not loaded.meta.get("foreign") and trained_on != (dataset, tuple(classes)):
+        raise InputError(checkpoints.FIELD, grid.checkpoint.path, f"trained on {trained_on[0]} with classes "
+                         f"{', '.join(trained_on[1][:3])}..., but the grid evaluates {dataset}",
+                         "a checkpoint trained on the grid's dataset", "point checkpoint.path at one, or retrain")

@@ -193,7 +193,8 @@ def save(s: Setting, budget: Budget, name: str, chosen: Chosen, removed: Removed
 def _scored(s: Setting, removed: Removed) -> dict[str, Any]:
     base = s.images.base_score
     drop = paired_drop(base, removed.removed)
-    return {"images": removed.removed.count, "baseline_accuracy": base.accuracy,
+    return {"images": removed.removed.count, "classes": int(len(np.unique(s.images.scored.labels))),
+            "baseline_accuracy": base.accuracy,
             "accuracy_masked": removed.masked.accuracy, "accuracy_removed": removed.removed.accuracy,
             "drop_removed": {"drop": drop.drop, "low": drop.low, "high": drop.high}}
 
@@ -222,7 +223,8 @@ def row_of(folder: Path, finetune_epochs: int) -> dict[str, Any]:
            "measured_plans": record["measured_plans"], "base_latency_ms_b1": cpu[1]["base_ms"],
            "base_latency_ms_b64": cpu[64]["base_ms"], "macs": record["macs"], "params": record["params"],
            "units": len(record["units"]), "units_pruned": sum(1 for u in record["units"] if u["k"]),
-           "criterion": record["criterion"], "scored_images": scored["images"], "finetune_epochs": finetune_epochs,
+           "criterion": record["criterion"], "scored_images": scored["images"], "scored_classes": scored["classes"],
+           "finetune_epochs": finetune_epochs,
            "masked_vs_removed_differ": record["masked_vs_removed_differ"], "folder": str(folder)}
     for t in record["latency"]:
         if t["device"] != "cpu":

@@ -13,6 +13,7 @@ Every stage leaves files that say it is done (plan.json, correct_finetuned.npy, 
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 import uuid
@@ -21,28 +22,28 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
+from model import checkpoint as model_files
 from runner.config import Grid
 from runner.engine.criteria import CRITERIA
 from runner.engine.device import pick_device, place
 from runner.engine.measure import EvalSet
-from runner.errors import InputError
-from runner.inputs.data import load_data
+from runner.errors import InputError, plural
+from runner.inputs.data import Dataset, class_counts, load_data
 from runner.inputs.models import spec_of
 from runner.inputs.train import recipe_of
-from runner.inputs.trials import TrialPlan
+from runner.inputs.trials import IMAGE_SIZE, TrialPlan
 from runner.job.folder import changed_keys, folder_lock, identity, points_of
+from runner.job.options import Options
 from runner.job.plan import BUDGET_KINDS, make_plan, row_of
-from runner.job.setting import Setting, scoring_images, setting_of
-from runner.job.sweep import Options, prepare, run_sweep
+from runner.job.setting import Setting, chosen_on, scoring_images, setting_of
+from runner.job.sweep import blamed, prepare, run_sweep
 from runner.job.verification import problems_of, verify, versus_uniform
 from runner.outputs import plans as plan_files
 from runner.outputs.plans import finetuned, made, verified
 from runner.outputs.rankings import NAME as RANKINGS
 from runner.outputs.results import key_of, read_rows
 from runner.outputs.tracking import RunSpec, Tracking, model_artifact
-from runner.planning.export import onnx_logits, open_pruned
+from runner.planning.export import onnx_predictions, open_pruned, pruned_meta
 from runner.planning.scoring import score
 from runner.planning.units import plan_criterion
 
@@ -191,8 +192,8 @@ def dry_run(opts: Options) -> list[str]:
     grid, _ = prepare(opts)
     criterion = _check_plannable(grid)
     p = grid.plan
-    ft = f"{p.finetune.epochs} epochs ({p.finetune.recipe} recipe, lr {p.finetune.lr:g})" if p.finetune.epochs \
-        else "none"
+    ft = f"{plural(p.finetune.epochs, 'epoch')} ({p.finetune.recipe} recipe, lr {p.finetune.lr:g})" \
+        if p.finetune.epochs else "none"
     return sweep_dry_run(opts) + [
         f"plans: budgets {', '.join(b.label for b in p.budgets)} x methods {', '.join(p.methods)} "
         f"({len(p.budgets) * len(p.methods)} plans), criterion {criterion}, unit {grid.sweep.unit}",
@@ -201,19 +202,21 @@ def dry_run(opts: Options) -> list[str]:
 
 def score_file(opts: Options, path: str) -> str:
     """`prune-sweep score`: a pruned.pt read with our loader alone (or a pruned.onnx run with onnxruntime alone),
-    scored on the images the grid's plan section scores plans on; returns the line to print."""
-    grid, _ = prepare(opts)
-    data = load_data(grid.data, grid.model.num_classes, grid.seed)
-    scored, words = scoring_images(grid, data)
-    file = Path(path)
-    if not file.is_file():
-        raise InputError("--model", path, "no such file", "a pruned.pt or pruned.onnx written by prune-sweep prune",
-                         "check the path (plans/<budget>-<method>/ in the output folder)")
+    scored on the images the grid's plan section scores plans on, once its lineage (the base checkpoint, the
+    classes, the image size) is that of the grid; returns the line to print."""
+    with blamed(opts):
+        grid, _ = prepare(opts)
+        data = load_data(grid.data, grid.model.num_classes, grid.seed, training=False,
+                         scored=grid.plan.score_on == "test")
+        scored, words = scoring_images(grid, data)
+        file = Path(path)
+        if not file.is_file():
+            raise InputError("--model", path, "no such file", "a pruned.pt or pruned.onnx written by prune-sweep "
+                             "prune", "check the path (plans/<budget>-<method>/ in the output folder)")
+        check_lineage(grid, data, file)
     if file.suffix == ".onnx":
-        images = scored.images.astype(np.float32).transpose(0, 3, 1, 2) / 255
         try:
-            predicted = np.concatenate([onnx_logits(file, images[i:i + 1000]).argmax(1)
-                                        for i in range(0, len(images), 1000)])
+            predicted = onnx_predictions(file, scored.images)
         except Exception as e:  # noqa: BLE001  onnxruntime's errors have no common type
             raise InputError("--model", path, f"onnxruntime cannot run it ({type(e).__name__})", "a pruned.onnx "
                              "written by prune-sweep prune", "export it again with prune-sweep prune") from None
@@ -225,7 +228,46 @@ def score_file(opts: Options, path: str) -> str:
         evalset = EvalSet.build(scored, mean, std, grid.model.num_classes, device, grid.sweep.batch_size)
         correct, how = score(place(opened.model, device), evalset).correct, "our loader"
     return (f"{path} ({how}): accuracy {100 * float(correct.mean()):.2f}% on {len(correct):,} images "
-            f"({correct.sum():,} right): {words}")
+            f"({correct.sum():,} right): {_score_words(grid, data, file, words)}")
+
+
+def check_lineage(grid: Grid, data: Dataset, file: Path) -> None:
+    """The pruned model (pruned.pt's metadata; for pruned.onnx, the pruned.pt beside it) must come from the grid's
+    checkpoint, classes and image size; the first difference is one line."""
+    meta = pruned_meta(file.with_name("pruned.pt") if file.suffix == ".onnx" else file)
+    checkpoint = Path(grid.checkpoint.path)
+    ours = model_files.sha256(checkpoint) if checkpoint.is_file() else None
+    size = grid.data.image_size or IMAGE_SIZE
+    fix = "score it with the grid that planned it (config.yaml in that sweep's output folder)"
+    if meta.get("base_checkpoint_sha256") != ours:
+        theirs = str(meta.get("base_checkpoint_sha256") or "none recorded")[:12]
+        raise InputError("--model", str(file), f"planned from the checkpoint with sha256 {theirs} "
+                         f"({meta.get('base_checkpoint', 'unknown path')}), not from the grid's checkpoint.path "
+                         f"{checkpoint} ({ours[:12] if ours else 'missing'})", "a pruned model planned from the "
+                         "grid's checkpoint", fix)
+    if list(meta.get("classes") or []) != list(data.classes):
+        raise InputError("--model", str(file), f"its classes ({', '.join(meta.get('classes') or [])[:60]}) differ "
+                         f"from the grid's data ({', '.join(data.classes)[:60]})", "a model of the grid's classes",
+                         fix)
+    if meta.get("image_size") != size:
+        raise InputError("--model", str(file), f"planned at image size {meta.get('image_size')}, the grid's data "
+                         f"is {size}", "a model planned at the grid's image size", fix)
+
+
+def _score_words(grid: Grid, data: Dataset, file: Path, words: str) -> str:
+    """What the scored images are, and whether they chose the plan: plan.json beside the model says which images
+    chose it; without one, the scored images are only named."""
+    record = file.with_name(plan_files.PLAN_JSON)
+    chosen = chosen_on(data)
+    if grid.plan.score_on == "test":
+        return words
+    n = len(data.test)
+    named = f"{data.name} test images 1-{n:,}"
+    if not record.is_file():
+        return f"{named} (the grid's {n:,} eval images; no {plan_files.PLAN_JSON} beside the model says which " \
+               "images chose its plan)"
+    said = json.loads(record.read_text(encoding="utf-8")).get("chosen_on")
+    return words if said == chosen else f"{named} (the grid's eval images; its plan was chosen on {said})"
 
 
 def _check_plannable(grid: Grid) -> str:
@@ -279,8 +321,8 @@ def _finetune(opts: Options, s: Setting, job: dict[str, Any], names: list[str]) 
     if not restore:
         job["tune_experiments"].append(experiment)
         plan_files.write_job(grid.folder, job)
-    log.info("fine-tuning %d pruned models for %d epochs (%s, lr %g) on %d train images%s", len(todo),
-             recipe.epochs, recipe.optimizer, recipe.lr, len(data.train),
+    log.info("fine-tuning %s for %s (%s, lr %g) on %s%s", plural(len(todo), "pruned model"),
+             plural(recipe.epochs, "epoch"), recipe.optimizer, recipe.lr, plural(len(data.train), "train image"),
              f" ({len(names) - len(todo)} fine-tuned by an earlier run)" if len(todo) < len(names) else "")
     with cluster.ray_session(address, grid.resources.ray_dashboard, grid.resources, len(todo)):
         failed = run_finetuning(shared, todo, trial_resources(grid), grid.resources.max_concurrent,
@@ -295,8 +337,9 @@ def _runs(s: Setting, job: dict[str, Any], names: list[str]) -> Any:
     from runner.job.finetune import RunsContext
 
     grid = s.grid
+    subsets = {**s.data.subsets(), "scored": class_counts(s.images.scored.labels)}
     tracking = Tracking(grid.wandb.mode, grid.wandb.project, grid.wandb.entity, grid.name, grid.folder,
-                        grid.as_dict(), False, job["job_id"])
+                        {**grid.as_dict(), "data_subsets": subsets}, False, job["job_id"])
     parent = model_artifact(s.loaded.path, s.loaded.sha256)
     recipe = recipe_of(grid.plan.finetune).model_dump()
     specs = {}

@@ -17,7 +17,7 @@ from runner.engine.images import Images
 from runner.engine.measure import EvalSet
 from runner.errors import InputError
 from runner.inputs import checkpoints
-from runner.inputs.data import Dataset, load_data
+from runner.inputs.data import Dataset, class_words, load_data, test_span, unseen
 from runner.inputs.train import recipe_of
 from runner.inputs.trials import IMAGE_SIZE, TrialPlan
 from runner.outputs.rankings import NAME as RANKINGS, read_rankings
@@ -70,7 +70,7 @@ class Setting:
 def setting_of(grid: Grid, trials: TrialPlan, criterion: str) -> Setting:
     """The job's Setting, from the grid, the sweep's results and rankings, and the checkpoint."""
     loaded = checkpoints.load_for(grid)
-    data = load_data(grid.data, grid.model.num_classes, grid.seed)
+    data = load_data(grid.data, grid.model.num_classes, grid.seed, scored=grid.plan.score_on == "test")
     image_size = grid.data.image_size or IMAGE_SIZE
     base = loaded.model.cpu().eval()
     units = plan_units(base, trials.units, grid.sweep.unit, criterion, read_rankings(grid.folder / RANKINGS),
@@ -97,8 +97,7 @@ def _scoring(grid: Grid, data: Dataset, loaded: Checkpoint, on_device: torch.nn.
                                                                  grid.sweep.batch_size)
     base_eval = score(on_device, evalset)
     return Scoring(evalset=evalset, scoreset=scoreset, scored=scored, scored_on=scored_on,
-                   chosen_on=f"the sweep's {len(data.test):,} eval images ({data.name} test images "
-                             f"1-{len(data.test):,})",
+                   chosen_on=chosen_on(data),
                    base_eval=base_eval, base_score=base_eval if scoreset is evalset else score(on_device, scoreset))
 
 
@@ -108,10 +107,15 @@ def scoring_images(grid: Grid, data: Dataset) -> tuple[Images, str]:
     if grid.plan.score_on == "eval":
         return data.test, (f"the same {n:,} eval images that chose the plan (its figures are flattered: set "
                            "plan.score_on: test with data.eval_size below the test split for unseen images)")
-    rest = load_data(grid.data.model_copy(update={"eval_size": None}), grid.model.num_classes, grid.seed).test
-    if len(rest) <= n:
-        raise InputError("plan.score_on", "test", f"the sweep evaluated all {len(rest):,} test images, so none is "
+    rest, total = unseen(grid.data, grid.seed)
+    if not len(rest):
+        raise InputError("plan.score_on", "test", f"the sweep evaluated all {total:,} test images, so none is "
                          "left unseen", "eval, or test with data.eval_size below the test split",
-                         f"set data.eval_size (e.g. {len(rest) // 2}) before sweeping, or plan.score_on: eval")
-    return rest.take(slice(n, None)), (f"{len(rest) - n:,} test images the sweep never evaluated ({data.name} test "
-                                       f"images {n + 1:,}-{len(rest):,})")
+                         f"set data.eval_size (e.g. {total // 2}) before sweeping, or plan.score_on: eval")
+    return rest, (f"{len(rest):,} test images the sweep never evaluated ({test_span(grid.data, n, total)}; "
+                  f"{class_words(rest.labels)})")
+
+
+def chosen_on(data: Dataset) -> str:
+    """Words for the images that choose and correct the plans: the sweep's eval images."""
+    return f"the sweep's {len(data.test):,} eval images ({data.eval_words()})"

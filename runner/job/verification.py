@@ -15,7 +15,7 @@ from runner.engine.device import place
 from runner.engine.measure import EvalSet
 from runner.job.setting import Setting
 from runner.outputs.plans import CORRECT, PRUNED, VERIFIED
-from runner.planning.export import export_onnx, onnx_logits, open_pruned
+from runner.planning.export import export_onnx, onnx_predictions, open_pruned
 from runner.planning.scoring import accuracy_interval, difference, paired_drop, score
 from runner.storage import write_text
 
@@ -39,9 +39,7 @@ def verify(s: Setting, name: str, folder: Path) -> list[str]:
     mean, std = s.loaded.normalisation
     export_onnx(folder / "pruned.onnx", opened.model.cpu(), mean, std, s.image_size)
     scored = s.images.scored
-    images = scored.images.astype(np.float32).transpose(0, 3, 1, 2) / 255
-    predicted = np.concatenate([onnx_logits(folder / "pruned.onnx", images[i:i + 1000]).argmax(1)
-                                for i in range(0, len(images), 1000)])
+    predicted = onnx_predictions(folder / "pruned.onnx", scored.images)
     onnx_differ = int(np.count_nonzero(predicted != _predictions(opened.model, scoreset)))
     if onnx_differ:
         problems.append(f"pruned.onnx predicts {onnx_differ} images differently from torch")

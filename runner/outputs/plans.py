@@ -39,7 +39,7 @@ OPTIONAL = ("vs_uniform", "vs_uniform_low", "vs_uniform_high", "measured_drop", 
             "corrections", "accepted", "measured_plans", "accuracy_final", "final_low", "final_high", "accuracy_onnx",
             "onnx_differ", "masked_vs_removed_differ", "finetuned_drop", "finetuned_drop_low", "finetuned_drop_high",
             "base_latency_ms_b1", "base_latency_ms_b64", "macs", "params", "units", "units_pruned", "criterion",
-            "scored_images", "chosen_on", "scored_on", "finetune_epochs", "folder")
+            "scored_images", "scored_classes", "chosen_on", "scored_on", "finetune_epochs", "folder")
 
 
 def plan_folder(output: Path, budget: str, method: str) -> Path:
