@@ -516,6 +516,11 @@ class Cut:
         self._plain: fx.GraphModule | None = None  # the unmasked suffix, built on first use
 
     @property
+    def downstream(self) -> frozenset:
+        """The graph nodes the mask reaches (the suffix's nodes, before the output)."""
+        return self._plan.downstream
+
+    @property
     def cached(self) -> tuple[str, ...]:
         """Names of the graph values that make up the cache, in graph order."""
         return tuple(n.name for n in self._plan.cached)

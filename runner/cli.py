@@ -3,6 +3,7 @@
     prune-sweep sweep --grid FILE [--output DIR] [--resume] [--wandb-mode M] [--address A] [--dry-run] [--set K=V]
     prune-sweep train --grid FILE [--set K=V]
     prune-sweep prune --grid FILE [--output DIR] [--resume] [--wandb-mode M] [--address A] [--dry-run] [--set K=V]
+    prune-sweep validate --grid FILE [--output DIR] [--wandb-mode M] [--address A] [--dry-run] [--set K=V]
     prune-sweep score --grid FILE --model plans/<budget>-<method>/pruned.pt|pruned.onnx [--set K=V]
 
 May import: `runner.job` (the jobs), `runner.engine.device` (the allocator, set first), `runner.errors`.
@@ -144,6 +145,20 @@ def parser() -> Parser:
     prune.add_argument("--dry-run", action="store_true", help="validate and print the grid and its plans; compute "
                        "nothing")
     prune.set_defaults(run=_prune)
+    validate = commands.add_parser("validate", parents=[_common()], help="does the sweep predict? random plans "
+                                   "vs the methods' plans, each fine-tuned (docs/validation.md)",
+                                   description="For each plan.budgets: validate.random_plans random plans that meet "
+                                   "it and the plan.methods' plans; each plan's predicted drop (plain and "
+                                   "recalibrated curves), one-shot accuracy (masked, after adaptive BN) and accuracy "
+                                   "after fine-tuning (Ray Tune trials); validation.csv, plots/validation.png and "
+                                   "the predictors' rank correlations in <output>/<name>/report.md.")
+    validate.add_argument("--output", help="results folder (default: the grid's output key)")
+    validate.add_argument("--wandb-mode", choices=["online", "offline", "disabled", "auto"],
+                          help="override wandb.mode")
+    validate.add_argument("--address", help="join this Ray cluster (default: RAY_ADDRESS, else a local Ray)")
+    validate.add_argument("--dry-run", action="store_true", help="validate and print what it would run; compute "
+                          "nothing")
+    validate.set_defaults(run=_validate)
     scorer = commands.add_parser("score", parents=[_common()], help="score a pruned.pt or pruned.onnx on its own",
                                  description="Read a pruned model with prune-sweep's loader alone (pruned.pt: the "
                                  "base architecture rebuilt, the plan's channels removed, the weights loaded) or run "
@@ -151,7 +166,7 @@ def parser() -> Parser:
                                  "grid's plan scores plans on.")
     scorer.add_argument("--model", required=True, help="plans/<budget>-<method>/pruned.pt or pruned.onnx")
     scorer.set_defaults(run=_score)
-    top.commands = {"sweep": sweep, "train": train, "prune": prune, "score": scorer}
+    top.commands = {"sweep": sweep, "train": train, "prune": prune, "validate": validate, "score": scorer}
     return top
 
 
@@ -188,6 +203,23 @@ def _prune(args: argparse.Namespace) -> int:
           f"report: {outcome.folder / 'report.md'}")
     if outcome.failed:
         print(f"{plural(len(outcome.failed), 'plan')} failed: {', '.join(outcome.failed)}", file=sys.stderr)
+        return EXIT_FAILED
+    return EXIT_OK
+
+
+def _validate(args: argparse.Namespace) -> int:
+    from runner.job.sweep import Options
+    from runner.job.validate import dry_run, run_validate
+
+    opts = Options(args.grid, args.output, False, args.wandb_mode, args.address, args.dry_run, tuple(args.set))
+    if args.dry_run:
+        print("\n".join(dry_run(opts)))
+        return EXIT_OK
+    outcome = run_validate(opts)
+    print(f"{len(outcome.rows)} plans in {outcome.seconds:.0f} s; table: {outcome.folder / 'validation.csv'}, "
+          f"report: {outcome.folder / 'report.md'}")
+    if outcome.failed:
+        print(f"{len(outcome.failed)} plans failed: {', '.join(outcome.failed)}", file=sys.stderr)
         return EXIT_FAILED
     return EXIT_OK
 

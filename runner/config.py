@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import os
 import re
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -223,6 +224,12 @@ class SweepConfig(Section):
     batch_size: int = Field(500, ge=1, le=65_536)  # evaluation and calibration batch
     retries: int = Field(2, ge=0, le=100)  # a crashed trial is retried this many times
     feature_map_points: int = Field(3, ge=0, le=100)  # K values per layer whose feature maps go to disk
+    # adaptive BN: images of the calibration hold-out that re-estimate the BatchNorm statistics a mask reaches
+    # before each point is scored a second time (docs/adaptive-bn.md); 0 = off
+    bn_recalibration: int = Field(0, ge=0, le=1_000_000)
+    # a curve stops once a point's drop is above this many points beyond doubt (its interval's lower end); the
+    # larger K are recorded as skipped; null = every K measured
+    stop_drop: Annotated[float | None, Field(gt=0, le=100), Allowed("null, or points of accuracy, 0 < D <= 100")] = None
 
     @model_validator(mode="after")
     def _group_output(self) -> "SweepConfig":
@@ -268,7 +275,7 @@ class WandbConfig(Section):
 
 
 FRACTION = "a fraction of the base model to keep, 0 < f < 1"
-PLAN_METHODS = ("knapsack", "threshold", "uniform")
+PLAN_METHODS = ("knapsack", "threshold", "uniform", "global")
 
 
 class Budget(Section):
@@ -314,7 +321,8 @@ class PlanConfig(Section):
 
     budgets: Annotated[list[Budget], Field(min_length=1), Allowed("a list of {macs: f} or {params: f}")] = [
         Budget(macs=0.5)]
-    methods: Annotated[list[Literal["knapsack", "threshold", "uniform"]], Field(min_length=1), Distinct,
+    # global: Torch-Pruning's global pruning, the baseline a user has without sweeping (docs/validation.md)
+    methods: Annotated[list[Literal["knapsack", "threshold", "uniform", "global"]], Field(min_length=1), Distinct,
                        Allowed(", ".join(PLAN_METHODS))] = list(PLAN_METHODS)
     # whose curves the plan reads and whose channel order it removes; null = the first of sweep.criteria that
     # ranks channels (not random, not seed)
@@ -328,6 +336,9 @@ class PlanConfig(Section):
     score_on: Literal["eval", "test"] = "eval"
     # knapsack and threshold: moves of the combined-plan correction (runner.planning.correction); 0 = none
     max_corrections: int = Field(8, ge=0, le=1000)
+    # which curves plan: plain (the trained BatchNorm statistics) or recalibrated (after adaptive BN, which needs
+    # sweep.bn_recalibration > 0; the correction then measures with adaptive BN too): docs/adaptive-bn.md
+    curves: Literal["plain", "recalibrated"] = "plain"
 
     @field_validator("budgets")
     @classmethod
@@ -337,6 +348,19 @@ class PlanConfig(Section):
         if dup:
             raise _invalid(f"duplicate budget {dup}", "each budget once", "remove the duplicate")
         return v
+
+
+class ValidateConfig(Section):
+    """`prune-sweep validate` (docs/validation.md): random plans per budget next to the methods' plans, each
+    predicted, measured one-shot and fine-tuned with the plan section's recipe."""
+
+    random_plans: int = Field(16, ge=3, le=1000)  # random plans per budget (rank correlations need >= 3)
+    seed: int = Field(0, ge=0, le=2**63 - 1)  # seeds the random plans' draws
+    bn_images: int = Field(512, ge=1, le=1_000_000)  # calibration hold-out images for a plan's adaptive-BN accuracy
+
+
+# the section is named like its command; the BaseModel.validate it shadows is pydantic's deprecated classmethod
+warnings.filterwarnings("ignore", message='Field name "validate" in "Grid" shadows', category=UserWarning)
 
 
 class Grid(Section):
@@ -349,6 +373,7 @@ class Grid(Section):
     resources: ResourcesConfig = ResourcesConfig()
     wandb: WandbConfig = WandbConfig()
     plan: PlanConfig = PlanConfig()  # prune-sweep prune only (not part of a sweep's identity)
+    validate: ValidateConfig = ValidateConfig()  # prune-sweep validate only
     output: str = "runs"
 
     @field_validator("name")

@@ -9,6 +9,10 @@
 All four run in one process on the same checkpoint, data, layers, K values and criterion; (a), (b) and (c)
 must give identical accuracies at every point.
 
+`--adaptive-bn N`: what adaptive BN (sweep.bn_recalibration: N) adds to the engine's time on the same layers and
+K values: every point measured plain, then plain and again after re-estimating the reached BatchNorm statistics on
+N calibration images. `--stop-drop D`: the engine with and without sweep.stop_drop: D, and the points it skipped.
+
 `--resnet50`: the same question on a network that is not ours: torchvision's resnet50 (random init, 10 classes,
 64x64 random images labelled by the unpruned network's own predictions), one conv per stage x K = 1/4 and 1/2
 of its channels, measured (cached) by the engine's `sweep_layer` (prefix once per layer, suffix per K) and
@@ -262,6 +266,56 @@ def run_bench(s: Setup, skip_seed: bool = False) -> dict[str, Any]:
         "identical_accuracies": not mismatches, "mismatches": [list(map(str, m)) for m in mismatches[:10]],
         "host_available_bytes": host_available_bytes(),
     }
+
+
+def engine_pass(s: Setup, recalibration: EvalSet | None = None, stop_drop: float | None = None) -> Timing:
+    """The engine over every layer and K (one ranking pass first), as a sweep's trials run it."""
+    t = Timing("engine" + (f" + adaptive BN ({recalibration.count})" if recalibration else "")
+               + (f" + stop_drop {stop_drop:g}" if stop_drop is not None else ""))
+    model = _fresh_model(s)
+    cal = s.calibration
+    with fast_math(s.device):
+        rankings = rank_all(model, s.layers, [s.criterion], "output", torch.cat(cal.inputs), torch.cat(cal.labels),
+                            s.grid.sweep.batch_size, s.grid.sweep.random_seed)
+    for conv in s.layers:
+        for p in sweep_layer(model, conv, "output", rankings[(conv.name, s.criterion)], s.ks[conv.name],
+                             s.evalset, s.convs, feature_maps=True, recalibration=recalibration, stop_drop=stop_drop):
+            t.accuracies[(conv.name, p.k)] = p.accuracy
+    return t
+
+
+def run_variant(s: Setup, adaptive_bn: int = 0, stop_drop: float | None = None, repeat: int = 2) -> dict[str, Any]:
+    """The engine alone against the engine with adaptive BN or with stop_drop, alternated `repeat` times; the
+    fastest of each, and what the second one adds (or saves)."""
+    recalibration = None
+    if adaptive_bn:
+        mean, std = s.mean, s.std
+        recalibration = EvalSet.build(s.data.calibration.take(slice(adaptive_bn)), mean, std, len(s.data.classes),
+                                      s.device, s.grid.sweep.batch_size)
+    _full_eval(s, _fresh_model(s))  # warm-up
+    plain, other = [], []
+    for _ in range(repeat):
+        plain.append(_timed(s.device, lambda: engine_pass(s)))
+        other.append(_timed(s.device, lambda: engine_pass(s, recalibration, stop_drop)))
+    a, b = min(plain, key=lambda t: t.seconds), min(other, key=lambda t: t.seconds)
+    points = sum(len(v) for v in s.ks.values())
+    skipped = sum(1 for v in b.accuracies.values() if v != v)
+    same = all(b.accuracies[key] == v for key, v in a.accuracies.items() if b.accuracies[key] == b.accuracies[key])
+    return {"device": str(s.device), "points": points, "layers": len(s.layers), "eval_images": s.evalset.count,
+            "criterion": s.criterion, "plain_seconds": round(a.seconds, 2), "variant": b.name,
+            "variant_seconds": round(b.seconds, 2), "added_fraction": round(b.seconds / a.seconds - 1, 3),
+            "skipped_points": skipped, "identical_accuracies": same,
+            "all_seconds": {"plain": [round(t.seconds, 2) for t in plain], "variant": [round(t.seconds, 2) for t in other]}}
+
+
+def variant_line(r: dict[str, Any]) -> str:
+    change = f"adds {100 * r['added_fraction']:.0f}%" if r["added_fraction"] >= 0 else \
+        f"saves {-100 * r['added_fraction']:.0f}%"
+    return (f"{r['variant']}: {r['variant_seconds']:.2f} s against {r['plain_seconds']:.2f} s for the engine alone "
+            f"({change}); {r['points']} points on {r['layers']} layers, {r['eval_images']} eval images, "
+            f"{r['criterion']}, {r['device']}; {r['skipped_points']} points skipped; plain accuracies "
+            f"{'identical' if r['identical_accuracies'] else 'DIFFER'} at every point measured; runs "
+            f"{r['all_seconds']}")
 
 
 def _largest_cache(s: Setup) -> tuple[int, str]:
@@ -527,8 +581,13 @@ def main() -> int:
     p.add_argument("--fractions", type=float, nargs="+", default=list(R50_FRACTIONS),
                    help="--resnet50: K values per conv, as fractions of its channels")
     p.add_argument("--repeat", type=int, default=None,
-                   help="--end-to-end: alternated pairs of runs (default 2); --resnet50: runs per conv (default 3)")
+                   help="--end-to-end, --adaptive-bn, --stop-drop: alternated pairs of runs (default 2); --resnet50: "
+                   "runs per conv (default 3)")
     p.add_argument("--engine-alone", action="store_true", help=argparse.SUPPRESS)  # the timed half of --end-to-end
+    p.add_argument("--adaptive-bn", type=int, default=0, metavar="N",
+                   help="time the engine with adaptive BN on N calibration images against the engine alone")
+    p.add_argument("--stop-drop", type=float, default=None, metavar="D",
+                   help="time the engine with sweep.stop_drop D against the engine alone")
     p.add_argument("--json", help="write every figure to this file")
     args = p.parse_args()
     if args.engine_alone:
@@ -540,6 +599,12 @@ def main() -> int:
                                "cpu" if args.device == "auto" else args.device, tuple(args.fractions))
         result = run_resnet50(r50, 3 if args.repeat is None else args.repeat)
         print("\n".join(resnet50_lines(result)))
+    elif args.adaptive_bn or args.stop_drop is not None:
+        setup = prepare(args.grid, args.set, args.criterion or "l1_norm",
+                        1000 if args.eval_size is None else args.eval_size, args.calibration_size,
+                        args.layers or "all", args.device)
+        result = run_variant(setup, args.adaptive_bn, args.stop_drop, 2 if args.repeat is None else args.repeat)
+        print(variant_line(result))
     elif args.end_to_end:
         with tempfile.TemporaryDirectory() as work:
             result = end_to_end(args.grid, args.set, Path(work), 2 if args.repeat is None else args.repeat)

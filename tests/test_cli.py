@@ -25,7 +25,8 @@ BAD = {
     "unknown_key": (
         "e2e_bad_unknown_key.yaml", [],
         "error: {grid}: sweep.layer: unknown key: got 'layer'; allowed: layers, include_shortcuts, unit, k, "
-        "criteria, target, calibration, random_repeats, random_seed, batch_size, retries, feature_map_points; "
+        "criteria, target, calibration, random_repeats, random_seed, batch_size, retries, feature_map_points, "
+        "bn_recalibration, stop_drop; "
         "fix: remove it or correct its spelling"),
     "wrong_type": (
         "e2e_bad_wrong_type.yaml", [],

@@ -44,10 +44,11 @@ def plan_error(sweep: dict, width: float = 0.25) -> str:
 @pytest.mark.parametrize("file, message", [
     ("unknown_key_top.yaml",
      "modle: unknown key: got 'modle'; allowed: name, seed, model, data, checkpoint, sweep, resources, wandb, plan, "
-     "output; fix: remove it or correct its spelling"),
+     "validate, output; fix: remove it or correct its spelling"),
     ("unknown_key_nested.yaml",
      "sweep.criterion: unknown key: got 'criterion'; allowed: layers, include_shortcuts, unit, k, criteria, "
-     "target, calibration, random_repeats, random_seed, batch_size, retries, feature_map_points; "
+     "target, calibration, random_repeats, random_seed, batch_size, retries, feature_map_points, "
+     "bn_recalibration, stop_drop; "
      "fix: remove it or correct its spelling"),
     ("unknown_key_train.yaml",
      "checkpoint.train.learning_rate: unknown key: got 'learning_rate'; allowed: recipe, epochs, batch_size, "

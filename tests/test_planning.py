@@ -177,7 +177,8 @@ def test_fit_bisects_when_a_tightening_step_overshoots() -> None:
 
 
 def test_planner_names_the_methods() -> None:
-    assert tuple(METHODS) == config_methods  # the grid's choices are the registry's
+    # the grid's choices are the registry's, and global (Torch-Pruning's, runner.planning.global_plan)
+    assert (*METHODS, "global") == config_methods
     with pytest.raises(ValueError, match="unknown planning method 'greedy'; known: knapsack, threshold, uniform"):
         Planner([], "macs", 0.5, 1.0, "greedy")
 
@@ -265,7 +266,7 @@ def test_plan_section_defaults_and_issue_example() -> None:
                        "round_to": 1, "min_keep": 0.1, "finetune": {"epochs": 2, "lr": 0.01}}, "g.yaml")
     assert [(b.kind, b.keep, b.label) for b in plan.budgets] == [("macs", 0.5, "macs0.5"), ("params", 0.6, "params0.6")]
     assert plan.finetune.epochs == 2 and plan.finetune.batch_size is None and plan.score_on == "eval"
-    assert PlanConfig().methods == ["knapsack", "threshold", "uniform"]
+    assert PlanConfig().methods == ["knapsack", "threshold", "uniform", "global"]
     assert parse_plan({"finetune": {"epochs": 0}}, "g").finetune.epochs == 0
 
 
@@ -280,7 +281,7 @@ def test_plan_section_defaults_and_issue_example() -> None:
      "g.yaml: plan.budgets: duplicate budget macs0.5: got [{'macs': 0.5}, {'macs': 0.5}]; allowed: each budget once; "
      "fix: remove the duplicate"),
     ({"methods": ["greedy"]},
-     "g.yaml: plan.methods[0]: not allowed: got 'greedy'; allowed: 'knapsack', 'threshold' or 'uniform'; "
+     "g.yaml: plan.methods[0]: not allowed: got 'greedy'; allowed: 'knapsack', 'threshold', 'uniform' or 'global'; "
      "fix: change plan.methods[0] in the grid file (or --set plan.methods=...)"),
     ({"round_to": 0}, "g.yaml: plan.round_to: out of range: got 0; allowed: greater than or equal to 1; "
                       "fix: change plan.round_to in the grid file (or --set plan.round_to=...)"),

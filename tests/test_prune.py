@@ -1,4 +1,4 @@
-"""`prune-sweep prune` end to end, in process on the session's Ray: a tiny sweep by groups, three plans under a
+"""`prune-sweep prune` end to end, in process on the session's Ray: a tiny sweep by groups, four plans under a
 MACs budget, removal, fine-tuning trials, the files read back; then what the files say checked against
 independent recounts and reloads. Also the job's input checks, and `prune-sweep score`."""
 
@@ -33,7 +33,7 @@ BUDGET = 0.7
 
 @pytest.fixture(scope="module")
 def planned(ray_session, sweep_checkpoint, tmp_path_factory) -> SimpleNamespace:
-    """One prune job: 12 groups x 2 K, l1_norm; budget macs 0.7 by all three methods; one epoch of fine-tuning
+    """One prune job: 12 groups x 2 K, l1_norm; budget macs 0.7 by all four methods; one epoch of fine-tuning
     on 200 images; scored on the 50 test images the sweep did not evaluate."""
     import runner.job.plan as prune
     from runner.api import prune as prune_api
@@ -60,7 +60,7 @@ def test_every_plan_is_made_fine_tuned_and_verified(planned) -> None:
     t = planned.table
     assert planned.failed == []
     assert planned.table.equals(pd.read_csv(planned.folder / "plans.csv"))
-    assert sorted(t["method"]) == ["knapsack", "threshold", "uniform"] and set(t["budget"]) == {"macs0.7"}
+    assert sorted(t["method"]) == ["global", "knapsack", "threshold", "uniform"] and set(t["budget"]) == {"macs0.7"}
     assert (t["macs_kept"] <= BUDGET).all() and (t["macs_kept"] > 0).all()
     # the masked plan and the physically pruned model agree image by image; pruned.pt read back by our loader
     # gives the fine-tuned accuracy; the ONNX file predicts every image as torch does
@@ -70,7 +70,7 @@ def test_every_plan_is_made_fine_tuned_and_verified(planned) -> None:
     assert ((t["finetuned_low"] <= t["accuracy_finetuned"]) & (t["accuracy_finetuned"] <= t["finetuned_high"])).all()
     assert (t["scored_images"] == 50).all()  # 200 test images, 150 evaluated by the sweep
     assert (t["scored_classes"] == 10).all()  # every class among them
-    assert (t[t["method"] == "uniform"]["corrections"] == 0).all()  # the baseline is never corrected
+    assert (t[t["method"].isin(["uniform", "global"])]["corrections"] == 0).all()  # baselines are never corrected
     others = t[t["method"] != "uniform"]
     assert others["vs_uniform"].notna().all() and t[t["method"] == "uniform"]["vs_uniform"].isna().all()
 
@@ -108,7 +108,7 @@ def test_the_report_gains_a_plans_section_and_plot(planned) -> None:
 
 def test_fine_tuning_runs_are_w_and_b_runs_with_curves_and_the_model(planned) -> None:
     runs = runs_by_name(planned.folder)
-    for method in ("knapsack", "threshold", "uniform"):
+    for method in ("knapsack", "threshold", "uniform", "global"):
         (run_dir, info, records), = runs[f"plan/macs0.7-{method}"]
         assert info["job_type"] == "finetune" and info["run_group"] == "planned"
         curves = [h for h in history(records) if "epoch" in h]
@@ -243,8 +243,8 @@ def test_prune_dry_run_describes_the_plans(tmp_path, cli) -> None:
     path = write_grid(tmp_path / "g.yaml", grid_dict(tmp_path, sweep={"unit": "group", "criteria": ["l1_norm"]}))
     run = cli(["--grid", str(path), "--dry-run"], cwd=tmp_path, command="prune")
     assert run.returncode == 0, run.stderr
-    assert "plans: budgets macs0.5 x methods knapsack, threshold, uniform (3 plans), criterion l1_norm, unit group" \
-        in run.stdout
+    assert "plans: budgets macs0.5 x methods knapsack, threshold, uniform, global (4 plans), criterion l1_norm, " \
+        "unit group" in run.stdout
     run = cli(["--grid", str(path), "--dry-run", "--set", "plan.finetune.epochs=1"], cwd=tmp_path, command="prune")
     assert run.returncode == 0 and ", fine-tuning 1 epoch (" in run.stdout, run.stderr
 
@@ -257,7 +257,7 @@ def test_plan_defaults() -> None:
 
 @pytest.mark.slow
 def test_mobilenet_v2_goes_through_sweep_plan_removal_and_fine_tuning(ray_session, tmp_path) -> None:
-    """torchvision's mobilenet_v2 (width 0.25, synthetic images): trained, swept by groups, planned by the three
+    """torchvision's mobilenet_v2 (width 0.25, synthetic images): trained, swept by groups, planned by the four
     methods, removed, fine-tuned and verified, in one prune job."""
     import runner.job.plan as plan
     from runner.job.prune import run_prune
@@ -277,7 +277,7 @@ def test_mobilenet_v2_goes_through_sweep_plan_removal_and_fine_tuning(ray_sessio
     finally:
         plan.latency = original
     t = pd.read_csv(outcome.folder / "plans.csv")
-    assert outcome.failed == [] and sorted(t["method"]) == ["knapsack", "threshold", "uniform"]
+    assert outcome.failed == [] and sorted(t["method"]) == ["global", "knapsack", "threshold", "uniform"]
     assert (t["macs_kept"] <= 0.8).all() and (t["units_pruned"] > 0).all()
     assert (t["masked_vs_removed_differ"] == 0).all() and (t["onnx_differ"] == 0).all()
     assert (t["accuracy_final"] == t["accuracy_finetuned"]).all()
@@ -346,7 +346,7 @@ def test_a_job_stopped_while_planning_and_killed_while_fine_tuning_resumes_to_th
     with pytest.raises(RuntimeError, match="injected"):
         prune_api(path, resume=True)
     monkeypatch.setattr(prune, "_finetune", finetune)
-    assert len(fingerprints(folder)) == 3 and fingerprints(folder)["macs0.7-knapsack"] == first["macs0.7-knapsack"]
+    assert len(fingerprints(folder)) == 4 and fingerprints(folder)["macs0.7-knapsack"] == first["macs0.7-knapsack"]
 
     log = tmp_path / "killed.log"
     with open(log, "w") as out:
@@ -363,7 +363,7 @@ def test_a_job_stopped_while_planning_and_killed_while_fine_tuning_resumes_to_th
     killed = log.read_text()
     assert EPOCH_LINE in killed, killed[-3000:]
     second = fingerprints(folder)
-    assert len(second) == 3 and {k: second[k] for k in first} == first
+    assert len(second) == 4 and {k: second[k] for k in first} == first
     assert not list(folder.glob("plans/*/verified.json"))
 
     caplog.set_level("INFO", logger="runner")
@@ -372,7 +372,7 @@ def test_a_job_stopped_while_planning_and_killed_while_fine_tuning_resumes_to_th
     assert fingerprints(folder) == second  # no plan.json written again
     pd.testing.assert_frame_equal(comparable(table), comparable(planned.table), check_exact=True)
     resumed = "\n".join(r.getMessage() for r in caplog.records)
-    assert resumed.count("made by an earlier run") == 3
+    assert resumed.count("made by an earlier run") == 4
     epochs = re.findall(r"fine-tuning (\S+): epoch (\d+) of", killed + "\n" + resumed)
     assert len(epochs) == len(set(epochs)), epochs
     assert "## Plans: a smaller model under a budget" in (folder / "report.md").read_text()

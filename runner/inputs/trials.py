@@ -145,6 +145,10 @@ def ks_for(spec: KSpec, channels: int) -> tuple[int, ...]:
 def plan_trials(grid: Grid) -> TrialPlan:
     """Resolve and check the sweep section against the network; raises InputError on the first problem."""
     sweep = grid.sweep
+    if sweep.bn_recalibration > grid.data.calibration_size:
+        raise InputError("sweep.bn_recalibration", sweep.bn_recalibration, "more images than the calibration "
+                         f"hold-out has ({grid.data.calibration_size})", f"0 .. {grid.data.calibration_size}",
+                         "lower it, or raise data.calibration_size")
     # the shapes come from one forward of zeros on the CPU: meta tensors would import torch._dynamo and sympy
     model = build_for(grid, pretrained=False)
     image_size = grid.data.image_size or IMAGE_SIZE

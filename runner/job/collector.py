@@ -200,7 +200,8 @@ class Collector(tune.Callback):
             return  # already recorded (a retried or resumed trial repeating a point)
         live.new += 1
         trial_id = TrialId(row["layer"], row["criterion"])
-        live.backlog.submit(self._write, trial_id, row, maps)
+        if not row.get("skipped"):  # a point stop_drop skipped has no numbers to log
+            live.backlog.submit(self._write, trial_id, row, maps)
         self._progress()
 
     def _write(self, trial_id: TrialId, row: dict[str, Any], maps: dict[str, np.ndarray]) -> None:
@@ -247,7 +248,7 @@ class Collector(tune.Callback):
     def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
         self.flush()
         trial_id = _trial_id(trial)
-        rows = by_trial(self.live.table.rows).get(trial_id, [])
+        rows = by_trial(self.live.table.measured).get(trial_id, [])
         self.live.backlog.submit(self.live.tracker.finish_trial, trial_id.key, rows)
         worst = min(rows, key=lambda r: r["accuracy"], default=None)
         shown = f"accuracy at K={worst['k']}: {worst['accuracy']:.2f}% (baseline {worst['baseline_accuracy']:.2f}%)" \
@@ -270,7 +271,7 @@ class Collector(tune.Callback):
         self.flush()
         trial_id = _trial_id(trial)
         key = trial_id.key
-        rows = by_trial(self.live.table.rows).get(trial_id, [])
+        rows = by_trial(self.live.table.measured).get(trial_id, [])
         self.live.backlog.submit(self.live.tracker.finish_trial, key, rows, True)
         log.error("trial %s failed after its retries (details: %s)", key, getattr(trial, "error_file", None))
 

@@ -33,7 +33,7 @@ from runner.inputs.train import TrainState, fit_model
 from runner.job.trial import trial_device
 from runner.outputs.plans import CHECKPOINT, CORRECT, PRUNED, REMOVED, finetuned, save_array
 from runner.outputs.tracking import RunSpec, Tracking, make_tracker
-from runner.planning.export import load_pruned, save_pruned
+from runner.planning.export import load_pruned, pruned_meta, save_pruned
 from runner.planning.scoring import score
 from runner.storage import atomic_path
 
@@ -95,14 +95,15 @@ def finetune_trial(config: dict[str, Any], shared: FinetuneShared) -> None:
         _finetune(folder, shared, device)
     correct = np.load(folder / CORRECT.format("finetuned"))
     tune.report({"done": True, "accuracy_finetuned": float(100 * correct.sum() / len(correct)),
-                 "scored_images": len(correct), "device": str(device)})
+                 "scored_images": len(correct), "device": str(device),
+                 "cpu_seconds": pruned_meta(folder / PRUNED).get("finetune_cpu_seconds", float("nan"))})
 
 
 def _finetune(folder: Path, shared: FinetuneShared, device: torch.device) -> None:
     removed = load_pruned(folder / REMOVED, build(shared.spec, pretrained=False), shared.image_size)
     state = read_state(folder)
     torch.manual_seed(shared.seed)  # the global generator too: a network with dropout draws from it
-    started = time.time()
+    started, cpu = time.time(), time.process_time()
     # on the CPU in the plain layout: oneDNN's channels_last backward crashes (SIGSEGV) on some pruned widths
     # (a uniform plan's 7 and 13 channels)
     model, losses = fit_model(removed.model, shared.train, shared.recipe, device, shared.mean, shared.std,
@@ -112,7 +113,8 @@ def _finetune(folder: Path, shared: FinetuneShared, device: torch.device) -> Non
                             shared.batch_size)
     result = score(place(model, device), evalset)
     meta = {**removed.meta, "finetuned": True, "finetune_recipe": shared.recipe.model_dump(),
-            "finetune_seconds": round(time.time() - started, 1), "finetune_losses": losses,
+            "finetune_seconds": round(time.time() - started, 1),
+            "finetune_cpu_seconds": round(time.process_time() - cpu, 1), "finetune_losses": losses,
             "accuracy_finetuned": result.accuracy}
     save_pruned(folder / PRUNED, model.cpu(), removed.removal, meta)
     save_array(folder / CORRECT.format("finetuned"), result.correct)

@@ -26,8 +26,10 @@ from runner.inputs.models import spec_of
 from runner.job.setting import Setting
 from runner.outputs import plans as plan_files
 from runner.outputs.plans import CORRECT, PRUNED, REMOVED, VERIFIED, finetuned, save_array
+from runner.planning.adaptive import score_recalibrated
 from runner.planning.correction import Corrected, Measured, Move, correct
 from runner.planning.export import save_pruned, spec_meta
+from runner.planning.global_plan import NEEDS_GRADIENTS, calibration_gradients, global_choice
 from runner.planning.latency import latency
 from runner.planning.record import plan_record
 from runner.planning.removal import Counts, Removal, counter, counts, masked, pruned_copy, removal_from
@@ -55,10 +57,15 @@ BUDGET_KINDS: dict[str, BudgetKind] = {
 
 @dataclass(frozen=True)
 class Chosen:
-    """A method's plan: the first one, and the one kept after correction (`corrected.plan`)."""
+    """A method's plan: the first one, the one kept after correction (`corrected.plan`), and the channels it
+    removes when they are not the units' ranked orders cut at its Ks (global's own importance)."""
 
     first: Plan
     corrected: Corrected
+    removal: Removal | None = None
+
+    def removal_of(self, s: Setting) -> Removal:
+        return self.removal if self.removal is not None else removal_from(self.corrected.plan.ks, s.units.orders)
 
 
 Choose = Callable[[Setting, Budget, str, Count], "Chosen | None"]  # (setting, budget, plan name, count)
@@ -84,24 +91,43 @@ def _from_curves(method: str, corrects: bool) -> Choose:
                      now.predicted_drop, move.measured.drop, move.measured.low, move.measured.high)
 
         limit = p.max_corrections if corrects else 0
-        return Chosen(plan, correct(plan, lambda caps: planner.fit(count, caps), _measure(s), limit, moved))
+        return Chosen(plan, correct(plan, lambda caps: planner.fit(count, caps),
+                                    lambda candidate: measure_removal(s, removal_from(candidate.ks, s.units.orders)),
+                                    limit, moved))
 
     return choose
 
 
-def _measure(s: Setting) -> Callable[[Plan], Measured]:
-    def measure(candidate: Plan) -> Measured:
-        with masked(s.on_device, removal_from(candidate.ks, s.units.orders), s.image_size):
-            return paired_drop(s.images.base_eval, score(s.on_device, s.images.evalset))
+def _global(s: Setting, budget: Budget, name: str, count: Count) -> Chosen | None:
+    """Torch-Pruning's global pruner at the ratio that meets the budget (runner.planning.global_plan), its
+    removal measured as a whole plan."""
+    gradients = calibration_gradients(s.data.calibration, *s.loaded.normalisation, s.grid.sweep.batch_size) \
+        if s.criterion in NEEDS_GRADIENTS else None
+    chosen = global_choice(s.base, s.criterion, budget.kind, budget.keep, s.image_size, s.curves,
+                           list(s.units.channels), BUDGET_KINDS[budget.kind].base(s),
+                           lambda removal: measure_removal(s, removal), gradients)
+    if chosen is None:
+        return None
+    plan, corrected, removal = chosen
+    return Chosen(plan, corrected, removal)
 
-    return measure
+
+def measure_removal(s: Setting, removal: Mapping[str, Any]) -> Measured:
+    """A whole plan's drop on the images that choose plans, with all its masks at once (and adaptive BN when the
+    plan reads recalibrated curves)."""
+    if s.images.recalibration is not None:
+        return paired_drop(s.images.base_eval, score_recalibrated(s.on_device, removal, s.image_size,
+                                                                  s.images.recalibration, s.images.evalset))
+    with masked(s.on_device, removal, s.image_size):
+        return paired_drop(s.images.base_eval, score(s.on_device, s.images.evalset))
 
 
-# uniform takes one ratio whatever the curves say: there is no prediction to correct, and a corrected uniform
-# plan would no longer be the baseline it stands for; it is measured all the same
+# uniform and global are never corrected: uniform takes one ratio whatever the curves say and global takes
+# Torch-Pruning's own ranking; each is the baseline it stands for, and measured all the same
 METHODS: dict[str, Choose] = {"knapsack": _from_curves("knapsack", True),
                               "threshold": _from_curves("threshold", True),
-                              "uniform": _from_curves("uniform", False)}
+                              "uniform": _from_curves("uniform", False),
+                              "global": _global}
 
 
 @dataclass(frozen=True)
@@ -119,8 +145,7 @@ class Removed:
         return int(np.count_nonzero(self.masked.correct != self.removed.correct))
 
 
-def remove(s: Setting, plan: Plan) -> Removed:
-    removal = removal_from(plan.ks, s.units.orders)
+def remove(s: Setting, removal: Removal) -> Removed:
     with masked(s.on_device, removal, s.image_size):
         masked_eval = score(s.on_device, s.images.scoreset)
     pruned = pruned_copy(s.base, removal, s.image_size)
@@ -154,7 +179,7 @@ def make_plan(s: Setting, budget: Budget, method: str, count: Count) -> dict[str
         log.warning("%s: no plan keeps at most %s of the %s with the measured K (prune more: larger K in "
                     "sweep.k, or more units)", name, f"{budget.keep:g}", budget.kind)
         return None
-    removed = remove(s, chosen.corrected.plan)
+    removed = remove(s, chosen.removal_of(s))
     if removed.differ:
         log.warning("%s: the pruned model and the masked plan disagree on %d images", name, removed.differ)
     record = save(s, budget, name, chosen, removed, timed(s, removed.model))

@@ -20,7 +20,7 @@ import uuid
 from dataclasses import dataclass, field, replace
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 from model import checkpoint as model_files
 from runner.config import Grid
@@ -44,6 +44,7 @@ from runner.outputs.rankings import NAME as RANKINGS
 from runner.outputs.results import key_of, read_rows
 from runner.outputs.tracking import RunSpec, Tracking, model_artifact
 from runner.planning.export import onnx_predictions, open_pruned, pruned_meta
+from runner.planning.global_plan import plan_methods
 from runner.planning.scoring import score
 from runner.planning.units import plan_criterion
 
@@ -67,7 +68,8 @@ def run_prune(opts: Options) -> PruneOutcome:
     criterion = _check_plannable(grid)
     check_plans(grid, opts.resume)
     _sweep_missing(opts, grid, trials)
-    s = setting_of(grid, trials, criterion)
+    methods, skipped = plan_methods_of(grid, criterion)
+    s = replace(setting_of(grid, trials, criterion), methods=tuple(methods), skipped=skipped)
     log.info("planning %d units (criterion %s) of %s; %d left out%s", len(s.units.channels), criterion,
              grid.model.arch, len(s.units.left_out), f": {', '.join(s.units.left_out)}" if s.units.left_out else "")
     with folder_lock(grid.folder):
@@ -86,9 +88,11 @@ def run_prune(opts: Options) -> PruneOutcome:
     return PruneOutcome(grid.folder, list(rows.values()), sorted(set(failed)), time.time() - started)
 
 
-def plan_names(grid: Grid) -> dict[str, tuple[Any, str]]:
-    """Every plan of the grid: <budget>-<method> -> (budget, method), budgets first."""
-    return {f"{b.label}-{m}": (b, m) for b in grid.plan.budgets for m in grid.plan.methods}
+def plan_names(grid: Grid, methods: Sequence[str] | None = None) -> dict[str, tuple[Any, str]]:
+    """Every plan of the grid (of `methods`, default plan.methods): <budget>-<method> -> (budget, method),
+    budgets first."""
+    return {f"{b.label}-{m}": (b, m) for b in grid.plan.budgets for m in (grid.plan.methods if methods is None
+                                                                          else methods)}
 
 
 def _folder(grid: Grid, name: str) -> Path:
@@ -101,7 +105,7 @@ def _plan_all(s: Setting) -> tuple[list[str], list[str]]:
     this run or before) and those whose budget is out of reach."""
     grid = s.grid
     names, failed, counts = [], [], {}
-    for name, (budget, method) in plan_names(grid).items():
+    for name, (budget, method) in plan_names(grid, s.methods).items():
         if made(_folder(grid, name)):
             log.info("%s: made by an earlier run (%s)", name, _folder(grid, name) / plan_files.PLAN_JSON)
             names.append(name)
@@ -191,12 +195,14 @@ def dry_run(opts: Options) -> list[str]:
 
     grid, _ = prepare(opts)
     criterion = _check_plannable(grid)
+    methods, skipped = plan_methods_of(grid, criterion)
     p = grid.plan
     ft = f"{plural(p.finetune.epochs, 'epoch')} ({p.finetune.recipe} recipe, lr {p.finetune.lr:g})" \
         if p.finetune.epochs else "none"
     return sweep_dry_run(opts) + [
-        f"plans: budgets {', '.join(b.label for b in p.budgets)} x methods {', '.join(p.methods)} "
-        f"({len(p.budgets) * len(p.methods)} plans), criterion {criterion}, unit {grid.sweep.unit}",
+        f"plans: budgets {', '.join(b.label for b in p.budgets)} x methods {', '.join(methods)} "
+        f"({len(p.budgets) * len(methods)} plans), criterion {criterion}, unit {grid.sweep.unit}",
+        *(f"skipped: {m}: {why}" for m, why in skipped.items()),
         f"round_to {p.round_to}, min_keep {p.min_keep:g}, fine-tuning {ft}, scored on {p.score_on}"]
 
 
@@ -270,18 +276,27 @@ def _score_words(grid: Grid, data: Dataset, file: Path, words: str) -> str:
     return words if said == chosen else f"{named} (the grid's eval images; its plan was chosen on {said})"
 
 
+def plan_methods_of(grid: Grid, criterion: str) -> tuple[list[str], dict[str, str]]:
+    """plan.methods less those this criterion cannot run (`global_plan.plan_methods`), and why."""
+    return plan_methods(grid.plan.methods, "methods" in grid.plan.model_fields_set, criterion)
+
+
 def _check_plannable(grid: Grid) -> str:
     """What a plan needs of the sweep section: output channels pruned, a criterion that ranks them."""
     if grid.sweep.target != "output":
         raise InputError("sweep.target", grid.sweep.target, "a plan removes output channels for real",
                          "output", "sweep with target: output (the default) to plan from it")
+    if grid.plan.curves == "recalibrated" and not grid.sweep.bn_recalibration:
+        raise InputError("plan.curves", "recalibrated", "the sweep measures no recalibrated curves "
+                         "(sweep.bn_recalibration: 0)", "plain, or recalibrated with sweep.bn_recalibration > 0",
+                         "set sweep.bn_recalibration (e.g. 512), or plan.curves: plain")
     return plan_criterion(grid.plan.criterion, grid.sweep.criteria, {n: CRITERIA[n].draws for n in CRITERIA})
 
 
 def _sweep_missing(opts: Options, grid: Grid, trials: TrialPlan) -> None:
     """Measure the points the grid asks for that results.csv lacks: the sweep, resumed in its folder (or run
     fresh when there is none)."""
-    have = {key_of(r) for r in read_rows(grid.folder / "results.csv")}
+    have = {key_of(r) for r in read_rows(grid.folder / "results.csv", skipped=True)}
     missing = len(points_of(trials) - have)
     if not missing and (grid.folder / RANKINGS).is_file():
         log.info("the sweep in %s has all %d points", grid.folder, trials.points)
@@ -317,7 +332,7 @@ def _finetune(opts: Options, s: Setting, job: dict[str, Any], names: list[str]) 
     set_ray_env(address)
     last = job["tune_experiments"][-1] if job["tune_experiments"] else None
     restore = last is not None and can_restore(f"{grid.tune_root}/{last}", todo)
-    experiment = last if restore else _new_experiment(grid)
+    experiment = last if restore else new_experiment(grid)
     if not restore:
         job["tune_experiments"].append(experiment)
         plan_files.write_job(grid.folder, job)
@@ -352,13 +367,13 @@ def _runs(s: Setting, job: dict[str, Any], names: list[str]) -> Any:
     return RunsContext(tracking, specs, {n: str(_folder(grid, n)) for n in names}, grid.plan.finetune.epochs)
 
 
-def _new_experiment(grid: Grid) -> str:
+def new_experiment(grid: Grid, prefix: str = "finetune") -> str:
     """A Tune experiment name not used yet: finetune, finetune-2, ... (stamped with the time in a tune_storage
     that is not a local folder)."""
     root = str(grid.tune_root)
     if "://" in root:
-        return "finetune-" + datetime.now(timezone.utc).strftime("%Y%m%d-%H%M%S-%f")
+        return f"{prefix}-" + datetime.now(timezone.utc).strftime("%Y%m%d-%H%M%S-%f")
     n = 1
-    while (Path(root) / ("finetune" if n == 1 else f"finetune-{n}")).exists():
+    while (Path(root) / (prefix if n == 1 else f"{prefix}-{n}")).exists():
         n += 1
-    return "finetune" if n == 1 else f"finetune-{n}"
+    return prefix if n == 1 else f"{prefix}-{n}"

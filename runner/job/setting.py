@@ -4,8 +4,8 @@ choose the plans and those that score them, and the base model's figures on both
 from __future__ import annotations
 
 import copy
-from dataclasses import dataclass
-from typing import Any
+from dataclasses import dataclass, field
+from typing import Any, Mapping
 
 import torch
 
@@ -40,6 +40,7 @@ class Scoring:
     chosen_on: str
     base_eval: Evaluation  # the base model on evalset
     base_score: Evaluation  # the base model on scoreset
+    recalibration: EvalSet | None = None  # plan.curves: recalibrated: adaptive BN's images for the correction
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -57,12 +58,14 @@ class Setting:
     on_device: torch.nn.Module  # a copy on the device: what masked plans are scored on
     base_counts: Counts
     images: Scoring
+    methods: tuple[str, ...] = ()  # plan.methods less those skipped
+    skipped: Mapping[str, str] = field(default_factory=dict)  # plan methods skipped -> why (said in the report)
 
     def words(self) -> dict[str, Any]:
         """What the report says about the plans besides plans.csv (kept in the job record)."""
         return {"criterion": self.criterion, "unit": self.grid.sweep.unit, "chosen_on": self.images.chosen_on,
                 "scored_on": self.images.scored_on, "left_out": dict(self.units.left_out),
-                "units": len(self.units.channels),
+                "units": len(self.units.channels), "skipped": dict(self.skipped),
                 "finetune": recipe_of(self.grid.plan.finetune).model_dump() if self.grid.plan.finetune.epochs
                 else None, "base_macs": self.base_counts.macs, "base_params": self.base_counts.params}
 
@@ -81,7 +84,8 @@ def setting_of(grid: Grid, trials: TrialPlan, criterion: str) -> Setting:
                          f"{first[1]})", "unit: group, or layers whose channels are theirs alone",
                          "sweep with unit: group to plan every coupled group")
     check_round_to(grid.plan.round_to, grid.plan.min_keep, units.channels)
-    curves = unit_curves(read_rows(grid.folder / "results.csv"), units.channels, criterion)
+    curves = unit_curves(read_rows(grid.folder / "results.csv", skipped=True), units.channels, criterion,
+                         grid.plan.curves)
     on_device = place(copy.deepcopy(base), pick_device())
     return Setting(grid=grid, loaded=loaded, data=data, criterion=criterion, units=units, curves=curves,
                    image_size=image_size, base=base, on_device=on_device, base_counts=counts(base, image_size),
@@ -96,9 +100,13 @@ def _scoring(grid: Grid, data: Dataset, loaded: Checkpoint, on_device: torch.nn.
     scoreset = evalset if scored is data.test else EvalSet.build(scored, mean, std, grid.model.num_classes, device,
                                                                  grid.sweep.batch_size)
     base_eval = score(on_device, evalset)
+    n = grid.sweep.bn_recalibration if grid.plan.curves == "recalibrated" else 0
+    recalibration = EvalSet.build(data.calibration.take(slice(n)), mean, std, grid.model.num_classes, device,
+                                  grid.sweep.batch_size) if n else None
     return Scoring(evalset=evalset, scoreset=scoreset, scored=scored, scored_on=scored_on,
                    chosen_on=chosen_on(data),
-                   base_eval=base_eval, base_score=base_eval if scoreset is evalset else score(on_device, scoreset))
+                   base_eval=base_eval, base_score=base_eval if scoreset is evalset else score(on_device, scoreset),
+                   recalibration=recalibration)
 
 
 def scoring_images(grid: Grid, data: Dataset) -> tuple[Images, str]:

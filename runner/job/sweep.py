@@ -127,7 +127,8 @@ def _run(opts: Options) -> Outcome:
             # plots, report and the W&B summary are made while Ray stops
             reported = pool.submit(finish, grid, plan, data, existing, holdout, trials.failed, tracker, unlogged)
         timeline.mark("ray stop")
-        rows = reported.result()
+        reported.result()
+    rows = read_rows(grid.folder / "results.csv", skipped=True)  # stop_drop's skipped points are done too
     if trials.board.first:
         timeline.mark("first point", trials.board.first)
         timeline.mark("last point", trials.board.last)
@@ -136,7 +137,7 @@ def _run(opts: Options) -> Outcome:
     return Outcome(grid.folder, len(rows), plan.points, trials.failed, time.time() - started, trials.board.measured)
 
 
-GRID_KEYS = ("name", "seed", "model", "data", "checkpoint", "sweep", "resources", "wandb", "plan")
+GRID_KEYS = ("name", "seed", "model", "data", "checkpoint", "sweep", "resources", "wandb", "plan", "validate")
 
 
 @contextmanager

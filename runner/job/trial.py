@@ -49,16 +49,35 @@ class Shared:
     batch_size: int
     cache_bytes: int | None
     feature_maps: bool
-    token: str  # what makes two Shared the same (checkpoint, eval images, batch size): see _network_and_data
+    token: str  # what makes two Shared the same (checkpoint, images, batch size): see _network_and_data
+    recalibration_images: Images | None = None  # adaptive BN (sweep.bn_recalibration), None = off
+    stop_drop: float | None = None  # sweep.stop_drop
 
 
 def point_metrics(point: Point) -> dict[str, Any]:
     """A point as Tune metrics: the results.csv columns the engine measured (the others, node, device, dtype and
-    the checkpoint, are the trial's and the driver's), plus the mean feature maps as float16 arrays."""
-    metrics = {c: getattr(point, c) for c in COLUMNS if hasattr(point, c)}
+    the checkpoint, are the trial's and the driver's), plus the mean feature maps as float16 arrays. A skipped
+    point (stop_drop) has None for every number it did not measure."""
+    metrics = {c: getattr(point, c) for c in COLUMNS if hasattr(point, c)} | recalibrated_metrics(point)
     metrics["per_class_accuracy"] = list(point.per_class_accuracy)
+    metrics["skipped"] = int(point.skipped)
     metrics["maps"] = FeatureMaps({name: m.astype(np.float16) for name, m in point.maps.items()})
+    if point.skipped:
+        metrics |= {name: None for name in ("accuracy", "loss", "accuracy_drop", "drop_low", "drop_high",
+                                            "right_to_wrong", "wrong_to_right", "eval_images")}
+        metrics["per_class_accuracy"] = []
     return metrics
+
+
+def recalibrated_metrics(point: Point) -> dict[str, Any]:
+    """The point after adaptive BN, as results.csv's *_recalibrated columns (empty without it)."""
+    r = point.recalibrated
+    if r is None:
+        return {}
+    return {"accuracy_recalibrated": r.accuracy, "loss_recalibrated": r.loss,
+            "accuracy_drop_recalibrated": point.baseline_accuracy - r.accuracy, "drop_low_recalibrated": r.drop_low,
+            "drop_high_recalibrated": r.drop_high, "right_to_wrong_recalibrated": r.right_to_wrong,
+            "wrong_to_right_recalibrated": r.wrong_to_right, "bn_recalibrated": r.images}
 
 
 def _maybe_crash(key: str, k: int) -> None:
@@ -72,10 +91,10 @@ def _maybe_crash(key: str, k: int) -> None:
         raise RuntimeError(f"injected failure in {key} at K={k}")
 
 
-_READY: dict[tuple[str, str], tuple[torch.nn.Module, EvalSet]] = {}
+_READY: dict[tuple[str, str], tuple[torch.nn.Module, EvalSet, EvalSet | None]] = {}
 
 
-def _network_and_data(shared: Shared, device: torch.device) -> tuple[torch.nn.Module, EvalSet]:
+def _network_and_data(shared: Shared, device: torch.device) -> tuple[torch.nn.Module, EvalSet, EvalSet | None]:
     """The network and the eval set on the device, built once per worker process: Tune reuses a trial's
     worker for the next trial, which then starts measuring at once (both are only read, never changed)."""
     key = (shared.token, str(device))
@@ -85,7 +104,9 @@ def _network_and_data(shared: Shared, device: torch.device) -> tuple[torch.nn.Mo
         model.load_state_dict(shared.state_dict)
         evalset = EvalSet.build(shared.eval_images, shared.mean, shared.std, shared.spec.num_classes, device,
                                 shared.batch_size)
-        _READY[key] = place(model, device), evalset
+        recalibration = None if shared.recalibration_images is None else EvalSet.build(
+            shared.recalibration_images, shared.mean, shared.std, shared.spec.num_classes, device, shared.batch_size)
+        _READY[key] = place(model, device), evalset, recalibration
     return _READY[key]
 
 
@@ -115,11 +136,12 @@ def run_trial(config: dict[str, Any], shared: Shared) -> None:
     ks = shared.ks[(layer, criterion)]
     if all((k, r) in done_before for k in ks for r in range(ranking.repeats)):
         return
-    model, evalset = _network_and_data(shared, device)
+    model, evalset, recalibration = _network_and_data(shared, device)
     where = {"node": short(ray.get_runtime_context().get_node_id()), "device": str(device),
              "dtype": str(compute_dtype(device)).removeprefix("torch.")}
     points = sweep_layer(model, shared.units[layer], config["target"], ranking, ks, evalset, shared.convs,
-                         shared.cache_bytes, shared.feature_maps, done=done_before)
+                         shared.cache_bytes, shared.feature_maps, done=done_before, recalibration=recalibration,
+                         stop_drop=shared.stop_drop)
     for point in ahead(points):
         _maybe_crash(key, point.k)
         tune.report(point_metrics(point) | where)

@@ -48,18 +48,24 @@ def board_name(grid: Grid) -> str:
 def _shared(grid: Grid, plan: TrialPlan, data: Dataset, loaded: Checkpoint, rankings: dict) -> Shared:
     cache = None if grid.resources.cache_gb == "auto" else int(grid.resources.cache_gb * 2**30)
     mean, std = loaded.normalisation
+    n = grid.sweep.bn_recalibration
+    recalibration = data.calibration.take(slice(n)) if n else None
     return Shared(spec=spec_of(grid.model),
                   state_dict=loaded.model.state_dict(), mean=mean, std=std, eval_images=data.test,
                   convs=plan.table, units=plan.units, rankings=rankings,
                   ks={(t.layer, t.criterion): t.ks for t in plan.trials}, board=board_name(grid),
                   batch_size=grid.sweep.batch_size, cache_bytes=cache, feature_maps=True,
-                  token=_token(loaded.sha256, data, mean, std, grid.sweep.batch_size))
+                  token=_token(loaded.sha256, data, mean, std, grid.sweep.batch_size, n),
+                  recalibration_images=recalibration, stop_drop=grid.sweep.stop_drop)
 
 
-def _token(checkpoint_sha: str, data: Dataset, mean: tuple, std: tuple, batch_size: int) -> str:
-    """What the trials' network and eval set are made of: equal tokens, equal tensors."""
+def _token(checkpoint_sha: str, data: Dataset, mean: tuple, std: tuple, batch_size: int, recalibration: int = 0
+           ) -> str:
+    """What the trials' network, eval set and recalibration images are made of: equal tokens, equal tensors."""
     digest = hashlib.sha256(data.test.images.tobytes())
     digest.update(data.test.labels.tobytes())
+    if recalibration:
+        digest.update(data.calibration.images[:recalibration].tobytes())
     digest.update(repr((checkpoint_sha, mean, std, batch_size)).encode())
     return digest.hexdigest()
 
@@ -158,7 +164,7 @@ def run_trials(grid: Grid, plan: TrialPlan, data: Dataset, loaded: Checkpoint, c
     """Run (or resume) every trial, inside `ray_session`. The driver's tracker has resolved the W&B mode (auto,
     an unreachable server); the collector's tracker starts in the mode it settled on, so a fallback is reported
     once."""
-    done = [key_of(r) for r in read_rows(grid.folder / "results.csv")]
+    done = [key_of(r) for r in read_rows(grid.folder / "results.csv", skipped=True)]
     name = board_name(grid)
     kill_board(name)  # one an earlier driver of this sweep left
     # a resumed sweep's trials ask the board from the start (a new sweep makes one at its first retry); held

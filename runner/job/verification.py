@@ -45,7 +45,7 @@ def verify(s: Setting, name: str, folder: Path) -> list[str]:
         problems.append(f"pruned.onnx predicts {onnx_differ} images differently from torch")
     low, high = accuracy_interval(result)
     figures: dict[str, Any] = {"accuracy_final": result.accuracy, "final_low": low, "final_high": high,
-                               "accuracy_onnx": 100 * float((predicted == scored.labels).mean()),
+                               "accuracy_onnx": float(100 * (predicted == scored.labels).sum() / len(predicted)),
                                "onnx_differ": onnx_differ}
     if final == "finetuned":
         drop = paired_drop(s.images.base_score, result)

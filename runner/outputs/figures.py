@@ -243,7 +243,7 @@ def layer_caption(target: str) -> str:
     return "pruned layer's BN output, mean over eval images (its input channels were pruned: no channel is flat)"
 
 
-def accuracy_vs_k(rows: Sequence[dict], baseline: float, path: Path) -> None:
+def accuracy_vs_k(rows: Sequence[dict], baseline: float, path: Path, title: str | None = None) -> None:
     """Accuracy against K (as a fraction of the layer's channels, so layers of different widths share an
     axis): one column of panels per criterion, and, when there are more layers than a legend can hold, one row
     per stage, so that every panel keeps a short legend. A row with `drop_low` / `drop_high` gets a band: the
@@ -281,6 +281,8 @@ def accuracy_vs_k(rows: Sequence[dict], baseline: float, path: Path) -> None:
             if col == 0:
                 ax.set_ylabel("accuracy (%)")
         axes[row][-1].legend(fontsize=7, loc="center left", bbox_to_anchor=(1.02, 0.5), frameon=False)
+    if title:
+        fig.suptitle(title, fontsize=10, y=1.04)
     _save(fig, path)
 
 
@@ -314,7 +316,8 @@ def sensitivity_heatmap(rows: Sequence[dict], path: Path) -> None:
     _save(fig, path)
 
 
-METHOD_STYLE = {"knapsack": ("tab:blue", "o"), "threshold": ("tab:orange", "s"), "uniform": ("tab:gray", "^")}
+METHOD_STYLE = {"knapsack": ("tab:blue", "o"), "threshold": ("tab:orange", "s"), "uniform": ("tab:gray", "^"),
+                "global": ("tab:green", "D")}
 
 
 def plans_figure(table: Any, baseline: float, path: Path) -> None:

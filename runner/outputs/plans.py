@@ -127,6 +127,8 @@ METHOD_WORDS = {
     "threshold": "one drop threshold for every unit, each taking its largest K under it, binary-searched to meet "
                  "the budget (PaddleSlim, AIMET, ModelOpt)",
     "uniform": "one kept ratio for every unit: the usual baseline",
+    "global": "Torch-Pruning's global pruning (its importance for the plan criterion, one ratio across all coupled "
+              "groups, fitted to the budget on the counted model): what a user gets without sweeping",
 }
 
 
@@ -158,7 +160,8 @@ def plans_section(table: pd.DataFrame, words: Mapping[str, Any]) -> list[str]:
              "- " + ("fine-tuning: " + ", ".join(f"{k} {v}" for k, v in tuned.items() if k != "recipe")
                      if tuned else "no fine-tuning (plan.finetune.epochs: 0)"),
              "", "Methods: " + "; ".join(f"`{m}`: {METHOD_WORDS[m]}" for m in dict.fromkeys(table["method"])
-                                         if m in METHOD_WORDS) + ".", "",
+                                         if m in METHOD_WORDS) + ".",
+             *(f"Skipped: `{m}`: {why}." for m, why in (words.get("skipped") or {}).items()), "",
              "| budget | method | MACs kept | params kept | predicted drop | measured drop [95%] | corrections | "
              "masked | removed | fine-tuned [95%] | vs uniform [95%] | ms b1 / b64 (base) |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|"]

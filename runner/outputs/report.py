@@ -19,7 +19,7 @@ from typing import Any, Sequence
 from runner import storage
 from runner.outputs import figures, plans
 from runner.outputs.rankings import NAME as RANKINGS, read_rankings
-from runner.outputs.results import TrialId, by_trial
+from runner.outputs.results import TrialId, by_trial, is_skipped, read_rows
 
 THRESHOLDS = (1.0, 5.0)  # accuracy drop, percentage points
 LIMIT = 12  # layers shown at each end of a long table
@@ -331,15 +331,58 @@ def _notes(meta: ReportMeta, criteria: list[str]) -> list[str]:
     return notes
 
 
+RECALIBRATED = {"accuracy": "accuracy_recalibrated", "accuracy_drop": "accuracy_drop_recalibrated",
+                "drop_low": "drop_low_recalibrated", "drop_high": "drop_high_recalibrated"}
+
+
+def recalibrated_rows(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The rows with the curve after adaptive BN in place of the plain one (empty when the sweep has none), so
+    that every table and figure made of the plain curve is made of this one the same way."""
+    if not rows or rows[0].get("accuracy_recalibrated") is None:
+        return []
+    return [{**r, **{plain: r[again] for plain, again in RECALIBRATED.items()}} for r in rows]
+
+
 def write_plots(rows: Sequence[dict[str, Any]], baseline: float, folder: Path) -> dict[str, Path]:
     plots = folder / "plots"
     plots.mkdir(parents=True, exist_ok=True)
     paths = {"accuracy_vs_k": plots / "accuracy_vs_k.png", "sensitivity": plots / "sensitivity.png"}
+    again = recalibrated_rows(rows)
+    if again:
+        paths |= {"accuracy_vs_k_recalibrated": plots / "accuracy_vs_k_recalibrated.png",
+                  "sensitivity_recalibrated": plots / "sensitivity_recalibrated.png"}
     if rows:
         points = [p for pts in curves(rows).values() for p in pts]
-        figures.accuracy_vs_k(points, baseline, paths["accuracy_vs_k"])
+        figures.accuracy_vs_k(points, baseline, paths["accuracy_vs_k"],
+                              "plain: the trained BatchNorm statistics" if again else None)
         figures.sensitivity_heatmap(points, paths["sensitivity"])
+    if again:
+        points = [p for pts in curves(again).values() for p in pts]
+        n = again[0].get("bn_recalibrated")
+        figures.accuracy_vs_k(points, baseline, paths["accuracy_vs_k_recalibrated"],
+                              f"recalibrated: after adaptive BN on {n} held-out training images")
+        figures.sensitivity_heatmap(points, paths["sensitivity_recalibrated"])
     return paths
+
+
+def _recalibrated_section(rows: Sequence[dict[str, Any]], criteria: list[str]) -> list[str]:
+    """The curves after adaptive BN: what they are, and the sensitivity table again from them."""
+    again = recalibrated_rows(rows)
+    if not again:
+        return []
+    n = again[0].get("bn_recalibrated")
+    plain = statistics.fmean(r["accuracy_drop"] for r in rows)
+    recal = statistics.fmean(r["accuracy_drop"] for r in again)
+    words = (f"Every point was measured twice. *Plain* (the tables above, `accuracy`, `accuracy_drop`): the pruned "
+             "network with the BatchNorm statistics it was trained with. *Recalibrated* (`accuracy_recalibrated`, "
+             f"`accuracy_drop_recalibrated`, this section): the BatchNorm layers the mask reaches re-estimated on {n} "
+             "held-out training images first (adaptive BN, docs/adaptive-bn.md; in EagleEye's measurements it ranks "
+             "pruned networks closer to their accuracy after fine-tuning). Both drops are against the same unpruned "
+             f"baseline. Mean drop over every point: plain {plain:.2f}, recalibrated {recal:.2f} points.")
+    return (["", "## After adaptive BN: the recalibrated curves", "", words, ""]
+            + _sensitivity_table(layer_summary(again), criteria)
+            + ["", "![accuracy vs K, recalibrated](plots/accuracy_vs_k_recalibrated.png)", "",
+               "![sensitivity, recalibrated](plots/sensitivity_recalibrated.png)"])
 
 
 def _baselines(rows: Sequence[dict[str, Any]]) -> str:
@@ -373,7 +416,10 @@ def write_report(rows: Sequence[dict[str, Any]], meta: ReportMeta, failed: Seque
     warning = near_chance(reference_baseline(rows), meta.classes) if rows else None
     for note in ([f"**Warning: {warning}.**"] if warning else []) + _notes(meta, criteria):
         lines += [note, ""]
+    skipped = sum(1 for r in read_rows(folder / "results.csv", skipped=True) if is_skipped(r))
     lines += [f"Points measured: {len(rows)} of {expected_points}"
+              + (f"; {skipped} past a curve's stop (`sweep.stop_drop`: a point's drop was above it beyond "
+                 "doubt) were not measured, and are recorded as skipped" if skipped else "")
               + (f"; **{len(failed)} trials failed**: {', '.join(failed)}" if failed else "") + ".", ""]
     if rows:
         order_by = order_criterion(criteria, meta.order_by)
@@ -402,9 +448,12 @@ def write_report(rows: Sequence[dict[str, Any]], meta: ReportMeta, failed: Seque
         lines += ["", "## Criteria compared", ""] + _criteria_table(rows, summary)
         lines += _random_table(rows, summary, meta)
         lines += _channels(summary, folder)
+        lines += _recalibrated_section(rows, criteria)
     maps = "pruned channels are flat" if meta.target == "output" else \
         "input pruning leaves the layer's output channels all there, so none is flat"
     lines += ["", "## Plots", "", "![accuracy vs K](plots/accuracy_vs_k.png)", "",
+              *(["The plain curves (trained BatchNorm statistics); the recalibrated ones are in the section above.",
+                 ""] if recalibrated_rows(rows) else []),
               "Bands: the 95% paired interval of each point (for `random`, from the lowest to the highest end "
               "over its draws, around their mean).", "",
               "![sensitivity](plots/sensitivity.png)", "",

@@ -24,7 +24,9 @@ STEP = {"step": True}  # a column also logged at every K of the trial's W&B run
 @dataclass(frozen=True)
 class PointRow:
     """The schema of a results.csv row, one measured point: its fields are the file's columns, in order, with
-    their types (docs/outputs.md). Columns, types and the W&B step metrics are all read from here."""
+    their types (docs/outputs.md). Columns, types and the W&B step metrics are all read from here. The
+    `*_recalibrated` columns are the point after adaptive BN (sweep.bn_recalibration > 0; empty cells otherwise),
+    against the same baseline; `bn_recalibrated` is how many images its statistics were estimated on."""
 
     unit: str  # layer | group
     layer: str
@@ -42,9 +44,18 @@ class PointRow:
     drop_high: float = field(metadata=STEP)
     right_to_wrong: int
     wrong_to_right: int
+    accuracy_recalibrated: float = field(metadata=STEP)
+    loss_recalibrated: float
+    accuracy_drop_recalibrated: float = field(metadata=STEP)
+    drop_low_recalibrated: float = field(metadata=STEP)
+    drop_high_recalibrated: float = field(metadata=STEP)
+    right_to_wrong_recalibrated: int
+    wrong_to_right_recalibrated: int
+    bn_recalibrated: int
     params_removed: int = field(metadata=STEP)
     macs_removed: int = field(metadata=STEP)
     eval_images: int
+    skipped: int  # 1: past sweep.stop_drop, not measured (its numbers are empty)
     checkpoint_sha256: str
     seconds: float
     node: str
@@ -88,8 +99,14 @@ def key_of(row: dict[str, Any]) -> Key:
     return row["layer"], row["criterion"], int(row["k"]), int(row.get("repeat") or 0)
 
 
-def read_rows(path: Path) -> list[dict[str, Any]]:
-    """Rows of a results file, typed; a last line cut short by a crash is ignored."""
+def is_skipped(row: dict[str, Any]) -> bool:
+    """A point the trial did not measure (sweep.stop_drop): recorded, so that nothing measures it as missing."""
+    return bool(row.get("skipped"))
+
+
+def read_rows(path: Path, skipped: bool = False) -> list[dict[str, Any]]:
+    """Rows of a results file, typed; a last line cut short by a crash is ignored. The measured points only,
+    unless `skipped` (then the points stop_drop skipped too, with empty numbers)."""
     if not path.is_file():
         return []
     text = path.read_text(encoding="utf-8")
@@ -102,7 +119,8 @@ def read_rows(path: Path) -> list[dict[str, Any]]:
             row[c] = int(row[c]) if row[c] != "" else None
         for c in FLOATS & row.keys():
             row[c] = float(row[c]) if row[c] != "" else None
-        rows.append(row)
+        if skipped or not is_skipped(row):
+            rows.append(row)
     return rows
 
 
@@ -116,8 +134,8 @@ def frame_of(path: Path) -> "pandas.DataFrame":
     columns = list(rows[0]) if rows else list(COLUMNS)
     frame = pd.DataFrame.from_records(rows, columns=columns)
     for c in columns:
-        if c in INTS:
-            frame[c] = frame[c].astype("int64")
+        if c in INTS:  # an empty cell (nothing measured there) makes the column float, with nan
+            frame[c] = frame[c].astype("int64" if frame[c].notna().all() else "float64")
         elif c in FLOATS:
             frame[c] = frame[c].astype("float64")
         elif c == "per_class_accuracy":
@@ -146,12 +164,20 @@ class ResultsTable:
 
     def __init__(self, path: Path) -> None:
         self.path = path
-        self.rows = read_rows(path)
+        self.rows = read_rows(path, skipped=True)
         self.keys = {key_of(r) for r in self.rows}
+        self.columns = COLUMNS
         if self.path.is_file():
             self._trim_partial_line()
+            with open(self.path, encoding="utf-8") as f:  # a file begun by another version keeps its own columns
+                self.columns = tuple(next(csv.reader(f), COLUMNS)) or COLUMNS
         else:
             self._append(",".join(COLUMNS) + "\n")
+
+    @property
+    def measured(self) -> list[dict[str, Any]]:
+        """The rows of measured points (not those stop_drop skipped)."""
+        return [r for r in self.rows if not is_skipped(r)]
 
     def _trim_partial_line(self) -> None:
         data = self.path.read_bytes()
@@ -165,7 +191,7 @@ class ResultsTable:
         if key in self.keys:
             return False
         line = io.StringIO()
-        csv.writer(line, lineterminator="\n").writerow([_cell(row.get(c, "")) for c in COLUMNS])
+        csv.writer(line, lineterminator="\n").writerow([_cell(row.get(c, "")) for c in self.columns])
         self._append(line.getvalue())
         self.keys.add(key)
         self.rows.append(row)
@@ -188,6 +214,10 @@ class ResultsTable:
 
 
 def _cell(value: Any) -> Any:
+    if value is None or (isinstance(value, float) and value != value):  # not measured: an empty cell
+        return ""
+    if isinstance(value, bool):
+        return int(value)
     if isinstance(value, float):
         return repr(round(value, 6))
     if isinstance(value, (list, tuple)):

@@ -38,7 +38,7 @@ from runner.outputs.results import STEP_METRICS, by_trial
 log = logging.getLogger(__name__)
 
 DEFAULT_BASE_URL = "https://api.wandb.ai"
-POINT_METRICS = STEP_METRICS  # logged at every K of a trial's run
+POINT_METRICS = STEP_METRICS  # logged at every K of a trial's run (*_recalibrated: after adaptive BN, when on)
 TRIAL_CONFIG = ("baseline_accuracy", "device", "dtype")  # a trial run's config, from its first row
 TRAIN_METRICS = ("loss", "train_accuracy", "lr", "seconds")
 Picture = np.ndarray | Path  # a feature-map image: uint8 RGB pixels, or a PNG file of them
@@ -84,6 +84,9 @@ class Tracker(Protocol):
     def summary(self, run: RunSpec, rows: Sequence[dict[str, Any]], baseline: float, figures: dict[str, Path],
                 failed: Sequence[str], files: Sequence[Path], extra: dict[str, Any] | None = None) -> None: ...
 
+    def record(self, run: RunSpec, values: dict[str, Any], figures: dict[str, Path],
+               rows: Sequence[dict[str, Any]]) -> None: ...
+
     def close(self) -> None: ...
 
 
@@ -103,6 +106,10 @@ class NullTracker:
 
     def summary(self, run: RunSpec, rows: Sequence[dict[str, Any]], baseline: float, figures: dict[str, Path],
                 failed: Sequence[str], files: Sequence[Path], extra: dict[str, Any] | None = None) -> None:
+        pass
+
+    def record(self, run: RunSpec, values: dict[str, Any], figures: dict[str, Path],
+               rows: Sequence[dict[str, Any]]) -> None:
         pass
 
     def close(self) -> None:
@@ -331,19 +338,11 @@ class WandbTracker:
             columns = [c for c in rows[0] if c != "per_class_accuracy"]
             table = wandb.Table(columns=columns, data=[[r[c] for c in columns] for r in rows])
             trials = by_trial(rows)
-            series = sorted(trials)
-            xs, ys = [], []
-            for t in series:
-                by_k: dict[int, list[float]] = {}  # random: the mean over its draws
-                for r in trials[t]:
-                    by_k.setdefault(r["k"], []).append(r["accuracy"])
-                xs.append(list(by_k))
-                ys.append([sum(v) / len(v) for v in by_k.values()])
-            data: dict[str, Any] = {
-                "results": table,
-                "accuracy_vs_k": wandb.plot.line_series(xs=xs, ys=ys, keys=[t.key for t in series],
-                                                        title="accuracy vs K", xname="K (channels pruned)"),
-            }
+            data: dict[str, Any] = {"results": table, "accuracy_vs_k": self._series(
+                trials, "accuracy", "accuracy vs K (plain: the trained BatchNorm statistics)")}
+            if rows[0].get("accuracy_recalibrated") is not None:
+                data["accuracy_vs_k_recalibrated"] = self._series(
+                    trials, "accuracy_recalibrated", "accuracy vs K after adaptive BN (recalibrated)")
             data.update({f"plots/{name}": wandb.Image(str(path)) for name, path in figures.items()
                          if path.is_file()})
             self._safely(wb.log, data)
@@ -351,6 +350,36 @@ class WandbTracker:
                                          "points": len(rows), **(extra or {})})
         self._safely(self._log_results, wb, files)
         self._safely(wb.finish, exit_code=1 if failed else 0)
+
+    def record(self, run: RunSpec, values: dict[str, Any], figures: dict[str, Path],
+               rows: Sequence[dict[str, Any]]) -> None:
+        """A run that records a finished job's numbers (the validation's): its rows as a table, its figures,
+        and `values` in its summary."""
+        wb = self._start(run, lean=False)
+        if wb is None:
+            return
+        data: dict[str, Any] = {}
+        if rows:
+            columns = list(rows[0])
+            data["table"] = self.wandb.Table(columns=columns, data=[[r.get(c) for c in columns] for r in rows])
+        data.update({f"plots/{name}": self.wandb.Image(str(path)) for name, path in figures.items() if path.is_file()})
+        if data:
+            self._safely(wb.log, data)
+        self._safely(wb.summary.update, values)
+        self._safely(wb.finish, exit_code=0)
+
+    def _series(self, trials: dict, column: str, title: str) -> Any:
+        """One line per trial of `column` against K (random: the mean over its draws)."""
+        series = sorted(trials)
+        xs, ys = [], []
+        for t in series:
+            by_k: dict[int, list[float]] = {}
+            for r in trials[t]:
+                by_k.setdefault(r["k"], []).append(r[column])
+            xs.append(list(by_k))
+            ys.append([sum(v) / len(v) for v in by_k.values()])
+        return self.wandb.plot.line_series(xs=xs, ys=ys, keys=[t.key for t in series], title=title,
+                                           xname="K (channels pruned)")
 
     def _log_results(self, run: Any, files: Sequence[Path]) -> None:
         """The sweep's outputs as one artifact (copied by W&B: results.csv may grow on a later --resume)."""

@@ -129,18 +129,26 @@ def pruned_copy(model: nn.Module, removal: Removal, image_size: int) -> nn.Modul
     return remove_channels(copy.deepcopy(model), removal, image_size)
 
 
-@contextmanager
-def masked(model: nn.Module, removal: Removal, image_size: int) -> Iterator[nn.Module]:
-    """Inside the block, `model` computes as if the channels were removed: each group's channels are zeroed at
-    the output of every conv and BN that loses them (hooks removed on exit)."""
+def zeroed(model: nn.Module, removal: Removal, image_size: int) -> dict[str, Tensor]:
+    """The convs and BNs that lose channels, by name: 1 for each channel kept, 0 for each removed."""
     dg, groups = _groups(model, removal, image_size)
-    keep: dict[nn.Module, Tensor] = {}
+    names = {m: n for n, m in model.named_modules()}
+    keep: dict[str, Tensor] = {}
     for group in groups:
         for module, idxs in _losers(dg, group):
             if isinstance(module, PRUNED):
                 channels = module.out_channels if isinstance(module, nn.Conv2d) else module.num_features
-                k = keep.setdefault(module, torch.ones(channels))
+                k = keep.setdefault(names[module], torch.ones(channels))
                 k[idxs] = 0
+    return keep
+
+
+@contextmanager
+def masked(model: nn.Module, removal: Removal, image_size: int) -> Iterator[nn.Module]:
+    """Inside the block, `model` computes as if the channels were removed: each group's channels are zeroed at
+    the output of every conv and BN that loses them (hooks removed on exit)."""
+    keep = {model.get_submodule(name): k for name, k in zeroed(model, removal, image_size).items()}
+
     def zero(m: nn.Module, args: tuple, out: Tensor) -> Tensor:
         k = keep[m]
         return out * k.to(out.device, out.dtype).view(1, -1, *([1] * (out.dim() - 2)))

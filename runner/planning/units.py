@@ -20,6 +20,7 @@ from torch import nn
 
 from model.groups import Group
 from runner.errors import InputError
+from runner.outputs.results import is_skipped
 from runner.planning.curves import Curve, curve
 from runner.planning.removal import removable_alone
 
@@ -62,19 +63,38 @@ def plan_units(model: nn.Module, swept: Mapping[str, Any], unit: str, criterion:
     return Units(channels, orders, left_out)
 
 
-def unit_curves(rows: Iterable[Mapping[str, Any]], channels: Mapping[str, int], criterion: str) -> list[Curve]:
-    """Each unit's curve from results.csv rows: K, accuracy drop (points), MACs and params removed."""
+DROP = {"plain": "accuracy_drop", "recalibrated": "accuracy_drop_recalibrated"}  # plan.curves -> results.csv
+
+
+def unit_curves(rows: Iterable[Mapping[str, Any]], channels: Mapping[str, int], criterion: str,
+                curves: str = "plain") -> list[Curve]:
+    """Each unit's curve from results.csv rows: K, accuracy drop (points; the plain or the recalibrated curve),
+    MACs and params removed. A point stop_drop skipped counts as the largest drop measured below it: at least
+    that, as the curve is monotone."""
     points: dict[str, list[Mapping[str, Any]]] = {u: [] for u in channels}
     for r in rows:
         if r["criterion"] == criterion and r["layer"] in points and int(r.get("repeat") or 0) == 0:
             points[r["layer"]].append(r)
-    missing = [u for u, p in points.items() if not p]
+    missing = [u for u, p in points.items() if not any(not is_skipped(r) for r in p)]
     if missing:
         raise InputError("results.csv", missing[0], f"no measured point of criterion {criterion}",
                          "the sweep's points for every unit", "run the sweep again with --resume")
-    return [curve(u, channels[u], [int(r["k"]) for r in p], [float(r["accuracy_drop"]) for r in p],
+    column = DROP[curves]
+    lacking = next((r for p in points.values() for r in p if not is_skipped(r) and r.get(column) is None), None)
+    if lacking is not None:
+        raise InputError("plan.curves", curves, f"results.csv has no {column} ({lacking['layer']}, K={lacking['k']})",
+                         "recalibrated only for a sweep with sweep.bn_recalibration > 0",
+                         "sweep with sweep.bn_recalibration (e.g. 512) in a new folder, or set plan.curves: plain")
+    return [curve(u, channels[u], [int(r["k"]) for r in p], _drops(p, column),
                   [float(r["macs_removed"]) for r in p], [float(r["params_removed"]) for r in p])
             for u, p in points.items()]
+
+
+def _drops(rows: Sequence[Mapping[str, Any]], column: str) -> list[float]:
+    """The drops of one unit's rows; a skipped row gets the largest measured at a smaller K."""
+    measured = sorted((int(r["k"]), float(r[column])) for r in rows if not is_skipped(r))
+    return [float(r[column]) if not is_skipped(r) else
+            max((d for k, d in measured if k < int(r["k"])), default=0.0) for r in rows]
 
 
 def plan_criterion(wanted: str | None, swept: Sequence[str], draws: Mapping[str, bool]) -> str:
