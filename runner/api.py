@@ -110,18 +110,19 @@ def _tune_rows(folder: Path) -> list[dict[str, Any]]:
     return tune_table(folder)
 
 
-def prune(grid: "str | Path", *, output: str | None = None, wandb_mode: str | None = None, address: str | None = None,
-          overrides: "str | Sequence[str]" = ()) -> "pandas.DataFrame":
+def prune(grid: "str | Path", *, output: str | None = None, resume: bool = False, wandb_mode: str | None = None,
+          address: str | None = None, overrides: "str | Sequence[str]" = ()) -> "pandas.DataFrame":
     """Plan, prune, fine-tune and verify (the same job as `prune-sweep prune`, the sweep's missing points
-    measured first) and return plans.csv as a DataFrame; plans that failed are in `attrs["failed"]`. Bad input
-    raises runner.errors.InputError with the command's one-line message."""
+    measured first) and return plans.csv as a DataFrame; plans that failed are in `attrs["failed"]`. `resume`
+    continues a job in the same folder (as `--resume`). Bad input raises runner.errors.InputError with the
+    command's one-line message."""
     import pandas as pd
 
     from runner.job.prune import run_prune
     from runner.job.options import Options
     from runner.outputs.plans import CSV
 
-    outcome = run_prune(Options(str(grid), output, False, wandb_mode, address, False, _items(overrides)))
+    outcome = run_prune(Options(str(grid), output, resume, wandb_mode, address, False, _items(overrides)))
     path = outcome.folder / CSV
     frame = pd.read_csv(path) if path.is_file() else pd.DataFrame()
     frame.attrs.update(folder=str(outcome.folder), failed=list(outcome.failed), seconds=outcome.seconds)

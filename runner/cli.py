@@ -2,7 +2,7 @@
 
     prune-sweep sweep --grid FILE [--output DIR] [--resume] [--wandb-mode M] [--address A] [--dry-run] [--set K=V]
     prune-sweep train --grid FILE [--set K=V]
-    prune-sweep prune --grid FILE [--output DIR] [--wandb-mode M] [--address A] [--dry-run] [--set K=V]
+    prune-sweep prune --grid FILE [--output DIR] [--resume] [--wandb-mode M] [--address A] [--dry-run] [--set K=V]
     prune-sweep validate --grid FILE [--output DIR] [--wandb-mode M] [--address A] [--dry-run] [--set K=V]
     prune-sweep score --grid FILE --model plans/<budget>-<method>/pruned.pt|pruned.onnx [--set K=V]
 
@@ -137,6 +137,9 @@ def parser() -> Parser:
                                 "for real, fine-tuned as Ray Tune trials, exported (pruned.pt, pruned.onnx) and "
                                 "verified; plans.csv and a report section in <output>/<name>/.")
     prune.add_argument("--output", help="results folder (default: the grid's output key)")
+    prune.add_argument("--resume", action="store_true", help="continue an interrupted prune job in the same folder "
+                       "(plans made, epochs fine-tuned and plans verified are kept; added budgets or methods are "
+                       "planned)")
     prune.add_argument("--wandb-mode", choices=["online", "offline", "disabled", "auto"], help="override wandb.mode")
     prune.add_argument("--address", help="join this Ray cluster (default: RAY_ADDRESS, else a local Ray)")
     prune.add_argument("--dry-run", action="store_true", help="validate and print the grid and its plans; compute "
@@ -191,7 +194,7 @@ def _prune(args: argparse.Namespace) -> int:
     from runner.job.options import Options
     from runner.job.prune import dry_run, run_prune
 
-    opts = Options(args.grid, args.output, False, args.wandb_mode, args.address, args.dry_run, tuple(args.set))
+    opts = Options(args.grid, args.output, args.resume, args.wandb_mode, args.address, args.dry_run, tuple(args.set))
     if args.dry_run:
         print("\n".join(dry_run(opts)))
         return EXIT_OK

@@ -187,7 +187,8 @@ def test_dry_run_checks_an_image_folders_classes_against_the_model(cli, tmp_path
     result = cli(["--grid", str(grid), "--dry-run"], cwd=tmp_path)
     assert result.returncode == 0, result.explain()
     assert result.out_lines[0] == (f"sweep tiny: resnet18 width 0.125, data imagefolder, 30 train and 20 test images, "
-                                   f"10 classes, subsets in data.order stratified, output {tmp_path / 'runs' / 'tiny'}")
+                                   f"10 classes, subsets in data.order stratified, output "
+                                   f"{tmp_path / 'runs' / 'tiny'}")
     assert not list(tmp_path.rglob("*.npz"))  # nothing decoded
 
 

@@ -1,4 +1,4 @@
-"""`prune-sweep prune` end to end, in process on the session's Ray: a tiny sweep by groups, three plans under a
+"""`prune-sweep prune` end to end, in process on the session's Ray: a tiny sweep by groups, four plans under a
 MACs budget, removal, fine-tuning trials, the files read back; then what the files say checked against
 independent recounts and reloads. Also the job's input checks, and `prune-sweep score`."""
 
@@ -6,15 +6,19 @@ from __future__ import annotations
 
 import functools
 import json
+import os
+import re
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 from types import SimpleNamespace
 
 import pandas as pd
 import pytest
 import torch
-from e2e_helpers import artifacts, e2e, grid_dict, history, manifest_paths, runs_by_name, write_grid
+from e2e_helpers import artifacts, cli_env, e2e, grid_dict, history, manifest_paths, runs_by_name, write_grid
 
 from model.resnet import ResNet18
 from runner.config import parse_grid
@@ -31,7 +35,7 @@ BUDGET = 0.7
 def planned(ray_session, sweep_checkpoint, tmp_path_factory) -> SimpleNamespace:
     """One prune job: 12 groups x 2 K, l1_norm; budget macs 0.7 by all four methods; one epoch of fine-tuning
     on 200 images; scored on the 50 test images the sweep did not evaluate."""
-    import runner.job.prune as prune
+    import runner.job.plan as prune
     from runner.api import prune as prune_api
 
     tmp = tmp_path_factory.mktemp("prune")
@@ -253,9 +257,10 @@ def test_plan_defaults() -> None:
 
 @pytest.mark.slow
 def test_mobilenet_v2_goes_through_sweep_plan_removal_and_fine_tuning(ray_session, tmp_path) -> None:
-    """torchvision's mobilenet_v2 (width 0.25, synthetic images): trained, swept by groups, planned by the three
+    """torchvision's mobilenet_v2 (width 0.25, synthetic images): trained, swept by groups, planned by the four
     methods, removed, fine-tuned and verified, in one prune job."""
-    import runner.job.prune as prune
+    import runner.job.plan as plan
+    from runner.job.prune import run_prune
     from runner.job.sweep import Options
 
     grid = grid_dict(tmp_path, name="mobile", data={"eval_size": 100},
@@ -266,13 +271,128 @@ def test_mobilenet_v2_goes_through_sweep_plan_removal_and_fine_tuning(ray_sessio
     grid["model"] = {"arch": "torchvision:mobilenet_v2", "num_classes": 10, "kwargs": {"width_mult": 0.25}}
     path = write_grid(tmp_path / "mobile.yaml", grid)
     quick = functools.partial(latency_module.latency, warmup=1, min_runs=3, min_seconds=0.0)
-    original, prune.latency = prune.latency, quick
+    original, plan.latency = plan.latency, quick
     try:
-        outcome = prune.run_prune(Options(str(path)))
+        outcome = run_prune(Options(str(path)))
     finally:
-        prune.latency = original
+        plan.latency = original
     t = pd.read_csv(outcome.folder / "plans.csv")
     assert outcome.failed == [] and sorted(t["method"]) == ["global", "knapsack", "threshold", "uniform"]
     assert (t["macs_kept"] <= 0.8).all() and (t["units_pruned"] > 0).all()
     assert (t["masked_vs_removed_differ"] == 0).all() and (t["onnx_differ"] == 0).all()
     assert (t["accuracy_final"] == t["accuracy_finetuned"]).all()
+
+
+# --- a job stopped at a chosen stage, then resumed --------------------------------------------------------
+
+EPOCH_LINE = ": epoch 1 of 1,"
+TIMING = ("latency_ms_b1", "latency_ms_b64", "base_latency_ms_b1", "base_latency_ms_b64", "folder")
+SWEEP_FILES = ("results.csv", "rankings.json", "config.yaml", "report.md")
+
+
+def comparable(table: pd.DataFrame) -> pd.DataFrame:
+    """plans.csv without what differs between two runs of the same job: timings, latency, the folder."""
+    return table.drop(columns=[c for c in table.columns if c in TIMING or "latency" in c])
+
+
+def fingerprints(folder: Path) -> dict[str, tuple[int, int, str]]:
+    """Each plan.json: (inode, mtime in ns, sha256): a file written again changes at least one of them."""
+    import hashlib
+
+    return {p.parent.name: (p.stat().st_ino, p.stat().st_mtime_ns, hashlib.sha256(p.read_bytes()).hexdigest())
+            for p in sorted(folder.glob("plans/*/plan.json"))}
+
+
+def test_a_job_stopped_while_planning_and_killed_while_fine_tuning_resumes_to_the_same_plans(
+        planned, tmp_path, monkeypatch, caplog) -> None:
+    """The `planned` job again in a copy of its sweep's folder: stopped by an injected failure after its first
+    plan, refused without --resume, resumed and stopped before fine-tuning, resumed as a command whose process
+    group is SIGKILLed once the first fine-tuning epoch is logged, resumed to the end: the same plans.csv as the
+    uninterrupted job, no plan.json written again, no epoch fine-tuned twice (each finished epoch logs one
+    line)."""
+    import runner.job.plan as plan
+    import runner.job.prune as prune
+    from runner.api import prune as prune_api
+
+    folder = tmp_path / "planned"
+    folder.mkdir()
+    for name in SWEEP_FILES:
+        (folder / name).write_bytes((planned.folder / name).read_bytes())
+    path = write_grid(tmp_path / "planned.yaml", {**planned.grid, "output": str(tmp_path)})
+    monkeypatch.setattr(plan, "latency", functools.partial(latency_module.latency, warmup=1, min_runs=3,
+                                                           min_seconds=0.0))
+    made, real = [], prune.make_plan
+
+    def first_only(*args, **kwargs):
+        if made:
+            raise RuntimeError("injected: stopped after the first plan")
+        made.append(real(*args, **kwargs))
+        return made[-1]
+
+    monkeypatch.setattr(prune, "make_plan", first_only)
+    with pytest.raises(RuntimeError, match="injected"):
+        prune_api(path)
+    first = fingerprints(folder)
+    assert list(first) == ["macs0.7-knapsack"] and len(pd.read_csv(folder / "plans.csv")) == 1
+    monkeypatch.setattr(prune, "make_plan", real)
+    with pytest.raises(InputError, match=r"already holds plans of a prune job.*--resume"):
+        prune_api(path)
+
+    def stop(*args, **kwargs):
+        raise RuntimeError("injected: stopped before fine-tuning")
+
+    finetune = prune._finetune
+    monkeypatch.setattr(prune, "_finetune", stop)  # the other plans made here, where timing is quick
+    with pytest.raises(RuntimeError, match="injected"):
+        prune_api(path, resume=True)
+    monkeypatch.setattr(prune, "_finetune", finetune)
+    assert len(fingerprints(folder)) == 4 and fingerprints(folder)["macs0.7-knapsack"] == first["macs0.7-knapsack"]
+
+    log = tmp_path / "killed.log"
+    with open(log, "w") as out:
+        proc = subprocess.Popen([sys.executable, "-m", "runner.cli", "prune", "--grid", str(path), "--resume"],
+                                cwd=tmp_path, env=cli_env(), stdout=out, stderr=subprocess.STDOUT,
+                                start_new_session=True)
+    try:
+        deadline = time.time() + 600
+        while EPOCH_LINE not in log.read_text() and proc.poll() is None and time.time() < deadline:
+            time.sleep(0.1)
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    killed = log.read_text()
+    assert EPOCH_LINE in killed, killed[-3000:]
+    second = fingerprints(folder)
+    assert len(second) == 4 and {k: second[k] for k in first} == first
+    assert not list(folder.glob("plans/*/verified.json"))
+
+    caplog.set_level("INFO", logger="runner")
+    table = prune_api(path, resume=True)
+    assert table.attrs["failed"] == []
+    assert fingerprints(folder) == second  # no plan.json written again
+    pd.testing.assert_frame_equal(comparable(table), comparable(planned.table), check_exact=True)
+    resumed = "\n".join(r.getMessage() for r in caplog.records)
+    assert resumed.count("made by an earlier run") == 4
+    epochs = re.findall(r"fine-tuning (\S+): epoch (\d+) of", killed + "\n" + resumed)
+    assert len(epochs) == len(set(epochs)), epochs
+    assert "## Plans: a smaller model under a budget" in (folder / "report.md").read_text()
+
+
+def test_a_resume_that_changes_the_plan_section_names_the_key_and_both_values(tmp_path) -> None:
+    from runner.job.prune import _check_resume, job_identity
+
+    base = grid_dict(tmp_path, plan={"budgets": [{"macs": 0.6}], "methods": ["knapsack", "uniform"]})
+    before = job_identity(parse_grid(base, "g"), "abc")
+
+    def now(**plan) -> dict:
+        return job_identity(parse_grid({**base, "plan": {**base["plan"], **plan}}, "g"), "abc")
+
+    _check_resume(parse_grid(base, "g"), before, now(budgets=[{"macs": 0.6}, {"macs": 0.8}]))  # adds a budget
+    _check_resume(parse_grid(base, "g"), before, now(methods=["knapsack", "uniform", "threshold"]))  # a method
+    for change, words in (({"max_corrections": 2}, "plan.max_corrections: 8 then, 2 now"),
+                          ({"budgets": [{"macs": 0.8}]}, "plan.budgets: ['macs0.6'] then, ['macs0.8'] now"),
+                          ({"methods": ["uniform"]}, "plan.methods: ['knapsack', 'uniform'] then, ['uniform'] now"),
+                          ({"finetune": {"epochs": 3}}, "plan.finetune.epochs: 2 then, 3 now")):
+        with pytest.raises(InputError) as e:
+            _check_resume(parse_grid(base, "g"), before, now(**change))
+        assert words in str(e.value) and "--resume" in str(e.value) and "\n" not in str(e.value)

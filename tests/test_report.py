@@ -141,6 +141,25 @@ def test_trial_summary_takes_random_draws_as_their_mean_and_safe_only_where_ever
     assert s["accuracy_at_50pct"] == pytest.approx(90.0 - 4.0)  # the mean of the three draws at K=4
 
 
+def test_a_report_written_after_a_prune_job_keeps_its_plans_section(tmp_path) -> None:
+    """The sweep's report.md is written again on `sweep --resume`: the plans section comes back from plans.csv and
+    the prune job's record (plans/job.json), and only when both are there."""
+    from runner.outputs import plans
+
+    assert "## Plans" not in report.write_report(ROWS, meta(), [], tmp_path, len(ROWS)).read_text(encoding="utf-8")
+    row = {"budget": "macs0.5", "method": "uniform", "macs_kept": 0.49, "params_kept": 0.5, "latency_ms_b1": 1.0,
+           "latency_ms_b64": 9.0, "predicted_drop": 1.5, "accuracy_masked": 80.0, "accuracy_removed": 80.0,
+           "accuracy_finetuned": 85.0, "finetuned_low": 84.0, "finetuned_high": 86.0, "baseline_accuracy": 90.0}
+    plans.write_plans_csv(tmp_path, [row])
+    assert plans.saved_section(tmp_path) == []  # no job record: not a prune job's plans.csv
+    words = {"criterion": "l1_norm", "unit": "group", "chosen_on": "the eval images", "scored_on": "the test images",
+             "left_out": {}, "units": 12, "finetune": None, "base_macs": 1000, "base_params": 100}
+    plans.write_job(tmp_path, {"job_id": "x", "words": words})
+    text = report.write_report(ROWS, meta(), [], tmp_path, len(ROWS)).read_text(encoding="utf-8")
+    assert text.count("## Plans: a smaller model under a budget") == 1 and "## Which layers" in text
+    assert "| macs0.5 | uniform | 0.490 | 0.500 |" in text and text.endswith(plans.END + "\n")
+
+
 # --- the layer table's order, and the near-chance warning --------------------------------------------------
 
 def test_drop_to_half_is_the_mean_drop_over_the_first_half_of_the_channels():

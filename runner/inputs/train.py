@@ -14,6 +14,7 @@ import time
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
+from typing import Any, Callable
 
 import torch
 import torch.nn.functional as F
@@ -89,13 +90,39 @@ def train_model(grid: Grid, data: Dataset, recipe: Recipe, device: torch.device,
     return fit_model(build_for(grid), data.train, recipe, device, mean, std, grid.seed, progress, log_to)
 
 
+@dataclass
+class TrainState:
+    """Where training stands after a finished epoch: enough to continue it as if it had never stopped (the
+    learning-rate schedule's position is `step`; `generator` draws the data order and the augmentation)."""
+
+    epoch: int  # epochs finished
+    step: int  # optimizer steps taken
+    losses: list[float]
+    model: dict[str, Any]  # state_dict
+    optimizer: dict[str, Any]
+    generator: torch.Tensor
+    torch_rng: torch.Tensor  # torch's global generator (dropout, if the network has any)
+
+    def payload(self) -> dict[str, Any]:
+        """Tensors, lists and numbers only: what torch.load(weights_only=True) reads back."""
+        return {k: getattr(self, k) for k in ("epoch", "step", "losses", "model", "optimizer", "generator",
+                                               "torch_rng")}
+
+    @classmethod
+    def of(cls, payload: dict[str, Any]) -> "TrainState":
+        return cls(**{k: payload[k] for k in ("epoch", "step", "losses", "model", "optimizer", "generator",
+                                               "torch_rng")})
+
+
 def fit_model(model: torch.nn.Module, train: Images, recipe: Recipe, device: torch.device,
               mean: tuple[float, ...], std: tuple[float, ...], seed: int, progress: bool = True,
-              log_to: TrainLog | None = None, channels_last: bool | None = None
+              log_to: TrainLog | None = None, state: TrainState | None = None,
+              keep: Callable[[TrainState], None] | None = None, channels_last: bool | None = None
               ) -> tuple[torch.nn.Module, list[float]]:
     """Train `model` (a fresh network, or a pruned one being fine-tuned) on the `train` images with `recipe`,
     inputs normalised with (mean, std); returns it on `device` in eval mode and the mean loss of each epoch.
-    `channels_last`: the memory layout (default: the device's fastest)."""
+    `state` continues training where it stood after an epoch; `keep` is handed the state after every epoch
+    (before the epoch is reported). `channels_last`: the memory layout (default: the device's fastest)."""
     log_to = log_to or NullTrainLog()
     gen = torch.Generator(device="cpu").manual_seed(seed)
     channels_last = uses_channels_last(device) if channels_last is None else channels_last
@@ -106,8 +133,14 @@ def fit_model(model: torch.nn.Module, train: Images, recipe: Recipe, device: tor
     y_all = torch.from_numpy(train.labels).to(device)
     opt = _optimizer(model, recipe)
     steps_per_epoch = math.ceil(len(y_all) / recipe.batch_size)
-    total, step, losses = recipe.epochs * steps_per_epoch, 0, []
-    for epoch in range(recipe.epochs):
+    total, step, losses, first = recipe.epochs * steps_per_epoch, 0, [], 0
+    if state is not None:
+        model.load_state_dict(state.model)
+        opt.load_state_dict(state.optimizer)
+        gen.set_state(state.generator)
+        torch.set_rng_state(state.torch_rng)
+        step, losses, first = state.step, list(state.losses), state.epoch
+    for epoch in range(first, recipe.epochs):
         model.train()
         order = torch.randperm(len(y_all), generator=gen).to(device)
         # a bar on a terminal; in a log file one line per epoch (a bar there is a carriage return per batch)
@@ -132,6 +165,9 @@ def fit_model(model: torch.nn.Module, train: Images, recipe: Recipe, device: tor
             run_seen += len(y)
             bar.set_postfix(loss=f"{run_loss / run_seen:.3f}", acc=f"{100 * run_hits / run_seen:.1f}%")
         losses.append(run_loss / run_seen)
+        if keep is not None:
+            keep(TrainState(epoch + 1, step, list(losses), model.state_dict(), opt.state_dict(), gen.get_state(),
+                            torch.get_rng_state()))
         log_to.epoch({"epoch": epoch + 1, "loss": losses[-1], "train_accuracy": 100 * run_hits / run_seen,
                       "lr": opt.param_groups[0]["lr"], "seconds": time.time() - started})
         log.info("epoch %d/%d: loss %.3f, train accuracy %.1f%% (%.0f s)", epoch + 1, recipe.epochs, losses[-1],

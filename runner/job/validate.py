@@ -30,14 +30,16 @@ from runner.errors import InputError
 from runner.inputs.models import spec_of
 from runner.inputs.train import recipe_of
 from runner.job.folder import folder_lock
-from runner.job.prune import (CORRECT, Setting, _check_plannable, _experiment, _pruned_meta, _setting, _sweep_missing,
-                              choose_plan, plan_methods_of)
+from runner.job.plan import BUDGET_KINDS, METHODS, _pruned_meta
+from runner.job.prune import _check_plannable, _sweep_missing, new_experiment, plan_methods_of
+from runner.job.setting import Setting, setting_of
 from runner.job.sweep import Options, prepare
 from runner.outputs import validation as out
+from runner.outputs.plans import CORRECT, PRUNED, REMOVED
 from runner.outputs.results import read_rows
 from runner.outputs.tracking import RunSpec, Tracking, make_tracker, model_artifact
-from runner.planning.export import save_pruned
-from runner.planning.removal import counter, counts, masked, pruned_copy, removal_from
+from runner.planning.export import pruned_meta, save_pruned
+from runner.planning.removal import counts, masked, pruned_copy, removal_from
 from runner.planning.scoring import accuracy_interval, difference, score
 from runner.planning.units import unit_curves
 from runner.planning.adaptive import score_recalibrated
@@ -101,19 +103,19 @@ def run_validate(opts: Options) -> ValidateOutcome:
     swept = time.time()
     _sweep_missing(opts, grid, trials)
     wall = {"sweep of missing points": time.time() - swept}
-    s = replace(_setting(grid, trials, criterion), methods=tuple(methods), skipped=skipped)
+    s = replace(setting_of(grid, trials, criterion), methods=tuple(methods), skipped=skipped)
     plain, recal = _curves_of(s)
     cpu: dict[str, float] = {"setup and sweep (driver)": time.process_time() - cpu0}
     mean, std = s.loaded.normalisation
     calibration = EvalSet.build(s.data.calibration.take(slice(0, grid.validate.bn_images)), mean, std,
-                                grid.model.num_classes, s.evalset.inputs[0].device, grid.sweep.batch_size)
+                                grid.model.num_classes, s.images.evalset.inputs[0].device, grid.sweep.batch_size)
     root = grid.folder / out.FOLDER
     rows: dict[str, dict[str, Any]] = {}
     failed: list[str] = []
     with folder_lock(grid.folder):
         t, w = time.process_time(), time.time()
         for b, budget in enumerate(grid.plan.budgets):
-            count = counter(s.base, s.units.orders, budget.kind, s.image_size)
+            count = BUDGET_KINDS[budget.kind].count(s)
             quick = quick_counter(s.base, s.units.orders, budget.kind, s.image_size)
             for name, method, make in _plans(s, b, budget, count, quick):
                 folder = root / name
@@ -196,11 +198,12 @@ def _plans(s: Setting, b: int, budget: Budget, count: Any, quick: Any) -> list[t
         plans.append((out_name(budget, i), out.RANDOM, make))
     for method in s.methods:
         def make(method: str = method) -> tuple[dict[str, int], dict[str, list[int]]] | None:
-            chosen = choose_plan(s, budget, method, count)
+            chosen = METHODS[method](s, budget, f"{budget.label}-{method}", count)
             if chosen is None:
                 return None
-            _, corrected, removal = chosen
-            return {u: len(idx) for u, idx in removal.items()} if method == "global" else corrected.plan.ks, removal
+            removal = chosen.removal_of(s)
+            return ({u: len(idx) for u, idx in removal.items()} if method == "global" else chosen.corrected.plan.ks,
+                    {u: list(idx) for u, idx in removal.items()})
         plans.append((f"{budget.label}-{method}", method, make))
     return plans
 
@@ -219,12 +222,12 @@ def _measure(s: Setting, name: str, budget: Budget, method: str, made: tuple[dic
     ks, removal = made
     plain, recal = curves
     with masked(s.on_device, removal, s.image_size):
-        masked_eval = score(s.on_device, s.evalset)
+        masked_eval = score(s.on_device, s.images.evalset)
     pruned = pruned_copy(s.base, removal, s.image_size)
     kept = counts(pruned, s.image_size)
-    recal_eval = score_recalibrated(s.on_device, removal, s.image_size, calibration, s.evalset)
+    recal_eval = score_recalibrated(s.on_device, removal, s.image_size, calibration, s.images.evalset)
     folder.mkdir(parents=True, exist_ok=True)
-    save_pruned(folder / "pruned.pt", pruned, removal, _pruned_meta(s, name, float("nan")))
+    save_pruned(folder / REMOVED, pruned, removal, _pruned_meta(s, name, float("nan")))
     m_low, m_high = accuracy_interval(masked_eval)
     r_low, r_high = accuracy_interval(recal_eval)
     row = {"plan": name, "budget": budget.label, "method": method,
@@ -233,7 +236,7 @@ def _measure(s: Setting, name: str, budget: Budget, method: str, made: tuple[dic
            "predicted_drop_recalibrated": predicted_drop(ks, recal) if recal is not None else float("nan"),
            "accuracy_masked": masked_eval.accuracy, "accuracy_masked_low": m_low, "accuracy_masked_high": m_high,
            "accuracy_recalibrated": recal_eval.accuracy, "accuracy_recalibrated_low": r_low,
-           "accuracy_recalibrated_high": r_high, "baseline_accuracy": s.base_eval.accuracy,
+           "accuracy_recalibrated_high": r_high, "baseline_accuracy": s.images.base_eval.accuracy,
            "units_pruned": sum(1 for k in ks.values() if k), "ks": json.dumps(ks, sort_keys=True),
            "folder": str(folder)}
     write_text(folder / MEASURED, json.dumps({**row, "removal": removal}, indent=1))
@@ -254,7 +257,7 @@ def _read_json(path: Path) -> dict[str, Any] | None:
 def _finetune(opts: Options, s: Setting, rows: Mapping[str, dict[str, Any]]) -> list[str]:
     """Fine-tune the plans as Ray Tune trials (W&B job type `validate`); writes each plan's finetuned.json."""
     from runner.job import cluster
-    from runner.job.finetune import FinetuneShared, run_finetuning
+    from runner.job.finetune import FinetuneShared, RunsContext, run_finetuning
     from runner.job.ray_env import cluster_address, set_ray_env
     from runner.job.tuner import trial_resources
 
@@ -262,7 +265,7 @@ def _finetune(opts: Options, s: Setting, rows: Mapping[str, dict[str, Any]]) -> 
     mean, std = s.loaded.normalisation
     recipe = recipe_of(grid.plan.finetune)
     folders = {name: row["folder"] for name, row in rows.items()}
-    shared = FinetuneShared(spec_of(grid.model), s.image_size, s.data.train, s.scored, tuple(mean), tuple(std),
+    shared = FinetuneShared(spec_of(grid.model), s.image_size, s.data.train, s.images.scored, tuple(mean), tuple(std),
                             recipe, grid.seed, grid.sweep.batch_size, folders)
     address = cluster_address(opts.address)
     set_ray_env(address)
@@ -276,13 +279,19 @@ def _finetune(opts: Options, s: Setting, rows: Mapping[str, dict[str, Any]]) -> 
                            uses=parent) for name, row in rows.items()}
     log.info("fine-tuning %d plans for %d epochs (%s, lr %g) on %d train images", len(rows), recipe.epochs,
              recipe.optimizer, recipe.lr, len(s.data.train))
-    with closing(make_tracker(tracking)) as tracker, \
-            cluster.ray_session(address, grid.resources.ray_dashboard, grid.resources, len(rows)):
-        results, failed = run_finetuning(shared, trial_resources(grid), grid.resources.max_concurrent,
-                                         str(grid.tune_root), _experiment(grid).replace("finetune", "validate"),
-                                         tracker, specs)
-    for name, result in results.items():
-        write_text(Path(folders[name]) / FINETUNED, json.dumps(result, indent=1))
+    context = RunsContext(tracking, specs, folders, recipe.epochs)
+    with cluster.ray_session(address, grid.resources.ray_dashboard, grid.resources, len(rows)):
+        failed = run_finetuning(shared, list(rows), trial_resources(grid), grid.resources.max_concurrent,
+                                str(grid.tune_root), new_experiment(grid, "validate"), False, context)
+    for name, folder in folders.items():
+        correct = Path(folder) / CORRECT.format("finetuned")
+        if name in failed or not correct.is_file():
+            continue
+        verdicts = np.load(correct)
+        meta = pruned_meta(Path(folder) / PRUNED)
+        write_text(Path(folder) / FINETUNED, json.dumps({
+            "accuracy_finetuned": float(100 * verdicts.sum() / len(verdicts)), "scored_images": len(verdicts),
+            "cpu_seconds": meta.get("finetune_cpu_seconds", float("nan"))}, indent=1))
     for name in failed:
         log.error("fine-tuning %s failed (Tune's error file is under %s)", name, grid.tune_root)
     return failed
@@ -309,8 +318,8 @@ def _versus(rows: Mapping[str, dict[str, Any]], methods: list[str]) -> list[dict
 
 def _words(s: Setting, cpu: Mapping[str, float], wall: Mapping[str, float]) -> dict[str, Any]:
     recipe = recipe_of(s.grid.plan.finetune)
-    return {"random_plans": s.grid.validate.random_plans, "criterion": s.criterion, "chosen_on": s.chosen_on,
-            "scored_on": s.scored_on, "bn_images": s.grid.validate.bn_images,
+    return {"random_plans": s.grid.validate.random_plans, "criterion": s.criterion, "chosen_on": s.images.chosen_on,
+            "scored_on": s.images.scored_on, "bn_images": s.grid.validate.bn_images,
             "finetune": f"{recipe.epochs} epochs, {recipe.optimizer}, lr {recipe.lr:g}, {recipe.schedule}",
             "cpu": dict(cpu), "wall": dict(wall)}
 

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from runner import storage
-from runner.outputs import figures
+from runner.outputs import figures, plans
 from runner.outputs.rankings import NAME as RANKINGS, read_rankings
 from runner.outputs.results import TrialId, by_trial, is_skipped, read_rows
 
@@ -467,6 +467,7 @@ def write_report(rows: Sequence[dict[str, Any]], meta: ReportMeta, failed: Seque
               f"- channel orders and scores: [{RANKINGS}]({RANKINGS})",
               f"- libraries: {', '.join(f'{k} {v}' for k, v in meta.versions.items())}",
               f"- W&B: {meta.wandb}", ""]
+    lines += plans.saved_section(folder)  # a prune job's section survives the sweep's report
     path = folder / "report.md"
     storage.write_text(path, "\n".join(lines))
     return path
