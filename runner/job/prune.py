@@ -44,6 +44,8 @@ from runner.planning.correction import Corrected, Measured, Move, correct
 from runner.planning.curves import Curve, check_round_to
 from runner.planning.export import export_onnx, onnx_logits, open_pruned, save_pruned, spec_meta
 from runner.planning.latency import latency
+from runner.planning.target import OnTarget, Timed as TargetTimed, latency_columns, open_target, table_words
+from runner.planning.timing import check_target
 from runner.planning.record import plan_record
 from runner.planning.removal import Counts, counter, counts, masked, pruned_copy, removal_from
 from runner.planning.scoring import accuracy_interval, difference, paired_drop, score
@@ -98,11 +100,15 @@ def run_prune(opts: Options) -> PruneOutcome:
     rows: dict[str, dict[str, Any]] = {}
     failed: list[str] = []
     with folder_lock(grid.folder):
+        on = _on_target(s, opts) if grid.plan.target else None
         for budget in grid.plan.budgets:
-            count = counter(s.base, s.units.orders, budget.kind, s.image_size)
+            if budget.kind == "latency":
+                count = on.count(s.base, s.units.orders, s.image_size, _told(budget.label))
+            else:
+                count = counter(s.base, s.units.orders, budget.kind, s.image_size)
             for method in grid.plan.methods:
                 name = f"{budget.label}-{method}"
-                row = make_plan(s, budget, method, count)
+                row = make_plan(s, budget, method, count, on)
                 if row is None:
                     failed.append(name)
                 else:
@@ -115,8 +121,13 @@ def run_prune(opts: Options) -> PruneOutcome:
             failed += verify(s, name, row)
         _versus_uniform(rows, "finetuned" if grid.plan.finetune.epochs else "removed")
         table = plan_files.write_plans_csv(grid.folder, rows.values()) if rows else None
+    if on is not None:
+        on.close()
+        from runner.outputs.latency import write_cost
+
+        write_cost(grid.folder, table_words(on, time.time() - started))
     if table is not None:
-        plan_files.write_plans_section(grid.folder, table, _words(s))
+        plan_files.write_plans_section(grid.folder, table, _words(s, on, time.time() - started))
         log.info("wrote %s, %s and %s", grid.folder / plan_files.CSV, grid.folder / plan_files.FOLDER,
                  grid.folder / "report.md")
     return PruneOutcome(grid.folder, list(rows.values()), sorted(set(failed)), time.time() - started)
@@ -171,6 +182,7 @@ def _check_plannable(grid: Grid) -> str:
     if grid.sweep.target != "output":
         raise InputError("sweep.target", grid.sweep.target, "a plan removes output channels for real",
                          "output", "sweep with target: output (the default) to plan from it")
+    check_target(grid.plan.target)
     return plan_criterion(grid.plan.criterion, grid.sweep.criteria, {n: CRITERIA[n].draws for n in CRITERIA})
 
 
@@ -234,15 +246,17 @@ def _scoring_images(grid: Grid, data: Dataset) -> tuple[Images, str]:
                                        f"images {n + 1:,}-{len(rest):,})")
 
 
-def make_plan(s: Setting, budget: Budget, method: str, count: Callable[[Mapping[str, int]], float]
-              ) -> dict[str, Any] | None:
+def make_plan(s: Setting, budget: Budget, method: str, count: Callable[[Mapping[str, int]], float],
+              on: OnTarget | None = None) -> dict[str, Any] | None:
     """One budget x method: plan, correct, remove, count, time, save. Returns its plans.csv row (None when the
-    budget is out of reach)."""
+    budget is out of reach). With a target, every method plans with the latency table's curves."""
     name = f"{budget.label}-{method}"
     p = s.grid.plan
-    planner = Planner(s.curves, budget.kind, budget.keep, getattr(s.base_counts, budget.kind), method, p.round_to,
-                      p.min_keep)
-    plan = planner.fit(count)
+    timed_budget = budget.kind == "latency"
+    base_total = on.table.base_ms if timed_budget else getattr(s.base_counts, budget.kind)
+    planner = Planner(on.curves if on else s.curves, budget.kind, budget.keep, base_total, method,
+                      1 if p.round_to == "auto" else p.round_to, p.min_keep, points_only=on is not None)
+    plan = planner.fit(count, first=timed_budget)
     if plan is None:
         log.warning("%s: no plan keeps at most %s of the %s with the measured K (prune more: larger K in "
                     "sweep.k, or more units)", name, f"{budget.keep:g}", budget.kind)
@@ -263,7 +277,18 @@ def make_plan(s: Setting, budget: Budget, method: str, count: Callable[[Mapping[
     # uniform takes one ratio whatever the curves say: there is no prediction to correct, and a corrected uniform
     # plan would no longer be the baseline it stands for; it is measured all the same
     limit = 0 if method == "uniform" else p.max_corrections
-    corrected = correct(plan, lambda caps: planner.fit(count, caps), measure, limit, moved)
+    # a latency budget's moves re-plan on the table's prediction (timing every candidate would cost a
+    # measurement each); the plan kept is then refitted on measured latency (runner.planning.target)
+    corrected = correct(plan, (lambda caps: planner.plan(caps)) if timed_budget else
+                        (lambda caps: planner.fit(count, caps)), measure, limit, moved)
+    if timed_budget and corrected.plan.ks != plan.ks:
+        refit = planner.fit(count, corrected.plan.caps, first=True)
+        if refit is None:
+            log.warning("%s: the corrected plan cannot be refitted to the measured budget; keeping the first plan",
+                        name)
+            corrected = replace(corrected, plan=plan, measured=corrected.first)
+        elif refit.ks != corrected.plan.ks:
+            corrected = replace(corrected, plan=refit, measured=measure(refit))
     final = corrected.plan
     removal = removal_from(final.ks, s.units.orders)
     with masked(s.on_device, removal, s.image_size):
@@ -277,6 +302,7 @@ def make_plan(s: Setting, budget: Budget, method: str, count: Callable[[Mapping[
     timed = _latency(s, pruned)
     folder = plan_files.plan_folder(s.grid.folder, budget.label, method)
     folder.mkdir(parents=True, exist_ok=True)
+    on_target = _time_on_target(s, on, pruned, folder) if on else None
     save_pruned(folder / "pruned.pt", pruned, removal, _pruned_meta(s, name, removed_eval.accuracy))
     np.save(folder / CORRECT.format("masked"), masked_eval.correct)
     np.save(folder / CORRECT.format("removed"), removed_eval.correct)
@@ -299,6 +325,14 @@ def make_plan(s: Setting, budget: Budget, method: str, count: Callable[[Mapping[
            "units_pruned": sum(1 for k in final.ks.values() if k), "criterion": s.criterion,
            "scored_images": removed_eval.count, "finetune_epochs": s.grid.plan.finetune.epochs,
            "masked_vs_removed_differ": differ, "folder": str(folder)}
+    if on_target is not None:
+        columns = latency_columns(on, on_target, final.ks)
+        row.update(columns)
+        record["target"] = columns
+        plan_files.write_plan_json(folder, record)
+        log.info("%s on %s: %.2f ms [%.2f, %.2f], %.3f of the base's %.2f ms (table predicted %.2f ms)", name,
+                 on.label, on_target.ms, on_target.low, on_target.high, on_target.kept, on_target.base_ms,
+                 row["latency_predicted_ms"])
     for t in timed:
         if t.device != "cpu":
             row[f"{t.device}_latency_ms_b{t.batch}"] = t.pruned_ms
@@ -341,6 +375,38 @@ def _latency(s: Setting, pruned: torch.nn.Module) -> list[Timed]:
         for t in latency(copy.deepcopy(s.base), copy.deepcopy(pruned), shape, (1, 64), device):
             out.append(Timed(device, t.batch, round(t.base_ms, 4), round(t.pruned_ms, 4), t.runs))
     return out
+
+
+def _on_target(s: Setting, opts: Options) -> OnTarget:
+    """The job's target: its latency table (cached entries reused) logged on disk and on W&B, and every latency
+    budget checked against what the table says is reachable."""
+    from runner.outputs.latency import log_table
+
+    mean, std = s.loaded.normalisation
+    on = open_target(s.grid, s.base, s.units.orders, s.curves, s.loaded.sha256, s.image_size,
+                     lambda path, model: export_onnx(path, model, mean, std, s.image_size))
+    log_table(s.grid, table_words(on))
+    for budget in s.grid.plan.budgets:
+        if budget.kind == "latency":
+            on.check_budget(budget.label, budget.keep)
+    return on
+
+
+def _told(label: str) -> Callable[[Mapping[str, int], TargetTimed], None]:
+    def told(ks: Mapping[str, int], t: TargetTimed) -> None:
+        log.info("%s: a plan pruning %d units timed %.2f ms [%.2f, %.2f], %.3f of the base's %.2f ms", label,
+                 sum(1 for k in ks.values() if k), t.ms, t.low, t.high, t.kept, t.base_ms)
+    return told
+
+
+def _time_on_target(s: Setting, on: OnTarget, pruned: torch.nn.Module, folder: Path) -> TargetTimed:
+    """The plan on the target, against the base: for onnxruntime its pruned.onnx (verify writes it again after
+    fine-tuning, the same graph with the final weights)."""
+    if on.target.runtime == "onnxruntime":
+        mean, std = s.loaded.normalisation
+        export_onnx(folder / "pruned.onnx", pruned, mean, std, s.image_size)
+        return on.time(folder / "pruned.onnx")
+    return on.time(copy.deepcopy(pruned))
 
 
 def _pruned_meta(s: Setting, name: str, accuracy: float) -> dict[str, Any]:
@@ -456,9 +522,9 @@ def _predictions(model: torch.nn.Module, evalset: EvalSet) -> np.ndarray:
         return torch.cat([model(x.float().cpu()).argmax(1) for x in evalset.inputs]).numpy()
 
 
-def _words(s: Setting) -> dict[str, Any]:
+def _words(s: Setting, on: OnTarget | None = None, seconds: float = 0.0) -> dict[str, Any]:
     """What the report says about the plans besides plans.csv."""
-    return {"criterion": s.criterion, "unit": s.grid.sweep.unit, "chosen_on": s.chosen_on, "scored_on": s.scored_on,
+    return {**(table_words(on, seconds) if on else {}), "criterion": s.criterion, "unit": s.grid.sweep.unit, "chosen_on": s.chosen_on, "scored_on": s.scored_on,
             "left_out": dict(s.units.left_out), "units": len(s.units.channels),
             "finetune": recipe_of(s.grid.plan.finetune).model_dump() if s.grid.plan.finetune.epochs else None,
             "base_macs": s.base_counts.macs, "base_params": s.base_counts.params}

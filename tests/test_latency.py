@@ -1,0 +1,235 @@
+"""Latency as the budget (docs/latency.md), tested without timing anything: the target section, the alternating
+timer on a fake clock, the latency table's bookkeeping and cache, its lower envelope (round_to: auto), the
+plan fitted on a fake measured latency, and the prune job end to end with a fake timer whose "milliseconds" are
+the model's counted MACs (so the job's latency columns can be checked against its MACs columns exactly)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from runner.config import Budget, TargetConfig, parse_grid
+from runner.errors import InputError
+from runner.planning.curves import Option, curve
+from runner.planning.solve import Planner
+from runner.planning.table import Entry, Table, avoided, envelope, fill_table, latency_curves, read_table
+from runner.planning.timing import Rounds, Spread, alternate, check_target, key_file, provider_of
+
+
+# ---- the target section ----
+
+def test_target_defaults_to_none_and_keeps_todays_behaviour() -> None:
+    grid = parse_grid({}, "g")
+    assert grid.plan.target is None and grid.plan.round_to == 1
+    t = parse_grid({"plan": {"target": {}}}, "g").plan.target
+    assert (t.runtime, t.device, t.batch, t.threads, t.provider, t.clock) == ("onnxruntime", "cpu", 1, None, None,
+                                                                             "wall")
+    assert TargetConfig(runtime="onnxruntime", batch=32).label == "onnxruntime/cpu/b32"
+    assert TargetConfig(runtime="torch", batch=1, threads=4, clock="cpu").label == "torch/cpu/b1/t4/cpu-time"
+
+
+def test_a_latency_budget_is_labelled_and_planned_into_its_folder() -> None:
+    b = Budget(latency=0.6)
+    assert (b.kind, b.keep, b.label) == ("latency", 0.6, "latency0.6")
+
+
+@pytest.mark.parametrize("plan, message", [
+    ({"budgets": [{"latency": 0.6}]}, "plan.target: budget latency0.6 needs a target"),
+    ({"round_to": "auto"}, "plan.target: round_to: auto reads the latency table"),
+    ({"budgets": [{"latency": 0.6, "macs": 0.5}]}, "give exactly one of macs, params, latency"),
+    ({"budgets": [{"latency": 1.5}], "target": {}}, "plan.budgets[0].latency: out of range"),
+    ({"target": {"runtime": "torch", "provider": "tensorrt"}}, "plan.target: a provider is an onnxruntime setting"),
+    ({"target": {"runtime": "tvm"}}, "plan.target.runtime"),
+    ({"target": {"batch": 0}}, "plan.target.batch"),
+    ({"target": {"device": "cuda", "clock": "cpu"}}, "CPU time says nothing of a GPU"),
+])
+def test_bad_target_input_is_one_line(plan: dict, message: str) -> None:
+    with pytest.raises(InputError) as e:
+        parse_grid({"plan": plan}, "g")
+    assert message in str(e.value) and "\n" not in str(e.value)
+
+
+def test_an_impossible_target_is_refused_before_anything_runs(monkeypatch) -> None:
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(InputError, match="plan.target.device.*no CUDA GPU"):
+        check_target(TargetConfig(device="cuda"))
+    with pytest.raises(InputError, match="plan.target.provider.*TensorrtExecutionProvider is not installed"):
+        check_target(TargetConfig(provider="tensorrt"))
+    check_target(TargetConfig(provider="cpu"))
+    check_target(None)
+    assert provider_of(TargetConfig()) == "CPUExecutionProvider"
+
+
+def test_the_command_refuses_an_impossible_target_with_exit_2(tmp_path, cli) -> None:
+    grid = tmp_path / "g.yaml"
+    grid.write_text("plan: {budgets: [{latency: 0.6}], target: {provider: tensorrt}}\n", encoding="utf-8")
+    run = cli(["prune", "--grid", str(grid)], cwd=tmp_path)
+    assert run.returncode == 2 and "plan.target.provider" in run.stderr and not (tmp_path / "runs").exists()
+
+
+# ---- alternating rounds on a fake clock ----
+
+class FakeClock:
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_alternate_times_each_forward_in_rounds_on_the_clock_it_is_given() -> None:
+    clock, calls = FakeClock(), []
+
+    def forward(name: str, costs: list[float]):
+        it = iter(costs)
+
+        def f() -> None:
+            calls.append(name)
+            clock.now += next(it)
+        return f
+
+    base = [0.010] * 2 + [0.010, 0.012, 0.011, 0.050, 0.010]  # 2 warm-up forwards, then 5 timed
+    pruned = [0.1] * 2 + [0.004, 0.005, 0.006, 0.005, 0.030]
+    a, b = alternate([forward("base", base), forward("pruned", pruned)], Rounds(2, 5, 0.0, 100), clock)
+    assert calls == ["base"] * 2 + ["pruned"] * 2 + ["base", "pruned"] * 5
+    assert (a.median, a.runs, b.median, b.runs) == (pytest.approx(11.0), 5, pytest.approx(5.0), 5)
+    assert (a.low, a.high) == (pytest.approx(10.0), pytest.approx(12.0))  # the 25th and 75th percentiles
+    assert (b.low, b.high) == (pytest.approx(5.0), pytest.approx(6.0))
+
+
+def test_alternate_runs_until_min_seconds_and_stops_at_max_runs() -> None:
+    clock = FakeClock()
+
+    def f() -> None:
+        clock.now += 0.125
+
+    assert alternate([f, f], Rounds(0, 1, 1.0, 100), clock)[0].runs == 4  # 0.25 s per round
+    assert alternate([f], Rounds(0, 1, 1e9, 7), clock)[0].runs == 7
+
+
+# ---- the table: bookkeeping, cache, envelope ----
+
+KEY = {"runtime": "onnxruntime", "version": "1", "device": "cpu", "provider": "CPUExecutionProvider",
+       "machine": "x", "batch": 32, "threads": None, "clock": "wall", "image_size": 32, "base_sha256": "ab"}
+TRUE_MS = {("a", 2): 8.0, ("a", 4): 9.0, ("a", 6): 5.0, ("b", 1): 7.0, ("b", 3): 4.0}  # base 10 ms
+
+
+def fake_measure(log: list) -> callable:
+    def measure(unit: str, k: int) -> tuple[Spread, Spread]:
+        log.append((unit, k))
+        return Spread(10.0, 9.5, 10.5, 20), Spread(TRUE_MS[unit, k], TRUE_MS[unit, k] - 0.1, TRUE_MS[unit, k] + 0.1, 20)
+    return measure
+
+
+def test_the_table_is_filled_written_per_entry_and_reused(tmp_path) -> None:
+    path, calls = tmp_path / key_file(KEY), []
+    table, measured = fill_table(path, KEY, {"a": [2, 4], "b": [1]}, fake_measure(calls))
+    assert measured == 3 and calls == [("a", 2), ("a", 4), ("b", 1)]
+    assert table.saved("a", 2) == 2.0 and table.saved("a", 4) == 1.0 and table.base_ms == 10.0
+    assert read_table(path, KEY).entries == table.entries  # written as measured
+    # a later plan with the same key measures only what the table lacks
+    table, measured = fill_table(path, KEY, {"a": [2, 4, 6], "b": [1, 3]}, fake_measure(calls))
+    assert measured == 2 and calls[3:] == [("a", 6), ("b", 3)]
+    # another key (another machine, runtime version, base model ...) measures everything again
+    other = {**KEY, "base_sha256": "cd"}
+    _, measured = fill_table(path, other, {"a": [2]}, fake_measure(calls))
+    assert measured == 1 and json.loads(path.read_text())["key"] == other
+    assert path.name.startswith("onnxruntime-cpu-b32-") and key_file(other) != key_file(KEY)
+
+
+def test_a_killed_table_keeps_what_it_measured(tmp_path) -> None:
+    path, calls = tmp_path / "t.json", []
+    measure = fake_measure(calls)
+
+    def dies_on_third(unit: str, k: int):
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return measure(unit, k)
+
+    with pytest.raises(KeyboardInterrupt):
+        fill_table(path, KEY, {"a": [2, 4, 6]}, dies_on_third)
+    assert sorted(read_table(path, KEY).entries["a"]) == [2, 4]
+    _, measured = fill_table(path, KEY, {"a": [2, 4, 6]}, measure)
+    assert measured == 1 and calls[-1] == ("a", 6)
+
+
+def table_of(entries: dict) -> Table:
+    t = Table(dict(KEY))
+    for (u, k), ms in entries.items():
+        t.entries.setdefault(u, {})[k] = Entry(ms, ms, ms, 10.0, 20)
+    return t
+
+
+def test_a_plans_prediction_is_the_base_less_the_summed_savings_interpolated_between_entries() -> None:
+    t = table_of(TRUE_MS)
+    assert t.predict({"a": 2, "b": 3}) == pytest.approx(10 - 2 - 6)
+    assert t.saved("a", 5) == pytest.approx((1.0 + 5.0) / 2)  # between K=4 (saves 1) and K=6 (saves 5)
+    assert t.saved("b", 2) == pytest.approx((3.0 + 6.0) / 2)
+    assert t.saved("a", 1) == pytest.approx(1.0)  # between K=0 (saves 0) and K=2 (saves 2)
+    with pytest.raises(ValueError):
+        t.saved("a", 7)
+
+
+def test_round_to_auto_keeps_the_lower_envelope_and_lists_the_avoided_counts() -> None:
+    t = table_of(TRUE_MS)
+    assert envelope(t, "a") == [2, 6]  # K=4 (9 ms) is slower than K=2 (8 ms): never chosen
+    assert avoided(t, "a", 8) == [4]  # keeps 4 channels
+    assert envelope(t, "b") == [1, 3] and avoided(t, "b", 4) == []
+    slow = table_of({("c", 1): 11.0, ("c", 2): 9.0})
+    assert envelope(slow, "c") == [2]  # slower than the base itself
+
+
+def two_unit_curves():
+    a = curve("a", 8, [2, 4, 6], [0.5, 1.0, 4.0], [20, 40, 60], [2, 4, 6])
+    b = curve("b", 4, [1, 3], [0.2, 3.0], [10, 30], [1, 3])
+    return [a, b]
+
+
+def test_every_method_plans_with_the_tables_savings_and_auto_never_picks_a_slow_count() -> None:
+    t = table_of(TRUE_MS)
+    wanted = {"a": [2, 4, 6], "b": [1, 3]}
+    curves = latency_curves(two_unit_curves(), t, wanted, auto=False)
+    assert [(o.k, o.latency) for o in curves[0].points] == [(0, 0.0), (2, 2.0), (4, 1.0), (6, 5.0)]
+    assert curves[0].points[2].drop == 1.0 and curves[0].points[2].macs == 40  # the sweep's figures kept
+    auto = latency_curves(two_unit_curves(), t, wanted, auto=True)
+    assert [o.k for o in auto[0].points] == [0, 2, 6]
+    # keep at most 0.7 of 10 ms: save >= 3 ms. knapsack: a K=2 + b K=1 saves 5 ms for 0.7 points
+    for method in ("knapsack", "threshold", "uniform"):
+        plan = Planner(curves, "latency", 0.7, 10.0, method, points_only=True).plan()
+        assert plan is not None and 10.0 - plan.saving <= 7.0 + 1e-9, method
+        assert all(k in (0, *wanted[u]) for u, k in plan.ks.items()), method  # only K the table measured
+    assert Planner(curves, "latency", 0.7, 10.0, "knapsack", points_only=True).plan().ks == {"a": 2, "b": 1}
+
+
+def test_the_latency_fit_refits_on_the_measured_time_and_stops_at_the_first_that_meets_it() -> None:
+    curves = latency_curves(two_unit_curves(), table_of(TRUE_MS), {"a": [2, 4, 6], "b": [1, 3]}, auto=False)
+    planner = Planner(curves, "latency", 0.7, 10.0, "knapsack", points_only=True)
+    measured = []
+
+    def count(ks) -> float:  # the real model saves half what the table says: savings do not add
+        ms = 10.0 - 0.5 * sum(10.0 - TRUE_MS[u, k] for u, k in ks.items() if k)
+        measured.append((dict(ks), ms))
+        return ms
+
+    plan = planner.fit(count, first=True)
+    # a K=2 + b K=1: predicted 5 ms saved, measured 7.5 ms (misses 7); asked for 5.5 ms: b K=3 alone (6 ms,
+    # least drop) measures 7.0 and meets the budget: the refit stops there
+    assert measured == [({"a": 2, "b": 1}, 7.5), ({"a": 0, "b": 3}, 7.0)]
+    assert plan.ks == {"a": 0, "b": 3} and plan.counted_kept == 7.0
+
+
+def test_an_unreachable_latency_budget_names_the_best_reachable_fraction() -> None:
+    from runner.planning.target import OnTarget
+
+    t = table_of({("a", 2): 9.0, ("b", 1): 8.0, ("b", 3): 8.5})
+    on = OnTarget(TargetConfig(), None, t, Path("x"),
+                  latency_curves(two_unit_curves(), t, {"a": [2], "b": [1, 3]}, False), 0, 0, {})
+    assert on.best_kept() == pytest.approx(0.7)  # a K=2 saves 1 ms, b's best K=1 saves 2 ms
+    with pytest.raises(InputError) as e:
+        on.check_budget("latency0.6", 0.6)
+    assert str(e.value).startswith("plan.budgets: ") and "latency0.6" in str(e.value) and "0.700" in str(e.value) and "\n" not in str(e.value)
+    on.check_budget("latency0.7", 0.7)
