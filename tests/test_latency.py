@@ -65,10 +65,13 @@ def test_an_impossible_target_is_refused_before_anything_runs(monkeypatch) -> No
 
 
 def test_the_command_refuses_an_impossible_target_with_exit_2(tmp_path, cli) -> None:
-    grid = tmp_path / "g.yaml"
-    grid.write_text("plan: {budgets: [{latency: 0.6}], target: {provider: tensorrt}}\n", encoding="utf-8")
-    run = cli(["prune", "--grid", str(grid)], cwd=tmp_path)
-    assert run.returncode == 2 and "plan.target.provider" in run.stderr and not (tmp_path / "runs").exists()
+    from e2e_helpers import grid_dict, write_grid
+
+    path = write_grid(tmp_path / "g.yaml", grid_dict(tmp_path, plan={"budgets": [{"latency": 0.6}],
+                                                                     "target": {"provider": "tensorrt"}}))
+    run = cli(["--grid", str(path), "--dry-run"], cwd=tmp_path, command="prune")
+    assert run.returncode == 2 and len(run.err_lines) == 1, run.stderr
+    assert run.err_lines[0].startswith("error: plan.target.provider: onnxruntime provider TensorrtExecutionProvider")
 
 
 # ---- alternating rounds on a fake clock ----
@@ -233,3 +236,105 @@ def test_an_unreachable_latency_budget_names_the_best_reachable_fraction() -> No
         on.check_budget("latency0.6", 0.6)
     assert str(e.value).startswith("plan.budgets: ") and "latency0.6" in str(e.value) and "0.700" in str(e.value) and "\n" not in str(e.value)
     on.check_budget("latency0.7", 0.7)
+
+
+# ---- the prune job on a target, with a fake timer ----
+
+MS_PER_MAC = 1e-5  # the fake timer's time: a model's counted MACs per image, as milliseconds
+
+
+@pytest.fixture(scope="module")
+def on_target(ray_session, sweep_checkpoint, tmp_path_factory):
+    """A prune job with target torch/cpu/b1 (no fine-tuning): budgets latency 0.8 and macs 0.7 x three methods,
+    timed by a fake timer whose milliseconds are the model's counted MACs; then the same job again (the table
+    reused) and an unreachable budget."""
+    from e2e_helpers import e2e, grid_dict, write_grid
+
+    from model.resnet import ResNet18
+    from runner.api import prune as prune_api
+    from runner.planning import timing
+    from runner.planning.removal import counts
+
+    base_ms = counts(ResNet18(width=0.125).eval(), 32).macs * MS_PER_MAC
+    calls = []
+
+    def fake_pair(self, model):
+        calls.append(model)
+        ms = counts(model, 32).macs * MS_PER_MAC
+        return Spread(base_ms, base_ms, base_ms, 20), Spread(ms, ms * 0.99, ms * 1.01, 20)
+
+    tmp = tmp_path_factory.mktemp("latency")
+    grid = grid_dict(tmp, e2e(sweep_checkpoint), name="timed",
+                     sweep={"layers": "all", "unit": "group", "k": {"fractions": [0.25, 0.5]}, "criteria": ["l1_norm"]},
+                     plan={"budgets": [{"latency": 0.8}, {"macs": 0.7}], "max_corrections": 1, "score_on": "test",
+                           "finetune": {"epochs": 0}, "target": {"runtime": "torch", "device": "cpu", "batch": 1}})
+    path = write_grid(tmp / "timed.yaml", grid)
+    original = timing.Timer.pair
+    timing.Timer.pair = fake_pair
+    try:
+        table = prune_api(path)
+        first_calls = len(calls)
+        again = prune_api(path)
+        with pytest.raises(InputError) as unreachable:
+            prune_api(path, overrides=("plan.budgets=[{latency: 0.05}]",))
+    finally:
+        timing.Timer.pair = original
+    folder = Path(table.attrs["folder"])
+    return SimpleNamespace(table=table, again=again, folder=folder, base_ms=base_ms, first_calls=first_calls,
+                           calls=len(calls), unreachable=str(unreachable.value))
+
+
+def test_every_plan_is_timed_on_the_target_macs_plans_too(on_target) -> None:
+    t = on_target.table
+    assert len(t) == 6 and (t["target"] == "torch/cpu/b1").all()
+    # the fake timer's milliseconds are counted MACs: the job's latency columns must equal its MACs columns
+    assert (t["latency_kept"] - t["macs_kept"]).abs().max() < 1e-9
+    assert (t["latency_ms"] - t["macs"] * MS_PER_MAC).abs().max() < 1e-9
+    assert (t["latency_low"] <= t["latency_ms"]).all() and (t["latency_ms"] <= t["latency_high"]).all()
+    assert t["latency_ms_b1"].isna().all()  # torch at batch 1 and 64 only without a target
+
+
+def test_latency_plans_meet_their_budget_on_the_measured_time(on_target) -> None:
+    t = on_target.table
+    timed = t[t["budget"] == "latency0.8"]
+    assert sorted(timed["method"]) == ["knapsack", "threshold", "uniform"]
+    assert (timed["latency_kept"] <= 0.8).all()
+    assert (Path(on_target.folder) / "plans" / "latency0.8-knapsack" / "pruned.pt").is_file()
+
+
+def test_the_prediction_is_the_tables_base_less_the_entries_savings(on_target) -> None:
+    files = list((on_target.folder / "latency").glob("torch-cpu-b1-*.json"))
+    assert len(files) == 1
+    raw = json.loads(files[0].read_text())
+    assert raw["key"]["runtime"] == "torch" and raw["key"]["batch"] == 1 and raw["key"]["base_sha256"]
+    assert raw["base_ms"] == pytest.approx(on_target.base_ms, rel=1e-4)
+    for row in on_target.table.to_dict("records"):
+        units = json.loads((Path(row["folder"]) / "plan.json").read_text())["units"]
+        saved = 0.0
+        for u in units:
+            if u["k"] and row["method"] != "uniform":
+                entry = raw["entries"][u["unit"]][str(u["k"])]
+                saved += entry["base_ms"] - entry["ms"]
+        if row["method"] != "uniform":  # uniform may fall between entries (interpolated)
+            assert row["latency_predicted_ms"] == pytest.approx(raw["base_ms"] - saved, rel=1e-6)
+
+
+def test_the_table_is_reused_by_a_later_job_and_its_cost_recorded(on_target) -> None:
+    cost = json.loads((on_target.folder / "latency" / "cost.json").read_text())
+    assert cost["measured"] == 0 and cost["entries"] > 0  # the second job measured nothing
+    entries = cost["entries"]
+    # the first job timed every entry once, then its plans; the second only its plans
+    assert on_target.calls - on_target.first_calls < on_target.first_calls - entries + 1
+    assert on_target.again["latency_ms"].tolist() == on_target.table["latency_ms"].tolist()
+
+
+def test_the_report_plots_accuracy_against_measured_latency_and_the_prediction_error(on_target) -> None:
+    report = (on_target.folder / "report.md").read_text()
+    assert "### Latency on torch/cpu/b1" in report and "prediction error" in report
+    for name in ("plans_latency.png", "latency_table.png"):
+        assert (on_target.folder / "plots" / name).stat().st_size > 1000
+
+
+def test_an_unreachable_latency_budget_is_one_line(on_target) -> None:
+    assert on_target.unreachable.startswith("plan.budgets: ") and "latency0.05" in on_target.unreachable
+    assert "no plan keeps less than" in on_target.unreachable and "\n" not in on_target.unreachable

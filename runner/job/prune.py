@@ -299,7 +299,8 @@ def make_plan(s: Setting, budget: Budget, method: str, count: Callable[[Mapping[
     differ = int(np.count_nonzero(masked_eval.correct != removed_eval.correct))
     if differ:
         log.warning("%s: the pruned model and the masked plan disagree on %d images", name, differ)
-    timed = _latency(s, pruned)
+    # with a target, the plan is timed there instead (latency_ms ...); torch at batch 1 and 64 only without one
+    timed = [] if on else _latency(s, pruned)
     folder = plan_files.plan_folder(s.grid.folder, budget.label, method)
     folder.mkdir(parents=True, exist_ok=True)
     on_target = _time_on_target(s, on, pruned, folder) if on else None
@@ -313,7 +314,8 @@ def make_plan(s: Setting, budget: Budget, method: str, count: Callable[[Mapping[
                   scored=_scored(s, masked_eval, removed_eval), masked_vs_removed_differ=differ,
                   latency=[vars(t) for t in timed])
     plan_files.write_plan_json(folder, record)
-    by_batch = {t.batch: t for t in timed if t.device == "cpu"}
+    nan = Timed("cpu", 0, float("nan"), float("nan"), 0)
+    by_batch = {1: nan, 64: nan, **{t.batch: t for t in timed if t.device == "cpu"}}
     row = {"budget": budget.label, "method": method, "macs_kept": record["macs_kept"],
            "params_kept": record["params_kept"], "latency_ms_b1": by_batch[1].pruned_ms,
            "latency_ms_b64": by_batch[64].pruned_ms, "predicted_drop": final.predicted_drop,
