@@ -231,11 +231,21 @@ def test_an_unreachable_latency_budget_names_the_best_reachable_fraction() -> No
     t = table_of({("a", 2): 9.0, ("b", 1): 8.0, ("b", 3): 8.5})
     on = OnTarget(TargetConfig(), None, t, Path("x"),
                   latency_curves(two_unit_curves(), t, {"a": [2], "b": [1, 3]}, False), 0, 0, {})
-    assert on.best_kept() == pytest.approx(0.7)  # a K=2 saves 1 ms, b's best K=1 saves 2 ms
+    assert on.fastest() == {"a": 2, "b": 1} and on.best_kept() == pytest.approx(0.7)  # saves 1 + 2 of 10 ms
     with pytest.raises(InputError) as e:
         on.check_budget("latency0.6", 0.6)
-    assert str(e.value).startswith("plan.budgets: ") and "latency0.6" in str(e.value) and "0.700" in str(e.value) and "\n" not in str(e.value)
+    assert str(e.value).startswith("plan.budgets: ") and "latency0.6" in str(e.value) and "0.700" in str(e.value)
+    assert "the latency table says" in str(e.value) and "\n" not in str(e.value)
     on.check_budget("latency0.7", 0.7)
+    timed = []
+
+    def count(ks) -> float:
+        timed.append(dict(ks))
+        return 7.5  # the fastest plan, measured: savings did not add
+    with pytest.raises(InputError, match="timing every unit at its fastest K shows no plan keeps less than 0.750"):
+        on.check_budget("latency0.7", 0.7, count)
+    assert timed == [{"a": 2, "b": 1}]
+    on.check_budget("latency0.8", 0.8, count)
 
 
 # ---- the prune job on a target, with a fake timer ----
