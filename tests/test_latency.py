@@ -389,3 +389,14 @@ def test_real_timing_sees_a_halved_network_run_faster_in_process_and_alone(tmp_p
                          check=True, capture_output=True, text=True).stdout
     alone = json.loads(out)["files"][str(tmp_path / "pruned.onnx")]
     assert alone["kept"] < 0.8 and alone["kept"] == pytest.approx(p.median / b.median, abs=0.2)
+
+
+def test_the_prediction_scales_summed_savings_by_the_plans_macs_overlap() -> None:
+    from runner.planning.target import OnTarget, Timed, latency_columns
+
+    t = table_of(TRUE_MS)
+    on = OnTarget(TargetConfig(batch=32), None, t, Path("x"), [], 0, 0, {})
+    cols = latency_columns(on, Timed(5.0, 4.5, 5.5, 10.0), {"a": 2, "b": 3}, overlap=0.75)
+    assert cols["latency_summed_ms"] == pytest.approx(10 - 2 - 6)
+    assert cols["latency_predicted_ms"] == pytest.approx(10 - 0.75 * 8)
+    assert cols["latency_kept"] == 0.5 and cols["target"] == "onnxruntime/cpu/b32"

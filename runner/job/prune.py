@@ -330,7 +330,9 @@ def make_plan(s: Setting, budget: Budget, method: str, count: Callable[[Mapping[
            "scored_images": removed_eval.count, "finetune_epochs": s.grid.plan.finetune.epochs,
            "masked_vs_removed_differ": differ, "folder": str(folder)}
     if on_target is not None:
-        columns = latency_columns(on, on_target, final.ks)
+        summed_macs = sum(o.macs for o in final.choice.values())
+        overlap = (s.base_counts.macs - pruned_counts.macs) / summed_macs if summed_macs else 1.0
+        columns = latency_columns(on, on_target, final.ks, overlap)
         row.update(columns)
         record["target"] = columns
         plan_files.write_plan_json(folder, record)

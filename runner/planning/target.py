@@ -133,12 +133,18 @@ def open_target(grid: Grid, base: nn.Module, orders: Mapping[str, Sequence[int]]
                     skipped)
 
 
-def latency_columns(on: OnTarget, timed: Timed, ks: Mapping[str, int]) -> dict[str, float | str]:
-    """plans.csv's columns for a plan timed on the target, with the table's prediction."""
-    predicted = on.table.predict(ks)
+def latency_columns(on: OnTarget, timed: Timed, ks: Mapping[str, int], overlap: float = 1.0
+                    ) -> dict[str, float | str]:
+    """plans.csv's columns for a plan timed on the target, with the table's prediction: the base less the
+    units' summed savings times `overlap`, the counted MACs saving of the whole plan over the units' summed
+    MACs savings (a conv between two pruned units shows in both units' savings, in MACs and in time alike);
+    `latency_summed_ms` is the prediction without it."""
+    summed = on.table.predict(ks)
+    predicted = on.table.base_ms - overlap * (on.table.base_ms - summed)
     return {"target": on.label, "latency_ms": timed.ms, "latency_low": timed.low, "latency_high": timed.high,
             "latency_kept": timed.kept, "latency_predicted_ms": predicted,
-            "latency_base_ms": timed.base_ms, "latency_predicted_kept": predicted / on.table.base_ms}
+            "latency_base_ms": timed.base_ms, "latency_predicted_kept": predicted / on.table.base_ms,
+            "latency_summed_ms": summed, "macs_overlap": overlap}
 
 
 def table_words(on: OnTarget, job_seconds: float = 0.0) -> dict[str, Any]:
