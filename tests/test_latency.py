@@ -327,7 +327,9 @@ def test_the_prediction_is_the_tables_base_less_the_entries_savings(on_target) -
                 entry = raw["entries"][u["unit"]][str(u["k"])]
                 saved += entry["base_ms"] - entry["ms"]
         if row["method"] != "uniform":  # uniform may fall between entries (interpolated)
-            assert row["latency_predicted_ms"] == pytest.approx(raw["base_ms"] - saved, rel=1e-6)
+            assert row["latency_summed_ms"] == pytest.approx(raw["base_ms"] - saved, rel=1e-6)
+            assert row["latency_predicted_ms"] == pytest.approx(raw["base_ms"] - row["macs_overlap"] * saved, rel=1e-6)
+        assert 0 < row["macs_overlap"] <= 1 + 1e-9
 
 
 def test_the_table_is_reused_by_a_later_job_and_its_cost_recorded(on_target) -> None:
