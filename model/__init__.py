@@ -1,2 +1,5 @@
 """The networks, their layer listing, scoped feature-map capture, the cut used by pruning, and checkpoint
-reading. Imports nothing from `runner`."""
+reading.
+
+May import: `model`. Never `runner`, Ray or W&B.
+"""

@@ -1,13 +1,29 @@
-"""Scoped access to the activations of named modules: hooks live only inside a `with` block."""
+"""Scoped forward hooks: every hook of the project lives only inside a `with` block (`hooked`), and the
+activations of named modules are read through them."""
 
 from __future__ import annotations
 
 from contextlib import contextmanager
-from typing import Callable, Iterator
+from typing import Callable, Iterable, Iterator
 
 from torch import Tensor, nn
 
 Watcher = Callable[[Tensor, Tensor], None]
+Hook = tuple[nn.Module, Callable, bool]  # a module, the hook, True for a forward pre-hook (False: after forward)
+
+
+@contextmanager
+def hooked(hooks: Iterable[Hook]) -> Iterator[None]:
+    """The hooks registered for the block only: all removed when it exits, also when a registration, the
+    forward or a hook raises."""
+    handles = []
+    try:
+        for module, fn, pre in hooks:
+            handles.append(module.register_forward_pre_hook(fn) if pre else module.register_forward_hook(fn))
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
 
 
 @contextmanager
@@ -20,14 +36,8 @@ def watch(model: nn.Module, watchers: dict[str, Watcher]) -> Iterator[None]:
     missing = sorted(set(watchers) - set(modules))
     if missing:
         raise KeyError(f"no module named {', '.join(missing)} in {type(model).__name__}")
-    handles = []
-    try:
-        for name, fn in watchers.items():
-            handles.append(modules[name].register_forward_hook(_hook(fn)))
+    with hooked([(modules[name], _hook(fn), False) for name, fn in watchers.items()]):
         yield
-    finally:
-        for handle in handles:
-            handle.remove()
 
 
 def _hook(fn: Watcher) -> Callable:

@@ -132,6 +132,8 @@ def load(path: str | Path, spec: Spec) -> Checkpoint:
     want = {"arch": spec.arch, "width": float(spec.width), "num_classes": spec.num_classes}
     if spec.arch != "resnet18":  # width is ours only
         del want["width"]
+    if "kwargs" in meta:  # recorded by checkpoints trained here: the builder's arguments shape the network too
+        want["kwargs"] = dict(spec.kwargs)
     have = {k: meta.get(k) for k in want}
     if have != want:
         diff = ", ".join(f"{k} {have[k]!r} (grid: {want[k]!r})" for k in want if have[k] != want[k])
@@ -145,7 +147,7 @@ def _check_keys(path: str, want: dict[str, torch.Tensor], have: dict[str, torch.
     missing = [k for k in want if k not in have]
     unexpected = [k for k in have if k not in want]
     if missing or unexpected:
-        parts = [f"{len(names)} {what} keys (first: {', '.join(names[:3])})"
+        parts = [f"{len(names)} {what} key{'' if len(names) == 1 else 's'} (first: {', '.join(names[:3])})"
                  for what, names in (("missing", missing), ("unexpected", unexpected)) if names]
         raise CheckpointError(path, f"does not fit the grid's model: {'; '.join(parts)}",
                               "a state_dict of the grid's model", "set model: to the network the file was saved "
@@ -153,12 +155,19 @@ def _check_keys(path: str, want: dict[str, torch.Tensor], have: dict[str, torch.
 
 
 def _finish(path: str, model: nn.Module, state: dict[str, torch.Tensor], meta: dict[str, Any]) -> Checkpoint:
-    try:
-        model.load_state_dict(state, strict=True)
-    except RuntimeError as e:
-        first = str(e).split("\n\t")[1] if "\n\t" in str(e) else str(e)
-        raise CheckpointError(path, f"shape mismatch ({first.strip()[:160]})", "tensors of the grid's model",
-                              "retrain the checkpoint for this model") from None
+    want = model.state_dict()
+    _check_keys(path, want, state)
+    differ = [k for k, v in state.items() if k in want and v.shape != want[k].shape]
+    if differ:
+        first = differ[0]
+        count = "1 tensor differs" if len(differ) == 1 else f"{len(differ)} tensors differ"
+        raise CheckpointError(path, f"{count} in shape from the grid's model (first: {first} "
+                              f"is {list(state[first].shape)} in the file, {list(want[first].shape)} in the model)",
+                              "tensors of the network the model section builds",
+                              "make model.arch and model.kwargs build the network the checkpoint was trained as "
+                              "(check model.kwargs for a misspelt argument: some builders ignore unknown ones), or "
+                              "point checkpoint.path at a checkpoint of this model")
+    model.load_state_dict(state, strict=True)
     broken = [k for k, v in state.items() if v.is_floating_point() and not torch.isfinite(v).all()]
     if broken:
         raise CheckpointError(path, f"non-finite weights (NaN or Inf) in {len(broken)} tensors, first {broken[0]}",

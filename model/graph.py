@@ -2,7 +2,7 @@
 
 `trace` turns the model into a GraphModule that shares the model's weights and has no in-place operations, so
 that values kept from one call can be read by later calls unchanged. `list_convs` reads every conv off that
-graph. `Cut` splits the graph at one or more mask points (DESIGN §6, §7): the nodes downstream of a mask point
+graph. `Cut` splits the graph at one or more mask points: the nodes downstream of a mask point
 are the suffix; every value the suffix reads that is not downstream, plus the values at the mask points, is the
 cache; the prefix computes only those. Prefix and suffix are generated Python code (GraphModules), not
 interpreted node by node. `Cut.full` is the plain masked forward of the eager model, to compare against.
@@ -320,8 +320,8 @@ class ConvSite:
     # the ungrouped conv that alone reads the output mask point, through activations only (a block's conv1 ->
     # its conv2): removing an output channel also removes that conv's input slice
     consumer: str | None = None
-    # a side branch: a conv whose input an earlier conv already read (ResNet's 1x1 shortcut/downsample conv,
-    # an Inception branch after the first): the sweep leaves these out unless include_shortcuts
+    # a side branch: a conv on the shorter of the two paths into a residual add (a projection shortcut such as
+    # ResNet's downsample or RegNet's proj, whatever its name): the sweep leaves these out unless include_shortcuts
     side: bool = False
 
     @property
@@ -349,11 +349,11 @@ def list_convs(model: nn.Module, image_size: int) -> list[ConvSite]:
     gm = trace(model)
     calls = _module_calls(gm)
     shapes = _shapes(model, gm, image_size)
+    side = side_convs(gm)
     sites: list[ConvSite] = []
     for node in gm.graph.nodes:
         if node.op != "call_module" or not isinstance(gm.get_submodule(node.target), nn.Conv2d):
             continue
-        earlier = {s.name for s in sites}
         _only_once(calls, node.target)
         conv: nn.Conv2d = gm.get_submodule(node.target)
         bn = _own_bn(gm, node, calls)
@@ -366,8 +366,44 @@ def list_convs(model: nn.Module, image_size: int) -> list[ConvSite]:
             readers=tuple(_describe(gm, u) for u in at_point.users),
             input_readers=tuple(_describe(gm, u) for u in source.users if u is not node),
             consumer=_consumer(gm, at_point, calls),
-            side=any(_describe(gm, u) in earlier for u in source.users if u is not node)))
+            side=node.target in side))
     return sites
+
+
+_ADDS = {operator.add, torch.add}
+
+
+def side_convs(gm: fx.GraphModule) -> set[str]:
+    """The convs on side branches: for every add of two computed values, the convs that feed one operand and
+    not the other are that operand's path; the convs of the path with fewer convs are on a side branch when the
+    other path has more (an identity shortcut is a path of none, so it marks nothing)."""
+    side: set[str] = set()
+    for node in gm.graph.nodes:
+        is_add = (node.op == "call_function" and node.target in _ADDS) or \
+            (node.op == "call_method" and node.target == "add")
+        if not is_add or len(node.args) < 2 or not all(isinstance(a, fx.Node) for a in node.args[:2]):
+            continue
+        up = [_upstream(a) for a in node.args[:2]]
+        paths = [_convs_in(gm, up[i] - up[1 - i]) for i in (0, 1)]
+        short, long = sorted(paths, key=len)
+        if len(short) < len(long):
+            side |= short
+    return side
+
+
+def _upstream(node: fx.Node) -> set[fx.Node]:
+    """The node and every node it is computed from."""
+    seen, stack = set(), [node]
+    while stack:
+        n = stack.pop()
+        if n not in seen:
+            seen.add(n)
+            stack += n.all_input_nodes
+    return seen
+
+
+def _convs_in(gm: fx.GraphModule, nodes: set[fx.Node]) -> set[str]:
+    return {n.target for n in nodes if n.op == "call_module" and isinstance(gm.get_submodule(n.target), nn.Conv2d)}
 
 
 ACTIVATIONS = (nn.ReLU, nn.ReLU6, nn.Hardswish, nn.SiLU, nn.GELU, nn.LeakyReLU, nn.Identity, nn.Dropout)

@@ -1,4 +1,4 @@
-"""Coupled channel groups (DESIGN §6, `unit: group`), found by Torch-Pruning's dependency graph.
+"""Coupled channel groups (`sweep.unit: group`), found by Torch-Pruning's dependency graph.
 
 A group is a set of channels that must be removed together to leave a working, smaller network: joined by
 residual additions, concatenations or depthwise convs. Each is named by its first conv in execution order
@@ -22,6 +22,7 @@ import torch_pruning as tp
 from torch import Tensor, nn
 
 from model.graph import ConvSite, MaskPoint, eval_mode, list_convs, masked_points, trace
+from model.savings import Savings, conv_macs
 
 log = logging.getLogger(__name__)
 
@@ -88,6 +89,7 @@ def list_groups(model: nn.Module, image_size: int) -> list[Group]:
     order = {n.target: i for i, n in enumerate(gm.graph.nodes) if n.op == "call_module"}
     covered: set[str] = set()
     groups = []
+    skipped: dict[str, list[str]] = {"whose channels are the network's output": [], "with a grouped conv member": []}
     for site in sites:
         if site.name in covered:
             continue
@@ -96,14 +98,18 @@ def list_groups(model: nn.Module, image_size: int) -> list[Group]:
         members = _members(found, names, graph)
         covered |= {m.name for m in members if m.kind == "conv" and m.dim == "out"}
         if any(item.dep.target.type == tp.ops.OPTYPE.OUTPUT for item in found.items):
-            log.info("group %s skipped: its channels are the network's output", site.name)
+            skipped["whose channels are the network's output"].append(site.name)
             continue
         grouped = [m.name for m in members if m.kind == "conv" and _grouped(eager.get_submodule(m.name))]
         if grouped:
-            log.info("group %s skipped: grouped conv members %s", site.name, grouped)
+            skipped["with a grouped conv member"].append(site.name)
             continue
         points = _mask_points(eager, site, members, sites, order)
         groups.append(Group(site.name, conv.out_channels, members, points))
+    if any(skipped.values()):  # one line, however many: the dry run's own lines follow it
+        total = sum(map(len, skipped.values()))
+        log.info("%d group%s skipped (%s)", total, "" if total == 1 else "s", "; ".join(
+            f"{len(names)} {why}, first {names[0]}" for why, names in skipped.items() if names))
     return groups
 
 
@@ -179,8 +185,8 @@ def remove_group(model: nn.Module, group: Group, idxs: Sequence[int], image_size
 
 def count(model: nn.Module, image_size: int) -> tuple[int, int]:
     """(MACs per image, parameters): MACs = FLOPs / 2 as FlopCounterMode counts them (convs and linears)."""
-    from torch.utils.flop_counter import FlopCounterMode  # here: its import loads triton (60 ms), and the
-    # sweep's driver and trial workers import this module but never count
+    from torch.utils.flop_counter import FlopCounterMode  # here: its import loads triton, and the sweep's
+    # driver and trial workers import this module but never count
 
     x = torch.zeros(1, 3, image_size, image_size, device=_device(model))
     counter = FlopCounterMode(display=False)
@@ -189,9 +195,9 @@ def count(model: nn.Module, image_size: int) -> tuple[int, int]:
     return counter.get_total_flops() // 2, sum(p.numel() for p in model.parameters())
 
 
-def savings(model: nn.Module, group: Group, idxs: Sequence[int], sites: Sequence[ConvSite]) -> tuple[int, int]:
-    """(MACs per image, parameters) that removing the group's channels `idxs` saves, from the members' shapes
-    (no removal done): every member loses its slices; a depthwise conv loses whole filters."""
+def savings(model: nn.Module, group: Group, idxs: Sequence[int], sites: Sequence[ConvSite]) -> Savings:
+    """What removing the group's channels `idxs` saves, from the members' shapes (no removal done): every
+    member loses its slices; a depthwise conv loses whole filters."""
     removed = {(m.name, m.dim): len(m.local(idxs)) for m in group.members}
     hw = {s.name: s.out_hw for s in sites}
     macs = params = 0
@@ -199,10 +205,9 @@ def savings(model: nn.Module, group: Group, idxs: Sequence[int], sites: Sequence
         module = model.get_submodule(name)
         k_out, k_in = removed.get((name, "out"), 0), removed.get((name, "in"), 0)
         before, after = _size(module, 0, 0), _size(module, k_out, k_in)
-        spatial = hw[name][0] * hw[name][1] if isinstance(module, nn.Conv2d) else 1
-        macs += (before[0] - after[0]) * spatial
+        macs += conv_macs(before[0] - after[0], hw[name]) if isinstance(module, nn.Conv2d) else before[0] - after[0]
         params += before[1] - after[1]
-    return macs, params
+    return Savings(params, macs)
 
 
 def _size(module: nn.Module, k_out: int, k_in: int) -> tuple[int, int]:

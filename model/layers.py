@@ -1,6 +1,6 @@
-"""The prunable convolutions of a network, in forward order, with what pruning needs to know about each.
-Not used by the runner any more (it uses `model.graph`): kept as the independent, hand-written reference
-that tests/test_graph.py and tests/test_model.py check the graph code against.
+"""The project's ResNet-18 convolutions, in forward order, with what pruning needs to know about each, read
+from the modules by hand. `runner.engine.measure` and `runner.engine.dead` use it for the dead-channel savings
+of our ResNet-18; tests/test_graph.py checks `model.graph`'s listing against it.
 """
 
 from __future__ import annotations
@@ -64,7 +64,7 @@ def list_convs(model: ResNet18) -> list[ConvInfo]:
 
 def _shapes(model: ResNet18, names: list[str]) -> dict[str, tuple[tuple[int, int], tuple[int, int]]]:
     """Input and output spatial sizes of the named convs, from one forward of zeros through a new copy on the CPU
-    (a forward on meta tensors would import torch._dynamo: 0.7 s of a trial worker's first trial)."""
+    (a forward on meta tensors would import torch._dynamo, slow in every trial worker's first trial)."""
     probe = type(model)(width=model.width, num_classes=model.num_classes)  # never the caller's: it runs in eval mode
     x = torch.zeros(1, 3, IMAGE_SIZE, IMAGE_SIZE)
     with capture(probe, names, "input") as ins, capture(probe, names, "output") as outs:

@@ -1,4 +1,4 @@
-"""Where a network comes from: a registry of model sources, one builder each (DESIGN §3).
+"""Where a network comes from: a registry of model sources, one builder each (docs/grid.md#model-sources-modelarch).
 
     resnet18                      ours (model.resnet), with `width`
     torchvision:<builder>         torchvision.models.get_model(builder, num_classes=..., weights=..., **kwargs)

@@ -6,7 +6,7 @@
     runner.inputs              the grid resolved: data, checkpoints, training, the trials to run
     runner.engine              tensors in, numbers out: criteria, masks, the cached layer sweep, evaluation
     runner.outputs             results.csv, report, figures, W&B tracking (no torch)
-    runner.config, .errors, .storage, .provenance   basics every layer may use
+    runner.basics, .config, .errors, .storage, .provenance   basics every layer may use
 
 A layer imports only the layers listed below it (and `model`, which imports nothing from here);
 tests/test_imports.py checks it. May import: `runner.api`, and only when `sweep` or `load_results` is first

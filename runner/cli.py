@@ -1,9 +1,11 @@
-"""The `prune-sweep` command (and the scripts, which call it): arguments, logging, exit codes (DESIGN §2).
+"""The `prune-sweep` command (and the scripts, which call it): arguments, logging, exit codes.
 
     prune-sweep sweep --grid FILE [--output DIR] [--resume] [--wandb-mode M] [--address A] [--dry-run] [--set K=V]
     prune-sweep train --grid FILE [--set K=V]
-    prune-sweep prune --grid FILE [--output DIR] [--wandb-mode M] [--address A] [--dry-run] [--set K=V]
+    prune-sweep prune --grid FILE [--output DIR] [--resume] [--wandb-mode M] [--address A] [--dry-run] [--set K=V]
     prune-sweep score --grid FILE --model plans/<budget>-<method>/pruned.pt|pruned.onnx [--set K=V]
+
+May import: `runner.job` (the jobs), `runner.engine.device` (the allocator, set first), `runner.errors`.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ import sys
 import threading
 from typing import Callable, NoReturn, Sequence
 
-from runner.errors import EXIT_BAD_INPUT, EXIT_FAILED, EXIT_INTERRUPTED, EXIT_OK, InputError
+from runner.errors import EXIT_BAD_INPUT, EXIT_FAILED, EXIT_INTERRUPTED, EXIT_OK, InputError, plural
 
 log = logging.getLogger("prune-sweep")
 
@@ -90,7 +92,7 @@ def _storage_error(e: BaseException | None) -> OSError | None:
 def _common() -> argparse.ArgumentParser:
     """Flags every command takes."""
     p = argparse.ArgumentParser(add_help=False)
-    p.add_argument("--grid", required=True, help="grid file (YAML): see sweeps/ and the README")
+    p.add_argument("--grid", required=True, help="grid file (YAML): see sweeps/ and docs/grid.md")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override one key of the grid file (a YAML value), e.g. --set sweep.criteria=[l1_norm]")
     talk = p.add_mutually_exclusive_group()
@@ -99,11 +101,22 @@ def _common() -> argparse.ArgumentParser:
     return p
 
 
+def version() -> str:
+    """The installed package's version ("unknown" when run from a checkout that was never installed)."""
+    from importlib.metadata import PackageNotFoundError, version as installed
+
+    try:
+        return installed(PROG)
+    except PackageNotFoundError:
+        return "unknown"
+
+
 def parser() -> Parser:
     top = Parser(prog=PROG, description="Measure how sensitive each layer of a trained CNN is to channel pruning, "
                  "on Ray Tune, tracked in Weights & Biases.",
                  epilog="Exit codes: 0 done, 1 failed, 2 bad input (one line says what and how to fix it), "
                  "130 interrupted (continue with --resume).")
+    top.add_argument("--version", action="version", version=f"{PROG} {version()}")
     commands = top.add_subparsers(dest="command", required=True, metavar="COMMAND")
     sweep = commands.add_parser("sweep", parents=[_common()], help="run a sensitivity sweep (the main job)",
                                 description="Run the grid's prune-and-evaluate trials; results, plots and report "
@@ -117,12 +130,15 @@ def parser() -> Parser:
     train = commands.add_parser("train", parents=[_common()], help="train the checkpoint a grid names",
                                 description="Train the grid's checkpoint with its checkpoint.train recipe.")
     train.set_defaults(run=_train)
-    prune = commands.add_parser("prune", parents=[_common()], help="plan, prune, fine-tune and verify (DESIGN §10)",
+    prune = commands.add_parser("prune", parents=[_common()], help="plan, prune, fine-tune and verify (docs/numbers.md)",
                                 description="From the sweep's results in the same output folder (measuring missing "
                                 "points first): for each plan.budgets x plan.methods a plan, the channels removed "
                                 "for real, fine-tuned as Ray Tune trials, exported (pruned.pt, pruned.onnx) and "
                                 "verified; plans.csv and a report section in <output>/<name>/.")
     prune.add_argument("--output", help="results folder (default: the grid's output key)")
+    prune.add_argument("--resume", action="store_true", help="continue an interrupted prune job in the same folder "
+                       "(plans made, epochs fine-tuned and plans verified are kept; added budgets or methods are "
+                       "planned)")
     prune.add_argument("--wandb-mode", choices=["online", "offline", "disabled", "auto"], help="override wandb.mode")
     prune.add_argument("--address", help="join this Ray cluster (default: RAY_ADDRESS, else a local Ray)")
     prune.add_argument("--dry-run", action="store_true", help="validate and print the grid and its plans; compute "
@@ -140,7 +156,8 @@ def parser() -> Parser:
 
 
 def _sweep(args: argparse.Namespace) -> int:
-    from runner.job.sweep import Options, dry_run, run_sweep
+    from runner.job.options import Options
+    from runner.job.sweep import dry_run, run_sweep
 
     opts = Options(args.grid, args.output, args.resume, args.wandb_mode, args.address, args.dry_run, tuple(args.set))
     if args.dry_run:
@@ -153,50 +170,41 @@ def _sweep(args: argparse.Namespace) -> int:
         print("interrupted: continue with the same command and --resume", file=sys.stderr)
         return EXIT_INTERRUPTED
     if outcome.failed:
-        print(f"{len(outcome.failed)} trials failed: {', '.join(outcome.failed)}", file=sys.stderr)
+        print(f"{plural(len(outcome.failed), 'trial')} failed: {', '.join(outcome.failed)}", file=sys.stderr)
         return EXIT_FAILED
     return EXIT_OK
 
 
 def _prune(args: argparse.Namespace) -> int:
+    from runner.job.options import Options
     from runner.job.prune import dry_run, run_prune
-    from runner.job.sweep import Options
 
-    opts = Options(args.grid, args.output, False, args.wandb_mode, args.address, args.dry_run, tuple(args.set))
+    opts = Options(args.grid, args.output, args.resume, args.wandb_mode, args.address, args.dry_run, tuple(args.set))
     if args.dry_run:
         print("\n".join(dry_run(opts)))
         return EXIT_OK
     outcome = run_prune(opts)
-    print(f"{len(outcome.rows)} plans in {outcome.seconds:.0f} s; table: {outcome.folder / 'plans.csv'}, "
+    print(f"{plural(len(outcome.rows), 'plan')} in {outcome.seconds:.0f} s; table: {outcome.folder / 'plans.csv'}, "
           f"report: {outcome.folder / 'report.md'}")
     if outcome.failed:
-        print(f"{len(outcome.failed)} plans failed: {', '.join(outcome.failed)}", file=sys.stderr)
+        print(f"{plural(len(outcome.failed), 'plan')} failed: {', '.join(outcome.failed)}", file=sys.stderr)
         return EXIT_FAILED
     return EXIT_OK
 
 
 def _score(args: argparse.Namespace) -> int:
+    from runner.job.options import Options
     from runner.job.prune import score_file
-    from runner.job.sweep import Options
 
     print(score_file(Options(args.grid, overrides=tuple(args.set)), args.model))
     return EXIT_OK
 
 
 def _train(args: argparse.Namespace) -> int:
-    """Train the grid's checkpoint; with W&B on, as a `train` run that logs the checkpoint as a `model` artifact
-    (its offline runs go to the sweep's folder, <output>/<name>/wandb)."""
-    from contextlib import closing
+    from runner.job.options import Options
+    from runner.job.train import run_train
 
-    from runner.config import load_grid
-    from runner.inputs.train import train_checkpoint
-    from runner.outputs.tracking import TRAIN_RUN, RunSpec, Tracking, make_tracker
-
-    grid = load_grid(args.grid, args.set)
-    tracking = Tracking(grid.wandb.mode, grid.wandb.project, grid.wandb.entity, grid.name, grid.folder,
-                        grid.as_dict(), grid.wandb.feature_maps)
-    with closing(make_tracker(tracking)) as tracker:
-        print(train_checkpoint(grid, log_to=tracker.train_log(RunSpec(TRAIN_RUN, "train"))))
+    print(run_train(Options(args.grid, overrides=tuple(args.set))))
     return EXIT_OK
 
 
@@ -220,8 +228,8 @@ def console() -> None:
 def leave(code: int) -> NoReturn:
     """End a command's process with `code` (the console script and scripts/*.py). With no other thread left:
     the exit handlers run (Ray's shutdown, W&B's teardown, temporary folders), the streams are flushed, and the
-    process ends at once, skipping Python's teardown of torch's and Ray's modules (0.45 s of every command,
-    measured; issue 14). With another thread still running, the usual exit, which waits for it."""
+    process ends at once, skipping Python's slow teardown of torch's and Ray's modules (docs/benchmarks.md).
+    With another thread still running, the usual exit, which waits for it."""
     if any(t.is_alive() and not t.daemon for t in threading.enumerate() if t is not threading.main_thread()):
         sys.exit(code)
     atexit._run_exitfuncs()

@@ -1,4 +1,4 @@
-"""The grid file: frozen, validated configuration with defaults in code (DESIGN §3).
+"""The grid file: frozen, validated configuration with defaults in code (every key: docs/grid.md).
 
 YAML only overrides the defaults. Unknown keys, wrong types and out-of-range values are rejected with the
 key's full path; what needs the network (layer names, K against channel counts, criteria that cannot apply)
@@ -8,6 +8,8 @@ pydantic finds every problem and records where it is (its error `loc`); `_one_li
 our one line. Bounds and lengths are pydantic constraints (`Field`), with `Allowed` saying in words what the
 field takes; what pydantic cannot express (duplicates, one form of K, a sane range) is a validator that
 raises `_invalid(problem, allowed, fix)`.
+
+May import: `runner.errors`.
 """
 
 from __future__ import annotations
@@ -92,6 +94,16 @@ class ModelConfig(Section):
             raise _invalid("not a known model source", MODEL_FORMS, "use one of those forms")
         return v
 
+    @field_validator("width")
+    @classmethod
+    def _width(cls, v: float, info: ValidationInfo) -> float:
+        arch = info.data.get("arch")  # validated before width: it is declared first
+        if v != 1 and arch not in (None, "resnet18"):
+            raise _invalid(f"scales arch resnet18 only, not {arch}", "1 (the default) with this arch",
+                           "remove model.width, and give the builder's own width argument in model.kwargs "
+                           "(e.g. kwargs: {width_mult: 0.5} for torchvision:mobilenet_v2)")
+        return v
+
 
 class DataConfig(Section):
     dataset: Literal["synthetic", "cifar10", "npz", "imagefolder"] = "synthetic"
@@ -100,8 +112,11 @@ class DataConfig(Section):
     train: str | None = Field(None, validate_default=True)  # npz: train arrays file
     test: str | None = Field(None, validate_default=True)  # npz: test arrays file
     calibration_size: int = Field(1000, ge=1)  # images held out of train to rank channels; never trained on
-    eval_size: int | None = Field(None, ge=1)  # first N test images; null = all
+    eval_size: int | None = Field(None, ge=1)  # first N test images (in `order`); null = all
     train_size: int | None = Field(None, ge=1)  # first N train images (after the calibration hold-out); null = all
+    # the order eval_size, train_size and plan.score_on: test take their images in (docs/data.md); null =
+    # stratified for imagefolder (its order is only file names), given for the others
+    order: Literal["given", "stratified"] | None = None
     synthetic_train: int = Field(16_000, ge=100, le=1_000_000)  # synthetic: generated train images
     synthetic_test: int = Field(2_000, ge=100, le=1_000_000)  # synthetic: generated test images
     # the normalisation, per channel in [0, 1] pixel units: required with a foreign checkpoint (a plain
@@ -122,6 +137,11 @@ class DataConfig(Section):
             raise _invalid("required when data.dataset is npz", "a path to an .npz file with images and labels "
                            "arrays", f"set data.{info.field_name}: path/to/{info.field_name}.npz")
         return v
+
+    @property
+    def resolved_order(self) -> str:
+        """`order` with null resolved for this dataset."""
+        return self.order or ("stratified" if self.dataset == "imagefolder" else "given")
 
 
 class TrainConfig(Section):
@@ -196,7 +216,7 @@ class SweepConfig(Section):
     k: KSpec = KSpec(fractions=[0.125, 0.25, 0.5, 0.75, 1.0])
     criteria: Annotated[list[str], Field(min_length=1), Distinct, Allowed("criterion names")] = [
         "mean_activation", "l1_norm", "random"]
-    target: Literal["output", "input"] = "output"  # DESIGN §6
+    target: Literal["output", "input"] = "output"  # docs/numbers.md#criteria-and-targets
     calibration: Literal["holdout", "test"] = "holdout"  # test = the seed's leaky choice
     random_repeats: int = Field(3, ge=1, le=100)  # random: orders drawn per layer, each measured at every K
     random_seed: int = Field(0, ge=0, le=2**63 - 1)  # random: seeds the draws (the grid's seed splits the data)
@@ -319,7 +339,7 @@ class TargetConfig(Section):
 
 
 class PlanConfig(Section):
-    """`prune-sweep prune` (DESIGN §10): budgets x methods, each a plan from the sweep's curves, removed for real,
+    """`prune-sweep prune`: budgets x methods, each a plan from the sweep's curves, removed for real,
     fine-tuned and verified."""
 
     budgets: Annotated[list[Budget], Field(min_length=1),

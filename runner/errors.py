@@ -1,4 +1,7 @@
-"""Bad input: one line that names the field, the value seen, what is allowed and the fix (exit code 2)."""
+"""Bad input: one line that names the field, the value seen, what is allowed and the fix (exit code 2).
+
+May import: nothing of the project.
+"""
 
 from __future__ import annotations
 
@@ -15,6 +18,11 @@ def shown(value: Any, limit: int = 80, path_limit: int = 4096) -> str:
     if isinstance(value, (str, os.PathLike)) and os.sep in str(value):
         limit = path_limit
     return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def plural(count: int, one: str, many: str | None = None) -> str:
+    """`1 point`, `2 points`, `1,000 images` (`many` when adding an s is wrong: class -> classes)."""
+    return f"{count:,} {one if count == 1 else (many or one + 's')}"
 
 
 class InputError(Exception):

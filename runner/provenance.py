@@ -1,4 +1,7 @@
-"""What every result carries: library versions (and, with the config and checkpoint sha256, its provenance)."""
+"""What every result carries: library versions (and, with the config and checkpoint sha256, its provenance).
+
+May import: nothing of the project.
+"""
 
 from __future__ import annotations
 

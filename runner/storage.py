@@ -1,6 +1,8 @@
 """Files written whole or not at all: a file is written beside its final name, flushed to disk and renamed into
 place, so a full disk or a crash never leaves a truncated checkpoint, figure, array or report behind. The one
-atomic writer of the project (stdlib only: every layer may use it)."""
+atomic writer of the project (stdlib only: every layer may use it).
+
+May import: nothing of the project."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Side-by-side timings of the ways to measure one layer sweep (DESIGN §8, `scripts/bench.py`).
+"""Side-by-side timings of the ways to measure one layer sweep (docs/benchmarks.md).
 
 (a) the seed's loop: per point reload the weights, rank on the calibration images, zero weights, full eval;
 (b) the usual tool's loop (Distiller / NNI style): rank once per layer; per point zero weights, full eval,
@@ -45,7 +45,6 @@ from runner.engine.evaluate import evaluate
 from runner.engine.images import Images
 from runner.engine.measure import EvalSet, cache_nbytes, sweep_layer, traced
 from runner.engine.prune import keep_mask, masked, zero_weights
-from runner.engine.reference import seed_loop as reference_loop
 from runner.errors import EXIT_FAILED
 from runner.inputs import checkpoints
 from runner.inputs.models import spec_of
@@ -54,6 +53,9 @@ from runner.inputs.train import ensure_checkpoint
 from runner.inputs.trials import plan_trials, select_layers
 from runner.job.calibration import rank_trials
 from runner.outputs.results import read_rows
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))  # the seed's loop lives with the tests
+from seed_loop import seed_loop as reference_loop
 
 log = logging.getLogger(__name__)
 
@@ -164,7 +166,7 @@ def seed_loop(s: Setup) -> Timing:
     t = Timing("a: seed loop")
     for conv in s.layers:  # per point: reload, rank, zero, evaluate everything
         ks = s.ks[conv.name]
-        accuracies = reference_loop(lambda: _fresh_model(s), conv, "output", ks, lambda m: _rank_one(s, m, conv),
+        accuracies = reference_loop(lambda: _fresh_model(s), conv, "output", ks, lambda m, c=conv: _rank_one(s, m, c),
                                     lambda m: _full_eval(s, m))
         t.accuracies.update({(conv.name, k): a for k, a in zip(ks, accuracies)})
     return t

@@ -28,8 +28,8 @@ import yaml
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # run from a bare copy of the checkout, as the device machine has it
 
-from runner.cli import Parser, run_main  # noqa: E402
-from runner.errors import EXIT_FAILED  # noqa: E402
+from runner.cli import Parser, run_main  # noqa: E402  after the sys.path line above
+from runner.errors import EXIT_FAILED  # noqa: E402  likewise
 
 log = logging.getLogger("gpu_check")
 

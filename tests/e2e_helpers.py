@@ -128,7 +128,7 @@ def finish(proc: subprocess.Popen, started: float, timeout: float) -> CliRun:
     except subprocess.TimeoutExpired:
         stop_group(proc)
         out, err = proc.communicate()
-        raise AssertionError(f"the CLI did not finish in {timeout:.0f} s\n--- stdout\n{out}\n--- stderr\n{err}")
+        raise AssertionError(f"the CLI did not finish in {timeout:.0f} s\n--- stdout\n{out}\n--- stderr\n{err}") from None
     return CliRun(proc.returncode, out, err, time.time() - started)
 
 

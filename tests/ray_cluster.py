@@ -20,14 +20,14 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from runner.job.ray_env import ray_env  # noqa: E402
+from runner.job.ray_env import ray_env
 
 PLAIN = "--plain" in sys.argv[1:]
 if not PLAIN:
     for key, value in ray_env(None).items():
         os.environ.setdefault(key, value)
 
-from ray.cluster_utils import Cluster  # noqa: E402
+from ray.cluster_utils import Cluster  # noqa: E402  Ray reads the environment set above when imported
 
 
 def say(message: dict) -> None:

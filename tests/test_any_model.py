@@ -49,10 +49,23 @@ def test_cached_suffix_equals_full_masked_forward(net, target):
         assert torch.equal(tail.logits, full), site.name
 
 
+SIDE = {  # the projection shortcuts, found from the graph (RegNet's `proj` runs before the `f` it is added to)
+    "resnet18": [f"layer{i}.0.downsample.0" for i in (2, 3, 4)],
+    "resnet50": [f"layer{i}.0.downsample.0" for i in (1, 2, 3, 4)],
+    "regnet_x_400mf": [f"trunk_output.block{i}.block{i}-0.proj.0" for i in (1, 2, 3, 4)],
+    "mobilenet_v2": [],  # identity shortcuts only
+    "efficientnet_b0": [],
+}
+
+
+@pytest.mark.parametrize("arch", list(SIDE))
+def test_side_branches_are_the_shorter_path_into_a_residual_add(arch):
+    convs = list_convs(build(Spec(f"torchvision:{arch}", num_classes=10)), 32)
+    assert [c.name for c in convs if c.side] == SIDE[arch]
+
+
 def test_side_branches_and_consumers_of_torchvision_resnet18():
     sites = {s.name: s for s in list_convs(build(NETS["resnet18"]), 32)}
-    assert [n for n, s in sites.items() if s.shortcut] == ["layer2.0.downsample.0", "layer3.0.downsample.0",
-                                                           "layer4.0.downsample.0"]
     assert sites["layer1.0.conv1"].consumer == "layer1.0.conv2" and sites["layer1.0.conv2"].consumer is None
     c1 = sites["layer1.0.conv1"]  # 64 -> 64 3x3 at 8x8 (32 px input, stride-2 stem and max-pool)
     assert savings(c1, "output", 1, sites).params == 64 * 9 + 2 + 64 * 9

@@ -209,9 +209,11 @@ def test_foreign_missing_key_wrong_shape_and_normalisation_are_one_line(tmp_path
         f"checkpoint.path: does not fit the grid's model: 2 missing keys (first: linear.weight, linear.bias): "
         f"got '{path}'")
     torch.save({**state, "extra.weight": torch.zeros(1)}, path)
-    assert "1 unexpected keys (first: extra.weight)" in foreign_error(tmp_path, path)
+    assert "1 unexpected key (first: extra.weight)" in foreign_error(tmp_path, path)
     torch.save({**state, "linear.weight": torch.zeros(3, 64)}, path)
-    assert foreign_error(tmp_path, path).startswith("checkpoint.path: shape mismatch (size mismatch for linear.weight")
+    assert foreign_error(tmp_path, path).startswith(
+        "checkpoint.path: 1 tensor differs in shape from the grid's model (first: linear.weight is [3, 64] in the "
+        "file, [10, 64] in the model)")
     torch.save(state, path)
     assert foreign_error(tmp_path, path, mean=None, std=None) == (
         "data.mean: a plain state_dict carries no normalisation or image size: got None; allowed: per-channel "
@@ -224,16 +226,19 @@ def test_foreign_missing_key_wrong_shape_and_normalisation_are_one_line(tmp_path
 def test_shape_mismatch(tmp_path):
     path = write(tmp_path / "m.pt", model(width=0.25))  # meta says 0.125, tensors are 0.25's
     message = load_error(path)
-    assert message.startswith("checkpoint.path: shape mismatch (size mismatch for conv1.weight: copying a param "
-                              "with shape torch.Size([16, 3, 3, 3]) from checkpoint")
-    assert message.endswith("allowed: tensors of the grid's model; fix: retrain the checkpoint for this model")
+    assert message.startswith("checkpoint.path: 101 tensors differ in shape from the grid's model (first: "
+                              "conv1.weight is [16, 3, 3, 3] in the file, [8, 3, 3, 3] in the model)")
+    assert message.endswith("allowed: tensors of the network the model section builds; fix: make model.arch and "
+                            "model.kwargs build the network the checkpoint was trained as (check model.kwargs for a "
+                            "misspelt argument: some builders ignore unknown ones), or point checkpoint.path at a "
+                            "checkpoint of this model")
 
 
 def test_missing_tensor(tmp_path):
     state = {k: v for k, v in model().state_dict().items() if k != "linear.bias"}
     path = tmp_path / "m.pt"
     torch.save({"format": checkpoint.FORMAT, "meta": ARCH, "state_dict": state}, path)
-    assert 'shape mismatch (Missing key(s) in state_dict: "linear.bias".)' in load_error(path)
+    assert "does not fit the grid's model: 1 missing key (first: linear.bias)" in load_error(path)
 
 
 @pytest.mark.parametrize("tensor, value", [
@@ -308,3 +313,29 @@ def test_check_holdout(tmp_path):
     assert checkpoints.check_holdout(holdout_grid(tmp_path, sweep={"calibration": "test"}), trained, other) == "test"
     old = checkpoint.Checkpoint(model(), dict(ARCH), "0" * 64, "m.pt")
     assert checkpoints.check_holdout(grid, old, other) == "unknown"
+
+
+def test_a_misspelt_kwarg_is_named_by_the_checkpoints_own_record(tmp_path):
+    """torchvision's mobilenet_v3_small drops an unknown keyword argument silently: a checkpoint trained here
+    records its kwargs, so the typo is named; an older file without that record gets the first tensor whose shape
+    differs, both shapes, and model.kwargs in the fix."""
+    from model.zoo import Spec, build as build_spec
+
+    arch = "torchvision:mobilenet_v3_small"
+    net = build_spec(Spec(arch, num_classes=10, kwargs={"width_mult": 0.5}))
+    typo = Spec(arch, num_classes=10, kwargs={"widht_mult": 0.5})
+    checkpoints.save(tmp_path / "m.pt", net, {"arch": arch, "width": 1.0, "num_classes": 10,
+                                              "kwargs": {"width_mult": 0.5}})
+    with pytest.raises(InputError) as err:
+        checkpoints.load_spec(tmp_path / "m.pt", typo)
+    assert str(err.value).startswith("checkpoint.path: architecture mismatch: checkpoint has kwargs {'width_mult': "
+                                     "0.5} (grid: {'widht_mult': 0.5})")
+    checkpoints.save(tmp_path / "old.pt", net, {"arch": arch, "width": 1.0, "num_classes": 10})
+    with pytest.raises(InputError) as err:
+        checkpoints.load_spec(tmp_path / "old.pt", typo)
+    ours, theirs = net.state_dict(), build_spec(typo).state_dict()
+    differ = sum(ours[k].shape != theirs[k].shape for k in ours)  # counted here, from the two state_dicts
+    assert str(err.value).startswith(f"checkpoint.path: {differ} tensors differ in shape from the grid's model "
+                                     "(first: features.0.0.weight is [8, 3, 3, 3] in the file, [16, 3, 3, 3] in the "
+                                     "model)")
+    assert "check model.kwargs for a misspelt argument" in str(err.value)

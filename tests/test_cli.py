@@ -1,4 +1,4 @@
-"""The command line (DESIGN §2, §3, §9), its entry point called in this process: --dry-run computes nothing, bad
+"""The command line, its entry point called in this process: --dry-run computes nothing, bad
 input (grid file, checkpoint, data, flags) is exit 2 with one exact line, and an output folder is never
 overwritten (nor resumed when there is nothing to resume). That `python scripts/sweep.py` reaches this entry point
 and exits with its code is proved once, in a subprocess, by tests/test_sweep.py.
@@ -78,6 +78,33 @@ BAD = {
     "unknown_flag": (
         "e2e_dry_run.yaml", ["--bogus"],
         "error: unrecognized arguments: --bogus; allowed: see prune-sweep sweep --help; fix: correct the command line"),
+    # the run's own input checks, made by the dry run too, and both refuse before anything is made
+    "eval_size_dry_run": (
+        "e2e_dry_run.yaml", ["--dry-run", "--set", "data.eval_size=500"],
+        "error: --set data.eval_size=500: data.eval_size: larger than the test split: got 500; allowed: 1 .. 200, "
+        "or null for all; fix: set data.eval_size: 200 or null"),
+    "eval_size": (
+        "e2e_dry_run.yaml", ["--set", "data.eval_size=500"],
+        "error: --set data.eval_size=500: data.eval_size: larger than the test split: got 500; allowed: 1 .. 200, "
+        "or null for all; fix: set data.eval_size: 200 or null"),
+    "calibration_size_dry_run": (
+        "e2e_dry_run.yaml", ["--dry-run", "--set", "data.calibration_size=600"],
+        "error: --set data.calibration_size=600: data.calibration_size: not smaller than the train split: got 600; "
+        "allowed: 1 .. 599; fix: hold out fewer images"),
+    # a value given by --set is blamed on the flag; a glob that matches nothing says so
+    "layer_by_set": (
+        "e2e_dry_run.yaml", ["--dry-run", "--set", "sweep.layers=[layer9.conv1]"],
+        "error: --set sweep.layers=[layer9.conv1]: sweep.layers[0]: no such layer: got 'layer9.conv1'; allowed: "
+        + LAYER_NAMES + "; fix: use one of those names or a glob pattern such as \"layer*.conv2\""),
+    "glob_matches_nothing": (
+        "e2e_dry_run.yaml", ["--dry-run", "--set", "sweep.layers=[layer9*]"],
+        "error: --set sweep.layers=[layer9*]: sweep.layers[0]: the pattern matches no layer: got 'layer9*'; "
+        "allowed: " + LAYER_NAMES + "; fix: correct the pattern so that it matches some of those names"),
+    "width_of_a_torchvision_arch": (
+        "e2e_dry_run.yaml", ["--dry-run", "--set", "model.arch=torchvision:resnet18"],
+        "error: {grid}: model.width: scales arch resnet18 only, not torchvision:resnet18: got 0.125; allowed: 1 "
+        "(the default) with this arch; fix: remove model.width, and give the builder's own width argument in "
+        "model.kwargs (e.g. kwargs: {{width_mult: 0.5}} for torchvision:mobilenet_v2)"),
     "resume_without_sweep": (
         "e2e_dry_run.yaml", ["--resume"],
         "error: --resume: there is no sweep to resume in this folder: got '{tmp}/runs/e2e-dry'; allowed: a "
@@ -86,7 +113,7 @@ BAD = {
 
 @pytest.mark.parametrize("case", list(BAD))
 def test_bad_input_is_one_exact_line_exit_2_and_leaves_nothing_behind(cli, tmp_path_factory, case):
-    """DESIGN §2: bad input gives ONE line, exit code 2. §3/§9: it is caught before any work starts: no output
+    """Bad input gives ONE line, exit code 2, and it is caught before any work starts: no output
     folder, no checkpoint."""
     tmp = tmp_path_factory.mktemp(case)
     (tmp / "not_npz.npz").write_text("these are not arrays\n", encoding="utf-8")
@@ -138,6 +165,67 @@ def test_dry_run_computes_nothing(cli, tmp_path, monkeypatch, extra, trials, poi
     assert not (tmp_path / "runs").exists()
     assert sorted(p.name for p in tmp_path.iterdir()) == []
     assert "Ray" not in result.stderr, result.explain()
+
+
+def test_dry_run_checks_an_image_folders_classes_against_the_model(cli, tmp_path):
+    """An image folder of 10 classes and model.num_classes 5: refused by the dry run (as by the run) from the
+    folder names alone, nothing decoded; with 10, the dry run reports the folder's sizes."""
+    from PIL import Image
+
+    for part, count in (("train", 3), ("test", 2)):
+        for c in range(10):
+            folder = tmp_path / "images" / part / f"c{c}"
+            folder.mkdir(parents=True)
+            for i in range(count):
+                Image.new("RGB", (8, 8), (c * 20, i, 0)).save(folder / f"{i}.png")
+    grid = write_grid(tmp_path / "g.yaml", grid_dict(tmp_path, data={
+        "dataset": "imagefolder", "root": str(tmp_path / "images"), "calibration_size": 10}))
+    result = cli(["--grid", str(grid), "--dry-run", "--set", "model.num_classes=5"], cwd=tmp_path)
+    assert refused(result) == ("error: --set model.num_classes=5: model.num_classes: the data has 10 classes: got 5; "
+                               "allowed: 10; fix: set model.num_classes: 10")
+    result = cli(["--grid", str(grid), "--dry-run"], cwd=tmp_path)
+    assert result.returncode == 0, result.explain()
+    assert result.out_lines[0] == (f"sweep tiny: resnet18 width 0.125, data imagefolder, 30 train and 20 test images, "
+                                   f"10 classes, subsets in data.order stratified, output "
+                                   f"{tmp_path / 'runs' / 'tiny'}")
+    assert not list(tmp_path.rglob("*.npz"))  # nothing decoded
+
+
+def test_dry_run_warns_of_a_checkpoint_near_chance(cli, tmp_path):
+    """The checkpoint's own test accuracy, 11% on 10 classes: within 5 points of chance (10%)."""
+    from model.resnet import ResNet18
+    from runner.inputs import checkpoints, synthetic
+
+    checkpoints.save(tmp_path / "weak.pt", ResNet18(width=0.125), {
+        "arch": "resnet18", "width": 0.125, "num_classes": 10, "dataset": "synthetic",
+        "classes": list(synthetic.CLASSES), "mean": [0.5] * 3, "std": [0.25] * 3, "test_accuracy": 11.0})
+    grid = write_grid(tmp_path / "g.yaml", grid_dict(tmp_path, {"checkpoint": {"path": str(tmp_path / "weak.pt")}}))
+    result = cli(["--grid", str(grid), "--dry-run"], cwd=tmp_path)
+    assert result.returncode == 0, result.explain()
+    assert result.out_lines[2] == (
+        "warning: the base accuracy 11.00% is within 5 points of chance (10.00% for 10 classes): the network has "
+        "learnt little, so its curves say little about a trained one; train the checkpoint further "
+        "(checkpoint.train.epochs) or point checkpoint.path at a trained one")
+
+
+def test_version(cli, capsys):
+    from importlib.metadata import version
+
+    from runner.cli import main
+
+    assert main(["--version"]) == 0
+    assert capsys.readouterr().out == f"prune-sweep {version('prune-sweep')}\n"
+
+
+def test_a_refused_run_removes_the_folder_it_made_and_nothing_else(tmp_path):
+    from runner.job.folder import folder_lock
+
+    made, kept = tmp_path / "runs" / "new", tmp_path / "runs" / "old"
+    kept.mkdir(parents=True)
+    for folder in (made, kept):
+        with pytest.raises(InputError), folder_lock(folder):
+            raise InputError("data.eval_size", 5000, "larger than the test split", "1 .. 2000", "set it")
+    assert not made.exists() and sorted(p.name for p in kept.iterdir()) == [".lock"]
 
 
 # ---- the output folder (--resume where there is no sweep: case resume_without_sweep above) ----

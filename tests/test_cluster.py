@@ -1,4 +1,4 @@
-"""Scale-out (DESIGN §9): a real three-node Ray cluster on this machine (tests/ray_cluster.py, a side process
+"""Scale-out: a real three-node Ray cluster on this machine (tests/ray_cluster.py, a side process
 running `ray.cluster_utils.Cluster`: a head and two worker nodes, each its own raylet and object store, all on
 127.0.0.1), joined with `--address` exactly as a user joins theirs. Trials spread over the nodes, results and
 W&B runs land on the driver's side, the checkpoint travels through the object store, and a node lost

@@ -256,12 +256,13 @@ def test_ints_are_accepted_where_floats_are_required():
 def test_suggested_set_key_is_usable():
     message = grid_error({"sweep": {"k": [1, 2.5]}})
     key = re.search(r"--set ([^=]+)=", message).group(1)
-    apply_override({}, f"{key}=[1, 2]")
+    assert key == "sweep.k"
+    assert parse_grid(apply_override({}, f"{key}=[1, 2]"), "grid.yaml").sweep.k.values == [1, 2]
 
 
-# --- defaults, the DESIGN example, resolution ------------------------------------------------------------------
+# --- defaults, the example grid, resolution --------------------------------------------------------------------
 
-def test_design_example_loads(tmp_path):
+def test_the_example_grid_loads(tmp_path):
     grid = load_grid(GRIDS / "demo.yaml", base=tmp_path)
     assert grid.name == "demo" and grid.seed == 0
     assert (grid.model.arch, grid.model.width, grid.model.num_classes) == ("resnet18", 0.25, 10)

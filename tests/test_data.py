@@ -305,7 +305,7 @@ def test_cifar10_test_npz(cifar_dir):
     assert np.bincount(data.labels).tolist() == [1000] * 10
     assert data.images[0, 0, 0].tolist() == [158, 112, 49]
     stats = Dataset("npz", data, data.take(slice(1)), data.take(slice(1)), classes).stats()
-    assert stats == ((0.4942, 0.4851, 0.4504), (0.2467, 0.2429, 0.2616))  # as the README states
+    assert stats == ((0.4942, 0.4851, 0.4504), (0.2467, 0.2429, 0.2616))  # the test images' mean and std
 
 
 def test_cifar10_npz_load_data(cifar_dir):

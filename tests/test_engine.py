@@ -14,7 +14,7 @@ from conftest import scramble_bn
 from model.capture import capture
 from model.graph import Cut, list_convs
 from model.resnet import ResNet18
-from model.split import Split
+from hand_split import Split
 from model.layers import list_convs as resnet_layers
 from runner.engine.criteria import draw_seed, rank_all
 from runner.engine.evaluate import Tally, evaluate
@@ -23,7 +23,7 @@ from runner.engine.measure import EvalSet, sweep_layer
 from runner.engine.dead import Savings, alive, savings
 from runner.engine.prune import keep_mask, masked, surgery, zero_weights
 from runner.engine.prune import savings as consumer_savings
-from runner.engine.reference import seed_loop
+from seed_loop import seed_loop
 from runner.inputs.synthetic import generate
 
 with torch.random.fork_rng(devices=[]):
@@ -34,7 +34,7 @@ with torch.random.fork_rng(devices=[]):
     MODEL = scramble_bn(ResNet18(width=0.125), seed=1)
 CONVS = list_convs(MODEL, 32)
 BY_NAME = {c.name: c for c in CONVS}
-# the project ResNet-18's own listing (model.layers), read by runner.engine.dead and model.split
+# the project ResNet-18's own listing (model.layers), read by runner.engine.dead and tests/hand_split.py
 LAYERS = resnet_layers(MODEL)
 LAYER_BY_NAME = {c.name: c for c in LAYERS}
 X = torch.randn(6, 3, 32, 32, generator=torch.Generator().manual_seed(0))
@@ -187,7 +187,7 @@ def test_taylor_matches_autograd_by_hand() -> None:
 
 def _taylor_through_the_suffix(conv_name: str, images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """Input-target Taylor scores computed apart from the criteria code: cut the network at the conv's input
-    (`model.split.Split`), treat the cached tensor at the cut as the only variable (the unit's other paths are cached
+    (`hand_split.Split`), treat the cached tensor at the cut as the only variable (the unit's other paths are cached
     constants), so that dL/da is the gradient through conv L alone; |mean over H, W of a * dL/da| per image,
     averaged over images."""
     split = Split(MODEL, LAYER_BY_NAME[conv_name], "input")

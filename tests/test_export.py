@@ -140,6 +140,19 @@ def test_onnx_takes_unit_images_and_predicts_what_torch_does(tmp_path, pruned) -
     np.testing.assert_array_equal(wrapped, want)
 
 
+def test_onnx_predictions_score_uint8_images_in_batches(tmp_path, pruned, monkeypatch) -> None:
+    """onnx_predictions takes the datasets' uint8 NHWC images and scores them ONNX_BATCH at a time: the same
+    classes as the logits of the whole set converted by hand."""
+    from runner.planning import export
+
+    path = tmp_path / "pruned.onnx"
+    export_onnx(path, pruned, MEAN, STD, image_size=32)
+    images = np.random.default_rng(0).integers(0, 256, (70, 32, 32, 3), dtype=np.uint8)
+    want = onnx_logits(path, images.astype(np.float32).transpose(0, 3, 1, 2) / 255).argmax(1)
+    monkeypatch.setattr(export, "ONNX_BATCH", 32)  # 32 + 32 + 6
+    assert np.array_equal(export.onnx_predictions(path, images), want) and len(set(want.tolist())) > 1
+
+
 def test_latency_returns_medians_for_both_models_at_each_batch(base, pruned) -> None:
     got = latency(base, pruned, (3, 32, 32), batches=(1, 4), warmup=1, min_runs=3, min_seconds=0.0)
     assert [g.batch for g in got] == [1, 4] and all(g.runs == 3 for g in got)
@@ -200,7 +213,7 @@ def test_measured_curves_become_plans_csv(sweep_checkpoint, tmp_path) -> None:
         planner = Planner(curves, budget.kind, budget.keep, base_counts.macs, method, round_to=2, min_keep=0.1)
         plan = planner.fit(kept)
         assert plan.counted_kept <= 0.75 * base_counts.macs
-        fixed = None if method == "uniform" else correct(plan, lambda caps: planner.fit(kept, caps), measure)
+        fixed = None if method == "uniform" else correct(plan, lambda caps, p=planner: p.fit(kept, caps), measure)
         plan = fixed.plan if fixed else plan
         removal = removal_from(plan.ks, orders)
         with masked(model, removal, 32):

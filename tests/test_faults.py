@@ -1,4 +1,4 @@
-"""Real faults (DESIGN §9): a trial's Ray worker SIGKILLed, the driver SIGKILLed and the sweep resumed, the
+"""Real faults: a trial's Ray worker SIGKILLed, the driver SIGKILLed and the sweep resumed, the
 grid or the checkpoint changed before --resume, two sweeps on one folder, an output folder that is read-only
 or fills up. Nothing here is a simulated exception: processes are killed, file systems are really read-only
 or full (small tmpfs mounts; those tests skip, visibly, where mounting is not allowed).

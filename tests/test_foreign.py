@@ -49,13 +49,14 @@ def refused_line(cli, tmp_path: Path, grid: dict, *flags: str) -> str:
 def test_missing_key_is_one_line_and_exit_2(tmp_path, cli) -> None:
     torch.save(state(**{"fc.weight": None}), tmp_path / "m.pt")
     line = refused_line(cli, tmp_path, foreign_grid(tmp_path, tmp_path / "m.pt"), "--dry-run")
-    assert "checkpoint.path: does not fit the grid's model: 1 missing keys (first: fc.weight)" in line
+    assert "checkpoint.path: does not fit the grid's model: 1 missing key (first: fc.weight)" in line
 
 
 def test_wrong_shape_is_one_line_and_exit_2(tmp_path, cli) -> None:
     torch.save(state(**{"fc.weight": torch.zeros(7, 512)}), tmp_path / "m.pt")
     line = refused_line(cli, tmp_path, foreign_grid(tmp_path, tmp_path / "m.pt"), "--dry-run")
-    assert "checkpoint.path: shape mismatch (size mismatch for fc.weight" in line
+    assert "checkpoint.path: 1 tensor differs in shape from the grid's model (first: fc.weight is [7, 512] in the " \
+        "file, [10, 512] in the model)" in line
 
 
 def test_missing_normalisation_is_one_line_and_exit_2(tmp_path, cli) -> None:

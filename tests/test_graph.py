@@ -21,7 +21,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from model import layers
 from model.graph import Cut, ConvSite, MaskPoint, list_convs, trace
 from model.resnet import ResNet18
-from model.split import Split
+from hand_split import Split
 
 SMALL = ["ours", "resnet18", "mobilenet_v2", "mobilenet_v3_small", "vgg11_bn"]
 LARGE = ["resnet50", "densenet121", "efficientnet_b0", "regnet_y_400mf"]

@@ -12,6 +12,7 @@ from test_graph import build
 
 from model.graph import Cut, list_convs, trace
 from model.groups import count, dependency_graph, list_groups, masked_group, remove_group, savings, tp_group
+from model.savings import Savings
 
 IMAGE = 32
 X = torch.randn(8, 3, IMAGE, IMAGE, generator=torch.Generator().manual_seed(2))
@@ -115,7 +116,7 @@ def test_masked_group_equals_removed_channels_and_counts(name: str, group_name: 
         assert torch.equal(masked.argmax(1), removed.argmax(1)), (group_name, k)
         torch.testing.assert_close(removed, masked, atol=1e-5, rtol=1e-4)
         macs, params = count(smaller, IMAGE)
-        assert savings(model, group, pruned, sites) == (base[0] - macs, base[1] - params), (group_name, k)
+        assert savings(model, group, pruned, sites) == Savings(base[1] - params, base[0] - macs), (group_name, k)
         assert params < base[1] and macs < base[0]
         assert smaller.get_submodule(group_name).out_channels == group.channels - k
 
@@ -159,12 +160,17 @@ def test_group_cut_caches_every_member_point_it_cannot_reach_from_the_first() ->
     assert tail.layer[:, [0, 3]].abs().sum() == 0 and tail.layer[:, 1].abs().sum() > 0
 
 
-def test_groups_that_cannot_be_pruned_are_skipped() -> None:
-    """A conv whose channels are the logits; a grouped (not depthwise) conv, whose channels go by groups."""
+def test_groups_that_cannot_be_pruned_are_skipped(caplog) -> None:
+    """A conv whose channels are the logits; a grouped (not depthwise) conv, whose channels go by groups. Each
+    network's skipped groups are one log line, however many they are."""
     fully_conv = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), torch.nn.BatchNorm2d(8), torch.nn.ReLU(),
                                      torch.nn.Conv2d(8, 10, 1), torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten())
-    assert [g.name for g in list_groups(fully_conv.eval(), 16)] == ["0"]
-    regnet = [g.name for g in list_groups(build("regnet_y_400mf"), IMAGE)]
+    with caplog.at_level("INFO", logger="model.groups"):
+        assert [g.name for g in list_groups(fully_conv.eval(), 16)] == ["0"]
+        regnet = [g.name for g in list_groups(build("regnet_y_400mf"), IMAGE)]
+    assert [r.getMessage() for r in caplog.records if r.name == "model.groups"] == [
+        "1 group skipped (1 whose channels are the network's output, first 3)",  # 16 blocks, f.a's and f.b's groups
+        "32 groups skipped (32 with a grouped conv member, first trunk_output.block1.block1-0.f.a.0)"]
     assert len(regnet) == 21 and "stem.0" in regnet
     block = "trunk_output.block1.block1-0.f"
     assert f"{block}.a.0" not in regnet and f"{block}.b.0" not in regnet and f"{block}.se.fc1" in regnet

@@ -1,5 +1,5 @@
 """Hostile inputs through the command line: each is refused with exit code 2 and one line, and nothing in them
-runs (DESIGN §9). What the readers refuse on their own (pickles in checkpoints, Python tags in YAML, object arrays,
+runs. What the readers refuse on their own (pickles in checkpoints, Python tags in YAML, object arrays,
 absurd K) is proved by the unit tests of tests/test_checkpoint.py, test_config.py and test_data.py; here, that the
 command runs those checks before it computes anything."""
 

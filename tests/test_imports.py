@@ -5,6 +5,7 @@ also those inside functions)."""
 from __future__ import annotations
 
 import ast
+import re
 import sys
 from pathlib import Path
 
@@ -12,29 +13,39 @@ import pytest
 from conftest import ROOT
 
 PACKAGES = ("model", "runner")
-BASICS = {"runner.errors", "runner.storage", "runner.provenance", "runner.config"}
-# layer -> the prefixes of the project's modules it may import (besides itself)
-ALLOWED = {
-    "model": ("model",),
-    "runner": ("runner.api",),  # the package itself (its docstring): the API, re-exported on first use
-    "runner.errors": (),
-    "runner.storage": (),
-    "runner.provenance": (),
-    "runner.config": ("runner.errors",),
-    "runner.engine": ("model", "runner.engine", "runner.errors"),
-    "runner.outputs": ("runner.outputs", "runner.errors", "runner.storage", "runner.provenance"),
-    "runner.inputs": ("model", "runner.engine", "runner.inputs", "runner.outputs.results",
-                      "runner.outputs.tracking", *BASICS),  # tracking: the TrainLog that training reports to
-    "runner.job": ("model", "runner.engine", "runner.inputs", "runner.outputs", "runner.planning", "runner.job",
-                   *BASICS),
-    "runner.planning": ("model", "runner.engine", "runner.inputs", "runner.outputs", "runner.planning", *BASICS),
-    "runner.cli": ("model", "runner"),
-    # the notebook API, an entry point like the command: the job (inside `sweep`), results.csv as a table
-    "runner.api": ("runner.job", "runner.outputs", "runner.config", "runner.errors"),
-}
-FORBIDDEN_THIRD_PARTY = {"runner.engine": ("ray", "wandb"), "runner.inputs": ("ray", "wandb"),
-                         "runner.planning": ("ray", "wandb"),
-                         "runner.outputs": ("torch", "torchvision", "ray"), "model": ("ray", "wandb")}
+# words of a "Never ..." sentence that name a third-party package, and the import names they stand for
+THIRD_PARTY = {"Ray": ("ray",), "W&B": ("wandb",), "torch": ("torch", "torchvision")}
+
+
+def docstring_of(layer: str) -> str:
+    """A layer's docstring: its package's __init__.py, or its module's."""
+    path = ROOT.joinpath(*layer.split("."))
+    path = path / "__init__.py" if path.is_dir() else path.with_suffix(".py")
+    return ast.get_docstring(ast.parse(path.read_text(encoding="utf-8"))) or ""
+
+
+def rule_of(doc: str) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """(the project's modules a layer may import, the third-party packages it never imports), read from its
+    docstring's "May import:" sentence (the names in backticks) and "Never ..." sentence (Ray, W&B, torch)."""
+    text = " ".join(doc.split())
+    may = text.partition("May import:")[2].partition(" Never ")[0]
+    allowed = tuple(re.findall(r"`((?:model|runner)(?:\.\w+)*)`", may))
+    never = text.partition(" Never ")[2].partition(". ")[0]
+    forbidden = tuple(name for word, names in THIRD_PARTY.items() if re.search(rf"(?<![\w`]){re.escape(word)}\b", never)
+                      for name in names)
+    return allowed, forbidden
+
+
+def layers() -> list[str]:
+    """`model`, `runner`, every subpackage of runner and every module directly in it."""
+    subpackages = [f"runner.{p.parent.name}" for p in (ROOT / "runner").glob("*/__init__.py")]
+    modules = [f"runner.{p.stem}" for p in (ROOT / "runner").glob("*.py") if p.stem != "__init__"]
+    return sorted(["model", "runner", *subpackages, *modules])
+
+
+RULES = {layer: rule_of(docstring_of(layer)) for layer in layers()}
+ALLOWED = {layer: allowed for layer, (allowed, _) in RULES.items()}
+FORBIDDEN_THIRD_PARTY = {layer: forbidden for layer, (_, forbidden) in RULES.items() if forbidden}
 
 
 def module_name(path: Path) -> str:
@@ -125,17 +136,28 @@ def test_each_layer_imports_only_what_it_may(layer: str) -> None:
     assert wrong == []
 
 
-def test_every_subpackage_states_its_rule() -> None:
-    for init in (ROOT / "runner").glob("*/__init__.py"):
-        doc = ast.get_docstring(ast.parse(init.read_text(encoding="utf-8"))) or ""
-        assert "May import" in doc, init
+@pytest.mark.parametrize("layer", layers())
+def test_every_layer_states_its_rule(layer: str) -> None:
+    assert "May import:" in docstring_of(layer)
 
 
-def test_scripts_only_call_the_command() -> None:
-    for script in ("sweep.py", "train.py"):
-        text = (ROOT / "scripts" / script).read_text(encoding="utf-8")
-        assert "sys.path" not in text and len(text.splitlines()) <= 10, script
-    assert sys.modules  # (scripts/bench.py is a program of its own: see test_bench.py)
+def test_the_rules_are_read_from_the_docstrings() -> None:
+    assert rule_of("Tensors in.\n\nMay import: `model`, `runner.engine`, `runner.errors`. Never Ray, W&B, the grid\n"
+                   "(`runner.config`), or the layers above it.") == (("model", "runner.engine", "runner.errors"),
+                                                                    ("ray", "wandb"))
+    assert rule_of("May import: nothing of the project.") == ((), ())
+    assert ALLOWED["runner.inputs"] == ("model", "runner.engine", "runner.inputs", "runner.basics", "runner.config",
+                                        "runner.errors", "runner.storage", "runner.provenance")
+    assert FORBIDDEN_THIRD_PARTY["runner.outputs"] == ("ray", "torch", "torchvision")
+    assert FORBIDDEN_THIRD_PARTY["model"] == ("ray", "wandb")
+
+
+@pytest.mark.parametrize("command", ["sweep", "train", "prune"])
+def test_scripts_only_call_the_command(command: str) -> None:
+    """scripts/<command>.py is the command's shim (scripts/bench.py and gpu_check.py are programs of their own)."""
+    text = (ROOT / "scripts" / f"{command}.py").read_text(encoding="utf-8")
+    assert "sys.path" not in text and len(text.splitlines()) <= 10
+    assert f'leave(main(["{command}", *sys.argv[1:]]))' in text
 
 
 def test_import_runner_is_cheap_and_the_api_is_there() -> None:

@@ -141,8 +141,13 @@ def test_uniform_takes_the_largest_kept_ratio_that_meets_the_budget() -> None:
 def test_fit_tightens_and_replans_until_the_counted_model_meets_the_budget(method: str) -> None:
     curves = [linear(f"u{i}", 16, [4, 8, 12], [0.5 * i, 1.0 * i + 1, 3.0 * i + 2], 100 + 10 * i) for i in range(4)]
     base = 20_000
-    overlap = lambda ks: 0.15 * sum(k * (100 + 10 * int(u[1:])) for u, k in ks.items())  # noqa: E731
-    count = lambda ks: base - sum(k * (100 + 10 * int(u[1:])) for u, k in ks.items()) + overlap(ks)  # noqa: E731
+
+    def overlap(ks: dict[str, int]) -> float:
+        return 0.15 * sum(k * (100 + 10 * int(u[1:])) for u, k in ks.items())
+
+    def count(ks: dict[str, int]) -> float:
+        return base - sum(k * (100 + 10 * int(u[1:])) for u, k in ks.items()) + overlap(ks)
+
     planner = Planner(curves, "macs", keep=0.8, base_total=base, method=method)
     naive = planner.plan()
     assert count(naive.ks) > 0.8 * base  # the summed per-unit savings overstate the real saving

@@ -6,15 +6,19 @@ from __future__ import annotations
 
 import functools
 import json
+import os
+import re
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 from types import SimpleNamespace
 
 import pandas as pd
 import pytest
 import torch
-from e2e_helpers import artifacts, e2e, grid_dict, history, manifest_paths, runs_by_name, write_grid
+from e2e_helpers import artifacts, cli_env, e2e, grid_dict, history, manifest_paths, runs_by_name, write_grid
 
 from model.resnet import ResNet18
 from runner.config import parse_grid
@@ -31,7 +35,7 @@ BUDGET = 0.7
 def planned(ray_session, sweep_checkpoint, tmp_path_factory) -> SimpleNamespace:
     """One prune job: 12 groups x 2 K, l1_norm; budget macs 0.7 by all three methods; one epoch of fine-tuning
     on 200 images; scored on the 50 test images the sweep did not evaluate."""
-    import runner.job.prune as prune
+    import runner.job.plan as prune
     from runner.api import prune as prune_api
 
     tmp = tmp_path_factory.mktemp("prune")
@@ -65,6 +69,7 @@ def test_every_plan_is_made_fine_tuned_and_verified(planned) -> None:
     assert (t["onnx_differ"] == 0).all() and (t["accuracy_onnx"] == t["accuracy_finetuned"]).all()
     assert ((t["finetuned_low"] <= t["accuracy_finetuned"]) & (t["accuracy_finetuned"] <= t["finetuned_high"])).all()
     assert (t["scored_images"] == 50).all()  # 200 test images, 150 evaluated by the sweep
+    assert (t["scored_classes"] == 10).all()  # every class among them
     assert (t[t["method"] == "uniform"]["corrections"] == 0).all()  # the baseline is never corrected
     others = t[t["method"] != "uniform"]
     assert others["vs_uniform"].notna().all() and t[t["method"] == "uniform"]["vs_uniform"].isna().all()
@@ -199,12 +204,49 @@ def test_score_on_test_needs_unseen_test_images(tmp_path, cli) -> None:
         "before sweeping, or plan.score_on: eval"]
 
 
+def test_score_checks_the_models_lineage_against_the_grid(sweep_checkpoint, tmp_path, cli) -> None:
+    """A pruned.pt planned from checkpoint A, scored with a grid whose checkpoint is another trained file: one
+    line, exit 2. With A's grid it is scored, and the words say what is known of the images."""
+    from model.zoo import Spec
+    from runner.inputs import checkpoints
+    from runner.planning.export import save_pruned, spec_meta
+    from runner.planning.removal import pruned_copy
+
+    base = checkpoints.load(sweep_checkpoint, "resnet18", 0.125, 10)
+    other = tmp_path / "other.pt"
+    other_sha = checkpoints.save(other, base.model, {**base.meta, "seed": 1})  # the same network, another file
+    removal = {"layer1.0.conv1": [0, 3]}
+    meta = {**spec_meta(Spec("resnet18", 0.125, 10), 32), "mean": base.meta["mean"], "std": base.meta["std"],
+            "plan": "macs0.7-knapsack", "base_checkpoint": str(sweep_checkpoint),
+            "base_checkpoint_sha256": base.sha256, "classes": list(base.meta["classes"])}
+    save_pruned(tmp_path / "pruned.pt", pruned_copy(base.model, removal, 32), removal, meta)
+    grid_b = write_grid(tmp_path / "b.yaml", grid_dict(tmp_path, {"checkpoint": {"path": str(other)}}))
+    run = cli(["--grid", str(grid_b), "--model", str(tmp_path / "pruned.pt")], cwd=tmp_path, command="score")
+    assert run.returncode == 2 and run.err_lines == [
+        f"error: --model: planned from the checkpoint with sha256 {base.sha256[:12]} ({sweep_checkpoint}), not from "
+        f"the grid's checkpoint.path {other} ({other_sha[:12]}): got '{tmp_path / 'pruned.pt'}'; allowed: a pruned "
+        "model planned from the grid's checkpoint; fix: score it with the grid that planned it (config.yaml in that "
+        "sweep's output folder)"], run.stderr
+    grid_a = write_grid(tmp_path / "a.yaml", grid_dict(tmp_path, {"checkpoint": {"path": str(sweep_checkpoint)}}))
+    run = cli(["--grid", str(grid_a), "--model", str(tmp_path / "pruned.pt")], cwd=tmp_path, command="score")
+    assert run.returncode == 0, run.stderr
+    assert run.out_lines[0].endswith(" right): synthetic test images 1-200 (the grid's 200 eval images; no plan.json "
+                                     "beside the model says which images chose its plan)")
+    meta["classes"] = ["cat", "dog"]
+    save_pruned(tmp_path / "pruned.pt", pruned_copy(base.model, removal, 32), removal, meta)
+    run = cli(["--grid", str(grid_a), "--model", str(tmp_path / "pruned.pt")], cwd=tmp_path, command="score")
+    assert run.returncode == 2 and len(run.err_lines) == 1
+    assert run.err_lines[0].startswith("error: --model: its classes (cat, dog) differ from the grid's data (")
+
+
 def test_prune_dry_run_describes_the_plans(tmp_path, cli) -> None:
     path = write_grid(tmp_path / "g.yaml", grid_dict(tmp_path, sweep={"unit": "group", "criteria": ["l1_norm"]}))
     run = cli(["--grid", str(path), "--dry-run"], cwd=tmp_path, command="prune")
     assert run.returncode == 0, run.stderr
     assert "plans: budgets macs0.5 x methods knapsack, threshold, uniform (3 plans), criterion l1_norm, unit group" \
         in run.stdout
+    run = cli(["--grid", str(path), "--dry-run", "--set", "plan.finetune.epochs=1"], cwd=tmp_path, command="prune")
+    assert run.returncode == 0 and ", fine-tuning 1 epoch (" in run.stdout, run.stderr
 
 
 def test_plan_defaults() -> None:
@@ -217,7 +259,8 @@ def test_plan_defaults() -> None:
 def test_mobilenet_v2_goes_through_sweep_plan_removal_and_fine_tuning(ray_session, tmp_path) -> None:
     """torchvision's mobilenet_v2 (width 0.25, synthetic images): trained, swept by groups, planned by the three
     methods, removed, fine-tuned and verified, in one prune job."""
-    import runner.job.prune as prune
+    import runner.job.plan as plan
+    from runner.job.prune import run_prune
     from runner.job.sweep import Options
 
     grid = grid_dict(tmp_path, name="mobile", data={"eval_size": 100},
@@ -228,13 +271,128 @@ def test_mobilenet_v2_goes_through_sweep_plan_removal_and_fine_tuning(ray_sessio
     grid["model"] = {"arch": "torchvision:mobilenet_v2", "num_classes": 10, "kwargs": {"width_mult": 0.25}}
     path = write_grid(tmp_path / "mobile.yaml", grid)
     quick = functools.partial(latency_module.latency, warmup=1, min_runs=3, min_seconds=0.0)
-    original, prune.latency = prune.latency, quick
+    original, plan.latency = plan.latency, quick
     try:
-        outcome = prune.run_prune(Options(str(path)))
+        outcome = run_prune(Options(str(path)))
     finally:
-        prune.latency = original
+        plan.latency = original
     t = pd.read_csv(outcome.folder / "plans.csv")
     assert outcome.failed == [] and sorted(t["method"]) == ["knapsack", "threshold", "uniform"]
     assert (t["macs_kept"] <= 0.8).all() and (t["units_pruned"] > 0).all()
     assert (t["masked_vs_removed_differ"] == 0).all() and (t["onnx_differ"] == 0).all()
     assert (t["accuracy_final"] == t["accuracy_finetuned"]).all()
+
+
+# --- a job stopped at a chosen stage, then resumed --------------------------------------------------------
+
+EPOCH_LINE = ": epoch 1 of 1,"
+TIMING = ("latency_ms_b1", "latency_ms_b64", "base_latency_ms_b1", "base_latency_ms_b64", "folder")
+SWEEP_FILES = ("results.csv", "rankings.json", "config.yaml", "report.md")
+
+
+def comparable(table: pd.DataFrame) -> pd.DataFrame:
+    """plans.csv without what differs between two runs of the same job: timings, latency, the folder."""
+    return table.drop(columns=[c for c in table.columns if c in TIMING or "latency" in c])
+
+
+def fingerprints(folder: Path) -> dict[str, tuple[int, int, str]]:
+    """Each plan.json: (inode, mtime in ns, sha256): a file written again changes at least one of them."""
+    import hashlib
+
+    return {p.parent.name: (p.stat().st_ino, p.stat().st_mtime_ns, hashlib.sha256(p.read_bytes()).hexdigest())
+            for p in sorted(folder.glob("plans/*/plan.json"))}
+
+
+def test_a_job_stopped_while_planning_and_killed_while_fine_tuning_resumes_to_the_same_plans(
+        planned, tmp_path, monkeypatch, caplog) -> None:
+    """The `planned` job again in a copy of its sweep's folder: stopped by an injected failure after its first
+    plan, refused without --resume, resumed and stopped before fine-tuning, resumed as a command whose process
+    group is SIGKILLed once the first fine-tuning epoch is logged, resumed to the end: the same plans.csv as the
+    uninterrupted job, no plan.json written again, no epoch fine-tuned twice (each finished epoch logs one
+    line)."""
+    import runner.job.plan as plan
+    import runner.job.prune as prune
+    from runner.api import prune as prune_api
+
+    folder = tmp_path / "planned"
+    folder.mkdir()
+    for name in SWEEP_FILES:
+        (folder / name).write_bytes((planned.folder / name).read_bytes())
+    path = write_grid(tmp_path / "planned.yaml", {**planned.grid, "output": str(tmp_path)})
+    monkeypatch.setattr(plan, "latency", functools.partial(latency_module.latency, warmup=1, min_runs=3,
+                                                           min_seconds=0.0))
+    made, real = [], prune.make_plan
+
+    def first_only(*args, **kwargs):
+        if made:
+            raise RuntimeError("injected: stopped after the first plan")
+        made.append(real(*args, **kwargs))
+        return made[-1]
+
+    monkeypatch.setattr(prune, "make_plan", first_only)
+    with pytest.raises(RuntimeError, match="injected"):
+        prune_api(path)
+    first = fingerprints(folder)
+    assert list(first) == ["macs0.7-knapsack"] and len(pd.read_csv(folder / "plans.csv")) == 1
+    monkeypatch.setattr(prune, "make_plan", real)
+    with pytest.raises(InputError, match=r"already holds plans of a prune job.*--resume"):
+        prune_api(path)
+
+    def stop(*args, **kwargs):
+        raise RuntimeError("injected: stopped before fine-tuning")
+
+    finetune = prune._finetune
+    monkeypatch.setattr(prune, "_finetune", stop)  # the other plans made here, where timing is quick
+    with pytest.raises(RuntimeError, match="injected"):
+        prune_api(path, resume=True)
+    monkeypatch.setattr(prune, "_finetune", finetune)
+    assert len(fingerprints(folder)) == 3 and fingerprints(folder)["macs0.7-knapsack"] == first["macs0.7-knapsack"]
+
+    log = tmp_path / "killed.log"
+    with open(log, "w") as out:
+        proc = subprocess.Popen([sys.executable, "-m", "runner.cli", "prune", "--grid", str(path), "--resume"],
+                                cwd=tmp_path, env=cli_env(), stdout=out, stderr=subprocess.STDOUT,
+                                start_new_session=True)
+    try:
+        deadline = time.time() + 600
+        while EPOCH_LINE not in log.read_text() and proc.poll() is None and time.time() < deadline:
+            time.sleep(0.1)
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    killed = log.read_text()
+    assert EPOCH_LINE in killed, killed[-3000:]
+    second = fingerprints(folder)
+    assert len(second) == 3 and {k: second[k] for k in first} == first
+    assert not list(folder.glob("plans/*/verified.json"))
+
+    caplog.set_level("INFO", logger="runner")
+    table = prune_api(path, resume=True)
+    assert table.attrs["failed"] == []
+    assert fingerprints(folder) == second  # no plan.json written again
+    pd.testing.assert_frame_equal(comparable(table), comparable(planned.table), check_exact=True)
+    resumed = "\n".join(r.getMessage() for r in caplog.records)
+    assert resumed.count("made by an earlier run") == 3
+    epochs = re.findall(r"fine-tuning (\S+): epoch (\d+) of", killed + "\n" + resumed)
+    assert len(epochs) == len(set(epochs)), epochs
+    assert "## Plans: a smaller model under a budget" in (folder / "report.md").read_text()
+
+
+def test_a_resume_that_changes_the_plan_section_names_the_key_and_both_values(tmp_path) -> None:
+    from runner.job.prune import _check_resume, job_identity
+
+    base = grid_dict(tmp_path, plan={"budgets": [{"macs": 0.6}], "methods": ["knapsack", "uniform"]})
+    before = job_identity(parse_grid(base, "g"), "abc")
+
+    def now(**plan) -> dict:
+        return job_identity(parse_grid({**base, "plan": {**base["plan"], **plan}}, "g"), "abc")
+
+    _check_resume(parse_grid(base, "g"), before, now(budgets=[{"macs": 0.6}, {"macs": 0.8}]))  # adds a budget
+    _check_resume(parse_grid(base, "g"), before, now(methods=["knapsack", "uniform", "threshold"]))  # a method
+    for change, words in (({"max_corrections": 2}, "plan.max_corrections: 8 then, 2 now"),
+                          ({"budgets": [{"macs": 0.8}]}, "plan.budgets: ['macs0.6'] then, ['macs0.8'] now"),
+                          ({"methods": ["uniform"]}, "plan.methods: ['knapsack', 'uniform'] then, ['uniform'] now"),
+                          ({"finetune": {"epochs": 3}}, "plan.finetune.epochs: 2 then, 3 now")):
+        with pytest.raises(InputError) as e:
+            _check_resume(parse_grid(base, "g"), before, now(**change))
+        assert words in str(e.value) and "--resume" in str(e.value) and "\n" not in str(e.value)

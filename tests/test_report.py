@@ -65,11 +65,11 @@ def test_report_words_and_tables(tmp_path):
     assert "one image is worth 0.1 points" in text
     assert "**upper end** of that interval" in text and "Newcombe" in text
     # every criterion side by side; none picked per layer
-    assert "| layer | channels | mean drop (pts) | l1_norm: safe K < 1 / < 5 pts | random: safe K < 1 / < 5 pts |" \
-        in text
+    assert "| layer | channels | l1_norm: mean drop up to 50% (pts) | l1_norm: safe K < 1 / < 5 pts | random: safe " \
+        "K < 1 / < 5 pts |" in text
     assert "best criterion" not in text
-    # mean drop over both criteria and every K: (0.2 + 0.5 + 0.9 + 30 + 0.2 + 0.4 + 4 + 30) / 8 = 8.275
-    assert "| `layer1.0.conv1` | 8 | 8.28 | 1 (12%) / 4 (50%) | 1 (12%) / 2 (25%) |" in text
+    # l1_norm's mean drop up to half the channels: (0.125 * 0.2 / 2 + 0.125 * 0.7 / 2 + 0.25 * 1.4 / 2) / 0.5 = 0.4625
+    assert "| `layer1.0.conv1` | 8 | 0.46 | 1 (12%) / 4 (50%) | 1 (12%) / 2 (25%) |" in text
     assert "K=4: 4.00 ± 2.00 (2.00 to 6.00)" in text  # random: mean and spread per K
     assert "`layer1.0.conv1`: l1_norm K=1: 5" in text  # the channels a safe K removes, from rankings.json
     assert "`layer1.0.conv2`: l1_norm K=8: 7, 6, 5, 4, 3, 2, 1, 0" in text
@@ -139,3 +139,77 @@ def test_trial_summary_takes_random_draws_as_their_mean_and_safe_only_where_ever
     s = report.trial_summary(random)
     assert (s["points"], s["safe_k_1pt"], s["safe_k_5pt"]) == (12, 1, 2)  # 4 K x 3 draws; K=2: a draw reaches 1.3
     assert s["accuracy_at_50pct"] == pytest.approx(90.0 - 4.0)  # the mean of the three draws at K=4
+
+
+def test_a_report_written_after_a_prune_job_keeps_its_plans_section(tmp_path) -> None:
+    """The sweep's report.md is written again on `sweep --resume`: the plans section comes back from plans.csv and
+    the prune job's record (plans/job.json), and only when both are there."""
+    from runner.outputs import plans
+
+    assert "## Plans" not in report.write_report(ROWS, meta(), [], tmp_path, len(ROWS)).read_text(encoding="utf-8")
+    row = {"budget": "macs0.5", "method": "uniform", "macs_kept": 0.49, "params_kept": 0.5, "latency_ms_b1": 1.0,
+           "latency_ms_b64": 9.0, "predicted_drop": 1.5, "accuracy_masked": 80.0, "accuracy_removed": 80.0,
+           "accuracy_finetuned": 85.0, "finetuned_low": 84.0, "finetuned_high": 86.0, "baseline_accuracy": 90.0}
+    plans.write_plans_csv(tmp_path, [row])
+    assert plans.saved_section(tmp_path) == []  # no job record: not a prune job's plans.csv
+    words = {"criterion": "l1_norm", "unit": "group", "chosen_on": "the eval images", "scored_on": "the test images",
+             "left_out": {}, "units": 12, "finetune": None, "base_macs": 1000, "base_params": 100}
+    plans.write_job(tmp_path, {"job_id": "x", "words": words})
+    text = report.write_report(ROWS, meta(), [], tmp_path, len(ROWS)).read_text(encoding="utf-8")
+    assert text.count("## Plans: a smaller model under a budget") == 1 and "## Which layers" in text
+    assert "| macs0.5 | uniform | 0.490 | 0.500 |" in text and text.endswith(plans.END + "\n")
+
+
+# --- the layer table's order, and the near-chance warning --------------------------------------------------
+
+def test_drop_to_half_is_the_mean_drop_over_the_first_half_of_the_channels():
+    pts = [{"fraction": 0.25, "accuracy_drop": 1.0}, {"fraction": 0.75, "accuracy_drop": 3.0},
+           {"fraction": 1.0, "accuracy_drop": 80.0}]
+    # (0.25 * (0 + 1) / 2 + 0.25 * (1 + 2) / 2) / 0.5, the drop at 50% read off the line from 25% to 75%
+    assert report.drop_to_half(pts) == 1.0
+    assert report.drop_to_half(pts[:1]) == 0.5  # measured up to 25% only: the mean over what was measured
+    assert report.drop_to_half([]) == 0.0
+
+
+# `late` is the demo's layer4.1.conv1: the largest drop at K = all channels, so the largest mean over every K,
+# yet safe under 1 point up to a quarter of its channels; `early` is past 1 point at its first K
+ORDER = [row("early", "l1_norm", k, d, d + 0.5) for k, d in ((1, 0.6), (2, 2.0), (4, 4.0), (8, 10.0))]
+ORDER += [row("late", "l1_norm", k, d, d + 0.5) for k, d in ((1, 0.1), (2, 0.2), (4, 3.0), (8, 80.0))]
+ORDER += [row("tie", "l1_norm", k, d, d + 0.5) for k, d in ((1, 0.1), (2, 0.3), (4, 6.0), (8, 12.0))]
+
+
+def test_layers_are_ordered_by_the_plan_criterions_safe_fraction_then_drop_up_to_half(tmp_path):
+    assert [s["layer"] for s in report.layer_summary(ORDER, "l1_norm")] == ["early", "tie", "late"]
+    text = report.write_report(ORDER, meta(criteria=("l1_norm",), order_by="l1_norm", roles={}), [], tmp_path,
+                               len(ORDER)).read_text(encoding="utf-8")
+    assert ("Order: most sensitive first by `l1_norm` (the criterion `prune` plans with): the smallest safe K "
+            "under 1 point as a fraction of the layer's channels first; ties by the larger mean drop up to 50% of "
+            "the channels (the area under the drop curve from 0 to 50%, divided by 0.5).") in text
+    table = [line for line in text.splitlines() if line.startswith("| `")]
+    # early: no safe K under 1 point; tie and late: 2 (25%), and tie's mean drop up to 50% is the larger:
+    # (0.125 * 0.1 / 2 + 0.125 * 0.4 / 2 + 0.25 * 6.3 / 2) / 0.5 = 1.6375 against (... 0.25 * 3.2 / 2) / 0.5 = 0.85
+    assert table == ["| `early` | 8 | 1.90 | none / 4 (50%) |", "| `tie` | 8 | 1.64 | 2 (25%) / 2 (25%) |",
+                     "| `late` | 8 | 0.85 | 2 (25%) / 4 (50%) |"]
+
+
+def test_a_base_accuracy_near_chance_is_a_warning_in_the_report(tmp_path):
+    words = ("the base accuracy 12.00% is within 5 points of chance (10.00% for 10 classes): the network has learnt "
+             "little, so its curves say little about a trained one; train the checkpoint further "
+             "(checkpoint.train.epochs) or point checkpoint.path at a trained one")
+    assert report.near_chance(12.0, 10) == words
+    assert report.near_chance(15.0, 10) is not None and report.near_chance(15.01, 10) is None  # chance + 5 points
+    assert report.near_chance(5.1, 1000) is not None and report.near_chance(float("nan"), 10) is None
+    low = [{**r, "baseline_accuracy": 12.0, "accuracy": 12.0 - r["accuracy_drop"]} for r in ROWS]
+    text = report.write_report(low, meta(classes=10), [], tmp_path, len(low)).read_text(encoding="utf-8")
+    assert f"**Warning: {words}.**" in text
+    text = report.write_report(ROWS, meta(classes=10), [], tmp_path, len(ROWS)).read_text(encoding="utf-8")
+    assert "Warning" not in text  # 90% on 10 classes
+
+
+def test_plurals_say_one_point_and_one_epoch(tmp_path):
+    from runner.errors import plural
+
+    assert [plural(1, "point"), plural(2, "point"), plural(1_000, "image"), plural(1, "class", "classes"),
+            plural(10, "class", "classes")] == ["1 point", "2 points", "1,000 images", "1 class", "10 classes"]
+    text = report.write_report(ROWS, meta(eval_images=100), [], tmp_path, len(ROWS)).read_text(encoding="utf-8")
+    assert "one image is worth 1 point. " in text

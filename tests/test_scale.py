@@ -1,4 +1,4 @@
-"""Scale on one machine (DESIGN §9): every conv of a width-0.125 ResNet-18, shortcuts included (20), K at 64
+"""Scale on one machine: every conv of a width-0.125 ResNet-18, shortcuts included (20), K at 64
 fractions of each layer's channels (as many distinct K as a layer has channels, up to 64), 3 criteria, 500
 eval images, W&B offline: 60 trials, 1,800 points. It completes, memory stays bounded, and the results, plots
 and report stay readable at that size. Marked slow (a few minutes); the measured time and peak memory are

@@ -1,4 +1,4 @@
-"""Security (DESIGN §9): a local Ray listens on 127.0.0.1 only, with no dashboard unless asked for; a W&B key
+"""Security: a local Ray listens on 127.0.0.1 only, with no dashboard unless asked for; a W&B key
 never lands in anything the sweep writes."""
 
 from __future__ import annotations

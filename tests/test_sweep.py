@@ -1,4 +1,4 @@
-"""End-to-end sweeps (DESIGN §4, §5, §9): the outputs of a real sweep, its W&B runs read back with W&B's own
+"""End-to-end sweeps: the outputs of a real sweep, its W&B runs read back with W&B's own
 CLI, interruption and --resume, a crashed trial retried, and W&B pointed at a server that is not there.
 
 Every sweep is tiny (width 0.125, a few hundred synthetic images, one shared checkpoint trained once per
@@ -200,6 +200,9 @@ def test_wandb_offline_runs(small_sweep):
     assert summary["name"] == "summary" and summary["exit_code"] == 0
     s = summary["summary"]
     assert s["baseline_accuracy"] == pytest.approx(baseline, abs=1e-6)
+    # the near-chance rule (runner.outputs.report.near_chance): at most 5 points above 100 / 10 classes
+    assert s["chance_accuracy"] == 10.0 and s["near_chance"] is (baseline <= 15.0)
+    assert ("warning" in s) is (baseline <= 15.0)
     assert s["results"]["_type"] == "table-file" and s["results"]["nrows"] == 12
     table = json.loads((summaries[0] / "files" / s["results"]["path"]).read_text(encoding="utf-8"))
     col = {c: i for i, c in enumerate(table["columns"])}
@@ -473,7 +476,60 @@ def test_load_results_of_a_partial_folder(small_sweep, tmp_path):
     frame = load_results(tmp_path)
     assert len(frame) == cut.count("\n") - 1 and list(frame["k"]) == [r["k"] for r in results(small_sweep.folder)][
         :len(frame)]
-    assert len(load_results(tmp_path / "nothing-yet")) == 0
+
+
+def test_load_results_refuses_a_folder_that_is_not_a_sweeps(tmp_path, monkeypatch):
+    """A wrong working directory or folder is one clear error naming the path, not an empty table."""
+    from runner import load_results
+    from runner.errors import InputError
+
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(InputError) as err:
+        load_results("runs/demo")
+    assert str(err.value) == (
+        f"load_results(folder): no such folder: got '{tmp_path / 'runs' / 'demo'}'; allowed: the output folder of "
+        "a sweep (<output>/<name>/, holding results.csv); fix: check the path, which is relative to the working "
+        f"directory {tmp_path}")
+    (tmp_path / "runs" / "demo").mkdir(parents=True)
+    with pytest.raises(InputError, match=r"^load_results\(folder\): no results.csv in that folder: got '"):
+        load_results("runs/demo")
+    with pytest.raises(InputError, match=r"^load_results\(folder, tune=True\): no Tune experiment there: got '"):
+        load_results("runs/demo", tune=True)
+
+
+def test_overrides_given_as_one_string_are_one_override(tmp_path):
+    """sweep(..., overrides="k=v") is one --set, refused here (before Ray) by the data check it names."""
+    from runner import sweep
+    from runner.errors import InputError
+
+    path = write_grid(tmp_path / "g.yaml", grid_dict(tmp_path))
+    with pytest.raises(InputError) as err:
+        sweep(path, overrides="data.eval_size=5000")
+    assert str(err.value) == ("--set data.eval_size=5000: data.eval_size: larger than the test split: got 5000; "
+                              "allowed: 1 .. 200, or null for all; fix: set data.eval_size: 200 or null")
+    assert not (tmp_path / "runs").exists()
+
+
+def test_the_reports_wandb_line_after_a_resume_whose_first_run_had_wandb_off(tmp_path):
+    """Two points measured with W&B off (no W&B folder), then --resume with W&B offline: the report's W&B line
+    says that those points are in no W&B run; once W&B runs are in the folder, nothing is missing."""
+    from runner.config import parse_grid
+    from runner.job.sweep import _unlogged, wandb_words
+    from runner.outputs.results import COLUMNS
+
+    grid = parse_grid(grid_dict(tmp_path), "g")
+    grid.folder.mkdir(parents=True)
+    row = {c: 1 for c in COLUMNS} | {"per_class_accuracy": "50.0"}
+    lines = [",".join(COLUMNS)] + [",".join(str(row[c]) for c in COLUMNS)] * 2
+    (grid.folder / "results.csv").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    assert _unlogged(grid, resume=False) == 0 and _unlogged(grid, resume=True) == 2
+    runs = grid.folder / "wandb"
+    assert wandb_words(grid, "offline", 2) == (
+        f"offline runs in {runs} (upload: `wandb sync {runs}/offline-run-*`); they hold what was measured after "
+        "--resume and the summary run, not the 2 points measured before with W&B off")
+    assert wandb_words(grid, "disabled", 2) == "off"
+    (runs / "offline-run-20261207_120000-abc").mkdir(parents=True)
+    assert _unlogged(grid, resume=True) == 0
 
 
 def test_load_results_gives_tunes_per_trial_table(small_sweep):
@@ -484,6 +540,9 @@ def test_load_results_gives_tunes_per_trial_table(small_sweep):
     assert sorted(zip(trials["layer"], trials["criterion"])) == sorted(
         (layer, c) for layer in SMALL_LAYERS for c in SMALL_CRITERIA)
     assert set(trials["results"]) == {2} and trials["error_file"].isna().all()  # two K each, reported to Tune
+    assert str(trials["ended"].dtype) == "datetime64[ns, UTC]"  # when each trial reported last, a datetime
+    started = datetime.fromtimestamp((small_sweep.folder / "config.yaml").stat().st_mtime, timezone.utc)
+    assert all(abs((t - started).total_seconds()) < 3600 for t in trials["ended"])
     # Tune made the deepest layer's trials first (their first point comes soonest), then the others in forward
     # order (the longest first); its trial ids count up in the order it made them
     made = trials.sort_values("trial_id")

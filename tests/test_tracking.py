@@ -380,7 +380,8 @@ def test_wandb_is_given_png_files_and_the_scratch_ones_are_removed(tmp_path):
 
 def test_preload_imports_what_every_wandb_init_imports():
     """The sweep imports W&B's Launch inputs module ahead (runner.outputs.tracking.preload) because every
-    `wandb.init` imports it; if a W&B release stops doing so, the preload is wasted startup time: this fails."""
+    `wandb.init` imports it; if a W&B release stops doing so, the preload is wasted startup time: this fails.
+    Reading W&B's source guards that workaround of ours (runner.outputs.tracking.preload) only."""
     import inspect
     import sys
 

@@ -131,3 +131,51 @@ def test_lr_factor(schedule, step, factor):
 def test_lr_factor_unknown_schedule():
     with pytest.raises(ValueError, match="^unknown schedule 'step'$"):
         lr_factor("step", 0, 10)
+
+
+def test_training_continued_from_an_epoch_state_equals_the_uninterrupted_run(tmp_path):
+    """What a resumed fine-tuning trial relies on: the state kept after epoch 1 (model, optimizer, the schedule's
+    step, the generator of data order and augmentation), saved and read back as the trial does, continues to the
+    same weights, losses and learning rates as a run that never stopped."""
+    from runner.inputs.train import TrainState, fit_model
+
+    grid = small_grid(tmp_path, train_size=100, epochs=3, batch_size=50, schedule="cosine", optimizer="sgd",
+                      lr=0.05)
+    data = load_data(grid.data, 10, grid.seed)
+    recipe = recipe_of(grid.checkpoint.train)
+    mean, std = normalisation(recipe, data)
+
+    class Epochs:
+        def __init__(self) -> None:
+            self.seen: list[dict] = []
+
+        def start(self, config) -> None: ...
+
+        def epoch(self, values) -> None:
+            self.seen.append({k: v for k, v in values.items() if k != "seconds"})
+
+        def trained(self, path, sha256, meta) -> None: ...
+
+    def fresh() -> torch.nn.Module:
+        torch.manual_seed(grid.seed)
+        return build("resnet18", 0.125, 10)
+
+    states: list[TrainState] = []
+    whole = Epochs()
+    model, losses = fit_model(fresh(), data.train, recipe, CPU, mean, std, grid.seed, False, whole,
+                              keep=lambda s: states.append(TrainState.of(_copied(s.payload(), tmp_path))))
+    assert [s.epoch for s in states] == [1, 2, 3] and states[0].step == 2
+    after_log = Epochs()
+    torch.manual_seed(1234)  # a later process: the global generator elsewhere, restored from the state
+    resumed, resumed_losses = fit_model(fresh(), data.train, recipe, CPU, mean, std, grid.seed, False, after_log,
+                                        state=states[0])
+    assert resumed_losses == losses and after_log.seen == whole.seen[1:]
+    sa, sb = model.state_dict(), resumed.state_dict()
+    assert all(torch.equal(sa[k], sb[k]) for k in sa)
+
+
+def _copied(payload: dict, folder) -> dict:
+    """The payload through a file, as the trial writes and reads it (weights only)."""
+    path = folder / "state.pt"
+    torch.save(payload, path)
+    return torch.load(path, weights_only=True)

@@ -1,4 +1,4 @@
-"""Channel-ranking criteria (DESIGN §6) and the one calibration pass that ranks every (layer, criterion).
+"""Channel-ranking criteria (docs/numbers.md#criteria-and-targets) and the one calibration pass that ranks every (layer, criterion).
 
 A criterion scores every channel of the pruned dimension (output channels for `target: output`, input
 channels for `target: input`); the K lowest scores are pruned, ties broken by channel index. Data criteria
@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from model.capture import watch
+from model.capture import hooked, watch
 from model.graph import ConvSite
 from model.groups import Group
 
@@ -201,14 +201,8 @@ def _own_inputs(model: nn.Module, names: list[str]) -> Iterator[None]:
                 *inputs[1:])
 
     modules = dict(model.named_modules())
-    handles = []
-    try:
-        for name in names:
-            handles.append(modules[name].register_forward_pre_hook(clone))
+    with hooked([(modules[name], clone, True) for name in names]):
         yield
-    finally:
-        for handle in handles:
-            handle.remove()
 
 
 def rank_all(model: nn.Module, convs: list[ConvSite], criteria: list[str], target: str,

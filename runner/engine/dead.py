@@ -1,4 +1,4 @@
-"""What physically removing pruned channels saves, read from the graph of dead channels (DESIGN §6).
+"""What physically removing pruned channels saves, read from the graph of dead channels (docs/numbers.md#savings).
 
 A mask makes some channels exactly zero for every image. Forward, the zeros spread: ReLU keeps a zero a zero, a
 residual sum is zero only where every addend is, a conv's output channel is zero only where all of its input
@@ -18,12 +18,7 @@ from dataclasses import dataclass
 from typing import Iterable, Sequence
 
 from model.layers import ConvInfo
-
-
-@dataclass(frozen=True)
-class Savings:
-    params: int
-    macs: int  # multiply-accumulates per image
+from model.savings import Savings, conv_macs
 
 
 @dataclass(frozen=True)
@@ -106,6 +101,6 @@ def savings(convs: Sequence[ConvInfo], conv: ConvInfo, target: str, pruned: Iter
         kk = c.kernel_size ** 2
         dead = (c.out_channels * c.in_channels - len(live.outputs[c.name]) * len(live.inputs[c.name])) * kk
         params += dead + 2 * (c.out_channels - len(live.outputs[c.name]))
-        macs += dead * c.out_hw[0] * c.out_hw[1]
+        macs += conv_macs(dead, c.out_hw)
     head = (_units(convs)[-1].paths[0][-1].out_channels - len(live.features)) * num_classes
     return Savings(params + head, macs + head)

@@ -1,4 +1,4 @@
-"""Where computation runs, and the precision and memory layout used there (DESIGN §8)."""
+"""Where computation runs, and the precision and memory layout used there."""
 
 from __future__ import annotations
 
@@ -30,8 +30,8 @@ def fast_math(device: torch.device) -> ContextManager:
 
 
 def uses_channels_last(device: torch.device) -> bool:
-    """channels_last: cuDNN tensor cores want it, and oneDNN on CPU runs this network about 4x faster with it
-    (measured: width-0.25 forward, 280 vs 1,090 images/s on 2 cores)."""
+    """channels_last: cuDNN tensor cores want it, and oneDNN on the CPU runs these networks several times
+    faster with it."""
     return device.type in ("cuda", "cpu")
 
 
@@ -65,11 +65,10 @@ def tune_allocator() -> bool:
     """Keep freed activation buffers in the process instead of returning them to the OS (glibc only).
 
     By default glibc hands every large block back with munmap, so each new activation tensor is page-faulted
-    in again: on the 2-core CI machine that made training 1.7x and evaluation 1.3x slower. And every thread
+    in again, which slows training and evaluation markedly on a small CPU. And every thread
     allocates from glibc's one main arena: a thread of its own arena (a Tune trial runs in one, and so do the
     driver's data and calibration) gets its memory in heaps of at most 64 MB that glibc unmaps whenever one
-    empties, whatever the thresholds say (measured: 9 demo trials in a thread, 1.3-2.7 million page faults and
-    2-8% slower than in the main thread; none with one arena). The arena limit holds for threads started after
+    empties, whatever the thresholds say (millions of page faults per trial; none with one arena). The arena limit holds for threads started after
     this call, so call it once per process, first thing, in entry points; a Ray worker's threads exist before
     any trial code runs, so a Ray the sweep starts passes MALLOC_ARENA_MAX=1 to its workers' environment
     (`runner.job.ray_env.OWN_RAY_ENV`). Returns whether the settings took.

@@ -26,7 +26,7 @@ class Evaluation:
 
 def batch_sum(x: Tensor) -> Tensor:
     """Sum over the batch dimension. A channels_last tensor is summed as the NHWC array it is: torch's
-    dim-0 reduction over that layout is about 20x slower (measured on CPU: 36 vs 1.8 ms for 500x16x32x32)."""
+    dim-0 reduction over that layout is many times slower on the CPU."""
     if x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last):
         return x.permute(0, 2, 3, 1).sum(0).permute(2, 0, 1).contiguous()
     return x.sum(0)

@@ -1,4 +1,4 @@
-"""The layer sweep: for one (layer, criterion), every K evaluated on a cached prefix (DESIGN §7, §8).
+"""The layer sweep: for one (layer, criterion), every K evaluated on a cached prefix (docs/design.md#the-engine).
 
 Everything before the mask point is computed once and kept on the device (the cut of `model.graph`); the
 baseline (K = 0) and then each K run only what comes after it, accumulating mean feature maps in the same pass.
@@ -33,7 +33,7 @@ from runner.engine.device import compute_dtype, fast_math, free_memory_bytes, us
 from runner.engine.evaluate import Evaluation, Tally, evaluate
 from runner.engine.images import Images, to_device
 from runner.engine.paired import drop_interval
-from runner.engine.prune import Savings, channels_of, keep_mask, savings as consumer_savings
+from runner.engine.prune import channels_of, keep_mask, savings as consumer_savings
 
 log = logging.getLogger(__name__)
 
@@ -70,7 +70,7 @@ class Point:
     channels: int
     accuracy: float
     loss: float
-    per_class: tuple[float, ...]
+    per_class_accuracy: tuple[float, ...]
     baseline_accuracy: float  # K = 0 through the same suffix, device and precision
     right_to_wrong: int  # images right at baseline and wrong at K
     wrong_to_right: int  # images wrong at baseline and right at K
@@ -168,7 +168,7 @@ def sweep_layer(model: torch.nn.Module, conv: ConvSite | Group, target: str, ran
         for key in [BASELINE, *todo]:
             started = time.perf_counter()
             with fast_math(device):
-                tallies[key] = evaluate(lambda c: forward(c, key), cache, labels, evalset.num_classes,
+                tallies[key] = evaluate(lambda c, key=key: forward(c, key), cache, labels, evalset.num_classes,
                                         tallies.get(key))
             if key == BASELINE:
                 if len(chunks) == 1:
@@ -193,8 +193,7 @@ def _point(model: torch.nn.Module, conv: ConvSite | Group, target: str, ranking:
     pruned = ranking.orders[repeat][:k]
     layers = _traced(model)[1]
     if isinstance(conv, Group):
-        macs, params = group_savings(model, conv, pruned, list(convs.values()))
-        saved = Savings(params, macs)
+        saved = group_savings(model, conv, pruned, list(convs.values()))
     elif layers is not None:  # the project's ResNet-18: everything the pruned channels leave dead
         saved = dead_savings(list(layers.values()), layers[conv.name], target, pruned, len(result.per_class))
     else:
@@ -204,7 +203,7 @@ def _point(model: torch.nn.Module, conv: ConvSite | Group, target: str, ranking:
     low, high = drop_interval(result.count, int(np.count_nonzero(baseline.correct)), lost, gained)
     return Point(unit="group" if isinstance(conv, Group) else "layer", layer=conv.name, criterion=ranking.criterion,
                  target=target, k=k, repeat=repeat, channels=channels,
-                 accuracy=result.accuracy, loss=result.loss, per_class=result.per_class,
+                 accuracy=result.accuracy, loss=result.loss, per_class_accuracy=result.per_class,
                  baseline_accuracy=baseline.accuracy, right_to_wrong=lost, wrong_to_right=gained, drop_low=low,
                  drop_high=high, eval_images=result.count, params_removed=saved.params, macs_removed=saved.macs,
                  seconds=round(seconds + time.perf_counter() - started, 4), maps=result.maps)

@@ -1,4 +1,4 @@
-"""The uncertainty of an accuracy drop measured on the same images as its baseline (DESIGN §6).
+"""The uncertainty of an accuracy drop measured on the same images as its baseline (docs/numbers.md#uncertainty).
 
 Each eval image is a pair: right or wrong unpruned, right or wrong at K. The drop depends only on the images
 that flipped, and the interval on it is Newcombe's hybrid score interval for the difference of paired

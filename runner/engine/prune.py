@@ -1,4 +1,4 @@
-"""Pruning semantics (DESIGN §6): channel masks and their weight-surgery equivalent.
+"""Pruning semantics (docs/numbers.md#criteria-and-targets): channel masks and their weight-surgery equivalent.
 
 `target: output` removes filter c of conv L and its BN channel: the channel is exactly zero after L's BN.
 `target: input` zeroes input channel c of L (`conv.weight[:, c] = 0`, the seed's operation). Pruning is a
@@ -11,14 +11,15 @@ from __future__ import annotations
 
 import copy
 from contextlib import contextmanager
-from dataclasses import dataclass
 from typing import Iterator, Sequence
 
 import torch
 from torch import Tensor, nn
 
+from model.capture import hooked
 from model.graph import ConvSite
 from model.groups import Group
+from model.savings import Savings, conv_macs
 
 
 def channels_of(conv: ConvSite | Group, target: str) -> int:
@@ -42,16 +43,14 @@ def masked(model: nn.Module, conv: ConvSite, target: str, pruned: Sequence[int])
     if target == "output":
         def after_bn(module: nn.Module, inputs: tuple, out: Tensor) -> Tensor:
             return out * keep_mask(out.shape[1], pruned, out.device).view(1, -1, 1, 1).to(out.dtype)
-        handle = modules[conv.bn or conv.name].register_forward_hook(after_bn)
+        hook = (modules[conv.bn or conv.name], after_bn, False)
     else:
         def before_conv(module: nn.Module, inputs: tuple) -> tuple:
             x = inputs[0]
             return (x * keep_mask(x.shape[1], pruned, x.device).view(1, -1, 1, 1).to(x.dtype),)
-        handle = modules[conv.name].register_forward_pre_hook(before_conv)
-    try:
+        hook = (modules[conv.name], before_conv, True)
+    with hooked([hook]):
         yield
-    finally:
-        handle.remove()
 
 
 def zero_weights(model: nn.Module, conv: ConvSite, target: str, pruned: Sequence[int]) -> None:
@@ -77,27 +76,20 @@ def surgery(model: nn.Module, conv: ConvSite, target: str, pruned: Sequence[int]
     return edited
 
 
-@dataclass(frozen=True)
-class Savings:
-    params: int
-    macs: int  # multiply-accumulates per image
-
-
 def savings(conv: ConvSite, target: str, k: int, convs: dict[str, ConvSite]) -> Savings:
     """What physically removing k channels would save: in L, and for output pruning, the matching input slice
     of the conv that alone reads L's output (`ConvSite.consumer`: a block's first conv -> its second). BN's
     gamma and beta count as parameters; grouped convs count their per-group weights."""
     kk = conv.kernel_size[0] * conv.kernel_size[1]
-    h, w = conv.out_hw
     if target == "input":  # a weight slice of every output channel's group (depthwise: one filter each)
         per = conv.out_channels // conv.groups
-        return Savings(params=k * per * kk, macs=k * per * kk * h * w)
+        return Savings(params=k * per * kk, macs=conv_macs(k * per * kk, conv.out_hw))
     fan_in = conv.in_channels // conv.groups
     params = k * fan_in * kk + (2 * k if conv.bn else 0)
-    macs = k * fan_in * kk * h * w
+    macs = conv_macs(k * fan_in * kk, conv.out_hw)
     if conv.consumer:
         nxt = convs[conv.consumer]
         nk = nxt.kernel_size[0] * nxt.kernel_size[1]
         params += k * nxt.out_channels * nk
-        macs += k * nxt.out_channels * nk * nxt.out_hw[0] * nxt.out_hw[1]
+        macs += conv_macs(k * nxt.out_channels * nk, nxt.out_hw)
     return Savings(params, macs)

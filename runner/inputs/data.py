@@ -1,8 +1,10 @@
 """Datasets as uint8 arrays with train / calibration / test splits, and their device-resident tensors.
 
-Four kinds (DESIGN §3): `synthetic` (embedded, no download), `cifar10` (torchvision's folder), `npz`
-(your arrays) and `imagefolder` (class subfolders of image files, decoded once into an array cache). The calibration split is held out of train (seeded) and never trained on. Everything after
-loading works on tensors: normalisation and augmentation run on the device, no per-sample PIL transforms.
+Four kinds (docs/data.md): `synthetic` (embedded, no download), `cifar10` (torchvision's folder), `npz`
+(your arrays) and `imagefolder` (class subfolders of image files, decoded once into an array cache). The
+calibration split is held out of train (seeded) and never trained on; the eval and train subsets are the first
+images of their split in `data.order` (runner.inputs.order). Everything after loading works on tensors:
+normalisation and augmentation run on the device, no per-sample PIL transforms.
 """
 
 from __future__ import annotations
@@ -18,10 +20,12 @@ from typing import Callable
 import numpy as np
 from tqdm import tqdm
 
+from runner.basics import short
 from runner.config import DataConfig
 from runner.engine.images import Images
 from runner.errors import InputError
 from runner.inputs import synthetic
+from runner.inputs.order import Subset, arranged
 from runner.storage import atomic_path
 
 log = logging.getLogger(__name__)
@@ -50,7 +54,7 @@ class Holdout:
         return {"seed": self.seed, "size": self.size, "total": self.total, "sha256": self.sha256}
 
     def describe(self) -> str:
-        return f"seed {self.seed}, {self.size:,} of {self.total:,} train images (indices sha256 {self.sha256[:12]})"
+        return f"seed {self.seed}, {self.size:,} of {self.total:,} train images (indices sha256 {short(self.sha256)})"
 
 
 def holdout_index(total: int, size: int, seed: int) -> np.ndarray:
@@ -66,6 +70,22 @@ class Dataset:
     test: Images
     classes: tuple[str, ...]
     holdout: Holdout | None = None  # the calibration split of the train images
+    order: str = "given"  # the order the subsets were taken in (data.order, resolved)
+    test_split: int = 0  # how many test images the split holds (`test` is its eval images)
+
+    def eval_words(self) -> str:
+        """Which test images the eval images are, and of how many classes, in words."""
+        n = len(self.test)
+        where = f"all {n:,} test images" if n >= self.test_split else \
+            f"the first {n:,} of {self.test_split:,}" + (" in data.order: stratified" if self.order == "stratified"
+                                                         else "")
+        return f"{where}; {class_words(self.test.labels)}"
+
+    def subsets(self) -> dict[str, dict[str, int]]:
+        """Images and classes of each part (the eval images, the calibration hold-out, the train images kept),
+        with the fewest and most images of a class: what the W&B runs' config records."""
+        parts = {"eval": self.test, "calibration": self.calibration, "train": self.train}
+        return {name: class_counts(part.labels) for name, part in parts.items() if len(part)}
 
     def stats(self) -> tuple[tuple[float, ...], tuple[float, ...]]:
         """Per-channel mean and std of the training images, in [0, 1] units (the normalisation)."""
@@ -116,6 +136,21 @@ IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".gif", ".tif", ".ti
 
 def _imagefolder(cfg: DataConfig, seed: int) -> tuple[Images, Images, tuple[str, ...]]:
     """train/ and test/ (or val/) folders of class subfolders, decoded once into a uint8 array cache."""
+    train_dir, test_dir, classes = _folders(cfg)
+    size = cfg.image_size or IMAGE_SHAPE[0]
+    resize = cfg.resize or round(size * 8 / 7)
+    return (_decoded(_files(train_dir, classes), size, resize, cfg.cache, train_dir, "train"),
+            _decoded(_files(test_dir, classes), size, resize, cfg.cache, test_dir, "test"), classes)
+
+
+def folder_labels(cfg: DataConfig) -> tuple[np.ndarray, np.ndarray]:
+    """An image folder's train and test labels, in the order it is read, from its file names alone."""
+    train_dir, test_dir, classes = _folders(cfg)
+    return tuple(np.array([i for _, i in _files(folder, classes)], np.int64) for folder in (train_dir, test_dir))
+
+
+def _folders(cfg: DataConfig) -> tuple[Path, Path, tuple[str, ...]]:
+    """An image folder's train and test folders, checked, and its classes (the train folder's subfolders)."""
     root = Path(cfg.root)
     train_dir = Path(cfg.train) if cfg.train else root / "train"
     test_dir = Path(cfg.test) if cfg.test else next((root / n for n in ("test", "val") if (root / n).is_dir()),
@@ -129,15 +164,17 @@ def _imagefolder(cfg: DataConfig, seed: int) -> tuple[Images, Images, tuple[str,
     if not classes:
         raise InputError("data.root", str(train_dir), "no class subfolders", "train/<class>/<image files>",
                          "put each class's images in a subfolder named after it")
-    size = cfg.image_size or IMAGE_SHAPE[0]
-    resize = cfg.resize or round(size * 8 / 7)
-    return (_decoded(train_dir, classes, size, resize, cfg.cache, "train"),
-            _decoded(test_dir, classes, size, resize, cfg.cache, "test"), classes)
+    return train_dir, test_dir, classes
 
 
-def _decoded(folder: Path, classes: tuple[str, ...], size: int, resize: int, cache: str | None, part: str) -> Images:
-    files = [(f, i) for i, c in enumerate(classes) if (folder / c).is_dir()
-             for f in sorted((folder / c).iterdir()) if f.suffix.lower() in IMAGE_SUFFIXES]
+def _files(folder: Path, classes: tuple[str, ...]) -> list[tuple[Path, int]]:
+    """(image file, class index) class by class, each class's files sorted by name: the folder's given order."""
+    return [(f, i) for i, c in enumerate(classes) if (folder / c).is_dir()
+            for f in sorted((folder / c).iterdir()) if f.suffix.lower() in IMAGE_SUFFIXES]
+
+
+def _decoded(files: list[tuple[Path, int]], size: int, resize: int, cache: str | None, folder: Path,
+             part: str) -> Images:
     key = hashlib.sha256(repr((size, resize, [(str(f), f.stat().st_size, f.stat().st_mtime_ns, i)
                                               for f, i in files])).encode()).hexdigest()[:16]
     path = Path(cache) / f"{part}-{key}.npz" if cache else folder.parent / f".prune-sweep-{part}-{key}.npz"
@@ -230,35 +267,158 @@ def check_labels(part: Images, num_classes: int, field: str) -> None:
                          "fix the labels or model.num_classes")
 
 
-def load_data(cfg: DataConfig, num_classes: int, seed: int, training: bool = True) -> Dataset:
-    """Load a dataset, check it against the model's class count, hold out the calibration split.
+def load_data(cfg: DataConfig, num_classes: int, seed: int, training: bool = True, scored: bool = False) -> Dataset:
+    """Load a dataset, check it against the model's class count, hold out the calibration split, take the eval and
+    train subsets in `data.order` (refused in a file's order that is by class: `check_order`; `scored`: the test
+    images after the eval ones are scored too, plan.score_on: test).
 
     `training=False` (a sweep whose checkpoint exists: it ranks and evaluates, it does not train): the training
     images other than the hold-out are not kept (`Dataset.train` is empty), and synthetic data does not even
-    draw them (the demo's data in 0.5 instead of 1.7 s); the hold-out and the test images are the same."""
+    draw them; the hold-out and the test images are the same."""
     held_only = cfg.dataset == "synthetic" and not training
     train, test, classes = (_synthetic_holdout if held_only else LOADERS[cfg.dataset])(cfg, seed)
     total = cfg.synthetic_train if held_only else len(train)
-    if classes and len(classes) != num_classes:
-        raise InputError("model.num_classes", num_classes, f"the data has {len(classes)} classes",
-                         f"{len(classes)}", f"set model.num_classes: {len(classes)}")
+    check_shape(cfg, num_classes, Shape(total, len(test), classes))
     for name, part in (("train", train), ("test", test)):
         check_labels(part, num_classes, f"data.{name}")
-    if cfg.calibration_size >= total:
-        raise InputError("data.calibration_size", cfg.calibration_size, "not smaller than the train split",
-                         f"1 .. {total - 1}", "hold out fewer images")
-    if cfg.eval_size is not None and cfg.eval_size > len(test):
-        raise InputError("data.eval_size", cfg.eval_size, "larger than the test split",
-                         f"1 .. {len(test)}, or null for all", f"set data.eval_size: {len(test)} or null")
+    check_order(cfg, test.labels, None if held_only else train.labels, seed, scored)
     if held_only:
         calibration, train = train, train.take(slice(0))
     else:
         held = holdout_index(total, cfg.calibration_size, seed)
-        kept = np.setdiff1d(np.arange(total), held)[: cfg.train_size] if training else slice(0)
+        kept = _kept(cfg, train.labels, held, seed) if training else slice(0)
         train, calibration = train.take(kept), train.take(held)
+    order = _test_order(cfg, test.labels, seed)
     names = classes or tuple(f"class{i}" for i in range(num_classes))
-    return Dataset(cfg.dataset, train, calibration, test.take(slice(cfg.eval_size)), names,
-                   Holdout.of(total, cfg.calibration_size, seed))
+    return Dataset(cfg.dataset, train, calibration, test if order is None else test.take(order[: cfg.eval_size]),
+                   names, Holdout.of(total, cfg.calibration_size, seed), cfg.resolved_order, len(test))
+
+
+def _test_order(cfg: DataConfig, labels: np.ndarray, seed: int) -> np.ndarray | None:
+    """The test split in `data.order` when the eval images are part of it; None when they are all of it."""
+    if cfg.eval_size is None or cfg.eval_size >= len(labels):
+        return None
+    return arranged(labels, cfg.resolved_order, seed, "test")
+
+
+def _kept(cfg: DataConfig, labels: np.ndarray, held: np.ndarray, seed: int) -> np.ndarray:
+    """The train images kept for training: those not held out, their first `train_size` in `data.order`."""
+    kept = np.setdiff1d(np.arange(len(labels)), held)
+    if cfg.train_size is None or cfg.train_size >= len(kept):
+        return kept
+    return kept[arranged(labels[kept], cfg.resolved_order, seed, "train")][: cfg.train_size]
+
+
+def unseen(cfg: DataConfig, seed: int) -> tuple[Images, int]:
+    """The test images the eval images leave out (plan.score_on: test), in `data.order`, and how many test images
+    there are in all; loaded again, as the sweep keeps only its eval images."""
+    _, test, _ = (_synthetic_holdout if cfg.dataset == "synthetic" else LOADERS[cfg.dataset])(cfg, seed)
+    order = _test_order(cfg, test.labels, seed)
+    return (test.take(slice(0)) if order is None else test.take(order[cfg.eval_size:])), len(test)
+
+
+def check_order(cfg: DataConfig, test_labels: np.ndarray, train_labels: np.ndarray | None, seed: int,
+                scored: bool = False) -> None:
+    """In `data.order: given`, refuse an eval, score or train subset whose labels come grouped by class
+    (runner.inputs.order.grouped): one line naming the key, what was seen and the fix. `train_labels`: the whole
+    train split's (None: not at hand, as synthetic data without its training images)."""
+    if cfg.resolved_order != "given":
+        return
+    subsets, n = [], cfg.eval_size
+    if n is not None and n < len(test_labels):
+        subsets.append(Subset("data.eval_size", n, f"the first {n:,} test images", test_labels[:n], test_labels))
+        if scored:
+            subsets.append(Subset("data.order", "given", f"the {len(test_labels) - n:,} test images after the "
+                                  f"first {n:,} (plan.score_on: test)", test_labels[n:], test_labels))
+    if train_labels is not None and cfg.train_size is not None:
+        kept = np.setdiff1d(np.arange(len(train_labels)),
+                            holdout_index(len(train_labels), cfg.calibration_size, seed))
+        if cfg.train_size < len(kept):
+            subsets.append(Subset("data.train_size", cfg.train_size, f"the first {cfg.train_size:,} training "
+                                  "images (after the calibration hold-out)", train_labels[kept[: cfg.train_size]],
+                                  train_labels[kept]))
+    for subset in subsets:
+        subset.check(_order_fix(cfg, "train" if subset.field == "data.train_size" else "test"))
+
+
+def _order_fix(cfg: DataConfig, split: str) -> str:
+    if cfg.dataset == "npz":
+        return f"set data.order: stratified, or shuffle data.{split}'s images and labels together"
+    if cfg.dataset == "imagefolder":
+        return "set data.order: stratified (or null, an image folder's default)"
+    return "set data.order: stratified"
+
+
+def class_counts(labels: np.ndarray) -> dict[str, int]:
+    """How many images, of how many classes, and the fewest and most images of a class among them."""
+    counts = np.unique(labels, return_counts=True)[1]
+    return {"images": len(labels), "classes": len(counts), "per_class_min": int(counts.min()) if len(counts) else 0,
+            "per_class_max": int(counts.max(initial=0))}
+
+
+def class_words(labels: np.ndarray) -> str:
+    """Of how many classes the images are, in words: "10 classes, 20 per class" (or "18-22 per class")."""
+    c = class_counts(labels)
+    low, high = c["per_class_min"], c["per_class_max"]
+    return f"{c['classes']} classes, {low:,}{'' if low == high else f'-{high:,}'} per class"
+
+
+def test_span(cfg: DataConfig, start: int, stop: int) -> str:
+    """Which test images the positions start+1 .. stop of the split's order are, in words."""
+    span = f"{cfg.dataset} test images {start + 1:,}-{stop:,}"
+    return span + " in data.order: stratified" if cfg.resolved_order == "stratified" else span
+
+
+@dataclass(frozen=True)
+class Shape:
+    """What the checks need of a dataset, known without decoding it: the split sizes and the class names."""
+
+    train: int
+    test: int
+    classes: tuple[str, ...]
+
+    def names(self, num_classes: int) -> tuple[str, ...]:
+        """The class names a loaded Dataset gets (class0, class1, ... when the data names none)."""
+        return self.classes or tuple(f"class{i}" for i in range(num_classes))
+
+
+CIFAR10_SIZES = (50_000, 10_000)
+
+
+def data_shape(cfg: DataConfig, num_classes: int) -> Shape:
+    """The dataset's sizes and classes, read without decoding or downloading (npz files are read and their
+    labels checked), for the dry run and the checks made before Ray starts."""
+    if cfg.dataset == "synthetic":
+        return Shape(cfg.synthetic_train, cfg.synthetic_test, synthetic.CLASSES)
+    if cfg.dataset == "cifar10":
+        return Shape(*CIFAR10_SIZES, CIFAR10_CLASSES)
+    if cfg.dataset == "npz":
+        train, test, classes = _npz(cfg, 0)
+        for name, part in (("train", train), ("test", test)):
+            check_labels(part, num_classes, f"data.{name}")
+        return Shape(len(train), len(test), classes)
+    train_dir, test_dir, classes = _folders(cfg)
+    return Shape(len(_files(train_dir, classes)), len(_files(test_dir, classes)), classes)
+
+
+def check_shape(cfg: DataConfig, num_classes: int, shape: Shape) -> None:
+    """The data against the grid: its class count, the calibration hold-out and the eval images it asks for."""
+    if shape.classes and len(shape.classes) != num_classes:
+        raise InputError("model.num_classes", num_classes, f"the data has {len(shape.classes)} classes",
+                         f"{len(shape.classes)}", f"set model.num_classes: {len(shape.classes)}")
+    if cfg.calibration_size >= shape.train:
+        raise InputError("data.calibration_size", cfg.calibration_size, "not smaller than the train split",
+                         f"1 .. {shape.train - 1}", "hold out fewer images")
+    if cfg.eval_size is not None and cfg.eval_size > shape.test:
+        raise InputError("data.eval_size", cfg.eval_size, "larger than the test split",
+                         f"1 .. {shape.test}, or null for all", f"set data.eval_size: {shape.test} or null")
+
+
+def checked_shape(cfg: DataConfig, num_classes: int) -> Shape:
+    """`data_shape`, checked by `check_shape`: every check `load_data` makes, without loading."""
+    shape = data_shape(cfg, num_classes)
+    check_shape(cfg, num_classes, shape)
+    return shape
 
 
 def planned_holdout(cfg: DataConfig, seed: int) -> Holdout | None:

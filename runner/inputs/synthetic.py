@@ -106,7 +106,10 @@ def _draw(label: int, d: dict[str, np.ndarray]) -> np.ndarray:
     """Noise-free images of one class from their per-image draws."""
     coords = ((np.arange(SIZE) + 0.5) / SIZE * 2 - 1).astype(np.float32)
     yy, xx = np.meshgrid(coords, coords, indexing="ij")
-    col = lambda a: a.astype(np.float32)[:, None, None]  # noqa: E731  per-image scalar -> [m, 1, 1]
+
+    def col(a: np.ndarray) -> np.ndarray:  # per-image scalar -> [m, 1, 1]
+        return a.astype(np.float32)[:, None, None]
+
     x0 = (xx - col(d["centre"][:, 0])) / col(d["scale"])
     y0 = (yy - col(d["centre"][:, 1])) / col(d["scale"])
     cos, sin = col(np.cos(d["angle"])), col(np.sin(d["angle"]))
@@ -114,7 +117,10 @@ def _draw(label: int, d: dict[str, np.ndarray]) -> np.ndarray:
     mask = _shape(label, u, v)[..., None]
     shade = _texture(label, u, v, col(d["phase"]))[..., None]
     ramp = ((col(np.cos(d["direction"])) * xx + col(np.sin(d["direction"])) * yy + 1) / 2)[..., None]
-    rgb = lambda key: d[key].astype(np.float32)[:, None, None, :]  # noqa: E731  per-image colour
+
+    def rgb(key: str) -> np.ndarray:  # per-image colour -> [m, 1, 1, 3]
+        return d[key].astype(np.float32)[:, None, None, :]
+
     image = rgb("bg_a") * (1 - ramp) + rgb("bg_b") * ramp
     bx, by, ax, ay = (col(d["blob"][:, i]) for i in range(4))
     blob = (((xx - bx) / ax) ** 2 + ((yy - by) / ay) ** 2 < 1)[..., None]

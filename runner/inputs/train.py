@@ -1,8 +1,8 @@
-"""Training the shared checkpoint that a grid file names (DESIGN §2, `scripts/train.py`).
+"""Training the shared checkpoint that a grid file names (`scripts/train.py`).
 
 Training reports to a TrainLog that the caller passes in (the job layer's W&B train run, which logs the curves
-and the checkpoint as a `model` artifact; the protocol and its do-nothing form live in
-runner.outputs.tracking); this layer never imports W&B.
+and the checkpoint as a `model` artifact; the protocol and its do-nothing form live in runner.basics); this
+layer never imports W&B.
 """
 
 from __future__ import annotations
@@ -11,23 +11,25 @@ import logging
 import math
 import sys
 import time
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
+from typing import Any, Callable
 
 import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
 from model.checkpoint import Checkpoint
+from runner.basics import NullTrainLog, TrainLog, short
 from runner.config import Grid, TrainConfig
 from runner.engine.device import fast_math, pick_device, place, uses_channels_last
 from runner.engine.evaluate import evaluate
 from runner.engine.images import Images, augment, to_device
-from runner.errors import InputError
+from runner.errors import InputError, plural
 from runner.inputs import checkpoints
-from runner.inputs.data import Dataset, load_data
+from runner.inputs.data import Dataset, Holdout, load_data
 from runner.inputs.models import build_for
-from runner.outputs.tracking import NullTrainLog, TrainLog
 from runner.provenance import versions
 
 log = logging.getLogger(__name__)
@@ -88,21 +90,57 @@ def train_model(grid: Grid, data: Dataset, recipe: Recipe, device: torch.device,
     return fit_model(build_for(grid), data.train, recipe, device, mean, std, grid.seed, progress, log_to)
 
 
+@dataclass
+class TrainState:
+    """Where training stands after a finished epoch: enough to continue it as if it had never stopped (the
+    learning-rate schedule's position is `step`; `generator` draws the data order and the augmentation)."""
+
+    epoch: int  # epochs finished
+    step: int  # optimizer steps taken
+    losses: list[float]
+    model: dict[str, Any]  # state_dict
+    optimizer: dict[str, Any]
+    generator: torch.Tensor
+    torch_rng: torch.Tensor  # torch's global generator (dropout, if the network has any)
+
+    def payload(self) -> dict[str, Any]:
+        """Tensors, lists and numbers only: what torch.load(weights_only=True) reads back."""
+        return {k: getattr(self, k) for k in ("epoch", "step", "losses", "model", "optimizer", "generator",
+                                               "torch_rng")}
+
+    @classmethod
+    def of(cls, payload: dict[str, Any]) -> "TrainState":
+        return cls(**{k: payload[k] for k in ("epoch", "step", "losses", "model", "optimizer", "generator",
+                                               "torch_rng")})
+
+
 def fit_model(model: torch.nn.Module, train: Images, recipe: Recipe, device: torch.device,
               mean: tuple[float, ...], std: tuple[float, ...], seed: int, progress: bool = True,
-              log_to: TrainLog | None = None) -> tuple[torch.nn.Module, list[float]]:
+              log_to: TrainLog | None = None, state: TrainState | None = None,
+              keep: Callable[[TrainState], None] | None = None, channels_last: bool | None = None
+              ) -> tuple[torch.nn.Module, list[float]]:
     """Train `model` (a fresh network, or a pruned one being fine-tuned) on the `train` images with `recipe`,
-    inputs normalised with (mean, std); returns it on `device` in eval mode and the mean loss of each epoch."""
+    inputs normalised with (mean, std); returns it on `device` in eval mode and the mean loss of each epoch.
+    `state` continues training where it stood after an epoch; `keep` is handed the state after every epoch
+    (before the epoch is reported). `channels_last`: the memory layout (default: the device's fastest)."""
     log_to = log_to or NullTrainLog()
     gen = torch.Generator(device="cpu").manual_seed(seed)
-    channels_last = uses_channels_last(device)
+    channels_last = uses_channels_last(device) if channels_last is None else channels_last
     model = place(model, device)
+    if not channels_last:
+        model = model.to(memory_format=torch.contiguous_format)
     x_all = to_device(train.images, mean, std, device, channels_last=channels_last)
     y_all = torch.from_numpy(train.labels).to(device)
     opt = _optimizer(model, recipe)
     steps_per_epoch = math.ceil(len(y_all) / recipe.batch_size)
-    total, step, losses = recipe.epochs * steps_per_epoch, 0, []
-    for epoch in range(recipe.epochs):
+    total, step, losses, first = recipe.epochs * steps_per_epoch, 0, [], 0
+    if state is not None:
+        model.load_state_dict(state.model)
+        opt.load_state_dict(state.optimizer)
+        gen.set_state(state.generator)
+        torch.set_rng_state(state.torch_rng)
+        step, losses, first = state.step, list(state.losses), state.epoch
+    for epoch in range(first, recipe.epochs):
         model.train()
         order = torch.randperm(len(y_all), generator=gen).to(device)
         # a bar on a terminal; in a log file one line per epoch (a bar there is a carriage return per batch)
@@ -127,6 +165,9 @@ def fit_model(model: torch.nn.Module, train: Images, recipe: Recipe, device: tor
             run_seen += len(y)
             bar.set_postfix(loss=f"{run_loss / run_seen:.3f}", acc=f"{100 * run_hits / run_seen:.1f}%")
         losses.append(run_loss / run_seen)
+        if keep is not None:
+            keep(TrainState(epoch + 1, step, list(losses), model.state_dict(), opt.state_dict(), gen.get_state(),
+                            torch.get_rng_state()))
         log_to.epoch({"epoch": epoch + 1, "loss": losses[-1], "train_accuracy": 100 * run_hits / run_seen,
                       "lr": opt.param_groups[0]["lr"], "seconds": time.time() - started})
         log.info("epoch %d/%d: loss %.3f, train accuracy %.1f%% (%.0f s)", epoch + 1, recipe.epochs, losses[-1],
@@ -156,8 +197,9 @@ def train_checkpoint(grid: Grid, data: Dataset | None = None, device: torch.devi
     data = data or load_data(grid.data, grid.model.num_classes, grid.seed)
     device = device or pick_device()
     recipe = recipe_of(grid.checkpoint.train)
-    log.info("training %s width %g on %s (%d images, %s) for %d epochs", grid.model.arch, grid.model.width,
-             data.name, len(data.train), device, recipe.epochs)
+    arch = grid.model.arch + (f" width {grid.model.width:g}" if grid.model.arch == "resnet18" else "")
+    log.info("training %s on %s (%d images, %s) for %s", arch, data.name, len(data.train), device,
+             plural(recipe.epochs, "epoch"))
     log_to = log_to or NullTrainLog()
     log_to.start({"recipe": recipe.model_dump(), "device": str(device), "train_images": len(data.train)})
     started = time.time()
@@ -167,6 +209,7 @@ def train_checkpoint(grid: Grid, data: Dataset | None = None, device: torch.devi
     accuracy = test_accuracy(model, data, device, mean, std)
     meta = {
         "arch": grid.model.arch, "width": float(grid.model.width), "num_classes": grid.model.num_classes,
+        "kwargs": dict(grid.model.kwargs),
         "classes": list(data.classes), "mean": list(mean), "std": list(std), "dataset": data.name,
         "train_images": len(data.train), "calibration_images": len(data.calibration),
         "calibration_holdout": data.holdout.as_dict() if data.holdout else None,
@@ -176,7 +219,7 @@ def train_checkpoint(grid: Grid, data: Dataset | None = None, device: torch.devi
     }
     digest = checkpoints.save(grid.checkpoint.path, model.cpu(), meta)
     log.info("test accuracy %.2f%% after %.0f s; wrote %s (sha256 %s)", accuracy, seconds,
-             grid.checkpoint.path, digest[:12])
+             grid.checkpoint.path, short(digest))
     log_to.trained(str(grid.checkpoint.path), digest, meta)
     return str(Path(grid.checkpoint.path))
 
@@ -190,9 +233,44 @@ def ensure_checkpoint(grid: Grid, data: Dataset, loaded: Checkpoint | None = Non
         log.info("checkpoint %s is missing: training it first", grid.checkpoint.path)
         train_checkpoint(grid, data, log_to=log_to)
         loaded = checkpoints.load_for(grid)
-    trained_on = loaded.meta.get("dataset"), tuple(loaded.meta.get("classes", ()))
-    if not loaded.meta.get("foreign") and trained_on != (data.name, data.classes):
-        raise InputError(checkpoints.FIELD, grid.checkpoint.path, f"trained on {trained_on[0]} with classes "
-                         f"{', '.join(trained_on[1][:3])}..., but the grid evaluates {data.name}",
-                         "a checkpoint trained on the grid's dataset", "point checkpoint.path at one, or retrain")
+    check_trained_on(grid, loaded, data.name, data.classes)
     return loaded
+
+
+@dataclass
+class SweepCheckpoint:
+    """The sweep's checkpoint, owned in one place: opened once (its hold-out checked before anything starts),
+    trained when missing, and checked once against the data it is evaluated on."""
+
+    grid: Grid
+    loaded: Checkpoint | None  # None until trained
+    holdout: str = "unknown"  # the hold-out verdict (checkpoints.check_holdout)
+    checked: bool = False  # against the data's classes
+
+    @classmethod
+    def open(cls, grid: Grid) -> "SweepCheckpoint":
+        """The checkpoint on disk, if any (None: to be trained)."""
+        return cls(grid, checkpoints.existing(grid))
+
+    def check_holdout(self, holdout: Holdout | None) -> None:
+        """An existing checkpoint's calibration hold-out against the sweep's, before anything starts."""
+        if self.loaded is not None:
+            self.holdout = checkpoints.check_holdout(self.grid, self.loaded, holdout)
+
+    def ready(self, data: Dataset, log_to: TrainLog | None = None) -> Checkpoint:
+        """The checkpoint, trained first when missing (its hold-out then checked against `data`'s), checked
+        against `data`'s classes once."""
+        if self.loaded is None:
+            self.loaded = ensure_checkpoint(self.grid, data, None, log_to)
+            self.holdout = checkpoints.check_holdout(self.grid, self.loaded, data.holdout)
+        elif not self.checked:
+            ensure_checkpoint(self.grid, data, self.loaded)
+        self.checked = True
+        return self.loaded
+def check_trained_on(grid: Grid, loaded: Checkpoint, dataset: str, classes: tuple[str, ...]) -> None:
+    """A checkpoint of ours must have been trained on the dataset and classes the grid evaluates."""
+    trained_on = loaded.meta.get("dataset"), tuple(loaded.meta.get("classes", ()))
+    if not loaded.meta.get("foreign") and trained_on != (dataset, tuple(classes)):
+        raise InputError(checkpoints.FIELD, grid.checkpoint.path, f"trained on {trained_on[0]} with classes "
+                         f"{', '.join(trained_on[1][:3])}..., but the grid evaluates {dataset}",
+                         "a checkpoint trained on the grid's dataset", "point checkpoint.path at one, or retrain")

@@ -1,5 +1,5 @@
 """The grid resolved against the network: which layers, which K per layer, which criteria; all checked
-before any work starts (DESIGN §3)."""
+before any work starts."""
 
 from __future__ import annotations
 
@@ -9,12 +9,12 @@ from dataclasses import dataclass
 
 from model.graph import ConvSite, list_convs
 from model.groups import Group, list_groups
+from runner.basics import TrialId
 from runner.config import MAX_POINTS, Grid, KSpec
 from runner.engine.criteria import CRITERIA
 from runner.engine.prune import channels_of
 from runner.errors import InputError
 from runner.inputs.models import build_for
-from runner.outputs.results import TrialId
 
 IMAGE_SIZE = 32  # the datasets' images (synthetic, cifar10, npz)
 
@@ -123,6 +123,9 @@ def select_layers(convs: list[ConvSite], wanted: str | list[str], include_shortc
             raise InputError(f"sweep.layers[{i}]", pattern, "matches only shortcut convs",
                              "shortcut convs by exact name, or by pattern with include_shortcuts: true",
                              "set sweep.include_shortcuts: true")
+        if not hits and any(c in pattern for c in "*?["):
+            raise InputError(f"sweep.layers[{i}]", pattern, "the pattern matches no layer", ", ".join(names),
+                             "correct the pattern so that it matches some of those names")
         if not hits:
             raise InputError(f"sweep.layers[{i}]", pattern, "no such layer", ", ".join(names),
                              "use one of those names or a glob pattern such as \"layer*.conv2\"")
@@ -142,9 +145,7 @@ def ks_for(spec: KSpec, channels: int) -> tuple[int, ...]:
 def plan_trials(grid: Grid) -> TrialPlan:
     """Resolve and check the sweep section against the network; raises InputError on the first problem."""
     sweep = grid.sweep
-    # the shapes come from one forward of zeros on the CPU: on meta tensors that forward imports torch._dynamo and
-    # moving them to the CPU imports sympy, 0.7 s and 0.15 s of every sweep's start (initialising the weights: 6 ms
-    # for the demo's network, 0.14 s for torchvision's resnet50)
+    # the shapes come from one forward of zeros on the CPU: meta tensors would import torch._dynamo and sympy
     model = build_for(grid, pretrained=False)
     image_size = grid.data.image_size or IMAGE_SIZE
     try:

@@ -88,9 +88,8 @@ def ray_session(address: str | None, dashboard: bool = False, resources: Resourc
 def heap_frozen() -> Iterator[None]:
     """The objects that exist now kept out of the garbage collector's scans for the block (gc.freeze; unfrozen
     after it). Entered just before the trials, and left after Ray's stop: the full collection that `stop_ray`
-    makes then scans only what the trials made, instead of the driver's whole heap (some 350,000 objects: the
-    imports', Ray's, W&B's; measured: 0.16 -> 0.07 s), and it holds the interpreter's lock while the report is
-    drawn in another thread. Garbage among the frozen objects waits for the collections after the block. A
+    makes then scans only what the trials made, not the driver's whole heap (the imports', Ray's, W&B's
+    objects), and it holds the interpreter's lock while the report is drawn in another thread. Garbage among the frozen objects waits for the collections after the block. A
     process that has frozen objects itself (a notebook's, a server's) is left as it is: gc cannot unfreeze only
     ours."""
     if gc.get_freeze_count():
@@ -105,7 +104,7 @@ def heap_frozen() -> Iterator[None]:
 
 def _stop_monitor() -> None:
     """Kill the autoscaler monitor of a Ray this process started: it ignores SIGTERM, and ray.shutdown() waits
-    a full second for it before killing it anyway (measured: 1.0 of the 1.3-2.0 s a sweep spent stopping Ray).
+    a full second for it before killing it anyway, most of the time a sweep spends stopping Ray.
     A local Ray has nothing to autoscale and the monitor keeps no state. Ray's private node API: if it moves,
     the shutdown is just a second slower."""
     node = getattr(sys.modules.get("ray._private.worker"), "_global_node", None)

@@ -47,12 +47,12 @@ def point_title(row: dict[str, Any]) -> str:
             f"accuracy {row['accuracy']:.2f}%")
 
 
-FINAL_CAPTION = "final stage output: the 64 channels with the highest mean"
+FINAL_CAPTION = f"final stage output: the {figures.FINAL_TILES} channels with the highest mean"
 
 
 def feature_map_images(row: dict[str, Any], maps: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     """The two images of a point, each with its caption and colour scale: the pruned layer's output channels,
-    and the final stage (top 64). The same pictures go to W&B and, for a few K, to disk."""
+    and the final stage (its strongest channels). The same pictures go to W&B and, for a few K, to disk."""
     out = {}
     if "layer" in maps:
         out["pruned_layer"] = figures.grid_image(maps["layer"], title=f"{point_title(row)}\n{figures.layer_caption(row['target'])}")
@@ -151,9 +151,8 @@ class Collector(tune.Callback):
     def flush(self, wait: bool = False) -> None:
         """Send the points measured since the last flush to the progress board (if the sweep has one), in one
         actor call. The board is read only by a trial that starts again (a retry, a resumed sweep), so it is
-        brought up to date when a trial ends, fails or is retried, not once per point (one call per point cost
-        the driver and the board's process 2-3 s of CPU in the demo, taken from the trials). `wait`: until the
-        board has them."""
+        brought up to date when a trial ends, fails or is retried, not once per point (each call takes CPU from
+        the trials). `wait`: until the board has them."""
         live = self.live
         if live is not None and live.board is not None and live.unsent:
             sent = live.board.record.remote(live.unsent)

@@ -17,6 +17,7 @@ import yaml
 
 from model.checkpoint import Checkpoint
 from runner import storage
+from runner.basics import short
 from runner.config import Grid, parse_grid
 from runner.errors import InputError
 from runner.inputs.trials import TrialPlan, plan_trials
@@ -31,6 +32,7 @@ SAVED_EXTRAS = ("provenance", "identity", "tune_experiment", "sweep_id")  # conf
 def folder_lock(folder: Path) -> Iterator[None]:
     """One sweep at a time per output folder: a second one is refused (the lock dies with its process)."""
     path = folder / ".lock"
+    created = not folder.exists()
     try:
         folder.mkdir(parents=True, exist_ok=True)
         f = open(path, "a+")
@@ -49,6 +51,11 @@ def folder_lock(folder: Path) -> Iterator[None]:
         f.flush()
         try:
             yield
+        except InputError:  # a refused run leaves no folder behind when it made it and wrote nothing else there
+            if created and [p.name for p in folder.iterdir()] == [path.name]:
+                path.unlink()
+                folder.rmdir()
+            raise
         finally:
             fcntl.flock(f, fcntl.LOCK_UN)
 
@@ -80,7 +87,8 @@ def identity(grid: Grid, sha: str) -> dict[str, Any]:
     """What makes two runs the same sweep: the measured grid and the checkpoint (not paths, W&B or resources)."""
     d = grid.as_dict()
     return {"checkpoint_sha256": sha, "model": d["model"],
-            "data": {k: v for k, v in d["data"].items() if k not in ("root", "download")},
+            "data": {**{k: v for k, v in d["data"].items() if k not in ("root", "download")},
+                     "order": grid.data.resolved_order},
             "sweep": {k: v for k, v in d["sweep"].items() if k not in ("retries", "batch_size")}, "seed": d["seed"]}
 
 
@@ -109,12 +117,14 @@ def resume_check(grid: Grid, plan: TrialPlan, sha: str) -> tuple[dict[str, Any],
     that changes what the recorded points mean or drops any of them; the refusal names the key that changed."""
     saved = yaml.safe_load((grid.folder / "config.yaml").read_text(encoding="utf-8"))
     before, now = saved.get("identity", {}), identity(grid, sha)
+    if isinstance(before.get("data"), dict):  # a sweep recorded before data.order took its subsets as given
+        before["data"].setdefault("order", "given")
     if before == now:
         return saved, False
     refuse = "restore them, or start a new sweep under another name or --output"
     if before.get("checkpoint_sha256") != sha:
         raise InputError("--resume", str(grid.folder), "the checkpoint changed since this sweep started (sha256 "
-                         f"{str(before.get('checkpoint_sha256', '?'))[:12]} then, {sha[:12]} now)",
+                         f"{short(str(before.get('checkpoint_sha256', '?')))} then, {short(sha)} now)",
                          "the checkpoint the sweep started with", refuse)
     changes = changed_keys(before, now)
     fixed = [c for c in changes if not (c[0].startswith("sweep.") and c[0].split(".")[1] in ADDABLE)]

@@ -10,14 +10,14 @@ import socket
 
 from runner.errors import InputError
 
-# Ray and Tune read these when imported or started; set before either happens (see README, "Ray").
+# Ray and Tune read these when imported or started; set before either happens.
 RAY_ENV = {
     "RAY_USAGE_STATS_ENABLED": "0",
     "TUNE_DISABLE_AUTO_CALLBACK_LOGGERS": "1",  # no JSON/CSV/TensorBoard loggers: results.csv is the record
     "RAY_AIR_NEW_OUTPUT": "0",  # with verbose=0, Tune prints nothing; the collector logs progress instead
     "RAY_CHDIR_TO_TRIAL_DIR": "0",
     # Tune's own state: every 60 s is enough, since --resume skips every point already in results.csv (its
-    # default, adaptive period spent about 5% of the demo's time writing it)
+    # default, adaptive period spends a noticeable share of a short sweep writing it)
     "TUNE_GLOBAL_CHECKPOINT_S": "60",
     "TUNE_PRINT_ALL_TRIAL_ERRORS": "0",  # a failed trial's traceback stays in its error file; the collector says it
     "WANDB_SILENT": "true",
@@ -29,22 +29,18 @@ RAY_ENV = {
 # then present the machine's real address to the cluster.
 LOCAL_RAY_ENV = {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
 
-# Only for the Ray this process starts itself: no token file in ~/.ray for a local, loopback-only instance (a
-# cluster we join keeps whatever authentication it was started with); no task workers started in advance:
-# Ray never hands a task worker to an actor and a sweep runs nothing but actors (the trials, the progress
-# board), so those two workers only took CPU from the driver and the trials while the sweep started; and one
-# malloc arena per process (glibc reads it at a process's start; Ray's processes inherit it): a trial computes in
-# a thread of Tune's, and in a thread's own arena glibc unmaps and faults in its activations again and again
-# (runner.engine.device.tune_allocator; measured on the demo: the trials' CPU time 8% lower, the sweep 63 -> 60 s);
-# and Unix-socket connections to Ray's processes retried every 100 ms instead of every second (100 attempts: the
-# same 10 s in all): the raylet connects to its object store as it starts, and when the store was not listening yet
-# (a race between two of the raylet's threads) ray.init took a second longer (measured alone, `ray.init` 6 times:
-# 4 took 2.7 s instead of 1.7 s; the raylet's log shows the second between the store's start and the object
-# manager's). Ray sleeps this long between attempts (ConnectSocketRetry), and between a worker's requests for the
-# system config. (A slow cluster test that failed with 50 ms, and so had this reverted once, failed as often
-# without it: Tune killed actors that were still starting, fixed by runner.job.tuner.StartedStay.)
-OWN_RAY_ENV = {"RAY_AUTH_MODE": "disabled", "RAY_prestart_worker_first_driver": "0", "MALLOC_ARENA_MAX": "1",
-               "RAY_raylet_client_connect_timeout_milliseconds": "100", "RAY_raylet_client_num_connect_attempts": "100"}
+# Only for the Ray this process starts itself (a cluster we join keeps its own settings):
+OWN_RAY_ENV = {
+    "RAY_AUTH_MODE": "disabled",  # a loopback-only Ray needs no token file in ~/.ray
+    # a sweep runs only actors, which Ray never gives a prestarted task worker
+    "RAY_prestart_worker_first_driver": "0",
+    # one malloc arena: a trial computes in a Tune thread, whose own arena glibc keeps unmapping
+    # (runner.engine.device.tune_allocator); Ray's processes inherit it
+    "MALLOC_ARENA_MAX": "1",
+    # the raylet's first connection to its object store can lose a race: retry soon (the same 10 s in all);
+    # Ray also waits this long between a worker's requests for the system config
+    "RAY_raylet_client_connect_timeout_milliseconds": "100", "RAY_raylet_client_num_connect_attempts": "100",
+}
 
 
 def cluster_address(flag: str | None) -> str | None:

@@ -139,7 +139,7 @@ def autoscaling() -> bool:
 
         raw = _internal_kv_get("__autoscaling_status")
         return bool(raw and autoscaler_node_types(json.loads(raw)))
-    except Exception:  # noqa: BLE001
+    except Exception:  # noqa: BLE001  a private API too: unknown means not autoscaling
         return False
 
 

@@ -1,4 +1,4 @@
-"""The main job (DESIGN §2, §7): grid -> checkpoint -> data -> rankings -> Ray Tune trials -> results, plots,
+"""The main job (docs/design.md#the-jobs-stories): grid -> checkpoint -> data -> rankings -> Ray Tune trials -> results, plots,
 report, W&B summary.
 
 Everything the user gave is validated before Ray starts, the checkpoint's calibration hold-out included. The
@@ -13,42 +13,36 @@ import logging
 import time
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import ExitStack, closing, contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Iterator
 
 from model.checkpoint import Checkpoint
 from model.graph import ConvSite
+from runner.basics import short
 from runner.config import Grid, load_grid
-from runner.errors import InputError
+from runner.engine.criteria import CRITERIA
+from runner.errors import InputError, plural
 from runner.inputs import checkpoints
-from runner.inputs.data import Dataset, Holdout, check_labels, load_data, planned_holdout, read_npz
-from runner.inputs.train import ensure_checkpoint
+from runner.inputs.data import (Dataset, Holdout, check_order, checked_shape, class_words, folder_labels, load_data,
+                                planned_holdout, read_npz)
+from runner.inputs.train import SweepCheckpoint, check_trained_on
 from runner.inputs.trials import TrialPlan, plan_trials
 from runner.job.calibration import Calibrated, calibrate
 from runner.job.folder import check_folder, folder_lock, next_experiment, resume_check, sweep_id, write_config
+from runner.job.options import Options
 from runner.job.ray_env import check_reachable, cluster_address, set_ray_env
 from runner.job.timeline import Timeline
 from runner.outputs import figures, report
 from runner.outputs.results import read_rows
 from runner.outputs.tracking import (SUMMARY_RUN, TRAIN_RUN, RunSpec, Tracker, Tracking, make_tracker,
     model_artifact, preload)
+from runner.planning.units import plan_criterion
 from runner.provenance import versions
 
 log = logging.getLogger(__name__)
 
 RESULT_FILES = ("results.csv", "rankings.json", "report.md", "config.yaml")  # + plots: the sweep-results artifact
-
-
-@dataclass(frozen=True)
-class Options:
-    grid: str | Grid  # a grid file, or a Grid already loaded (the Python API)
-    output: str | None = None
-    resume: bool = False
-    wandb_mode: str | None = None
-    address: str | None = None
-    dry_run: bool = False
-    overrides: tuple[str, ...] = ()
 
 
 @dataclass
@@ -68,33 +62,44 @@ class Outcome:
 
 def run_sweep(opts: Options) -> Outcome:
     """The job, start to end: check every input, then calibrate on the driver, run the trials on Ray, report."""
+    with blamed(opts):
+        return _run(opts)
+
+
+def _run(opts: Options) -> Outcome:
     started, timeline = time.time(), Timeline()
     timeline.mark("imports")
     grid, plan = prepare(opts)
     # every input checked before anything is created or started: folder, checkpoint, the user's data files
     check_folder(grid, opts.resume)
-    existing = checkpoints.existing(grid)
-    if opts.resume and existing is not None:
-        resume_check(grid, plan, existing.sha256)
+    unlogged = _unlogged(grid, opts.resume)
+    checkpoint = SweepCheckpoint.open(grid)
+    if opts.resume and checkpoint.loaded is not None:
+        resume_check(grid, plan, checkpoint.loaded.sha256)
     address = cluster_address(opts.address)
     if address:
         check_reachable(address)
+    # sizes and classes first, without decoding (npz: load_data reads the arrays and checks them anyway)
+    shape = checked_shape(grid.data, grid.model.num_classes) if grid.data.dataset != "npz" else None
     # the training images are kept only when the checkpoint is to be trained first
     given = None if grid.data.dataset == "synthetic" else load_data(grid.data, grid.model.num_classes, grid.seed,
-                                                                     training=existing is None)
-    if existing is not None:
-        checkpoints.check_holdout(grid, existing, given.holdout if given else planned_holdout(grid.data, grid.seed))
+                                                                     training=checkpoint.loaded is None,
+                                                                     scored=grid.plan.score_on == "test")
+    checkpoint.check_holdout(given.holdout if given else planned_holdout(grid.data, grid.seed))
+    if checkpoint.loaded is not None:
+        check_trained_on(grid, checkpoint.loaded, grid.data.dataset,
+                         given.classes if given else shape.names(grid.model.num_classes))
     timeline.mark("input checks")
     with ThreadPoolExecutor(1) as pool, ExitStack() as held:
         # the driver's own work (data, rankings) runs while Ray starts
-        ready = pool.submit(_calibrated, grid, plan, given, existing, opts.resume, timeline) \
-            if existing is not None else None
+        ready = pool.submit(_calibrated, grid, plan, given, checkpoint, opts.resume, timeline) \
+            if checkpoint.loaded is not None else None
         set_ray_env(address)
         from runner.job import cluster, tuner  # import Ray: only once the grid is known to be good
 
         # Ray first: what every trial asks for is checked against the cluster before the output folder is made
-        with _blamed(opts), cluster.ray_session(address, grid.resources.ray_dashboard, grid.resources,
-                                                 len(plan.trials)) as ray_line:
+        with cluster.ray_session(address, grid.resources.ray_dashboard, grid.resources,
+                                 len(plan.trials)) as ray_line:
             held.enter_context(folder_lock(grid.folder))  # until the report is written, after Ray stops
             check_folder(grid, opts.resume)  # again, now that no other sweep can be writing there
             if ray_line:
@@ -104,9 +109,11 @@ def run_sweep(opts: Options) -> Outcome:
             tracker = held.enter_context(closing(make_tracker(tracking)))
             if ready is None:  # training is long: in this thread, so that Ctrl-C stops it at once
                 given = given or load_data(grid.data, grid.model.num_classes, grid.seed)
-                existing = ensure_checkpoint(grid, given, None, tracker.train_log(RunSpec(TRAIN_RUN, "train")))
-                ready = pool.submit(_calibrated, grid, plan, given, existing, opts.resume, timeline)
-            data, calibrated, holdout = ready.result()
+                checkpoint.ready(given, tracker.train_log(RunSpec(TRAIN_RUN, "train")))
+                ready = pool.submit(_calibrated, grid, plan, given, checkpoint, opts.resume, timeline)
+            data, calibrated = ready.result()
+            existing, holdout = checkpoint.loaded, checkpoint.holdout
+            tracking = replace(tracking, config={**tracking.config, "data_subsets": data.subsets()})
             log.info("%s", calibrated.said)
             calibrated.save(grid.folder)
             if holdout == "unknown":
@@ -118,7 +125,7 @@ def run_sweep(opts: Options) -> Outcome:
                                       tracking)
             timeline.mark("trials end")
             # plots, report and the W&B summary are made while Ray stops
-            reported = pool.submit(finish, grid, plan, data, existing, holdout, trials.failed, tracker)
+            reported = pool.submit(finish, grid, plan, data, existing, holdout, trials.failed, tracker, unlogged)
         timeline.mark("ray stop")
         rows = reported.result()
     if trials.board.first:
@@ -129,20 +136,25 @@ def run_sweep(opts: Options) -> Outcome:
     return Outcome(grid.folder, len(rows), plan.points, trials.failed, time.time() - started, trials.board.measured)
 
 
+GRID_KEYS = ("name", "seed", "model", "data", "checkpoint", "sweep", "resources", "wandb", "plan")
+
+
 @contextmanager
-def _blamed(opts: Options) -> Iterator[None]:
-    """An input error about resources found once Ray runs names where the value came from: a --set flag, or the
-    grid file (the other input errors of the block name their own source)."""
+def blamed(opts: Options, on_file: bool = False) -> Iterator[None]:
+    """An input error about a grid key given by a --set flag names that flag. Otherwise errors of the plan
+    (`on_file`) and of resources found once Ray runs name the grid file (or the Python API's grid); the others
+    name their own field alone, as they are."""
     try:
         yield
     except InputError as e:
-        if not e.field.startswith("resources"):
-            raise
-        for item in opts.overrides:
-            key = item.partition("=")[0]
-            if e.field == key or e.field.startswith(key + "."):
-                e.source = f"--set {item}"
-        raise e.at(str(opts.grid) if not isinstance(opts.grid, Grid) else "sweep(grid)")
+        if e.source is None and e.field.partition(".")[0].partition("[")[0] in GRID_KEYS:
+            for item in opts.overrides:
+                key = item.partition("=")[0]
+                if e.field == key or e.field.startswith((key + ".", key + "[")):
+                    e.source = f"--set {item}"
+            if on_file or e.field.startswith("resources"):
+                e.at(str(opts.grid) if not isinstance(opts.grid, Grid) else "sweep(grid)")
+        raise
 
 
 def _tracking(grid: Grid, sweep: str) -> Tracking:
@@ -157,56 +169,61 @@ def prepare(opts: Options) -> tuple[Grid, TrialPlan]:
         grid = grid.model_copy(update={"output": str(Path(opts.output).resolve())})
     if opts.wandb_mode:
         grid = grid.model_copy(update={"wandb": grid.wandb.model_copy(update={"mode": opts.wandb_mode})})
-    try:
+    with blamed(opts, on_file=True):
         return grid, plan_trials(grid)
-    except InputError as e:
-        raise e.at(opts.grid if isinstance(opts.grid, str) else "sweep(grid)")
 
 
 def dry_run(opts: Options) -> list[str]:
-    """What the sweep would do, computing nothing: the grid, and the checkpoint and data files checked."""
+    """What the sweep would do, computing nothing: every check the run makes on its inputs (the grid, the data's
+    sizes and classes, the checkpoint against the model, the data and the calibration hold-out), then the plan."""
+    with blamed(opts):
+        return _dry_run(opts)
+
+
+def _dry_run(opts: Options) -> list[str]:
     grid, plan = prepare(opts)
     loaded = checkpoints.existing(grid)
-    holdout = planned_holdout(grid.data, grid.seed)
-    if grid.data.dataset == "npz":  # files the user gave: check them now (the others are generated or downloaded)
-        sizes = []
-        for key in ("train", "test"):
-            part = read_npz(getattr(grid.data, key), f"data.{key}")[0]
-            check_labels(part, grid.model.num_classes, f"data.{key}")
-            sizes.append(len(part))
-        data = f"npz, {sizes[0]:,} train and {sizes[1]:,} test images"
-        holdout = Holdout.of(sizes[0], grid.data.calibration_size, grid.seed)
-    else:
-        data = grid.data.dataset
+    n = grid.model.num_classes
+    shape = checked_shape(grid.data, n)
+    scored = grid.plan.score_on == "test"
+    if grid.data.dataset == "npz":  # the user's files: subsets in their order are refused now, as the run would
+        train, test = (read_npz(getattr(grid.data, key), f"data.{key}")[0] for key in ("train", "test"))
+        check_order(grid.data, test.labels, train.labels, grid.seed, scored)
+    elif grid.data.dataset == "imagefolder" and grid.data.resolved_order == "given":  # labels from file names
+        train_labels, test_labels = folder_labels(grid.data)
+        check_order(grid.data, test_labels, train_labels, grid.seed, scored)
     if loaded is not None:
-        checkpoints.check_holdout(grid, loaded, holdout)
-        state = f"sha256 {loaded.sha256[:12]}, trained on {loaded.meta.get('dataset')} to " \
+        checkpoints.check_holdout(grid, loaded, Holdout.of(shape.train, grid.data.calibration_size, grid.seed))
+        check_trained_on(grid, loaded, grid.data.dataset, shape.names(n))
+        state = f"sha256 {short(loaded.sha256)}, trained on {loaded.meta.get('dataset')} to " \
                 f"{loaded.meta.get('test_accuracy', float('nan')):.2f}%"
     else:
         state = "missing: it will be trained first"
+    warning = report.near_chance(loaded.meta.get("test_accuracy", float("nan")), n) if loaded else None
+    evaluated = f", {grid.data.eval_size:,} evaluated" if grid.data.eval_size else ""
+    data = f"{grid.data.dataset}, {shape.train:,} train and {shape.test:,} test images{evaluated}, " \
+           f"{plural(len(shape.names(n)), 'class', 'classes')}, subsets in data.order {grid.data.resolved_order}"
     arch = grid.model.arch + (f" width {grid.model.width:g}" if grid.model.arch == "resnet18" else "")
     head = [f"sweep {grid.name}: {arch}, data {data}, output {grid.folder}",
-            f"checkpoint {grid.checkpoint.path} ({state})"]
+            f"checkpoint {grid.checkpoint.path} ({state})"] + ([f"warning: {warning}"] if warning else [])
     return head + plan.describe()
 
 
-def _calibrated(grid: Grid, plan: TrialPlan, given: Dataset | None, loaded: Checkpoint, resume: bool,
-                timeline: Timeline) -> tuple[Dataset, Calibrated, str]:
+def _calibrated(grid: Grid, plan: TrialPlan, given: Dataset | None, checkpoint: SweepCheckpoint, resume: bool,
+                timeline: Timeline) -> tuple[Dataset, Calibrated]:
     """The data (unless already loaded: synthetic data is a pure function of the grid, nothing to validate
-    first), checked against the checkpoint (its classes and its calibration hold-out), then every ranking
+    first), checked against the checkpoint's classes, then every ranking
     (read back from rankings.json on --resume), then the slow imports of later steps: W&B's (the main thread
-    makes its tracker once Ray is up) and pyplot's (the plots at the end, where it was 0.15 s of the time after
-    the last point). They come last, as Ray starts in about the time the data and the rankings take (measured:
-    the first point came no later with them here). Returns the hold-out check's verdict."""
+    makes its tracker once Ray is up) and pyplot's (the plots at the end, after the last point). They come
+    last: Ray starts in about the time the data and the rankings take, so they delay no point."""
     data = given or load_data(grid.data, grid.model.num_classes, grid.seed, training=False)
-    ensure_checkpoint(grid, data, loaded)
-    holdout = checkpoints.check_holdout(grid, loaded, data.holdout)
+    loaded = checkpoint.ready(data)
     timeline.mark("data")
     calibrated = calibrate(grid, plan, data, loaded, resume)
     timeline.mark("calibration")
     preload(grid.wandb.mode)
     figures.pyplot()
-    return data, calibrated, holdout
+    return data, calibrated
 
 
 def _experiment(grid: Grid, plan: TrialPlan, loaded: Checkpoint, resume: bool, sweep: str) -> tuple[str, bool]:
@@ -225,23 +242,36 @@ def _experiment(grid: Grid, plan: TrialPlan, loaded: Checkpoint, resume: bool, s
     return experiment, False
 
 
+def _unlogged(grid: Grid, resume: bool) -> int:
+    """Points in results.csv that no W&B run holds: those of a resumed sweep whose earlier runs had W&B off
+    (W&B, offline or online, leaves its run folders in <output>/<name>/wandb)."""
+    if not resume or any((grid.folder / "wandb").glob("*run-*")):
+        return 0
+    return len(read_rows(grid.folder / "results.csv"))
+
+
 def finish(grid: Grid, plan: TrialPlan, data: Dataset, loaded: Checkpoint, holdout: str, failed: list[str],
-           tracker: Tracker) -> list[dict[str, Any]]:
+           tracker: Tracker, unlogged: int = 0) -> list[dict[str, Any]]:
     """Plots, report.md and the W&B summary run (with the sweep-results artifact), from results.csv (and
-    rankings.json); closes the tracker."""
+    rankings.json); closes the tracker. `unlogged`: points measured before --resume with W&B off."""
     order = {c.name: i for i, c in enumerate(plan.convs)}
     rows = sorted(read_rows(grid.folder / "results.csv"),
                   key=lambda r: (order[r["layer"]], r["criterion"], r["k"], r["repeat"]))
     baseline = report.reference_baseline(rows)
+    warning = report.near_chance(baseline, len(data.classes))
+    if warning:
+        log.warning("%s", warning)
     plots = report.write_plots(rows, baseline, grid.folder)
-    path = report.write_report(rows, _report_meta(grid, plan, data, loaded, holdout, tracker.mode), failed,
-                               grid.folder, plan.points)
+    meta = _report_meta(grid, plan, data, loaded, holdout, tracker.mode, unlogged)
+    path = report.write_report(rows, meta, failed, grid.folder, plan.points)
     outputs = [grid.folder / name for name in RESULT_FILES] + sorted(plots.values())
     with closing(tracker):
         tracker.summary(RunSpec(SUMMARY_RUN, "summary", {"checkpoint_sha256": loaded.sha256,
-                                                         "baseline_accuracy": baseline},
+                                                         "baseline_accuracy": baseline,
+                                                         "data_subsets": data.subsets()},
                                 uses=model_artifact(loaded.path, loaded.sha256)), rows, baseline, plots, failed,
-                        outputs)
+                        outputs, {"near_chance": warning is not None, "chance_accuracy": 100 / len(data.classes),
+                                  **({"warning": warning} if warning else {})})
     log.info("wrote %s, %s and %s", grid.folder / "results.csv", path, grid.folder / "plots")
     return rows
 
@@ -255,20 +285,39 @@ def role_of(conv: ConvSite) -> str:
 
 
 def _report_meta(grid: Grid, plan: TrialPlan, data: Dataset, loaded: Checkpoint, holdout: str,
-                 wandb_mode: str) -> report.ReportMeta:
-    runs = grid.folder / "wandb"
-    wandb_where = {"disabled": "off",
-                   "offline": f"offline runs in {runs} (upload: `wandb sync {runs}/offline-run-*`)",
-                   "online": f"project {grid.wandb.project}, group {grid.name}"}[wandb_mode]
-    calibration = f"{len(data.calibration):,} held-out training images" if grid.sweep.calibration == "holdout" \
-        else "the test images themselves (the seed's leaky choice)"
+                 wandb_mode: str, unlogged: int = 0) -> report.ReportMeta:
+    wandb_where = wandb_words(grid, wandb_mode, unlogged)
+    calibration = f"{len(data.calibration):,} held-out training images ({class_words(data.calibration.labels)})" \
+        if grid.sweep.calibration == "holdout" else "the test images themselves (the seed's leaky choice)"
     return report.ReportMeta(
         name=grid.name, eval_images=len(data.test), dataset=data.name, calibration=calibration,
+        eval_classes=data.eval_words(),
         arch=grid.model.arch, width=grid.model.width, target=plan.target, checkpoint=loaded.path,
         checkpoint_sha256=loaded.sha256, trained_accuracy=f"{loaded.meta.get('test_accuracy', 0):.2f}%",
         versions=versions(), wandb=wandb_where, holdout=holdout, roles={c.name: role_of(c) for c in plan.layers},
         criteria=plan.criteria, random_repeats=grid.sweep.random_repeats, random_seed=grid.sweep.random_seed,
-        seed_procedure=_seed_procedure(grid, loaded))
+        seed_procedure=_seed_procedure(grid, loaded), order_by=_plan_criterion(grid), classes=len(data.classes))
+
+
+def wandb_words(grid: Grid, mode: str, unlogged: int = 0) -> str:
+    """Where the sweep's W&B runs are, for the report; `unlogged` points (measured before --resume with W&B
+    off) are in no W&B run."""
+    runs = grid.folder / "wandb"
+    words = {"disabled": "off",
+             "offline": f"offline runs in {runs} (upload: `wandb sync {runs}/offline-run-*`)",
+             "online": f"project {grid.wandb.project}, group {grid.name}"}[mode]
+    if unlogged and mode != "disabled":
+        words += (f"; they hold what was measured after --resume and the summary run, not the "
+                  f"{plural(unlogged, 'point')} measured before with W&B off")
+    return words
+
+
+def _plan_criterion(grid: Grid) -> str | None:
+    """The criterion `prune` would plan with (the report sorts its layer table by it), None when none can."""
+    try:
+        return plan_criterion(grid.plan.criterion, grid.sweep.criteria, {n: CRITERIA[n].draws for n in CRITERIA})
+    except InputError:
+        return None
 
 
 def _seed_procedure(grid: Grid, loaded: Checkpoint) -> str | None:

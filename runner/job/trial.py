@@ -1,4 +1,4 @@
-"""One Ray Tune trial: a (layer, criterion), its K values as steps (DESIGN §7).
+"""One Ray Tune trial: a (layer, criterion), its K values as steps.
 
 The checkpoint, the eval images and the rankings arrive once through the object store
 (`tune.with_parameters`). The trial builds the network on its device, caches the activations at the mask
@@ -21,12 +21,13 @@ import torch
 
 from model.graph import ConvSite
 from model.zoo import Spec, build
+from runner.basics import short
 from runner.engine.criteria import Ranking
 from runner.engine.device import compute_dtype, place, tune_allocator
 from runner.engine.images import Images
 from runner.engine.measure import EvalSet, Point, sweep_layer
 from runner.job.board import finished
-from runner.outputs.results import FeatureMaps, TrialId
+from runner.outputs.results import COLUMNS, FeatureMaps, TrialId
 
 CRASH_ENV = "PRUNE_SWEEP_CRASH_ONCE"  # tests: "<layer>/<criterion>:<marker file>" makes that trial fail once
 
@@ -52,17 +53,12 @@ class Shared:
 
 
 def point_metrics(point: Point) -> dict[str, Any]:
-    """A point as Tune metrics: scalars, plus the mean feature maps as float16 arrays (one FeatureMaps value)."""
-    return {
-        "unit": point.unit, "layer": point.layer, "criterion": point.criterion, "target": point.target, "k": point.k,
-        "repeat": point.repeat, "channels": point.channels, "fraction": point.fraction, "accuracy": point.accuracy,
-        "loss": point.loss, "baseline_accuracy": point.baseline_accuracy, "accuracy_drop": point.accuracy_drop,
-        "drop_low": point.drop_low, "drop_high": point.drop_high, "right_to_wrong": point.right_to_wrong,
-        "wrong_to_right": point.wrong_to_right, "eval_images": point.eval_images,
-        "per_class_accuracy": list(point.per_class), "params_removed": point.params_removed,
-        "macs_removed": point.macs_removed, "seconds": point.seconds,
-        "maps": FeatureMaps({name: m.astype(np.float16) for name, m in point.maps.items()}),
-    }
+    """A point as Tune metrics: the results.csv columns the engine measured (the others, node, device, dtype and
+    the checkpoint, are the trial's and the driver's), plus the mean feature maps as float16 arrays."""
+    metrics = {c: getattr(point, c) for c in COLUMNS if hasattr(point, c)}
+    metrics["per_class_accuracy"] = list(point.per_class_accuracy)
+    metrics["maps"] = FeatureMaps({name: m.astype(np.float16) for name, m in point.maps.items()})
+    return metrics
 
 
 def _maybe_crash(key: str, k: int) -> None:
@@ -120,7 +116,7 @@ def run_trial(config: dict[str, Any], shared: Shared) -> None:
     if all((k, r) in done_before for k in ks for r in range(ranking.repeats)):
         return
     model, evalset = _network_and_data(shared, device)
-    where = {"node": ray.get_runtime_context().get_node_id()[:12], "device": str(device),
+    where = {"node": short(ray.get_runtime_context().get_node_id()), "device": str(device),
              "dtype": str(compute_dtype(device)).removeprefix("torch.")}
     points = sweep_layer(model, shared.units[layer], config["target"], ranking, ks, evalset, shared.convs,
                          shared.cache_bytes, shared.feature_maps, done=done_before)

@@ -17,6 +17,7 @@ from ray.tune.progress_reporter import TrialProgressCallback
 from ray.tune.schedulers import FIFOScheduler
 
 from model.checkpoint import Checkpoint
+from runner.basics import short
 from runner.config import Grid
 from runner.inputs.data import Dataset
 from runner.inputs.models import spec_of
@@ -41,7 +42,7 @@ def trial_name(trial: Any) -> str:
 
 
 def board_name(grid: Grid) -> str:
-    return "prune-sweep-progress-" + hashlib.sha1(str(grid.folder).encode()).hexdigest()[:12]
+    return "prune-sweep-progress-" + short(hashlib.sha1(str(grid.folder).encode()).hexdigest())
 
 
 def _shared(grid: Grid, plan: TrialPlan, data: Dataset, loaded: Checkpoint, rankings: dict) -> Shared:
@@ -182,8 +183,7 @@ def run_trials(grid: Grid, plan: TrialPlan, data: Dataset, loaded: Checkpoint, c
 def start_order(units: list[str]) -> list[str]:
     """The swept units (in forward order) in the order Tune makes their trials: the deepest first, then the
     others in forward order. The deepest unit's baseline and first K run through the shortest suffix of the
-    network, so the sweep's first point arrives soonest (the demo's stem measures its first point through the
-    whole network twice: 0.93 s, the last conv 0.47 s). After it, an early unit's every point runs through most of
+    network, so the sweep's first point arrives soonest. After it, an early unit's every point runs through most of
     the network: the longest trials start first and the last to start are short, so no long trial is left alone
     on one CPU at the end."""
     return units[-1:] + units[:-1]

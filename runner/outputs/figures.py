@@ -15,11 +15,11 @@ from typing import TYPE_CHECKING, Any, Callable, Sequence
 import matplotlib
 
 matplotlib.use("Agg")  # files only; never a window
-import numpy as np  # noqa: E402
-from matplotlib import colormaps  # noqa: E402
+import numpy as np
+from matplotlib import colormaps
 
-from runner.outputs.results import TrialId, by_trial  # noqa: E402
-from runner.storage import atomic_path  # noqa: E402
+from runner.outputs.results import TrialId, by_trial
+from runner.storage import atomic_path
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
@@ -27,7 +27,7 @@ if TYPE_CHECKING:
 
 def pyplot() -> Any:
     """matplotlib.pyplot, imported when a plot is drawn (or ahead, by a sweep's thread that waits for Ray): the
-    feature-map images need only colour maps, and pyplot took 0.15 s of every sweep's start."""
+    feature-map images need only colour maps, and pyplot's import is slow."""
     import matplotlib.pyplot as plt
 
     return plt
@@ -36,9 +36,10 @@ MIN_TILE = 32  # pixels: every feature-map tile is upscaled (nearest) to at leas
 CAPTION_WIDTH = 480  # pixels: the narrowest captioned image (its text wraps to this)
 FONT_SIZE = 13  # pixels
 CMAP_WORDS = {"RdBu_r": ("blue", "red"), "viridis": ("purple", "yellow")}  # colours at the low and high ends
+FINAL_TILES = 64  # the final stage's channels pictured: the strongest by mean, as the seed's figure
 
 
-def top_channels(maps: np.ndarray, count: int = 64) -> np.ndarray:
+def top_channels(maps: np.ndarray, count: int = FINAL_TILES) -> np.ndarray:
     """Indices of the `count` channels with the highest mean, highest first (the seed's figure)."""
     means = maps.reshape(len(maps), -1).mean(1)
     return np.argsort(-means, kind="stable")[:count]
@@ -76,7 +77,7 @@ def _limits(maps: np.ndarray, symmetric: bool) -> tuple[float, float]:
 
 def _style(maps: np.ndarray, final: bool) -> tuple[np.ndarray, str, tuple[float, float]]:
     """What to draw and how: the pruned layer with a diverging scale centred on zero (a pruned channel is a
-    flat white tile); the final stage as the seed drew it, its 64 highest-mean channels on one scale."""
+    flat white tile); the final stage as the seed drew it, its FINAL_TILES highest-mean channels on one scale."""
     if final:
         maps = maps[top_channels(maps)]
         return maps, "viridis", _limits(maps, False)
@@ -86,7 +87,7 @@ def _style(maps: np.ndarray, final: bool) -> tuple[np.ndarray, str, tuple[float,
 @functools.lru_cache(maxsize=None)
 def _colormap(name: str) -> Any:
     """A colour map, made once per name: matplotlib's registry hands out a fresh copy on every lookup, whose
-    lookup table is then built again (measured: a tenth of a feature-map image's cost)."""
+    lookup table is then built again for every image."""
     return colormaps[name]
 
 
@@ -152,7 +153,7 @@ def wrap(text: str, width: int, measure: Callable[[str], float]) -> list[str]:
 @functools.lru_cache(maxsize=4096)
 def _text_width(text: str) -> float:
     """The caption font's width of `text` in pixels. Cached: every point's caption repeats most of the text of
-    the one before (measuring was half the cost of a caption, and a sweep captions two images per point)."""
+    the one before, and measuring text is the bulk of a caption's cost."""
     from PIL import Image, ImageDraw
 
     return ImageDraw.Draw(Image.new("RGB", (1, 1))).textlength(text, font=_font())
@@ -194,8 +195,8 @@ def _save(fig: Figure, path: Path, dpi: int = 100) -> None:
 def png(image: np.ndarray) -> bytes:
     """An RGB uint8 image as a PNG file's bytes (8-bit RGB, not interlaced): every row unfiltered, the rows
     deflated at zlib level 1. Pillow's encoder tries every row filter, whatever the level; on the feature-map
-    images (flat tiles, white space, text) no filter deflates as small, and encoding took 1.0 instead of 2.1 ms
-    per image (measured on the demo's images, 5% smaller files). Lossless: any decoder reads the same pixels."""
+    images (flat tiles, white space, text) no filter deflates smaller, and skipping the filters halves the
+    encoding time (docs/benchmarks.md). Lossless: any decoder reads the same pixels."""
     if image.dtype != np.uint8 or image.ndim != 3 or image.shape[2] != 3:
         raise ValueError(f"png: an RGB uint8 image is [height, width, 3] uint8, not {image.dtype} {image.shape}")
     height, width = image.shape[:2]

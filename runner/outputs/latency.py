@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import math
-from contextlib import closing
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -47,19 +46,6 @@ def heatmap(words: Mapping[str, Any], path: Path) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     figures._save(fig, path)
     return path
-
-
-def log_table(grid: Any, words: Mapping[str, Any]) -> None:
-    """The heatmap on disk, and the table with it on W&B (a run of the sweep's group)."""
-    from runner.outputs.tracking import RunSpec, Tracking, make_tracker
-
-    lat = words["latency"]
-    picture = heatmap(lat, Path(grid.folder) / "plots" / "latency_table.png")
-    tracking = Tracking(grid.wandb.mode, grid.wandb.project, grid.wandb.entity, grid.name, Path(grid.folder),
-                        grid.as_dict(), False)
-    spec = RunSpec(f"latency/{lat['target']}", "latency-table", {"target": lat["key"], "base_ms": lat["base_ms"]})
-    with closing(make_tracker(tracking)) as tracker:
-        tracker.log_table(spec, "latency_table", lat["rows"], {"latency_heatmap": picture})
 
 
 def write_cost(folder: Path, words: Mapping[str, Any]) -> Path:

@@ -15,6 +15,7 @@ import json
 from pathlib import Path
 from typing import Any, Iterable, Mapping
 
+import numpy as np
 import pandas as pd
 
 from runner.outputs import figures
@@ -22,7 +23,14 @@ from runner.storage import atomic_path, write_text
 
 FOLDER = "plans"
 CSV = "plans.csv"
+# a plan's folder, plans/<budget>-<method>: each file is written whole, and the one written last by a stage
+# says the stage is done (plan.json: made; correct_finetuned.npy: fine-tuned; verified.json: verified)
 PLAN_JSON = "plan.json"
+REMOVED = "removed.pt"  # the model as removed, before fine-tuning (never changed once written)
+PRUNED = "pruned.pt"  # the model a user takes: fine-tuned (or the removed one when there is no fine-tuning)
+CORRECT = "correct_{}.npy"  # per scored image, right or wrong: masked, removed, finetuned
+CHECKPOINT = "finetune.pt"  # a fine-tuning trial's state after its last finished epoch (gone once fine-tuned)
+VERIFIED = "verified.json"  # the verification's figures and problems, written after pruned.onnx
 COLUMNS = ("budget", "method", "macs_kept", "params_kept", "latency_ms_b1", "latency_ms_b64", "predicted_drop",
            "accuracy_masked", "accuracy_removed", "accuracy_finetuned", "finetuned_low", "finetuned_high",
            "baseline_accuracy")
@@ -32,7 +40,7 @@ OPTIONAL = ("target", "latency_ms", "latency_low", "latency_high", "latency_kept
             "corrections", "accepted", "measured_plans", "accuracy_final", "final_low", "final_high", "accuracy_onnx",
             "onnx_differ", "masked_vs_removed_differ", "finetuned_drop", "finetuned_drop_low", "finetuned_drop_high",
             "base_latency_ms_b1", "base_latency_ms_b64", "macs", "params", "units", "units_pruned", "criterion",
-            "scored_images", "chosen_on", "scored_on", "finetune_epochs", "folder")
+            "scored_images", "scored_classes", "chosen_on", "scored_on", "finetune_epochs", "folder")
 
 
 def plan_folder(output: Path, budget: str, method: str) -> Path:
@@ -48,8 +56,43 @@ def write_plan_json(folder: Path, plan: Mapping[str, Any]) -> Path:
     return path
 
 
+def save_array(path: Path, values: np.ndarray) -> None:
+    """An .npy file written whole or not at all."""
+    with atomic_path(Path(path)) as tmp:
+        np.save(tmp, values)
+
+
+def made(folder: Path) -> bool:
+    """Whether the plan in `folder` is made: plan.json (written last) and the removed, un-fine-tuned model."""
+    return (Path(folder) / PLAN_JSON).is_file() and (Path(folder) / REMOVED).is_file()
+
+
+def finetuned(folder: Path) -> bool:
+    """Whether the plan in `folder` is fine-tuned: its verdicts are the trial's last file."""
+    return (Path(folder) / CORRECT.format("finetuned")).is_file()
+
+
+def verified(folder: Path) -> bool:
+    return (Path(folder) / VERIFIED).is_file()
+
+
 def read_plan_json(folder: Path) -> dict[str, Any]:
     return json.loads((Path(folder) / PLAN_JSON).read_text(encoding="utf-8"))
+
+
+JOB = "job.json"  # plans/job.json: the prune job's record (its id, identity, Tune experiments, the report's words)
+
+
+def write_job(output: Path, job: Mapping[str, Any]) -> None:
+    folder = Path(output) / FOLDER
+    folder.mkdir(parents=True, exist_ok=True)
+    write_text(folder / JOB, json.dumps(job, indent=1) + "\n")
+
+
+def read_job(output: Path) -> dict[str, Any] | None:
+    """The prune job's record, or None when no prune job ran in `output`."""
+    path = Path(output) / FOLDER / JOB
+    return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else None
 
 
 def plans_table(rows: Iterable[Mapping[str, Any]]) -> pd.DataFrame:
@@ -148,6 +191,15 @@ def plans_section(table: pd.DataFrame, words: Mapping[str, Any]) -> list[str]:
 
         lines += section(table, words)
     return lines + ["", END]
+
+
+def saved_section(folder: Path) -> list[str]:
+    """The plans section from what the prune job saved in `folder` (plans.csv and its record), for a report
+    written after it (a later `sweep --resume`); [] when there are no plans."""
+    job = read_job(folder)
+    if job is None or not (Path(folder) / CSV).is_file():
+        return []
+    return ["", *plans_section(read_plans_csv(folder), job["words"]), ""]
 
 
 def write_plans_section(folder: Path, table: pd.DataFrame, words: Mapping[str, Any]) -> Path:

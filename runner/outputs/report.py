@@ -1,4 +1,4 @@
-"""The sweep's report: plots and report.md, written from results.csv and rankings.json (DESIGN §4).
+"""The sweep's report: plots and report.md, written from results.csv and rankings.json (docs/outputs.md).
 
 It answers "which layers can I prune, and how far?": layers ranked by sensitivity, and for every criterion side
 by side the largest K that keeps the drop under 1 and 5 points, judged by the upper end of each point's paired
@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from runner import storage
-from runner.outputs import figures
+from runner.outputs import figures, plans
 from runner.outputs.rankings import NAME as RANKINGS, read_rankings
 from runner.outputs.results import TrialId, by_trial
 
@@ -25,6 +25,8 @@ THRESHOLDS = (1.0, 5.0)  # accuracy drop, percentage points
 LIMIT = 12  # layers shown at each end of a long table
 SHOWN_KS = 6  # K values per layer in the random-orders table
 SHOWN_CHANNELS = 16  # channel indices listed per safe K
+HALF = 0.5  # the layer table's mean drop is taken up to this fraction of the channels
+CHANCE_MARGIN = 5.0  # points: a base accuracy at most this far above chance (100 / classes) is near chance
 
 TARGET_MEANING = {
     "output": "filter and BN channel removed: the channel is zero after the layer's BN",
@@ -66,6 +68,9 @@ class ReportMeta:
     random_repeats: int = 1
     random_seed: int = 0
     seed_procedure: str | None = None  # how `criterion: seed` differs from the report's procedure, if it does
+    order_by: str | None = None  # the criterion the layer table is sorted by (the plan's); None: the first swept
+    classes: int = 0  # the model's classes: chance accuracy is 100 / classes (0: not known)
+    eval_classes: str = ""  # which test images the eval images are, and of how many classes, in words
 
     @property
     def target_meaning(self) -> str:
@@ -75,6 +80,16 @@ class ReportMeta:
     def image_points(self) -> float:
         """What one eval image is worth, in accuracy points."""
         return 100 / self.eval_images
+
+
+def near_chance(accuracy: float, classes: int) -> str | None:
+    """A warning when the base accuracy is at most CHANCE_MARGIN points above chance (100 / classes); else None."""
+    chance = 100 / classes if classes else float("nan")
+    if not accuracy <= chance + CHANCE_MARGIN:  # NaN (nothing measured, classes unknown) compares False
+        return None
+    return (f"the base accuracy {accuracy:.2f}% is within {CHANCE_MARGIN:g} points of chance ({chance:.2f}% for "
+            f"{classes} classes): the network has learnt little, so its curves say little about a trained one; "
+            "train the checkpoint further (checkpoint.train.epochs) or point checkpoint.path at a trained one")
 
 
 def reference_baseline(rows: Sequence[dict[str, Any]]) -> float:
@@ -149,8 +164,31 @@ def fraction_label(fraction: float) -> str:
     return f"{100 * fraction:.4g}".replace(".", "p") + "pct"
 
 
-def layer_summary(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Per layer, most sensitive first (mean drop over every criterion and K): every criterion's safe K."""
+def drop_to_half(points: Sequence[dict[str, Any]]) -> float:
+    """The mean drop over the first half of the channels: the area under the drop curve (linear between the
+    measured fractions, from no channel pruned) from 0 to 50% of the channels, divided by 0.5. A curve measured
+    only below 50% is averaged over what was measured."""
+    area, last, end = 0.0, (0.0, 0.0), 0.0
+    for p in sorted(points, key=lambda q: q["fraction"]):
+        f, d = p["fraction"], p["accuracy_drop"]
+        if f > HALF:  # up to 50% along the segment that crosses it
+            d, f = last[1] + (d - last[1]) * (HALF - last[0]) / (f - last[0]), HALF
+        area += (f - last[0]) * (d + last[1]) / 2
+        last, end = (f, d), f
+        if f >= HALF:
+            break
+    return area / end if end else 0.0
+
+
+def order_criterion(criteria: Sequence[str], wanted: str | None) -> str | None:
+    """The criterion the layer table is sorted by: `wanted` when it was swept, else the first swept one."""
+    return wanted if wanted in criteria else next(iter(criteria), None)
+
+
+def layer_summary(rows: Sequence[dict[str, Any]], order_by: str | None = None) -> list[dict[str, Any]]:
+    """Per layer, every criterion's safe K and mean drop up to half the channels; most sensitive first by the
+    `order_by` criterion (default: the first one measured): the smallest safe fraction under 1 point first,
+    ties broken by the larger mean drop up to half the channels."""
     by_layer: dict[str, dict[str, list[dict[str, Any]]]] = defaultdict(dict)
     for t, pts in curves(rows).items():
         by_layer[t.layer][t.criterion] = pts
@@ -159,12 +197,20 @@ def layer_summary(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
         first = next(iter(options.values()))
         summary.append({
             "layer": layer, "channels": first[0]["channels"],
-            "mean_drop": statistics.fmean(p["accuracy_drop"] for pts in options.values() for p in pts),
             "max_k": max(p["k"] for pts in options.values() for p in pts),
-            "criteria": {c: {t: safe_k(pts, t) for t in THRESHOLDS} | {"max_k": pts[-1]["k"]}
-                         for c, pts in options.items()},
+            "criteria": {c: {t: safe_k(pts, t) for t in THRESHOLDS}
+                         | {"max_k": pts[-1]["k"], "half": drop_to_half(pts)} for c, pts in options.items()},
         })
-    return sorted(summary, key=lambda s: -s["mean_drop"])
+    order_by = order_by or next((c for s in summary for c in s["criteria"]), None)
+
+    def key(s: dict[str, Any]) -> tuple[float, float]:
+        mine = s["criteria"].get(order_by)
+        if mine is None:  # not measured on this layer: after the others
+            return (2.0, 0.0)
+        safe = mine[1.0]
+        return (safe["fraction"] if safe else 0.0, -mine["half"])
+
+    return sorted(summary, key=key)
 
 
 def _k(p: dict[str, Any] | None) -> str:
@@ -176,9 +222,10 @@ def _shown(items: list[Any]) -> list[Any]:
     return items if len(items) <= 2 * LIMIT else items[:LIMIT] + [None] + items[-LIMIT:]
 
 
-def _sensitivity_table(summary: list[dict[str, Any]], criteria: list[str]) -> list[str]:
-    lines = ["| layer | channels | mean drop (pts) | " + " | ".join(f"{c}: safe K < 1 / < 5 pts" for c in criteria)
-             + " |", "|---|---:|---:|" + "---:|" * len(criteria)]
+def _sensitivity_table(summary: list[dict[str, Any]], criteria: list[str], order_by: str) -> list[str]:
+    lines = [f"| layer | channels | {order_by}: mean drop up to 50% (pts) | "
+             + " | ".join(f"{c}: safe K < 1 / < 5 pts" for c in criteria) + " |",
+             "|---|---:|---:|" + "---:|" * len(criteria)]
     for s in _shown(summary):
         if s is None:
             lines.append(f"| ... {len(summary) - 2 * LIMIT} more layers ... | | |" + " |" * len(criteria))
@@ -187,7 +234,9 @@ def _sensitivity_table(summary: list[dict[str, Any]], criteria: list[str]) -> li
         for c in criteria:
             safe = s["criteria"].get(c)
             cells.append("-" if safe is None else f"{_k(safe[1.0])} / {_k(safe[5.0])}")
-        lines.append(f"| `{s['layer']}` | {s['channels']} | {s['mean_drop']:.2f} | " + " | ".join(cells) + " |")
+        mine = s["criteria"].get(order_by)
+        half = "-" if mine is None else f"{mine['half']:.2f}"
+        lines.append(f"| `{s['layer']}` | {s['channels']} | {half} | " + " | ".join(cells) + " |")
     return lines
 
 
@@ -302,6 +351,12 @@ def _baselines(rows: Sequence[dict[str, Any]]) -> str:
         f"{where})"
 
 
+def _points(value: float) -> str:
+    """Accuracy points as words: `1 point`, `0.5 points`."""
+    shown = f"{value:.3g}"
+    return f"{shown} point" if shown == "1" else f"{shown} points"
+
+
 def write_report(rows: Sequence[dict[str, Any]], meta: ReportMeta, failed: Sequence[str], folder: Path,
                  expected_points: int) -> Path:
     """report.md in `folder`; `meta` holds the provenance (see runner.job.sweep)."""
@@ -309,24 +364,32 @@ def write_report(rows: Sequence[dict[str, Any]], meta: ReportMeta, failed: Seque
         sorted({r["criterion"] for r in rows})
     lines = [f"# Pruning sensitivity: {meta.name}", ""]
     start = _baselines(rows) if rows else "No points measured yet"
-    lines += [f"{start} on {meta.eval_images:,} {meta.dataset} test images, measured by every trial through its "
-              f"own cached network; one image is worth {meta.image_points:.3g} points. Channels ranked on "
-              f"{meta.calibration}. Model {meta.arch} width {meta.width:g}, target `{meta.target}` "
+    which = f" ({meta.eval_classes})" if meta.eval_classes else ""
+    lines += [f"{start} on {meta.eval_images:,} {meta.dataset} test images{which}, measured by every trial through "
+              f"its own cached network; one image is worth {_points(meta.image_points)}. Channels ranked on "
+              f"{meta.calibration}. Model {meta.arch}{f' width {meta.width:g}' if meta.arch == 'resnet18' else ''}, "
+              f"target `{meta.target}` "
               f"({meta.target_meaning}).", ""]
-    for note in _notes(meta, criteria):
+    warning = near_chance(reference_baseline(rows), meta.classes) if rows else None
+    for note in ([f"**Warning: {warning}.**"] if warning else []) + _notes(meta, criteria):
         lines += [note, ""]
     lines += [f"Points measured: {len(rows)} of {expected_points}"
               + (f"; **{len(failed)} trials failed**: {', '.join(failed)}" if failed else "") + ".", ""]
     if rows:
-        summary = layer_summary(rows)
+        order_by = order_criterion(criteria, meta.order_by)
+        summary = layer_summary(rows, order_by)
         lines += ["## Which layers can I prune, and how far?", "",
                   f"Every drop carries a 95% interval: {INTERVAL}. *Safe K* under 1 or 5 points is the largest K "
                   "tried such that it and every smaller K have the **upper end** of that interval under the "
                   "threshold: a drop the measurement rules out, not just one it did not see"
                   + (" (for `random`, the highest upper end over its draws)" if "random" in criteria else "")
-                  + ". Layers from most to least sensitive (mean drop over every criterion and K); every "
-                  "criterion is shown side by side, none is picked per layer on these same images.", ""]
-        lines += _sensitivity_table(summary, criteria)
+                  + ". Every criterion is shown side by side, none is picked per layer on these same images.", "",
+                  f"Order: most sensitive first by `{order_by}`"
+                  + (" (the criterion `prune` plans with)" if order_by == meta.order_by else "")
+                  + ": the smallest safe K under 1 point as a fraction of the layer's channels first; ties by the "
+                  "larger mean drop up to 50% of the channels (the area under the drop curve from 0 to 50%, "
+                  "divided by 0.5).", ""]
+        lines += _sensitivity_table(summary, criteria, order_by)
         robust = []
         for s in summary:
             whole = [c for c, safe in s["criteria"].items()
@@ -346,7 +409,7 @@ def write_report(rows: Sequence[dict[str, Any]], meta: ReportMeta, failed: Seque
               "over its draws, around their mean).", "",
               "![sensitivity](plots/sensitivity.png)", "",
               f"Feature maps for a few K per layer are in [feature_maps/](feature_maps/) (pruned layer's BN output: "
-              f"{maps}; final stage: top 64 channels by mean).", "",
+              f"{maps}; final stage: top {figures.FINAL_TILES} channels by mean).", "",
               "## Provenance", "",
               f"- checkpoint: `{meta.checkpoint}` (sha256 `{meta.checkpoint_sha256}`)",
               f"- checkpoint test accuracy when trained: {meta.trained_accuracy}",
@@ -355,6 +418,7 @@ def write_report(rows: Sequence[dict[str, Any]], meta: ReportMeta, failed: Seque
               f"- channel orders and scores: [{RANKINGS}]({RANKINGS})",
               f"- libraries: {', '.join(f'{k} {v}' for k, v in meta.versions.items())}",
               f"- W&B: {meta.wandb}", ""]
+    lines += plans.saved_section(folder)  # a prune job's section survives the sweep's report
     path = folder / "report.md"
     storage.write_text(path, "\n".join(lines))
     return path

@@ -9,41 +9,62 @@ from __future__ import annotations
 import csv
 import io
 import os
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterable, NamedTuple
+
+from runner.basics import TrialId
 
 if TYPE_CHECKING:
     import pandas
 
-COLUMNS = ("unit", "layer", "criterion", "target", "k", "repeat", "fraction", "channels", "accuracy", "loss",
-           "baseline_accuracy", "accuracy_drop", "drop_low", "drop_high", "right_to_wrong", "wrong_to_right",
-           "params_removed", "macs_removed", "eval_images", "checkpoint_sha256", "seconds", "node", "device", "dtype",
-           "per_class_accuracy")
-INTS = {"k", "repeat", "channels", "params_removed", "macs_removed", "eval_images", "right_to_wrong",
-        "wrong_to_right"}
-FLOATS = {"fraction", "accuracy", "loss", "baseline_accuracy", "accuracy_drop", "drop_low", "drop_high", "seconds"}
-# ids that may look like numbers
-TEXTS = {"unit", "layer", "criterion", "target", "checkpoint_sha256", "node", "device", "dtype"}
+STEP = {"step": True}  # a column also logged at every K of the trial's W&B run
+
+
+@dataclass(frozen=True)
+class PointRow:
+    """The schema of a results.csv row, one measured point: its fields are the file's columns, in order, with
+    their types (docs/outputs.md). Columns, types and the W&B step metrics are all read from here."""
+
+    unit: str  # layer | group
+    layer: str
+    criterion: str
+    target: str
+    k: int
+    repeat: int = field(metadata=STEP)
+    fraction: float = field(metadata=STEP)
+    channels: int
+    accuracy: float = field(metadata=STEP)
+    loss: float = field(metadata=STEP)
+    baseline_accuracy: float  # the trial's own K = 0
+    accuracy_drop: float = field(metadata=STEP)
+    drop_low: float = field(metadata=STEP)  # 95% paired interval on the drop, points
+    drop_high: float = field(metadata=STEP)
+    right_to_wrong: int
+    wrong_to_right: int
+    params_removed: int = field(metadata=STEP)
+    macs_removed: int = field(metadata=STEP)
+    eval_images: int
+    checkpoint_sha256: str
+    seconds: float
+    node: str
+    device: str
+    dtype: str
+    per_class_accuracy: list[float]
+
+
+COLUMNS = tuple(f.name for f in fields(PointRow))
+STEP_METRICS = tuple(f.name for f in fields(PointRow) if f.metadata.get("step"))
+INTS = {f.name for f in fields(PointRow) if f.type == "int"}
+FLOATS = {f.name for f in fields(PointRow) if f.type == "float"}
+TEXTS = {f.name for f in fields(PointRow) if f.type == "str"}  # ids that may look like numbers
 
 Key = tuple[str, str, int, int]  # layer, criterion, k, repeat
 
 
-class TrialId(NamedTuple):
-    """One trial: a (layer, criterion)."""
-
-    layer: str
-    criterion: str
-
-    @property
-    def key(self) -> str:
-        """Its name: the W&B run name and the rankings.json key."""
-        return f"{self.layer}/{self.criterion}"
-
-
 class FeatureMaps(NamedTuple):
     """A point's mean feature maps (name -> float16 array) as one opaque value of its Tune result: Tune neither
-    flattens it nor prints the arrays (Tune formats every result into a debug message, whatever the log level:
-    half a second of the driver's CPU in the demo when the arrays were plain values)."""
+    flattens it nor prints the arrays (Tune formats every result into a debug message, whatever the log level)."""
 
     arrays: dict[str, Any]
 

@@ -1,4 +1,4 @@
-"""Experiment tracking: Weights & Biases runs (DESIGN §5), or a tracker that does nothing.
+"""Experiment tracking: Weights & Biases runs (docs/outputs.md#weights--biases), or a tracker that does nothing.
 
 No other module asks whether W&B is on: the sweep holds a Tracker and calls it. A W&B failure (no network,
 bad key, server down) never stops or loses a sweep: the tracker says so once, falls back to offline runs
@@ -30,15 +30,15 @@ from typing import Any, Callable, Protocol, Sequence
 
 import numpy as np
 
+from runner.basics import NullTrainLog, TrainLog, short
 from runner.outputs.figures import png
 from runner.outputs.report import trial_summary
-from runner.outputs.results import by_trial
+from runner.outputs.results import STEP_METRICS, by_trial
 
 log = logging.getLogger(__name__)
 
 DEFAULT_BASE_URL = "https://api.wandb.ai"
-POINT_METRICS = ("accuracy", "accuracy_drop", "drop_low", "drop_high", "loss", "fraction", "params_removed",
-                 "macs_removed", "repeat")
+POINT_METRICS = STEP_METRICS  # logged at every K of a trial's run
 TRIAL_CONFIG = ("baseline_accuracy", "device", "dtype")  # a trial run's config, from its first row
 TRAIN_METRICS = ("loss", "train_accuracy", "lr", "seconds")
 Picture = np.ndarray | Path  # a feature-map image: uint8 RGB pixels, or a PNG file of them
@@ -72,14 +72,6 @@ class RunSpec:
     uses: str | None = None  # "name:alias" of the model artifact it reads (recorded online only)
 
 
-class TrainLog(Protocol):
-    def start(self, config: dict[str, Any]) -> None: ...
-
-    def epoch(self, values: dict[str, float]) -> None: ...
-
-    def trained(self, path: str, sha256: str, meta: dict[str, Any]) -> None: ...
-
-
 class Tracker(Protocol):
     mode: str
 
@@ -90,23 +82,12 @@ class Tracker(Protocol):
     def finish_trial(self, name: str, rows: Sequence[dict[str, Any]], failed: bool = False) -> None: ...
 
     def summary(self, run: RunSpec, rows: Sequence[dict[str, Any]], baseline: float, figures: dict[str, Path],
-                failed: Sequence[str], files: Sequence[Path]) -> None: ...
+                failed: Sequence[str], files: Sequence[Path], extra: dict[str, Any] | None = None) -> None: ...
 
     def close(self) -> None: ...
 
     def log_table(self, run: RunSpec, name: str, rows: Sequence[dict[str, Any]], images: dict[str, Path]) -> None:
         """One run holding a table (`rows`) and images (a latency table and its heatmap)."""
-
-
-class NullTrainLog:
-    def start(self, config: dict[str, Any]) -> None:
-        pass
-
-    def epoch(self, values: dict[str, float]) -> None:
-        pass
-
-    def trained(self, path: str, sha256: str, meta: dict[str, Any]) -> None:
-        pass
 
 
 class NullTracker:
@@ -124,7 +105,7 @@ class NullTracker:
         pass
 
     def summary(self, run: RunSpec, rows: Sequence[dict[str, Any]], baseline: float, figures: dict[str, Path],
-                failed: Sequence[str], files: Sequence[Path]) -> None:
+                failed: Sequence[str], files: Sequence[Path], extra: dict[str, Any] | None = None) -> None:
         pass
 
     def close(self) -> None:
@@ -179,26 +160,26 @@ def run_id(sweep_id: str | None, name: str) -> str | None:
     if sweep_id is None:
         return None
     return f"{sweep_id}-{name}" if name in (SUMMARY_RUN, TRAIN_RUN) else \
-        f"{sweep_id}-{hashlib.sha1(name.encode()).hexdigest()[:12]}"
+        f"{sweep_id}-{short(hashlib.sha1(name.encode()).hexdigest())}"
 
 
 def model_artifact(checkpoint: str | Path, sha256: str) -> str:
     """The checkpoint's `model` artifact, as name:alias ("checkpoint-demo:sha256-0123456789ab")."""
     stem = re.sub(r"[^A-Za-z0-9._-]", "-", Path(checkpoint).stem)
-    return f"checkpoint-{stem}:sha256-{sha256[:12]}"
+    return f"checkpoint-{stem}:sha256-{short(sha256)}"
 
 
 def preload(mode: str) -> None:
     """Import what W&B's runs need ahead of the first one, in a thread that would otherwise wait (the sweep's
     calibration thread waits for Ray): wandb itself, and the W&B Launch package that every `wandb.init` imports
-    to apply staged Launch inputs (0.2 s of CPU on a sweep's first trial run, otherwise taken from the trials).
+    to apply staged Launch inputs (otherwise imported on a sweep's first trial run, with CPU taken from the trials).
     That package's path is W&B's own: if a release moves it, its import is just not done ahead."""
     if resolve_mode(mode) == "disabled":
         return
-    import wandb  # noqa: F401
+    import wandb
 
     try:
-        import wandb.sdk.launch.inputs.internal  # noqa: F401
+        import wandb.sdk.launch.inputs.internal  # noqa: F401  loaded ahead: see the docstring
     except ImportError:
         log.debug("W&B: no wandb.sdk.launch.inputs.internal to import ahead")
 
@@ -243,8 +224,7 @@ class WandbTracker:
 
     def _start(self, spec: RunSpec, lean: bool = True) -> Any:
         """A run (resumed when this sweep logged it before). Lean runs skip W&B's per-run scans (installed
-        packages, git, machine info): 5x faster to start (measured 0.15 -> 0.03 s offline), which matters at
-        one run per trial; the summary run keeps them, and every run's config carries the library versions and
+        packages, git, machine info): several times faster to start, which matters at one run per trial; the summary run keeps them, and every run's config carries the library versions and
         checkpoint sha256."""
         settings = dict(console="off", x_disable_stats=True, silent=True)
         if lean:
@@ -300,13 +280,12 @@ class WandbTracker:
     def log_point(self, run: RunSpec, row: dict[str, Any], images: Callable[[], dict[str, Picture]]) -> None:
         """One K of a trial's run; `images` gives the point's feature-map images (only called when logged): RGB
         arrays, or the PNG files the collector already wrote for the figures on disk. W&B is given a PNG file
-        either way, which it copies as it is: the pixels are encoded here (runner.outputs.figures.png: 1.65 instead
-        of 2.45 ms per image, W&B's work included, than handing W&B the pixels for Pillow to encode), into a
-        scratch file removed once logged; the same bytes on disk and on W&B.
+        either way, which it copies as it is: the pixels are encoded here (runner.outputs.figures.png, faster than
+        Pillow's encoder), into a scratch file removed once logged; the same bytes on disk and on W&B.
 
         Every point's numbers are logged; the images only for the first order of a random criterion (repeat 0),
-        as on disk: the other draws picture the same layer with other random channels zeroed, and rendering and
-        encoding them was 40% of the demo's W&B work, taken from the trials' CPUs (issue 14)."""
+        as on disk: the other draws picture the same layer with other random channels zeroed, and rendering them
+        would take a large share of the W&B work from the trials' CPUs."""
         wb = self._trial_run(run, row)
         if wb is not None:
             self._safely(self._log_point, wb, run, row, images)
@@ -348,7 +327,8 @@ class WandbTracker:
     # ---- the summary run ----
 
     def summary(self, run: RunSpec, rows: Sequence[dict[str, Any]], baseline: float, figures: dict[str, Path],
-                failed: Sequence[str], files: Sequence[Path]) -> None:
+                failed: Sequence[str], files: Sequence[Path], extra: dict[str, Any] | None = None) -> None:
+        """`extra`: more keys for the run's summary (the near-chance warning)."""
         wb = self._start(run, lean=False)
         if wb is None:
             return
@@ -374,7 +354,7 @@ class WandbTracker:
                          if path.is_file()})
             self._safely(wb.log, data)
         self._safely(wb.summary.update, {"baseline_accuracy": baseline, "failed_trials": list(failed),
-                                         "points": len(rows)})
+                                         "points": len(rows), **(extra or {})})
         self._safely(self._log_results, wb, files)
         self._safely(wb.finish, exit_code=1 if failed else 0)
 

@@ -1,4 +1,4 @@
-"""From sensitivity curves to a smaller model (DESIGN §10): a plan under a MACs or params budget, the combined
+"""From sensitivity curves to a smaller model (docs/numbers.md): a plan under a MACs or params budget, the combined
 plan corrected, the channels removed for real (Torch-Pruning), counted, saved, exported and timed.
 
     curves      a unit's measured curve made monotone, and the K a plan may choose (round_to, min_keep)
@@ -13,6 +13,6 @@ plan corrected, the channels removed for real (Torch-Pruning), counted, saved, e
 `curves`, `solve` and `correction` are plain Python (no torch), so planning is testable on made-up numbers.
 
 May import: `model`, `runner.engine`, `runner.inputs`, `runner.outputs`, `runner.planning` and the basics
-(`runner.config`, `runner.errors`, `runner.storage`, `runner.provenance`); torch, torch_pruning, onnx,
-onnxruntime. Never Ray or W&B (the job runs fine-tuning trials and logs them).
+(`runner.basics`, `runner.config`, `runner.errors`, `runner.storage`, `runner.provenance`); torch, torch_pruning,
+onnx, onnxruntime. Never Ray or W&B (the job runs fine-tuning trials and logs them).
 """

@@ -1,4 +1,4 @@
-"""The combined plan, measured and corrected (DESIGN §10). Plain Python: the measurement is a callable.
+"""The combined plan, measured and corrected. Plain Python: the measurement is a callable.
 
 A plan's predicted drop is the sum of its units' drops, each measured alone; sensitivities do not add, so the
 plan is measured with all its masks at once (one pass over the eval set) and compared with that sum. The

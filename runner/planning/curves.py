@@ -54,7 +54,10 @@ class Curve:
             return b
         a = self.points[hi - 1]
         w = (k - a.k) / (b.k - a.k)
-        mix = lambda x, y: x + w * (y - x)  # noqa: E731
+
+        def mix(x: float, y: float) -> float:
+            return x + w * (y - x)
+
         return Option(k, mix(a.drop, b.drop), round(mix(a.macs, b.macs)), round(mix(a.params, b.params)), False,
                       mix(a.latency, b.latency))
 

@@ -79,6 +79,11 @@ def spec_meta(spec: Spec, image_size: int) -> dict[str, Any]:
             "image_size": image_size}
 
 
+def pruned_meta(path: Path) -> dict[str, Any]:
+    """pruned.pt's metadata alone (what it was planned from: `base_checkpoint_sha256`, `classes`, `image_size`)."""
+    return dict(_read(Path(path)).get("meta", {}))
+
+
 def open_pruned(path: Path) -> Pruned:
     """pruned.pt on its own: the base architecture its metadata names (`spec_meta`) built without weights, then
     `load_pruned`. What a user calls in a fresh process: `open_pruned("runs/x/plans/macs0.5-knapsack/pruned.pt")`.
@@ -145,6 +150,15 @@ def export_onnx(path: Path, model: nn.Module, mean: Sequence[float], std: Sequen
         torch.onnx.export(wrapped, (example,), str(tmp), opset_version=opset, dynamo=False,
                           input_names=["images"], output_names=["logits"],
                           dynamic_axes={"images": {0: "batch"}, "logits": {0: "batch"}})
+
+
+ONNX_BATCH = 1000  # images per onnxruntime call when scoring a whole set
+
+
+def onnx_predictions(path: Path, images: np.ndarray) -> np.ndarray:
+    """The class onnxruntime alone predicts for each uint8 NHWC image (as the datasets hold them)."""
+    x = images.astype(np.float32).transpose(0, 3, 1, 2) / 255
+    return np.concatenate([onnx_logits(path, x[i:i + ONNX_BATCH]).argmax(1) for i in range(0, len(x), ONNX_BATCH)])
 
 
 def onnx_logits(path: Path, images: np.ndarray) -> np.ndarray:

@@ -1,4 +1,4 @@
-"""Latency of the base and the pruned model, measured in one process, one after the other (DESIGN §10).
+"""Latency of the base and the pruned model, measured in one process, one after the other.
 
 Per batch size: both models are warmed up (`warmup` forwards each: allocator, oneDNN kernel choice), then
 timed in alternation, base then pruned, one forward each per round, so that a slow spell of a shared machine

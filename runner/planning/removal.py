@@ -10,7 +10,7 @@ removed at once: every unit's group is taken from the unpruned model, then each 
 `dependency_graph`, `tp_group` and `counts` have the signatures of model/groups.py's `dependency_graph`,
 `tp_group` and `count` (branch `graph`); once that lands, these three become imports from there.
 
-`masked` is the same removal as masks (DESIGN §6): the group's channels are zeroed at the output of every
+`masked` is the same removal as masks: the group's channels are zeroed at the output of every
 conv and BN that loses them, so a masked forward equals the pruned model's forward (tests check it).
 `counts` counts MACs (FLOPs / 2 of convs and linears, `torch.utils.flop_counter`) and params on a model as it
 is: the pruned model's numbers are counted on the pruned model, never computed from the plan.
@@ -28,6 +28,7 @@ import torch_pruning as tp
 from torch import Tensor, nn
 from torch.utils.flop_counter import FlopCounterMode
 
+from model.capture import hooked
 from model.graph import eval_mode
 from runner.errors import InputError
 
@@ -140,16 +141,12 @@ def masked(model: nn.Module, removal: Removal, image_size: int) -> Iterator[nn.M
                 channels = module.out_channels if isinstance(module, nn.Conv2d) else module.num_features
                 k = keep.setdefault(module, torch.ones(channels))
                 k[idxs] = 0
-    handles = []
-    try:
-        for module, k in keep.items():
-            def zero(m: nn.Module, args: tuple, out: Tensor, k: Tensor = k) -> Tensor:
-                return out * k.to(out.device, out.dtype).view(1, -1, *([1] * (out.dim() - 2)))
-            handles.append(module.register_forward_hook(zero))
+    def zero(m: nn.Module, args: tuple, out: Tensor) -> Tensor:
+        k = keep[m]
+        return out * k.to(out.device, out.dtype).view(1, -1, *([1] * (out.dim() - 2)))
+
+    with hooked([(module, zero, False) for module in keep]):
         yield model
-    finally:
-        for handle in handles:
-            handle.remove()
 
 
 def removable_alone(model: nn.Module, units: Sequence[str], image_size: int) -> dict[str, str | None]:

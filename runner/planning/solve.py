@@ -1,4 +1,4 @@
-"""Plans: one K per unit under a MACs or params budget, by three methods (DESIGN §10). Plain Python: no torch.
+"""Plans: one K per unit under a MACs or params budget, by three methods. Plain Python: no torch.
 
 A budget keeps a fraction `keep` of the base model's MACs (or params), so the units together must save at
 least `required = base_total * (1 - keep)`. Each method sees per unit only its options (`curves.choices`):

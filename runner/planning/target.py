@@ -107,14 +107,14 @@ class OnTarget:
 
 
 def open_target(grid: Grid, base: nn.Module, orders: Mapping[str, Sequence[int]], curves: Sequence[Curve],
-                base_sha256: str, image_size: int, export: Export, rounds: Rounds = Rounds()) -> OnTarget:
+                base_sha256: str, image_size: int, export: Export, rounds: Rounds | None = None) -> OnTarget:
     """The job's target: checked, its table filled (cached entries reused), the curves planned with it."""
     target = grid.plan.target
     assert target is not None
     check_target(target)
     key = target_key(target, base_sha256, image_size)
     path = Path(grid.folder) / FOLDER / key_file(key)
-    timer = Timer(target, copy.deepcopy(base), image_size, export, rounds)
+    timer = Timer(target, copy.deepcopy(base), image_size, export, rounds or Rounds())
 
     def measure(unit: str, k: int) -> tuple[Spread, Spread]:
         return timer.pair(pruned_copy(base, removal_from({unit: k}, orders), image_size))

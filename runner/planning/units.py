@@ -1,4 +1,4 @@
-"""The units a plan may prune, their channel orders and their measured curves (DESIGN §10).
+"""The units a plan may prune, their channel orders and their measured curves.
 
 With `unit: group` every swept group is a unit: removing its channels removes them from every member, which
 is what the sweep measured. With `unit: layer` only a conv whose output channels can be removed on their own

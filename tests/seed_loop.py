@@ -1,4 +1,4 @@
-"""The seed's loop, kept as the reference the engine is checked and timed against (tests, scripts/bench.py).
+"""The seed's loop: the reference the engine is checked and timed against (tests, scripts/bench.py).
 
 Per K it does what the origin experiment did: reload the weights, rank the channels, zero them in the
 weights, and evaluate the whole network. Slow on purpose; never used to produce results.
