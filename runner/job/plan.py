@@ -33,7 +33,7 @@ from runner.planning.record import plan_record
 from runner.planning.removal import Counts, Removal, counter, counts, masked, pruned_copy, removal_from
 from runner.planning.scoring import paired_drop, score
 from runner.planning.solve import Plan, Planner
-from runner.planning.target import Timed as TargetTimed, latency_columns
+from runner.planning.target import OnTarget, Timed as TargetTimed, latency_columns
 
 log = logging.getLogger(__name__)
 
@@ -48,7 +48,7 @@ class BudgetKind:
     count: Callable[[Setting], Count]
 
 
-def _on_target(s: Setting) -> Any:
+def _on_target(s: Setting) -> OnTarget:
     assert s.target is not None, "a latency budget needs plan.target (runner.config checks it)"
     return s.target
 
