@@ -279,27 +279,29 @@ PLAN_METHODS = ("knapsack", "threshold", "uniform", "global")
 
 
 class Budget(Section):
-    """What a plan must reach: exactly one of `macs` or `params`, the fraction of the base model's to keep."""
+    """What a plan must reach: exactly one of `macs`, `params` or `latency` (measured on `plan.target`), the
+    fraction of the base model's to keep."""
 
     macs: Annotated[float | None, Field(gt=0, lt=1), Allowed(FRACTION)] = None
     params: Annotated[float | None, Field(gt=0, lt=1), Allowed(FRACTION)] = None
+    latency: Annotated[float | None, Field(gt=0, lt=1), Allowed(FRACTION)] = None
 
     @model_validator(mode="after")
     def _one_kind(self) -> "Budget":
-        if (self.macs is None) == (self.params is None):
-            raise _invalid("give exactly one of macs, params", "{macs: 0.5} or {params: 0.6}",
-                           "write one budget per list item")
+        if sum(v is not None for v in (self.macs, self.params, self.latency)) != 1:
+            raise _invalid("give exactly one of macs, params, latency", "{macs: 0.5}, {params: 0.6} or "
+                           "{latency: 0.6}", "write one budget per list item")
         return self
 
     @property
     def kind(self) -> str:
-        """macs or params."""
-        return "macs" if self.macs is not None else "params"
+        """macs, params or latency."""
+        return next(k for k in ("macs", "params", "latency") if getattr(self, k) is not None)
 
     @property
     def keep(self) -> float:
-        """The fraction of the base model's MACs or params the plan may keep."""
-        return self.macs if self.macs is not None else self.params
+        """The fraction of the base model's MACs, params or latency the plan may keep."""
+        return getattr(self, self.kind)
 
     @property
     def label(self) -> str:
@@ -315,19 +317,49 @@ class FinetuneConfig(TrainConfig):
     schedule: Literal["onecycle", "cosine", "seed"] | None = "cosine"  # from the trained model down: no warm-up
 
 
+class TargetConfig(Section):
+    """Where the pruned model will run and how it is timed (docs/latency.md): latency tables and budgets."""
+
+    runtime: Literal["torch", "onnxruntime"] = "onnxruntime"
+    device: Literal["cpu", "cuda"] = "cpu"
+    batch: int = Field(1, ge=1, le=65_536)
+    threads: int | None = Field(None, ge=1, le=1024)  # null = what the runtime picks
+    provider: str | None = None  # onnxruntime: an execution provider (tensorrt, cuda, cpu, ...); null = by device
+    # wall: elapsed time (latency); cpu: the process's CPU time per forward, which other processes on a shared
+    # machine do not inflate (equal to latency on an idle core with threads: 1; CPU devices only)
+    clock: Literal["wall", "cpu"] = "wall"
+
+    @model_validator(mode="after")
+    def _provider_runtime(self) -> "TargetConfig":
+        if self.provider is not None and self.runtime != "onnxruntime":
+            raise _invalid("a provider is an onnxruntime setting", "provider: null with runtime: torch",
+                           "remove provider, or use runtime: onnxruntime")
+        if self.clock == "cpu" and self.device != "cpu":
+            raise _invalid("CPU time says nothing of a GPU's work", "clock: wall on cuda", "use clock: wall")
+        return self
+
+    @property
+    def label(self) -> str:
+        """Its name in plans.csv and the report: onnxruntime/cpu/b32, torch/cpu/b1/t4."""
+        out = f"{self.runtime}/{self.provider or self.device}/b{self.batch}"
+        return out + (f"/t{self.threads}" if self.threads else "") + ("/cpu-time" if self.clock == "cpu" else "")
+
+
 class PlanConfig(Section):
     """`prune-sweep prune`: budgets x methods, each a plan from the sweep's curves, removed for real,
     fine-tuned and verified."""
 
-    budgets: Annotated[list[Budget], Field(min_length=1), Allowed("a list of {macs: f} or {params: f}")] = [
-        Budget(macs=0.5)]
+    budgets: Annotated[list[Budget], Field(min_length=1),
+                       Allowed("a list of {macs: f}, {params: f} or {latency: f}")] = [Budget(macs=0.5)]
     # global: Torch-Pruning's global pruning, the baseline a user has without sweeping (docs/validation.md)
     methods: Annotated[list[Literal["knapsack", "threshold", "uniform", "global"]], Field(min_length=1), Distinct,
                        Allowed(", ".join(PLAN_METHODS))] = list(PLAN_METHODS)
     # whose curves the plan reads and whose channel order it removes; null = the first of sweep.criteria that
     # ranks channels (not random, not seed)
     criterion: str | None = None
-    round_to: int = Field(1, ge=1, le=1024)  # channels kept per unit: a multiple of this (or the unit untouched)
+    # channels kept per unit: a multiple of this (or the unit untouched); auto: only K on the latency table's
+    # lower envelope (needs a target)
+    round_to: Annotated[int, Field(ge=1, le=1024)] | Literal["auto"] = 1
     min_keep: float = Field(0.1, ge=0, lt=1)  # never keep fewer than this fraction of a unit's channels (and >= 1)
     finetune: FinetuneConfig = FinetuneConfig()
     # which images give the final figures: eval = the sweep's eval images (the ones that chose the plan, so its
@@ -339,6 +371,22 @@ class PlanConfig(Section):
     # which curves plan: plain (the trained BatchNorm statistics) or recalibrated (after adaptive BN, which needs
     # sweep.bn_recalibration > 0; the correction then measures with adaptive BN too): docs/adaptive-bn.md
     curves: Literal["plain", "recalibrated"] = "plain"
+    # where the model will run: latency tables, {latency: f} budgets, every plan timed there; null = no table,
+    # plans timed with torch at batch 1 and 64
+    target: TargetConfig | None = Field(None, validate_default=True)
+
+    @field_validator("target")
+    @classmethod
+    def _needs_target(cls, v: TargetConfig | None, info: ValidationInfo) -> TargetConfig | None:
+        if v is None:
+            latency = next((b.label for b in info.data.get("budgets") or [] if b.kind == "latency"), None)
+            if latency:
+                raise _invalid(f"budget {latency} needs a target to time plans on", "a plan.target with a latency "
+                               "budget", "add plan.target: {runtime: onnxruntime, device: cpu, batch: 1}")
+            if info.data.get("round_to") == "auto":
+                raise _invalid("round_to: auto reads the latency table of a target", "a plan.target with round_to: "
+                               "auto", "add plan.target, or set plan.round_to to a number")
+        return v
 
     @field_validator("budgets")
     @classmethod

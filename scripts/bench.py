@@ -559,6 +559,56 @@ def _wall(command: list[str]) -> tuple[float, str, float, float]:
     return seconds, done.stderr, spawned, exited
 
 
+def latency_check(grid_path: str, overrides: list[str]) -> dict[str, Any]:
+    """`--latency`: what the prune job's latency table cost (latency/cost.json: its time, per unit x K entry,
+    and its fraction of the job), then, for an onnxruntime target, every latency plan's pruned.onnx timed by
+    onnxruntime alone in a separate process (scripts/onnx_latency.py), in alternation with the base model
+    exported from the checkpoint: its kept fraction against the budget (x 1.05), the job's latency_kept, and
+    the table's prediction against the job's measurement."""
+    import pandas as pd
+
+    from runner.planning.export import export_onnx
+
+    grid = load_grid(grid_path, overrides)
+    folder, target = grid.folder, grid.plan.target
+    cost = json.loads((folder / "latency" / "cost.json").read_text(encoding="utf-8"))
+    result: dict[str, Any] = {"cost": cost, "plans": {}}
+    print(f"latency table on {cost['target']}: {cost['entries']} entries; this job measured {cost['measured']} in "
+          f"{cost['table_seconds']:.1f} s ({cost['per_entry_seconds']:.2f} s per entry over all entries' own "
+          f"times, {cost['entry_seconds']:.1f} s), {cost['table_seconds'] / cost['job_seconds']:.1%} of the prune "
+          f"job's {cost['job_seconds']:.1f} s")
+    plans = pd.read_csv(folder / "plans.csv")
+    if target is None or target.runtime != "onnxruntime":
+        return result
+    loaded = checkpoints.load_for(grid)
+    size = grid.data.image_size or 32
+    base = folder / "latency" / "base.onnx"
+    export_onnx(base, loaded.model.cpu().eval(), *loaded.normalisation, size)
+    timed = plans[plans["budget"].str.startswith("latency")]
+    files = [str(Path(f) / "pruned.onnx") for f in timed["folder"]]
+    command = [sys.executable, str(Path(__file__).with_name("onnx_latency.py")), str(base), *files, "--batch",
+               str(target.batch), "--image-size", str(size), "--clock", target.clock]
+    if target.threads:
+        command += ["--threads", str(target.threads)]
+    alone = json.loads(subprocess.run(command, check=True, capture_output=True, text=True).stdout)
+    for row, f in zip(timed.to_dict("records"), files):
+        a = alone["files"][f]
+        keep = float(row["budget"][len("latency"):])
+        check = {"budget": keep, "alone_kept": a["kept"], "alone_ms": a["ms"], "alone_low": a["low"],
+                 "alone_high": a["high"], "alone_base_ms": a["base_ms"], "job_kept": row["latency_kept"],
+                 "job_ms": row["latency_ms"], "predicted_ms": row["latency_predicted_ms"],
+                 "meets": a["kept"] <= keep * 1.05, "job_vs_alone": row["latency_kept"] / a["kept"] - 1,
+                 "prediction_error": row["latency_predicted_ms"] / row["latency_ms"] - 1,
+                 "macs_kept": row["macs_kept"]}
+        result["plans"][f"{row['budget']}-{row['method']}"] = check
+        print(f"{row['budget']}-{row['method']}: onnxruntime alone {a['ms']:.2f} ms [{a['low']:.2f}, {a['high']:.2f}]"
+              f" vs base {a['base_ms']:.2f} ms = {a['kept']:.3f} kept (budget {keep:g} x 1.05 = {keep * 1.05:.3f}: "
+              f"{'meets' if check['meets'] else 'MISSES'}); job's latency_kept {row['latency_kept']:.3f} "
+              f"({check['job_vs_alone']:+.1%}); table predicted {row['latency_predicted_ms']:.2f} ms vs the job's "
+              f"{row['latency_ms']:.2f} ms ({check['prediction_error']:+.1%}); MACs kept {row['macs_kept']:.3f}")
+    return result
+
+
 def write_json(path: str, result: dict[str, Any]) -> None:
     Path(path).write_text(json.dumps(result, indent=2), encoding="utf-8")
 
@@ -583,6 +633,8 @@ def main() -> int:
     p.add_argument("--repeat", type=int, default=None,
                    help="--end-to-end, --adaptive-bn, --stop-drop: alternated pairs of runs (default 2); --resnet50: "
                    "runs per conv (default 3)")
+    p.add_argument("--latency", action="store_true", help="the prune job's latency table cost, and its latency "
+                   "plans' pruned.onnx timed by onnxruntime alone in a separate process (after prune-sweep prune)")
     p.add_argument("--engine-alone", action="store_true", help=argparse.SUPPRESS)  # the timed half of --end-to-end
     p.add_argument("--adaptive-bn", type=int, default=0, metavar="N",
                    help="time the engine with adaptive BN on N calibration images against the engine alone")
@@ -593,7 +645,9 @@ def main() -> int:
     if args.engine_alone:
         print(f"{engine_alone(args.grid, args.set)} points")
         return 0
-    if args.resnet50:
+    if args.latency:
+        result = latency_check(args.grid, args.set)
+    elif args.resnet50:
         images = R50_IMAGES if args.eval_size is None else args.eval_size
         r50 = prepare_resnet50(images, args.layers or list(R50_LAYERS), args.criterion or "l1_norm",
                                "cpu" if args.device == "auto" else args.device, tuple(args.fractions))

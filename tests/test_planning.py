@@ -272,8 +272,8 @@ def test_plan_section_defaults_and_issue_example() -> None:
 
 @pytest.mark.parametrize("raw, message", [
     ({"budgets": [{"macs": 0.5, "params": 0.6}]},
-     "g.yaml: plan.budgets[0]: give exactly one of macs, params: got {'macs': 0.5, 'params': 0.6}; allowed: "
-     "{macs: 0.5} or {params: 0.6}; fix: write one budget per list item"),
+     "g.yaml: plan.budgets[0]: give exactly one of macs, params, latency: got {'macs': 0.5, 'params': 0.6}; "
+     "allowed: {macs: 0.5}, {params: 0.6} or {latency: 0.6}; fix: write one budget per list item"),
     ({"budgets": [{"macs": 1.5}]},
      "g.yaml: plan.budgets[0].macs: out of range: got 1.5; allowed: a fraction of the base model to keep, 0 < f < 1; "
      "fix: change plan.budgets[0].macs in the grid file (or --set plan.budgets=...)"),

@@ -12,7 +12,7 @@ from __future__ import annotations
 import copy
 import json
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
@@ -28,13 +28,14 @@ from runner.outputs import plans as plan_files
 from runner.outputs.plans import CORRECT, PRUNED, REMOVED, VERIFIED, finetuned, save_array
 from runner.planning.adaptive import score_recalibrated
 from runner.planning.correction import Corrected, Measured, Move, correct
-from runner.planning.export import save_pruned, spec_meta
+from runner.planning.export import export_onnx, save_pruned, spec_meta
 from runner.planning.global_plan import NEEDS_GRADIENTS, calibration_gradients, global_choice
 from runner.planning.latency import latency
 from runner.planning.record import plan_record
 from runner.planning.removal import Counts, Removal, counter, counts, masked, pruned_copy, removal_from
 from runner.planning.scoring import paired_drop, score
 from runner.planning.solve import Plan, Planner
+from runner.planning.target import OnTarget, Timed as TargetTimed, latency_columns
 
 log = logging.getLogger(__name__)
 
@@ -49,10 +50,23 @@ class BudgetKind:
     count: Callable[[Setting], Count]
 
 
+def _on_target(s: Setting) -> OnTarget:
+    assert s.target is not None, "a latency budget needs plan.target (runner.config checks it)"
+    return s.target
+
+
+def _told(ks: Mapping[str, int], t: TargetTimed) -> None:
+    log.info("latency budget: a plan pruning %d units timed %.2f ms [%.2f, %.2f], %.3f of the base's %.2f ms",
+             sum(1 for k in ks.values() if k), t.ms, t.low, t.high, t.kept, t.base_ms)
+
+
 BUDGET_KINDS: dict[str, BudgetKind] = {
-    kind: BudgetKind(base=lambda s, k=kind: getattr(s.base_counts, k),
-                     count=lambda s, k=kind: counter(s.base, s.units.orders, k, s.image_size))
-    for kind in ("macs", "params")}
+    **{kind: BudgetKind(base=lambda s, k=kind: getattr(s.base_counts, k),
+                        count=lambda s, k=kind: counter(s.base, s.units.orders, k, s.image_size))
+       for kind in ("macs", "params")},
+    # the base's median time on plan.target, and a plan's pruned model timed there (docs/latency.md)
+    "latency": BudgetKind(base=lambda s: _on_target(s).table.base_ms,
+                          count=lambda s: _on_target(s).count(s.base, s.units.orders, s.image_size, _told))}
 
 
 @dataclass(frozen=True)
@@ -73,13 +87,16 @@ Choose = Callable[[Setting, Budget, str, Count], "Chosen | None"]  # (setting, b
 
 def _from_curves(method: str, corrects: bool) -> Choose:
     """A method that plans from the sweep's curves (runner.planning.solve), its combined plan measured and,
-    when `corrects`, corrected on the eval images."""
+    when `corrects`, corrected on the eval images. With a target, every budget plans with the latency table's
+    curves (K only at the table's points); a latency budget's plan is the first whose measured median fits."""
 
     def choose(s: Setting, budget: Budget, name: str, count: Count) -> Chosen | None:
         p = s.grid.plan
-        planner = Planner(s.curves, budget.kind, budget.keep, BUDGET_KINDS[budget.kind].base(s), method,
-                          p.round_to, p.min_keep)
-        plan = planner.fit(count)
+        timed_budget = budget.kind == "latency"
+        planner = Planner(s.target.curves if s.target else s.curves, budget.kind, budget.keep,
+                          BUDGET_KINDS[budget.kind].base(s), method, 1 if p.round_to == "auto" else p.round_to,
+                          p.min_keep, points_only=s.target is not None)
+        plan = planner.fit(count, first=timed_budget)
         if plan is None:
             return None
         moves: list[Move] = []
@@ -91,16 +108,32 @@ def _from_curves(method: str, corrects: bool) -> Choose:
                      now.predicted_drop, move.measured.drop, move.measured.low, move.measured.high)
 
         limit = p.max_corrections if corrects else 0
-        return Chosen(plan, correct(plan, lambda caps: planner.fit(count, caps),
-                                    lambda candidate: measure_removal(s, removal_from(candidate.ks, s.units.orders)),
-                                    limit, moved))
+        measure = _measure(s)
+        # a latency budget's moves re-plan on the table's prediction (timing every candidate would cost a
+        # measurement each); the plan kept is then refitted on measured latency (runner.planning.target)
+        corrected = correct(plan, (lambda caps: planner.plan(caps)) if timed_budget else
+                            (lambda caps: planner.fit(count, caps)), measure, limit, moved)
+        if timed_budget and corrected.plan.ks != plan.ks:
+            refit = planner.fit(count, corrected.plan.caps, first=True)
+            if refit is None:
+                log.warning("%s: the corrected plan cannot be refitted to the measured budget; keeping the first "
+                            "plan", name)
+                corrected = replace(corrected, plan=plan, measured=corrected.first)
+            elif refit.ks != corrected.plan.ks:
+                corrected = replace(corrected, plan=refit, measured=measure(refit))
+        return Chosen(plan, corrected)
 
     return choose
 
 
 def _global(s: Setting, budget: Budget, name: str, count: Count) -> Chosen | None:
     """Torch-Pruning's global pruner at the ratio that meets the budget (runner.planning.global_plan), its
-    removal measured as a whole plan."""
+    removal measured as a whole plan. Its ratio is fitted on counted MACs or params: for a latency budget it
+    makes no plan (said in the log) until its ratio is fitted on measured time."""
+    if budget.kind == "latency":
+        log.warning("%s: global pruning fits its ratio on counted MACs or params, not on measured latency: no "
+                    "plan for %s (plan.methods without global avoids this line)", name, budget.label)
+        return None
     gradients = calibration_gradients(s.data.calibration, *s.loaded.normalisation, s.grid.sweep.batch_size) \
         if s.criterion in NEEDS_GRADIENTS else None
     chosen = global_choice(s.base, s.criterion, budget.kind, budget.keep, s.image_size, s.curves,
@@ -110,6 +143,11 @@ def _global(s: Setting, budget: Budget, name: str, count: Count) -> Chosen | Non
         return None
     plan, corrected, removal = chosen
     return Chosen(plan, corrected, removal)
+
+
+def _measure(s: Setting) -> Callable[[Plan], Measured]:
+    """A candidate plan's measured drop (`measure_removal` of its channels)."""
+    return lambda candidate: measure_removal(s, removal_from(candidate.ks, s.units.orders))
 
 
 def measure_removal(s: Setting, removal: Mapping[str, Any]) -> Measured:
@@ -182,7 +220,9 @@ def make_plan(s: Setting, budget: Budget, method: str, count: Count) -> dict[str
     removed = remove(s, chosen.removal_of(s))
     if removed.differ:
         log.warning("%s: the pruned model and the masked plan disagree on %d images", name, removed.differ)
-    record = save(s, budget, name, chosen, removed, timed(s, removed.model))
+    # with a target, the plan is timed there instead (latency_ms ...); torch at batch 1 and 64 only without one
+    on_target = on_target_columns(s, budget, chosen, removed) if s.target else None
+    record = save(s, budget, name, chosen, removed, [] if s.target else timed(s, removed.model), on_target)
     c = chosen.corrected
     log.info("%s: MACs kept %.3f, params kept %.3f; predicted drop %.2f, measured %.2f [%.2f, %.2f] (first plan: "
              "%.2f predicted, %.2f measured; %d corrections); accuracy before fine-tuning %.2f%% (base %.2f%%)", name,
@@ -192,10 +232,34 @@ def make_plan(s: Setting, budget: Budget, method: str, count: Count) -> dict[str
     return record
 
 
-def save(s: Setting, budget: Budget, name: str, chosen: Chosen, removed: Removed, times: list[Timed]
-         ) -> dict[str, Any]:
+def on_target_columns(s: Setting, budget: Budget, chosen: Chosen, removed: Removed) -> dict[str, Any]:
+    """The plan timed on plan.target against the base (for onnxruntime its pruned.onnx, which verification
+    writes again after fine-tuning: the same graph with the final weights), with the table's prediction: the
+    plans.csv columns target, latency_ms, latency_low, latency_high, latency_kept, latency_predicted_ms, ..."""
+    on = s.target
+    assert on is not None
+    if on.target.runtime == "onnxruntime":
+        folder = plan_files.plan_folder(s.grid.folder, budget.label, chosen.first.method)
+        folder.mkdir(parents=True, exist_ok=True)
+        mean, std = s.loaded.normalisation
+        export_onnx(folder / "pruned.onnx", removed.model, mean, std, s.image_size)
+        t = on.time(folder / "pruned.onnx")
+    else:
+        t = on.time(copy.deepcopy(removed.model))
+    final = chosen.corrected.plan
+    summed_macs = sum(o.macs for o in final.choice.values())
+    overlap = (s.base_counts.macs - removed.counts.macs) / summed_macs if summed_macs else 1.0
+    columns = latency_columns(on, t, final.ks, overlap)
+    log.info("%s-%s on %s: %.2f ms [%.2f, %.2f], %.3f of the base's %.2f ms (table predicted %.2f ms)",
+             budget.label, final.method, on.label, t.ms, t.low, t.high, t.kept, t.base_ms,
+             columns["latency_predicted_ms"])
+    return columns
+
+
+def save(s: Setting, budget: Budget, name: str, chosen: Chosen, removed: Removed, times: list[Timed],
+         on_target: dict[str, Any] | None = None) -> dict[str, Any]:
     """The plan's files: removed.pt (and pruned.pt when there is no fine-tuning), the per-image verdicts, then
-    plan.json; returns plan.json's content."""
+    plan.json (with the plan's figures on plan.target, when there is one); returns plan.json's content."""
     folder = plan_files.plan_folder(s.grid.folder, budget.label, chosen.first.method)
     folder.mkdir(parents=True, exist_ok=True)
     meta = _pruned_meta(s, name, removed.removed.accuracy)
@@ -211,6 +275,8 @@ def save(s: Setting, budget: Budget, name: str, chosen: Chosen, removed: Removed
                   criterion=s.criterion, chosen_on=s.images.chosen_on, scored_on=s.images.scored_on,
                   scored=_scored(s, removed), masked_vs_removed_differ=removed.differ,
                   latency=[vars(t) for t in times])
+    if on_target is not None:
+        record["target"] = on_target
     plan_files.write_plan_json(folder, record)
     return record
 
@@ -237,7 +303,8 @@ def row_of(folder: Path, finetune_epochs: int) -> dict[str, Any]:
     verification's figures (when verified)."""
     record = plan_files.read_plan_json(folder)
     scored, m = record["scored"], record["measured"]
-    cpu = {t["batch"]: t for t in record["latency"] if t["device"] == "cpu"}
+    nan = {"pruned_ms": float("nan"), "base_ms": float("nan")}  # timed on plan.target instead
+    cpu = {1: nan, 64: nan, **{t["batch"]: t for t in record["latency"] if t["device"] == "cpu"}}
     row = {"budget": record["budget"], "method": record["method"], "macs_kept": record["macs_kept"],
            "params_kept": record["params_kept"], "latency_ms_b1": cpu[1]["pruned_ms"],
            "latency_ms_b64": cpu[64]["pruned_ms"], "predicted_drop": record["predicted_drop"],
@@ -250,7 +317,8 @@ def row_of(folder: Path, finetune_epochs: int) -> dict[str, Any]:
            "units": len(record["units"]), "units_pruned": sum(1 for u in record["units"] if u["k"]),
            "criterion": record["criterion"], "scored_images": scored["images"], "scored_classes": scored["classes"],
            "finetune_epochs": finetune_epochs,
-           "masked_vs_removed_differ": record["masked_vs_removed_differ"], "folder": str(folder)}
+           "masked_vs_removed_differ": record["masked_vs_removed_differ"], "folder": str(folder),
+           **(record.get("target") or {})}
     for t in record["latency"]:
         if t["device"] != "cpu":
             row[f"{t['device']}_latency_ms_b{t['batch']}"] = t["pruned_ms"]

@@ -17,6 +17,7 @@ import json
 import logging
 import time
 import uuid
+from contextlib import closing
 from dataclasses import dataclass, field, replace
 from datetime import datetime, timezone
 from pathlib import Path
@@ -43,9 +44,11 @@ from runner.outputs.plans import finetuned, made, verified
 from runner.outputs.rankings import NAME as RANKINGS
 from runner.outputs.results import key_of, read_rows
 from runner.outputs.tracking import RunSpec, Tracking, model_artifact
-from runner.planning.export import onnx_predictions, open_pruned, pruned_meta
+from runner.planning.export import export_onnx, onnx_predictions, open_pruned, pruned_meta
 from runner.planning.global_plan import plan_methods
 from runner.planning.scoring import score
+from runner.planning.target import OnTarget, open_target, table_words
+from runner.planning.timing import check_target
 from runner.planning.units import plan_criterion
 
 log = logging.getLogger(__name__)
@@ -75,14 +78,30 @@ def run_prune(opts: Options) -> PruneOutcome:
     with folder_lock(grid.folder):
         check_plans(grid, opts.resume)  # again, now that no other job can be writing there
         job = _job(s, opts.resume)
-        names, failed = _plan_all(s)
-        if names and grid.plan.finetune.epochs:
-            failed += _finetune(opts, s, job, names)
-        failed += _verify_all(s, names)
-        rows = _rows(grid, names)
-        table = plan_files.write_plans_csv(grid.folder, rows.values()) if rows else None
+        if grid.plan.target:  # before the job's record: an unreachable latency budget leaves none
+            s = replace(s, target=_on_target(s))
+        plan_files.write_job(grid.folder, job)
+        try:
+            names, failed = _plan_all(s)
+            if names and grid.plan.finetune.epochs:
+                failed += _finetune(opts, s, job, names)
+            failed += _verify_all(s, names)
+            rows = _rows(grid, names)
+            table = plan_files.write_plans_csv(grid.folder, rows.values()) if rows else None
+        finally:
+            if s.target is not None:
+                s.target.close()
+        words = job["words"]
+        if s.target is not None:
+            from runner.outputs.latency import write_cost
+
+            latency_words = table_words(s.target, time.time() - started)
+            write_cost(grid.folder, latency_words)
+            words = {**latency_words, **words}
+            # kept in the job's record, so that a report written later (sweep --resume) has the latency section
+            plan_files.write_job(grid.folder, {**job, "words": words})
     if table is not None:
-        plan_files.write_plans_section(grid.folder, table, job["words"])
+        plan_files.write_plans_section(grid.folder, table, words)
         log.info("wrote %s, %s and %s", grid.folder / plan_files.CSV, grid.folder / plan_files.FOLDER,
                  grid.folder / "report.md")
     return PruneOutcome(grid.folder, list(rows.values()), sorted(set(failed)), time.time() - started)
@@ -159,7 +178,7 @@ def job_identity(grid: Grid, sha: str) -> dict[str, Any]:
 
 
 def _job(s: Setting, resume: bool) -> dict[str, Any]:
-    """The job's record (plans/job.json), checked against the grid on --resume and written."""
+    """The job's record (plans/job.json), checked against the grid on --resume; the caller writes it."""
     grid = s.grid
     now = job_identity(grid, s.loaded.sha256)
     job = plan_files.read_job(grid.folder) if resume else None
@@ -169,7 +188,6 @@ def _job(s: Setting, resume: bool) -> dict[str, Any]:
     else:
         _check_resume(grid, job["identity"], now)
     job.update(identity=now, words=s.words())
-    plan_files.write_job(grid.folder, job)
     return job
 
 
@@ -203,7 +221,9 @@ def dry_run(opts: Options) -> list[str]:
         f"plans: budgets {', '.join(b.label for b in p.budgets)} x methods {', '.join(methods)} "
         f"({len(p.budgets) * len(methods)} plans), criterion {criterion}, unit {grid.sweep.unit}",
         *(f"skipped: {m}: {why}" for m, why in skipped.items()),
-        f"round_to {p.round_to}, min_keep {p.min_keep:g}, fine-tuning {ft}, scored on {p.score_on}"]
+        f"round_to {p.round_to}, min_keep {p.min_keep:g}, fine-tuning {ft}, scored on {p.score_on}"] + (
+        [f"target {p.target.label}: a latency table of every unit x K, cached in {grid.folder / 'latency'}"]
+        if p.target else [])
 
 
 def score_file(opts: Options, path: str) -> str:
@@ -290,7 +310,36 @@ def _check_plannable(grid: Grid) -> str:
         raise InputError("plan.curves", "recalibrated", "the sweep measures no recalibrated curves "
                          "(sweep.bn_recalibration: 0)", "plain, or recalibrated with sweep.bn_recalibration > 0",
                          "set sweep.bn_recalibration (e.g. 512), or plan.curves: plain")
+    check_target(grid.plan.target)
     return plan_criterion(grid.plan.criterion, grid.sweep.criteria, {n: CRITERIA[n].draws for n in CRITERIA})
+
+
+def _on_target(s: Setting) -> OnTarget:
+    """The job's target: its latency table (cached entries reused) logged on disk and on W&B, and every latency
+    budget checked against what the table says is reachable."""
+    mean, std = s.loaded.normalisation
+    on = open_target(s.grid, s.base, s.units.orders, s.curves, s.loaded.sha256, s.image_size,
+                     lambda path, model: export_onnx(path, model, mean, std, s.image_size))
+    least = min((b.keep for b in s.grid.plan.budgets if b.kind == "latency"), default=None)
+    if least is not None:  # the tightest latency budget; the fastest plan is timed only if the table allows it
+        label = next(b.label for b in s.grid.plan.budgets if b.kind == "latency" and b.keep == least)
+        on.check_budget(label, least, on.count(s.base, s.units.orders, s.image_size))
+    _log_table(s.grid, table_words(on))
+    return on
+
+
+def _log_table(grid: Grid, words: dict[str, Any]) -> None:
+    """The latency table's heatmap on disk, and the table with it on W&B (a run of the sweep's group)."""
+    from runner.outputs.latency import heatmap
+    from runner.outputs.tracking import make_tracker
+
+    lat = words["latency"]
+    picture = heatmap(lat, Path(grid.folder) / "plots" / "latency_table.png")
+    tracking = Tracking(grid.wandb.mode, grid.wandb.project, grid.wandb.entity, grid.name, Path(grid.folder),
+                        grid.as_dict(), False)
+    spec = RunSpec(f"latency/{lat['target']}", "latency-table", {"target": lat["key"], "base_ms": lat["base_ms"]})
+    with closing(make_tracker(tracking)) as tracker:
+        tracker.log_table(spec, "latency_table", lat["rows"], {"latency_heatmap": picture})
 
 
 def _sweep_missing(opts: Options, grid: Grid, trials: TrialPlan) -> None:

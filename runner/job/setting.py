@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import copy
 from dataclasses import dataclass, field
-from typing import Any, Mapping
+from typing import TYPE_CHECKING, Any, Mapping
 
 import torch
 
@@ -26,6 +26,9 @@ from runner.planning.curves import Curve, check_round_to
 from runner.planning.removal import Counts, counts
 from runner.planning.scoring import score
 from runner.planning.units import Units, plan_units, unit_curves
+
+if TYPE_CHECKING:
+    from runner.planning.target import OnTarget
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -60,6 +63,8 @@ class Setting:
     images: Scoring
     methods: tuple[str, ...] = ()  # plan.methods less those skipped
     skipped: Mapping[str, str] = field(default_factory=dict)  # plan methods skipped -> why (said in the report)
+    # plan.target's latency table and timer (runner.planning.target), set up by the job; None without a target
+    target: OnTarget | None = None
 
     def words(self) -> dict[str, Any]:
         """What the report says about the plans besides plans.csv (kept in the job record)."""
@@ -83,7 +88,8 @@ def setting_of(grid: Grid, trials: TrialPlan, criterion: str) -> Setting:
         raise InputError("sweep.unit", grid.sweep.unit, f"no swept layer can be removed on its own ({first[0]}: "
                          f"{first[1]})", "unit: group, or layers whose channels are theirs alone",
                          "sweep with unit: group to plan every coupled group")
-    check_round_to(grid.plan.round_to, grid.plan.min_keep, units.channels)
+    # round_to auto keeps any K on the latency table's envelope: the bound is the one of round_to 1
+    check_round_to(1 if grid.plan.round_to == "auto" else grid.plan.round_to, grid.plan.min_keep, units.channels)
     curves = unit_curves(read_rows(grid.folder / "results.csv", skipped=True), units.channels, criterion,
                          grid.plan.curves)
     on_device = place(copy.deepcopy(base), pick_device())

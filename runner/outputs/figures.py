@@ -320,14 +320,15 @@ METHOD_STYLE = {"knapsack": ("tab:blue", "o"), "threshold": ("tab:orange", "s"),
                 "global": ("tab:green", "D")}
 
 
-def plans_figure(table: Any, baseline: float, path: Path) -> None:
-    """Accuracy against MACs kept, one colour and marker per method: hollow before fine-tuning (channels
-    removed), filled after, with the fine-tuned accuracy's 95% interval; the base model as a dashed line.
-    `table` is plans.csv as a DataFrame."""
+def plans_figure(table: Any, baseline: float, path: Path, x_column: str = "macs_kept",
+                 x_label: str = "MACs kept (fraction of the base model, counted on the pruned model)") -> None:
+    """Accuracy against MACs kept (or `x_column`: measured latency kept), one colour and marker per method:
+    hollow before fine-tuning (channels removed), filled after, with the fine-tuned accuracy's 95% interval; the
+    base model as a dashed line. `table` is plans.csv as a DataFrame."""
     fig, ax = pyplot().subplots(figsize=(7, 4.5))
     for method, rows in table.groupby("method", sort=False):
         colour, marker = METHOD_STYLE.get(method, ("black", "x"))
-        x = rows["macs_kept"].to_numpy(float)
+        x = rows[x_column].to_numpy(float)
         ax.scatter(x, rows["accuracy_removed"], facecolors="none", edgecolors=colour, marker=marker, s=50,
                    label=f"{method}, removed (no fine-tuning)")
         tuned = rows["accuracy_finetuned"].to_numpy(float)
@@ -338,9 +339,9 @@ def plans_figure(table: Any, baseline: float, path: Path) -> None:
             for xi, a, b in zip(x, rows["accuracy_removed"].to_numpy(float), tuned):
                 ax.plot([xi, xi], [a, b], color=colour, lw=0.8, alpha=0.5)
     ax.axhline(baseline, color="black", ls="--", lw=1, label=f"base model {baseline:.2f}%")
-    ax.set_xlabel("MACs kept (fraction of the base model, counted on the pruned model)")
+    ax.set_xlabel(x_label)
     ax.set_ylabel("accuracy (%)")
-    ax.set_title("Plans: accuracy vs MACs kept")
+    ax.set_title(f"Plans: accuracy vs {x_label.split(' (')[0]}")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8, loc="best")
     _save(fig, path)

@@ -35,7 +35,8 @@ COLUMNS = ("budget", "method", "macs_kept", "params_kept", "latency_ms_b1", "lat
            "accuracy_masked", "accuracy_removed", "accuracy_finetuned", "finetuned_low", "finetuned_high",
            "baseline_accuracy")
 # written after COLUMNS when a row has them
-OPTIONAL = ("vs_uniform", "vs_uniform_low", "vs_uniform_high", "measured_drop", "measured_low", "measured_high",
+OPTIONAL = ("target", "latency_ms", "latency_low", "latency_high", "latency_kept", "latency_predicted_ms",
+            "latency_base_ms", "latency_predicted_kept", "latency_summed_ms", "macs_overlap", "vs_uniform", "vs_uniform_low", "vs_uniform_high", "measured_drop", "measured_low", "measured_high",
             "corrections", "accepted", "measured_plans", "accuracy_final", "final_low", "final_high", "accuracy_onnx",
             "onnx_differ", "masked_vs_removed_differ", "finetuned_drop", "finetuned_drop_low", "finetuned_drop_high",
             "base_latency_ms_b1", "base_latency_ms_b64", "macs", "params", "units", "units_pruned", "criterion",
@@ -187,8 +188,12 @@ def plans_section(table: pd.DataFrame, words: Mapping[str, Any]) -> list[str]:
               "the uniform plan of the same budget on the same images (positive: better than uniform). Latency: "
               "median forward time, CPU, batch 1 and 64, base in brackets. Each plan's files are in "
               "[plans/](plans/): plan.json, pruned.pt (load with `runner.planning.export.open_pruned`), "
-              "pruned.onnx (float32 [N, 3, H, W] images in [0, 1], normalisation inside).", "", END]
-    return lines
+              "pruned.onnx (float32 [N, 3, H, W] images in [0, 1], normalisation inside)."]
+    if "latency" in words:
+        from runner.outputs.latency import section
+
+        lines += section(table, words)
+    return lines + ["", END]
 
 
 def saved_section(folder: Path) -> list[str]:
@@ -205,6 +210,10 @@ def write_plans_section(folder: Path, table: pd.DataFrame, words: Mapping[str, A
     folder = Path(folder)
     (folder / "plots").mkdir(parents=True, exist_ok=True)
     figures.plans_figure(table, float(table["baseline_accuracy"].iloc[0]), folder / "plots" / "plans.png")
+    if "latency" in words and "latency_kept" in table.columns:
+        figures.plans_figure(table, float(table["baseline_accuracy"].iloc[0]), folder / "plots" / "plans_latency.png",
+                             "latency_kept", f"latency kept (fraction of the base's measured median on "
+                             f"{words['latency']['target']})")
     path = folder / "report.md"
     text = path.read_text(encoding="utf-8") if path.is_file() else ""
     if START in text:

@@ -89,6 +89,9 @@ class Tracker(Protocol):
 
     def close(self) -> None: ...
 
+    def log_table(self, run: RunSpec, name: str, rows: Sequence[dict[str, Any]], images: dict[str, Path]) -> None:
+        """One run holding a table (`rows`) and images (a latency table and its heatmap)."""
+
 
 class NullTracker:
     """W&B disabled: every call does nothing."""
@@ -113,6 +116,9 @@ class NullTracker:
         pass
 
     def close(self) -> None:
+        pass
+
+    def log_table(self, run: RunSpec, name: str, rows: Sequence[dict[str, Any]], images: dict[str, Path]) -> None:
         pass
 
 
@@ -380,6 +386,15 @@ class WandbTracker:
             ys.append([sum(v) / len(v) for v in by_k.values()])
         return self.wandb.plot.line_series(xs=xs, ys=ys, keys=[t.key for t in series], title=title,
                                            xname="K (channels pruned)")
+    def log_table(self, run: RunSpec, name: str, rows: Sequence[dict[str, Any]], images: dict[str, Path]) -> None:
+        wb = self._start(run)
+        if wb is None:
+            return
+        columns = list(rows[0]) if rows else []
+        data: dict[str, Any] = {name: self.wandb.Table(columns=columns, data=[[r[c] for c in columns] for r in rows])}
+        data.update({k: self.wandb.Image(str(p)) for k, p in images.items() if p.is_file()})
+        self._safely(wb.log, data)
+        self._safely(wb.finish)
 
     def _log_results(self, run: Any, files: Sequence[Path]) -> None:
         """The sweep's outputs as one artifact (copied by W&B: results.csv may grow on a later --resume)."""

@@ -15,7 +15,7 @@ from typing import Mapping, Sequence
 
 from runner.errors import InputError
 
-KINDS = ("macs", "params")
+KINDS = ("macs", "params", "latency")
 
 
 @dataclass(frozen=True)
@@ -27,9 +27,10 @@ class Option:
     macs: float
     params: float
     measured: bool = True  # False: K lies between measured points; drop and savings are interpolated
+    latency: float = 0.0  # ms saved on the plan's target (runner.planning.table); 0 without a target
 
     def saving(self, kind: str) -> float:
-        return self.macs if kind == "macs" else self.params
+        return self.macs if kind == "macs" else self.params if kind == "params" else self.latency
 
 
 @dataclass(frozen=True)
@@ -57,7 +58,8 @@ class Curve:
         def mix(x: float, y: float) -> float:
             return x + w * (y - x)
 
-        return Option(k, mix(a.drop, b.drop), round(mix(a.macs, b.macs)), round(mix(a.params, b.params)), False)
+        return Option(k, mix(a.drop, b.drop), round(mix(a.macs, b.macs)), round(mix(a.params, b.params)), False,
+                      mix(a.latency, b.latency))
 
 
 def curve(unit: str, channels: int, ks: Sequence[int], drops: Sequence[float], macs: Sequence[float],

@@ -68,6 +68,7 @@ class Rules:
     round_to: int = 1
     min_keep: float = 0.0
     caps: Mapping[str, int] = field(default_factory=dict)
+    points_only: bool = False  # uniform: only a curve's points (a latency table's K), never K between them
 
     def options(self, c: Curve) -> list[Option]:
         return [o for o in choices(c, self.round_to, self.min_keep) if o.k <= self.caps.get(c.unit, o.k)]
@@ -114,7 +115,10 @@ def threshold(options: Mapping[str, Sequence[Option]], kind: str, required: floa
 def uniform(curves: Sequence[Curve], kind: str, required: float, rules: Rules) -> Choice | None:
     """One kept ratio for every unit, the largest that reaches `required` (module docstring). A unit's K is
     clipped to its measured range and to its cap."""
-    keeps = {c.unit: allowed_keeps(c.channels, rules.round_to, rules.min_keep) + [c.channels] for c in curves}
+    if rules.points_only:
+        keeps = {c.unit: sorted(c.channels - p.k for p in c.points) for c in curves}
+    else:
+        keeps = {c.unit: allowed_keeps(c.channels, rules.round_to, rules.min_keep) + [c.channels] for c in curves}
     caps = rules.caps
 
     def at(r: float) -> Choice:
@@ -150,12 +154,13 @@ class Planner:
     """The planning problem of one budget and method: the units' curves and the rules for K."""
 
     curves: Sequence[Curve]
-    kind: str  # macs | params
+    kind: str  # macs | params | latency
     keep: float  # fraction of base_total to keep
-    base_total: float  # the base model's MACs / params, counted
+    base_total: float  # the base model's MACs / params, counted, or its time on the target (ms)
     method: str
     round_to: int = 1
     min_keep: float = 0.0
+    points_only: bool = False  # K only at the curves' points (curves made from a latency table)
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
@@ -169,11 +174,12 @@ class Planner:
         """The method's plan for `required` savings (default the budget's), every K within `caps`."""
         caps = dict(caps or {})
         required = self.required if required is None else required
-        choice = METHODS[self.method](self.curves, self.kind, required, Rules(self.round_to, self.min_keep, caps))
+        rules = Rules(self.round_to, self.min_keep, caps, self.points_only)
+        choice = METHODS[self.method](self.curves, self.kind, required, rules)
         return None if choice is None else Plan(self.method, self.kind, required, choice, caps=caps)
 
     def fit(self, count: Callable[[Mapping[str, int]], float], caps: Caps | None = None,
-            max_rounds: int = 16, resolution: float = 1e-3) -> Plan | None:
+            max_rounds: int = 16, resolution: float = 1e-3, first: bool = False) -> Plan | None:
         """A plan whose model, counted (`count(ks)`: the pruned model's MACs or params), meets the budget.
 
         Tighten and re-plan. While no plan has fit, a plan whose counted model keeps `shortfall` more than the
@@ -181,8 +187,9 @@ class Planner:
         asks for more than the last plan offered). Once one fits, the request is bisected between the largest
         that missed and the smallest that fit, down to `resolution` of the base model, because a step can
         overshoot (the options are discrete), and the fitting plan with the least predicted drop is kept.
-        A plan for the budget's own request that fits at once is returned as it is. None when the method
-        cannot save enough, or nothing fit within `max_rounds` counts."""
+        A plan for the budget's own request that fits at once is returned as it is; with `first` (a measured
+        latency, whose median is noisy) the first plan that fits is returned. None when the method cannot save
+        enough, or nothing fit within `max_rounds` counts."""
         target = self.base_total * self.keep
         missed = fit = best = None  # the largest request that missed, the smallest that fit, the best plan
         required = self.required
@@ -196,7 +203,7 @@ class Planner:
                 fit = required
                 if best is None or plan.predicted_drop < best.predicted_drop:
                     best = plan
-                if missed is None:
+                if missed is None or first:
                     break
             else:
                 missed = required

@@ -1,0 +1,95 @@
+"""The latency table and the plans' times on the target, as files, W&B and report lines (docs/latency.md).
+
+From plain values (`runner.planning.target.table_words`: the table's rows, target, cost) and plans.csv:
+`plots/latency_table.png` (heatmap, unit x K, ms saved), the same table and heatmap on W&B (one run,
+`latency/<target>`), `latency/cost.json` (what measuring the table cost, read by `scripts/bench.py
+--latency`), `plots/plans_latency.png` (accuracy vs measured latency) and the report's lines.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any, Mapping
+
+import numpy as np
+
+from runner.outputs import figures
+from runner.storage import write_text
+
+COST = "cost.json"
+
+
+def heatmap(words: Mapping[str, Any], path: Path) -> Path:
+    """plots/latency_table.png: per unit (rows) and K (columns, as the fraction of the unit pruned), ms saved."""
+    rows = words["rows"]
+    units = list(dict.fromkeys(r["unit"] for r in rows))
+    ks = {u: sorted(r["k"] for r in rows if r["unit"] == u) for u in units}
+    width = max(len(v) for v in ks.values())
+    grid = np.full((len(units), width), np.nan)
+    for i, u in enumerate(units):
+        by_k = {r["k"]: r["saved_ms"] for r in rows if r["unit"] == u}
+        grid[i, :len(ks[u])] = [by_k[k] for k in ks[u]]
+    plt = figures.pyplot()
+    fig, ax = plt.subplots(figsize=(1.2 + 0.9 * width, 1.0 + 0.35 * len(units)))
+    lim = float(np.nanmax(np.abs(grid))) or 1.0
+    im = ax.imshow(grid, cmap="RdBu", vmin=-lim, vmax=lim, aspect="auto")
+    for i, u in enumerate(units):
+        for j, k in enumerate(ks[u]):
+            ax.text(j, i, f"K={k}\n{grid[i, j]:.2f}", ha="center", va="center", fontsize=6)
+    ax.set_yticks(range(len(units)), units, fontsize=7)
+    ax.set_xticks(range(width), [f"{j + 1}" for j in range(width)])
+    ax.set_xlabel("table entry (K ascending)")
+    ax.set_title(f"ms saved per unit and K on {words['target']} (base {words['base_ms']:.2f} ms; red = slower)")
+    fig.colorbar(im, ax=ax, label="ms saved")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    figures._save(fig, path)
+    return path
+
+
+def write_cost(folder: Path, words: Mapping[str, Any]) -> Path:
+    """latency/cost.json: how long the table took in this job, per entry, and the job's whole time."""
+    lat = words["latency"]
+    cost = {k: lat[k] for k in ("target", "file", "entries", "measured", "table_seconds", "entry_seconds",
+                                "job_seconds")}
+    cost["per_entry_seconds"] = lat["entry_seconds"] / lat["entries"] if lat["entries"] else math.nan
+    path = Path(folder) / "latency" / COST
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write_text(path, json.dumps(cost, indent=1) + "\n")
+    return path
+
+
+def section(table: Any, words: Mapping[str, Any]) -> list[str]:
+    """The report's lines on the target: the table's cost, each plan's measured time against the table's
+    prediction, round_to auto's avoided counts."""
+    lat = words["latency"]
+    lines = ["", f"### Latency on {lat['target']}", "",
+             f"The latency table ({lat['entries']} unit x K entries, each unit pruned alone and timed in alternation "
+             f"with the base) is `{Path(lat['file']).name}` in [latency/](latency/); base {lat['base_ms']:.2f} ms. "
+             f"This job measured {lat['measured']} entries in {lat['table_seconds']:.0f} s"
+             + (f" ({lat['table_seconds'] / lat['job_seconds']:.0%} of the job's {lat['job_seconds']:.0f} s)"
+                if lat.get("job_seconds") else "") + "; the rest were reused from the cache.", "",
+             "| plan | measured ms [25%, 75%] | kept of base | table's prediction ms | prediction error | MACs kept |",
+             "|---|---|---|---|---|---|"]
+    for r in table.to_dict("records"):
+        if not _finite(r.get("latency_ms")):
+            continue
+        err = (r["latency_predicted_ms"] - r["latency_ms"]) / r["latency_ms"]
+        lines.append(f"| {r['budget']}-{r['method']} | {r['latency_ms']:.2f} [{r['latency_low']:.2f}, "
+                     f"{r['latency_high']:.2f}] | {r['latency_kept']:.3f} | {r['latency_predicted_ms']:.2f} | "
+                     f"{err:+.1%} | {r['macs_kept']:.3f} |")
+    lines += ["", "![accuracy vs measured latency](plots/plans_latency.png)",
+              "![ms saved per unit and K](plots/latency_table.png)"]
+    avoided = {u: v for u, v in (lat.get("avoided") or {}).items() if v}
+    if lat.get("auto"):
+        lines += ["", "round_to: auto avoided these channel counts (each slower than a larger count): "
+                  + ("; ".join(f"{u} keeps {', '.join(map(str, v))}" for u, v in avoided.items()) or "none") + "."]
+    return lines
+
+
+def _finite(v: Any) -> bool:
+    try:
+        return v is not None and math.isfinite(float(v))
+    except (TypeError, ValueError):
+        return False

@@ -1,0 +1,190 @@
+"""Latency tables (docs/latency.md): per unit and K, the base model's time on the target with only that unit
+pruned by K, physically; and what plans make of them. Plain Python: the timing is a callable.
+
+An entry is measured in alternation with the base model (`runner.planning.timing.Timer.pair`), so its saving,
+`base_ms - ms` of the same rounds, is paired: a slow spell of the machine moves both. The table's base time is
+the median of every entry's base median. A plan's predicted time is that base time less the summed savings of
+its units' K (a K between two entries is interpolated).
+
+A table is cached in `<output>/<name>/latency/<key file>.json` under its target key (runtime and version,
+device, machine, batch, threads, image size, base sha256): a later plan, or a later job, with the same key
+reuses every entry it has, and measures only the (unit, K) it lacks; the file is written after every entry,
+so a killed job loses at most one.
+
+`envelope` is what `round_to: auto` keeps of a unit: the K whose time is below that of every smaller K (a K
+that costs more time than a smaller K is never chosen); `avoided` lists the others.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Mapping, Sequence
+
+from runner.planning.curves import Curve, Option
+from runner.storage import write_text
+
+log = logging.getLogger(__name__)
+
+FORMAT = "prune-sweep/latency-table/1"
+FOLDER = "latency"
+
+
+@dataclass(frozen=True)
+class Entry:
+    """One unit pruned by K alone: its median forward time, spread, and the base's median in the same rounds."""
+
+    ms: float
+    low: float
+    high: float
+    base_ms: float
+    runs: int
+    seconds: float = 0.0  # how long measuring it took (removal, export, warm-up and timing)
+
+    @property
+    def saved(self) -> float:
+        return self.base_ms - self.ms
+
+
+@dataclass
+class Table:
+    key: dict[str, Any]
+    entries: dict[str, dict[int, Entry]] = field(default_factory=dict)  # unit -> K -> entry
+
+    @property
+    def base_ms(self) -> float:
+        """The base model's time: the median of every entry's base median."""
+        bases = sorted(e.base_ms for by_k in self.entries.values() for e in by_k.values())
+        if not bases:
+            raise ValueError("an empty latency table has no base time")
+        n = len(bases)
+        return bases[n // 2] if n % 2 else (bases[n // 2 - 1] + bases[n // 2]) / 2
+
+    def saved(self, unit: str, k: int) -> float:
+        """ms saved by pruning K channels of `unit` alone; interpolated between measured K (0 at K = 0)."""
+        if k == 0:
+            return 0.0
+        by_k = self.entries[unit]
+        if k in by_k:
+            return by_k[k].saved
+        ks = sorted(by_k)
+        lo = max((x for x in ks if x < k), default=0)
+        hi = min((x for x in ks if x > k), default=None)
+        if hi is None:
+            raise ValueError(f"{unit}: K={k} beyond the table's largest K {ks[-1]}")
+        a = 0.0 if lo == 0 else by_k[lo].saved
+        return a + (k - lo) / (hi - lo) * (by_k[hi].saved - a)
+
+    def predict(self, ks: Mapping[str, int]) -> float:
+        """A plan's predicted time: the base time less its units' summed savings."""
+        return self.base_ms - sum(self.saved(u, k) for u, k in ks.items() if k)
+
+    @property
+    def seconds(self) -> float:
+        return sum(e.seconds for by_k in self.entries.values() for e in by_k.values())
+
+    @property
+    def size(self) -> int:
+        return sum(len(by_k) for by_k in self.entries.values())
+
+    def as_json(self) -> dict[str, Any]:
+        return {"format": FORMAT, "key": self.key, "base_ms": self.base_ms if self.size else None,
+                "entries": {u: {str(k): vars(e) for k, e in sorted(by_k.items())} for u, by_k in self.entries.items()}}
+
+    def rows(self) -> list[dict[str, Any]]:
+        """One row per entry (for W&B and the report)."""
+        return [{"unit": u, "k": k, "ms": e.ms, "low": e.low, "high": e.high, "base_ms": e.base_ms,
+                 "saved_ms": e.saved, "runs": e.runs, "seconds": e.seconds}
+                for u, by_k in self.entries.items() for k, e in sorted(by_k.items())]
+
+
+def read_table(path: Path, key: Mapping[str, Any]) -> Table:
+    """The cached table at `path` when it was measured under `key`; an empty one otherwise."""
+    try:
+        raw = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return Table(dict(key))
+    if not isinstance(raw, dict) or raw.get("format") != FORMAT or raw.get("key") != dict(key):
+        log.warning("latency table %s was measured under another key: measuring again", path)
+        return Table(dict(key))
+    entries = {u: {int(k): Entry(**e) for k, e in by_k.items()} for u, by_k in raw.get("entries", {}).items()}
+    return Table(dict(key), entries)
+
+
+def write_table(path: Path, table: Table) -> None:
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    write_text(Path(path), json.dumps(table.as_json(), indent=1) + "\n")
+
+
+Measure = Callable[[str, int], tuple[Any, Any]]  # (unit, K) -> (base Spread, pruned Spread)
+
+
+def fill_table(path: Path, key: Mapping[str, Any], wanted: Mapping[str, Sequence[int]], measure: Measure,
+               clock: Callable[[], float] = time.perf_counter) -> tuple[Table, int]:
+    """The table at `path` with every (unit, K > 0) of `wanted`: entries it has are reused, the rest measured
+    one by one (`measure(unit, k)`), each written as it is made, with progress logged. Also returns how many
+    entries were measured."""
+    table = read_table(path, key)
+    todo = [(u, k) for u, ks in wanted.items() for k in sorted(set(ks)) if k and k not in table.entries.get(u, {})]
+    have = sum(1 for u, ks in wanted.items() for k in set(ks) if k) - len(todo)
+    if not todo:
+        log.info("latency table %s: all %d entries reused", path, have)
+        return table, 0
+    log.info("latency table %s: measuring %d entries (%d reused)", path, len(todo), have)
+    started = clock()
+    for i, (unit, k) in enumerate(todo, 1):
+        t0 = clock()
+        base, pruned = measure(unit, k)
+        entry = Entry(round(pruned.median, 4), round(pruned.low, 4), round(pruned.high, 4), round(base.median, 4),
+                      pruned.runs, round(clock() - t0, 3))
+        table.entries.setdefault(unit, {})[k] = entry
+        write_table(path, table)
+        spent = clock() - started
+        log.info("latency table %d/%d: %s K=%d %.2f ms (base %.2f, saves %.2f); %.0f s, about %.0f s left", i,
+                 len(todo), unit, k, entry.ms, entry.base_ms, entry.saved, spent, spent / i * (len(todo) - i))
+    return table, len(todo)
+
+
+def envelope(table: Table, unit: str, ks: Sequence[int] | None = None) -> list[int]:
+    """The K of `unit` (of `ks`, default all the table has) on the table's lower envelope: each faster than
+    every smaller K (K = 0 included: the base)."""
+    kept, best = [], table.base_ms
+    for k in sorted(table.entries.get(unit, {}) if ks is None else ks):
+        ms = table.base_ms - table.saved(unit, k)
+        if ms < best:
+            kept.append(k)
+            best = ms
+    return kept
+
+
+def avoided(table: Table, unit: str, channels: int, ks: Sequence[int] | None = None) -> list[int]:
+    """Channel counts (kept) that `round_to: auto` never chooses for `unit`: off the lower envelope."""
+    ks = sorted(table.entries.get(unit, {}) if ks is None else ks)
+    on = set(envelope(table, unit, ks))
+    return [channels - k for k in ks if k not in on]
+
+
+def latency_curves(curves: Sequence[Curve], table: Table, wanted: Mapping[str, Sequence[int]],
+                   auto: bool) -> list[Curve]:
+    """Each unit's curve at its `wanted` K (those of them on the lower envelope when `auto`), with each option's
+    latency saving from the table; drops, MACs and params from the sweep's curve."""
+    out = []
+    for c in curves:
+        ks = sorted(wanted.get(c.unit, []))
+        ks = envelope(table, c.unit, ks) if auto else ks
+        points = [c.points[0]] + [_with_latency(c.at(k), table.saved(c.unit, k)) for k in ks if 0 < k <= c.kmax]
+        out.append(Curve(c.unit, c.channels, tuple(points)))
+    return out
+
+
+def _with_latency(o: Option, saved: float) -> Option:
+    return Option(o.k, o.drop, o.macs, o.params, o.measured, latency=saved)
+
+
+def error(predicted: float, measured: float) -> float:
+    """The prediction's relative error: (predicted - measured) / measured."""
+    return (predicted - measured) / measured if measured and math.isfinite(measured) else math.nan
