@@ -174,8 +174,9 @@ def share(out: Path, dry: bool) -> dict[str, Any]:
     seen = max((len(s) for s in samples), default=0)
     # Tune's own record: each trial ran from (its last result's time - its total time) to that time
     finished = trials.dropna(subset=["seconds"]) if len(trials) else trials
-    overlap = max_overlap([(t.ended - t.seconds, t.ended) for t in finished.itertuples()]) \
-        if "ended" in finished else 0
+    spans = [(t.ended.timestamp() - t.seconds, t.ended.timestamp()) for t in finished.itertuples()] \
+        if "ended" in finished else []
+    overlap = max_overlap(spans) if spans else 0
     devices = sorted(set(rows["device"])) if len(rows) else []
     result = {"points": len(rows), "trials": len(trials), "devices": devices, "gpu_samples": len(samples),
               "most_trials_on_the_gpu_at_once": seen, "most_trials_running_at_once": overlap}
