@@ -23,6 +23,7 @@ import torch
 import torch_pruning as tp
 from torch import nn
 
+from model.capture import hooked
 from model.graph import eval_mode
 from runner.engine.images import Images, to_device
 from runner.errors import InputError
@@ -73,13 +74,7 @@ def quick_counts(model: nn.Module, image_size: int) -> Counts:
         else:
             total[0] += out[0].numel() * m.in_features
 
-    hooks = [m.register_forward_hook(add) for m in model.modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
-    try:
-        with eval_mode(model), torch.no_grad():
-            model(torch.zeros(1, 3, image_size, image_size, device=next(model.parameters()).device))
-    finally:
-        for h in hooks:
-            h.remove()
+    _forward_zeros(model, image_size, add)
     return Counts(total[0], sum(p.numel() for p in model.parameters()))
 
 
@@ -103,14 +98,7 @@ def quick_counter(model: nn.Module, orders: Mapping[str, Sequence[int]], kind: s
 def _ignored(model: nn.Module, image_size: int) -> list[nn.Module]:
     """What global pruning leaves alone: every linear layer, and the last conv or linear to run (the output)."""
     ran: list[nn.Module] = []
-    hooks = [m.register_forward_hook(lambda m, i, o: ran.append(m)) for m in model.modules()
-             if isinstance(m, (nn.Conv2d, nn.Linear))]
-    try:
-        with eval_mode(model), torch.no_grad():
-            model(torch.zeros(1, 3, image_size, image_size, device=next(model.parameters()).device))
-    finally:
-        for h in hooks:
-            h.remove()
+    _forward_zeros(model, image_size, lambda m, i, o: ran.append(m))
     return [m for m in model.modules() if isinstance(m, nn.Linear)] + ran[-1:]
 
 
@@ -263,3 +251,10 @@ def calibration_gradients(images: Images, mean: Sequence[float], std: Sequence[f
                 nn.functional.cross_entropy(model(xb), yb, reduction="sum").backward()
 
     return fill
+
+
+def _forward_zeros(model: nn.Module, image_size: int, hook: Callable) -> None:
+    """One forward of a zero image with `hook` after every conv and linear layer (removed on exit)."""
+    layers = [m for m in model.modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
+    with hooked([(m, hook, False) for m in layers]), eval_mode(model), torch.no_grad():
+        model(torch.zeros(1, 3, image_size, image_size, device=next(model.parameters()).device))
