@@ -18,7 +18,7 @@ from runner.inputs.data import check_order, load_data, unseen
 from runner.inputs.order import grouped, stratified, turns
 from runner.job.folder import identity, resume_check
 from runner.inputs.trials import plan_trials
-from tests.e2e_helpers import grid_dict, write_grid
+from e2e_helpers import grid_dict, write_grid
 
 CLASSES = ("ant", "bee", "cat", "dog", "eel")
 
