@@ -228,6 +228,7 @@ def test_resume_identity_holds_the_random_draws(tmp_path, change, what):
 
 # ---- two sweeps on one output folder ----
 
+@pytest.mark.slow
 def test_a_second_sweep_on_the_same_folder_is_refused(cli, ray_session, sweep_checkpoint, tmp_path):
     """Two sweeps on one folder, in two processes: one runs here; `python scripts/sweep.py` on the same folder,
     started once this one holds it, is refused (exit 2, one line) and this one's results stay whole."""

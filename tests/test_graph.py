@@ -90,7 +90,7 @@ def keep(channels: int, k: int, seed: int) -> torch.Tensor:
     return mask
 
 
-@pytest.mark.parametrize("name", SMALL + LARGE)
+@pytest.mark.parametrize("name", SMALL + [pytest.param(n, marks=pytest.mark.slow) for n in LARGE])
 def test_cut_equals_masked_full_forward_bit_for_bit(name: str) -> None:
     gm, sites = traced(name)
     checked = sites if name in SMALL or ALL_CONVS else spread(sites, SPREAD)

@@ -297,6 +297,7 @@ def on_target(ray_session, sweep_checkpoint, tmp_path_factory):
                            second_calls=second_calls, unreachable=str(unreachable.value))
 
 
+@pytest.mark.slow
 def test_every_plan_is_timed_on_the_target_macs_plans_too(on_target) -> None:
     t = on_target.table
     assert len(t) == 6 and (t["target"] == "torch/cpu/b1").all()
@@ -307,6 +308,7 @@ def test_every_plan_is_timed_on_the_target_macs_plans_too(on_target) -> None:
     assert t["latency_ms_b1"].isna().all()  # torch at batch 1 and 64 only without a target
 
 
+@pytest.mark.slow
 def test_latency_plans_meet_their_budget_on_the_measured_time(on_target) -> None:
     t = on_target.table
     timed = t[t["budget"] == "latency0.8"]
@@ -315,6 +317,7 @@ def test_latency_plans_meet_their_budget_on_the_measured_time(on_target) -> None
     assert (Path(on_target.folder) / "plans" / "latency0.8-knapsack" / "pruned.pt").is_file()
 
 
+@pytest.mark.slow
 def test_the_prediction_is_the_tables_base_less_the_entries_savings(on_target) -> None:
     files = list((on_target.folder / "latency").glob("torch-cpu-b1-*.json"))
     assert len(files) == 1
@@ -334,6 +337,7 @@ def test_the_prediction_is_the_tables_base_less_the_entries_savings(on_target) -
         assert 0 < row["macs_overlap"] <= 1 + 1e-9
 
 
+@pytest.mark.slow
 def test_the_table_is_reused_by_a_later_job_and_its_cost_recorded(on_target) -> None:
     cost = json.loads((on_target.folder / "latency" / "cost.json").read_text())
     assert cost["measured"] == 0 and cost["entries"] > 0  # the second job measured nothing
@@ -345,6 +349,7 @@ def test_the_table_is_reused_by_a_later_job_and_its_cost_recorded(on_target) -> 
     assert on_target.again["latency_ms"].tolist() == on_target.table["latency_ms"].tolist()
 
 
+@pytest.mark.slow
 def test_the_report_plots_accuracy_against_measured_latency_and_the_prediction_error(on_target) -> None:
     report = (on_target.folder / "report.md").read_text()
     assert "### Latency on torch/cpu/b1" in report and "prediction error" in report
@@ -352,6 +357,7 @@ def test_the_report_plots_accuracy_against_measured_latency_and_the_prediction_e
         assert (on_target.folder / "plots" / name).stat().st_size > 1000
 
 
+@pytest.mark.slow
 def test_an_unreachable_latency_budget_is_one_line(on_target) -> None:
     assert on_target.unreachable.startswith("plan.budgets: ") and "latency0.05" in on_target.unreachable
     assert "no plan keeps less than" in on_target.unreachable and "\n" not in on_target.unreachable

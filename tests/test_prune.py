@@ -303,6 +303,7 @@ def fingerprints(folder: Path) -> dict[str, tuple[int, int, str]]:
             for p in sorted(folder.glob("plans/*/plan.json"))}
 
 
+@pytest.mark.slow
 def test_a_job_stopped_while_planning_and_killed_while_fine_tuning_resumes_to_the_same_plans(
         planned, tmp_path, monkeypatch, caplog) -> None:
     """The `planned` job again in a copy of its sweep's folder: stopped by an injected failure after its first

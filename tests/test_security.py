@@ -10,6 +10,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from conftest import ROOT
 from e2e_helpers import CliRun, descendants
 
@@ -97,6 +99,7 @@ def key_leaks(run: CliRun, output: Path, started: float, key: str) -> list[str]:
         (["stdout or stderr"] if key in run.stdout + run.stderr else [])
 
 
+@pytest.mark.slow
 def test_wandb_key_appears_in_nothing_the_sweep_writes(script_sweep) -> None:
     """The script's sweep (conftest.py): a process and a Ray of its own, so that its Ray (and that Ray's logs) start
     with the key in the environment; W&B on auto with that key, so online, and no server there, so the offline runs

@@ -240,6 +240,7 @@ def lineage(ray_session, tmp_path_factory):
                            runs=runs_by_name(first.folder))
 
 
+@pytest.mark.slow
 def test_training_is_a_run_that_logs_the_checkpoint_as_a_model_artifact(lineage):
     [(run_dir, info, records)] = lineage.runs["train"]  # trained once: the resume found the checkpoint
     assert info["job_type"] == "train"
@@ -255,6 +256,7 @@ def test_training_is_a_run_that_logs_the_checkpoint_as_a_model_artifact(lineage)
     assert leet_summary(run_dir)["summary"]["checkpoint_artifact"] == f"checkpoint-own:sha256-{sha[:12]}"
 
 
+@pytest.mark.slow
 def test_resume_continues_the_same_runs(lineage):
     assert (lineage.first.points, lineage.second.points, lineage.second.measured) == (2, 4, 2)
     sweep_id = yaml.safe_load((lineage.folder / "config.yaml").read_text(encoding="utf-8"))["sweep_id"]
@@ -345,6 +347,7 @@ def pair_grid(tmp: Path, checkpoint: Path, name: str) -> Path:
         "layers": list(PAIR_LAYERS), "k": [1, 2], "criteria": ["l1_norm"]}))
 
 
+@pytest.mark.slow
 def test_the_script_runs_a_sweep_and_a_crashed_trial_is_retried(script_sweep):
     """`python scripts/sweep.py` reaches the command and exits with its code (the one subprocess smoke test of the
     wiring, conftest.py); its own Ray's workers see the fault injected through the environment, so one trial
@@ -363,6 +366,7 @@ def test_the_script_runs_a_sweep_and_a_crashed_trial_is_retried(script_sweep):
 FAKE_KEY = "0123456789abcdef0123456789abcdef01234567"
 
 
+@pytest.mark.slow
 def test_wandb_server_unreachable(script_sweep):
     """The script's sweep (conftest.py) asks for W&B on auto with a key, so online (--wandb-mode, over the grid's
     offline), and no server listens there: it says so once, naming the server, and falls back to offline runs."""
@@ -552,6 +556,7 @@ def test_load_results_gives_tunes_per_trial_table(small_sweep):
     assert list(made["layer"]) == ["layer3.1.conv1"] * 2 + ["layer1.0.conv1"] * 2 + ["layer2.0.conv2"] * 2
 
 
+@pytest.mark.slow
 def test_sweep_of_a_dict_returns_the_commands_numbers(ray_session, script_sweep, tmp_path, monkeypatch):
     """The notebook API on the script's grid (conftest.py) gives the command's numbers. And W&B's own switch wins:
     the grid says auto and a key is there, so W&B would go online, but WANDB_MODE=disabled says no."""
