@@ -20,6 +20,7 @@ from runner.inputs.train import (
 ROOT = Path(__file__).resolve().parents[1]
 
 
+@pytest.mark.slow
 def test_a_linear_classifier_on_raw_pixels_stays_far_below_the_cnn() -> None:
     x, y = generate(6000, seed=11)
     x = torch.tensor(x, dtype=torch.float32).flatten(1) / 255
