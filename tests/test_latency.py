@@ -255,7 +255,7 @@ MS_PER_MAC = 1e-5  # the fake timer's time: a model's counted MACs per image, as
 
 @pytest.fixture(scope="module")
 def on_target(ray_session, sweep_checkpoint, tmp_path_factory):
-    """A prune job with target torch/cpu/b1 (no fine-tuning): budgets latency 0.8 and macs 0.7 x three methods,
+    """A prune job with target torch/cpu/b1 (no fine-tuning): budgets latency 0.8 and macs 0.7 x four methods,
     timed by a fake timer whose milliseconds are the model's counted MACs; then the same job again (the table
     reused: resumed) and an unreachable budget added on --resume."""
     from e2e_helpers import e2e, grid_dict, write_grid
@@ -277,7 +277,7 @@ def on_target(ray_session, sweep_checkpoint, tmp_path_factory):
     grid = grid_dict(tmp, e2e(sweep_checkpoint), name="timed",
                      sweep={"layers": "all", "unit": "group", "k": {"fractions": [0.25, 0.5]}, "criteria": ["l1_norm"]},
                      plan={"budgets": [{"latency": 0.8}, {"macs": 0.7}], "max_corrections": 1, "score_on": "test",
-                           "methods": ["knapsack", "threshold", "uniform"],
+                           "methods": ["knapsack", "threshold", "uniform", "global"],
                            "finetune": {"epochs": 0}, "target": {"runtime": "torch", "device": "cpu", "batch": 1}})
     path = write_grid(tmp / "timed.yaml", grid)
     original = timing.Timer.pair
@@ -300,7 +300,7 @@ def on_target(ray_session, sweep_checkpoint, tmp_path_factory):
 @pytest.mark.slow
 def test_every_plan_is_timed_on_the_target_macs_plans_too(on_target) -> None:
     t = on_target.table
-    assert len(t) == 6 and (t["target"] == "torch/cpu/b1").all()
+    assert len(t) == 8 and (t["target"] == "torch/cpu/b1").all()
     # the fake timer's milliseconds are counted MACs: the job's latency columns must equal its MACs columns
     assert (t["latency_kept"] - t["macs_kept"]).abs().max() < 1e-9
     assert (t["latency_ms"] - t["macs"] * MS_PER_MAC).abs().max() < 1e-9
@@ -312,7 +312,7 @@ def test_every_plan_is_timed_on_the_target_macs_plans_too(on_target) -> None:
 def test_latency_plans_meet_their_budget_on_the_measured_time(on_target) -> None:
     t = on_target.table
     timed = t[t["budget"] == "latency0.8"]
-    assert sorted(timed["method"]) == ["knapsack", "threshold", "uniform"]
+    assert sorted(timed["method"]) == ["global", "knapsack", "threshold", "uniform"]
     assert (timed["latency_kept"] <= 0.8).all()
     assert (Path(on_target.folder) / "plans" / "latency0.8-knapsack" / "pruned.pt").is_file()
 
@@ -328,10 +328,10 @@ def test_the_prediction_is_the_tables_base_less_the_entries_savings(on_target) -
         units = json.loads((Path(row["folder"]) / "plan.json").read_text())["units"]
         saved = 0.0
         for u in units:
-            if u["k"] and row["method"] != "uniform":
+            if u["k"] and row["method"] not in ("uniform", "global"):
                 entry = raw["entries"][u["unit"]][str(u["k"])]
                 saved += entry["base_ms"] - entry["ms"]
-        if row["method"] != "uniform":  # uniform may fall between entries (interpolated)
+        if row["method"] not in ("uniform", "global"):  # their Ks may fall between entries (interpolated)
             assert row["latency_summed_ms"] == pytest.approx(raw["base_ms"] - saved, rel=1e-6)
             assert row["latency_predicted_ms"] == pytest.approx(raw["base_ms"] - row["macs_overlap"] * saved, rel=1e-6)
         assert 0 < row["macs_overlap"] <= 1 + 1e-9
@@ -344,7 +344,7 @@ def test_the_table_is_reused_by_a_later_job_and_its_cost_recorded(on_target) -> 
     entries = cost["entries"]
     # the first job timed every entry once, then its plans (and the fastest plan); the resumed one, whose plans
     # are made, only the fastest plan (the latency budget checked against the table)
-    assert on_target.first_calls > entries + 6
+    assert on_target.first_calls > entries + 8
     assert on_target.second_calls - on_target.first_calls == 1
     assert on_target.again["latency_ms"].tolist() == on_target.table["latency_ms"].tolist()
 

@@ -68,6 +68,26 @@ def test_the_global_ratio_is_the_smallest_that_meets_the_budget_counted() -> Non
     assert p.counted.params <= 0.5 * full.params
 
 
+
+def test_a_latency_budget_fits_the_global_ratio_on_the_measured_amount() -> None:
+    # a fake timer: a pruned model's "ms" are its params over 1,000, so the fit is deterministic and checkable
+    base = _trained_like()
+    timed: list[float] = []
+
+    def ms(model: torch.nn.Module) -> float:
+        timed.append(ratio_params := sum(p.numel() for p in model.parameters()) / 1000)
+        return ratio_params
+
+    base_ms = sum(p.numel() for p in base.parameters()) / 1000
+    g = fit_global(base, "l1_norm", "latency", 0.5, 32, amount=ms, base_amount=base_ms)
+    assert g.kept <= 0.5 * base_ms and g.kept == g.counted.params / 1000
+    assert g.tries == len(timed) <= 16  # every ratio tried was timed once, within the cap
+    exact = fit_global(base, "l1_norm", "params", 0.5, 32)  # the counted fit, to 1e-4
+    assert exact.ratio <= g.ratio <= exact.ratio + 0.01 + 1e-9  # the measured fit stops within 0.01 above it
+    less = copy.deepcopy(base)
+    prune_globally(less, "l1_norm", g.ratio - 0.01, 32)
+    assert counts(less, 32).params > 0.5 * counts(base, 32).params
+
 def test_global_names_groups_by_the_plan_units() -> None:
     base = _trained_like()
     units = ["conv1", "layer1.0.conv1", "layer2.0.conv2", "layer4.1.conv1"]

@@ -128,17 +128,24 @@ def _from_curves(method: str, corrects: bool) -> Choose:
 
 def _global(s: Setting, budget: Budget, name: str, count: Count) -> Chosen | None:
     """Torch-Pruning's global pruner at the ratio that meets the budget (runner.planning.global_plan), its
-    removal measured as a whole plan. Its ratio is fitted on counted MACs or params: for a latency budget it
-    makes no plan (said in the log) until its ratio is fitted on measured time."""
-    if budget.kind == "latency":
-        log.warning("%s: global pruning fits its ratio on counted MACs or params, not on measured latency: no "
-                    "plan for %s (plan.methods without global avoids this line)", name, budget.label)
-        return None
+    removal measured as a whole plan. For a latency budget the ratio is fitted on each pruned model's time on
+    the target, and the plan reads the latency table's curves."""
     gradients = calibration_gradients(s.data.calibration, *s.loaded.normalisation, s.grid.sweep.batch_size) \
         if s.criterion in NEEDS_GRADIENTS else None
-    chosen = global_choice(s.base, s.criterion, budget.kind, budget.keep, s.image_size, s.curves,
+    curves, amount = s.curves, None
+    if budget.kind == "latency":
+        on = _on_target(s)
+        curves = on.curves
+
+        def amount(model: torch.nn.Module) -> float:
+            t = on.time(model)
+            log.info("%s: a global pruning ratio timed %.2f ms [%.2f, %.2f], %.3f of the base's %.2f ms", name,
+                     t.ms, t.low, t.high, t.kept, t.base_ms)
+            return t.kept * on.table.base_ms
+
+    chosen = global_choice(s.base, s.criterion, budget.kind, budget.keep, s.image_size, curves,
                            list(s.units.channels), BUDGET_KINDS[budget.kind].base(s),
-                           lambda removal: measure_removal(s, removal), gradients)
+                           lambda removal: measure_removal(s, removal), gradients, amount)
     if chosen is None:
         return None
     plan, corrected, removal = chosen

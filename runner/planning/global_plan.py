@@ -5,7 +5,8 @@ Its importance is Torch-Pruning's own that matches the plan criterion (`IMPORTAN
 (mean_activation, ...) has no global plan. It prunes every coupled group Torch-Pruning finds (conv output
 channels; linear layers and the network's output layer are left alone), whatever `sweep.unit` is. Its one knob,
 the global pruning ratio, is bisected until the budget is met, counted on the pruned model: the smallest ratio
-whose model keeps at most the budget's MACs (or params), the first found scanning up from 0.
+whose model keeps at most the budget's MACs (or params), the first found scanning up from 0. For a latency budget
+the same search runs on the pruned model's time measured on the plan's target.
 
 The channels it removes come back as our removal ({conv name: base model channel indices}, each group named by
 a plan unit's conv when it holds one), so the plan is saved, masked, fine-tuned and verified like every other;
@@ -43,6 +44,7 @@ IMPORTANCES: dict[str, Callable[[], tp.importance.Importance]] = {
 }
 NEEDS_GRADIENTS = ("taylor",)
 Gradients = Callable[[nn.Module], None]  # fills .grad of a model's parameters (for taylor)
+Amount = Callable[[nn.Module], float]  # what a pruned model keeps of a budget's kind (here: ms on the target)
 
 
 def skip_reason(criterion: str) -> str | None:
@@ -59,6 +61,7 @@ class GlobalPlan:
     removal: dict[str, list[int]]  # conv name -> base model channels removed
     counted: Counts  # the pruned model's
     tries: int  # pruned models counted while bisecting the ratio
+    kept: float  # what the pruned model keeps of the budget's kind: MACs, params, or measured ms
 
 
 def quick_counts(model: nn.Module, image_size: int) -> Counts:
@@ -149,27 +152,36 @@ def renamed(model: nn.Module, removal: Mapping[str, Sequence[int]], units: Seque
 
 def fit_global(base: nn.Module, criterion: str, kind: str, keep: float, image_size: int,
                gradients: Gradients | None = None, units: Sequence[str] = (), tolerance: float = 1e-4,
-               max_tries: int = 30) -> GlobalPlan | None:
+               max_tries: int = 30, amount: Amount | None = None, base_amount: float | None = None
+               ) -> GlobalPlan | None:
     """The smallest global pruning ratio whose pruned model keeps at most `keep` of the base model's MACs or
     params (found on a scan in steps of 0.1, then bisected, each ratio counted on its pruned model); None when no
-    ratio up to 0.9 meets the budget."""
-    base_total = getattr(quick_counts(base, image_size), kind)
-    target = keep * base_total
-    tried: dict[float, tuple[dict[str, list[int]], Counts]] = {}
+    ratio up to 0.9 meets the budget. With `amount` (a latency budget: a pruned model's time on the target, in
+    the unit of `base_amount`) each ratio is measured instead of counted, to a tolerance of at least 0.01 and
+    at most 16 pruned models: a median time is noisy, and each measurement costs a timing."""
+    measured = amount is not None
+    if measured:
+        assert base_amount is not None, "a measured amount needs the base model's"
+        tolerance, max_tries = max(tolerance, 0.01), min(max_tries, 16)
+    else:
+        base_amount = getattr(quick_counts(base, image_size), kind)
+    target = keep * base_amount
+    tried: dict[float, tuple[dict[str, list[int]], Counts, float]] = {}
 
-    def attempt(ratio: float) -> tuple[dict[str, list[int]], Counts]:
+    def attempt(ratio: float) -> float:
         if ratio not in tried:
             model = copy.deepcopy(base)
             removal = prune_globally(model, criterion, ratio, image_size, gradients)
-            tried[ratio] = (removal, quick_counts(model, image_size))
-        return tried[ratio]
+            counted = quick_counts(model, image_size)
+            tried[ratio] = (removal, counted, amount(model) if measured else getattr(counted, kind))
+        return tried[ratio][2]
 
     # pruning more channels does not always shrink the model: a group whose every channel falls under the global
     # threshold is skipped whole by Torch-Pruning, so the first ratio that fits is found on a coarse scan upward
     # and then bisected against the one below it
     low, high = 0.0, None
     for step in range(1, 10):
-        if getattr(attempt(step / 10)[1], kind) <= target:
+        if attempt(step / 10) <= target:
             high = step / 10
             break
         low = step / 10
@@ -177,17 +189,17 @@ def fit_global(base: nn.Module, criterion: str, kind: str, keep: float, image_si
         return None
     while high - low > tolerance and len(tried) < max_tries:
         mid = (low + high) / 2
-        if getattr(attempt(mid)[1], kind) <= target:
+        if attempt(mid) <= target:
             high = mid
         else:
             low = mid
-    removal, counted = tried[high]
+    removal, counted, kept = tried[high]
     removal = renamed(base, removal, units, image_size) if units else removal
     check = counts(pruned_copy(base, removal, image_size), image_size)
     if check != counted:
         raise RuntimeError(f"the removal read back from Torch-Pruning's global pruning counts {check}, its model "
                            f"{counted} (quick_counts)")
-    return GlobalPlan(high, removal, counted, len(tried))
+    return GlobalPlan(high, removal, counted, len(tried), kept)
 
 
 def as_plan(g: GlobalPlan, curves: Sequence[Curve], kind: str, required: float) -> Plan:
@@ -207,23 +219,26 @@ def as_plan(g: GlobalPlan, curves: Sequence[Curve], kind: str, required: float) 
         else:
             last = c.points[-1]
             choice[unit] = Option(k, last.drop, last.macs, last.params, False)
-    return Plan("global", kind, required, choice, float(getattr(g.counted, kind)))
+    return Plan("global", kind, required, choice, float(g.kept))
 
 
 def global_choice(base: nn.Module, criterion: str, kind: str, keep: float, image_size: int,
                   curves: Sequence[Curve], units: Sequence[str], base_total: float,
                   measure: Callable[[Mapping[str, Sequence[int]]], Measured],
-                  gradients: Gradients | None = None) -> tuple[Plan, Corrected, dict[str, list[int]]] | None:
+                  gradients: Gradients | None = None, amount: Amount | None = None
+                  ) -> tuple[Plan, Corrected, dict[str, list[int]]] | None:
     """The global plan of one budget as the prune job takes every plan: the plan, its combined measurement (no
-    correction: the baseline stands as Torch-Pruning makes it) and its removal; None when out of reach."""
-    g = fit_global(base, criterion, kind, keep, image_size, gradients, units)
+    correction: the baseline stands as Torch-Pruning makes it) and its removal; None when out of reach. `amount`
+    (with `base_total` in its unit) fits the ratio on a measurement, for latency budgets."""
+    g = fit_global(base, criterion, kind, keep, image_size, gradients, units, amount=amount,
+                   base_amount=base_total if amount is not None else None)
     if g is None:
         log.warning("global: no pruning ratio keeps at most %s of the %s", f"{keep:g}", kind)
         return None
     plan = as_plan(g, curves, kind, base_total * (1 - keep))
     m = measure(g.removal)
-    log.info("global: ratio %.4f (%d pruned models counted), %s kept %.3f", g.ratio, g.tries, kind,
-             getattr(g.counted, kind) / base_total)
+    log.info("global: ratio %.4f (%d pruned models %s), %s kept %.3f", g.ratio, g.tries,
+             "timed" if amount is not None else "counted", kind, g.kept / base_total)
     return plan, Corrected(plan, m, accepts(plan, m), (), m, 1, plan), g.removal
 
 
