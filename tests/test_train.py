@@ -179,3 +179,19 @@ def _copied(payload: dict, folder) -> dict:
     path = folder / "state.pt"
     torch.save(payload, path)
     return torch.load(path, weights_only=True)
+
+
+def test_a_log_file_gets_a_line_at_every_tenth_of_an_epoch(tmp_path, caplog, monkeypatch):
+    from runner.inputs.train import _tenths, fit_model
+
+    assert _tenths(20) == {2, 4, 6, 8, 10, 12, 14, 16, 18}
+    assert _tenths(3) == {1, 2} and _tenths(1) == set()
+    grid = small_grid(tmp_path, train_size=100, epochs=1, batch_size=10, schedule="cosine")
+    data = load_data(grid.data, 10, grid.seed)
+    recipe = recipe_of(grid.checkpoint.train)
+    monkeypatch.setattr("sys.stderr.isatty", lambda: False)  # a log file, not a terminal
+    with caplog.at_level("INFO", logger="runner.inputs.train"):
+        fit_model(build("resnet18", 0.125, 10), data.train, recipe, CPU, *normalisation(recipe, data), grid.seed)
+    told = [r.getMessage() for r in caplog.records if "batches" in r.getMessage()]
+    assert [t.split(" of ")[0] for t in told] == [f"epoch 1/1: {k}" for k in range(1, 10)]
+    assert all("of 10 batches" in t and "s left in the epoch" in t for t in told)

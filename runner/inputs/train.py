@@ -143,9 +143,12 @@ def fit_model(model: torch.nn.Module, train: Images, recipe: Recipe, device: tor
     for epoch in range(first, recipe.epochs):
         model.train()
         order = torch.randperm(len(y_all), generator=gen).to(device)
-        # a bar on a terminal; in a log file one line per epoch (a bar there is a carriage return per batch)
+        # a bar on a terminal; in a log file a line at every tenth of the epoch (a bar there is a carriage return
+        # per batch) and one per epoch
+        on_terminal = sys.stderr.isatty()
         bar = tqdm(range(steps_per_epoch), desc=f"epoch {epoch + 1}/{recipe.epochs}", unit="batch",
-                   disable=not (progress and sys.stderr.isatty()), file=sys.stderr, leave=True, dynamic_ncols=True)
+                   disable=not (progress and on_terminal), file=sys.stderr, leave=True, dynamic_ncols=True)
+        tenths = _tenths(steps_per_epoch) if progress and not on_terminal else set()
         started = time.time()
         run_loss, run_hits, run_seen = 0.0, 0, 0
         for i in bar:
@@ -164,6 +167,11 @@ def fit_model(model: torch.nn.Module, train: Images, recipe: Recipe, device: tor
             run_hits += int((logits.argmax(1) == y).sum())
             run_seen += len(y)
             bar.set_postfix(loss=f"{run_loss / run_seen:.3f}", acc=f"{100 * run_hits / run_seen:.1f}%")
+            if i + 1 in tenths:
+                spent = time.time() - started
+                log.info("epoch %d/%d: %d of %d batches, loss %.3f, %.0f s, about %.0f s left in the epoch",
+                         epoch + 1, recipe.epochs, i + 1, steps_per_epoch, run_loss / run_seen, spent,
+                         spent * (steps_per_epoch - i - 1) / (i + 1))
         losses.append(run_loss / run_seen)
         if keep is not None:
             keep(TrainState(epoch + 1, step, list(losses), model.state_dict(), opt.state_dict(), gen.get_state(),
@@ -175,6 +183,11 @@ def fit_model(model: torch.nn.Module, train: Images, recipe: Recipe, device: tor
         if not math.isfinite(losses[-1]):
             raise RuntimeError(f"training diverged at epoch {epoch + 1} (loss {losses[-1]}); lower the learning rate")
     return model.eval(), losses
+
+
+def _tenths(steps: int) -> set[int]:
+    """The batch counts at each tenth of an epoch of `steps` batches, the epoch's end excluded (its own line)."""
+    return {math.ceil(steps * t / 10) for t in range(1, 10)} - {0, steps}
 
 
 def test_accuracy(model: torch.nn.Module, data: Dataset, device: torch.device,
