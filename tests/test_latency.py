@@ -412,3 +412,26 @@ def test_the_prediction_scales_summed_savings_by_the_plans_macs_overlap() -> Non
     assert cols["latency_summed_ms"] == pytest.approx(10 - 2 - 6)
     assert cols["latency_predicted_ms"] == pytest.approx(10 - 0.75 * 8)
     assert cols["latency_kept"] == 0.5 and cols["target"] == "onnxruntime/cpu/b32"
+
+
+def test_the_report_says_whether_a_macs_plan_was_slower_than_the_latency_plan() -> None:
+    import pandas as pd
+
+    from runner.outputs.latency import versus
+
+    row = {"accuracy_removed": 50.0, "final_low": 70.0, "final_high": 74.0}
+    table = pd.DataFrame([
+        {**row, "budget": "latency0.6", "method": "knapsack", "latency_ms": 4.0, "latency_kept": 0.5,
+         "macs_kept": 0.6, "accuracy_final": 72.0},
+        {**row, "budget": "macs0.5", "method": "knapsack", "latency_ms": 5.0, "latency_kept": 0.625,
+         "macs_kept": 0.5, "accuracy_final": 72.5},
+        {**row, "budget": "macs0.5", "method": "uniform", "latency_ms": 4.5, "latency_kept": 0.56,
+         "macs_kept": 0.5, "accuracy_final": float("nan")},
+    ])
+    lines = versus(table)
+    assert lines[1] == "MACs plans against latency plans of the same method, on the target:"
+    assert lines[3] == ("- `knapsack`: the macs0.5 plan runs at 5.00 ms (0.625 of the base), 25% slower than the "
+                        "latency0.6 plan at 4.00 ms (0.500); accuracy 72.50% [70.00, 74.00] against 72.00% [70.00, "
+                        "74.00], MACs kept 0.500 against 0.600.")
+    assert len(lines) == 4  # uniform has no latency plan to compare with
+    assert versus(table[table["budget"] == "macs0.5"]) == []

@@ -79,6 +79,7 @@ def section(table: Any, words: Mapping[str, Any]) -> list[str]:
         lines.append(f"| {r['budget']}-{r['method']} | {r['latency_ms']:.2f} [{r['latency_low']:.2f}, "
                      f"{r['latency_high']:.2f}] | {r['latency_kept']:.3f} | {r['latency_predicted_ms']:.2f} | "
                      f"{err:+.1%} | {r['macs_kept']:.3f} |")
+    lines += versus(table)
     lines += ["", "![accuracy vs measured latency](plots/plans_latency.png)",
               "![ms saved per unit and K](plots/latency_table.png)"]
     avoided = {u: v for u, v in (lat.get("avoided") or {}).items() if v}
@@ -86,6 +87,33 @@ def section(table: Any, words: Mapping[str, Any]) -> list[str]:
         lines += ["", "round_to: auto avoided these channel counts (each slower than a larger count): "
                   + ("; ".join(f"{u} keeps {', '.join(map(str, v))}" for u, v in avoided.items()) or "none") + "."]
     return lines
+
+
+def versus(table: Any) -> list[str]:
+    """For each method with both a MACs (or params) plan and a latency plan: was the first slower on the target
+    than the second, and at what accuracy each (fine-tuned when it was, else removed)."""
+    rows = table.to_dict("records")
+    lines = []
+    for method in dict.fromkeys(r["method"] for r in rows):
+        timed = [r for r in rows if r["method"] == method and _finite(r.get("latency_ms"))]
+        fast = [r for r in timed if str(r["budget"]).startswith("latency")]
+        counted = [r for r in timed if not str(r["budget"]).startswith("latency")]
+        for a in counted:
+            for b in fast:
+                ratio = a["latency_ms"] / b["latency_ms"]
+                how = (f"{ratio - 1:.0%} slower than" if ratio > 1 else
+                       f"{1 - ratio:.0%} faster than" if ratio < 1 else "as fast as")
+                lines.append(f"- `{method}`: the {a['budget']} plan runs at {a['latency_ms']:.2f} ms "
+                             f"({a['latency_kept']:.3f} of the base), {how} the {b['budget']} plan at "
+                             f"{b['latency_ms']:.2f} ms ({b['latency_kept']:.3f}); accuracy {_accuracy(a)} against "
+                             f"{_accuracy(b)}, MACs kept {a['macs_kept']:.3f} against {b['macs_kept']:.3f}.")
+    return ["", "MACs plans against latency plans of the same method, on the target:", "", *lines] if lines else []
+
+
+def _accuracy(r: Mapping[str, Any]) -> str:
+    if _finite(r.get("accuracy_final")):
+        return f"{r['accuracy_final']:.2f}% [{r['final_low']:.2f}, {r['final_high']:.2f}]"
+    return f"{r['accuracy_removed']:.2f}% (removed, not fine-tuned)"
 
 
 def _finite(v: Any) -> bool:
