@@ -21,8 +21,10 @@ import torch
 import torch_pruning as tp
 from torch import Tensor, nn
 
-from model.graph import ConvSite, MaskPoint, eval_mode, list_convs, masked_points, trace
+from model.convs import ConvSite, list_convs
+from model.mask import MaskPoint, masked_points
 from model.savings import Savings, conv_macs
+from model.tracing import eval_mode, trace
 
 log = logging.getLogger(__name__)
 

@@ -1,6 +1,6 @@
 """The project's ResNet-18 convolutions, in forward order, with what pruning needs to know about each, read
 from the modules by hand. `runner.engine.measure` and `runner.engine.dead` use it for the dead-channel savings
-of our ResNet-18; tests/test_graph.py checks `model.graph`'s listing against it.
+of our ResNet-18; tests/test_graph.py checks `model.convs`'s listing against it.
 """
 
 from __future__ import annotations

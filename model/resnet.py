@@ -3,7 +3,7 @@
 A unit is a few parallel paths of modules whose outputs are summed and then activated: the stem is one path
 (conv-BN-ReLU, no activation after it), a BasicBlock is a main path (conv-BN-ReLU-conv-BN) and a shortcut
 path (empty = identity, or 1x1 conv + BN) summed and then ReLU'd. Writing the network this way lets the
-cut at any conv be written by hand (tests/hand_split.py, the reference for `model.graph.Cut`).
+cut at any conv be written by hand (tests/hand_split.py, the reference for `model.cut.Cut`).
 """
 
 from __future__ import annotations

@@ -38,9 +38,8 @@ from typing import Any, Callable, Iterator
 import numpy as np
 import torch
 
-from model.graph import ConvSite
-from model.graph import Cut
-from model.graph import list_convs
+from model.convs import ConvSite, list_convs
+from model.cut import Cut
 from runner.cli import Parser, run_main
 from runner.config import Grid, load_grid
 from runner.engine.criteria import Ranking, rank_all

@@ -5,7 +5,7 @@ prefix runs every unit before L's unit, then L's unit up to the mask point on L'
 the unit's other paths (the shortcut, or the main path when L is a shortcut conv): that tuple is the cache.
 The suffix applies the mask, finishes L's unit and runs the rest of the network.
 
-The runner cuts networks with `model.graph.Cut`; this hand-written cut for the project's ResNet-18 is the
+The runner cuts networks with `model.cut.Cut`; this hand-written cut for the project's ResNet-18 is the
 independent reference that tests/test_graph.py and tests/test_engine.py check it against.
 """
 

@@ -10,7 +10,7 @@ from typing import Callable, Sequence, TypeVar
 
 from torch import nn
 
-from model.graph import ConvSite
+from model.convs import ConvSite
 from runner.engine.prune import zero_weights
 
 T = TypeVar("T")

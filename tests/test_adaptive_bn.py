@@ -14,8 +14,9 @@ import torch.nn.functional as F
 from conftest import scramble_bn
 from torch import nn
 
-from model.graph import MaskPoint, list_convs, masked_points
+from model.convs import list_convs
 from model.groups import list_groups
+from model.mask import MaskPoint, masked_points
 from model.resnet import ResNet18
 from model.zoo import Spec, build
 from runner.engine.adaptive_bn import downstream_norms

@@ -8,13 +8,13 @@ import torch
 from conftest import scramble_bn
 from e2e_helpers import grid_dict
 
-from model.graph import list_convs
+from model.convs import list_convs
 from model.zoo import Spec, build
 from runner.config import parse_grid
 from runner.engine.measure import traced
 from runner.engine.prune import keep_mask, masked, savings
 from runner.inputs.trials import plan_trials
-from model.graph import Cut
+from model.cut import Cut
 
 X = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
 NETS = {

@@ -12,7 +12,8 @@ import torch.nn.functional as F
 from conftest import scramble_bn
 
 from model.capture import capture
-from model.graph import Cut, list_convs
+from model.convs import list_convs
+from model.cut import Cut
 from model.resnet import ResNet18
 from hand_split import Split
 from model.layers import list_convs as resnet_layers

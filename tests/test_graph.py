@@ -1,5 +1,6 @@
-"""The traced graph (model.graph): convs listed off the graph, and the cached cut proved bit for bit against the
-masked eager forward, on our ResNet-18 and eight torchvision CNNs (random init, 32x32, batch 2, CPU float32).
+"""The traced graph (model.tracing): convs listed off the graph (model.convs), and the cached cut (model.cut)
+proved bit for bit against the masked eager forward, on our ResNet-18 and eight torchvision CNNs (random init,
+32x32, batch 2, CPU float32).
 
 The four large models (resnet50, densenet121, efficientnet_b0, regnet_y_400mf) are checked at a spread of 12
 convs that includes every kind (first, last, depthwise, grouped, 1x1, shortcut, strided, no BN); set
@@ -19,8 +20,11 @@ from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from model import layers
-from model.graph import Cut, ConvSite, MaskPoint, list_convs, trace
+from model.convs import ConvSite, list_convs
+from model.cut import Cut
+from model.mask import MaskPoint
 from model.resnet import ResNet18
+from model.tracing import trace
 from hand_split import Split
 
 SMALL = ["ours", "resnet18", "mobilenet_v2", "mobilenet_v3_small", "vgg11_bn"]

@@ -10,9 +10,11 @@ import pytest
 import torch
 from test_graph import build
 
-from model.graph import Cut, list_convs, trace
+from model.convs import list_convs
+from model.cut import Cut
 from model.groups import count, dependency_graph, list_groups, masked_group, remove_group, savings, tp_group
 from model.savings import Savings
+from model.tracing import trace
 
 IMAGE = 32
 X = torch.randn(8, 3, IMAGE, IMAGE, generator=torch.Generator().manual_seed(2))

@@ -9,7 +9,7 @@ import pytest
 import torch
 from conftest import scramble_bn
 
-from model.graph import list_convs
+from model.convs import list_convs
 from model.resnet import ResNet18
 from runner.engine.criteria import Ranking
 from runner.engine.measure import EvalSet, sweep_layer

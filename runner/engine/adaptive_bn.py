@@ -18,7 +18,7 @@ import torch
 from torch import Tensor, fx, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from model.graph import eval_mode
+from model.tracing import eval_mode
 
 Stats = dict[str, tuple[Tensor, Tensor]]  # BN name -> (running_mean, running_var)
 
@@ -37,7 +37,7 @@ def norms_in(gm: fx.GraphModule, nodes: Sequence[fx.Node] | frozenset) -> tuple[
 def downstream_norms(model: nn.Module, starts: Sequence[str]) -> tuple[str, ...]:
     """The BatchNorm layers that read, directly or through other layers, the output of any module in `starts`
     (module names of the traced graph): the layers a mask at those outputs reaches."""
-    from model.graph import trace
+    from model.tracing import trace
 
     gm = trace(model)
     wanted = set(starts)

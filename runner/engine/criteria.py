@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from model.capture import hooked, watch
-from model.graph import ConvSite
+from model.convs import ConvSite
 from model.groups import Group
 
 

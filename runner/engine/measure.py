@@ -1,6 +1,6 @@
 """The layer sweep: for one (layer, criterion), every K evaluated on a cached prefix (docs/design.md#the-engine).
 
-Everything before the mask point is computed once and kept on the device (the cut of `model.graph`); the
+Everything before the mask point is computed once and kept on the device (the cut, `model.cut`); the
 baseline (K = 0) and then each K run only what comes after it, accumulating mean feature maps in the same pass.
 The baseline goes through the same suffix, on the same device and in the same precision as the points, so a
 point's drop and its paired interval (`runner.engine.paired`) compare like with like, image by image. When the
@@ -23,11 +23,13 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from model.graph import ConvSite, Cut, trace
+from model.convs import ConvSite
+from model.cut import Cut
 from model.groups import Group, savings as group_savings
 from model.layers import ConvInfo, list_convs as resnet_layers
 from model.resnet import ResNet18
 from model.savings import Savings
+from model.tracing import trace
 from runner.engine.adaptive_bn import Stats, estimate, norms_in, using
 from runner.engine.criteria import Ranking
 from runner.engine.dead import savings as dead_savings

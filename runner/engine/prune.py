@@ -2,7 +2,7 @@
 
 `target: output` removes filter c of conv L and its BN channel: the channel is exactly zero after L's BN.
 `target: input` zeroes input channel c of L (`conv.weight[:, c] = 0`, the seed's operation). Pruning is a
-mask on activations applied inside a scope (`masked`) or at the cut (`model.graph.Cut`); weights are never
+mask on activations applied inside a scope (`masked`) or at the cut (`model.cut.Cut`); weights are never
 edited per point. `surgery` is the weight-editing equivalent, kept to prove the two agree. What removing the
 channels for real would save is `runner.engine.dead` for the project's ResNet-18, `savings` below elsewhere.
 """
@@ -17,7 +17,7 @@ import torch
 from torch import Tensor, nn
 
 from model.capture import hooked
-from model.graph import ConvSite
+from model.convs import ConvSite
 from model.groups import Group
 from model.savings import Savings, conv_macs
 

@@ -7,7 +7,7 @@ import fnmatch
 import math
 from dataclasses import dataclass
 
-from model.graph import ConvSite, list_convs
+from model.convs import ConvSite, list_convs
 from model.groups import Group, list_groups
 from runner.basics import TrialId
 from runner.config import MAX_POINTS, Grid, KSpec
@@ -154,7 +154,7 @@ def plan_trials(grid: Grid) -> TrialPlan:
     image_size = grid.data.image_size or IMAGE_SIZE
     try:
         convs = list_convs(model, image_size)
-    except ValueError as e:  # model.graph words what cannot be traced or cut, and where
+    except ValueError as e:  # model.tracing and model.convs word what cannot be traced or cut, and where
         raise InputError("model.arch", grid.model.arch, str(e).splitlines()[0][:300], "a network torch.fx can "
                          "trace, each conv called once", "make the forward traceable (no data-dependent Python "
                          "control flow), or wrap that part in a leaf module") from None

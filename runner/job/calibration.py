@@ -17,7 +17,7 @@ from typing import Any
 import torch
 
 from model.checkpoint import Checkpoint
-from model.graph import ConvSite
+from model.convs import ConvSite
 from model.groups import Group
 from runner.config import Grid
 from runner.engine.criteria import CRITERIA, Ranking, group_rankings, rank_all

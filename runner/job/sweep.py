@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from model.checkpoint import Checkpoint
-from model.graph import ConvSite
+from model.convs import ConvSite
 from runner.basics import short
 from runner.config import Grid, load_grid
 from runner.engine.criteria import CRITERIA

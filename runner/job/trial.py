@@ -19,7 +19,7 @@ from typing import Any, Iterator
 import numpy as np
 import torch
 
-from model.graph import ConvSite
+from model.convs import ConvSite
 from model.zoo import Spec, build
 from runner.basics import short
 from runner.engine.criteria import Ranking

@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from model.graph import list_convs
+from model.convs import list_convs
 from runner.engine.adaptive_bn import downstream_norms, estimate, using
 from runner.engine.device import fast_math
 from runner.engine.evaluate import Evaluation

@@ -25,7 +25,7 @@ import torch_pruning as tp
 from torch import nn
 
 from model.capture import hooked
-from model.graph import eval_mode
+from model.tracing import eval_mode
 from runner.engine.images import Images, to_device
 from runner.errors import InputError
 from runner.planning.correction import Corrected, Measured, accepts

@@ -29,7 +29,7 @@ from torch import Tensor, nn
 from torch.utils.flop_counter import FlopCounterMode
 
 from model.capture import hooked
-from model.graph import eval_mode
+from model.tracing import eval_mode
 from runner.errors import InputError
 
 Removal = Mapping[str, Sequence[int]]  # conv name -> output channels (base model indices) to remove
