@@ -1,4 +1,4 @@
-"""W&B as its users use it (runner.outputs.tracking, in process, no run started): the mode W&B's own switch
+"""W&B as its users use it (runner.outputs.wandb_tracker, in process, no run started): the mode W&B's own switch
 selects, settings this wandb has, run ids stable across --resume, and a trial run's summary that describes the
 layer rather than its last K. The runs themselves are read back from real sweeps in tests/test_sweep.py."""
 
@@ -9,7 +9,8 @@ from pathlib import Path
 import pytest
 
 from runner.outputs.report import fraction_label, trial_summary
-from runner.outputs.tracking import model_artifact, resolve_mode, run_id, usable_settings
+from runner.outputs.tracking import model_artifact
+from runner.outputs.wandb_tracker import resolve_mode, run_id, usable_settings
 
 KEY = "0123456789abcdef0123456789abcdef01234567"
 
@@ -160,7 +161,8 @@ class FakeWandb:
 
 
 def test_an_artifact_that_cannot_be_logged_does_not_stop_the_sweep(tmp_path, caplog):
-    from runner.outputs.tracking import SUMMARY_RUN, TRAIN_RUN, RunSpec, Tracking, WandbTracker
+    from runner.outputs.tracking import SUMMARY_RUN, TRAIN_RUN, RunSpec, Tracking
+    from runner.outputs.wandb_tracker import WandbTracker
 
     (tmp_path / "results.csv").write_text("layer\n")
     tracker = WandbTracker(Tracking("offline", "p", None, "g", tmp_path, {"seed": 0}, sweep_id="1a2b3c4d"))
@@ -182,7 +184,8 @@ def test_an_artifact_that_cannot_be_logged_does_not_stop_the_sweep(tmp_path, cap
 
 
 def test_runs_use_the_model_artifact_online_and_name_it_offline(tmp_path):
-    from runner.outputs.tracking import RunSpec, Tracking, WandbTracker
+    from runner.outputs.tracking import RunSpec, Tracking
+    from runner.outputs.wandb_tracker import WandbTracker
 
     used: list = []
 
@@ -218,7 +221,8 @@ def test_runs_use_the_model_artifact_online_and_name_it_offline(tmp_path):
 
 
 def test_a_run_that_cannot_start_with_an_empty_error_falls_back(tmp_path, caplog):
-    from runner.outputs.tracking import RunSpec, Tracking, WandbTracker
+    from runner.outputs.tracking import RunSpec, Tracking
+    from runner.outputs.wandb_tracker import WandbTracker
 
     class Broken(FakeWandb):
         def init(self, **kwargs) -> FakeRun:
@@ -236,7 +240,8 @@ def test_a_run_that_cannot_start_with_an_empty_error_falls_back(tmp_path, caplog
 def test_every_point_is_logged_and_images_only_for_the_first_random_order(tmp_path):
     import numpy as np
 
-    from runner.outputs.tracking import RunSpec, Tracking, WandbTracker
+    from runner.outputs.tracking import RunSpec, Tracking
+    from runner.outputs.wandb_tracker import WandbTracker
 
     class Images(FakeWandb):
         @staticmethod
@@ -352,7 +357,8 @@ def test_wandb_is_given_png_files_and_the_scratch_ones_are_removed(tmp_path):
     import numpy as np
     from PIL import Image
 
-    from runner.outputs.tracking import RunSpec, Tracking, WandbTracker
+    from runner.outputs.tracking import RunSpec, Tracking
+    from runner.outputs.wandb_tracker import WandbTracker
 
     given = []
 
@@ -379,13 +385,13 @@ def test_wandb_is_given_png_files_and_the_scratch_ones_are_removed(tmp_path):
 
 
 def test_preload_imports_what_every_wandb_init_imports():
-    """The sweep imports W&B's Launch inputs module ahead (runner.outputs.tracking.preload) because every
+    """The sweep imports W&B's Launch inputs module ahead (runner.outputs.wandb_tracker.preload) because every
     `wandb.init` imports it; if a W&B release stops doing so, the preload is wasted startup time: this fails.
-    Reading W&B's source guards that workaround of ours (runner.outputs.tracking.preload) only."""
+    Reading W&B's source guards that workaround of ours (runner.outputs.wandb_tracker.preload) only."""
     import inspect
     import sys
 
-    from runner.outputs.tracking import preload
+    from runner.outputs.wandb_tracker import preload
     import wandb.sdk.wandb_run as wandb_run
 
     assert "self._detect_and_apply_job_inputs()" in inspect.getsource(wandb_run.Run._on_ready)

@@ -21,7 +21,8 @@ from ray import tune
 from runner.job.board import BoardStats, board_actor, find_board
 from runner.outputs import figures
 from runner.outputs.results import COLUMNS, ResultsTable, TrialId, by_trial
-from runner.outputs.tracking import RunSpec, Tracker, Tracking, make_tracker
+from runner.outputs.tracking import RunSpec, Tracker, Tracking
+from runner.outputs.wandb_tracker import make_tracker
 from runner.storage import atomic_path
 
 log = logging.getLogger(__name__)

@@ -32,7 +32,8 @@ from runner.engine.measure import EvalSet
 from runner.inputs.train import TrainState, fit_model
 from runner.job.trial import trial_device
 from runner.outputs.plans import CHECKPOINT, CORRECT, PRUNED, REMOVED, finetuned, save_array
-from runner.outputs.tracking import RunSpec, Tracking, make_tracker
+from runner.outputs.tracking import RunSpec, Tracking
+from runner.outputs.wandb_tracker import make_tracker
 from runner.planning.export import load_pruned, pruned_meta, save_pruned
 from runner.planning.scoring import score
 from runner.storage import atomic_path

@@ -331,7 +331,7 @@ def _on_target(s: Setting) -> OnTarget:
 def _log_table(grid: Grid, words: dict[str, Any]) -> None:
     """The latency table's heatmap on disk, and the table with it on W&B (a run of the sweep's group)."""
     from runner.outputs.latency import heatmap
-    from runner.outputs.tracking import make_tracker
+    from runner.outputs.wandb_tracker import make_tracker
 
     lat = words["latency"]
     picture = heatmap(lat, Path(grid.folder) / "plots" / "latency_table.png")

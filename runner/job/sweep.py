@@ -35,8 +35,8 @@ from runner.job.ray_env import check_reachable, cluster_address, set_ray_env
 from runner.job.timeline import Timeline
 from runner.outputs import figures, report
 from runner.outputs.results import read_rows
-from runner.outputs.tracking import (SUMMARY_RUN, TRAIN_RUN, RunSpec, Tracker, Tracking, make_tracker,
-    model_artifact, preload)
+from runner.outputs.tracking import SUMMARY_RUN, TRAIN_RUN, RunSpec, Tracker, Tracking, model_artifact
+from runner.outputs.wandb_tracker import make_tracker, preload
 from runner.planning.units import plan_criterion
 from runner.provenance import versions
 

@@ -8,7 +8,8 @@ from contextlib import closing
 from runner.config import Grid, load_grid
 from runner.inputs.train import train_checkpoint
 from runner.job.options import Options
-from runner.outputs.tracking import TRAIN_RUN, RunSpec, Tracking, make_tracker
+from runner.outputs.tracking import TRAIN_RUN, RunSpec, Tracking
+from runner.outputs.wandb_tracker import make_tracker
 
 
 def run_train(opts: Options) -> str:

@@ -37,7 +37,8 @@ from runner.job.sweep import Options, prepare
 from runner.outputs import validation as out
 from runner.outputs.plans import CORRECT, PRUNED, REMOVED
 from runner.outputs.results import read_rows
-from runner.outputs.tracking import RunSpec, Tracking, make_tracker, model_artifact
+from runner.outputs.tracking import RunSpec, Tracking, model_artifact
+from runner.outputs.wandb_tracker import make_tracker
 from runner.planning.export import pruned_meta, save_pruned
 from runner.planning.removal import counts, masked, pruned_copy, removal_from
 from runner.planning.scoring import accuracy_interval, difference, score
