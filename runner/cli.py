@@ -50,6 +50,7 @@ def run_main(main: Callable[[], int | None], level: int = logging.INFO) -> int:
     from runner.engine.device import tune_allocator
 
     setup_logging(level)
+    own_wandb_service()
     # a log handler that cannot write (W&B's debug log on a full disk) must not print tracebacks of its own
     logging.raiseExceptions = False
     tune_allocator()
@@ -70,6 +71,16 @@ def run_main(main: Callable[[], int | None], level: int = logging.INFO) -> int:
             return EXIT_FAILED
         log.exception("failed")
         return EXIT_FAILED
+
+
+def own_wandb_service() -> None:
+    """A command starts its own W&B service. W&B tells child processes its service's address (WANDB_SERVICE); a
+    job started by a process that uses W&B (a test session, a notebook, an orchestrating script) would log into
+    that parent's service, where the runs of a killed job stay open, so that its --resume finds their ids in use
+    and logs nothing. Ray's workers, children of the command, still share the command's service."""
+    inherited = os.environ.pop("WANDB_SERVICE", None)
+    if inherited is not None:
+        log.debug("W&B: not using the parent process's service (%s); starting this command's own", inherited)
 
 
 def storage_message(e: OSError) -> str:

@@ -298,3 +298,17 @@ def test_leave_runs_the_exit_handlers_flushes_and_exits_with_the_code(tmp_path, 
     expected = "unflushed line" + (" thread done" if mode == "thread" else "") + "exit handler ran\n"
     assert done.stdout == expected
     assert done.stderr == "to stderr"
+
+
+def test_a_command_starts_its_own_wandb_service(monkeypatch):
+    # W&B hands its service's address to child processes: a job started by a W&B-using parent (this test
+    # session) would log into the parent's service, where a killed job's runs stay open and a --resume finds
+    # their ids in use
+    import os
+
+    from runner.cli import run_main
+
+    monkeypatch.setenv("WANDB_SERVICE", "2-4321-tcp-localhost-45678")
+    seen = []
+    assert run_main(lambda: seen.append(os.environ.get("WANDB_SERVICE"))) == 0
+    assert seen == [None]
