@@ -225,6 +225,31 @@ def test_the_latency_fit_refits_on_the_measured_time_and_stops_at_the_first_that
     assert plan.ks == {"a": 0, "b": 3} and plan.counted_kept == 7.0
 
 
+@pytest.mark.parametrize("bump, kept, ratios", [
+    (None, 0.65, [0.9, 0.8, 0.7, 0.6, 0.65]),  # scan down by 0.1 to the first fit, then bisect: 0.65 fits
+    (0.65, 0.6, [0.9, 0.8, 0.7, 0.6, 0.65]),  # 0.65 is slow (a width the kernels handle badly): 0.6 is kept
+])
+def test_uniform_fits_its_ratio_on_the_measured_time_like_global(bump, kept, ratios) -> None:
+    """Two units of 20 channels, K = 1 .. 19: kept ratios 0.95 .. 0.05; the measured time is 100 r^2 ms (but
+    `bump` times 60 ms); the budget keeps 0.45 of 100 ms. The table's summed savings play no part."""
+    units = [curve(u, 20, list(range(1, 20)), [0.1 * k for k in range(1, 20)], [k for k in range(1, 20)],
+                   [k for k in range(1, 20)]) for u in ("a", "b")]
+    planner = Planner(units, "latency", 0.45, 100.0, "uniform", points_only=True)
+    timed = []
+
+    def count(ks) -> float:
+        r = round((20 - ks["a"]) / 20, 2)
+        assert ks["b"] == ks["a"]  # one ratio for every unit
+        timed.append(r)
+        return 60.0 if r == bump else 100 * r * r
+
+    plan = planner.fit(count, first=True)
+    assert timed == ratios
+    assert plan.ks == {"a": round(20 * (1 - kept)), "b": round(20 * (1 - kept))}
+    assert plan.counted_kept == pytest.approx(100 * kept * kept)
+    assert Planner(units, "latency", 0.001, 100.0, "uniform", points_only=True).fit(count, first=True) is None
+
+
 def test_an_unreachable_latency_budget_names_the_best_reachable_fraction() -> None:
     from runner.planning.target import OnTarget
 

@@ -112,28 +112,37 @@ def threshold(options: Mapping[str, Sequence[Option]], kind: str, required: floa
     return at(ts[i]) if i < len(ts) else None
 
 
-def uniform(curves: Sequence[Curve], kind: str, required: float, rules: Rules) -> Choice | None:
-    """One kept ratio for every unit, the largest that reaches `required` (module docstring). A unit's K is
-    clipped to its measured range and to its cap."""
+def uniform_ratios(curves: Sequence[Curve], rules: Rules) -> list[float]:
+    """The kept ratios uniform can take, from the largest (1: nothing pruned) down."""
+    return sorted({x / c.channels for c in curves for x in _keeps(c, rules)}, reverse=True)
+
+
+def uniform_at(curves: Sequence[Curve], rules: Rules, r: float) -> Choice:
+    """Every unit at kept ratio `r`: its kept channels rounded up to an allowed count, K clipped to the measured
+    range and to the unit's cap."""
+    out = {}
+    for c in curves:
+        keeps = _keeps(c, rules)
+        k = c.channels - next(x for x in keeps if x >= r * c.channels - 1e-9)
+        limit = min(c.kmax, rules.caps.get(c.unit, c.channels))
+        if k > limit:  # the largest allowed K within the measured range and the cap
+            k = max(c.channels - x for x in keeps if c.channels - x <= limit)
+        out[c.unit] = c.at(k)
+    return out
+
+
+def _keeps(c: Curve, rules: Rules) -> list[int]:
     if rules.points_only:
-        keeps = {c.unit: sorted(c.channels - p.k for p in c.points) for c in curves}
-    else:
-        keeps = {c.unit: allowed_keeps(c.channels, rules.round_to, rules.min_keep) + [c.channels] for c in curves}
-    caps = rules.caps
+        return sorted(c.channels - p.k for p in c.points)
+    return allowed_keeps(c.channels, rules.round_to, rules.min_keep) + [c.channels]
 
-    def at(r: float) -> Choice:
-        out = {}
-        for c in curves:
-            k = c.channels - next(x for x in keeps[c.unit] if x >= r * c.channels - 1e-9)
-            limit = min(c.kmax, caps.get(c.unit, c.channels))
-            if k > limit:  # the largest allowed K within the measured range and the cap
-                k = max(c.channels - x for x in keeps[c.unit] if c.channels - x <= limit)
-            out[c.unit] = c.at(k)
-        return out
 
-    ratios = sorted({x / c.channels for c in curves for x in keeps[c.unit]}, reverse=True)
-    i = bisect.bisect_left(ratios, True, key=lambda r: sum(o.saving(kind) for o in at(r).values()) >= required)
-    return at(ratios[i]) if i < len(ratios) else None
+def uniform(curves: Sequence[Curve], kind: str, required: float, rules: Rules) -> Choice | None:
+    """One kept ratio for every unit, the largest that reaches `required` (module docstring)."""
+    ratios = uniform_ratios(curves, rules)
+    i = bisect.bisect_left(ratios, True,
+                           key=lambda r: sum(o.saving(kind) for o in uniform_at(curves, rules, r).values()) >= required)
+    return uniform_at(curves, rules, ratios[i]) if i < len(ratios) else None
 
 
 def _by_knapsack(curves: Sequence[Curve], kind: str, required: float, rules: Rules) -> Choice | None:
@@ -188,8 +197,11 @@ class Planner:
         that missed and the smallest that fit, down to `resolution` of the base model, because a step can
         overshoot (the options are discrete), and the fitting plan with the least predicted drop is kept.
         A plan for the budget's own request that fits at once is returned as it is; with `first` (a measured
-        latency, whose median is noisy) the first plan that fits is returned. None when the method cannot save
-        enough, or nothing fit within `max_rounds` counts."""
+        latency, whose median is noisy) the first plan that fits is returned, and uniform fits its one ratio
+        on the measurement instead (`fit_ratio`). None when the method cannot save enough, or nothing fit within
+        `max_rounds` counts."""
+        if first and self.method == "uniform":
+            return self.fit_ratio(count, caps, max_rounds)
         target = self.base_total * self.keep
         missed = fit = best = None  # the largest request that missed, the smallest that fit, the best plan
         required = self.required
@@ -214,3 +226,46 @@ class Planner:
             else:
                 required = (missed + fit) / 2
         return best
+
+    def fit_ratio(self, count: Callable[[Mapping[str, int]], float], caps: Caps | None = None,
+                  max_counts: int = 16) -> Plan | None:
+        """Uniform's kept ratio fitted on `count` (a measured latency) as global's pruning ratio is: the ratios
+        scanned down in steps of 0.1, then bisected between the last that missed and the first that fit, down
+        to adjacent ratios or `max_counts` counts; the least pruning plan that fit. The summed savings of a
+        uniform plan overstate its real saving most (every unit pruned at once), so a request-driven refit
+        overshoots, and a measured time need not fall with the ratio (channel counts a kernel handles well or
+        badly), so the ratio is found by measuring, not predicted. None when no ratio fits."""
+        rules = Rules(self.round_to, self.min_keep, dict(caps or {}), self.points_only)
+        ratios = [r for r in uniform_ratios(self.curves, rules) if r < 1 - 1e-9]
+        target = self.base_total * self.keep
+        tried: dict[int, Plan] = {}
+
+        def fits(i: int) -> bool:
+            if i not in tried:
+                choice = uniform_at(self.curves, rules, ratios[i])
+                ks = {u: o.k for u, o in choice.items()}
+                tried[i] = Plan(self.method, self.kind, self.required, choice, count(ks), rules.caps)
+            return tried[i].counted_kept <= target
+
+        missed, fit = -1, None
+        for step in range(1, 10):
+            i = next((j for j, r in enumerate(ratios) if r <= 1 - step / 10 + 1e-9), None)
+            if i is None or i <= missed:
+                continue
+            if fits(i):
+                fit = i
+                break
+            missed = i
+        if fit is None:
+            i = len(ratios) - 1  # the most pruning ratio, below the scan's last step
+            if i <= missed or not fits(i):
+                return None
+            fit = i
+        while fit - missed > 1 and len(tried) < max_counts:
+            mid = (missed + fit) // 2
+            if fits(mid):
+                fit = mid
+            else:
+                missed = mid
+        return tried[fit]
+
