@@ -27,6 +27,7 @@ from e2e_helpers import (SMALL_CRITERIA, SMALL_EVAL, SMALL_FRACTIONS, SMALL_LAYE
 
 from model.checkpoint import sha256
 from runner.config import load_grid
+from runner.inputs.data import class_counts, load_data
 from runner.outputs.report import fraction_label, trial_summary
 
 
@@ -156,6 +157,9 @@ def test_wandb_offline_runs(small_sweep):
     assert sorted(trials) == sorted(f"{layer}/{c}" for layer in SMALL_LAYERS for c in SMALL_CRITERIA)
 
     layer_index = {"layer1.0.conv1": 1, "layer2.0.conv2": 6, "layer3.1.conv1": 13}  # of the 20 convs, shortcuts too
+    grid = load_grid(small_sweep.grid_path)
+    data = load_data(grid.data, grid.model.num_classes, grid.seed, training=False)
+    subsets = {"eval": class_counts(data.test.labels), "calibration": class_counts(data.calibration.labels)}
     same_files: list[Path] = []
     for name, (run_dir, info, hist) in trials.items():
         layer, criterion = name.split("/")
@@ -168,6 +172,7 @@ def test_wandb_offline_runs(small_sweep):
         assert (config["layer_index"], config["stage"], config["channels"], config["unit"]) == (
             layer_index[layer], int(layer[5]), channels, "layer")
         assert config["macs"] > 0 and config["checkpoint_artifact"].startswith("checkpoint-")
+        assert config["data_subsets"] == subsets and subsets["eval"]["classes"] == 10  # docs/data.md
         assert sorted(info["tags"]) == sorted([f"criterion:{criterion}", "target:output", "unit:layer"])
         # the run's summary describes the layer, not its last K
         summary = leet_summary(run_dir)["summary"]

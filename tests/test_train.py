@@ -13,7 +13,8 @@ from model.resnet import build
 from runner.config import TrainConfig, parse_grid
 from runner.errors import InputError
 from runner.inputs import checkpoints, synthetic
-from runner.inputs.data import load_data
+from runner.basics import NullTrainLog
+from runner.inputs.data import class_counts, load_data
 from runner.inputs.train import RECIPES, lr_factor, normalisation, recipe_of, train_checkpoint, train_model
 from runner.inputs.train import test_accuracy as accuracy_of
 
@@ -107,9 +108,18 @@ def test_the_seed_recipe_normalises_with_mean_and_std_half_as_the_report_did(tmp
     data = load_data(grid.data, grid.model.num_classes, grid.seed)
     assert normalisation(recipe_of(grid.checkpoint.train), data) == ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5))
     assert normalisation(RECIPES["standard"], data) == data.stats() != ((0.5,) * 3, (0.5,) * 3)
-    path = train_checkpoint(grid, data, CPU, progress=False)
+    started = []
+
+    class Started(NullTrainLog):
+        def start(self, config) -> None:
+            started.append(config)
+
+    path = train_checkpoint(grid, data, CPU, progress=False, log_to=Started())
     meta = checkpoints.load(path, "resnet18", 0.125, 10).meta
     assert (meta["mean"], meta["std"]) == ([0.5] * 3, [0.5] * 3)  # what the sweep normalises with
+    # the training run's W&B config holds what it trained on, class by class (docs/data.md)
+    assert started[0]["data_subsets"]["train"] == class_counts(data.train.labels)
+    assert started[0]["data_subsets"]["train"]["images"] == 50 and started[0]["train_images"] == 50
 
 
 @pytest.mark.parametrize("schedule, step, factor", [

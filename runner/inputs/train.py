@@ -11,7 +11,7 @@ import logging
 import math
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Callable
@@ -102,16 +102,18 @@ class TrainState:
     optimizer: dict[str, Any]
     generator: torch.Tensor
     torch_rng: torch.Tensor  # torch's global generator (dropout, if the network has any)
+    cuda_rng: list[torch.Tensor] = field(default_factory=list)  # each GPU's generator; empty on a CPU
 
     def payload(self) -> dict[str, Any]:
         """Tensors, lists and numbers only: what torch.load(weights_only=True) reads back."""
-        return {k: getattr(self, k) for k in ("epoch", "step", "losses", "model", "optimizer", "generator",
-                                               "torch_rng")}
+        return {k: getattr(self, k) for k in STATE_KEYS}
 
     @classmethod
     def of(cls, payload: dict[str, Any]) -> "TrainState":
-        return cls(**{k: payload[k] for k in ("epoch", "step", "losses", "model", "optimizer", "generator",
-                                               "torch_rng")})
+        return cls(**{k: payload[k] for k in STATE_KEYS if k in payload})
+
+
+STATE_KEYS = ("epoch", "step", "losses", "model", "optimizer", "generator", "torch_rng", "cuda_rng")
 
 
 def fit_model(model: torch.nn.Module, train: Images, recipe: Recipe, device: torch.device,
@@ -139,6 +141,8 @@ def fit_model(model: torch.nn.Module, train: Images, recipe: Recipe, device: tor
         opt.load_state_dict(state.optimizer)
         gen.set_state(state.generator)
         torch.set_rng_state(state.torch_rng)
+        if state.cuda_rng and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(state.cuda_rng)
         step, losses, first = state.step, list(state.losses), state.epoch
     for epoch in range(first, recipe.epochs):
         model.train()
@@ -175,7 +179,8 @@ def fit_model(model: torch.nn.Module, train: Images, recipe: Recipe, device: tor
         losses.append(run_loss / run_seen)
         if keep is not None:
             keep(TrainState(epoch + 1, step, list(losses), model.state_dict(), opt.state_dict(), gen.get_state(),
-                            torch.get_rng_state()))
+                            torch.get_rng_state(), torch.cuda.get_rng_state_all() if torch.cuda.is_available()
+                            else []))
         log_to.epoch({"epoch": epoch + 1, "loss": losses[-1], "train_accuracy": 100 * run_hits / run_seen,
                       "lr": opt.param_groups[0]["lr"], "seconds": time.time() - started})
         log.info("epoch %d/%d: loss %.3f, train accuracy %.1f%% (%.0f s)", epoch + 1, recipe.epochs, losses[-1],
@@ -214,7 +219,8 @@ def train_checkpoint(grid: Grid, data: Dataset | None = None, device: torch.devi
     log.info("training %s on %s (%d images, %s) for %s", arch, data.name, len(data.train), device,
              plural(recipe.epochs, "epoch"))
     log_to = log_to or NullTrainLog()
-    log_to.start({"recipe": recipe.model_dump(), "device": str(device), "train_images": len(data.train)})
+    log_to.start({"recipe": recipe.model_dump(), "device": str(device), "train_images": len(data.train),
+                  "data_subsets": data.subsets()})
     started = time.time()
     model, losses = train_model(grid, data, recipe, device, progress, log_to)
     seconds = time.time() - started
