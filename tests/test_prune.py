@@ -187,6 +187,7 @@ def test_the_plan_criterion_is_one_that_ranks_channels() -> None:
     (["plan.criterion=random", "sweep.criteria=[l1_norm, random]"],
      "plan.criterion: not a swept criterion a plan can use: got 'random'"),
     (["plan.budgets=[{macs: 0.5, params: 0.5}]"], "plan.budgets[0]: give exactly one of macs, params"),
+    (["plan.score_on=test"], "plan.score_on: the sweep evaluates all 200 test images, so none is left unseen"),
 ])
 def test_bad_plan_input_is_one_line_and_exit_2(tmp_path, cli, sets, message) -> None:
     path = write_grid(tmp_path / "g.yaml", grid_dict(tmp_path))
@@ -195,13 +196,52 @@ def test_bad_plan_input_is_one_line_and_exit_2(tmp_path, cli, sets, message) -> 
     assert run.returncode == 2 and len(run.err_lines) == 1 and message in run.err_lines[0], run.stderr
 
 
+def test_the_dry_runs_refuse_the_folder_as_the_runs_do(tmp_path, cli) -> None:
+    """`sweep --resume` with no sweep to resume, and `prune` on a folder that holds plans without --resume: the
+    dry run exits 2 with the run's line and writes nothing."""
+    path = write_grid(tmp_path / "g.yaml", grid_dict(tmp_path))
+    run = cli(["--grid", str(path), "--dry-run", "--resume"], cwd=tmp_path, command="sweep")
+    assert run.returncode == 2 and len(run.err_lines) == 1, run.stderr
+    assert "--resume: there is no sweep to resume in this folder" in run.err_lines[0]
+    assert not (tmp_path / "runs").exists()
+    folder = tmp_path / "runs" / "tiny"
+    folder.mkdir(parents=True)
+    (folder / "plans.csv").write_text("budget,method\n")
+    run = cli(["--grid", str(path), "--dry-run"], cwd=tmp_path, command="prune")
+    assert run.returncode == 2 and len(run.err_lines) == 1, run.stderr
+    assert "this folder already holds plans of a prune job" in run.err_lines[0] and "--resume" in run.err_lines[0]
+    assert sorted(p.name for p in folder.iterdir()) == ["plans.csv"]
+
+
 def test_score_on_test_needs_unseen_test_images(tmp_path, cli) -> None:
     path = write_grid(tmp_path / "g.yaml", grid_dict(tmp_path, plan={"score_on": "test"}))
     run = cli(["--grid", str(path), "--model", str(tmp_path / "x.pt")], cwd=tmp_path, command="score")
     assert run.returncode == 2 and run.err_lines == [
-        "error: plan.score_on: the sweep evaluated all 200 test images, so none is left unseen: got 'test'; "
+        "error: plan.score_on: the sweep evaluates all 200 test images, so none is left unseen: got 'test'; "
         "allowed: eval, or test with data.eval_size below the test split; fix: set data.eval_size (e.g. 100) "
         "before sweeping, or plan.score_on: eval"]
+
+
+def test_score_says_whether_the_unseen_test_images_are_unseen_by_the_models_plan(tmp_path) -> None:
+    """plan.score_on: test scores the grid's test images after its eval images; they are unseen by the model's
+    plan only if its plan.json says it was chosen on the grid's eval images."""
+    from runner.inputs.data import load_data
+    from runner.job.prune import _score_words
+    from runner.job.setting import chosen_on, scoring_images
+
+    grid = parse_grid(grid_dict(tmp_path, data={"eval_size": 120}, plan={"score_on": "test"}), "g.yaml")
+    data = load_data(grid.data, 10, grid.seed, training=False, scored=True)
+    scored, words = scoring_images(grid, data)
+    assert len(scored) == 80 and words.startswith("80 test images the sweep never evaluated (")
+    model = tmp_path / "pruned.pt"
+    assert _score_words(grid, data, model, words) == \
+        f"{words}; no plan.json beside the model says which images chose its plan"
+    (tmp_path / "plan.json").write_text(json.dumps({"chosen_on": chosen_on(data)}))
+    assert _score_words(grid, data, model, words) == words
+    (tmp_path / "plan.json").write_text(json.dumps({"chosen_on": "the sweep's 60 eval images (...)"}))
+    assert _score_words(grid, data, model, words) == (
+        f"{words}; but its plan was chosen on the sweep's 60 eval images (...), not on the grid's eval images, so "
+        "these may include images that chose it")
 
 
 def test_score_checks_the_models_lineage_against_the_grid(sweep_checkpoint, tmp_path, cli) -> None:
@@ -303,6 +343,52 @@ def fingerprints(folder: Path) -> dict[str, tuple[int, int, str]]:
             for p in sorted(folder.glob("plans/*/plan.json"))}
 
 
+def test_a_job_stopped_after_its_first_plan_resumes_to_the_same_plans(planned, tmp_path, monkeypatch,
+                                                                      caplog) -> None:
+    """The smaller kill-and-resume test (the slow group has the one that SIGKILLs): the `planned` job's knapsack
+    and uniform plans again in a copy of its sweep's folder, stopped by an injected failure after its first
+    plan, refused without --resume, resumed to the end: the same rows as the uninterrupted job, the first
+    plan.json never written again, and only the second plan made by the resumed run."""
+    import runner.job.plan as plan
+    import runner.job.prune as prune
+    from runner.api import prune as prune_api
+
+    folder = tmp_path / "planned"
+    folder.mkdir()
+    for name in SWEEP_FILES:
+        (folder / name).write_bytes((planned.folder / name).read_bytes())
+    grid = {**planned.grid, "output": str(tmp_path), "plan": {**planned.grid["plan"], "methods": ["knapsack",
+                                                                                                   "uniform"]}}
+    path = write_grid(tmp_path / "planned.yaml", grid)
+    monkeypatch.setattr(plan, "latency", functools.partial(latency_module.latency, warmup=1, min_runs=3,
+                                                           min_seconds=0.0))
+    made, real = [], prune.make_plan
+
+    def first_only(*args, **kwargs):
+        if made:
+            raise RuntimeError("injected: stopped after the first plan")
+        made.append(real(*args, **kwargs))
+        return made[-1]
+
+    monkeypatch.setattr(prune, "make_plan", first_only)
+    with pytest.raises(RuntimeError, match="injected"):
+        prune_api(path)
+    first = fingerprints(folder)
+    assert list(first) == ["macs0.7-knapsack"] and not list(folder.glob("plans/*/correct_finetuned.npy"))
+    monkeypatch.setattr(prune, "make_plan", real)
+    with pytest.raises(InputError, match=r"already holds plans of a prune job.*--resume"):
+        prune_api(path)
+    caplog.set_level("INFO", logger="runner")
+    table = prune_api(path, resume=True)
+    assert table.attrs["failed"] == []
+    now = fingerprints(folder)
+    assert sorted(now) == ["macs0.7-knapsack", "macs0.7-uniform"] and now["macs0.7-knapsack"] == first["macs0.7-knapsack"]
+    said = "\n".join(r.getMessage() for r in caplog.records)
+    assert said.count("made by an earlier run") == 1 and "macs0.7-knapsack: made by an earlier run" in said
+    whole = planned.table[planned.table["method"].isin(["knapsack", "uniform"])].reset_index(drop=True)
+    pd.testing.assert_frame_equal(comparable(table), comparable(whole), check_exact=True)
+
+
 @pytest.mark.slow
 def test_a_job_stopped_while_planning_and_killed_while_fine_tuning_resumes_to_the_same_plans(
         planned, tmp_path, monkeypatch, caplog) -> None:
@@ -377,6 +463,29 @@ def test_a_job_stopped_while_planning_and_killed_while_fine_tuning_resumes_to_th
     epochs = re.findall(r"fine-tuning (\S+): epoch (\d+) of", killed + "\n" + resumed)
     assert len(epochs) == len(set(epochs)), epochs
     assert "## Plans: a smaller model under a budget" in (folder / "report.md").read_text()
+
+
+def test_a_changed_plan_section_is_refused_before_anything_runs_and_by_the_dry_run(sweep_checkpoint, tmp_path,
+                                                                                  cli) -> None:
+    """The prune job's record (plans/job.json) against the grid on --resume, before the sweep is measured or the
+    data loaded: `check_inputs` and the dry run refuse a changed key in one line; an added budget passes."""
+    from runner.inputs.trials import plan_trials
+    from runner.job.prune import check_inputs, job_identity
+    from model.checkpoint import sha256
+    from runner.outputs.plans import write_job
+
+    base = grid_dict(tmp_path, e2e(sweep_checkpoint), plan={"budgets": [{"macs": 0.6}], "methods": ["uniform"]})
+    grid = parse_grid(base, "g.yaml")
+    write_job(grid.folder, {"job_id": "0", "identity": job_identity(grid, sha256(sweep_checkpoint))})
+    added = parse_grid({**base, "plan": {**base["plan"], "budgets": [{"macs": 0.6}, {"macs": 0.8}]}}, "g.yaml")
+    check_inputs(added, plan_trials(added), resume=True)
+    changed = {**base, "plan": {**base["plan"], "min_keep": 0.3}}
+    with pytest.raises(InputError, match=r"the grid changed since this prune job started \(plan.min_keep: 0.1 then"):
+        check_inputs(parse_grid(changed, "g.yaml"), plan_trials(parse_grid(changed, "g.yaml")), resume=True)
+    path = write_grid(tmp_path / "g.yaml", changed)
+    run = cli(["--grid", str(path), "--dry-run", "--resume"], cwd=tmp_path, command="prune")
+    assert run.returncode == 2 and len(run.err_lines) == 1 and "plan.min_keep: 0.1 then, 0.3 now" in run.err_lines[0]
+    assert not (grid.folder / "results.csv").exists()
 
 
 def test_a_resume_that_changes_the_plan_section_names_the_key_and_both_values(tmp_path) -> None:

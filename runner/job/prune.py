@@ -29,14 +29,15 @@ from runner.engine.criteria import CRITERIA
 from runner.engine.device import pick_device, place
 from runner.engine.measure import EvalSet
 from runner.errors import InputError, plural
-from runner.inputs.data import Dataset, class_counts, load_data
+from runner.inputs import checkpoints
+from runner.inputs.data import Dataset, checked_shape, class_counts, load_data
 from runner.inputs.models import spec_of
 from runner.inputs.train import recipe_of
 from runner.inputs.trials import IMAGE_SIZE, TrialPlan
-from runner.job.folder import changed_keys, folder_lock, identity, points_of
+from runner.job.folder import changed_keys, folder_lock, identity, points_of, resume_check
 from runner.job.options import Options
 from runner.job.plan import BUDGET_KINDS, make_plan, row_of
-from runner.job.setting import Setting, chosen_on, scoring_images, setting_of
+from runner.job.setting import Setting, check_scoring, chosen_on, scoring_images, setting_of
 from runner.job.sweep import blamed, prepare, run_sweep
 from runner.job.verification import problems_of, verify, versus_uniform
 from runner.outputs import plans as plan_files
@@ -69,7 +70,7 @@ def run_prune(opts: Options) -> PruneOutcome:
     started = time.time()
     grid, trials = prepare(opts)
     criterion = _check_plannable(grid)
-    check_plans(grid, opts.resume)
+    check_inputs(grid, trials, opts.resume)
     _sweep_missing(opts, grid, trials)
     methods, skipped = plan_methods_of(grid, criterion)
     s = replace(setting_of(grid, trials, criterion), methods=tuple(methods), skipped=skipped)
@@ -170,6 +171,22 @@ def check_plans(grid: Grid, resume: bool) -> None:
                          "add --resume, or choose another name or --output")
 
 
+def check_inputs(grid: Grid, trials: TrialPlan, resume: bool) -> None:
+    """What the job refuses before it measures, trains or writes anything (the dry run makes the same checks):
+    plans in the folder without --resume, a grid that changed what the recorded sweep or the prune job means,
+    and score images that cannot exist."""
+    check_plans(grid, resume)
+    check_scoring(grid, checked_shape(grid.data, grid.model.num_classes).test)
+    loaded = checkpoints.existing(grid)
+    if loaded is None:
+        return
+    if (grid.folder / "config.yaml").is_file():
+        resume_check(grid, trials, loaded.sha256)  # the sweep this job resumes, or plans from
+    job = plan_files.read_job(grid.folder) if resume else None
+    if job is not None:
+        _check_resume(grid, job["identity"], job_identity(grid, loaded.sha256), tell=False)
+
+
 def job_identity(grid: Grid, sha: str) -> dict[str, Any]:
     """What makes two runs the same prune job: the sweep's identity and the plan section (budgets by label)."""
     plan = grid.as_dict()["plan"]
@@ -191,9 +208,9 @@ def _job(s: Setting, resume: bool) -> dict[str, Any]:
     return job
 
 
-def _check_resume(grid: Grid, before: dict[str, Any], now: dict[str, Any]) -> None:
+def _check_resume(grid: Grid, before: dict[str, Any], now: dict[str, Any], tell: bool = True) -> None:
     """Refuses a grid that changes what the job's plans mean; one that only adds budgets or methods is fine
-    (the new plans are made)."""
+    (the new plans are made, and said when `tell`)."""
     changes = changed_keys(before, now)
     fixed = [c for c in changes if not (c[0] in ADDABLE and set(c[1] or ()) <= set(c[2] or ()))]
     if fixed:
@@ -203,7 +220,7 @@ def _check_resume(grid: Grid, before: dict[str, Any], now: dict[str, Any]) -> No
                          f"{old!r} then, {new!r} now{more})",
                          "the same grid, or one that only adds budgets or methods",
                          "restore it, or prune under another name or --output")
-    for key, old, new in changes:
+    for key, old, new in changes if tell else ():
         log.info("the grid adds %s %s: planning them", key.split(".")[1], ", ".join(x for x in new if x not in old))
 
 
@@ -211,13 +228,15 @@ def dry_run(opts: Options) -> list[str]:
     """The sweep's dry run, and what the prune job would make of it."""
     from runner.job.sweep import dry_run as sweep_dry_run
 
-    grid, _ = prepare(opts)
+    grid, trials = prepare(opts)
     criterion = _check_plannable(grid)
+    with blamed(opts):
+        check_inputs(grid, trials, opts.resume)
     methods, skipped = plan_methods_of(grid, criterion)
     p = grid.plan
     ft = f"{plural(p.finetune.epochs, 'epoch')} ({p.finetune.recipe} recipe, lr {p.finetune.lr:g})" \
         if p.finetune.epochs else "none"
-    return sweep_dry_run(opts) + [
+    return sweep_dry_run(opts, folder=False) + [
         f"plans: budgets {', '.join(b.label for b in p.budgets)} x methods {', '.join(methods)} "
         f"({len(p.budgets) * len(methods)} plans), criterion {criterion}, unit {grid.sweep.unit}",
         *(f"skipped: {m}: {why}" for m, why in skipped.items()),
@@ -282,17 +301,21 @@ def check_lineage(grid: Grid, data: Dataset, file: Path) -> None:
 
 def _score_words(grid: Grid, data: Dataset, file: Path, words: str) -> str:
     """What the scored images are, and whether they chose the plan: plan.json beside the model says which images
-    chose it; without one, the scored images are only named."""
+    chose it; without one, the scored images are only named. The grid's unseen test images are unseen by the
+    model's plan only when the plan was chosen on the grid's eval images."""
     record = file.with_name(plan_files.PLAN_JSON)
+    said = json.loads(record.read_text(encoding="utf-8")).get("chosen_on") if record.is_file() else None
     chosen = chosen_on(data)
     if grid.plan.score_on == "test":
-        return words
+        if said is None:
+            return f"{words}; no {plan_files.PLAN_JSON} beside the model says which images chose its plan"
+        return words if said == chosen else f"{words}; but its plan was chosen on {said}, not on the grid's eval " \
+                                            "images, so these may include images that chose it"
     n = len(data.test)
     named = f"{data.name} test images 1-{n:,}"
-    if not record.is_file():
+    if said is None:
         return f"{named} (the grid's {n:,} eval images; no {plan_files.PLAN_JSON} beside the model says which " \
                "images chose its plan)"
-    said = json.loads(record.read_text(encoding="utf-8")).get("chosen_on")
     return words if said == chosen else f"{named} (the grid's eval images; its plan was chosen on {said})"
 
 

@@ -115,6 +115,14 @@ def _scoring(grid: Grid, data: Dataset, loaded: Checkpoint, on_device: torch.nn.
                    recalibration=recalibration)
 
 
+def check_scoring(grid: Grid, total: int) -> None:
+    """`plan.score_on: test` needs test images the sweep does not evaluate: `total` is the test split's size."""
+    if grid.plan.score_on == "test" and (grid.data.eval_size is None or grid.data.eval_size >= total):
+        raise InputError("plan.score_on", "test", f"the sweep evaluates all {total:,} test images, so none is "
+                         "left unseen", "eval, or test with data.eval_size below the test split",
+                         f"set data.eval_size (e.g. {total // 2}) before sweeping, or plan.score_on: eval")
+
+
 def scoring_images(grid: Grid, data: Dataset) -> tuple[Images, str]:
     """The images the final figures come from, and their description."""
     n = len(data.test)
@@ -122,10 +130,7 @@ def scoring_images(grid: Grid, data: Dataset) -> tuple[Images, str]:
         return data.test, (f"the same {n:,} eval images that chose the plan (its figures are flattered: set "
                            "plan.score_on: test with data.eval_size below the test split for unseen images)")
     rest, total = unseen(grid.data, grid.seed)
-    if not len(rest):
-        raise InputError("plan.score_on", "test", f"the sweep evaluated all {total:,} test images, so none is "
-                         "left unseen", "eval, or test with data.eval_size below the test split",
-                         f"set data.eval_size (e.g. {total // 2}) before sweeping, or plan.score_on: eval")
+    check_scoring(grid, total)
     return rest, (f"{len(rest):,} test images the sweep never evaluated ({test_span(grid.data, n, total)}; "
                   f"{class_words(rest.labels)})")
 

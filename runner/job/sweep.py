@@ -174,16 +174,21 @@ def prepare(opts: Options) -> tuple[Grid, TrialPlan]:
         return grid, plan_trials(grid)
 
 
-def dry_run(opts: Options) -> list[str]:
-    """What the sweep would do, computing nothing: every check the run makes on its inputs (the grid, the data's
-    sizes and classes, the checkpoint against the model, the data and the calibration hold-out), then the plan."""
+def dry_run(opts: Options, folder: bool = True) -> list[str]:
+    """What the sweep would do, computing nothing: every check the run makes on its inputs (the grid, the output
+    folder against --resume when `folder`, a resumed sweep's recorded grid, the data's sizes and classes, the
+    checkpoint against the model, the data and the calibration hold-out), then the plan."""
     with blamed(opts):
-        return _dry_run(opts)
+        return _dry_run(opts, folder)
 
 
-def _dry_run(opts: Options) -> list[str]:
+def _dry_run(opts: Options, folder: bool) -> list[str]:
     grid, plan = prepare(opts)
+    if folder:
+        check_folder(grid, opts.resume)
     loaded = checkpoints.existing(grid)
+    if opts.resume and folder and loaded is not None:
+        resume_check(grid, plan, loaded.sha256)
     n = grid.model.num_classes
     shape = checked_shape(grid.data, n)
     scored = grid.plan.score_on == "test"
