@@ -188,6 +188,7 @@ def test_the_plan_criterion_is_one_that_ranks_channels() -> None:
      "plan.criterion: not a swept criterion a plan can use: got 'random'"),
     (["plan.budgets=[{macs: 0.5, params: 0.5}]"], "plan.budgets[0]: give exactly one of macs, params"),
     (["plan.score_on=test"], "plan.score_on: the sweep evaluates all 200 test images, so none is left unseen"),
+    (["plan.round_to=512"], "plan.round_to: no unit can be pruned with this round_to and min_keep: got 512"),
 ])
 def test_bad_plan_input_is_one_line_and_exit_2(tmp_path, cli, sets, message) -> None:
     path = write_grid(tmp_path / "g.yaml", grid_dict(tmp_path))

@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from model import checkpoint as model_files
+from model.groups import Group
 from runner.config import Grid
 from runner.engine.criteria import CRITERIA
 from runner.engine.device import pick_device, place
@@ -45,6 +46,7 @@ from runner.outputs.plans import finetuned, made, verified
 from runner.outputs.rankings import NAME as RANKINGS
 from runner.outputs.results import key_of, read_rows
 from runner.outputs.tracking import RunSpec, Tracking, model_artifact
+from runner.planning.curves import check_round_to
 from runner.planning.export import export_onnx, onnx_predictions, open_pruned, pruned_meta
 from runner.planning.global_plan import plan_methods
 from runner.planning.scoring import score
@@ -173,10 +175,12 @@ def check_plans(grid: Grid, resume: bool) -> None:
 
 def check_inputs(grid: Grid, trials: TrialPlan, resume: bool) -> None:
     """What the job refuses before it measures, trains or writes anything (the dry run makes the same checks):
-    plans in the folder without --resume, a grid that changed what the recorded sweep or the prune job means,
-    and score images that cannot exist."""
+    plans in the folder without --resume, score images that cannot exist, a round_to no swept unit allows, and
+    a grid that changed what the recorded sweep or the prune job means."""
     check_plans(grid, resume)
     check_scoring(grid, checked_shape(grid.data, grid.model.num_classes).test)
+    widths = {name: u.channels if isinstance(u, Group) else u.out_channels for name, u in trials.units.items()}
+    check_round_to(1 if grid.plan.round_to == "auto" else grid.plan.round_to, grid.plan.min_keep, widths)
     loaded = checkpoints.existing(grid)
     if loaded is None:
         return
