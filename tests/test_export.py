@@ -249,3 +249,38 @@ def test_measured_curves_become_plans_csv(sweep_checkpoint, tmp_path) -> None:
     assert doc["macs"] == int(round(table["macs_kept"][0] * base_counts.macs)) and len(doc["units"]) == 8
     assert sorted(p.name for p in plan_folder(tmp_path, "macs0.75", "knapsack").iterdir()) == [
         "plan.json", "pruned.onnx", "pruned.pt"]
+
+
+def test_every_file_of_a_plan_folder_is_whole_or_absent_when_a_write_fails(tmp_path, monkeypatch) -> None:
+    """The prune job's writers (plan.json, the .npy verdicts, job.json, plans.csv, pruned.pt, pruned.onnx) all
+    go through runner/storage.py: when the final rename fails (a full disk, a kill), the file there before is
+    left as it was, a new one never appears, and no temporary file is left behind."""
+    import runner.storage as storage
+    from runner.outputs.plans import COLUMNS, save_array, write_job
+    from runner.planning.export import export_onnx, save_pruned
+
+    model = ResNet18(width=0.125, num_classes=10).eval()
+    writers = {
+        "plan.json": lambda: write_plan_json(tmp_path, {"budget": "macs0.5"}),
+        "correct_removed.npy": lambda: save_array(tmp_path / "correct_removed.npy", np.ones(3, bool)),
+        "plans/job.json": lambda: write_job(tmp_path, {"job_id": "1"}),
+        "plans.csv": lambda: write_plans_csv(tmp_path, [{c: 1 for c in COLUMNS}]),
+        "pruned.pt": lambda: save_pruned(tmp_path / "pruned.pt", model, {}, {}),
+        "pruned.onnx": lambda: export_onnx(tmp_path / "pruned.onnx", model, (0.5,) * 3, (0.25,) * 3, 32),
+    }
+    (tmp_path / "plan.json").write_text("before")  # one file already there, one not
+
+    def full(src, dst) -> None:
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(storage.os, "replace", full)
+    for write in writers.values():
+        with pytest.raises(OSError, match="No space left on device"):
+            write()
+    monkeypatch.undo()
+    assert (tmp_path / "plan.json").read_text() == "before"
+    left = sorted(str(p.relative_to(tmp_path)) for p in tmp_path.rglob("*") if p.is_file())
+    assert left == ["plan.json"], left  # nothing half-written, no temporary file
+    for write in writers.values():  # the same writers, with a working rename, write every file
+        write()
+    assert sorted(str(p.relative_to(tmp_path)) for p in tmp_path.rglob("*") if p.is_file()) == sorted(writers)
