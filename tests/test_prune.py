@@ -198,20 +198,27 @@ def test_bad_plan_input_is_one_line_and_exit_2(tmp_path, cli, sets, message) -> 
 
 
 def test_the_dry_runs_refuse_the_folder_as_the_runs_do(tmp_path, cli) -> None:
-    """`sweep --resume` with no sweep to resume, and `prune` on a folder that holds plans without --resume: the
-    dry run exits 2 with the run's line and writes nothing."""
-    path = write_grid(tmp_path / "g.yaml", grid_dict(tmp_path))
+    """`sweep --resume` with no sweep to resume, `sweep` on a folder that holds results, and `prune` on one that
+    holds plans, without --resume: the dry run exits 2 with the run's line and writes nothing; `prune` and
+    `validate` on a sweep's folder pass."""
+    path = write_grid(tmp_path / "g.yaml", grid_dict(tmp_path, validate={"bn_images": 50}))
     run = cli(["--grid", str(path), "--dry-run", "--resume"], cwd=tmp_path, command="sweep")
     assert run.returncode == 2 and len(run.err_lines) == 1, run.stderr
     assert "--resume: there is no sweep to resume in this folder" in run.err_lines[0]
     assert not (tmp_path / "runs").exists()
     folder = tmp_path / "runs" / "tiny"
     folder.mkdir(parents=True)
+    (folder / "results.csv").write_text("layer,criterion,k\nconv1,l1_norm,2\n")  # a sweep's results
+    run = cli(["--grid", str(path), "--dry-run"], cwd=tmp_path, command="sweep")
+    assert run.returncode == 2 and "this folder already holds results of a sweep" in run.err_lines[0], run.stderr
+    for command in ("prune", "validate"):  # they plan from a sweep's results, in its folder
+        run = cli(["--grid", str(path), "--dry-run"], cwd=tmp_path, command=command)
+        assert run.returncode == 0, (command, run.stderr)
     (folder / "plans.csv").write_text("budget,method\n")
     run = cli(["--grid", str(path), "--dry-run"], cwd=tmp_path, command="prune")
     assert run.returncode == 2 and len(run.err_lines) == 1, run.stderr
     assert "this folder already holds plans of a prune job" in run.err_lines[0] and "--resume" in run.err_lines[0]
-    assert sorted(p.name for p in folder.iterdir()) == ["plans.csv"]
+    assert sorted(p.name for p in folder.iterdir()) == ["plans.csv", "results.csv"]
 
 
 def test_score_on_test_needs_unseen_test_images(tmp_path, cli) -> None:

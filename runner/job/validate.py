@@ -84,7 +84,7 @@ def dry_run(opts: Options) -> list[str]:
     methods, skipped = plan_methods_of(grid, criterion)
     v, p = grid.validate, grid.plan
     per_budget = v.random_plans + len(methods)
-    return sweep_dry_run(opts) + [f"skipped: {m}: {why}" for m, why in skipped.items()] + [
+    return sweep_dry_run(opts, folder=False) + [f"skipped: {m}: {why}" for m, why in skipped.items()] + [
         f"validate: per budget ({', '.join(b.label for b in p.budgets)}) {v.random_plans} random plans (seed "
         f"{v.seed}) + the plans of {', '.join(methods)} = {per_budget * len(p.budgets)} plans, criterion "
         f"{criterion}, unit {grid.sweep.unit}",
