@@ -399,3 +399,25 @@ def test_preload_imports_what_every_wandb_init_imports():
         inspect.getsource(wandb_run.Run._detect_and_apply_job_inputs)
     preload("offline")
     assert "wandb.sdk.launch.inputs.internal" in sys.modules
+
+
+def test_the_backlogs_error_waits_for_a_point_not_for_tunes_trial_complete_callback() -> None:
+    """A full disk met by the driver's background work is raised again in the driver's thread: at the next
+    point (`submit`) or at the end (`close`), never inside Tune's trial-complete or trial-error callbacks
+    (`check=False`), where Tune would log it with a traceback and retry the trial instead of stopping."""
+    from runner.job.collector import Backlog
+
+    backlog, done = Backlog(), []
+
+    def full() -> None:
+        raise OSError(28, "No space left on device")
+
+    backlog.submit(full)
+    while backlog._error is None:  # the background thread meets it
+        backlog._thread.join(0.01)
+    backlog.submit(done.append, "trial finished", check=False)  # what on_trial_complete does: no raise
+    with pytest.raises(OSError, match="No space left on device"):
+        backlog.submit(done.append, "next point")
+    with pytest.raises(OSError, match="No space left on device"):
+        backlog.close()
+    assert done == []  # after the error the rest is skipped: the sweep is stopping

@@ -75,8 +75,12 @@ class Backlog:
         self._thread = threading.Thread(target=self._run, name="collector-backlog", daemon=True)
         self._thread.start()
 
-    def submit(self, fn: Callable[..., None], *args: Any) -> None:
-        self.check()
+    def submit(self, fn: Callable[..., None], *args: Any, check: bool = True) -> None:
+        """Queue a job; with `check`, first raise the error an earlier job met. Tune's trial-complete and
+        trial-error callbacks pass check=False: Tune logs an exception raised there with a traceback (as "Error
+        stopping trial") instead of stopping, so the error waits for the next point's callback or for `close`."""
+        if check:
+            self.check()
         self._jobs.put((fn, args))
 
     def check(self) -> None:
@@ -250,7 +254,7 @@ class Collector(tune.Callback):
         self.flush()
         trial_id = _trial_id(trial)
         rows = by_trial(self.live.table.measured).get(trial_id, [])
-        self.live.backlog.submit(self.live.tracker.finish_trial, trial_id.key, rows)
+        self.live.backlog.submit(self.live.tracker.finish_trial, trial_id.key, rows, check=False)
         worst = min(rows, key=lambda r: r["accuracy"], default=None)
         shown = f"accuracy at K={worst['k']}: {worst['accuracy']:.2f}% (baseline {worst['baseline_accuracy']:.2f}%)" \
             if worst else "no new points"
@@ -273,7 +277,7 @@ class Collector(tune.Callback):
         trial_id = _trial_id(trial)
         key = trial_id.key
         rows = by_trial(self.live.table.measured).get(trial_id, [])
-        self.live.backlog.submit(self.live.tracker.finish_trial, key, rows, True)
+        self.live.backlog.submit(self.live.tracker.finish_trial, key, rows, True, check=False)
         log.error("trial %s failed after its retries (details: %s)", key, getattr(trial, "error_file", None))
 
 
