@@ -351,12 +351,10 @@ def fingerprints(folder: Path) -> dict[str, tuple[int, int, str]]:
             for p in sorted(folder.glob("plans/*/plan.json"))}
 
 
-def test_a_job_stopped_after_its_first_plan_resumes_to_the_same_plans(planned, tmp_path, monkeypatch,
-                                                                      caplog) -> None:
-    """The smaller kill-and-resume test (the slow group has the one that SIGKILLs): the `planned` job's knapsack
-    and uniform plans again in a copy of its sweep's folder, stopped by an injected failure after its first
-    plan, refused without --resume, resumed to the end: the same rows as the uninterrupted job, the first
-    plan.json never written again, and only the second plan made by the resumed run."""
+def stopped_after_first_plan(planned, tmp_path: Path, monkeypatch, grid: dict) -> tuple[Path, Path, dict]:
+    """The `planned` sweep's files copied to a new folder, `grid` (the planned job's, changed) written there, and
+    the job run until an injected failure right after its first plan, then refused without --resume; returns the
+    folder, the grid's path and the fingerprints of the plan.json files written."""
     import runner.job.plan as plan
     import runner.job.prune as prune
     from runner.api import prune as prune_api
@@ -365,9 +363,7 @@ def test_a_job_stopped_after_its_first_plan_resumes_to_the_same_plans(planned, t
     folder.mkdir()
     for name in SWEEP_FILES:
         (folder / name).write_bytes((planned.folder / name).read_bytes())
-    grid = {**planned.grid, "output": str(tmp_path), "plan": {**planned.grid["plan"], "methods": ["knapsack",
-                                                                                                   "uniform"]}}
-    path = write_grid(tmp_path / "planned.yaml", grid)
+    path = write_grid(tmp_path / "planned.yaml", {**grid, "output": str(tmp_path)})
     monkeypatch.setattr(plan, "latency", functools.partial(latency_module.latency, warmup=1, min_runs=3,
                                                            min_seconds=0.0))
     made, real = [], prune.make_plan
@@ -382,10 +378,24 @@ def test_a_job_stopped_after_its_first_plan_resumes_to_the_same_plans(planned, t
     with pytest.raises(RuntimeError, match="injected"):
         prune_api(path)
     first = fingerprints(folder)
-    assert list(first) == ["macs0.7-knapsack"] and not list(folder.glob("plans/*/correct_finetuned.npy"))
+    assert list(first) == ["macs0.7-knapsack"] and len(pd.read_csv(folder / "plans.csv")) == 1
+    assert not list(folder.glob("plans/*/correct_finetuned.npy"))
     monkeypatch.setattr(prune, "make_plan", real)
     with pytest.raises(InputError, match=r"already holds plans of a prune job.*--resume"):
         prune_api(path)
+    return folder, path, first
+
+
+def test_a_job_stopped_after_its_first_plan_resumes_to_the_same_plans(planned, tmp_path, monkeypatch,
+                                                                      caplog) -> None:
+    """The smaller kill-and-resume test (the slow group has the one that SIGKILLs): the `planned` job's knapsack
+    and uniform plans again in a copy of its sweep's folder, stopped by an injected failure after its first
+    plan, refused without --resume, resumed to the end: the same rows as the uninterrupted job, the first
+    plan.json never written again, and only the second plan made by the resumed run."""
+    from runner.api import prune as prune_api
+
+    grid = {**planned.grid, "plan": {**planned.grid["plan"], "methods": ["knapsack", "uniform"]}}
+    folder, path, first = stopped_after_first_plan(planned, tmp_path, monkeypatch, grid)
     caplog.set_level("INFO", logger="runner")
     table = prune_api(path, resume=True)
     assert table.attrs["failed"] == []
@@ -405,33 +415,10 @@ def test_a_job_stopped_while_planning_and_killed_while_fine_tuning_resumes_to_th
     group is SIGKILLed once the first fine-tuning epoch is logged, resumed to the end: the same plans.csv as the
     uninterrupted job, no plan.json written again, no epoch fine-tuned twice (each finished epoch logs one
     line)."""
-    import runner.job.plan as plan
     import runner.job.prune as prune
     from runner.api import prune as prune_api
 
-    folder = tmp_path / "planned"
-    folder.mkdir()
-    for name in SWEEP_FILES:
-        (folder / name).write_bytes((planned.folder / name).read_bytes())
-    path = write_grid(tmp_path / "planned.yaml", {**planned.grid, "output": str(tmp_path)})
-    monkeypatch.setattr(plan, "latency", functools.partial(latency_module.latency, warmup=1, min_runs=3,
-                                                           min_seconds=0.0))
-    made, real = [], prune.make_plan
-
-    def first_only(*args, **kwargs):
-        if made:
-            raise RuntimeError("injected: stopped after the first plan")
-        made.append(real(*args, **kwargs))
-        return made[-1]
-
-    monkeypatch.setattr(prune, "make_plan", first_only)
-    with pytest.raises(RuntimeError, match="injected"):
-        prune_api(path)
-    first = fingerprints(folder)
-    assert list(first) == ["macs0.7-knapsack"] and len(pd.read_csv(folder / "plans.csv")) == 1
-    monkeypatch.setattr(prune, "make_plan", real)
-    with pytest.raises(InputError, match=r"already holds plans of a prune job.*--resume"):
-        prune_api(path)
+    folder, path, first = stopped_after_first_plan(planned, tmp_path, monkeypatch, planned.grid)
 
     def stop(*args, **kwargs):
         raise RuntimeError("injected: stopped before fine-tuning")
