@@ -328,6 +328,9 @@ class TargetConfig(Section):
     # wall: elapsed time (latency); cpu: the process's CPU time per forward, which other processes on a shared
     # machine do not inflate (equal to latency on an idle core with threads: 1; CPU devices only)
     clock: Literal["wall", "cpu"] = "wall"
+    # every timing (table entries, plans) goes on until its time over the base's, paired by round, has at most
+    # this standard error (or 300 s have passed); null: 20 rounds and 1 s, however noisy
+    precision: float | None = Field(0.01, gt=0, le=0.5)
 
     @model_validator(mode="after")
     def _provider_runtime(self) -> "TargetConfig":

@@ -6,6 +6,8 @@ the model's counted MACs (so the job's latency columns can be checked against it
 from __future__ import annotations
 
 import json
+import math
+from dataclasses import replace
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -26,10 +28,21 @@ def test_target_defaults_to_none_and_keeps_todays_behaviour() -> None:
     grid = parse_grid({}, "g")
     assert grid.plan.target is None and grid.plan.round_to == 1
     t = parse_grid({"plan": {"target": {}}}, "g").plan.target
-    assert (t.runtime, t.device, t.batch, t.threads, t.provider, t.clock) == ("onnxruntime", "cpu", 1, None, None,
-                                                                             "wall")
+    assert (t.runtime, t.device, t.batch, t.threads, t.provider, t.clock, t.precision) == (
+        "onnxruntime", "cpu", 1, None, None, "wall", 0.01)
     assert TargetConfig(runtime="onnxruntime", batch=32).label == "onnxruntime/cpu/b32"
     assert TargetConfig(runtime="torch", batch=1, threads=4, clock="cpu").label == "torch/cpu/b1/t4/cpu-time"
+
+
+def test_the_precision_is_in_neither_the_tables_key_nor_the_jobs_identity() -> None:
+    from runner.job.prune import job_identity
+    from runner.planning.timing import target_key
+
+    grids = [parse_grid({"plan": {"target": {"precision": p}}}, "g") for p in (0.01, 0.002, None)]
+    assert len({json.dumps(job_identity(g, "ab"), sort_keys=True) for g in grids}) == 1
+    assert len({key_file(target_key(g.plan.target, "ab", 32)) for g in grids}) == 1
+    other = parse_grid({"plan": {"target": {"batch": 8}}}, "g")
+    assert job_identity(other, "ab") != job_identity(grids[0], "ab")
 
 
 def test_a_latency_budget_is_labelled_and_planned_into_its_folder() -> None:
@@ -46,6 +59,7 @@ def test_a_latency_budget_is_labelled_and_planned_into_its_folder() -> None:
     ({"target": {"runtime": "tvm"}}, "plan.target.runtime"),
     ({"target": {"batch": 0}}, "plan.target.batch"),
     ({"target": {"device": "cuda", "clock": "cpu"}}, "CPU time says nothing of a GPU"),
+    ({"target": {"precision": 0}}, "plan.target.precision"),
 ])
 def test_bad_target_input_is_one_line(plan: dict, message: str) -> None:
     with pytest.raises(InputError) as e:
@@ -114,6 +128,28 @@ def test_alternate_runs_until_min_seconds_and_stops_at_max_runs() -> None:
     assert alternate([f], Rounds(0, 1, 1e9, 7), clock)[0].runs == 7
 
 
+def test_alternate_goes_on_until_the_paired_ratio_is_as_precise_as_asked() -> None:
+    clock, n = FakeClock(), [0]
+
+    def base() -> None:
+        clock.now += 0.010
+
+    def pruned() -> None:  # 0.5 and 0.6 of the base in turn: an interquartile range of 0.1
+        n[0] += 1
+        clock.now += 0.005 if n[0] % 2 else 0.006
+
+    # se = sqrt(pi / 2) * (0.1 / 1.349) / sqrt(runs): <= 0.01 from 87 runs, <= 0.02 from 22
+    for precision, runs, ratio in ((0.01, 87, 0.5), (0.02, 22, 0.55)):
+        n[0] = 0
+        a, b = alternate([base, pruned], Rounds(0, 20, 0.0, 1000, precision), clock)
+        assert (a.runs, b.runs, b.ratio, a.ratio, a.ratio_se) == (runs, runs, pytest.approx(ratio), None, None)
+        assert precision * 0.95 < b.ratio_se <= precision
+    n[0] = 0  # 15.5 ms a round: a precision out of reach stops after max_seconds
+    assert alternate([base, pruned], Rounds(0, 20, 0.0, 1000, 1e-6, 1.0), clock)[1].runs == 65
+    n[0] = 0  # no precision asked: min_runs
+    assert alternate([base, pruned], Rounds(0, 20, 0.0, 1000), clock)[1].runs == 20
+
+
 # ---- the table: bookkeeping, cache, envelope ----
 
 KEY = {"runtime": "onnxruntime", "version": "1", "device": "cpu", "provider": "CPUExecutionProvider",
@@ -142,6 +178,19 @@ def test_the_table_is_filled_written_per_entry_and_reused(tmp_path) -> None:
     _, measured = fill_table(path, other, {"a": [2]}, fake_measure(calls))
     assert measured == 1 and json.loads(path.read_text())["key"] == other
     assert path.name.startswith("onnxruntime-cpu-b32-") and key_file(other) != key_file(KEY)
+
+
+def test_entries_timed_to_a_looser_precision_are_timed_again_and_record_theirs(tmp_path) -> None:
+    path, calls = tmp_path / key_file(KEY), []
+    table, _ = fill_table(path, KEY, {"a": [2, 4]}, fake_measure(calls))  # a fixed number of rounds
+    assert table.entries["a"][2].precision is None
+    table, measured = fill_table(path, KEY, {"a": [2, 4], "b": [1]}, fake_measure(calls), precision=0.02)
+    assert measured == 3 and calls[2:] == [("a", 2), ("a", 4), ("b", 1)]
+    assert {e.precision for by_k in table.entries.values() for e in by_k.values()} == {0.02}
+    assert read_table(path, KEY).entries["a"][4].precision == 0.02
+    for looser_or_same in (0.02, 0.05, None):  # what is as precise as asked is reused
+        assert fill_table(path, KEY, {"a": [2, 4], "b": [1]}, fake_measure(calls), precision=looser_or_same)[1] == 0
+    assert fill_table(path, KEY, {"a": [2]}, fake_measure(calls), precision=0.01)[1] == 1 and calls[-1] == ("a", 2)
 
 
 def test_a_killed_table_keeps_what_it_measured(tmp_path) -> None:
@@ -208,6 +257,23 @@ def test_every_method_plans_with_the_tables_savings_and_auto_never_picks_a_slow_
     assert Planner(curves, "latency", 0.7, 10.0, "knapsack", points_only=True).plan().ks == {"a": 2, "b": 1}
 
 
+def test_a_latency_budget_never_chooses_a_k_slower_than_a_smaller_one() -> None:
+    from runner.planning.target import OnTarget
+
+    t, wanted = table_of(TRUE_MS), {"a": [2, 4, 6], "b": [1, 3]}
+    on = OnTarget(TargetConfig(), None, t, Path("x"), latency_curves(two_unit_curves(), t, wanted, False),
+                  latency_curves(two_unit_curves(), t, wanted, True), 0, 0, {})
+    assert [o.k for o in on.curves_for("latency")[0].points] == [0, 2, 6]  # a K=4 is slower than a K=2
+    assert [o.k for o in on.curves_for("macs")[0].points] == [0, 2, 4, 6]
+    # threshold at 0.45 of 10 ms: from every K, a K=4 (saves 1 ms, drop 1.0) with b K=3; on the envelope a
+    # K=2 (saves 2 ms, drop 0.5) with b K=3: faster and more accurate
+    plans = {kind: Planner(on.curves_for(kind), "latency", 0.45, 10.0, "threshold", points_only=True).plan()
+             for kind in ("macs", "latency")}
+    assert plans["macs"].ks == {"a": 4, "b": 3} and plans["macs"].saving == 7.0
+    assert plans["latency"].ks == {"a": 2, "b": 3} and plans["latency"].saving == 8.0
+    assert plans["latency"].predicted_drop < plans["macs"].predicted_drop
+
+
 def test_the_latency_fit_refits_on_the_measured_time_and_stops_at_the_first_that_meets_it() -> None:
     curves = latency_curves(two_unit_curves(), table_of(TRUE_MS), {"a": [2, 4, 6], "b": [1, 3]}, auto=False)
     planner = Planner(curves, "latency", 0.7, 10.0, "knapsack", points_only=True)
@@ -254,8 +320,8 @@ def test_an_unreachable_latency_budget_names_the_best_reachable_fraction() -> No
     from runner.planning.target import OnTarget
 
     t = table_of({("a", 2): 9.0, ("b", 1): 8.0, ("b", 3): 8.5})
-    on = OnTarget(TargetConfig(), None, t, Path("x"),
-                  latency_curves(two_unit_curves(), t, {"a": [2], "b": [1, 3]}, False), 0, 0, {})
+    curves = latency_curves(two_unit_curves(), t, {"a": [2], "b": [1, 3]}, False)
+    on = OnTarget(TargetConfig(), None, t, Path("x"), curves, curves, 0, 0, {})
     assert on.fastest() == {"a": 2, "b": 1} and on.best_kept() == pytest.approx(0.7)  # saves 1 + 2 of 10 ms
     with pytest.raises(InputError) as e:
         on.check_budget("latency0.6", 0.6)
@@ -432,11 +498,29 @@ def test_the_prediction_scales_summed_savings_by_the_plans_macs_overlap() -> Non
     from runner.planning.target import OnTarget, Timed, latency_columns
 
     t = table_of(TRUE_MS)
-    on = OnTarget(TargetConfig(batch=32), None, t, Path("x"), [], 0, 0, {})
+    on = OnTarget(TargetConfig(batch=32), None, t, Path("x"), [], [], 0, 0, {})
     cols = latency_columns(on, Timed(5.0, 4.5, 5.5, 10.0), {"a": 2, "b": 3}, overlap=0.75)
     assert cols["latency_summed_ms"] == pytest.approx(10 - 2 - 6)
     assert cols["latency_predicted_ms"] == pytest.approx(10 - 0.75 * 8)
     assert cols["latency_kept"] == 0.5 and cols["target"] == "onnxruntime/cpu/b32"
+    assert math.isnan(cols["latency_kept_se"]) and math.isnan(cols["latency_predicted_se"])  # none recorded
+    # entries with standard errors (fractions of the base): the plan's is their root sum of squares, times
+    # the overlap; the measured kept fraction is the paired per-round ratio when the rounds gave one
+    t.entries["a"][2] = replace(t.entries["a"][2], se=0.03)
+    t.entries["b"][3] = replace(t.entries["b"][3], se=0.04)
+    cols = latency_columns(on, Timed(5.0, 4.5, 5.5, 10.0, 0.52, 0.01), {"a": 2, "b": 3}, overlap=0.75)
+    assert cols["latency_predicted_se"] == pytest.approx(0.75 * 0.05)
+    assert (cols["latency_kept"], cols["latency_kept_se"]) == (0.52, 0.01)
+
+
+def test_a_saving_is_a_fraction_of_its_own_rounds_base_and_interpolation_widens_no_error() -> None:
+    t = table_of({("a", 2): 8.0, ("a", 4): 6.0})  # base 10 in both entries
+    t.entries["b"] = {2: Entry(9.0, 9.0, 9.0, 12.0, 20, se=0.02)}  # a slow spell: 12 ms base, saves 1/4
+    t.entries["a"] = {k: replace(e, se=0.01 * k) for k, e in t.entries["a"].items()}
+    assert t.base_ms == 10.0 and t.saved("b", 2) == pytest.approx(2.5)  # 0.25 of the table's 10 ms
+    assert t.saved("a", 3) == pytest.approx(3.0)
+    assert t.se({"a": 3, "b": 2}) == pytest.approx(math.hypot(0.04, 0.02))  # K=3 takes K=4's larger error
+    assert t.se({"a": 1}) == pytest.approx(0.02) and t.se({"a": 0}) == 0.0
 
 
 def test_the_report_says_whether_a_macs_plan_was_slower_than_the_latency_plan() -> None:

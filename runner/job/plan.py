@@ -88,12 +88,14 @@ Choose = Callable[[Setting, Budget, str, Count], "Chosen | None"]  # (setting, b
 def _from_curves(method: str, corrects: bool) -> Choose:
     """A method that plans from the sweep's curves (runner.planning.solve), its combined plan measured and,
     when `corrects`, corrected on the eval images. With a target, every budget plans with the latency table's
-    curves (K only at the table's points); a latency budget's plan is the first whose measured median fits."""
+    curves (K only at the table's points); a latency budget's plan is the first whose measured median fits, and
+    it chooses only K on the table's lower envelope (a K slower than a smaller one costs time and accuracy)."""
 
     def choose(s: Setting, budget: Budget, name: str, count: Count) -> Chosen | None:
         p = s.grid.plan
         timed_budget = budget.kind == "latency"
-        planner = Planner(s.target.curves if s.target else s.curves, budget.kind, budget.keep,
+        curves = s.curves if s.target is None else s.target.curves_for(budget.kind)
+        planner = Planner(curves, budget.kind, budget.keep,
                           BUDGET_KINDS[budget.kind].base(s), method, 1 if p.round_to == "auto" else p.round_to,
                           p.min_keep, points_only=s.target is not None)
         plan = planner.fit(count, first=timed_budget)

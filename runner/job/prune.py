@@ -195,6 +195,8 @@ def job_identity(grid: Grid, sha: str) -> dict[str, Any]:
     """What makes two runs the same prune job: the sweep's identity and the plan section (budgets by label)."""
     plan = grid.as_dict()["plan"]
     plan["budgets"] = [b.label for b in grid.plan.budgets]
+    if plan.get("target"):  # how precisely plans are timed, not what they are: a job may tighten it on --resume
+        plan["target"].pop("precision", None)
     return {**identity(grid, sha), "plan": plan}
 
 

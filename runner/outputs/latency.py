@@ -70,15 +70,18 @@ def section(table: Any, words: Mapping[str, Any]) -> list[str]:
              f"This job measured {lat['measured']} entries in {lat['table_seconds']:.0f} s"
              + (f" ({lat['table_seconds'] / lat['job_seconds']:.0%} of the job's {lat['job_seconds']:.0f} s)"
                 if lat.get("job_seconds") else "") + "; the rest were reused from the cache.", "",
-             "| plan | measured ms [25%, 75%] | kept of base | table's prediction ms | prediction error | MACs kept |",
+             "Kept fractions are of the base's time in the same rounds (measured) or of the table's base time "
+             "(predicted), each +- its standard error; the error compares the two.", "",
+             "| plan | measured ms [25%, 75%] | kept of base | table's prediction | prediction error | MACs kept |",
              "|---|---|---|---|---|---|"]
     for r in table.to_dict("records"):
         if not _finite(r.get("latency_ms")):
             continue
-        err = (r["latency_predicted_ms"] - r["latency_ms"]) / r["latency_ms"]
+        err = (r["latency_predicted_kept"] - r["latency_kept"]) / r["latency_kept"]
         lines.append(f"| {r['budget']}-{r['method']} | {r['latency_ms']:.2f} [{r['latency_low']:.2f}, "
-                     f"{r['latency_high']:.2f}] | {r['latency_kept']:.3f} | {r['latency_predicted_ms']:.2f} | "
-                     f"{err:+.1%} | {r['macs_kept']:.3f} |")
+                     f"{r['latency_high']:.2f}] | {r['latency_kept']:.3f}{_se(r.get('latency_kept_se'))} | "
+                     f"{r['latency_predicted_kept']:.3f}{_se(r.get('latency_predicted_se'))} | {err:+.1%} | "
+                     f"{r['macs_kept']:.3f} |")
     lines += versus(table)
     lines += ["", "![accuracy vs measured latency](plots/plans_latency.png)",
               "![ms saved per unit and K](plots/latency_table.png)"]
@@ -87,6 +90,10 @@ def section(table: Any, words: Mapping[str, Any]) -> list[str]:
         lines += ["", "round_to: auto avoided these channel counts (each slower than a larger count): "
                   + ("; ".join(f"{u} keeps {', '.join(map(str, v))}" for u, v in avoided.items()) or "none") + "."]
     return lines
+
+
+def _se(x: Any) -> str:
+    return f" +- {x:.3f}" if _finite(x) else ""
 
 
 def versus(table: Any) -> list[str]:

@@ -35,8 +35,9 @@ COLUMNS = ("budget", "method", "macs_kept", "params_kept", "latency_ms_b1", "lat
            "accuracy_masked", "accuracy_removed", "accuracy_finetuned", "finetuned_low", "finetuned_high",
            "baseline_accuracy")
 # written after COLUMNS when a row has them
-OPTIONAL = ("target", "latency_ms", "latency_low", "latency_high", "latency_kept", "latency_predicted_ms",
-            "latency_base_ms", "latency_predicted_kept", "latency_summed_ms", "macs_overlap", "vs_uniform", "vs_uniform_low", "vs_uniform_high", "measured_drop", "measured_low", "measured_high",
+OPTIONAL = ("target", "latency_ms", "latency_low", "latency_high", "latency_kept", "latency_kept_se",
+            "latency_predicted_ms", "latency_base_ms", "latency_predicted_kept", "latency_predicted_se",
+            "latency_summed_ms", "macs_overlap", "vs_uniform", "vs_uniform_low", "vs_uniform_high", "measured_drop", "measured_low", "measured_high",
             "corrections", "accepted", "measured_plans", "accuracy_final", "final_low", "final_high", "accuracy_onnx",
             "onnx_differ", "masked_vs_removed_differ", "finetuned_drop", "finetuned_drop_low", "finetuned_drop_high",
             "base_latency_ms_b1", "base_latency_ms_b64", "macs", "params", "units", "units_pruned", "criterion",

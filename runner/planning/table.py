@@ -3,13 +3,16 @@ pruned by K, physically; and what plans make of them. Plain Python: the timing i
 
 An entry is measured in alternation with the base model (`runner.planning.timing.Timer.pair`), so its saving,
 `base_ms - ms` of the same rounds, is paired: a slow spell of the machine moves both. The table's base time is
-the median of every entry's base median. A plan's predicted time is that base time less the summed savings of
-its units' K (a K between two entries is interpolated).
+the median of every entry's base median, and an entry's saving in the table is its paired saving as a fraction
+of its own rounds' base, times the table's base time (a spell that slowed both by 10% leaves it as it is). A
+plan's predicted time is that base time less the summed savings of its units' K (a K between two entries is
+interpolated); its standard error, from the entries' own, is `Table.se`.
 
 A table is cached in `<output>/<name>/latency/<key file>.json` under its target key (runtime and version,
 device, machine, batch, threads, image size, base sha256): a later plan, or a later job, with the same key
-reuses every entry it has, and measures only the (unit, K) it lacks; the file is written after every entry,
-so a killed job loses at most one.
+reuses every entry it has, and measures only the (unit, K) it lacks, or that were timed to a looser precision
+than the target asks (`plan.target.precision`); the file is written after every entry, so a killed job loses
+at most one.
 
 `envelope` is what `round_to: auto` keeps of a unit: the K whose time is below that of every smaller K (a K
 that costs more time than a smaller K is never chosen); `avoided` lists the others.
@@ -44,10 +47,19 @@ class Entry:
     base_ms: float
     runs: int
     seconds: float = 0.0  # how long measuring it took (removal, export, warm-up and timing)
+    ratio: float | None = None  # median over the rounds of its time over the base's (None: ms / base_ms)
+    se: float | None = None  # the standard error of that ratio
+    precision: float | None = None  # the standard error it was timed to reach (None: a fixed number of rounds)
 
     @property
     def saved(self) -> float:
         return self.base_ms - self.ms
+
+    @property
+    def fraction(self) -> float:
+        """Its saving as a fraction of the base's time in the same rounds (paired round by round when the
+        rounds gave a ratio)."""
+        return self.saved / self.base_ms if self.ratio is None else 1.0 - self.ratio
 
 
 @dataclass
@@ -68,16 +80,36 @@ class Table:
         """ms saved by pruning K channels of `unit` alone; interpolated between measured K (0 at K = 0)."""
         if k == 0:
             return 0.0
+        lo, hi, w = self._between(unit, k)
+        a = 0.0 if lo is None else lo.fraction
+        return self.base_ms * (a + w * (hi.fraction - a))
+
+    def _between(self, unit: str, k: int) -> tuple[Entry | None, Entry, float]:
+        """The entries at or either side of K (None below the smallest: K = 0 saves nothing), and K's weight on
+        the upper one."""
         by_k = self.entries[unit]
         if k in by_k:
-            return by_k[k].saved
+            return None, by_k[k], 1.0
         ks = sorted(by_k)
         lo = max((x for x in ks if x < k), default=0)
         hi = min((x for x in ks if x > k), default=None)
         if hi is None:
             raise ValueError(f"{unit}: K={k} beyond the table's largest K {ks[-1]}")
-        a = 0.0 if lo == 0 else by_k[lo].saved
-        return a + (k - lo) / (hi - lo) * (by_k[hi].saved - a)
+        return (by_k[lo] if lo else None), by_k[hi], (k - lo) / (hi - lo)
+
+    def se(self, ks: Mapping[str, int]) -> float | None:
+        """The standard error of a plan's summed savings, as a fraction of the base's time, from its entries'
+        (an interpolated K takes the larger of its two entries'); None when an entry has none recorded."""
+        total = 0.0
+        for u, k in ks.items():
+            if not k:
+                continue
+            lo, hi, _ = self._between(u, k)
+            ses = [e.se for e in (lo, hi) if e is not None]
+            if any(x is None for x in ses):
+                return None
+            total += max(ses) ** 2
+        return math.sqrt(total)
 
     def predict(self, ks: Mapping[str, int]) -> float:
         """A plan's predicted time: the base time less its units' summed savings."""
@@ -98,7 +130,7 @@ class Table:
     def rows(self) -> list[dict[str, Any]]:
         """One row per entry (for W&B and the report)."""
         return [{"unit": u, "k": k, "ms": e.ms, "low": e.low, "high": e.high, "base_ms": e.base_ms,
-                 "saved_ms": e.saved, "runs": e.runs, "seconds": e.seconds}
+                 "saved_ms": e.saved, "runs": e.runs, "seconds": e.seconds, "se": e.se}
                 for u, by_k in self.entries.items() for k, e in sorted(by_k.items())]
 
 
@@ -123,30 +155,46 @@ def write_table(path: Path, table: Table) -> None:
 Measure = Callable[[str, int], tuple[Any, Any]]  # (unit, K) -> (base Spread, pruned Spread)
 
 
+def looser(entry: Entry | None, precision: float | None) -> bool:
+    """Whether an entry is missing, or was timed to a looser precision than `precision` asks."""
+    if entry is None:
+        return True
+    return precision is not None and (entry.precision is None or entry.precision > precision)
+
+
 def fill_table(path: Path, key: Mapping[str, Any], wanted: Mapping[str, Sequence[int]], measure: Measure,
-               clock: Callable[[], float] = time.perf_counter) -> tuple[Table, int]:
-    """The table at `path` with every (unit, K > 0) of `wanted`: entries it has are reused, the rest measured
-    one by one (`measure(unit, k)`), each written as it is made, with progress logged. Also returns how many
-    entries were measured."""
+               clock: Callable[[], float] = time.perf_counter, precision: float | None = None) -> tuple[Table, int]:
+    """The table at `path` with every (unit, K > 0) of `wanted`: entries it has are reused, the rest (and those
+    timed to a looser precision) measured one by one (`measure(unit, k)`, which times to `precision`), each
+    written as it is made, with progress logged. Also returns how many entries were measured."""
     table = read_table(path, key)
-    todo = [(u, k) for u, ks in wanted.items() for k in sorted(set(ks)) if k and k not in table.entries.get(u, {})]
+    todo = [(u, k) for u, ks in wanted.items() for k in sorted(set(ks))
+            if k and looser(table.entries.get(u, {}).get(k), precision)]
+    again = sum(1 for u, k in todo if k in table.entries.get(u, {}))
     have = sum(1 for u, ks in wanted.items() for k in set(ks) if k) - len(todo)
     if not todo:
         log.info("latency table %s: all %d entries reused", path, have)
         return table, 0
-    log.info("latency table %s: measuring %d entries (%d reused)", path, len(todo), have)
+    log.info("latency table %s: measuring %d entries (%d reused%s)", path, len(todo), have,
+             f"; {again} timed before to a looser precision than {precision}" if again else "")
     started = clock()
     for i, (unit, k) in enumerate(todo, 1):
         t0 = clock()
         base, pruned = measure(unit, k)
         entry = Entry(round(pruned.median, 4), round(pruned.low, 4), round(pruned.high, 4), round(base.median, 4),
-                      pruned.runs, round(clock() - t0, 3))
+                      pruned.runs, round(clock() - t0, 3), _rounded(pruned.ratio), _rounded(pruned.ratio_se),
+                      precision)
         table.entries.setdefault(unit, {})[k] = entry
         write_table(path, table)
         spent = clock() - started
-        log.info("latency table %d/%d: %s K=%d %.2f ms (base %.2f, saves %.2f); %.0f s, about %.0f s left", i,
-                 len(todo), unit, k, entry.ms, entry.base_ms, entry.saved, spent, spent / i * (len(todo) - i))
+        log.info("latency table %d/%d: %s K=%d %.2f ms (base %.2f, saves %.1f%% +- %.1f, %d rounds); %.0f s, about "
+                 "%.0f s left", i, len(todo), unit, k, entry.ms, entry.base_ms, 100 * entry.fraction,
+                 100 * (entry.se or 0.0), entry.runs, spent, spent / i * (len(todo) - i))
     return table, len(todo)
+
+
+def _rounded(x: float | None) -> float | None:
+    return None if x is None else round(x, 6)
 
 
 def envelope(table: Table, unit: str, ks: Sequence[int] | None = None) -> list[int]:
@@ -183,8 +231,3 @@ def latency_curves(curves: Sequence[Curve], table: Table, wanted: Mapping[str, S
 
 def _with_latency(o: Option, saved: float) -> Option:
     return Option(o.k, o.drop, o.macs, o.params, o.measured, latency=saved)
-
-
-def error(predicted: float, measured: float) -> float:
-    """The prediction's relative error: (predicted - measured) / measured."""
-    return (predicted - measured) / measured if measured and math.isfinite(measured) else math.nan

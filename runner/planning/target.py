@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import copy
 import logging
+import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -38,10 +39,13 @@ class Timed:
     low: float
     high: float
     base_ms: float
+    ratio: float | None = None  # median over the rounds of its time over the base's (None: ms / base_ms)
+    se: float | None = None  # the standard error of `kept`
 
     @property
     def kept(self) -> float:
-        return self.ms / self.base_ms
+        """Its time as a fraction of the base's: paired round by round where the rounds were kept."""
+        return self.ms / self.base_ms if self.ratio is None else self.ratio
 
 
 def table_ks(curves: Sequence[Curve], round_to: int | str, min_keep: float) -> dict[str, list[int]]:
@@ -57,6 +61,7 @@ class OnTarget:
     table: Table
     path: Path
     curves: list[Curve]  # the sweep's curves at the table's K, with their latency savings
+    fast: list[Curve]  # those curves at the K on the table's lower envelope: what a latency budget plans with
     seconds: float  # measuring the table in this job (0 when every entry was reused)
     measured: int  # entries measured in this job
     avoided: dict[str, list[int]]  # round_to auto: per unit, channel counts off the lower envelope
@@ -65,9 +70,14 @@ class OnTarget:
     def label(self) -> str:
         return self.target.label
 
+    def curves_for(self, kind: str) -> list[Curve]:
+        """What a budget of `kind` plans with: a latency budget only the K on the table's lower envelope (a K
+        slower than a smaller K of its unit costs time and accuracy both), others every K the table has."""
+        return self.fast if kind == "latency" else self.curves
+
     def time(self, model: nn.Module | Path) -> Timed:
         base, pruned = self.timer.pair(model)
-        return Timed(pruned.median, pruned.low, pruned.high, base.median)
+        return Timed(pruned.median, pruned.low, pruned.high, base.median, pruned.ratio, pruned.ratio_se)
 
     def count(self, base: nn.Module, orders: Mapping[str, Sequence[int]], image_size: int,
               on_count: Callable[[Mapping[str, int], Timed], None] | None = None
@@ -114,14 +124,14 @@ def open_target(grid: Grid, base: nn.Module, orders: Mapping[str, Sequence[int]]
     check_target(target)
     key = target_key(target, base_sha256, image_size)
     path = Path(grid.folder) / FOLDER / key_file(key)
-    timer = Timer(target, copy.deepcopy(base), image_size, export, rounds or Rounds())
+    timer = Timer(target, copy.deepcopy(base), image_size, export, rounds or Rounds(precision=target.precision))
 
     def measure(unit: str, k: int) -> tuple[Spread, Spread]:
         return timer.pair(pruned_copy(base, removal_from({unit: k}, orders), image_size))
 
     wanted = table_ks(curves, grid.plan.round_to, grid.plan.min_keep)
     started = time.perf_counter()
-    table, measured = fill_table(path, key, wanted, measure)
+    table, measured = fill_table(path, key, wanted, measure, precision=timer.rounds.precision)
     seconds = time.perf_counter() - started
     auto = grid.plan.round_to == "auto"
     skipped = {c.unit: avoided(table, c.unit, c.channels, wanted[c.unit]) for c in curves} if auto else {}
@@ -129,8 +139,8 @@ def open_target(grid: Grid, base: nn.Module, orders: Mapping[str, Sequence[int]]
         n = sum(len(v) for v in skipped.values())
         log.info("round_to auto: %d channel counts are slower than a larger count and never chosen%s", n,
                  (": " + "; ".join(f"{u} keeps {v}" for u, v in skipped.items() if v)) if n else "")
-    return OnTarget(target, timer, table, path, latency_curves(curves, table, wanted, auto), seconds, measured,
-                    skipped)
+    return OnTarget(target, timer, table, path, latency_curves(curves, table, wanted, auto),
+                    latency_curves(curves, table, wanted, True), seconds, measured, skipped)
 
 
 def latency_columns(on: OnTarget, timed: Timed, ks: Mapping[str, int], overlap: float = 1.0
@@ -138,12 +148,16 @@ def latency_columns(on: OnTarget, timed: Timed, ks: Mapping[str, int], overlap: 
     """plans.csv's columns for a plan timed on the target, with the table's prediction: the base less the
     units' summed savings times `overlap`, the counted MACs saving of the whole plan over the units' summed
     MACs savings (a conv between two pruned units shows in both units' savings, in MACs and in time alike);
-    `latency_summed_ms` is the prediction without it."""
+    `latency_summed_ms` is the prediction without it. Each kept fraction comes with its standard error: the
+    measured one's from its rounds, the predicted one's from the table's entries (empty where they have none)."""
     summed = on.table.predict(ks)
     predicted = on.table.base_ms - overlap * (on.table.base_ms - summed)
+    se = on.table.se(ks)
     return {"target": on.label, "latency_ms": timed.ms, "latency_low": timed.low, "latency_high": timed.high,
-            "latency_kept": timed.kept, "latency_predicted_ms": predicted,
-            "latency_base_ms": timed.base_ms, "latency_predicted_kept": predicted / on.table.base_ms,
+            "latency_kept": timed.kept, "latency_kept_se": math.nan if timed.se is None else timed.se,
+            "latency_predicted_ms": predicted, "latency_base_ms": timed.base_ms,
+            "latency_predicted_kept": predicted / on.table.base_ms,
+            "latency_predicted_se": math.nan if se is None else overlap * se,
             "latency_summed_ms": summed, "macs_overlap": overlap}
 
 

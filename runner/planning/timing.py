@@ -6,7 +6,11 @@ A target (`plan.target`) is a runtime, a device, a batch size and a thread count
 runs the exported graph with the provider the target names. `alternate` times callables in rounds, one
 forward of each per round, so that a slow spell of a shared machine hits all alike; its clock is an argument,
 so the bookkeeping is tested with a fake clock and no timing. Each figure is a `Spread`: the median forward
-time and the 25th / 75th percentiles of the timed runs.
+time and the 25th / 75th percentiles of the timed runs, and its time relative to the first callable's in the
+same rounds (the median of the per-round ratios) with that ratio's standard error. With `Rounds.precision`,
+the rounds go on until every ratio's standard error is at most that (or `max_seconds` have passed): on a
+shared machine a single round's ratio can be 10% off, and twenty rounds leave a one-unit saving, or a plan's
+kept fraction, a few percent off.
 
 `check_target` refuses, before anything runs, a target this machine cannot time (CUDA without a GPU, an
 onnxruntime provider that is not installed); `target_key` is what a latency table is cached under.
@@ -39,6 +43,7 @@ WARMUP = 5  # forwards of each callable before timing (allocator, kernel choice,
 MIN_RUNS = 20  # timed forwards of each, at least
 MIN_SECONDS = 1.0  # and at least this long in all
 MAX_RUNS = 1000
+MAX_SECONDS = 300.0  # a precision not reached by then is recorded as reached
 PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider", "tensorrt": "TensorrtExecutionProvider",
              "openvino": "OpenVINOExecutionProvider", "dnnl": "DnnlExecutionProvider",
              "coreml": "CoreMLExecutionProvider", "rocm": "ROCMExecutionProvider"}
@@ -52,11 +57,24 @@ class Spread:
     low: float
     high: float
     runs: int
+    ratio: float | None = None  # median over the rounds of this time over the first callable's in the same round
+    ratio_se: float | None = None  # the standard error of `ratio`
 
     @staticmethod
-    def of(times: Sequence[float]) -> "Spread":
+    def of(times: Sequence[float], first: Sequence[float] | None = None) -> "Spread":
         a = np.asarray(times, dtype=float)
-        return Spread(float(statistics.median(a)), float(np.percentile(a, 25)), float(np.percentile(a, 75)), len(a))
+        ratio, se = (None, None) if first is None else ratio_stats(a, np.asarray(first, dtype=float))
+        return Spread(float(statistics.median(a)), float(np.percentile(a, 25)), float(np.percentile(a, 75)), len(a),
+                      ratio, se)
+
+
+def ratio_stats(times: np.ndarray, first: np.ndarray) -> tuple[float, float]:
+    """The median of the per-round ratios `times / first`, and its standard error: sqrt(pi / 2) sigma / sqrt(n),
+    sigma read robustly from the interquartile range (a round hit by a slow spell is an outlier, not noise to
+    average)."""
+    r = times / first
+    q1, q3 = np.percentile(r, [25, 75])
+    return float(np.median(r)), float(1.2533 * (q3 - q1) / 1.349 / np.sqrt(len(r)))
 
 
 @dataclass(frozen=True)
@@ -67,6 +85,20 @@ class Rounds:
     min_runs: int = MIN_RUNS
     min_seconds: float = MIN_SECONDS
     max_runs: int = MAX_RUNS
+    precision: float | None = None  # go on until every ratio's standard error is at most this
+    max_seconds: float = MAX_SECONDS  # ... or this long has passed
+
+    def more(self, times: Sequence[Sequence[float]], elapsed: float) -> bool:
+        """Whether to time another round, after `times` (per callable) and `elapsed` seconds."""
+        n = len(times[0])
+        if n >= self.max_runs:
+            return False
+        if n < self.min_runs or elapsed < self.min_seconds:
+            return True
+        if self.precision is None or elapsed >= self.max_seconds or len(times) < 2:
+            return False
+        first = np.asarray(times[0], dtype=float)
+        return any(ratio_stats(np.asarray(t, dtype=float), first)[1] > self.precision for t in times[1:])
 
 
 def alternate(forwards: Sequence[Forward], rounds: Rounds = Rounds(), clock: Clock = time.perf_counter
@@ -77,13 +109,12 @@ def alternate(forwards: Sequence[Forward], rounds: Rounds = Rounds(), clock: Clo
             f()
     times: list[list[float]] = [[] for _ in forwards]
     start = clock()
-    while len(times[0]) < rounds.max_runs and (len(times[0]) < rounds.min_runs
-                                               or clock() - start < rounds.min_seconds):
+    while rounds.more(times, clock() - start):
         for t, f in zip(times, forwards):
             t0 = clock()
             f()
             t.append(1000 * (clock() - t0))
-    return [Spread.of(t) for t in times]
+    return [Spread.of(times[0])] + [Spread.of(t, times[0]) for t in times[1:]]
 
 
 def provider_of(target: TargetConfig) -> str:
