@@ -329,8 +329,11 @@ class TargetConfig(Section):
     # machine do not inflate (equal to latency on an idle core with threads: 1; CPU devices only)
     clock: Literal["wall", "cpu"] = "wall"
     # every timing (table entries, plans) goes on until its time over the base's, paired by round, has at most
-    # this standard error (or 300 s have passed); null: 20 rounds and 1 s, however noisy
+    # this standard error (or 60 s have passed); null: 20 rounds and 1 s, however noisy
     precision: float | None = Field(0.01, gt=0, le=0.5)
+    # times the latency table is timed over, a whole pass before the next: timings minutes apart differ by more
+    # than one timing's rounds show on a shared machine; more passes average that (and cost as many tables)
+    passes: int = Field(1, ge=1, le=20)
 
     @model_validator(mode="after")
     def _provider_runtime(self) -> "TargetConfig":

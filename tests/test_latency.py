@@ -11,6 +11,7 @@ from dataclasses import replace
 from pathlib import Path
 from types import SimpleNamespace
 
+import numpy as np
 import pytest
 import torch
 
@@ -38,7 +39,8 @@ def test_the_precision_is_in_neither_the_tables_key_nor_the_jobs_identity() -> N
     from runner.job.prune import job_identity
     from runner.planning.timing import target_key
 
-    grids = [parse_grid({"plan": {"target": {"precision": p}}}, "g") for p in (0.01, 0.002, None)]
+    grids = [parse_grid({"plan": {"target": {"precision": p, "passes": n}}}, "g")
+             for p, n in ((0.01, 1), (0.002, 3), (None, 1))]
     assert len({json.dumps(job_identity(g, "ab"), sort_keys=True) for g in grids}) == 1
     assert len({key_file(target_key(g.plan.target, "ab", 32)) for g in grids}) == 1
     other = parse_grid({"plan": {"target": {"batch": 8}}}, "g")
@@ -144,10 +146,23 @@ def test_alternate_goes_on_until_the_paired_ratio_is_as_precise_as_asked() -> No
         a, b = alternate([base, pruned], Rounds(0, 20, 0.0, 1000, precision), clock)
         assert (a.runs, b.runs, b.ratio, a.ratio, a.ratio_se) == (runs, runs, pytest.approx(ratio), None, None)
         assert precision * 0.95 < b.ratio_se <= precision
-    n[0] = 0  # 15.5 ms a round: a precision out of reach stops after max_seconds
+    n[0] = 0  # 15.5 ms a round: a precision out of reach is given up after max_seconds
     assert alternate([base, pruned], Rounds(0, 20, 0.0, 1000, 1e-6, 1.0), clock)[1].runs == 65
     n[0] = 0  # no precision asked: min_runs
     assert alternate([base, pruned], Rounds(0, 20, 0.0, 1000), clock)[1].runs == 20
+
+
+def test_a_drift_over_many_rounds_counts_in_the_ratios_standard_error() -> None:
+    from runner.planning.timing import ratio_stats
+
+    base = np.full(100, 10.0)
+    steady = np.tile([5.0, 6.0], 50)  # 0.5 and 0.6 in turn: every stretch of rounds alike
+    assert ratio_stats(steady, base) == (pytest.approx(0.55), pytest.approx(1.2533 * 0.1 / 1.349 / 10))
+    # five stretches of 20 rounds at 0.50, 0.51, ... 0.54: the rounds' spread (interquartile 0.02) says 0.0019,
+    # the stretches' means (sd 0.0158) say 0.0071
+    drift = np.repeat([5.0, 5.1, 5.2, 5.3, 5.4], 20)
+    assert ratio_stats(drift, base) == (pytest.approx(0.52), pytest.approx(0.01 * np.sqrt(2.5) / np.sqrt(5)))
+    assert ratio_stats(drift[:9], base[:9])[1] == 0.0  # too few rounds for stretches: the rounds' spread alone
 
 
 # ---- the table: bookkeeping, cache, envelope ----
@@ -191,6 +206,37 @@ def test_entries_timed_to_a_looser_precision_are_timed_again_and_record_theirs(t
     for looser_or_same in (0.02, 0.05, None):  # what is as precise as asked is reused
         assert fill_table(path, KEY, {"a": [2, 4], "b": [1]}, fake_measure(calls), precision=looser_or_same)[1] == 0
     assert fill_table(path, KEY, {"a": [2]}, fake_measure(calls), precision=0.01)[1] == 1 and calls[-1] == ("a", 2)
+
+
+def test_passes_time_the_whole_table_again_and_their_spread_counts_in_the_error(tmp_path) -> None:
+    path, calls = tmp_path / key_file(KEY), []
+    ratios = {"a": iter([0.80, 0.84, 0.83]), "b": iter([0.5, 0.5, 0.5])}
+
+    def measure(unit: str, k: int) -> tuple[Spread, Spread]:
+        calls.append((unit, k))
+        r = next(ratios[unit])
+        return Spread(10.0, 10.0, 10.0, 20), Spread(10 * r, 10 * r, 10 * r, 20, r, 0.01)
+
+    def stops_after(n: int):
+        def m(unit: str, k: int):
+            if len(calls) == n:
+                raise KeyboardInterrupt
+            return measure(unit, k)
+        return m
+
+    with pytest.raises(KeyboardInterrupt):  # killed after the first pass and one timing of the second
+        fill_table(path, KEY, {"a": [2], "b": [1]}, stops_after(3), precision=0.01, passes=2)
+    table, timed = fill_table(path, KEY, {"a": [2], "b": [1]}, measure, precision=0.01, passes=2)
+    assert timed == 1 and calls == [("a", 2), ("b", 1), ("a", 2), ("b", 1)]  # a whole pass before the next
+    a, b = table.entries["a"][2], table.entries["b"][1]
+    assert a.passes == ((0.80, 0.01), (0.84, 0.01)) and a.ratio == pytest.approx(0.82)
+    assert a.se == pytest.approx(0.02)  # the passes' spread, 0.0283 / sqrt(2), above their own 0.0071
+    assert b.ratio == 0.5 and b.se == pytest.approx(math.sqrt(2) * 0.01 / 2, abs=1e-6)  # no spread: their own
+    assert table.saved("a", 2) == pytest.approx(1.8) and b.runs == 40
+    assert read_table(path, KEY).entries["a"][2] == a  # passes survive the file
+    assert fill_table(path, KEY, {"a": [2], "b": [1]}, measure, precision=0.01, passes=1)[1] == 0
+    table, timed = fill_table(path, KEY, {"a": [2]}, measure, precision=0.01, passes=3)
+    assert timed == 1 and table.entries["a"][2].ratio == pytest.approx((0.80 + 0.84 + 0.83) / 3)
 
 
 def test_a_killed_table_keeps_what_it_measured(tmp_path) -> None:

@@ -197,6 +197,7 @@ def job_identity(grid: Grid, sha: str) -> dict[str, Any]:
     plan["budgets"] = [b.label for b in grid.plan.budgets]
     if plan.get("target"):  # how precisely plans are timed, not what they are: a job may tighten it on --resume
         plan["target"].pop("precision", None)
+        plan["target"].pop("passes", None)
     return {**identity(grid, sha), "plan": plan}
 
 

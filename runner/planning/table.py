@@ -23,8 +23,9 @@ from __future__ import annotations
 import json
 import logging
 import math
+import statistics
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
@@ -50,6 +51,7 @@ class Entry:
     ratio: float | None = None  # median over the rounds of its time over the base's (None: ms / base_ms)
     se: float | None = None  # the standard error of that ratio
     precision: float | None = None  # the standard error it was timed to reach (None: a fixed number of rounds)
+    passes: tuple[tuple[float, float], ...] = ()  # (ratio, se) of each time it was timed, minutes apart
 
     @property
     def saved(self) -> float:
@@ -143,8 +145,12 @@ def read_table(path: Path, key: Mapping[str, Any]) -> Table:
     if not isinstance(raw, dict) or raw.get("format") != FORMAT or raw.get("key") != dict(key):
         log.warning("latency table %s was measured under another key: measuring again", path)
         return Table(dict(key))
-    entries = {u: {int(k): Entry(**e) for k, e in by_k.items()} for u, by_k in raw.get("entries", {}).items()}
+    entries = {u: {int(k): _entry(e) for k, e in by_k.items()} for u, by_k in raw.get("entries", {}).items()}
     return Table(dict(key), entries)
+
+
+def _entry(raw: Mapping[str, Any]) -> Entry:
+    return Entry(**{**raw, "passes": tuple(tuple(p) for p in raw.get("passes", ()))})
 
 
 def write_table(path: Path, table: Table) -> None:
@@ -155,6 +161,30 @@ def write_table(path: Path, table: Table) -> None:
 Measure = Callable[[str, int], tuple[Any, Any]]  # (unit, K) -> (base Spread, pruned Spread)
 
 
+def merged(old: Entry | None, new: Entry) -> Entry:
+    """An entry timed once more (`new`, one pass) added to what `old` had: the passes' mean ratio, and a standard
+    error that is the larger of their own, combined, and their spread over sqrt(passes): timings minutes apart
+    differ by more than one timing's rounds say (the machine's state drifts), and only the passes see it."""
+    if new.ratio is None or new.se is None:
+        return new
+    before = () if old is None else old.passes or (
+        ((old.ratio, old.se),) if old.ratio is not None and old.se is not None else ())
+    if not before:
+        return replace(new, passes=((new.ratio, new.se),))
+    passes = before + ((new.ratio, new.se),)
+    n = len(passes)
+    ratios = [r for r, _ in passes]
+    own = math.sqrt(sum(se * se for _, se in passes)) / n
+    se = max(own, statistics.stdev(ratios) / math.sqrt(n))
+
+    def avg(a: float, b: float) -> float:
+        return round((a * (n - 1) + b) / n, 4)
+
+    return Entry(avg(old.ms, new.ms), avg(old.low, new.low), avg(old.high, new.high), avg(old.base_ms, new.base_ms),
+                 old.runs + new.runs, round(old.seconds + new.seconds, 3), round(sum(ratios) / n, 6), round(se, 6),
+                 new.precision, passes)
+
+
 def looser(entry: Entry | None, precision: float | None) -> bool:
     """Whether an entry is missing, or was timed to a looser precision than `precision` asks."""
     if entry is None:
@@ -162,34 +192,45 @@ def looser(entry: Entry | None, precision: float | None) -> bool:
     return precision is not None and (entry.precision is None or entry.precision > precision)
 
 
+def _timed(entry: Entry | None) -> int:
+    """How many passes an entry has (one for an entry timed before passes were kept)."""
+    return 0 if entry is None else max(1, len(entry.passes))
+
+
 def fill_table(path: Path, key: Mapping[str, Any], wanted: Mapping[str, Sequence[int]], measure: Measure,
-               clock: Callable[[], float] = time.perf_counter, precision: float | None = None) -> tuple[Table, int]:
-    """The table at `path` with every (unit, K > 0) of `wanted`: entries it has are reused, the rest (and those
-    timed to a looser precision) measured one by one (`measure(unit, k)`, which times to `precision`), each
-    written as it is made, with progress logged. Also returns how many entries were measured."""
+               clock: Callable[[], float] = time.perf_counter, precision: float | None = None,
+               passes: int = 1) -> tuple[Table, int]:
+    """The table at `path` with every (unit, K > 0) of `wanted` timed `passes` times: entries it has are reused,
+    the rest (and those timed to a looser precision, from scratch) measured one by one (`measure(unit, k)`, which
+    times to `precision`), a whole pass over the table before the next, each written as it is made, with
+    progress logged. Also returns how many timings were made."""
     table = read_table(path, key)
-    todo = [(u, k) for u, ks in wanted.items() for k in sorted(set(ks))
-            if k and looser(table.entries.get(u, {}).get(k), precision)]
-    again = sum(1 for u, k in todo if k in table.entries.get(u, {}))
-    have = sum(1 for u, ks in wanted.items() for k in set(ks) if k) - len(todo)
+    entries = [(u, k) for u, ks in wanted.items() for k in sorted(set(ks)) if k]
+    for u, k in entries:
+        if k in table.entries.get(u, {}) and looser(table.entries[u][k], precision):
+            del table.entries[u][k]  # timed to a looser precision: its passes are not worth keeping
+    todo = [(p, u, k) for p in range(1, passes + 1) for u, k in entries
+            if _timed(table.entries.get(u, {}).get(k)) < p]
+    have = sum(_timed(table.entries.get(u, {}).get(k)) for u, k in entries)
     if not todo:
-        log.info("latency table %s: all %d entries reused", path, have)
+        log.info("latency table %s: all %d entries reused", path, len(entries))
         return table, 0
-    log.info("latency table %s: measuring %d entries (%d reused%s)", path, len(todo), have,
-             f"; {again} timed before to a looser precision than {precision}" if again else "")
+    log.info("latency table %s: %d timings to make (%d entries x %d passes; %d reused)", path, len(todo),
+             len(entries), passes, have)
     started = clock()
-    for i, (unit, k) in enumerate(todo, 1):
+    for i, (p, unit, k) in enumerate(todo, 1):
         t0 = clock()
         base, pruned = measure(unit, k)
-        entry = Entry(round(pruned.median, 4), round(pruned.low, 4), round(pruned.high, 4), round(base.median, 4),
-                      pruned.runs, round(clock() - t0, 3), _rounded(pruned.ratio), _rounded(pruned.ratio_se),
-                      precision)
+        new = Entry(round(pruned.median, 4), round(pruned.low, 4), round(pruned.high, 4), round(base.median, 4),
+                    pruned.runs, round(clock() - t0, 3), _rounded(pruned.ratio), _rounded(pruned.ratio_se),
+                    precision)
+        entry = merged(table.entries.get(unit, {}).get(k), new)
         table.entries.setdefault(unit, {})[k] = entry
         write_table(path, table)
         spent = clock() - started
-        log.info("latency table %d/%d: %s K=%d %.2f ms (base %.2f, saves %.1f%% +- %.1f, %d rounds); %.0f s, about "
-                 "%.0f s left", i, len(todo), unit, k, entry.ms, entry.base_ms, 100 * entry.fraction,
-                 100 * (entry.se or 0.0), entry.runs, spent, spent / i * (len(todo) - i))
+        log.info("latency table %d/%d (pass %d of %d): %s K=%d %.2f ms (base %.2f, saves %.1f%% +- %.1f, %d "
+                 "rounds); %.0f s, about %.0f s left", i, len(todo), p, passes, unit, k, new.ms, new.base_ms,
+                 100 * entry.fraction, 100 * (entry.se or 0.0), new.runs, spent, spent / i * (len(todo) - i))
     return table, len(todo)
 
 

@@ -131,7 +131,8 @@ def open_target(grid: Grid, base: nn.Module, orders: Mapping[str, Sequence[int]]
 
     wanted = table_ks(curves, grid.plan.round_to, grid.plan.min_keep)
     started = time.perf_counter()
-    table, measured = fill_table(path, key, wanted, measure, precision=timer.rounds.precision)
+    table, measured = fill_table(path, key, wanted, measure, precision=timer.rounds.precision,
+                                 passes=target.passes)
     seconds = time.perf_counter() - started
     auto = grid.plan.round_to == "auto"
     skipped = {c.unit: avoided(table, c.unit, c.channels, wanted[c.unit]) for c in curves} if auto else {}
