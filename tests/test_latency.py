@@ -590,3 +590,12 @@ def test_the_report_says_whether_a_macs_plan_was_slower_than_the_latency_plan() 
                         "74.00], MACs kept 0.500 against 0.600.")
     assert len(lines) == 4  # uniform has no latency plan to compare with
     assert versus(table[table["budget"] == "macs0.5"]) == []
+
+
+def test_the_report_says_when_a_predictions_error_is_beyond_the_timing_noise() -> None:
+    from runner.outputs.latency import beyond_noise
+
+    row = {"latency_kept": 0.60, "latency_kept_se": 0.006, "latency_predicted_se": 0.008}
+    assert not beyond_noise({**row, "latency_predicted_kept": 0.60 + 0.0199})  # 2 x 0.010 = 0.020
+    assert beyond_noise({**row, "latency_predicted_kept": 0.60 - 0.0201})
+    assert not beyond_noise({**row, "latency_predicted_kept": 0.9, "latency_predicted_se": float("nan")})

@@ -71,7 +71,9 @@ def section(table: Any, words: Mapping[str, Any]) -> list[str]:
              + (f" ({lat['table_seconds'] / lat['job_seconds']:.0%} of the job's {lat['job_seconds']:.0f} s)"
                 if lat.get("job_seconds") else "") + "; the rest were reused from the cache.", "",
              "Kept fractions are of the base's time in the same rounds (measured) or of the table's base time "
-             "(predicted), each +- its standard error; the error compares the two.", "",
+             "(predicted), each +- its standard error; the error compares the two, and is *beyond the timing "
+             "noise* when it exceeds twice their combined standard error: then the table's sum of one-unit "
+             "savings misses how this plan's units interact.", "",
              "| plan | measured ms [25%, 75%] | kept of base | table's prediction | prediction error | MACs kept |",
              "|---|---|---|---|---|---|"]
     for r in table.to_dict("records"):
@@ -80,8 +82,8 @@ def section(table: Any, words: Mapping[str, Any]) -> list[str]:
         err = (r["latency_predicted_kept"] - r["latency_kept"]) / r["latency_kept"]
         lines.append(f"| {r['budget']}-{r['method']} | {r['latency_ms']:.2f} [{r['latency_low']:.2f}, "
                      f"{r['latency_high']:.2f}] | {r['latency_kept']:.3f}{_se(r.get('latency_kept_se'))} | "
-                     f"{r['latency_predicted_kept']:.3f}{_se(r.get('latency_predicted_se'))} | {err:+.1%} | "
-                     f"{r['macs_kept']:.3f} |")
+                     f"{r['latency_predicted_kept']:.3f}{_se(r.get('latency_predicted_se'))} | {err:+.1%}"
+                     f"{' (beyond the timing noise)' if beyond_noise(r) else ''} | {r['macs_kept']:.3f} |")
     lines += versus(table)
     lines += ["", "![accuracy vs measured latency](plots/plans_latency.png)",
               "![ms saved per unit and K](plots/latency_table.png)"]
@@ -90,6 +92,15 @@ def section(table: Any, words: Mapping[str, Any]) -> list[str]:
         lines += ["", "round_to: auto avoided these channel counts (each slower than a larger count): "
                   + ("; ".join(f"{u} keeps {', '.join(map(str, v))}" for u, v in avoided.items()) or "none") + "."]
     return lines
+
+
+def beyond_noise(r: Mapping[str, Any]) -> bool:
+    """Whether a plan's predicted kept fraction is more than two combined standard errors from its measured
+    one (False where either error is unknown)."""
+    a, b = r.get("latency_kept_se"), r.get("latency_predicted_se")
+    if not (_finite(a) and _finite(b)):
+        return False
+    return abs(r["latency_predicted_kept"] - r["latency_kept"]) > 2 * math.hypot(a, b)
 
 
 def _se(x: Any) -> str:
