@@ -109,7 +109,8 @@ def _se(x: Any) -> str:
 
 def versus(table: Any) -> list[str]:
     """For each method with both a MACs (or params) plan and a latency plan: was the first slower on the target
-    than the second, and at what accuracy each (fine-tuned when it was, else removed)."""
+    than the second (their kept fractions, each of the base in its own rounds), and at what accuracy each
+    (fine-tuned when it was, else removed)."""
     rows = table.to_dict("records")
     lines = []
     for method in dict.fromkeys(r["method"] for r in rows):
@@ -118,7 +119,7 @@ def versus(table: Any) -> list[str]:
         counted = [r for r in timed if not str(r["budget"]).startswith("latency")]
         for a in counted:
             for b in fast:
-                ratio = a["latency_ms"] / b["latency_ms"]
+                ratio = a["latency_kept"] / b["latency_kept"]  # each of the base in its own rounds
                 how = (f"{ratio - 1:.0%} slower than" if ratio > 1 else
                        f"{1 - ratio:.0%} faster than" if ratio < 1 else "as fast as")
                 lines.append(f"- `{method}`: the {a['budget']} plan runs at {a['latency_ms']:.2f} ms "
