@@ -44,7 +44,7 @@ class Timed:
 
     @property
     def kept(self) -> float:
-        """Its time as a fraction of the base's: paired round by round where the rounds were kept."""
+        """Its time as a fraction of the base's: paired round by round where the rounds gave a ratio."""
         return self.ms / self.base_ms if self.ratio is None else self.ratio
 
 
