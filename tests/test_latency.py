@@ -337,6 +337,31 @@ def test_the_latency_fit_refits_on_the_measured_time_and_stops_at_the_first_that
     assert plan.ks == {"a": 0, "b": 3} and plan.counted_kept == 7.0
 
 
+def test_a_timed_plan_fits_only_when_its_kept_fraction_plus_two_standard_errors_does(monkeypatch) -> None:
+    """A median of 0.599 with se 0.006 (the torch batch-1 refit that kept 0.624 when timed again) counts as 0.611
+    of the base: it misses a 0.6 budget and the refit goes on; a median of 0.58 with the same se fits."""
+    from runner.planning import target as target_module
+    from runner.planning.target import OnTarget, Timed
+
+    assert Timed(6.0, 5.0, 7.0, 10.0, 0.599, 0.006).bound == pytest.approx(0.611)
+    assert Timed(6.0, 5.0, 7.0, 10.0).bound == 0.6  # no paired rounds: no error to add
+    ratios = iter([0.599, 0.58])
+    timer = SimpleNamespace(pair=lambda model: (Spread(10.0, 9.0, 11.0, 30),
+                                                Spread(6.0, 5.0, 7.0, 30, next(ratios), 0.006)))
+    monkeypatch.setattr(target_module, "pruned_copy", lambda base, removal, size: "pruned")
+    t = table_of(TRUE_MS)
+    on = OnTarget(TargetConfig(), timer, t, Path("x"), [], [], 0, 0, {})
+    seen = []
+    count = on.count(None, {"a": list(range(8)), "b": list(range(4))}, 32, lambda ks, timed: seen.append(timed))
+    assert count({"a": 2, "b": 0}) == pytest.approx(0.611 * t.base_ms)
+    assert count({"a": 2, "b": 1}) == pytest.approx(0.592 * t.base_ms)
+    assert [x.kept for x in seen] == [0.599, 0.58]
+    curves = latency_curves(two_unit_curves(), t, {"a": [2, 4, 6], "b": [1, 3]}, auto=False)
+    ratios = iter([0.599, 0.58])
+    plan = Planner(curves, "latency", 0.6, t.base_ms, "knapsack", points_only=True).fit(count, first=True)
+    assert plan is not None and len(seen) == 4 and plan.counted_kept == pytest.approx(0.592 * t.base_ms)
+
+
 @pytest.mark.parametrize("bump, kept, ratios", [
     (None, 0.65, [0.9, 0.8, 0.7, 0.6, 0.65]),  # scan down by 0.1 to the first fit, then bisect: 0.65 fits
     (0.65, 0.6, [0.9, 0.8, 0.7, 0.6, 0.65]),  # 0.65 is slow (a width the kernels handle badly): 0.6 is kept
@@ -379,7 +404,7 @@ def test_an_unreachable_latency_budget_names_the_best_reachable_fraction() -> No
     def count(ks) -> float:
         timed.append(dict(ks))
         return 7.5  # the fastest plan, measured: savings did not add
-    with pytest.raises(InputError, match="timing every unit at its fastest K shows no plan keeps less than 0.750"):
+    with pytest.raises(InputError, match=r"timing every unit at its fastest K \(plus two standard errors\) shows no plan keeps less than 0.750"):
         on.check_budget("latency0.7", 0.7, count)
     assert timed == [{"a": 2, "b": 1}]
     on.check_budget("latency0.8", 0.8, count)

@@ -56,8 +56,8 @@ def _on_target(s: Setting) -> OnTarget:
 
 
 def _told(ks: Mapping[str, int], t: TargetTimed) -> None:
-    log.info("latency budget: a plan pruning %d units timed %.2f ms [%.2f, %.2f], %.3f of the base's %.2f ms",
-             sum(1 for k in ks.values() if k), t.ms, t.low, t.high, t.kept, t.base_ms)
+    log.info("latency budget: a plan pruning %d units timed %.2f ms [%.2f, %.2f], %.3f of the base's %.2f ms "
+             "(at most %.3f)", sum(1 for k in ks.values() if k), t.ms, t.low, t.high, t.kept, t.base_ms, t.bound)
 
 
 BUDGET_KINDS: dict[str, BudgetKind] = {
@@ -88,8 +88,9 @@ Choose = Callable[[Setting, Budget, str, Count], "Chosen | None"]  # (setting, b
 def _from_curves(method: str, corrects: bool) -> Choose:
     """A method that plans from the sweep's curves (runner.planning.solve), its combined plan measured and,
     when `corrects`, corrected on the eval images. With a target, every budget plans with the latency table's
-    curves (K only at the table's points); a latency budget's plan is the first whose measured median fits, and
-    it chooses only K on the table's lower envelope (a K slower than a smaller one costs time and accuracy)."""
+    curves (K only at the table's points); a latency budget's plan is the first whose measured time fits
+    (`Timed.bound`), and it chooses only K on the table's lower envelope (a K slower than a smaller one costs time
+    and accuracy)."""
 
     def choose(s: Setting, budget: Budget, name: str, count: Count) -> Chosen | None:
         p = s.grid.plan
@@ -131,7 +132,7 @@ def _from_curves(method: str, corrects: bool) -> Choose:
 def _global(s: Setting, budget: Budget, name: str, count: Count) -> Chosen | None:
     """Torch-Pruning's global pruner at the ratio that meets the budget (runner.planning.global_plan), its
     removal measured as a whole plan. For a latency budget the ratio is fitted on each pruned model's time on
-    the target, and the plan reads the latency table's curves."""
+    the target (`Timed.bound`, as the other methods), and the plan reads the latency table's curves."""
     gradients = calibration_gradients(s.data.calibration, *s.loaded.normalisation, s.grid.sweep.batch_size) \
         if s.criterion in NEEDS_GRADIENTS else None
     curves, amount = s.curves, None
@@ -141,9 +142,9 @@ def _global(s: Setting, budget: Budget, name: str, count: Count) -> Chosen | Non
 
         def amount(model: torch.nn.Module) -> float:
             t = on.time(model)
-            log.info("%s: a global pruning ratio timed %.2f ms [%.2f, %.2f], %.3f of the base's %.2f ms", name,
-                     t.ms, t.low, t.high, t.kept, t.base_ms)
-            return t.kept * on.table.base_ms
+            log.info("%s: a global pruning ratio timed %.2f ms [%.2f, %.2f], %.3f of the base's %.2f ms (at most "
+                     "%.3f)", name, t.ms, t.low, t.high, t.kept, t.base_ms, t.bound)
+            return t.bound * on.table.base_ms
 
     chosen = global_choice(s.base, s.criterion, budget.kind, budget.keep, s.image_size, curves,
                            list(s.units.channels), BUDGET_KINDS[budget.kind].base(s),
