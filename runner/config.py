@@ -374,6 +374,9 @@ class PlanConfig(Section):
     score_on: Literal["eval", "test"] = "eval"
     # knapsack and threshold: moves of the combined-plan correction (runner.planning.correction); 0 = none
     max_corrections: int = Field(8, ge=0, le=1000)
+    # accept: the correction stops at the first plan whose measured drop its prediction explains; search: it
+    # takes all max_corrections moves and keeps the plan that measured least (docs/numbers.md)
+    correction: Literal["accept", "search"] = "accept"
     # which curves plan: plain (the trained BatchNorm statistics) or recalibrated (after adaptive BN, which needs
     # sweep.bn_recalibration > 0; the correction then measures with adaptive BN too): docs/adaptive-bn.md
     curves: Literal["plain", "recalibrated"] = "plain"

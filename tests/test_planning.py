@@ -241,6 +241,32 @@ def test_correction_keeps_the_plan_that_measured_least_on_the_way() -> None:
     assert out.plan.ks == {"a": 4, "b": 12} and out.measured.drop == 3.0 and out.first.drop == 10.0
 
 
+def test_correction_search_moves_past_an_accepted_plan_and_keeps_the_least_measured() -> None:
+    def plan(a: int, b: int, predicted: float, caps: dict) -> Plan:
+        return Plan("knapsack", "macs", 0.0, {"a": Option(a, predicted / 2, 0, 0), "b": Option(b, predicted / 2, 0, 0)},
+                    caps=caps)
+
+    first = plan(8, 8, 10.0, {})
+    replans = {(("a", 7),): plan(4, 12, 9.0, {"a": 7}), (("b", 7),): plan(12, 4, 9.0, {"b": 7}),
+               (("a", 3),): plan(3, 13, 9.5, {"a": 3}), (("a", 7), ("b", 11)): plan(5, 11, 9.5, {"a": 7, "b": 11})}
+    drops = {(8, 8): 10.0, (4, 12): 6.0, (12, 4): 8.0, (3, 13): 7.0, (5, 11): 5.5}
+
+    def replan(caps):
+        return replans.get(tuple(sorted(caps.items())))
+
+    def measure(p: Plan) -> Measured:
+        d = drops[(p.ks["a"], p.ks["b"])]
+        return Measured(d, d - 0.5, d + 0.5)
+
+    accepted = correct(first, replan, measure, max_moves=2)
+    assert accepted.accepted and accepted.moves == () and accepted.plan.ks == {"a": 8, "b": 8}  # 10 <= 10 + 0.5
+    out = correct(first, replan, measure, max_moves=2, search=True)
+    # move 1: cap a (6.0) beats cap b (8.0); move 2 from (4, 12): cap a at 3 (7.0) or b at 11 (5.5): b
+    assert [(m.unit, m.k_from, m.k_to) for m in out.moves] == [("a", 8, 4), ("b", 12, 11)]
+    assert out.plan.ks == {"a": 5, "b": 11} and out.measured.drop == 5.5 and out.measured_plans == 5
+    assert correct(first, replan, measure, max_moves=0, search=True).plan.ks == {"a": 8, "b": 8}
+
+
 def test_correction_stops_when_no_move_is_left() -> None:
     a = linear("a", 16, [8], [0.4], 100)
     b = linear("b", 16, [8], [0.5], 100)
@@ -268,6 +294,10 @@ def test_plan_section_defaults_and_issue_example() -> None:
     assert plan.finetune.epochs == 2 and plan.finetune.batch_size is None and plan.score_on == "eval"
     assert PlanConfig().methods == ["knapsack", "threshold", "uniform", "global"]
     assert parse_plan({"finetune": {"epochs": 0}}, "g").finetune.epochs == 0
+    assert PlanConfig().correction == "accept" and parse_plan({"correction": "search"}, "g").correction == "search"
+    with pytest.raises(InputError) as e:
+        parse_plan({"correction": "greedy"}, "g.yaml")
+    assert e.value.field == "plan.correction" and "'greedy'" in str(e.value) and "search" in str(e.value)
 
 
 @pytest.mark.parametrize("raw, message", [

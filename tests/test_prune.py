@@ -293,8 +293,11 @@ def test_prune_dry_run_describes_the_plans(tmp_path, cli) -> None:
     assert run.returncode == 0, run.stderr
     assert "plans: budgets macs0.5 x methods knapsack, threshold, uniform, global (4 plans), criterion l1_norm, " \
         "unit group" in run.stdout
-    run = cli(["--grid", str(path), "--dry-run", "--set", "plan.finetune.epochs=1"], cwd=tmp_path, command="prune")
-    assert run.returncode == 0 and ", fine-tuning 1 epoch (" in run.stdout, run.stderr
+    assert "round_to 1, min_keep 0.1, correction accept (at most 8 moves), fine-tuning 2 epochs (" in run.stdout
+    run = cli(["--grid", str(path), "--dry-run", "--set", "plan.finetune.epochs=1", "--set", "plan.correction=search"],
+              cwd=tmp_path, command="prune")
+    assert run.returncode == 0 and "correction search (at most 8 moves), fine-tuning 1 epoch (" in run.stdout, \
+        run.stderr
 
 
 def test_plan_defaults() -> None:
@@ -497,7 +500,12 @@ def test_a_resume_that_changes_the_plan_section_names_the_key_and_both_values(tm
     for change, words in (({"max_corrections": 2}, "plan.max_corrections: 8 then, 2 now"),
                           ({"budgets": [{"macs": 0.8}]}, "plan.budgets: ['macs0.6'] then, ['macs0.8'] now"),
                           ({"methods": ["uniform"]}, "plan.methods: ['knapsack', 'uniform'] then, ['uniform'] now"),
-                          ({"finetune": {"epochs": 3}}, "plan.finetune.epochs: 2 then, 3 now")):
+                          ({"finetune": {"epochs": 3}}, "plan.finetune.epochs: 2 then, 3 now"),
+                          ({"correction": "search"}, "plan.correction: 'accept' then, 'search' now")):
         with pytest.raises(InputError) as e:
             _check_resume(parse_grid(base, "g"), before, now(**change))
         assert words in str(e.value) and "--resume" in str(e.value) and "\n" not in str(e.value)
+    older = {**before, "plan": {k: v for k, v in before["plan"].items() if k != "correction"}}
+    _check_resume(parse_grid(base, "g"), older, now())  # a job recorded before plan.correction: it accepted
+    with pytest.raises(InputError, match="plan.correction: 'accept' then, 'search' now"):
+        _check_resume(parse_grid(base, "g"), older, now(correction="search"))

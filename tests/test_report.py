@@ -158,6 +158,9 @@ def test_a_report_written_after_a_prune_job_keeps_its_plans_section(tmp_path) ->
     text = report.write_report(ROWS, meta(), [], tmp_path, len(ROWS)).read_text(encoding="utf-8")
     assert text.count("## Plans: a smaller model under a budget") == 1 and "## Which layers" in text
     assert "| macs0.5 | uniform | 0.490 | 0.500 |" in text and text.endswith(plans.END + "\n")
+    assert "plan.correction: search" not in text
+    searched = "\n".join(plans.plans_section(plans.read_plans_csv(tmp_path), {**words, "correction": "search"}))
+    assert "with `plan.correction: search` every plan took all the moves it could" in searched
 
 
 # --- the layer table's order, and the near-chance warning --------------------------------------------------

@@ -115,7 +115,8 @@ def _from_curves(method: str, corrects: bool) -> Choose:
         # a latency budget's moves re-plan on the table's prediction (timing every candidate would cost a
         # measurement each); the plan kept is then refitted on measured latency (runner.planning.target)
         corrected = correct(plan, (lambda caps: planner.plan(caps)) if timed_budget else
-                            (lambda caps: planner.fit(count, caps)), measure, limit, moved)
+                            (lambda caps: planner.fit(count, caps)), measure, limit, moved,
+                            search=p.correction == "search")
         if timed_budget and corrected.plan.ks != plan.ks:
             refit = planner.fit(count, corrected.plan.caps, first=True)
             if refit is None:

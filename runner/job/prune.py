@@ -218,6 +218,8 @@ def _job(s: Setting, resume: bool) -> dict[str, Any]:
 def _check_resume(grid: Grid, before: dict[str, Any], now: dict[str, Any], tell: bool = True) -> None:
     """Refuses a grid that changes what the job's plans mean; one that only adds budgets or methods is fine
     (the new plans are made, and said when `tell`)."""
+    if isinstance(before.get("plan"), dict):  # a job recorded before plan.correction corrected until accepted
+        before["plan"].setdefault("correction", "accept")
     changes = changed_keys(before, now)
     fixed = [c for c in changes if not (c[0] in ADDABLE and set(c[1] or ()) <= set(c[2] or ()))]
     if fixed:
@@ -247,7 +249,8 @@ def dry_run(opts: Options) -> list[str]:
         f"plans: budgets {', '.join(b.label for b in p.budgets)} x methods {', '.join(methods)} "
         f"({len(p.budgets) * len(methods)} plans), criterion {criterion}, unit {grid.sweep.unit}",
         *(f"skipped: {m}: {why}" for m, why in skipped.items()),
-        f"round_to {p.round_to}, min_keep {p.min_keep:g}, fine-tuning {ft}, scored on {p.score_on}"] + (
+        f"round_to {p.round_to}, min_keep {p.min_keep:g}, correction {p.correction} (at most "
+        f"{plural(p.max_corrections, 'move')}), fine-tuning {ft}, scored on {p.score_on}"] + (
         [f"target {p.target.label}: a latency table of every unit x K, cached in {grid.folder / 'latency'}"]
         if p.target else [])
 

@@ -72,7 +72,8 @@ class Setting:
                 "scored_on": self.images.scored_on, "left_out": dict(self.units.left_out),
                 "units": len(self.units.channels), "skipped": dict(self.skipped),
                 "finetune": recipe_of(self.grid.plan.finetune).model_dump() if self.grid.plan.finetune.epochs
-                else None, "base_macs": self.base_counts.macs, "base_params": self.base_counts.params}
+                else None, "base_macs": self.base_counts.macs, "base_params": self.base_counts.params,
+                "correction": self.grid.plan.correction}
 
 
 def setting_of(grid: Grid, trials: TrialPlan, criterion: str) -> Setting:

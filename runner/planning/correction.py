@@ -14,6 +14,10 @@ ends when a plan is accepted, when no move is left (every pruned unit capped to 
 be met), or after `max_moves` moves. Cost: one eval pass per candidate (plans seen before are not measured
 again), at most 1 + max_moves x (units pruned) passes.
 
+With `search` the loop does not stop at an accepted plan: it takes every move it can, up to `max_moves`, so
+the plan kept is the best measured along a greedy path (a search on measured accuracy, as EagleEye selects
+among candidate plans by their accuracy after adaptive BN) rather than the first the prediction explains.
+
 The plan kept is the one that measured the least drop of every plan measured on the way (the path's plans and
 every candidate: each meets the budget), ties to the lower predicted drop: usually the last, accepted one, but a
 later move can measure worse than an earlier candidate (its prediction rose more than its measurement fell), and
@@ -64,8 +68,10 @@ def accepts(plan: Plan, m: Measured) -> bool:
 
 
 def correct(plan: Plan, replan: Callable[[Mapping[str, int]], Plan | None], measure: Callable[[Plan], Measured],
-            max_moves: int = 8, on_move: Callable[[Move, Plan], None] | None = None) -> Corrected:
-    """Measure `plan`; while not accepted, take the move whose re-plan measures least (module docstring).
+            max_moves: int = 8, on_move: Callable[[Move, Plan], None] | None = None, search: bool = False
+            ) -> Corrected:
+    """Measure `plan`; while not accepted (with `search`: whether or not), take the move whose re-plan measures
+    least (module docstring).
 
     `replan(caps)`: the same method and budget with every unit's K at most caps[unit] (None when the budget
     cannot be met); `measure(plan)`: the drop with all of the plan's masks at once; `on_move(move, plan)`: told
@@ -81,7 +87,7 @@ def correct(plan: Plan, replan: Callable[[Mapping[str, int]], Plan | None], meas
     first = m = measured(plan)
     moves: list[Move] = []
     caps = dict(plan.caps)
-    while not accepts(plan, m) and len(moves) < max_moves:
+    while (search or not accepts(plan, m)) and len(moves) < max_moves:
         candidates = []
         for unit, k in sorted(plan.ks.items()):
             tighter = {**caps, unit: k - 1}
