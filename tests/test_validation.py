@@ -279,6 +279,32 @@ def test_a_default_global_without_importance_is_skipped_with_a_line(tmp_path, cl
     assert "skipped: global: plan criterion mean_activation has no Torch-Pruning importance" in run.stdout
 
 
+def test_a_validation_refuses_a_grid_that_changes_what_its_plans_were_made_under(tmp_path) -> None:
+    from runner.config import parse_grid
+    from runner.job.validate import JOB, check_same, identity_of
+
+    def grid(**changes):
+        raw = grid_dict(tmp_path, plan={"budgets": [{"macs": 0.6}], "methods": ["knapsack", "uniform"]})
+        for section, values in changes.items():
+            raw[section] = {**raw.get(section, {}), **values}
+        return parse_grid(raw, "g.yaml")
+
+    root = tmp_path / "validation"
+    check_same(grid(), root, identity_of(grid(), "abc"))  # nothing recorded yet
+    root.mkdir()
+    (root / JOB).write_text(json.dumps(identity_of(grid(), "abc")))
+    for same in (grid(), grid(validate={"random_plans": 20}), grid(plan={"methods": ["knapsack", "uniform", "global"]})):
+        check_same(same, root, identity_of(same, "abc"))  # the same, or adds random plans or a method
+    for changed, words in ((grid(plan={"correction": "search"}), "plan.correction: 'accept' then, 'search' now"),
+                           (grid(validate={"random_plans": 8}), "validate.random_plans: 16 then, 8 now"),
+                           (grid(validate={"seed": 1}), "validate.seed: 0 then, 1 now")):
+        with pytest.raises(InputError) as e:
+            check_same(changed, root, identity_of(changed, "abc"))
+        assert e.value.field == "--grid" and words in str(e.value) and "\n" not in str(e.value)
+    with pytest.raises(InputError, match="checkpoint_sha256: 'abc' then, 'abd' now"):
+        check_same(grid(), root, identity_of(grid(), "abd"))
+
+
 @pytest.mark.slow
 def test_validate_end_to_end(ray_session, sweep_checkpoint, tmp_path) -> None:
     """A tiny sweep by groups, 4 random plans and the four methods' plans under macs 0.7, each fine-tuned one
@@ -317,3 +343,6 @@ def test_validate_end_to_end(ray_session, sweep_checkpoint, tmp_path) -> None:
     assert again.cpu["fine-tuning (driver)"] < 1.0
     tuned = pd.read_csv(again.folder / "validation.csv")["accuracy_finetuned"]
     assert tuned.tolist() == t["accuracy_finetuned"].tolist()
+    write_grid(path, {**grid, "plan": {**grid["plan"], "correction": "search"}})  # other plans: refused, unread
+    with pytest.raises(InputError, match="plan.correction: 'accept' then, 'search' now"):
+        run_validate(Options(str(path)))

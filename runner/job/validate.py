@@ -8,7 +8,9 @@ validation section with each predictor's rank correlations over the random plans
 
 Like `prune`, it trains and sweeps first what is missing. It resumes: a plan measured before
 (validation/<plan>/measured.json) is not measured again, and one fine-tuned before (correct_finetuned.npy,
-finetuned.json) is not fine-tuned again.
+finetuned.json) is not fine-tuned again. validation/job.json records what the plans were made under (the prune
+job's identity and the validate section); a grid that changes it is refused, one that only adds budgets,
+methods or random plans is not, so nothing measured under other settings is read as this grid's.
 """
 
 from __future__ import annotations
@@ -27,11 +29,13 @@ from runner.config import Budget
 from runner.engine.evaluate import Evaluation
 from runner.engine.measure import EvalSet
 from runner.errors import InputError
+from runner.inputs import checkpoints
 from runner.inputs.models import spec_of
 from runner.inputs.train import recipe_of
 from runner.job.folder import folder_lock
 from runner.job.plan import BUDGET_KINDS, METHODS, _pruned_meta
-from runner.job.prune import _check_plannable, _sweep_missing, new_experiment, plan_methods_of
+from runner.job.folder import changed_keys
+from runner.job.prune import ADDABLE, _check_plannable, _sweep_missing, job_identity, new_experiment, plan_methods_of
 from runner.job.setting import Setting, setting_of
 from runner.job.sweep import Options, prepare
 from runner.outputs import validation as out
@@ -50,7 +54,7 @@ from runner.storage import write_text
 
 log = logging.getLogger(__name__)
 
-MEASURED, FINETUNED = "measured.json", "finetuned.json"
+MEASURED, FINETUNED, JOB = "measured.json", "finetuned.json", "job.json"
 
 
 @dataclass
@@ -74,12 +78,52 @@ def _check(grid: Any, calibration: int | None = None) -> None:
                          "fine-tuning", "at least 1", "set plan.finetune.epochs (e.g. 1)")
 
 
+def identity_of(grid: Any, sha256: str) -> dict[str, Any]:
+    """What the plans in validation/ were made under: the prune job's identity and the validate section."""
+    return {**job_identity(grid, sha256), "validate": grid.as_dict()["validate"]}
+
+
+def check_same(grid: Any, root: Path, now: dict[str, Any]) -> None:
+    """Refuses a grid that changes what the plans measured in `root` mean (one line, naming the first key that
+    changed and both values); one that only adds budgets, methods or random plans is fine. A folder without
+    job.json (validated before it was kept) is taken as made under this grid."""
+    before = _read_json(root / JOB)
+    if before is None:
+        if root.is_dir() and any(root.glob(f"*/{MEASURED}")):
+            log.warning("%s has plans measured before %s was kept: taking them as made under this grid", root, JOB)
+        return
+    if isinstance(before.get("plan"), dict):  # recorded before plan.correction: it corrected until accepted
+        before["plan"].setdefault("correction", "accept")
+
+    def adds(key: str, old: Any, new: Any) -> bool:
+        if key == "validate.random_plans":
+            return isinstance(old, int) and isinstance(new, int) and new >= old
+        return key in ADDABLE and set(old or ()) <= set(new or ())
+
+    fixed = [c for c in changed_keys(before, now) if not adds(*c)]
+    if fixed:
+        key, old, new = fixed[0]
+        more = f" and {len(fixed) - 1} more" if len(fixed) > 1 else ""
+        raise InputError("--grid", str(grid.folder), f"the grid changed since this validation started ({key}: "
+                         f"{old!r} then, {new!r} now{more})",
+                         "the same grid, or one that only adds budgets, methods or random plans",
+                         "restore it, or validate under another name or --output")
+
+
+def _check_folder(grid: Any) -> None:
+    """`check_same` before anything is trained, swept or written, where the checkpoint exists already."""
+    loaded = checkpoints.existing(grid)
+    if loaded is not None:
+        check_same(grid, grid.folder / out.FOLDER, identity_of(grid, loaded.sha256))
+
+
 def dry_run(opts: Options) -> list[str]:
     """What validate would run, computing nothing."""
     from runner.job.sweep import dry_run as sweep_dry_run
 
     grid, _ = prepare(opts)
     _check(grid, grid.data.calibration_size)
+    _check_folder(grid)
     criterion = _check_plannable(grid)
     methods, skipped = plan_methods_of(grid, criterion)
     v, p = grid.validate, grid.plan
@@ -99,6 +143,7 @@ def run_validate(opts: Options) -> ValidateOutcome:
     started, cpu0 = time.time(), time.process_time()
     grid, trials = prepare(opts)
     _check(grid, grid.data.calibration_size)
+    _check_folder(grid)
     criterion = _check_plannable(grid)
     methods, skipped = plan_methods_of(grid, criterion)
     swept = time.time()
@@ -114,6 +159,10 @@ def run_validate(opts: Options) -> ValidateOutcome:
     rows: dict[str, dict[str, Any]] = {}
     failed: list[str] = []
     with folder_lock(grid.folder):
+        now = identity_of(grid, s.loaded.sha256)
+        check_same(grid, root, now)
+        root.mkdir(parents=True, exist_ok=True)
+        write_text(root / JOB, json.dumps(now, indent=1, sort_keys=True))
         t, w = time.process_time(), time.time()
         for b, budget in enumerate(grid.plan.budgets):
             count = BUDGET_KINDS[budget.kind].count(s)
