@@ -83,13 +83,13 @@ def identity_of(grid: Any, sha256: str) -> dict[str, Any]:
     return {**job_identity(grid, sha256), "validate": grid.as_dict()["validate"]}
 
 
-def check_same(grid: Any, root: Path, now: dict[str, Any]) -> None:
+def check_same(grid: Any, root: Path, now: dict[str, Any], warn: bool = True) -> None:
     """Refuses a grid that changes what the plans measured in `root` mean (one line, naming the first key that
     changed and both values); one that only adds budgets, methods or random plans is fine. A folder without
     job.json (validated before it was kept) is taken as made under this grid."""
     before = _read_json(root / JOB)
     if before is None:
-        if root.is_dir() and any(root.glob(f"*/{MEASURED}")):
+        if warn and root.is_dir() and any(root.glob(f"*/{MEASURED}")):
             log.warning("%s has plans measured before %s was kept: taking them as made under this grid", root, JOB)
         return
     if isinstance(before.get("plan"), dict):  # recorded before plan.correction: it corrected until accepted
@@ -160,7 +160,7 @@ def run_validate(opts: Options) -> ValidateOutcome:
     failed: list[str] = []
     with folder_lock(grid.folder):
         now = identity_of(grid, s.loaded.sha256)
-        check_same(grid, root, now)
+        check_same(grid, root, now, warn=False)  # again under the lock; _check_folder has warned
         root.mkdir(parents=True, exist_ok=True)
         write_text(root / JOB, json.dumps(now, indent=1, sort_keys=True))
         t, w = time.process_time(), time.time()
