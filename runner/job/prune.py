@@ -21,7 +21,7 @@ from contextlib import closing
 from dataclasses import dataclass, field, replace
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 from model import checkpoint as model_files
 from model.groups import Group
@@ -215,20 +215,36 @@ def _job(s: Setting, resume: bool) -> dict[str, Any]:
     return job
 
 
-def _check_resume(grid: Grid, before: dict[str, Any], now: dict[str, Any], tell: bool = True) -> None:
-    """Refuses a grid that changes what the job's plans mean; one that only adds budgets or methods is fine
-    (the new plans are made, and said when `tell`)."""
+def adds_plans(key: str, old: Any, new: Any) -> bool:
+    """Whether a changed identity key only adds plans: budgets or methods."""
+    return key in ADDABLE and set(old or ()) <= set(new or ())
+
+
+def grid_changes(before: dict[str, Any], now: dict[str, Any], allowed: Callable[[str, Any, Any], bool] = adds_plans
+                 ) -> tuple[list[tuple[str, Any, Any]], list[tuple[str, Any, Any]]]:
+    """(every changed identity key, those `allowed` does not allow), each as (dotted key, then, now)."""
     if isinstance(before.get("plan"), dict):  # a job recorded before plan.correction corrected until accepted
         before["plan"].setdefault("correction", "accept")
     changes = changed_keys(before, now)
-    fixed = [c for c in changes if not (c[0] in ADDABLE and set(c[1] or ()) <= set(c[2] or ()))]
+    return changes, [c for c in changes if not allowed(*c)]
+
+
+def changed_grid(flag: str, folder: Path, job: str, fixed: list[tuple[str, Any, Any]], allowed: str, fix: str
+                 ) -> InputError:
+    """The one-line refusal of a grid whose identity changed: the first key that did, and both values."""
+    key, old, new = fixed[0]
+    more = f" and {len(fixed) - 1} more" if len(fixed) > 1 else ""
+    return InputError(flag, str(folder), f"the grid changed since this {job} started ({key}: {old!r} then, "
+                      f"{new!r} now{more})", allowed, fix)
+
+
+def _check_resume(grid: Grid, before: dict[str, Any], now: dict[str, Any], tell: bool = True) -> None:
+    """Refuses a grid that changes what the job's plans mean; one that only adds budgets or methods is fine
+    (the new plans are made, and said when `tell`)."""
+    changes, fixed = grid_changes(before, now)
     if fixed:
-        key, old, new = fixed[0]
-        more = f" and {len(fixed) - 1} more" if len(fixed) > 1 else ""
-        raise InputError("--resume", str(grid.folder), f"the grid changed since this prune job started ({key}: "
-                         f"{old!r} then, {new!r} now{more})",
-                         "the same grid, or one that only adds budgets or methods",
-                         "restore it, or prune under another name or --output")
+        raise changed_grid("--resume", grid.folder, "prune job", fixed, "the same grid, or one that only adds "
+                           "budgets or methods", "restore it, or prune under another name or --output")
     for key, old, new in changes if tell else ():
         log.info("the grid adds %s %s: planning them", key.split(".")[1], ", ".join(x for x in new if x not in old))
 

@@ -34,8 +34,8 @@ from runner.inputs.models import spec_of
 from runner.inputs.train import recipe_of
 from runner.job.folder import folder_lock
 from runner.job.plan import BUDGET_KINDS, METHODS, _pruned_meta
-from runner.job.folder import changed_keys
-from runner.job.prune import ADDABLE, _check_plannable, _sweep_missing, job_identity, new_experiment, plan_methods_of
+from runner.job.prune import (_check_plannable, _sweep_missing, adds_plans, changed_grid, grid_changes, job_identity,
+                              new_experiment, plan_methods_of)
 from runner.job.setting import Setting, setting_of
 from runner.job.sweep import Options, prepare
 from runner.outputs import validation as out
@@ -92,22 +92,16 @@ def check_same(grid: Any, root: Path, now: dict[str, Any], warn: bool = True) ->
         if warn and root.is_dir() and any(root.glob(f"*/{MEASURED}")):
             log.warning("%s has plans measured before %s was kept: taking them as made under this grid", root, JOB)
         return
-    if isinstance(before.get("plan"), dict):  # recorded before plan.correction: it corrected until accepted
-        before["plan"].setdefault("correction", "accept")
 
-    def adds(key: str, old: Any, new: Any) -> bool:
+    def allowed(key: str, old: Any, new: Any) -> bool:
         if key == "validate.random_plans":
             return isinstance(old, int) and isinstance(new, int) and new >= old
-        return key in ADDABLE and set(old or ()) <= set(new or ())
+        return adds_plans(key, old, new)
 
-    fixed = [c for c in changed_keys(before, now) if not adds(*c)]
+    _, fixed = grid_changes(before, now, allowed)
     if fixed:
-        key, old, new = fixed[0]
-        more = f" and {len(fixed) - 1} more" if len(fixed) > 1 else ""
-        raise InputError("--grid", str(grid.folder), f"the grid changed since this validation started ({key}: "
-                         f"{old!r} then, {new!r} now{more})",
-                         "the same grid, or one that only adds budgets, methods or random plans",
-                         "restore it, or validate under another name or --output")
+        raise changed_grid("--grid", grid.folder, "validation", fixed, "the same grid, or one that only adds "
+                           "budgets, methods or random plans", "restore it, or validate under another name or --output")
 
 
 def _check_folder(grid: Any) -> None:
