@@ -216,23 +216,35 @@ def test_correction_takes_the_move_whose_replan_measures_least() -> None:
     assert math.isclose(out.first.drop, 5.4) and math.isclose(out.measured.drop, 2.6)
 
 
-def test_correction_keeps_the_plan_that_measured_least_on_the_way() -> None:
-    def plan(a: int, b: int, predicted: float, caps: dict) -> Plan:
-        return Plan("knapsack", "macs", 0.0, {"a": Option(a, predicted / 2, 0, 0), "b": Option(b, predicted / 2, 0, 0)},
-                    caps=caps)
+def two_units(a: int, b: int, predicted: float, caps: dict) -> Plan:
+    """A plan of units a and b at K = a and b, its predicted drop split between them."""
+    return Plan("knapsack", "macs", 0.0, {"a": Option(a, predicted / 2, 0, 0), "b": Option(b, predicted / 2, 0, 0)},
+                caps=caps)
 
-    first = plan(8, 8, 1.0, {})
-    replans = {(("a", 7),): plan(4, 12, 2.0, {"a": 7}), (("b", 7),): plan(12, 4, 2.0, {"b": 7}),
-               (("a", 3),): plan(3, 13, 3.0, {"a": 3}), (("a", 7), ("b", 11)): plan(5, 11, 3.0, {"a": 7, "b": 11})}
-    drops = {(8, 8): 10.0, (4, 12): 3.0, (12, 4): 4.0, (3, 13): 3.4, (5, 11): 5.0}
+
+def scripted(predicted: dict, drops: dict):
+    """`correct`'s replan and measure for hand-written re-plans: caps (sorted items) -> (a, b), predicted drop
+    from `predicted[(a, b)]`, measured drop `drops[(a, b)]` with a half-width of 0.5."""
+    by_caps = {caps: two_units(*ab, predicted[ab], dict(caps)) for caps, ab in REPLANS.items()}
 
     def replan(caps):
-        return replans.get(tuple(sorted(caps.items())))
+        return by_caps.get(tuple(sorted(caps.items())))
 
     def measure(p: Plan) -> Measured:
         d = drops[(p.ks["a"], p.ks["b"])]
         return Measured(d, d - 0.5, d + 0.5)
 
+    return replan, measure
+
+
+# a capped at 7 -> (4, 12); b at 7 -> (12, 4); a at 3 -> (3, 13); a at 7 and b at 11 -> (5, 11)
+REPLANS = {(("a", 7),): (4, 12), (("b", 7),): (12, 4), (("a", 3),): (3, 13), (("a", 7), ("b", 11)): (5, 11)}
+
+
+def test_correction_keeps_the_plan_that_measured_least_on_the_way() -> None:
+    first = two_units(8, 8, 1.0, {})
+    replan, measure = scripted({(4, 12): 2.0, (12, 4): 2.0, (3, 13): 3.0, (5, 11): 3.0},
+                          {(8, 8): 10.0, (4, 12): 3.0, (12, 4): 4.0, (3, 13): 3.4, (5, 11): 5.0})
     out = correct(first, replan, measure)
     # first 10 > 1 + 0.5: move a (3.0, not accepted: 3.0 > 2 + 0.5); then a again (3.4 <= 3 + 0.5: accepted).
     # Kept: (4, 12), which measured 3.0, less than the accepted (3, 13)
@@ -242,22 +254,9 @@ def test_correction_keeps_the_plan_that_measured_least_on_the_way() -> None:
 
 
 def test_correction_search_moves_past_an_accepted_plan_and_keeps_the_least_measured() -> None:
-    def plan(a: int, b: int, predicted: float, caps: dict) -> Plan:
-        return Plan("knapsack", "macs", 0.0, {"a": Option(a, predicted / 2, 0, 0), "b": Option(b, predicted / 2, 0, 0)},
-                    caps=caps)
-
-    first = plan(8, 8, 10.0, {})
-    replans = {(("a", 7),): plan(4, 12, 9.0, {"a": 7}), (("b", 7),): plan(12, 4, 9.0, {"b": 7}),
-               (("a", 3),): plan(3, 13, 9.5, {"a": 3}), (("a", 7), ("b", 11)): plan(5, 11, 9.5, {"a": 7, "b": 11})}
-    drops = {(8, 8): 10.0, (4, 12): 6.0, (12, 4): 8.0, (3, 13): 7.0, (5, 11): 5.5}
-
-    def replan(caps):
-        return replans.get(tuple(sorted(caps.items())))
-
-    def measure(p: Plan) -> Measured:
-        d = drops[(p.ks["a"], p.ks["b"])]
-        return Measured(d, d - 0.5, d + 0.5)
-
+    first = two_units(8, 8, 10.0, {})
+    replan, measure = scripted({(4, 12): 9.0, (12, 4): 9.0, (3, 13): 9.5, (5, 11): 9.5},
+                          {(8, 8): 10.0, (4, 12): 6.0, (12, 4): 8.0, (3, 13): 7.0, (5, 11): 5.5})
     accepted = correct(first, replan, measure, max_moves=2)
     assert accepted.accepted and accepted.moves == () and accepted.plan.ks == {"a": 8, "b": 8}  # 10 <= 10 + 0.5
     out = correct(first, replan, measure, max_moves=2, search=True)
